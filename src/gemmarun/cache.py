@@ -1,0 +1,127 @@
+"""KV cache owned by the caller, preallocated, as small as the architecture allows.
+
+* sliding layers: a ring buffer of `window` slots (memory independent of context length);
+* full layers: a static buffer of `max_len` positions; on K=V layers only the values are stored
+  (keys are rebuilt as RoPE(v * k_norm.weight) on read, spec 3.4), halving their footprint;
+* KV-shared layers: nothing; they read their producer's keys and values.
+
+`make_cache` is the only place that decides which layer gets which storage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LayerSpec, LayerType, TextConfig
+
+
+class FullKV:
+    """Static per-position storage for a full-attention layer."""
+
+    def __init__(self, spec: LayerSpec, batch: int, max_len: int, dtype, device):
+        shape = (batch, spec.num_kv_heads, max_len, spec.head_dim)
+        self.keys = None if spec.k_eq_v else torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.end = 0  # one past the highest position written
+
+    def update(self, k, v, positions):
+        """Store (B, kv, T, D) keys/values at `positions`; return everything visible so far as
+        (keys or None when keys are rebuilt from values, values, key positions)."""
+        if int(positions[-1]) >= self.max_len:
+            raise ValueError(f"position {int(positions[-1])} is past the cache length {self.max_len}")
+        if self.keys is not None:
+            self.keys[:, :, positions] = k
+        self.values[:, :, positions] = v
+        self.end = max(self.end, int(positions[-1]) + 1)
+        key_positions = torch.arange(self.end, device=positions.device)
+        keys = None if self.keys is None else self.keys[:, :, : self.end]
+        return keys, self.values[:, :, : self.end], key_positions
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+
+class SlidingKV:
+    """Ring buffer of `window` slots; slot = position % window."""
+
+    def __init__(self, spec: LayerSpec, batch: int, max_len: int, dtype, device):
+        self.size = min(spec.window, max_len)
+        shape = (batch, spec.num_kv_heads, self.size, spec.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.full((self.size,), -1, dtype=torch.long, device=device)
+
+    def update(self, k, v, positions):
+        if positions.numel() == 1:
+            # One new token only evicts position p - window, which it cannot see anyway.
+            self._write(k, v, positions)
+            return self.keys, self.values, self.positions
+        # A chunk's first queries still need the keys it is about to evict: attend over the
+        # ring as it was plus the whole chunk, then keep the chunk's last `size` tokens.
+        keys = torch.cat((self.keys, k), dim=2)
+        values = torch.cat((self.values, v), dim=2)
+        key_positions = torch.cat((self.positions, positions))
+        n = min(self.size, positions.numel())
+        self._write(k[:, :, -n:], v[:, :, -n:], positions[-n:])
+        return keys, values, key_positions
+
+    def _write(self, k, v, positions):
+        slots = positions % self.size
+        self.keys[:, :, slots] = k
+        self.values[:, :, slots] = v
+        self.positions[slots] = positions
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+
+class KVCache:
+    """Per-layer storage; `layers[i]` is None for KV-shared layers."""
+
+    def __init__(self, config: TextConfig, batch: int, max_len: int, dtype, device):
+        self.config = config
+        self.max_len = max_len
+        self.layers: list[FullKV | SlidingKV | None] = []
+        for spec in config.layers:
+            if not spec.owns_kv:
+                self.layers.append(None)
+            elif spec.layer_type is LayerType.SLIDING:
+                self.layers.append(SlidingKV(spec, batch, max_len, dtype, device))
+            else:
+                self.layers.append(FullKV(spec, batch, max_len, dtype, device))
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers if layer is not None)
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes one more token of context adds (full layers; sliding rings are fixed)."""
+        elt = next(layer.values.element_size() for layer in self.layers if layer is not None)
+        return kv_bytes_per_token(self.config, elt)
+
+
+def kv_bytes_per_token(config: TextConfig, element_size: int) -> int:
+    """Growth of the cache per token of context beyond the sliding window, in bytes."""
+    total = 0
+    for spec in config.layers:
+        if spec.owns_kv and spec.layer_type is LayerType.FULL:
+            total += spec.num_kv_heads * spec.head_dim * (1 if spec.k_eq_v else 2) * element_size
+    return total
+
+
+def kv_cache_bytes(config: TextConfig, context: int, element_size: int, batch: int = 1) -> int:
+    """Bytes a cache for `context` tokens allocates (what `KVCache(...).nbytes()` would be)."""
+    total = 0
+    for spec in config.layers:
+        if not spec.owns_kv:
+            continue
+        per_pos = spec.num_kv_heads * spec.head_dim * element_size
+        if spec.layer_type is LayerType.SLIDING:
+            total += 2 * per_pos * min(spec.window, context)
+        else:
+            total += (1 if spec.k_eq_v else 2) * per_pos * context
+    return total * batch
+
+
+def make_cache(config: TextConfig, max_len: int, *, batch: int = 1, dtype=torch.float32, device="cpu") -> KVCache:
+    return KVCache(config, batch, max_len, dtype, torch.device(device))

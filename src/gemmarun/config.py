@@ -1,0 +1,332 @@
+"""Typed, frozen model configuration and the per-layer plan derived from it.
+
+Parsing (`from_hf_dict`, and `loading.gguf` for GGUF metadata) is kept apart from derivation
+(`derive_layers`). No other module decides a layer's type, width, KV geometry or sharing.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value we cannot honour exactly; the message names the key."""
+
+
+class LayerType(enum.Enum):
+    SLIDING = "sliding"
+    FULL = "full"
+
+
+HF_LAYER_TYPES = {"sliding_attention": LayerType.SLIDING, "full_attention": LayerType.FULL}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding for one layer type.
+
+    `rotated_fraction` < 1 is Gemma 4's proportional p-RoPE: only the first
+    `int(fraction * head_dim // 2)` frequency pairs rotate, with exponents over the full head dim.
+    `factor` divides every frequency (HF "linear" scaling; "proportional" accepts it too).
+    """
+
+    theta: float
+    rotated_fraction: float = 1.0
+    factor: float = 1.0
+
+    def inv_freq(self, head_dim: int) -> "torch.Tensor":
+        """Per-pair inverse frequencies (length head_dim // 2, float32, computed as the reference
+        does); zeros do not rotate."""
+        import torch
+
+        n_rot = int(self.rotated_fraction * head_dim // 2)
+        exponents = torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).to(torch.float32) / head_dim
+        rotated = 1.0 / (self.theta**exponents)
+        still = torch.zeros(head_dim // 2 - n_rot, dtype=torch.float32)
+        return torch.cat((rotated, still)) / self.factor
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything one decoder layer needs to know about itself."""
+
+    index: int
+    layer_type: LayerType
+    head_dim: int
+    num_kv_heads: int
+    k_eq_v: bool  # values are the weightless-normed raw key projection (no v_proj)
+    kv_source: int  # == index when the layer owns its KV; else the producer it reads
+    mlp_dim: int
+    moe: bool
+    window: int | None  # sliding window (keys visible incl. self), None on full layers
+    rope: RopeConfig
+
+    @property
+    def owns_kv(self) -> bool:
+        return self.kv_source == self.index
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    family: str  # "gemma4" or "gemma3"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    layer_types: tuple[LayerType, ...]
+    sliding_window: int
+    rope_sliding: RopeConfig
+    rope_full: RopeConfig
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 131072
+    final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None
+    attention_scale: float = 1.0  # Gemma 4: 1.0 (q/k norms); Gemma 3: query_pre_attn_scalar^-0.5
+    global_head_dim: int | None = None
+    num_global_kv_heads: int | None = None
+    k_eq_v: bool = False
+    ple_dim: int = 0  # hidden_size_per_layer_input
+    ple_vocab_size: int = 0
+    num_kv_shared_layers: int = 0
+    double_wide_mlp: bool = False
+    num_experts: int = 0
+    top_k_experts: int = 0
+    expert_dim: int = 0
+    bidirectional_vision: bool = False
+    has_v_norm: bool = True  # Gemma 4 normalises values (weightless); Gemma 3 does not
+    bos_id: int = 2
+    eos_ids: tuple[int, ...] = (1,)
+    pad_id: int = 0
+    layers: tuple[LayerSpec, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", derive_layers(self))
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.hidden_size)
+
+    @property
+    def first_shared_layer(self) -> int:
+        return self.num_layers - self.num_kv_shared_layers
+
+
+def derive_layers(cfg: TextConfig) -> tuple[LayerSpec, ...]:
+    """The one place that turns config values into per-layer geometry and KV sharing."""
+    if len(cfg.layer_types) != cfg.num_layers:
+        raise ConfigError(
+            f"layer_types has {len(cfg.layer_types)} entries but num_hidden_layers is {cfg.num_layers}"
+        )
+    if cfg.family == "gemma4" and cfg.layer_types[-1] is not LayerType.FULL:
+        raise ConfigError("layer_types: the last Gemma 4 layer must be full_attention")
+    first_shared = cfg.first_shared_layer
+    if not 0 <= cfg.num_kv_shared_layers < cfg.num_layers:
+        raise ConfigError(f"num_kv_shared_layers={cfg.num_kv_shared_layers} out of range")
+    producers: dict[LayerType, int] = {}
+    for i in range(first_shared):
+        producers[cfg.layer_types[i]] = i
+    specs = []
+    for i, lt in enumerate(cfg.layer_types):
+        full = lt is LayerType.FULL
+        head_dim = cfg.global_head_dim if (full and cfg.global_head_dim) else cfg.head_dim
+        kv_heads = cfg.num_kv_heads
+        if full and cfg.k_eq_v and cfg.num_global_kv_heads:
+            kv_heads = cfg.num_global_kv_heads
+        shared = i >= first_shared
+        if shared and lt not in producers:
+            raise ConfigError(
+                f"num_kv_shared_layers: layer {i} ({lt.value}) has no earlier non-shared layer of its type"
+            )
+        if cfg.num_heads % kv_heads:
+            raise ConfigError(f"num_attention_heads={cfg.num_heads} not divisible by {kv_heads} KV heads")
+        specs.append(
+            LayerSpec(
+                index=i,
+                layer_type=lt,
+                head_dim=head_dim,
+                num_kv_heads=kv_heads,
+                k_eq_v=full and cfg.k_eq_v,
+                kv_source=producers[lt] if shared else i,
+                mlp_dim=cfg.intermediate_size * (2 if (cfg.double_wide_mlp and shared) else 1),
+                moe=cfg.num_experts > 0,
+                window=None if full else cfg.sliding_window,
+                rope=cfg.rope_full if full else cfg.rope_sliding,
+            )
+        )
+    return tuple(specs)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing HF config.json
+# --------------------------------------------------------------------------------------------
+
+# Keys that never change inference math (bookkeeping, training-only, or tokenizer-side).
+_INERT_KEYS = {
+    "architectures", "model_type", "dtype", "torch_dtype", "transformers_version", "initializer_range",
+    "use_cache", "attention_dropout", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "pad_token_id", "hidden_activation", "attention_bias", "rope_parameters", "rope_scaling",
+    "rope_theta", "rope_local_base_freq", "layer_types", "sliding_window_pattern", "_sliding_window_pattern",
+    "max_position_embeddings", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+    "sliding_window", "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar",
+    "global_head_dim", "num_global_key_value_heads", "attention_k_eq_v", "hidden_size_per_layer_input",
+    "vocab_size_per_layer_input", "num_kv_shared_layers", "use_double_wide_mlp", "enable_moe_block",
+    "num_experts", "top_k_experts", "moe_intermediate_size", "use_bidirectional_attention",
+    "output_attentions", "output_hidden_states", "return_dict", "name_or_path", "id2label", "label2id",
+    "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "add_cross_attention",
+    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+    "finetuning_task", "cache_implementation", "router_aux_loss_coef", "output_router_logits",
+}
+
+
+def _rope_from_hf(params: dict[str, Any] | None, key: str, default_theta: float) -> RopeConfig:
+    params = dict(params or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", default_theta))
+    if rope_type == "default":
+        return RopeConfig(theta=theta)
+    if rope_type == "proportional":
+        return RopeConfig(
+            theta=theta,
+            rotated_fraction=float(params.get("partial_rotary_factor", 1.0)),
+            factor=float(params.get("factor", 1.0)),
+        )
+    if rope_type == "linear":
+        return RopeConfig(theta=theta, factor=float(params["factor"]))
+    raise ConfigError(f"{key}: rope_type {rope_type!r} is not supported (default, proportional, linear)")
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return (1,)
+    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
+
+
+def _text_section(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    model_type = raw.get("model_type")
+    if model_type in ("gemma4", "gemma3") and "text_config" in raw:
+        return raw["text_config"], model_type
+    if model_type in ("gemma4_text", "gemma3_text"):
+        return raw, model_type.removesuffix("_text")
+    raise ConfigError(
+        f"model_type {model_type!r} is not supported (gemma4, gemma4_text, gemma3, gemma3_text)"
+    )
+
+
+def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
+    """Parse a HF `config.json` dict. Values that would change the math and that we do not
+    implement raise `ConfigError` naming the key."""
+    tc, family = _text_section(raw)
+    unknown = sorted(k for k in tc if k not in _INERT_KEYS and not k.startswith("_"))
+    if unknown:
+        # Unknown keys are reported, never silently honoured or dropped.
+        import logging
+
+        logging.getLogger("gemmarun").info("config keys not used by gemmarun: %s", ", ".join(unknown))
+    if tc.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ConfigError(f"hidden_activation={tc['hidden_activation']!r} is not supported")
+    if tc.get("attention_bias", False):
+        raise ConfigError("attention_bias=true is not supported (Gemma has no attention biases)")
+    if tc.get("tie_word_embeddings", True) is False:
+        raise ConfigError("tie_word_embeddings=false is not supported (Gemma ties its head)")
+    num_layers = int(tc["num_hidden_layers"])
+    bidir = tc.get("use_bidirectional_attention")
+    if family == "gemma4" and bidir not in (None, "vision"):
+        raise ConfigError(f"use_bidirectional_attention={bidir!r} is not supported (null, 'vision')")
+    if family == "gemma3" and bidir:
+        raise ConfigError("use_bidirectional_attention=true (Gemma 3 embedding model) is not supported")
+
+    if tc.get("layer_types") is not None:
+        try:
+            layer_types = tuple(HF_LAYER_TYPES[t] for t in tc["layer_types"])
+        except KeyError as e:
+            raise ConfigError(f"layer_types: unknown layer type {e.args[0]!r}") from None
+    else:
+        pattern = int(tc.get("sliding_window_pattern", 6))
+        layer_types = tuple(
+            LayerType.FULL if (i + 1) % pattern == 0 else LayerType.SLIDING for i in range(num_layers)
+        )
+
+    rope = tc.get("rope_parameters")
+    if isinstance(rope, dict) and ("full_attention" in rope or "sliding_attention" in rope):
+        rope_full = _rope_from_hf(rope.get("full_attention"), "rope_parameters.full_attention", 1e6)
+        rope_sliding = _rope_from_hf(
+            rope.get("sliding_attention"), "rope_parameters.sliding_attention", 1e4
+        )
+    elif family == "gemma3":  # legacy flat keys
+        rope_full = _rope_from_hf(
+            {**(tc.get("rope_scaling") or {}), "rope_theta": tc.get("rope_theta", 1e6)}, "rope_scaling", 1e6
+        )
+        rope_sliding = RopeConfig(theta=float(tc.get("rope_local_base_freq", 1e4)))
+    else:
+        rope_full = RopeConfig(theta=1e6, rotated_fraction=0.25)
+        rope_sliding = RopeConfig(theta=1e4)
+
+    head_dim = int(tc.get("head_dim", 256))
+    common = dict(
+        family=family,
+        vocab_size=int(tc["vocab_size"]),
+        hidden_size=int(tc["hidden_size"]),
+        num_layers=num_layers,
+        num_heads=int(tc["num_attention_heads"]),
+        num_kv_heads=int(tc["num_key_value_heads"]),
+        head_dim=head_dim,
+        intermediate_size=int(tc["intermediate_size"]),
+        layer_types=layer_types,
+        sliding_window=int(tc.get("sliding_window") or 512),
+        rope_sliding=rope_sliding,
+        rope_full=rope_full,
+        rms_norm_eps=float(tc.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(tc.get("max_position_embeddings", 131072)),
+        final_logit_softcap=tc.get("final_logit_softcapping"),
+        bos_id=int(tc.get("bos_token_id", 2) if tc.get("bos_token_id") is not None else 2),
+        eos_ids=_eos_ids(raw.get("eos_token_id", tc.get("eos_token_id"))),
+        pad_id=int(tc.get("pad_token_id") or 0),
+    )
+    if family == "gemma3":
+        return TextConfig(
+            **common,
+            attn_logit_softcap=tc.get("attn_logit_softcapping"),
+            attention_scale=float(tc.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+            has_v_norm=False,
+        )
+    moe = bool(tc.get("enable_moe_block", False))
+    if moe and not (tc.get("num_experts") and tc.get("top_k_experts") and tc.get("moe_intermediate_size")):
+        raise ConfigError("enable_moe_block=true needs num_experts, top_k_experts, moe_intermediate_size")
+    ple_dim = int(tc.get("hidden_size_per_layer_input") or 0)
+    return TextConfig(
+        **common,
+        global_head_dim=int(tc.get("global_head_dim") or head_dim),
+        num_global_kv_heads=tc.get("num_global_key_value_heads"),
+        k_eq_v=bool(tc.get("attention_k_eq_v", False)),
+        ple_dim=ple_dim,
+        ple_vocab_size=int(tc.get("vocab_size_per_layer_input") or tc["vocab_size"]) if ple_dim else 0,
+        num_kv_shared_layers=int(tc.get("num_kv_shared_layers") or 0),
+        double_wide_mlp=bool(tc.get("use_double_wide_mlp", False)),
+        num_experts=int(tc["num_experts"]) if moe else 0,
+        top_k_experts=int(tc["top_k_experts"]) if moe else 0,
+        expert_dim=int(tc["moe_intermediate_size"]) if moe else 0,
+        bidirectional_vision=bidir == "vision",
+    )
+
+
+def load_hf_config(folder: str | Path) -> TextConfig:
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no config.json in the model folder") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return text_config_from_hf(raw)
+    except KeyError as e:
+        raise ConfigError(f"{path}: required key {e.args[0]!r} is missing") from None

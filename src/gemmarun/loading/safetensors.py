@@ -1,0 +1,91 @@
+"""Memory-mapped safetensors reading (single file or sharded index), no second copy in RAM.
+
+Tensors are views into a private (copy-on-write) memory map of each file: pages are read from
+disk only when touched, so a table that is only gathered from (PLE) never becomes resident.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import LoadError
+
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors file as mmap-backed CPU tensors."""
+    size = path.stat().st_size
+    if size < 8:
+        raise LoadError(f"{path}: truncated safetensors file ({size} bytes)")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise LoadError(f"{path}: header length {header_len} runs past the end of the file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LoadError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise LoadError(f"{path}: corrupt safetensors header (not an object)")
+    data = np.memmap(path, dtype=np.uint8, mode="c")
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(o) for o in info["data_offsets"])
+        except KeyError as e:
+            raise LoadError(f"{path}: tensor {name!r} has unsupported dtype or no {e.args[0]!r}") from None
+        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        if end - start != nbytes or base + end > size or start < 0:
+            raise LoadError(f"{path}: tensor {name!r} data [{start}, {end}) does not fit the file or its shape")
+        raw = torch.from_numpy(data[base + start : base + end])
+        tensors[name] = raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
+    return tensors
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a HF model folder: `model.safetensors` or a sharded index."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LoadError(f"{index}: corrupt shard index ({e})") from None
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = folder / shard
+            if not shard_path.exists():
+                raise LoadError(f"{index}: shard {shard} is missing")
+            tensors.update(read_safetensors(shard_path))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise LoadError(f"{index}: tensors listed but not in any shard: {', '.join(missing[:5])}")
+        return tensors
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{folder}: no .safetensors files")
+    tensors = {}
+    for f in files:
+        tensors.update(read_safetensors(f))
+    return tensors

@@ -1,0 +1,81 @@
+"""One attention module for sliding and full layers, driven by its LayerSpec (spec 3.4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LayerSpec, TextConfig
+from ..masks import visible
+from .layers import RMSNorm, RotaryTable, apply_rope, rms_norm, softcap
+
+# Keys/values a layer attended over in this forward, by layer index, for KV-shared consumers.
+SharedKV = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.num_heads = cfg.num_heads
+        self.scale = cfg.attention_scale
+        self.logit_softcap = cfg.attn_logit_softcap
+        self.has_v_norm = cfg.has_v_norm
+        self.eps = cfg.rms_norm_eps
+        d, kv = spec.head_dim, spec.num_kv_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        if spec.owns_kv:
+            self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+            if not spec.k_eq_v:
+                self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        h: torch.Tensor,  # (B, T, H), already input-normed
+        positions: torch.Tensor,  # (T,)
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin for `positions`, (T, D)
+        rotary: RotaryTable,  # to rebuild keys of K=V layers at cached positions
+        cache,  # KVCache | None
+        shared: SharedKV,
+    ) -> torch.Tensor:
+        B, T, _ = h.shape
+        spec = self.spec
+        cos, sin = rope
+        q = self.q_norm(self.q_proj(h).view(B, T, self.num_heads, spec.head_dim))
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nH, T, D)
+
+        if spec.owns_kv:
+            k_raw = self.k_proj(h).view(B, T, spec.num_kv_heads, spec.head_dim)
+            v_raw = k_raw if spec.k_eq_v else self.v_proj(h).view(B, T, spec.num_kv_heads, spec.head_dim)
+            k = apply_rope(self.k_norm(k_raw).transpose(1, 2), cos, sin)  # (B, kv, T, D)
+            v = (rms_norm(v_raw, None, self.eps) if self.has_v_norm else v_raw).transpose(1, 2)
+            if cache is None:
+                keys, values, key_pos = k, v, positions
+            else:
+                keys, values, key_pos = cache.layers[spec.index].update(k, v, positions)
+                if keys is None:  # K=V storage keeps values only: K = RoPE(V * w_k)
+                    k_cos, k_sin = rotary(key_pos, values.dtype)
+                    keys = apply_rope((values.float() * self.k_norm.weight.float()).type_as(values), k_cos, k_sin)
+            shared[spec.index] = (keys, values, key_pos)
+        else:
+            keys, values, key_pos = shared[spec.kv_source]
+
+        mask = visible(positions, key_pos, spec.window)  # (T, S)
+        out = self._attend(q, keys, values, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend(self, q, k, v, mask):
+        if self.logit_softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        # Soft-capped logits (Gemma 3 configs that set attn_logit_softcapping) need the eager path.
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = softcap((q @ k.transpose(-1, -2)) * self.scale, self.logit_softcap)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return probs @ v

@@ -1,0 +1,162 @@
+"""The Gemma 4 / Gemma 3 text decoder, top to bottom as in spec section 3.
+
+One token's path: scaled embedding (3.1) -> per-layer embeddings (3.2) -> layers (3.9: attention,
+dense MLP or dense+MoE, PLE injection, layer scalar) -> final norm -> tied head -> logit soft-cap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import TextConfig
+from .attention import Attention, SharedKV
+from .layers import MLP, RMSNorm, RotaryTable, gelu_tanh, softcap
+from .moe import Experts, Router
+
+
+class TokenEmbedding(nn.Module):
+    """The main token table, also the tied output head. A quantized table offers the same
+    two methods (`lookup`, `matmul_transposed`)."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, hidden), requires_grad=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]
+
+    def matmul_transposed(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
+class PerLayerEmbedding(nn.Module):
+    """PLE (spec 3.2). The packed [V, L*P] token table is a plain attribute, not a parameter:
+    it stays memory-mapped on the CPU (never copied to RAM or GPU); only gathered rows move."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.num_layers, self.dim = cfg.num_layers, cfg.ple_dim
+        self.input_scale = cfg.hidden_size**-0.5
+        self.table: torch.Tensor | None = None  # set by the loader, (V, L*P), any float dtype
+        self.per_layer_model_projection = nn.Linear(cfg.hidden_size, cfg.num_layers * cfg.ple_dim, bias=False)
+        self.per_layer_projection_norm = RMSNorm(cfg.ple_dim, cfg.rms_norm_eps)
+
+    def token_part(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        rows = self.table[ids.cpu()].to(device=ids.device, dtype=dtype)  # reads only these rows
+        rows = rows * torch.tensor(math.sqrt(self.dim), dtype=dtype)
+        return rows.view(*ids.shape, self.num_layers, self.dim)
+
+    def forward(self, ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) with placeholders already mapped to 0; x0 the scaled (merged) embeddings.
+        Returns (B, T, L, P)."""
+        context = self.per_layer_model_projection(x0) * self.input_scale
+        context = self.per_layer_projection_norm(context.view(*x0.shape[:-1], self.num_layers, self.dim))
+        return (context + self.token_part(ids, x0.dtype)) * 2.0**-0.5
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        spec = cfg.layers[index]
+        self.spec = spec
+        H = cfg.hidden_size
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = MLP(H, spec.mlp_dim)
+        self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        if spec.moe:
+            self.router = Router(cfg)
+            self.experts = Experts(cfg)
+            self.pre_feedforward_layernorm_2 = RMSNorm(H, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm_1 = RMSNorm(H, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(H, cfg.rms_norm_eps)
+        self.has_ple = cfg.ple_dim > 0
+        if self.has_ple:
+            self.per_layer_input_gate = nn.Linear(H, cfg.ple_dim, bias=False)
+            self.per_layer_projection = nn.Linear(cfg.ple_dim, H, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(H, cfg.rms_norm_eps)
+        # Gemma 4 learns this scalar; Gemma 3 has none (stays 1).
+        self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
+
+    def forward(self, x, ple, positions, rope, rotary, cache, shared: SharedKV):
+        h = self.self_attn(self.input_layernorm(x), positions, rope, rotary, cache, shared)
+        x = x + self.post_attention_layernorm(h)
+
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.spec.moe:
+            dense = self.post_feedforward_layernorm_1(h)
+            flat = x.reshape(-1, x.shape[-1])
+            weights, index = self.router(flat)  # the router reads the residual, not the normed input
+            moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index)
+            h = dense + self.post_feedforward_layernorm_2(moe.view(x.shape))
+        x = x + self.post_feedforward_layernorm(h)
+
+        if self.has_ple:
+            g = gelu_tanh(self.per_layer_input_gate(x)) * ple
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        return x * self.layer_scalar
+
+
+class TextModel(nn.Module):
+    """The decoder with its tied head. `forward` never creates a cache; the caller owns it."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.ple = PerLayerEmbedding(cfg) if cfg.ple_dim else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = nn.ModuleDict()
+        with torch.device("cpu"):  # computed, not loaded: real values even when built on `meta`
+            for lt in sorted(set(cfg.layer_types), key=lambda t: t.value):
+                spec = next(s for s in cfg.layers if s.layer_type is lt)
+                self.rotary[lt.value] = RotaryTable(spec.rope.inv_freq(spec.head_dim))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where activations live (the PLE table, alone, stays on the CPU)."""
+        return self.norm.weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Scaled token embeddings; the scale is rounded to the table's dtype as the reference does."""
+        x = self.embed_tokens.lookup(ids)
+        return x * torch.tensor(self.config.embed_scale, dtype=x.dtype, device=x.device)
+
+    def forward(
+        self,
+        ids: torch.Tensor,  # (B, T) token ids; soft-token positions hold 0 when `embeds` is given
+        positions: torch.Tensor,  # (T,) absolute positions
+        cache=None,  # KVCache | None
+        *,
+        embeds: torch.Tensor | None = None,  # (B, T, H) merged input embeddings (multimodal)
+        last_only: bool = False,  # compute logits for the last position only
+    ) -> torch.Tensor:
+        x = self.embed(ids) if embeds is None else embeds
+        ple = self.ple(ids, x) if self.ple is not None else None
+        rope = {name: table(positions, x.dtype) for name, table in self.rotary.items()}
+        shared: SharedKV = {}
+        for i, layer in enumerate(self.layers):
+            lt = layer.spec.layer_type.value
+            layer_ple = ple[:, :, i] if ple is not None else None
+            x = layer(x, layer_ple, positions, rope[lt], self.rotary[lt], cache, shared)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.embed_tokens.matmul_transposed(self.norm(x))
+        cap = self.config.final_logit_softcap
+        return softcap(logits, cap) if cap else logits
+
+

@@ -1,0 +1,90 @@
+"""Sampling parameters shared by the CLI, the Python API and the server, and the pure logits
+processors built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # >1 discourages tokens already seen (prompt and output)
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's end-of-turn ids
+    stop: tuple[str, ...] = ()  # stop strings; the text is cut before them
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_tokens >= 0, "max_tokens must be >= 0"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor, p: SamplingParams):
+    """logits (V,) float32; seen/generated: 1-D id tensors. Returns penalised logits."""
+    if p.repetition_penalty != 1.0 and seen.numel():
+        ids = torch.unique(seen)
+        vals = logits[ids]
+        logits = logits.clone()
+        logits[ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.presence_penalty and generated.numel():
+        logits = logits.clone()
+        logits[torch.unique(generated)] -= p.presence_penalty
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p as masks to -inf (pure; logits (V,) float32)."""
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+        logits = logits.clone()
+        logits[order[drop]] = float("-inf")
+    if p.min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+@dataclass
+class Sampler:
+    """Stateful only in its random generator, so a seed reproduces a whole generation."""
+
+    params: SamplingParams
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator()
+        if self.params.seed is not None:
+            self.generator.manual_seed(self.params.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor) -> int:
+        logits = apply_penalties(logits.float().cpu(), seen, generated, self.params)
+        if self.params.temperature == 0.0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(filter_logits(logits, self.params), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,0 +1,129 @@
+"""Tiny seeded random Gemma 4 / Gemma 3 models built with transformers 5.23 (test-only).
+
+Each family exercises its distinguishing features at toy size. Weights are made
+non-degenerate (random norm weights, layer scalars, router scales) so a wrong norm, RoPE or
+scale fails; q/k norm weights are scaled down so the reference's own float32 noise stays far
+below the 1e-4 tolerance; embeddings stay small so greedy continuations vary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WINDOW = 4
+S, F = "sliding_attention", "full_attention"
+
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    head_dim=16,
+    sliding_window=WINDOW,
+    max_position_embeddings=256,
+    final_logit_softcapping=30.0,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=1,
+    rms_norm_eps=1e-6,
+)
+
+FAMILIES = {
+    # PLE, KV sharing (last 4 layers), 4:1 pattern, double-wide MLP in shared layers.
+    "e2b": dict(
+        num_hidden_layers=10, layer_types=[S, S, S, S, F] * 2, num_key_value_heads=1,
+        global_head_dim=32, hidden_size_per_layer_input=8, vocab_size_per_layer_input=256,
+        num_kv_shared_layers=4, use_double_wide_mlp=True,
+    ),
+    # PLE, KV sharing, 5:1 pattern.
+    "e4b": dict(
+        num_hidden_layers=12, layer_types=[S, S, S, S, S, F] * 2, num_key_value_heads=2,
+        global_head_dim=32, hidden_size_per_layer_input=8, vocab_size_per_layer_input=256,
+        num_kv_shared_layers=5,
+    ),
+    # K=V on full layers, global head dim larger than local, global KV-head count.
+    "31b": dict(
+        num_hidden_layers=6, layer_types=[S, S, F, S, S, F], num_key_value_heads=2,
+        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+        hidden_size_per_layer_input=0, num_kv_shared_layers=0, use_bidirectional_attention="vision",
+    ),
+    # MoE (4 experts, top 2) with the dense shared MLP, K=V.
+    "26b": dict(
+        num_hidden_layers=6, layer_types=[S, S, F, S, S, F], num_key_value_heads=2,
+        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+        hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=True,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=24, intermediate_size=48,
+        use_bidirectional_attention="vision",
+    ),
+}
+
+GEMMA3 = dict(
+    COMMON, num_hidden_layers=6, num_key_value_heads=2, layer_types=[S, S, F, S, S, F],
+    query_pre_attn_scalar=16, rope_theta=1e6, rope_local_base_freq=1e4,
+)
+
+
+def _randomize(model: torch.nn.Module, gemma3: bool) -> None:
+    g = torch.Generator().manual_seed(1234)
+
+    def uniform(t, lo, hi):
+        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "inv_freq" in name or "embed_scale" in name:
+                continue
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                # attention scale is 1.0 in Gemma 4: keep q.k small.
+                uniform(p, -0.3, 0.3) if gemma3 else uniform(p, 0.1, 0.4)
+            elif "norm" in name and name.endswith("weight"):
+                uniform(p, -0.5, 0.5) if gemma3 else uniform(p, 0.5, 1.5)
+            elif name.endswith("layer_scalar"):
+                uniform(p, 0.5, 1.5)
+            elif name.endswith("router.scale"):
+                uniform(p, 0.5, 1.5)
+            elif name.endswith("per_expert_scale"):
+                uniform(p, 0.5, 1.5)
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif name.endswith("embed_tokens_per_layer.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif p.is_floating_point() and p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+
+
+def config_dict(family: str) -> dict:
+    if family == "gemma3":
+        return dict(GEMMA3, model_type="gemma3_text")
+    return {**COMMON, **FAMILIES[family], "model_type": "gemma4_text"}
+
+
+def build_reference(family: str, folder: Path | None = None, seed: int = 0):
+    """Build the transformers model for `family` (float32, eval); save it to `folder` if given."""
+    torch.manual_seed(seed)
+    if family == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(**{k: v for k, v in GEMMA3.items()})
+        model = Gemma3ForCausalLM(cfg)
+    else:
+        from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+        cfg = Gemma4TextConfig(**{**COMMON, **FAMILIES[family]})
+        model = Gemma4ForCausalLM(cfg)
+    model = model.float().eval()
+    _randomize(model, family == "gemma3")
+    if folder is not None:
+        model.save_pretrained(folder)
+        # Real checkpoints spell the full-layer overrides with the released keys.
+        path = Path(folder) / "config.json"
+        saved = json.loads(path.read_text())
+        for key in ("global_head_dim", "num_global_key_value_heads"):
+            if key in FAMILIES.get(family, {}):
+                saved[key] = FAMILIES[family][key]
+        saved.pop("per_layer_config", None)
+        path.write_text(json.dumps(saved, indent=2))
+    return model
