@@ -88,7 +88,7 @@ def _randomize(model: torch.nn.Module, gemma3: bool) -> None:
             elif name.endswith("per_expert_scale"):
                 uniform(p, 0.5, 1.5)
             elif name.endswith("embed_tokens.weight"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
             elif name.endswith("embed_tokens_per_layer.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
             elif p.is_floating_point() and p.dim() >= 2:

@@ -1,8 +1,12 @@
-"""Turn a renamed state dict into a ready TextModel: build on `meta`, assign, check strictly."""
+"""Turn a renamed state dict into a ready TextModel: build on `meta`, swap in quantized modules
+where the checkpoint is quantized, assign, and check strictly."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from ..config import TextConfig
 from ..model.text import TextModel
@@ -11,27 +15,25 @@ from .errors import LoadError
 PLE_TABLE = "ple.table"
 
 
-def build_text_model(
-    cfg: TextConfig,
-    state: dict[str, torch.Tensor],
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
-    prepare=None,  # optional hook(model) that swaps modules (quantized linears) before assigning
-) -> TextModel:
-    """Assign `state` (gemmarun names) to a fresh model without materialising random weights.
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Raw GGUF block bytes (uint8, one row of blocks per output row) and what they encode."""
 
-    Float tensors are cast to `dtype` (a copy only when the dtype differs; otherwise they stay
-    views of the memory-mapped file). The PLE table is kept as stored, on the CPU.
-    """
-    with torch.device("meta"):
-        model = TextModel(cfg)
-    if prepare is not None:
-        prepare(model)
-    expected = model.state_dict()
-    state = dict(state)
-    ple_table = state.pop(PLE_TABLE, None)
+    raw: torch.Tensor  # (rows, bytes per row), a view of the memory-mapped file
+    ggml_type: object  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # logical PyTorch shape
 
+    def dequantize(self) -> torch.Tensor:
+        from ..quant import dequantize
+
+        return dequantize(self.raw, self.ggml_type, self.shape)
+
+
+Tensorish = torch.Tensor | QuantizedTensor
+
+
+def _check(cfg: TextConfig, expected: dict[str, torch.Tensor], state: dict[str, Tensorish],
+           ple_table: Tensorish | None) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(
@@ -40,29 +42,78 @@ def build_text_model(
         if tuple(state[k].shape) != tuple(expected[k].shape)
     )
     problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
-    if wrong:
-        problems.append(f"wrong shapes: {', '.join(wrong[:8])}")
+    for label, names in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)):
+        if names:
+            problems.append(f"{label}: {', '.join(names[:8])}" + (" ..." if len(names) > 8 else ""))
     if cfg.ple_dim:
         want = (cfg.ple_vocab_size, cfg.num_layers * cfg.ple_dim)
         if ple_table is None:
-            problems.append("missing tensors: embed_tokens_per_layer (PLE table)")
+            problems.append("missing tensors: the PLE table (embed_tokens_per_layer)")
         elif tuple(ple_table.shape) != want:
             problems.append(f"wrong shapes: PLE table {tuple(ple_table.shape)} (expected {want})")
     if problems:
         raise LoadError("; ".join(problems))
 
-    def convert(name: str, t: torch.Tensor) -> torch.Tensor:
-        target = expected[name]
-        if t.is_floating_point() and target.is_floating_point() and t.dtype != dtype:
-            return t.to(dtype)
-        return t
 
-    model.load_state_dict({k: convert(k, v) for k, v in state.items()}, strict=True, assign=True)
+def _swap_quantized(model: TextModel, name: str, q: QuantizedTensor, dtype: torch.dtype) -> None:
+    """Replace the module owning `name` by its quantized counterpart."""
+    from ..quant import QuantEmbedding, QuantExperts, QuantLinear
+
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(owner, nn.Linear) and leaf == "weight":
+        out_f, in_f = q.shape
+        model.set_submodule(owner_name, QuantLinear.from_raw(q.raw, q.ggml_type, out_f, in_f, dtype))
+    elif name == "embed_tokens.weight":
+        rows, dim = q.shape
+        model.embed_tokens = QuantEmbedding.from_raw(q.raw, q.ggml_type, rows, dim, dtype)
+    elif leaf in ("gate_up_proj", "down_proj") and owner_name.endswith("experts"):
+        QuantExperts.ensure(model, owner_name, dtype).set_weight(leaf, q)
+    else:
+        raise LoadError(f"tensor {name} is quantized ({q.ggml_type.name}) where gemmarun needs floats")
+
+
+def build_text_model(
+    cfg: TextConfig,
+    state: dict[str, Tensorish],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> TextModel:
+    """Assign `state` (gemmarun names) to a fresh model without materialising random weights.
+
+    Float tensors are cast to `dtype` (a copy only when the dtype differs; otherwise they stay
+    views of the memory-mapped file). Quantized tensors replace their module with a quantized
+    one that keeps the blocks. The PLE table is kept as stored, on the CPU.
+    """
+    with torch.device("meta"):
+        model = TextModel(cfg)
+    expected = model.state_dict()
+    state = dict(state)
+    ple_table = state.pop(PLE_TABLE, None)
+    _check(cfg, expected, state, ple_table)
+
+    floats = {}
+    for name, t in state.items():
+        if isinstance(t, QuantizedTensor):
+            _swap_quantized(model, name, t, dtype)
+        elif t.is_floating_point() and t.dtype != dtype:
+            floats[name] = t.to(dtype)
+        else:
+            floats[name] = t
+    missing, unexpected = model.load_state_dict(floats, strict=False, assign=True)
+    # Quantized modules own their (differently named) buffers; everything else must be assigned.
+    leftover = [k for k in missing if not any(k.startswith(q.rpartition(".")[0] + ".")
+                                               for q, t in state.items() if isinstance(t, QuantizedTensor))]
+    if leftover or unexpected:
+        raise LoadError(f"could not assign tensors: {', '.join((leftover + unexpected)[:8])}")
+    still_meta = [n for n, t in model.state_dict().items() if t.is_meta]
+    if still_meta:
+        raise LoadError(f"tensors left unloaded: {', '.join(still_meta[:8])}")
     model.to(device)
     if ple_table is not None:
-        model.ple.table = ple_table  # stays memory-mapped on the CPU
+        if isinstance(ple_table, QuantizedTensor):
+            model.ple.table, model.ple.table_type = ple_table.raw, ple_table.ggml_type
+        else:
+            model.ple.table = ple_table  # stays memory-mapped on the CPU
     return model.eval()

@@ -38,19 +38,29 @@ class TokenEmbedding(nn.Module):
 
 class PerLayerEmbedding(nn.Module):
     """PLE (spec 3.2). The packed [V, L*P] token table is a plain attribute, not a parameter:
-    it stays memory-mapped on the CPU (never copied to RAM or GPU); only gathered rows move."""
+    it stays memory-mapped on the CPU (never copied to RAM or GPU); only gathered rows move.
+    A GGUF table may be quantized: then `table` holds the raw block bytes of each row and
+    `table_type` their ggml type, and only the gathered rows are dequantized."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.num_layers, self.dim = cfg.num_layers, cfg.ple_dim
         self.input_scale = cfg.hidden_size**-0.5
-        self.table: torch.Tensor | None = None  # set by the loader, (V, L*P), any float dtype
+        self.table: torch.Tensor | None = None  # set by the loader: (V, L*P) floats or (V, row bytes)
+        self.table_type = None  # ggml type of a quantized table, else None
         self.per_layer_model_projection = nn.Linear(cfg.hidden_size, cfg.num_layers * cfg.ple_dim, bias=False)
         self.per_layer_projection_norm = RMSNorm(cfg.ple_dim, cfg.rms_norm_eps)
 
+    def table_nbytes(self) -> int:
+        return self.table.numel() * self.table.element_size()
+
     def token_part(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        rows = self.table[ids.cpu()].to(device=ids.device, dtype=dtype)  # reads only these rows
-        rows = rows * torch.tensor(math.sqrt(self.dim), dtype=dtype)
+        rows = self.table[ids.reshape(-1).cpu()]  # reads only these rows of the mapped file
+        if self.table_type is not None:
+            from ..quant import dequantize
+
+            rows = dequantize(rows, self.table_type, (rows.shape[0], self.num_layers * self.dim))
+        rows = rows.to(device=ids.device, dtype=dtype) * torch.tensor(math.sqrt(self.dim), dtype=dtype)
         return rows.view(*ids.shape, self.num_layers, self.dim)
 
     def forward(self, ids: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

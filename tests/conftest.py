@@ -1,0 +1,33 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from reference_models import build_reference  # noqa: E402
+from tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
+
+FAMILIES = ["e2b", "e4b", "31b", "26b", "gemma3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """family -> (folder with config, safetensors and tokenizer; the transformers model)."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            ref = build_reference(family, folder)
+            write_tiny_tokenizer(folder, family)
+            cache[family] = (folder, ref)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)

@@ -1,0 +1,42 @@
+"""A small byte-fallback tokenizer.json for the tiny test models (vocab 256), with the Gemma
+control tokens at fixed ids so chat rendering and stop tokens can be exercised."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
+            "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
+# ids 12.. : the printable ASCII bytes as byte-fallback tokens, then a few whole words.
+WORDS = ["▁", "▁the", "▁a", "▁is", "▁of", "▁and", "he", "ll", "llo", "▁hello", "▁world"]
+
+
+def tiny_vocab() -> dict[str, int]:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for b in range(256):
+        if len(vocab) >= 256 - len(WORDS):
+            break
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    return vocab
+
+
+def write_tiny_tokenizer(folder: Path, family: str) -> None:
+    from tokenizers import Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+    from tokenizers import AddedToken
+
+    vocab = tiny_vocab()
+    merges = [("h", "e"), ("l", "l"), ("ll", "o"), ("▁", "the")]
+    merges = [(a, b) for a, b in merges if a in vocab and b in vocab and a + b in vocab]
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    tok.save(str(folder / "tokenizer.json"))
+    eos = "<end_of_turn>" if family == "gemma3" else "<turn|>"
+    config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+              "add_bos_token": True, "extra_special_tokens": {"eot": eos}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
