@@ -1,0 +1,126 @@
+"""Config parsing and the per-layer plan, checked on the released checkpoints' configs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemmarun.config import ConfigError, LayerType, RopeConfig, text_config_from_hf
+
+SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "gemma4-configs.json"
+CONFIGS_JSON = json.loads(SPEC.read_text()) if SPEC.exists() else {}
+
+
+def _real(name: str) -> dict:
+    raw = CONFIGS_JSON[name]
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+needs_spec = pytest.mark.skipif(not CONFIGS_JSON, reason="../shared/spec not present")
+
+
+@needs_spec
+def test_e2b_plan():
+    cfg = text_config_from_hf(_real("google/gemma-4-E2B-it"))
+    assert cfg.num_layers == 35 and cfg.ple_dim == 256
+    full = [s.index for s in cfg.layers if s.layer_type is LayerType.FULL]
+    assert full == [4, 9, 14, 19, 24, 29, 34]
+    # KV sharing per layer type: sliding consumers read layer 13, full consumers layer 14.
+    assert [s.kv_source for s in cfg.layers[15:]] == [14 if s.layer_type is LayerType.FULL else 13 for s in cfg.layers[15:]]
+    assert all(s.owns_kv for s in cfg.layers[:15])
+    # double-wide MLP only in the shared layers
+    assert {s.mlp_dim for s in cfg.layers[:15]} == {6144} and {s.mlp_dim for s in cfg.layers[15:]} == {12288}
+    assert cfg.layers[4].head_dim == 512 and cfg.layers[0].head_dim == 256
+    assert cfg.layers[4].num_kv_heads == 1 and not cfg.layers[4].k_eq_v
+    assert cfg.eos_ids == (1, 106)
+
+
+@needs_spec
+def test_e4b_plan():
+    cfg = text_config_from_hf(_real("google/gemma-4-E4B-it"))
+    shared = cfg.layers[24:]
+    assert {s.kv_source for s in shared if s.layer_type is LayerType.SLIDING} == {22}
+    assert {s.kv_source for s in shared if s.layer_type is LayerType.FULL} == {23}
+    assert {s.mlp_dim for s in cfg.layers} == {10240}
+
+
+@needs_spec
+def test_31b_and_26b_plans():
+    dense = text_config_from_hf(_real("google/gemma-4-31B-it"))
+    full = dense.layers[5]
+    assert full.layer_type is LayerType.FULL and full.k_eq_v and full.num_kv_heads == 4 and full.head_dim == 512
+    assert dense.layers[0].num_kv_heads == 16 and not dense.layers[0].k_eq_v
+    assert all(s.owns_kv for s in dense.layers) and dense.layers[-1].layer_type is LayerType.FULL
+    moe = text_config_from_hf(_real("google/gemma-4-26B-A4B-it"))
+    assert moe.num_experts == 128 and moe.top_k_experts == 8 and moe.expert_dim == 704
+    assert all(s.moe for s in moe.layers) and moe.layers[5].num_kv_heads == 2
+
+
+@needs_spec
+def test_rope_parameters_parsed():
+    cfg = text_config_from_hf(_real("google/gemma-4-E2B-it"))
+    assert cfg.rope_full == RopeConfig(theta=1e6, rotated_fraction=0.25)
+    assert cfg.rope_sliding == RopeConfig(theta=1e4)
+
+
+def test_prope_rotates_exactly_the_first_64_pairs_of_512():
+    inv = RopeConfig(theta=1e6, rotated_fraction=0.25).inv_freq(512)
+    assert inv.shape == (256,)
+    assert torch.all(inv[:64] > 0) and torch.all(inv[64:] == 0)
+    # exponent denominator is the full head dim: pair j has 1e6^(-2j/512)
+    assert inv[1].item() == pytest.approx(1e6 ** (-2 / 512), rel=1e-6)
+    assert inv[63].item() == pytest.approx(1e6 ** (-126 / 512), rel=1e-6)
+    # rotating dims are 0..63 paired with 256..319: apply to a one-hot and see which move
+    from gemmarun.model.layers import RotaryTable, apply_rope
+
+    table = RotaryTable(inv)
+    cos, sin = table(torch.tensor([7]), torch.float32)
+    moved = []
+    for d in range(512):
+        x = torch.zeros(1, 1, 1, 512)
+        x[..., d] = 1.0
+        if not torch.equal(apply_rope(x, cos, sin), x):
+            moved.append(d)
+    assert moved == list(range(64)) + list(range(256, 320))
+
+
+def test_default_rope_rotates_every_pair():
+    inv = RopeConfig(theta=1e4).inv_freq(256)
+    assert torch.all(inv > 0) and inv[0].item() == 1.0
+
+
+def _minimal(**overrides) -> dict:
+    base = dict(model_type="gemma4_text", vocab_size=32, hidden_size=16, intermediate_size=32,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                layer_types=["sliding_attention", "full_attention"])
+    base.update(overrides)
+    return base
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(hidden_activation="relu"), "hidden_activation"),
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(use_bidirectional_attention="all"), "use_bidirectional_attention"),
+        (dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+        (dict(rope_parameters={"full_attention": {"rope_type": "yarn", "rope_theta": 1e6}}), "rope_type"),
+        (dict(model_type="llama"), "model_type"),
+        (dict(num_kv_shared_layers=1, layer_types=["full_attention", "full_attention"]), None),
+    ],
+)
+def test_unsupported_values_are_named(overrides, key):
+    if key is None:
+        text_config_from_hf(_minimal(**overrides))  # a valid sharing config is accepted
+        return
+    with pytest.raises(ConfigError, match=key):
+        text_config_from_hf(_minimal(**overrides))
+
+
+def test_kv_sharing_without_producer_of_type_is_an_error():
+    # layers 1 and 2 are shared, but no non-shared sliding layer precedes sliding layer 1
+    raw = _minimal(num_hidden_layers=3, num_kv_shared_layers=2,
+                   layer_types=["full_attention", "sliding_attention", "full_attention"])
+    with pytest.raises(ConfigError, match="num_kv_shared_layers"):
+        text_config_from_hf(raw)

@@ -1,0 +1,36 @@
+"""Literal visibility tables for sliding and full attention, with and without a ring cache."""
+
+import torch
+
+from gemmarun.masks import visible
+
+
+def _table(mask):
+    return ["".join("x" if v else "." for v in row) for row in mask.tolist()]
+
+
+def test_full_attention_is_causal():
+    pos = torch.arange(4)
+    assert _table(visible(pos, pos, None)) == ["x...", "xx..", "xxx.", "xxxx"]
+
+
+def test_sliding_window_sees_exactly_window_keys_including_itself():
+    pos = torch.arange(6)
+    assert _table(visible(pos, pos, 3)) == [
+        "x.....",
+        "xx....",
+        "xxx...",
+        ".xxx..",
+        "..xxx.",
+        "...xxx",
+    ]
+
+
+def test_ring_slots_with_empty_and_rotated_positions():
+    # ring of 4 slots after positions 0..5 were written: slot = pos % 4 -> [4, 5, 2, 3]
+    keys = torch.tensor([4, 5, 2, 3])
+    q = torch.tensor([5])
+    assert _table(visible(q, keys, 4)) == ["xxxx"]  # 2..5: exactly the 4 latest
+    assert _table(visible(q, keys, 3)) == ["xx.x"]  # a stale slot (position 2) is out of a window of 3
+    empty = torch.tensor([0, -1, -1, -1])
+    assert _table(visible(torch.tensor([0]), empty, 4)) == ["x..."]
