@@ -1,0 +1,66 @@
+"""`load(path)`: dispatch on the format (HF folder or .gguf file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import LoadError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoadError("device 'cuda' was asked for but CUDA is not available")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 on the CPU by default (exact, and fastest without bf16 matrix units), bf16 on GPU."""
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise LoadError(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
+        return dtype
+    if dtype not in DTYPES:
+        raise LoadError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16)")
+    return DTYPES[dtype]
+
+
+def load(path: str | Path | None = None, *, dtype=None, device=None, reference: bool = False):
+    """Load a model: a HF folder or a .gguf file; no path loads the embedded Gemma 3 270M.
+
+    `reference=True` (GGUF) dequantizes weights exactly to float32 instead of keeping them
+    quantized: slower and larger, used to check the fast path.
+    """
+    from ..llm import LLM  # noqa: F401  (import cycle: llm imports nothing from loading)
+
+    if path is None:
+        from .default import default_model_path
+
+        path = default_model_path()
+    path = Path(path)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or folder")
+    if path.is_dir():
+        from .hf import load_hf_folder
+
+        return load_hf_folder(path, torch_dtype, device)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from .gguf import load_gguf
+
+        return load_gguf(path, torch_dtype, device, reference=reference)
+    raise LoadError(f"{path}: not a model folder or a GGUF file (magic {magic!r})")
+
+
+__all__ = ["LoadError", "load"]

@@ -62,3 +62,69 @@ def sanitize_gemma3(state: dict[str, torch.Tensor], cfg: TextConfig) -> dict[str
     for i in range(cfg.num_layers):
         out.setdefault(f"layers.{i}.layer_scalar", torch.ones(1))
     return out
+
+
+# GGUF (llama.cpp) -> gemmarun. Per-block names: `blk.N.<key>.weight` -> `layers.N.<value>.weight`;
+# entries whose GGUF name has no `.weight` suffix are listed with their full suffix.
+GGUF_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "pre_ffw_norm_2.weight": "pre_feedforward_layernorm_2.weight",
+    "post_ffw_norm_1.weight": "post_feedforward_layernorm_1.weight",
+    "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "router.proj.weight",
+    "ffn_gate_inp.scale": "router.scale",
+    "ffn_down_exps.scale": "router.per_expert_scale",
+    "ffn_gate_up_exps.weight": "experts.gate_up_proj",
+    "ffn_down_exps.weight": "experts.down_proj",
+    "layer_output_scale.weight": "layer_scalar",
+    "inp_gate.weight": "per_layer_input_gate.weight",
+    "proj.weight": "per_layer_projection.weight",
+    "post_norm.weight": "post_per_layer_input_norm.weight",
+}
+GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "per_layer_token_embd.weight": "ple.table",
+    "per_layer_model_proj.weight": "ple.per_layer_model_projection.weight",
+    "per_layer_proj_norm.weight": "ple.per_layer_projection_norm.weight",
+}
+GGUF_IGNORED = {
+    "rope_freqs.weight": "p-RoPE frequency divisors; derived from the config (spec 3.5)",
+    "output.weight": "the head is tied to token_embd",
+}
+_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(.+)$")
+
+
+def gguf_to_gemmarun(name: str) -> str | None:
+    """The gemmarun name of a GGUF tensor, or None if it is in GGUF_IGNORED or unknown."""
+    if name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[name]
+    m = _GGUF_BLOCK.match(name)
+    if m and m.group(2) in GGUF_BLOCK_NAMES:
+        return f"layers.{m.group(1)}.{GGUF_BLOCK_NAMES[m.group(2)]}"
+    return None
+
+
+def gemmarun_to_gguf(name: str) -> str:
+    """Inverse of `gguf_to_gemmarun` (used by `convert`)."""
+    for gguf_name, ours in GGUF_GLOBAL_NAMES.items():
+        if ours == name:
+            return gguf_name
+    m = re.match(r"layers\.(\d+)\.(.+)$", name)
+    if m:
+        for gguf_suffix, ours in GGUF_BLOCK_NAMES.items():
+            if ours == m.group(2):
+                return f"blk.{m.group(1)}.{gguf_suffix}"
+    raise KeyError(name)

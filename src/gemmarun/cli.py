@@ -1,0 +1,168 @@
+"""The `gemmarun` command: run, chat, inspect, convert. Errors are one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from .sampling import SamplingParams
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, seed=args.seed, stop=tuple(args.stop),
+    )
+
+
+def _load(model: str | None, args: argparse.Namespace):
+    from .loading import load
+
+    return load(model, dtype=args.dtype, device=args.device)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if len(args.words) == 1:
+        model, prompt = None, args.words[0]
+    elif len(args.words) == 2:
+        model, prompt = args.words
+    else:
+        raise ValueError("usage: gemmarun run [MODEL] PROMPT")
+    llm = _load(model, args)
+    params = _sampling(args)
+    use_chat = not args.raw and (llm.has_chat_template or llm.config.family == "gemma4")
+    source = [{"role": "user", "content": prompt}] if use_chat else prompt
+    ids = llm.encode_prompt(source, enable_thinking=args.think)
+    for piece in llm.stream_ids(ids, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _load(args.model, args)
+    params = _sampling(args)
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = llm.encode_prompt(messages, enable_thinking=args.think)
+        reply = []
+        for piece in llm.stream_ids(ids, params):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect_model import describe
+
+    llm = _load(args.model, args)
+    context = args.context or min(llm.config.max_position_embeddings, 8192)
+    for line in describe(llm, context, show_tensors=not args.no_tensors):
+        print(line)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .loading.convert import convert
+
+    convert(args.source, args.output, args.type, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemmarun", description="Run Gemma 4 and Gemma 3 models locally.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="one prompt, streamed to the terminal")
+    p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
+                   help="model folder or .gguf (default: the embedded Gemma 3 270M), then the prompt")
+    p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
+    p.add_argument("--think", action="store_true", help="enable Gemma 4 thinking")
+    _add_sampling_options(p)
+    _add_model_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--think", action="store_true")
+    _add_sampling_options(p)
+    _add_model_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="layer plan, parameters, KV cache, tensors, warnings")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--context", type=int, default=None, help="context length for the KV-cache size")
+    p.add_argument("--no-tensors", action="store_true", help="omit the tensor table")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="write a HF folder as GGUF")
+    p.add_argument("source")
+    p.add_argument("output")
+    p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], default="f16")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        # Every expected failure (bad file, bad config, bad input) is a ValueError subclass with
+        # a one-line message; the rest are reported the same way rather than as a traceback.
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"gemmarun: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Load a llama.cpp GGUF file (architectures gemma4 and gemma3) with its weights quantized."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from ..config import ConfigError, text_config_from_gguf
+from ..llm import LLM, ModelInfo
+from ..tokenizer import Tokenizer
+from .build import QuantizedTensor, build_text_model
+from .errors import LoadError
+from .gguf_file import GGUFFile, TensorInfo
+from .names import GGUF_IGNORED, gguf_to_gemmarun
+
+_KV_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.")
+FLOAT_TYPES = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
+
+
+def _tensor(f: GGUFFile, info: TensorInfo, reference: bool, name: str) -> torch.Tensor | QuantizedTensor:
+    raw = torch.from_numpy(f.raw(info.name))
+    if info.ggml_type in FLOAT_TYPES:
+        return raw.view(FLOAT_TYPES[info.ggml_type]).view(info.shape)
+    from ..quant import check_supported
+
+    check_supported(info.ggml_type, tensor_name=info.name)
+    rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+    q = QuantizedTensor(raw.view(rows, -1), info.ggml_type, info.shape)
+    return q.dequantize() if reference else q
+
+
+def read_gguf_config(f: GGUFFile):
+    shapes = {name: info.shape for name, info in f.tensors.items()}
+    rope_freqs = None
+    if "rope_freqs.weight" in f.tensors:
+        rope_freqs = f.array("rope_freqs.weight").astype(np.float32).tolist()
+    return text_config_from_gguf(f.metadata, shapes, rope_freqs)
+
+
+def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: bool = False) -> LLM:
+    f = GGUFFile(path)
+    try:
+        cfg = read_gguf_config(f)
+    except ConfigError as e:
+        raise LoadError(f"{path}: {e}") from None
+    state: dict[str, torch.Tensor | QuantizedTensor] = {}
+    unknown = []
+    for name, info in f.tensors.items():
+        ours = gguf_to_gemmarun(name)
+        if ours is None:
+            if name not in GGUF_IGNORED:
+                unknown.append(name)
+            continue
+        m = _KV_TENSOR.match(ours)
+        if m and not cfg.layers[int(m.group(1))].owns_kv:
+            continue  # KV-shared layer: reads its producer's keys and values
+        state[ours] = _tensor(f, info, reference, ours)
+    if unknown:
+        raise LoadError(f"{path}: unknown tensors: {', '.join(unknown[:8])}")
+    if cfg.family == "gemma3":
+        for i in range(cfg.num_layers):  # gemma3 GGUF norms already hold 1 + w; no layer scalar
+            state.setdefault(f"layers.{i}.layer_scalar", torch.ones(1))
+    model = build_text_model(cfg, state, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_gguf_metadata(f.metadata)
+    table = [(i.name, i.type_name, i.shape, i.nbytes) for i in f.tensors.values()]
+    template = f.metadata.get("tokenizer.chat_template")
+    info = ModelInfo(path=path, format="gguf", chat_template=template, tensors=table)
+    return LLM(model, tokenizer, info)
+
+
+def scan_nonfinite(path: Path, max_report: int = 5) -> list[str]:
+    """Names of tensors holding NaN or inf in any block (dequantized a chunk at a time)."""
+    from ..quant import dequantize
+
+    f = GGUFFile(path)
+    bad = []
+    for info in f.tensors.values():
+        raw = torch.from_numpy(f.raw(info.name))
+        if info.ggml_type in FLOAT_TYPES:
+            values = raw.view(FLOAT_TYPES[info.ggml_type])
+            finite = bool(torch.isfinite(values).all())
+        else:
+            rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+            view = raw.view(rows, -1)
+            finite = True
+            for lo in range(0, rows, 4096):
+                chunk = view[lo : lo + 4096]
+                if not torch.isfinite(dequantize(chunk, info.ggml_type, (chunk.shape[0], info.shape[-1]))).all():
+                    finite = False
+                    break
+        if not finite:
+            bad.append(f"tensor {info.name} holds NaN or inf values")
+            if len(bad) >= max_report:
+                break
+    return bad

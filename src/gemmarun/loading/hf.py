@@ -1,0 +1,53 @@
+"""Load a Hugging Face model folder (config.json, safetensors, tokenizer.json, chat template)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import load_hf_config
+from ..llm import LLM, ModelInfo
+from ..tokenizer import Tokenizer
+from .build import build_text_model
+from .errors import LoadError
+from .names import map_hf_names, sanitize_gemma3
+from .safetensors import read_folder
+
+_TYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The checkpoint's template: chat_template.jinja, else tokenizer_config.json's field."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    config = folder / "tokenizer_config.json"
+    if config.exists():
+        try:
+            template = json.loads(config.read_text()).get("chat_template")
+        except json.JSONDecodeError as e:
+            raise LoadError(f"{config}: not valid JSON ({e})") from None
+        if isinstance(template, list):  # named templates: use "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return template
+    return None
+
+
+def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LLM:
+    cfg = load_hf_config(folder)
+    tensors = read_folder(folder)
+    state, _ignored = map_hf_names(tensors, cfg)
+    if cfg.family == "gemma3":
+        state = sanitize_gemma3(state, cfg)
+    model = build_text_model(cfg, state, dtype=dtype, device=device)
+    if not (folder / "tokenizer.json").exists():
+        raise LoadError(f"{folder}: no tokenizer.json")
+    tokenizer = Tokenizer.from_hf_folder(folder)
+    table = [
+        (name, _TYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape), t.numel() * t.element_size())
+        for name, t in sorted(tensors.items())
+    ]
+    info = ModelInfo(path=folder, format="safetensors", chat_template=read_chat_template(folder), tensors=table)
+    return LLM(model, tokenizer, info)

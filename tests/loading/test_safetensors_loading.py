@@ -1,0 +1,127 @@
+"""Loading HF folders: sharded files, mmap without copies, strict name checks, clear errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import gemmarun
+from gemmarun.loading import LoadError
+from gemmarun.loading.safetensors import read_safetensors
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_sharded_index_loads_identically(tiny_models, tmp_path):
+    folder, _ = tiny_models("e4b")
+    dst = _copy(folder, tmp_path)
+    tensors = load_file(dst / "model.safetensors")
+    (dst / "model.safetensors").unlink()
+    names = sorted(tensors)
+    half = len(names) // 2
+    weight_map = {}
+    for shard, part in (("a.safetensors", names[:half]), ("b.safetensors", names[half:])):
+        save_file({n: tensors[n] for n in part}, dst / shard)
+        weight_map.update({n: shard for n in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ids = [2, 30, 40, 50, 60]
+    a = gemmarun.load(folder, device="cpu").logits(ids)
+    b = gemmarun.load(dst, device="cpu").logits(ids)
+    np.testing.assert_array_equal(a, b)
+
+
+def _mapped_file(ptr: int) -> str | None:
+    """The file a memory address is mapped from (Linux /proc/self/maps), or None."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return parts[5] if len(parts) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux")
+def test_float32_weights_are_views_of_the_file_and_ple_stays_mapped(tiny_models):
+    folder, _ = tiny_models("e2b")
+    llm = gemmarun.load(folder, dtype="float32", device="cpu")
+    path = str((folder / "model.safetensors").resolve())
+    # the PLE table is not a parameter or buffer (never moved to a device) and reads the file
+    assert not any("ple.table" in n for n, _ in llm.model.named_parameters())
+    assert _mapped_file(llm.model.ple.table.data_ptr()) == path
+    # a float32 checkpoint loaded as float32 is not copied: weights are views of the mapping
+    w = llm.model.layers[0].self_attn.q_proj.weight
+    assert _mapped_file(w.data_ptr()) == path
+    assert torch.equal(w, read_safetensors(folder / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
+    # a dtype conversion makes the one resident copy
+    bf = gemmarun.load(folder, dtype="bfloat16", device="cpu")
+    assert _mapped_file(bf.model.layers[0].self_attn.q_proj.weight.data_ptr()) != path
+    assert _mapped_file(bf.model.ple.table.data_ptr()) == path
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_close_to_float32(tiny_models, dtype):
+    folder, _ = tiny_models("31b")
+    ref = gemmarun.load(folder, dtype="float32", device="cpu").logits([2, 11, 12, 13, 14, 15])
+    low = gemmarun.load(folder, dtype=dtype, device="cpu").logits([2, 11, 12, 13, 14, 15])
+    assert np.abs(low - ref).max() / np.abs(ref).max() < 5e-2
+
+
+def _edit_tensors(folder, tmp_path, edit):
+    dst = _copy(folder, tmp_path)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors")
+    return dst
+
+
+def test_missing_and_misshapen_tensors_are_listed(tiny_models, tmp_path):
+    folder, _ = tiny_models("e2b")
+
+    def edit(t):
+        del t["model.layers.0.mlp.up_proj.weight"]
+        t["model.layers.1.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+
+    dst = _edit_tensors(folder, tmp_path, edit)
+    with pytest.raises(LoadError) as e:
+        gemmarun.load(dst, device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "missing tensors: layers.0.mlp.up_proj.weight" in msg
+    assert "wrong shapes: layers.1.self_attn.q_proj.weight (3, 3)" in msg
+
+
+def test_unknown_extra_tensor_is_an_error_but_shared_kv_is_ignored(tiny_models, tmp_path):
+    folder, _ = tiny_models("e2b")
+    dst = _edit_tensors(folder, tmp_path, lambda t: t.update({
+        "model.layers.9.self_attn.k_proj.weight": torch.zeros(16, 64),  # shared layer: ignored
+    }))
+    gemmarun.load(dst, device="cpu")
+    dst2 = _edit_tensors(folder, tmp_path / "b", lambda t: t.update({"model.layers.0.bogus.weight": torch.zeros(2)}))
+    with pytest.raises(LoadError, match="unexpected tensors: layers.0.bogus.weight"):
+        gemmarun.load(dst2, device="cpu")
+
+
+def test_truncated_and_corrupt_files(tiny_models, tmp_path):
+    folder, _ = tiny_models("e2b")
+    dst = _copy(folder, tmp_path)
+    data = (dst / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match="does not fit the file"):
+        gemmarun.load(dst, device="cpu")
+    (dst / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}")
+    with pytest.raises(LoadError, match="corrupt safetensors header"):
+        gemmarun.load(dst, device="cpu")
+    (dst / "model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(LoadError, match="header length"):
+        gemmarun.load(dst, device="cpu")
+    (dst / "config.json").write_text("{")
+    with pytest.raises(gemmarun.ConfigError, match="not valid JSON"):
+        gemmarun.load(dst, device="cpu")

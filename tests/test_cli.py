@@ -1,0 +1,68 @@
+"""The `gemmarun` command on tiny models: output, exit codes, one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gemmarun.cli import main
+
+
+def _run(args, stdin=None):
+    proc = subprocess.run([sys.executable, "-m", "gemmarun", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_run_streams_text(tiny_models, capsys):
+    folder, _ = tiny_models("e2b")
+    assert main(["run", str(folder), "hello", "--max-tokens", "8", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_run_raw_and_seeded_sampling_is_reproducible(tiny_models, capsys):
+    folder, _ = tiny_models("gemma3")
+    args = ["run", str(folder), "hello", "--raw", "--max-tokens", "8", "--temperature", "0.8", "--seed", "3"]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == first
+
+
+def test_inspect_reports_layers_params_and_cache(tiny_models, capsys):
+    folder, _ = tiny_models("e2b")
+    assert main(["inspect", str(folder), "--context", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "from 5" in out  # sliding consumers read layer 5's KV
+    assert "parameters" in out and "ple_table" in out and "effective" in out
+    assert "per token" in out and "at 1000 tokens" in out
+    assert "memory-mapped" in out
+    assert "model.layers.0.self_attn.q_proj.weight" in out
+
+
+def test_chat_reads_turns_from_stdin(tiny_models):
+    folder, _ = tiny_models("e2b")
+    code, out, err = _run(["chat", str(folder), "--max-tokens", "4"], stdin="hi\nthere\n/exit\n")
+    assert code == 0, err
+    assert len(out.splitlines()) >= 2
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["run", "/nonexistent/model", "hi"], "no such file or folder"),
+        (["inspect", "/etc/hostname"], "not a model folder or a GGUF file"),
+        (["run", "a", "b", "c"], "usage"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(args, fragment):
+    code, out, err = _run(args)
+    assert code == 1
+    assert fragment in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_prompt_past_context_is_a_one_line_error(tiny_models):
+    folder, _ = tiny_models("e2b")
+    code, _, err = _run(["run", str(folder), "hello " * 400, "--raw", "--device", "cpu"])
+    assert code == 1 and "does not fit the context" in err and len(err.strip().splitlines()) == 1
