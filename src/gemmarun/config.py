@@ -330,3 +330,130 @@ def load_hf_config(folder: str | Path) -> TextConfig:
         return text_config_from_hf(raw)
     except KeyError as e:
         raise ConfigError(f"{path}: required key {e.args[0]!r} is missing") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing GGUF metadata (llama.cpp conventions, spec section 10)
+# --------------------------------------------------------------------------------------------
+
+GGUF_ARCHITECTURES = ("gemma4", "gemma3")
+
+
+def _per_layer(value: Any, n: int, key: str) -> list:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ConfigError(f"{key} has {len(value)} entries for {n} layers")
+        return value
+    return [value] * n
+
+
+def text_config_from_gguf(
+    meta: dict[str, Any],
+    tensor_shapes: dict[str, tuple[int, ...]],
+    rope_freqs: list[float] | None = None,
+) -> TextConfig:
+    """Map GGUF metadata onto the same TextConfig the HF path builds.
+
+    Supplies what llama.cpp hard-codes and files may lack: Gemma 3's 5:1 pattern, local RoPE
+    base 1e4 and attention scale; Gemma 4's p-RoPE fraction comes from the `rope_freqs`
+    divisors (1.0 = rotating pair) and K=V from the absence of `attn_v` on full layers, exactly
+    as llama.cpp reads them.
+    """
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ConfigError(f"general.architecture={arch!r} is not supported ({', '.join(GGUF_ARCHITECTURES)})")
+
+    def get(key: str, default: Any = KeyError) -> Any:
+        full = f"{arch}.{key}"
+        if full in meta:
+            return meta[full]
+        if default is KeyError:
+            raise ConfigError(f"GGUF metadata key {full!r} is missing")
+        return default
+
+    n = int(get("block_count"))
+    if "token_embd.weight" not in tensor_shapes:
+        raise ConfigError("GGUF has no token_embd.weight tensor")
+    vocab = tensor_shapes["token_embd.weight"][0]
+    hidden = int(get("embedding_length"))
+    pattern = get("attention.sliding_window_pattern", None)
+    if pattern is not None:
+        layer_types = tuple(LayerType.SLIDING if s else LayerType.FULL for s in _per_layer(pattern, n, "sliding_window_pattern"))
+    else:
+        layer_types = tuple(LayerType.FULL if (i + 1) % 6 == 0 else LayerType.SLIDING for i in range(n))
+    kv_heads = [int(v) for v in _per_layer(get("attention.head_count_kv"), n, "attention.head_count_kv")]
+    ffn = [int(v) for v in _per_layer(get("feed_forward_length"), n, "feed_forward_length")]
+    first_full = layer_types.index(LayerType.FULL) if LayerType.FULL in layer_types else 0
+    first_sliding = layer_types.index(LayerType.SLIDING) if LayerType.SLIDING in layer_types else 0
+    eos = [meta.get("tokenizer.ggml.eos_token_id", 1)]
+    if "tokenizer.ggml.eot_token_id" in meta:
+        eos.append(meta["tokenizer.ggml.eot_token_id"])
+    common = dict(
+        family=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=n,
+        num_heads=int(_per_layer(get("attention.head_count"), n, "attention.head_count")[0]),
+        num_kv_heads=kv_heads[first_sliding],
+        intermediate_size=ffn[0],
+        layer_types=layer_types,
+        sliding_window=int(get("attention.sliding_window", 512)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(get("context_length", 131072)),
+        final_logit_softcap=get("final_logit_softcapping", None),
+        bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+        eos_ids=tuple(int(e) for e in eos),
+        pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
+    )
+    if arch == "gemma3":
+        head_dim = int(get("attention.key_length", hidden // common["num_heads"]))
+        scaling = get("rope.scaling.type", None)
+        if scaling not in (None, "none", "linear"):
+            raise ConfigError(f"{arch}.rope.scaling.type={scaling!r} is not supported (linear)")
+        factor = float(get("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+        # llama.cpp: Gemma 3 27B (62 layers) scales queries by (hidden/heads)^-0.5, others head_dim^-0.5.
+        scale_dim = hidden // common["num_heads"] if n == 62 else head_dim
+        return TextConfig(
+            **common,
+            head_dim=head_dim,
+            rope_full=RopeConfig(theta=float(get("rope.freq_base", 1e6)), factor=factor),
+            rope_sliding=RopeConfig(theta=float(get("rope.freq_base_swa", 1e4))),
+            attn_logit_softcap=get("attn_logit_softcapping", None),
+            attention_scale=scale_dim**-0.5,
+            has_v_norm=False,
+        )
+
+    head_dim = int(get("attention.key_length_swa", get("attention.key_length")))
+    global_head_dim = int(get("attention.key_length", head_dim))
+    shared = int(get("attention.shared_kv_layers", 0))
+    ple_dim = int(get("embedding_length_per_layer_input", 0))
+    k_eq_v = f"blk.{first_full}.attn_v.weight" not in tensor_shapes and first_full < n - shared
+    if rope_freqs is not None:
+        rotated = sum(1 for f in rope_freqs if f == 1.0)
+        fraction = 2 * rotated / global_head_dim
+    else:
+        fraction = 0.25
+    global_kv = kv_heads[first_full]
+    if global_kv != kv_heads[first_sliding] and not k_eq_v:
+        raise ConfigError("attention.head_count_kv differs on full layers without K=V, which Gemma 4 does not define")
+    n_experts = int(get("expert_count", 0))
+    cfg = TextConfig(
+        **common,
+        head_dim=head_dim,
+        global_head_dim=global_head_dim,
+        num_global_kv_heads=global_kv if k_eq_v else None,
+        k_eq_v=k_eq_v,
+        rope_full=RopeConfig(theta=float(get("rope.freq_base", 1e6)), rotated_fraction=fraction),
+        rope_sliding=RopeConfig(theta=float(get("rope.freq_base_swa", 1e4))),
+        ple_dim=ple_dim,
+        ple_vocab_size=tensor_shapes["per_layer_token_embd.weight"][0] if ple_dim else 0,
+        num_kv_shared_layers=shared,
+        double_wide_mlp=any(ffn[i] == 2 * ffn[0] for i in range(n - shared, n)) if shared else False,
+        num_experts=n_experts,
+        top_k_experts=int(get("expert_used_count", 0)) if n_experts else 0,
+        expert_dim=int(get("expert_feed_forward_length", 0)) if n_experts else 0,
+    )
+    derived = [spec.mlp_dim for spec in cfg.layers]
+    if derived != ffn:
+        raise ConfigError(f"{arch}.feed_forward_length {ffn} does not match the layer plan {derived}")
+    return cfg
