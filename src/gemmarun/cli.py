@@ -109,6 +109,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import time
+
+    from .bench import format_result, record, run_bench
+
+    t0 = time.perf_counter()
+    llm = _load(args.model, args)
+    load_s = time.perf_counter() - t0
+    result = run_bench(llm, load_s, args.prompt_tokens, args.decode_tokens)
+    setup = f"{args.model or 'embedded gemma-3-270m Q4_K_M'} ({llm.config.family}, dtype {args.dtype}, " \
+            f"device {llm.model.device.type})"
+    command = "gemmarun bench " + " ".join(sys.argv[2:])
+    section = format_result(setup, command, result)
+    print(section)
+    if args.write:
+        from pathlib import Path
+
+        record(Path(args.write), setup, section)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemmarun", description="Run Gemma 4 and Gemma 3 models locally.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tensors", action="store_true", help="omit the tensor table")
     _add_model_options(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="prefill/decode speed, time to first token, peak RSS")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--write", metavar="FILE", default=None, help="record into this markdown file")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("convert", help="write a HF folder as GGUF")
     p.add_argument("source")

@@ -93,18 +93,27 @@ def build_text_model(
     ple_table = state.pop(PLE_TABLE, None)
     _check(cfg, expected, state, ple_table)
 
+    from ..quant import QuantExperts
+
+    quantized = {name: t for name, t in state.items() if isinstance(t, QuantizedTensor)}
+    for name, q in quantized.items():
+        _swap_quantized(model, name, q, dtype)
+    swapped = {name.rpartition(".")[0] for name in quantized}
     floats = {}
     for name, t in state.items():
-        if isinstance(t, QuantizedTensor):
-            _swap_quantized(model, name, t, dtype)
-        elif t.is_floating_point() and t.dtype != dtype:
-            floats[name] = t.to(dtype)
-        else:
-            floats[name] = t
+        if name in quantized:
+            continue
+        if t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        owner_name, _, leaf = name.rpartition(".")
+        if owner_name in swapped and isinstance(model.get_submodule(owner_name), QuantExperts):
+            model.get_submodule(owner_name).set_weight(leaf, t)  # a float projection beside a quantized one
+            continue
+        floats[name] = t
     missing, unexpected = model.load_state_dict(floats, strict=False, assign=True)
     # Quantized modules own their (differently named) buffers; everything else must be assigned.
-    leftover = [k for k in missing if not any(k.startswith(q.rpartition(".")[0] + ".")
-                                               for q, t in state.items() if isinstance(t, QuantizedTensor))]
+    leftover = [k for k in missing if k.rpartition(".")[0] not in swapped
+                and not any(k.startswith(owner + ".") for owner in swapped)]
     if leftover or unexpected:
         raise LoadError(f"could not assign tensors: {', '.join((leftover + unexpected)[:8])}")
     still_meta = [n for n, t in model.state_dict().items() if t.is_meta]

@@ -111,7 +111,9 @@ class GGUFFile:
             raise LoadError(f"{self.path}: GGUF version {self.version} is not supported (2, 3)")
         n_tensors, n_kv = self._scalar(10), self._scalar(10)
         if n_tensors > self.size // 24 or n_kv > self.size // 12:
-            raise LoadError(f"{self.path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+            raise LoadError(
+                f"{self.path}: truncated or corrupt GGUF header ({n_tensors} tensors, {n_kv} keys in {self.size} bytes)"
+            )
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._string()

@@ -36,6 +36,7 @@ class Experts(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         E, H, Im = cfg.num_experts, cfg.hidden_size, cfg.expert_dim
+        self.num_experts = E
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Im, H), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(E, H, Im), requires_grad=False)
 
@@ -48,7 +49,7 @@ class Experts(nn.Module):
         out = torch.zeros_like(x)
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         start = 0
         for e, n in enumerate(counts):
             if n == 0:

@@ -134,7 +134,8 @@ class TextModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
+        """The compute dtype (the final norm is always a float parameter in it)."""
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:

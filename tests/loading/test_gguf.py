@@ -1,0 +1,209 @@
+"""GGUF: convert tiny Gemma 4 models and read them back; the reader against gguf-py; bad files."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import gemmarun
+from gemmarun.loading import LoadError
+from gemmarun.loading.convert import convert
+from gemmarun.loading.gguf_file import GGUFFile
+
+GEMMA4 = ["e2b", "e4b", "31b", "26b"]
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+IDS = [2, 17, 33, 49, 65, 81, 97, 113, 129, 145, 161, 177, 193, 209, 225, 241, 30]
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_models, tmp_path_factory):
+    cache = {}
+
+    def get(family, type_name):
+        key = (family, type_name)
+        if key not in cache:
+            folder, _ = tiny_models(family)
+            out = tmp_path_factory.mktemp("gguf") / f"{family}-{type_name}.gguf"
+            convert(folder, out, type_name, progress=False)
+            cache[key] = (folder, out)
+        return cache[key]
+
+    return get
+
+
+def _emulated(folder, type_name):
+    """The safetensors model with every weight rounded exactly as `convert` encodes it
+    (f16/bf16 cast, or gguf-py's quantize -> dequantize), computed in float32."""
+    from gguf.quants import dequantize, quantize
+
+    from gemmarun.loading.convert import TYPES as QTYPES, _target_type
+    from gemmarun.loading.names import gemmarun_to_gguf
+
+    llm = gemmarun.load(folder, dtype="float32", device="cpu")
+    tensors = dict(llm.model.state_dict())
+    if llm.model.ple is not None:
+        tensors["ple.table"] = llm.model.ple.table
+    for name, t in tensors.items():
+        if not t.is_floating_point() or name.endswith("layer_scalar"):
+            continue
+        qtype = _target_type(gemmarun_to_gguf(name), tuple(t.shape), QTYPES[type_name])
+        arr = t.numpy()
+        if qtype.name == "F16":
+            new = arr.astype(np.float16).astype(np.float32)
+        elif qtype.name == "BF16":
+            new = torch.from_numpy(arr).to(torch.bfloat16).float().numpy()
+        elif qtype.name == "F32":
+            continue
+        else:
+            new = dequantize(quantize(arr, qtype), qtype).reshape(arr.shape)
+        if name == "ple.table":
+            llm.model.ple.table = torch.from_numpy(np.ascontiguousarray(new))
+        else:
+            llm.model.get_parameter(name).data = torch.from_numpy(np.ascontiguousarray(new))
+    return llm
+
+
+@pytest.mark.parametrize("family", GEMMA4 + ["gemma3"])
+@pytest.mark.parametrize("type_name", TYPES)
+def test_converted_gguf_equals_the_same_rounding_in_float(converted, family, type_name):
+    """Exact: the GGUF path adds no error beyond the encoding itself."""
+    folder, path = converted(family, type_name)
+    expected = _emulated(folder, type_name).logits(IDS)
+    got = gemmarun.load(path, device="cpu").logits(IDS)
+    rel = np.abs(got - expected).max() / np.abs(expected).max()
+    assert rel <= 1e-5, f"{family} {type_name}: rel {rel:.2e}"
+
+
+# Closeness to the unrounded float model. Tiny random models amplify weight rounding far more
+# than real ones (bf16-rounding the weights alone moves the 26B-like MoE's logits by ~30%, as
+# routing flips), so the float-closeness bound is checked on the dense families, and every
+# family is held to the exact emulation test above.
+TOLERANCE = {"f32": 1e-6, "f16": 1e-2, "q8_0": 0.15}
+
+
+@pytest.mark.parametrize("family", ["e2b", "31b", "gemma3"])
+@pytest.mark.parametrize("type_name", list(TOLERANCE))
+def test_converted_gguf_close_to_safetensors(converted, family, type_name):
+    folder, path = converted(family, type_name)
+    a = gemmarun.load(folder, device="cpu").logits(IDS)
+    b = gemmarun.load(path, device="cpu").logits(IDS)
+    rel = np.abs(a - b).max() / np.abs(a).max()
+    assert rel <= TOLERANCE[type_name], f"{family} {type_name}: rel {rel:.2e}"
+
+
+@pytest.mark.parametrize("family", GEMMA4)
+def test_q4_0_is_sane(converted, family):
+    folder, path = converted(family, "q4_0")
+    a = gemmarun.load(folder, device="cpu").logits(IDS)
+    b = gemmarun.load(path, device="cpu").logits(IDS)
+    assert np.isfinite(b).all()
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.5
+
+
+@pytest.mark.parametrize("family", GEMMA4 + ["gemma3"])
+def test_gguf_config_equals_hf_config(converted, family):
+    from gemmarun.config import load_hf_config
+    from gemmarun.loading.gguf import read_gguf_config
+
+    folder, path = converted(family, "f16")
+    hf = load_hf_config(folder)
+    gg = read_gguf_config(GGUFFile(path))
+    assert gg.layers == hf.layers
+    for field in ("family", "vocab_size", "hidden_size", "num_heads", "sliding_window", "rope_full",
+                  "rope_sliding", "attention_scale", "final_logit_softcap", "ple_dim", "num_experts",
+                  "top_k_experts", "expert_dim", "rms_norm_eps"):
+        assert getattr(gg, field) == pytest.approx(getattr(hf, field)) if isinstance(getattr(hf, field), float) \
+            else getattr(gg, field) == getattr(hf, field), field
+
+
+def test_quantized_gguf_keeps_weights_quantized(converted):
+    from gemmarun.quant import QuantEmbedding, QuantExperts, QuantLinear
+
+    _, path = converted("26b", "q8_0")
+    model = gemmarun.load(path, device="cpu").model
+    assert isinstance(model.embed_tokens, QuantEmbedding)
+    assert isinstance(model.layers[0].self_attn.q_proj, QuantLinear)
+    assert isinstance(model.layers[0].experts, QuantExperts)
+    _, path = converted("e4b", "q8_0")  # PLE rows of 12 x 8 = 96 values: whole Q8_0 blocks
+    model = gemmarun.load(path, device="cpu").model
+    assert model.ple.table_type is not None and model.ple.table.dtype == torch.uint8  # PLE rows stay blocks
+
+
+def test_greedy_generation_through_gguf_equals_safetensors(converted):
+    folder, path = converted("e4b", "f32")
+    prompt = [2, 40, 41, 42, 43, 44, 45]
+    a = gemmarun.load(folder, device="cpu").generate_ids(prompt, max_new_tokens=16, ignore_eos=True)
+    b = gemmarun.load(path, device="cpu").generate_ids(prompt, max_new_tokens=16, ignore_eos=True)
+    assert a == b
+
+
+def test_our_reader_agrees_with_gguf_py(converted):
+    from gguf import GGUFReader
+
+    _, path = converted("e2b", "q4_0")
+    ours = GGUFFile(path)
+    ref = GGUFReader(path)
+    assert set(ours.tensors) == {t.name for t in ref.tensors}
+    for t in ref.tensors:
+        info = ours.tensors[t.name]
+        assert info.ggml_type == t.tensor_type
+        assert list(reversed(info.shape)) == [int(d) for d in t.shape]
+        assert np.array_equal(ours.raw(t.name), np.asarray(t.data).reshape(-1).view(np.uint8))
+    for key, field in ref.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        assert ours.metadata[key] == pytest.approx(value) if isinstance(value, float) else ours.metadata[key] == value, key
+
+
+def _bad(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_bad_files_are_one_line_errors(converted, tmp_path):
+    _, good = converted("e2b", "q8_0")
+    data = good.read_bytes()
+    cases = {
+        "truncated header": (_bad(tmp_path, "a.gguf", data[:100]), "truncated"),
+        "truncated data": (_bad(tmp_path, "b.gguf", data[: len(data) - 1000]), "runs past the end"),
+        "wrong magic": (_bad(tmp_path, "c.gguf", b"GGUX" + data[4:]), "not a model folder or a GGUF file"),
+        "tiny": (_bad(tmp_path, "d.gguf", b"GGUF"), "truncated"),
+    }
+    # an unknown architecture: rewrite the architecture string in place (same length)
+    arch = data.replace(b"gemma4", b"llama5", 1)
+    cases["unknown arch"] = (_bad(tmp_path, "e.gguf", arch), "general.architecture='llama5' is not supported")
+    # absurd counts must not hang
+    cases["huge counts"] = (_bad(tmp_path, "f.gguf", b"GGUF" + (3).to_bytes(4, "little") + (2**62).to_bytes(8, "little")
+                                 + (2**62).to_bytes(8, "little") + b"\0" * 64), "corrupt GGUF header")
+    for label, (path, fragment) in cases.items():
+        with pytest.raises(LoadError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            gemmarun.load(path, device="cpu")
+        proc = subprocess.run([sys.executable, "-m", "gemmarun", "inspect", str(path)], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 1, label
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, label
+
+
+def test_unsupported_quant_type_names_tensor_and_type(converted, tmp_path):
+    from gguf import GGMLQuantizationType
+
+    _, good = converted("e2b", "q8_0")
+    f = GGUFFile(good)
+    info = f.tensors["blk.0.attn_q.weight"]
+    data = bytearray(good.read_bytes())
+    # find this tensor's info record: name, n_dims, dims, then the u32 type id
+    name = b"blk.0.attn_q.weight"
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    n_dims = int.from_bytes(data[at : at + 4], "little")
+    type_at = at + 4 + 8 * n_dims
+    assert int.from_bytes(data[type_at : type_at + 4], "little") == int(info.ggml_type)
+    data[type_at : type_at + 4] = int(GGMLQuantizationType.IQ2_XXS).to_bytes(4, "little")
+    path = _bad(tmp_path, "iq.gguf", bytes(data))
+    with pytest.raises(LoadError) as e:
+        gemmarun.load(path, device="cpu")
+    # the file no longer adds up (different block size) or the type is refused by name
+    assert "blk.0.attn_q.weight" in str(e.value)
