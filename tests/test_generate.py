@@ -1,0 +1,46 @@
+"""The token generator's contract: stop ids, max_tokens, context end."""
+
+import pytest
+import torch
+
+import gemmarun
+from gemmarun.generate import ContextOverflow, generate_step
+from gemmarun.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    folder, _ = tiny_models("26b")
+    return gemmarun.load(folder, device="cpu").model
+
+
+def test_max_tokens_and_zero(model):
+    assert len(list(generate_step(model, [2, 5, 6], SamplingParams(max_tokens=7)))) == 7
+    assert list(generate_step(model, [2, 5, 6], SamplingParams(max_tokens=0))) == []
+
+
+def test_stop_id_ends_without_being_yielded(model):
+    free = list(generate_step(model, [2, 5, 6], SamplingParams(max_tokens=12)))
+    stop = free[5]
+    cut = list(generate_step(model, [2, 5, 6], SamplingParams(max_tokens=12), stop_ids=frozenset({stop})))
+    assert cut == free[: free.index(stop)]
+
+
+def test_generation_ends_at_the_context_and_never_overflows(model):
+    context = 10
+    out = list(generate_step(model, [2, 5, 6, 7], SamplingParams(max_tokens=100), context=context))
+    assert len(out) == context - 4 + 1  # the last token is sampled from the final position's logits
+    with pytest.raises(ContextOverflow):
+        list(generate_step(model, list(range(2, 12)), SamplingParams(max_tokens=1), context=context))
+
+
+def test_empty_prompt_is_an_error(model):
+    with pytest.raises(ValueError, match="empty"):
+        list(generate_step(model, [], SamplingParams(max_tokens=1)))
+
+
+def test_chunk_size_does_not_change_tokens(model):
+    prompt = torch.randint(12, 250, (23,), generator=torch.Generator().manual_seed(4)).tolist()
+    a = list(generate_step(model, prompt, SamplingParams(max_tokens=10), chunk_size=5))
+    b = list(generate_step(model, prompt, SamplingParams(max_tokens=10), chunk_size=64))
+    assert a == b

@@ -1,0 +1,69 @@
+"""Logits processors on hand-made distributions; seeded sampling; penalties."""
+
+import math
+
+import pytest
+import torch
+
+from gemmarun.sampling import Sampler, SamplingParams, apply_penalties, filter_logits
+
+
+def _probs(logits, **kw):
+    p = SamplingParams(temperature=kw.pop("temperature", 1.0), **kw)
+    return torch.softmax(filter_logits(torch.tensor(logits), p), -1)
+
+
+def test_top_k_keeps_k_best():
+    probs = _probs([1.0, 3.0, 2.0, 0.0], top_k=2)
+    assert (probs > 0).tolist() == [False, True, True, False]
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).tolist()
+    assert (_probs(logits, top_p=0.7) > 0).tolist() == [True, True, False, False]
+    assert (_probs(logits, top_p=0.5) > 0).tolist() == [True, False, False, False]
+    assert (_probs(logits, top_p=0.81) > 0).tolist() == [True, True, True, False]
+
+
+def test_min_p_is_relative_to_the_top_token():
+    logits = torch.log(torch.tensor([0.6, 0.25, 0.1, 0.05])).tolist()
+    assert (_probs(logits, min_p=0.2) > 0).tolist() == [True, True, False, False]
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = [2.0, 1.0]
+    hot, cold = _probs(logits, temperature=2.0), _probs(logits, temperature=0.5)
+    assert cold[0] > _probs(logits)[0] > hot[0]
+    assert hot[0].item() == pytest.approx(1 / (1 + math.exp(-0.5)), rel=1e-6)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = apply_penalties(logits, torch.tensor([0, 1, 1]), torch.tensor([], dtype=torch.long),
+                          SamplingParams(repetition_penalty=2.0))
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_presence_penalty_only_on_generated_tokens():
+    logits = torch.zeros(4)
+    out = apply_penalties(logits, torch.tensor([0, 2]), torch.tensor([2, 2, 3]), SamplingParams(presence_penalty=0.5))
+    assert out.tolist() == [0.0, 0.0, -0.5, -0.5]
+
+
+def test_greedy_ignores_seed_and_sampling_follows_distribution():
+    logits = torch.log(torch.tensor([0.7, 0.2, 0.1]))
+    none = torch.tensor([], dtype=torch.long)
+    assert Sampler(SamplingParams())(logits, none, none) == 0
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=123))
+    counts = torch.bincount(torch.tensor([sampler(logits, none, none) for _ in range(4000)]), minlength=3)
+    assert counts.tolist() == pytest.approx([2800, 800, 400], abs=120)
+    a = Sampler(SamplingParams(temperature=1.0, seed=5))
+    b = Sampler(SamplingParams(temperature=1.0, seed=5))
+    assert [a(logits, none, none) for _ in range(50)] == [b(logits, none, none) for _ in range(50)]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=1.0),
+                                 dict(top_k=-1), dict(max_tokens=-1), dict(repetition_penalty=0)])
+def test_invalid_params_are_rejected(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
