@@ -67,11 +67,18 @@ def write_model(folder: Path) -> None:
         t[p + "per_layer_projection.weight"] = rnd(H, P)
         t[p + "layer_scalar"] = torch.ones(1, dtype=torch.bfloat16)
     save_file(t, folder / "model.safetensors")
-    vocab = {f"<t{i}>": i for i in range(V)}
+
+
+def write_tokenizer(folder: Path, vocab_size: int = 262144) -> None:
+    """A word-level stand-in vocabulary: the measurement needs ids, not text."""
+    names = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {name: i for i, name in enumerate(names)} | {f"<t{i}>": i for i in range(len(names), vocab_size)}
     (folder / "tokenizer.json").write_text(json.dumps({
         "version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": None, "post_processor": None,
-        "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<t3>"},
+        "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
     }))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>",
+                                                              "pad_token": "<pad>", "unk_token": "<unk>"}))
 
 
 def measure(folder: Path, dtype: str) -> dict:
@@ -102,6 +109,8 @@ def main() -> None:
         return
     if not (folder / "model.safetensors").exists():
         write_model(folder)
+    if not (folder / "tokenizer_config.json").exists():
+        write_tokenizer(folder)
     for dtype in ("bfloat16", "float32"):
         out = subprocess.run([sys.executable, __file__, str(folder), "--child", dtype], capture_output=True, text=True)
         print(out.stdout.strip() or out.stderr)

@@ -34,3 +34,28 @@ def test_ring_slots_with_empty_and_rotated_positions():
     assert _table(visible(q, keys, 3)) == ["xx.x"]  # a stale slot (position 2) is out of a window of 3
     empty = torch.tensor([0, -1, -1, -1])
     assert _table(visible(torch.tensor([0]), empty, 4)) == ["x..."]
+
+
+def test_vision_blocks_from_token_types():
+    from gemmarun.masks import vision_blocks
+
+    types = torch.tensor([0, 1, 1, 0, 0, 2, 2, 2, 3, 3, 1])
+    assert vision_blocks(types).tolist() == [-1, 0, 0, -1, -1, 1, 1, 1, -1, -1, 2]
+
+
+def test_image_tokens_see_each_other_within_the_window_only():
+    from gemmarun.masks import vision_blocks
+
+    # text, image x4, text: positions 1..4 are one block
+    blocks = vision_blocks(torch.tensor([0, 1, 1, 1, 1, 0]))
+    pos = torch.arange(6)
+    assert _table(visible(pos, pos, 3, blocks)) == [
+        "x.....",
+        "xxxxx.",  # the first image token sees the whole image ahead of it ...
+        "xxxxx.",
+        ".xxxx.",  # ... but never a key at or before q - window
+        "..xxx.",
+        "...xxx",
+    ]
+    # full layers pass no blocks and stay causal
+    assert _table(visible(pos, pos, None)) == [("x" * (i + 1)).ljust(6, ".") for i in range(6)]

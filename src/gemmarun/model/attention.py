@@ -41,6 +41,7 @@ class Attention(nn.Module):
         rotary: RotaryTable,  # to rebuild keys of K=V layers at cached positions
         cache,  # KVCache | None
         shared: SharedKV,
+        blocks: torch.Tensor | None = None,  # vision block per absolute position (prefill only)
     ) -> torch.Tensor:
         B, T, _ = h.shape
         spec = self.spec
@@ -64,7 +65,8 @@ class Attention(nn.Module):
         else:
             keys, values, key_pos = shared[spec.kv_source]
 
-        mask = visible(positions, key_pos, spec.window)  # (T, S)
+        # Bidirectional image attention applies to sliding layers only (spec 3.3).
+        mask = visible(positions, key_pos, spec.window, blocks if spec.window is not None else None)  # (T, S)
         out = self._attend(q, keys, values, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 

@@ -97,8 +97,8 @@ class DecoderLayer(nn.Module):
         # Gemma 4 learns this scalar; Gemma 3 has none (stays 1).
         self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
 
-    def forward(self, x, ple, positions, rope, rotary, cache, shared: SharedKV):
-        h = self.self_attn(self.input_layernorm(x), positions, rope, rotary, cache, shared)
+    def forward(self, x, ple, positions, rope, rotary, cache, shared: SharedKV, blocks=None):
+        h = self.self_attn(self.input_layernorm(x), positions, rope, rotary, cache, shared, blocks)
         x = x + self.post_attention_layernorm(h)
 
         h = self.mlp(self.pre_feedforward_layernorm(x))
@@ -155,6 +155,7 @@ class TextModel(nn.Module):
         *,
         embeds: torch.Tensor | None = None,  # (B, T, H) merged input embeddings (multimodal)
         last_only: bool = False,  # compute logits for the last position only
+        vision_blocks: torch.Tensor | None = None,  # (N,) block id per absolute position, -1 = none
     ) -> torch.Tensor:
         x = self.embed(ids) if embeds is None else embeds
         ple = self.ple(ids, x) if self.ple is not None else None
@@ -163,7 +164,7 @@ class TextModel(nn.Module):
         for i, layer in enumerate(self.layers):
             lt = layer.spec.layer_type.value
             layer_ple = ple[:, :, i] if ple is not None else None
-            x = layer(x, layer_ple, positions, rope[lt], self.rotary[lt], cache, shared)
+            x = layer(x, layer_ple, positions, rope[lt], self.rotary[lt], cache, shared, vision_blocks)
         if last_only:
             x = x[:, -1:]
         logits = self.embed_tokens.matmul_transposed(self.norm(x))
