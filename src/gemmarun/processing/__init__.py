@@ -1,0 +1,1 @@
+"""Input preprocessing for the multimodal towers (images, video frames)."""
