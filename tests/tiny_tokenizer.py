@@ -7,8 +7,12 @@ import json
 from pathlib import Path
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
-            "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
-# ids 12.. : the printable ASCII bytes as byte-fallback tokens, then a few whole words.
+            "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>",
+            "<|image>", "<|image|>", "<image|>", "<|audio>", "<|audio|>", "<audio|>", "<|video|>"]
+# Media token ids the tiny multimodal configs use (their real ids lie past the tiny vocab).
+MEDIA_IDS = {"boi_token_id": 12, "image_token_id": 13, "eoi_token_id": 14, "boa_token_id": 15,
+             "audio_token_id": 16, "eoa_token_index": 17, "video_token_id": 18}
+# then: the printable ASCII bytes as byte-fallback tokens, then a few whole words.
 WORDS = ["▁", "h", "e", "l", "o", "t", "▁the", "▁a", "▁is", "he", "ll", "llo", "▁hello", "▁world"]
 
 

@@ -40,22 +40,52 @@ def _load(model: str | None, args: argparse.Namespace):
     return load(model, dtype=args.dtype, device=args.device)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    if len(args.words) == 1:
-        model, prompt = None, args.words[0]
-    elif len(args.words) == 2:
-        model, prompt = args.words
-    else:
-        raise ValueError("usage: gemmarun run [MODEL] PROMPT")
-    llm = _load(model, args)
-    params = _sampling(args)
-    use_chat = not args.raw and (llm.has_chat_template or llm.config.family == "gemma4")
-    source = [{"role": "user", "content": prompt}] if use_chat else prompt
-    ids = llm.encode_prompt(source, enable_thinking=args.think)
-    for piece in llm.stream_ids(ids, params):
+def _user_message(text: str, images: list[str], audios: list[str], videos: list[str]) -> dict:
+    parts = [{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos] + \
+            [{"type": "audio", "audio": p} for p in audios]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}] if parts else text}
+
+
+def _stream_to_stdout(llm, prompt, params: SamplingParams) -> str:
+    pieces = []
+    for piece in llm.stream_prompt(prompt, params):
+        pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(pieces)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if len(args.words) == 1:
+        model, text = None, args.words[0]
+    elif len(args.words) == 2:
+        model, text = args.words
+    else:
+        raise ValueError("usage: gemmarun run [MODEL] PROMPT")
+    llm = _load(model, args)
+    has_media = bool(args.image or args.audio or args.video)
+    use_chat = has_media or (not args.raw and (llm.has_chat_template or llm.config.family == "gemma4"))
+    source = [_user_message(text, args.image, args.audio, args.video)] if use_chat else text
+    prompt = llm.build_prompt(source, enable_thinking=args.think, image_tokens=args.image_tokens)
+    _stream_to_stdout(llm, prompt, _sampling(args))
+    return 0
+
+
+# The transcription instruction from the Gemma model cards' audio examples.
+TRANSCRIBE_PROMPT = (
+    "Transcribe the following speech segment in its original language. Follow these specific "
+    "instructions for formatting the answer:\n* Only output the transcription, with no newlines.\n"
+    "* When transcribing numbers, write the digits, i.e. write 1.7 and not one point seven, and "
+    "write 3 instead of three."
+)
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    llm = _load(args.model, args)
+    prompt = llm.build_prompt([_user_message(TRANSCRIBE_PROMPT, [], [args.audio], [])], enable_thinking=False)
+    _stream_to_stdout(llm, prompt, _sampling(args))
     return 0
 
 
@@ -81,15 +111,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": text})
-        ids = llm.encode_prompt(messages, enable_thinking=args.think)
-        reply = []
-        for piece in llm.stream_ids(ids, params):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        reply = _stream_to_stdout(llm, llm.build_prompt(messages, enable_thinking=args.think), params)
+        messages.append({"role": "assistant", "content": reply})
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -139,9 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder or .gguf (default: the embedded Gemma 3 270M), then the prompt")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     p.add_argument("--think", action="store_true", help="enable Gemma 4 thinking")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--audio", action="append", default=[], help="audio file: wav, flac, ogg/opus, mp3 (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video file (32 frames sampled)")
+    p.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
+                   help="soft-token budget per image (default: the model's, 280)")
     _add_sampling_options(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("transcribe", help="speech to text (thinking off)")
+    p.add_argument("model")
+    p.add_argument("audio")
+    _add_sampling_options(p)
+    _add_model_options(p)
+    p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     p.add_argument("model", nargs="?", default=None)

@@ -18,17 +18,32 @@ class ContextOverflow(ValueError):
     """The prompt does not fit the context window."""
 
 
+def _chunks(n: int, chunk_size: int, blocks: torch.Tensor | None) -> list[tuple[int, int]]:
+    """Chunk boundaries; never inside an image block, whose tokens must see each other."""
+    bounds, lo = [], 0
+    while lo < n:
+        hi = min(lo + chunk_size, n)
+        if blocks is not None:
+            while hi < n and blocks[hi] >= 0 and blocks[hi] == blocks[hi - 1]:
+                hi += 1
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
 @torch.inference_mode()
 def prefill(model: TextModel, ids: torch.Tensor, cache: KVCache, start: int = 0, chunk_size: int = 256,
-            embeds: torch.Tensor | None = None) -> torch.Tensor:
+            embeds: torch.Tensor | None = None, vision_blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Run `ids` (T,) through the model in chunks, filling `cache` from position `start`.
-    Returns the float32 logits (V,) of the last position."""
+    `embeds` (1, T, H) replaces the token embeddings (multimodal prompts); `vision_blocks` (T,)
+    marks image blocks for bidirectional attention. Returns the float32 logits (V,) of the last
+    position."""
     logits = None
-    for lo in range(0, ids.numel(), chunk_size):
-        hi = min(lo + chunk_size, ids.numel())
+    for lo, hi in _chunks(ids.numel(), chunk_size, vision_blocks):
         positions = torch.arange(start + lo, start + hi, device=ids.device)
         chunk_embeds = None if embeds is None else embeds[:, lo:hi]
-        logits = model(ids[None, lo:hi], positions, cache, embeds=chunk_embeds, last_only=True)
+        logits = model(ids[None, lo:hi], positions, cache, embeds=chunk_embeds, last_only=True,
+                       vision_blocks=vision_blocks)
     return logits[0, -1].float()
 
 
@@ -49,6 +64,7 @@ def generate_step(
     context: int | None = None,
     chunk_size: int = 256,
     embeds: torch.Tensor | None = None,
+    vision_blocks: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids until a stop id (not yielded), `max_tokens`, or the context end.
 
@@ -69,7 +85,7 @@ def generate_step(
     generated: list[int] = []
     if params.max_tokens == 0:
         return
-    logits = prefill(model, ids, cache, chunk_size=chunk_size, embeds=embeds)
+    logits = prefill(model, ids, cache, chunk_size=chunk_size, embeds=embeds, vision_blocks=vision_blocks)
     position = len(prompt)
     while True:
         gen = torch.tensor(generated, dtype=torch.long)

@@ -13,6 +13,7 @@ import torch
 from . import chat
 from .config import TextConfig
 from .generate import generate_step
+from .model.multimodal import AUDIO, IMAGE, VIDEO, Encoders, MediaTokens, merge
 from .model.text import TextModel
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -30,28 +31,95 @@ class ModelInfo:
     tensors: list[tuple[str, str, tuple[int, ...], int]]  # name, type, shape, bytes
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """Prompt ids (placeholders expanded) and the media that fill them, in order."""
+
+    ids: list[int]
+    media: tuple = ()  # processing.prompt.Prepared items
+
+
 class LLM:
     """A loaded Gemma model. Create it with `gemmarun.load(path)`."""
 
-    def __init__(self, model: TextModel, tokenizer: Tokenizer, info: ModelInfo):
+    def __init__(self, model: TextModel, tokenizer: Tokenizer, info: ModelInfo,
+                 encoders: Encoders | None = None):
         self.model = model
         self.config: TextConfig = model.config
         self.tokenizer = tokenizer
         self.info = info
+        self.encoders = encoders
 
     # -- ids ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """One forward pass without a cache: float32 logits [len(ids), vocab]."""
+    def logits(self, ids: list[int], images: list | None = None, audios: list | None = None,
+               videos: list | None = None, image_tokens: int | None = None) -> np.ndarray:
+        """One forward pass without a cache: float32 logits [len(ids), vocab]. With media, `ids`
+        already hold the expanded placeholders; the media fill them in order."""
         if not len(ids):
             raise ValueError("ids is empty")
         if len(ids) > self.config.max_position_embeddings:
             raise ValueError(f"{len(ids)} ids exceed the context of {self.config.max_position_embeddings}")
         self._check_ids(ids)
-        t = torch.tensor([list(ids)], device=self.model.device)
+        media = [("image", m) for m in images or []] + [("audio", m) for m in audios or []] + \
+                [("video", m) for m in videos or []]
+        prepared = tuple(self._prepare(kind, source, image_tokens) for kind, source in media)
+        text_ids, embeds, blocks = self._inputs(Prompt(list(ids), prepared))
         positions = torch.arange(len(ids), device=self.model.device)
-        return self.model(t, positions).float()[0].cpu().numpy()
+        out = self.model(text_ids[None], positions, embeds=embeds, vision_blocks=blocks)
+        return out.float()[0].cpu().numpy()
+
+    # -- media -------------------------------------------------------------------------------
+
+    @property
+    def media_tokens(self) -> MediaTokens:
+        return self.encoders.cfg.tokens if self.encoders is not None else MediaTokens()
+
+    def encode_image(self, source, max_soft_tokens: int = 280) -> np.ndarray:
+        """Projected soft tokens of one image: [n_soft_tokens, hidden]."""
+        item = self._prepare("image", source, max_soft_tokens)
+        return self._soft(item)[0].float().cpu().numpy()
+
+    def encode_audio(self, source) -> np.ndarray:
+        """Projected soft tokens of one audio file (all its 30 s clips): [n_soft_tokens, hidden]."""
+        item = self._prepare("audio", source, None)
+        return torch.cat(self._soft(item)).float().cpu().numpy()
+
+    def _prepare(self, kind: str, source, image_tokens: int | None):
+        from .processing.prompt import prepare
+
+        if self.encoders is None:
+            raise ValueError(f"this model takes text only; it cannot take {kind} input")
+        return prepare(kind, source, image_tokens or self.encoders.cfg.image_soft_tokens)
+
+    def _soft(self, item) -> list[torch.Tensor]:
+        """Soft tokens of one prepared media item (several tensors for clips or frames)."""
+        from .processing.audio import batch_features
+        from .processing.image import stack_inputs
+        from .processing.prompt import PreparedAudio, PreparedImage
+
+        device = self.model.device
+        if isinstance(item, PreparedAudio):
+            features, mask = batch_features(list(item.clips))
+            return self.encoders.audio(torch.from_numpy(features).to(device, self.model.dtype),
+                                       torch.from_numpy(mask).to(device))
+        frames = [item.inputs] if isinstance(item, PreparedImage) else list(item.frames)
+        pixels, positions = stack_inputs(frames)
+        return self.encoders.images(pixels.to(device, self.model.dtype), positions.to(device))
+
+    def _inputs(self, prompt: Prompt):
+        """(ids for the token tables, merged embeddings or None, vision blocks or None)."""
+        from .processing.prompt import PreparedAudio, PreparedImage
+
+        ids = torch.tensor(prompt.ids, device=self.model.device)
+        if not prompt.media:
+            return ids, None, None
+        soft: dict[int, list[torch.Tensor]] = {IMAGE: [], VIDEO: [], AUDIO: []}
+        for item in prompt.media:
+            kind = IMAGE if isinstance(item, PreparedImage) else AUDIO if isinstance(item, PreparedAudio) else VIDEO
+            soft[kind].extend(self._soft(item))
+        return merge(self.model, ids, self.media_tokens, soft, self.config.pad_id, self.config.bidirectional_vision)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0,
                      **sampling: Any) -> list[int]:
@@ -65,18 +133,35 @@ class LLM:
     def generate(self, prompt: str | Messages, **sampling: Any) -> str:
         return "".join(self.stream(prompt, **sampling))
 
-    def stream(self, prompt: str | Messages, *, enable_thinking: bool = False, **sampling: Any) -> Iterator[str]:
+    def stream(self, prompt: str | Messages, *, enable_thinking: bool = False, image_tokens: int | None = None,
+               **sampling: Any) -> Iterator[str]:
         """Yield UTF-8-safe text pieces. A string is continued as raw text (BOS prepended); a
-        list of messages is rendered with the model's chat template."""
+        list of messages (text, image, audio and video parts) is rendered with the model's chat
+        template."""
         params = SamplingParams(**sampling) if sampling else SamplingParams()
-        ids = self.encode_prompt(prompt, enable_thinking=enable_thinking)
-        yield from self.stream_ids(ids, params)
+        yield from self.stream_prompt(self.build_prompt(prompt, enable_thinking=enable_thinking,
+                                                        image_tokens=image_tokens), params)
+
+    def build_prompt(self, prompt: str | Messages, *, enable_thinking: bool = False,
+                     image_tokens: int | None = None) -> Prompt:
+        if isinstance(prompt, str):
+            return Prompt(self.tokenizer.encode(prompt, add_bos=True))
+        from .processing.prompt import collect_media, expand
+
+        messages, media = collect_media(prompt)
+        text = self.render_chat(messages, enable_thinking=enable_thinking)
+        if not media:
+            return Prompt(self.tokenizer.encode(text, add_bos=False))
+        prepared = tuple(self._prepare(kind, source, image_tokens) for kind, source in media)
+        ids = expand(text, list(prepared), lambda t: self.tokenizer.encode(t, add_bos=False), self.media_tokens)
+        return Prompt(ids, prepared)
 
     def encode_prompt(self, prompt: str | Messages, *, enable_thinking: bool = False) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_bos=True)
-        text = self.render_chat(prompt, enable_thinking=enable_thinking)
-        return self.tokenizer.encode(text, add_bos=False)
+        """Prompt ids (text only; use `build_prompt` for prompts with media)."""
+        built = self.build_prompt(prompt, enable_thinking=enable_thinking)
+        if built.media:
+            raise ValueError("this prompt has media parts: use build_prompt()")
+        return built.ids
 
     def render_chat(self, messages: Messages, *, enable_thinking: bool = False, tools=None,
                     add_generation_prompt: bool = True) -> str:
@@ -99,11 +184,17 @@ class LLM:
         return frozenset(self.config.eos_ids) | frozenset(self.tokenizer.eos_ids) | frozenset(params.stop_token_ids)
 
     def stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        yield from self.stream_prompt(Prompt(list(ids)), params)
+
+    def stream_prompt(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
+        text_ids, embeds, blocks = self._inputs(prompt)
         decoder = IncrementalDecoder(self.tokenizer)
         pending = ""  # text held back because it may be the start of a stop string
         hold = max((len(s) for s in params.stop), default=0)
+        tokens = generate_step(self.model, text_ids.tolist(), params, stop_ids=self.stop_ids(params),
+                               embeds=embeds, vision_blocks=blocks)
         # Stop strings are matched on text, so token-level max_tokens still bounds the work.
-        for token in generate_step(self.model, ids, params, stop_ids=self.stop_ids(params)):
+        for token in tokens:
             pending += decoder.push(token)
             if params.stop:
                 cut = _find_stop(pending, params.stop)

@@ -32,8 +32,8 @@ class QuantizedTensor:
 Tensorish = torch.Tensor | QuantizedTensor
 
 
-def _check(cfg: TextConfig, expected: dict[str, torch.Tensor], state: dict[str, Tensorish],
-           ple_table: Tensorish | None) -> None:
+def _problems(expected: dict[str, torch.Tensor], state: dict[str, Tensorish]) -> list[str]:
+    """Missing, unexpected and misshapen tensors, listed together."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(
@@ -45,6 +45,12 @@ def _check(cfg: TextConfig, expected: dict[str, torch.Tensor], state: dict[str, 
     for label, names in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)):
         if names:
             problems.append(f"{label}: {', '.join(names[:8])}" + (" ..." if len(names) > 8 else ""))
+    return problems
+
+
+def _check(cfg: TextConfig, expected: dict[str, torch.Tensor], state: dict[str, Tensorish],
+           ple_table: Tensorish | None) -> None:
+    problems = _problems(expected, state)
     if cfg.ple_dim:
         want = (cfg.ple_vocab_size, cfg.num_layers * cfg.ple_dim)
         if ple_table is None:
@@ -53,6 +59,21 @@ def _check(cfg: TextConfig, expected: dict[str, torch.Tensor], state: dict[str, 
             problems.append(f"wrong shapes: PLE table {tuple(ple_table.shape)} (expected {want})")
     if problems:
         raise LoadError("; ".join(problems))
+
+
+def build_encoders(mm_cfg, text_cfg: TextConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
+                   device: torch.device):
+    """The vision/audio towers (gemmarun names = HF names minus `model.`), checked strictly."""
+    from ..model.multimodal import Encoders
+
+    with torch.device("meta"):
+        encoders = Encoders(mm_cfg, text_cfg.hidden_size, text_cfg.rms_norm_eps)
+    problems = _problems(encoders.state_dict(), state)
+    if problems:
+        raise LoadError("encoders: " + "; ".join(problems))
+    state = {k: (t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t) for k, t in state.items()}
+    encoders.load_state_dict(state, strict=True, assign=True)
+    return encoders.to(device).eval()
 
 
 def _swap_quantized(model: TextModel, name: str, q: QuantizedTensor, dtype: torch.dtype) -> None:

@@ -9,10 +9,11 @@ import torch
 
 from ..config import load_hf_config
 from ..llm import LLM, ModelInfo
+from ..model.multimodal import multimodal_config_from_hf
 from ..tokenizer import Tokenizer
-from .build import build_text_model
+from .build import build_encoders, build_text_model
 from .errors import LoadError
-from .names import map_hf_names, sanitize_gemma3
+from .names import map_hf_names, map_hf_tower_names, sanitize_gemma3
 from .safetensors import read_folder
 
 _TYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -42,6 +43,10 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LL
     if cfg.family == "gemma3":
         state = sanitize_gemma3(state, cfg)
     model = build_text_model(cfg, state, dtype=dtype, device=device)
+    encoders = None
+    mm_cfg = multimodal_config_from_hf(json.loads((folder / "config.json").read_text()))
+    if mm_cfg is not None:
+        encoders = build_encoders(mm_cfg, cfg, map_hf_tower_names(tensors), dtype=dtype, device=device)
     if not (folder / "tokenizer.json").exists():
         raise LoadError(f"{folder}: no tokenizer.json")
     tokenizer = Tokenizer.from_hf_folder(folder)
@@ -50,4 +55,4 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LL
         for name, t in sorted(tensors.items())
     ]
     info = ModelInfo(path=folder, format="safetensors", chat_template=read_chat_template(folder), tensors=table)
-    return LLM(model, tokenizer, info)
+    return LLM(model, tokenizer, info, encoders)

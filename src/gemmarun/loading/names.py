@@ -53,6 +53,12 @@ def map_hf_names(
     return state, ignored
 
 
+def map_hf_tower_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Vision/audio tower tensors under gemmarun's `Encoders` names (the HF name minus `model.`)."""
+    return {name.removeprefix("model."): t for name, t in tensors.items()
+            if name.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio."))}
+
+
 def sanitize_gemma3(state: dict[str, torch.Tensor], cfg: TextConfig) -> dict[str, torch.Tensor]:
     """Gemma 3's HF norms compute x * (1 + w); store 1 + w once so the shared RMSNorm multiplies
     directly (llama.cpp's converter does the same), and give each layer its unit layer scalar."""

@@ -39,21 +39,39 @@ class Attention(nn.Module):
         positions: torch.Tensor,  # (T,)
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin for `positions`, (T, D)
         rotary: RotaryTable,  # to rebuild keys of K=V layers at cached positions
-        cache,  # KVCache | None
-        shared: SharedKV,
+        cache,  # KVCache | None, or one KVCache per row for batched decode (T = 1)
+        shared,  # SharedKV, or one per row
         blocks: torch.Tensor | None = None,  # vision block per absolute position (prefill only)
     ) -> torch.Tensor:
         B, T, _ = h.shape
         spec = self.spec
-        cos, sin = rope
+        cos, sin = rope  # (T, D); for batched decode (B, D), one position per row
+        rows = isinstance(cache, list)
+        if rows:
+            cos, sin = cos[:, None, None], sin[:, None, None]  # (B, 1, 1, D)
         q = self.q_norm(self.q_proj(h).view(B, T, self.num_heads, spec.head_dim))
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nH, T, D)
-
+        k = v = None
         if spec.owns_kv:
             k_raw = self.k_proj(h).view(B, T, spec.num_kv_heads, spec.head_dim)
             v_raw = k_raw if spec.k_eq_v else self.v_proj(h).view(B, T, spec.num_kv_heads, spec.head_dim)
             k = apply_rope(self.k_norm(k_raw).transpose(1, 2), cos, sin)  # (B, kv, T, D)
             v = (rms_norm(v_raw, None, self.eps) if self.has_v_norm else v_raw).transpose(1, 2)
+        if rows:  # projections ran batched; each row attends over its own cache
+            out = torch.cat([
+                self._attend_cached(q[b : b + 1], None if k is None else k[b : b + 1],
+                                    None if v is None else v[b : b + 1], positions[b : b + 1],
+                                    rotary, cache[b], shared[b], None)
+                for b in range(B)
+            ])
+        else:
+            out = self._attend_cached(q, k, v, positions, rotary, cache, shared, blocks)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend_cached(self, q, k, v, positions, rotary, cache, shared: SharedKV, blocks):
+        """Store this layer's new keys/values (or read the producer's) and attend."""
+        spec = self.spec
+        if spec.owns_kv:
             if cache is None:
                 keys, values, key_pos = k, v, positions
             else:
@@ -64,11 +82,9 @@ class Attention(nn.Module):
             shared[spec.index] = (keys, values, key_pos)
         else:
             keys, values, key_pos = shared[spec.kv_source]
-
         # Bidirectional image attention applies to sliding layers only (spec 3.3).
         mask = visible(positions, key_pos, spec.window, blocks if spec.window is not None else None)  # (T, S)
-        out = self._attend(q, keys, values, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self._attend(q, keys, values, mask)
 
     def _attend(self, q, k, v, mask):
         if self.logit_softcap is None:

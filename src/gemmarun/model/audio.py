@@ -58,33 +58,61 @@ class AudioConfig:
 
 # HF keys that never change the math.
 _AUDIO_INERT = {
-    "model_type", "dtype", "torch_dtype", "transformers_version", "architectures", "initializer_range",
-    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
-    "is_encoder_decoder", "id2label", "label2id", "problem_type", "name_or_path",
+    "model_type",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "architectures",
+    "initializer_range",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "name_or_path",
 }
 _AUDIO_KEYS = {
-    "hidden_size": "hidden_size", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
-    "conv_kernel_size": "conv_kernel_size", "residual_weight": "residual_weight",
-    "attention_chunk_size": "chunk_size", "attention_context_left": "context_left",
-    "attention_context_right": "context_right", "attention_logit_cap": "logit_cap",
-    "attention_invalid_logits_value": "invalid_logit", "use_clipped_linears": "use_clipped_linears",
-    "rms_norm_eps": "rms_norm_eps", "gradient_clipping": "gradient_clipping",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "conv_kernel_size": "conv_kernel_size",
+    "residual_weight": "residual_weight",
+    "attention_chunk_size": "chunk_size",
+    "attention_context_left": "context_left",
+    "attention_context_right": "context_right",
+    "attention_logit_cap": "logit_cap",
+    "attention_invalid_logits_value": "invalid_logit",
+    "use_clipped_linears": "use_clipped_linears",
+    "rms_norm_eps": "rms_norm_eps",
+    "gradient_clipping": "gradient_clipping",
     "output_proj_dims": "output_proj_dims",
 }
 
 
 def audio_config_from_hf(d: dict[str, Any]) -> AudioConfig:
-    """Parse an HF `audio_config` dict; values we do not implement raise ConfigError naming the key."""
+    """Parse an HF `audio_config` dict; a value we do not implement raises ConfigError naming
+    its key."""
     if d.get("model_type", "gemma4_audio") != "gemma4_audio":
-        raise ConfigError(f"audio_config.model_type={d['model_type']!r} is not supported (gemma4_audio)")
+        raise ConfigError(
+            f"audio_config.model_type={d['model_type']!r} is not supported (gemma4_audio)"
+        )
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"audio_config.hidden_act={d['hidden_act']!r} is not supported (silu)")
     unknown = sorted(
-        k for k in d if k not in _AUDIO_INERT and k not in _AUDIO_KEYS and not k.startswith("_")
+        k
+        for k in d
+        if k not in _AUDIO_INERT
+        and k not in _AUDIO_KEYS
+        and not k.startswith("_")
         and k not in ("hidden_act", "subsampling_conv_channels")
     )
     if unknown:
-        logging.getLogger("gemmarun").info("audio_config keys not used by gemmarun: %s", ", ".join(unknown))
+        logging.getLogger("gemmarun").info(
+            "audio_config keys not used by gemmarun: %s", ", ".join(unknown)
+        )
     kw: dict[str, Any] = {}
     defaults = AudioConfig()
     for hf_key, name in _AUDIO_KEYS.items():
@@ -92,7 +120,9 @@ def audio_config_from_hf(d: dict[str, Any]) -> AudioConfig:
             kw[name] = type(getattr(defaults, name))(d[hf_key])
     channels = tuple(int(c) for c in d.get("subsampling_conv_channels", (128, 32)))
     if len(channels) != 2:
-        raise ConfigError(f"audio_config.subsampling_conv_channels={list(channels)} must have 2 entries")
+        raise ConfigError(
+            f"audio_config.subsampling_conv_channels={list(channels)} must have 2 entries"
+        )
     if channels[0] // 4 != NUM_MEL_BINS // 4:
         # transformers sizes input_proj_linear as (channels[0] // 4) * channels[1], which equals the
         # flattened conv output (128 mel bins / 4 * channels[1]) only for these values.
@@ -103,10 +133,15 @@ def audio_config_from_hf(d: dict[str, Any]) -> AudioConfig:
     cfg = AudioConfig(subsampling_conv_channels=channels, **kw)  # type: ignore[arg-type]
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(
-            f"audio_config.hidden_size={cfg.hidden_size} not divisible by num_attention_heads={cfg.num_heads}"
+            f"audio_config.hidden_size={cfg.hidden_size} not divisible by "
+            f"num_attention_heads={cfg.num_heads}"
         )
-    for key, value in (("attention_chunk_size", cfg.chunk_size), ("attention_context_left", cfg.context_left),
-                       ("conv_kernel_size", cfg.conv_kernel_size), ("num_hidden_layers", cfg.num_layers)):
+    for key, value in (
+        ("attention_chunk_size", cfg.chunk_size),
+        ("attention_context_left", cfg.context_left),
+        ("conv_kernel_size", cfg.conv_kernel_size),
+        ("num_hidden_layers", cfg.num_layers),
+    ):
         if value < 1:
             raise ConfigError(f"audio_config.{key}={value} must be >= 1")
     if cfg.context_right < 0:
@@ -127,8 +162,12 @@ class ClippableLinear(nn.Module):
         self.clipped = clipped
         self.linear = nn.Linear(in_features, out_features, bias=False)
         if clipped:
-            for name, value in (("input_min", -math.inf), ("input_max", math.inf),
-                                ("output_min", -math.inf), ("output_max", math.inf)):
+            for name, value in (
+                ("input_min", -math.inf),
+                ("input_max", math.inf),
+                ("output_min", -math.inf),
+                ("output_max", math.inf),
+            ):
                 self.register_buffer(name, torch.tensor(value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +189,9 @@ class SubSampleLayer(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, eps: float):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False
+        )
         self.norm = nn.LayerNorm(out_channels, eps=eps, elementwise_affine=True, bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +209,9 @@ class SubSampleConvProjection(nn.Module):
         self.layer1 = SubSampleLayer(c0, c1, cfg.rms_norm_eps)
         self.input_proj_linear = nn.Linear((c0 // 4) * c1, cfg.hidden_size, bias=False)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x, mask = self.layer0(features.unsqueeze(1), mask)  # (B, c0, T/2, 64)
         x, mask = self.layer1(x, mask)  # (B, c1, T/4, 32)
         b, _, t, _ = x.shape
@@ -241,8 +284,12 @@ def blocked_attention_mask(key_valid: torch.Tensor, cfg: AudioConfig) -> torch.T
     c, p = cfg.chunk_size, cfg.max_past
     blocks = (t + c - 1) // c
     starts = torch.arange(blocks, device=key_valid.device) * c
-    q = starts[:, None, None] + torch.arange(c, device=key_valid.device)[None, :, None]  # (nb, C, 1)
-    k = starts[:, None, None] - p + torch.arange(cfg.context_size, device=key_valid.device)  # (nb, 1, W)
+    q = (
+        starts[:, None, None] + torch.arange(c, device=key_valid.device)[None, :, None]
+    )  # (nb, C, 1)
+    k = (
+        starts[:, None, None] - p + torch.arange(cfg.context_size, device=key_valid.device)
+    )  # (nb, 1, W)
     dist = q - k
     window = ((dist >= 0) & (dist < cfg.max_past)) | ((dist < 0) & (-dist < cfg.context_right))
     in_range = (k >= 0) & (k < t) & (q < t)
@@ -290,7 +337,9 @@ class AudioAttention(nn.Module):
         x = F.pad(x, (0, w + 1 - p)).view(b, nh, nb, c * (w + 1))
         return x[..., : c * w].view(b, nh, nb, c, w)
 
-    def forward(self, x: torch.Tensor, rel_table: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rel_table: torch.Tensor, blocked: torch.Tensor
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
         q = self.q_proj(x).float().view(shape)
@@ -303,7 +352,11 @@ class AudioAttention(nn.Module):
         k = self._block_context(k)  # (B, nb, W, nH, D)
         v = self._block_context(v)
         nb = q.shape[1]
-        rel = self.relative_k_proj(rel_table.to(x.dtype)).view(-1, self.num_heads, self.head_dim).float()
+        rel = (
+            self.relative_k_proj(rel_table.to(x.dtype))
+            .view(-1, self.num_heads, self.head_dim)
+            .float()
+        )
 
         queries = q.permute(0, 3, 1, 2, 4)  # (B, nH, nb, C, D)
         content = queries @ k.permute(0, 3, 1, 4, 2)  # (B, nH, nb, C, W)
@@ -334,7 +387,9 @@ class ConformerLayer(nn.Module):
         self.norm_out = RMSNorm(h, cfg.rms_norm_eps)
         self.gradient_clipping = cfg.gradient_clipping
 
-    def forward(self, x: torch.Tensor, rel_table: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rel_table: torch.Tensor, blocked: torch.Tensor
+    ) -> torch.Tensor:
         clip = _clip_value(self.gradient_clipping, self.norm_pre_attn.weight.dtype)
         x = self.feed_forward1(x)
         h = self.self_attn(self.norm_pre_attn(torch.clamp(x, -clip, clip)), rel_table, blocked)
@@ -360,9 +415,12 @@ class AudioTower(nn.Module):
 
     @torch.no_grad()
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """features (B, T, 128), mask (B, T) bool -> [ (n_i, output_proj_dims) ] valid frames only."""
+        """features (B, T, 128), mask (B, T) bool -> per clip (n_i, output_proj_dims), valid
+        frames only."""
         if features.shape[1] == 0:
-            return [features.new_zeros(0, self.cfg.output_proj_dims) for _ in range(features.shape[0])]
+            return [
+                features.new_zeros(0, self.cfg.output_proj_dims) for _ in range(features.shape[0])
+            ]
         mask = mask.to(torch.bool)
         x, mask = self.subsample_conv_projection(features, mask)  # (B, T', H), (B, T')
         rel_table = relative_position_table(self.cfg).to(x.device)

@@ -150,8 +150,8 @@ class TextModel(nn.Module):
     def forward(
         self,
         ids: torch.Tensor,  # (B, T) token ids; soft-token positions hold 0 when `embeds` is given
-        positions: torch.Tensor,  # (T,) absolute positions
-        cache=None,  # KVCache | None
+        positions: torch.Tensor,  # (T,) absolute positions; (B,) for batched decode
+        cache=None,  # KVCache | None; a list of B caches means batched decode (T = 1, row b at positions[b])
         *,
         embeds: torch.Tensor | None = None,  # (B, T, H) merged input embeddings (multimodal)
         last_only: bool = False,  # compute logits for the last position only
@@ -160,7 +160,7 @@ class TextModel(nn.Module):
         x = self.embed(ids) if embeds is None else embeds
         ple = self.ple(ids, x) if self.ple is not None else None
         rope = {name: table(positions, x.dtype) for name, table in self.rotary.items()}
-        shared: SharedKV = {}
+        shared: SharedKV | list[SharedKV] = [{} for _ in cache] if isinstance(cache, list) else {}
         for i, layer in enumerate(self.layers):
             lt = layer.spec.layer_type.value
             layer_ple = ple[:, :, i] if ple is not None else None

@@ -1,0 +1,127 @@
+"""Gemma 4's encoders and how their soft tokens enter the text model (spec section 6).
+
+`Encoders` holds the towers and their projections under the checkpoint's own names
+(`vision_tower`, `embed_vision`, `audio_tower`, `embed_audio`). `merge` turns a prompt's ids
+plus encoded media into the decoder's inputs: placeholders become the pad id for the token
+table and the PLE lookup, and their embedding rows are replaced by the soft tokens, in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..masks import vision_blocks
+from .audio import AudioConfig, AudioEmbedder, AudioTower, audio_config_from_hf
+from .vision import MultimodalEmbedder, VisionConfig, VisionTower, vision_config_from_hf
+
+TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3  # mm token types, as the reference processor numbers them
+
+
+@dataclass(frozen=True)
+class MediaTokens:
+    """Token ids of the media placeholders and delimiters (spec 6.1; config-overridable)."""
+
+    image: int = 258880
+    audio: int = 258881
+    video: int = 258884
+    boi: int = 255999
+    eoi: int = 258882
+    boa: int = 256000
+    eoa: int = 258883
+
+
+@dataclass(frozen=True)
+class MultimodalConfig:
+    vision: VisionConfig | None
+    audio: AudioConfig | None
+    tokens: MediaTokens
+    image_soft_tokens: int = 280  # default per-image budget (vision_soft_tokens_per_image)
+
+
+def multimodal_config_from_hf(raw: dict[str, Any]) -> MultimodalConfig | None:
+    """The towers of a `gemma4` config.json; None for text-only models."""
+    if raw.get("model_type") != "gemma4":
+        return None
+    vision = vision_config_from_hf(raw["vision_config"]) if raw.get("vision_config") else None
+    audio = audio_config_from_hf(raw["audio_config"]) if raw.get("audio_config") else None
+    if vision is None and audio is None:
+        return None
+    defaults = MediaTokens()
+    tokens = MediaTokens(
+        image=int(raw.get("image_token_id", defaults.image)),
+        audio=int(raw.get("audio_token_id", defaults.audio)),
+        video=int(raw.get("video_token_id", defaults.video)),
+        boi=int(raw.get("boi_token_id", defaults.boi)),
+        eoi=int(raw.get("eoi_token_id", defaults.eoi)),
+        boa=int(raw.get("boa_token_id", defaults.boa)),
+        eoa=int(raw.get("eoa_token_index", raw.get("eoa_token_id", defaults.eoa))),
+    )
+    budget = int(raw.get("vision_soft_tokens_per_image") or 280)
+    if budget not in (70, 140, 280, 560, 1120):
+        raise ConfigError(f"vision_soft_tokens_per_image={budget} is not one of 70, 140, 280, 560, 1120")
+    return MultimodalConfig(vision=vision, audio=audio, tokens=tokens, image_soft_tokens=budget)
+
+
+class Encoders(nn.Module):
+    """Vision and audio towers with their projections into the text space."""
+
+    def __init__(self, cfg: MultimodalConfig, text_hidden: int, eps: float):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = VisionTower(cfg.vision) if cfg.vision else None
+        self.embed_vision = MultimodalEmbedder(cfg.vision.hidden_size, text_hidden, eps) if cfg.vision else None
+        self.audio_tower = AudioTower(cfg.audio) if cfg.audio else None
+        self.embed_audio = AudioEmbedder(cfg.audio.output_proj_dims, text_hidden, eps) if cfg.audio else None
+
+    @torch.inference_mode()
+    def images(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:
+        """[B, N, 768], [B, N, 2] -> one [n_i, H] tensor of projected soft tokens per image."""
+        if self.vision_tower is None:
+            raise ValueError("this model has no vision tower: it cannot take images or video")
+        soft = self.vision_tower(pixel_values, position_ids)
+        return [self.embed_vision(s) for s in soft]
+
+    @torch.inference_mode()
+    def audio(self, features: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """[B, T, 128], [B, T] -> one [n_i, H] tensor of projected soft tokens per clip."""
+        if self.audio_tower is None:
+            raise ValueError("this model has no audio tower: it cannot take audio")
+        return [self.embed_audio(s) for s in self.audio_tower(features, mask)]
+
+
+def token_types(ids: torch.Tensor, tokens: MediaTokens) -> torch.Tensor:
+    types = torch.zeros_like(ids)
+    types[ids == tokens.image] = IMAGE
+    types[ids == tokens.video] = VIDEO
+    types[ids == tokens.audio] = AUDIO
+    return types
+
+
+def merge(
+    model,  # TextModel
+    ids: torch.Tensor,  # (T,) prompt ids with expanded placeholders
+    tokens: MediaTokens,
+    soft: dict[int, list[torch.Tensor]],  # token type -> soft tokens in prompt order
+    pad_id: int,
+    bidirectional_vision: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(ids with placeholders -> pad, merged input embeddings (1, T, H), vision blocks or None)."""
+    types = token_types(ids, tokens)
+    text_ids = torch.where(types == TEXT, ids, torch.full_like(ids, pad_id))
+    x = model.embed(text_ids[None])  # (1, T, H): soft tokens are written after the √H scaling
+    for kind, name in ((IMAGE, "image"), (VIDEO, "video"), (AUDIO, "audio")):
+        where = (types == kind).nonzero().flatten()
+        given = soft.get(kind, [])
+        n_soft = sum(s.shape[0] for s in given)
+        if where.numel() != n_soft:
+            raise ValueError(f"the prompt has {where.numel()} {name} soft-token positions but the "
+                             f"{name} inputs give {n_soft} soft tokens")
+        if n_soft:
+            x[0, where] = torch.cat(given).to(device=x.device, dtype=x.dtype)
+    blocks = vision_blocks(types) if bidirectional_vision and bool((types == IMAGE).any() | (types == VIDEO).any()) else None
+    return text_ids, x, blocks

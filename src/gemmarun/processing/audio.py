@@ -1,0 +1,258 @@
+"""Audio input: decode a file to 16 kHz mono, cut it into 30 s clips, and compute the log-mel
+features and soft-token counts exactly as transformers 5.23's Gemma 4 feature extractor and
+processor do (spec §5.1, §5.6).
+
+Decoding uses libsndfile through `soundfile`: its wheels bundle libsndfile 1.2 with FLAC,
+Ogg/Vorbis, Ogg/Opus and MP3 (mpg123) built in, so one maintained library reads every format we
+accept, with no ffmpeg install. Resampling uses libsoxr through `soxr` (a small numpy-only wheel,
+band-limited high-quality filter, and a streaming API so long files never need a second full
+copy). Both are decoded block by block: the peak memory is the 16 kHz float32 output plus one
+block.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+MAX_CLIP_SAMPLES = 480_000  # 30 s: the feature extractor's max_length; longer audio is split
+MAX_AUDIO_SECONDS = 2 * 60 * 60  # longest input load_audio accepts (2 h = 460 MB at 16 kHz)
+MAX_SOFT_TOKENS_PER_CLIP = 750  # processor's audio_seq_length
+
+FRAME_LENGTH = 320  # 20 ms
+HOP_LENGTH = 160  # 10 ms
+FFT_LENGTH = 512
+NUM_MEL_BINS = 128
+MEL_FLOOR = 1e-3
+PAD_TO_MULTIPLE = 128  # the feature extractor's pad_to_multiple_of
+
+_BLOCK_FRAMES = 1 << 16  # decode block (frames at the file's own rate)
+# libsndfile logs "data : <declared> (should be <available>)" for a WAV whose data chunk is cut.
+_WAV_SHORT_DATA = re.compile(r"^\s*data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_OGG_TAIL = 70_000  # bytes read from the end: more than one maximal Ogg page (65,307 bytes)
+
+
+class AudioInputError(ValueError):
+    """Audio we cannot use; the message is one line naming the input and the problem."""
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def load_audio(source: str | Path | bytes, target_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode WAV / FLAC / Ogg (Vorbis, Opus) / MP3 to mono float32 at `target_rate`.
+
+    Channels are averaged; the rate is converted with soxr (HQ). Raises AudioInputError for
+    missing, empty, undecodable, truncated, non-finite or over-long (> MAX_AUDIO_SECONDS) input.
+    """
+    import soundfile as sf
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = "<audio bytes>"
+        data = bytes(source)
+        if len(data) == 0:
+            raise AudioInputError(f"{label}: empty input (0 bytes)")
+        handle: object = io.BytesIO(data)
+        tail = data[-_OGG_TAIL:]
+    else:
+        path = Path(source)
+        label = str(path)
+        if not path.is_file():
+            raise AudioInputError(f"{label}: no such file")
+        size = path.stat().st_size
+        if size == 0:
+            raise AudioInputError(f"{label}: file is empty (0 bytes)")
+        handle = str(path)
+        with open(path, "rb") as raw:
+            raw.seek(max(0, size - _OGG_TAIL))
+            tail = raw.read()
+    if target_rate <= 0:
+        raise AudioInputError(f"{label}: target rate {target_rate} must be positive")
+    try:
+        with sf.SoundFile(handle) as f:
+            if f.format == "OGG":
+                _check_ogg_end(tail, label)
+            return _decode(f, label, target_rate)
+    except (sf.SoundFileError, RuntimeError) as e:
+        reason = getattr(e, "error_string", None) or str(e).splitlines()[0]
+        raise AudioInputError(
+            f"{label}: cannot decode: not audio, or corrupt/truncated ({reason.strip()})"
+        ) from None
+
+
+def _decode(f, label: str, target_rate: int) -> np.ndarray:
+    """Stream-decode an open SoundFile: block -> mono -> resample -> preallocated output."""
+    import soxr
+
+    rate, channels, declared = int(f.samplerate), int(f.channels), int(f.frames)
+    if rate <= 0 or channels <= 0:
+        raise AudioInputError(f"{label}: invalid header (rate {rate}, {channels} channels)")
+    max_frames = MAX_AUDIO_SECONDS * rate
+    if declared > max_frames:
+        raise AudioInputError(
+            f"{label}: {declared / rate:.0f} s of audio exceeds the {MAX_AUDIO_SECONDS} s maximum"
+        )
+    _check_wav_data_chunk(f, label)
+    resampler = (
+        None if rate == target_rate else soxr.ResampleStream(rate, target_rate, 1, "float32", "HQ")
+    )
+    out = np.empty(math.ceil(max(declared, 1) * target_rate / rate) + 16, dtype=np.float32)
+    filled = decoded = 0
+    while True:
+        block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)  # (n, channels)
+        last = len(block) < _BLOCK_FRAMES
+        decoded += len(block)
+        if decoded > max_frames:
+            raise AudioInputError(f"{label}: audio exceeds the {MAX_AUDIO_SECONDS} s maximum")
+        if channels == 1:
+            mono = np.ascontiguousarray(block[:, 0])  # (n,)
+        else:
+            mono = block.mean(axis=1, dtype=np.float32)  # (n,) average of the channels
+        if not np.isfinite(mono).all():
+            raise AudioInputError(f"{label}: contains non-finite (NaN/inf) samples")
+        chunk = resampler.resample_chunk(mono, last=last) if resampler is not None else mono
+        if filled + len(chunk) > len(out):  # header under-declared the length: grow
+            grown = np.empty(max(2 * len(out), filled + len(chunk)), dtype=np.float32)
+            grown[:filled] = out[:filled]
+            out = grown
+        out[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+        if last:
+            break
+    if decoded == 0 or filled == 0:
+        raise AudioInputError(f"{label}: contains no audio samples")
+    # MP3 lengths come from a Xing/LAME tag or a bitrate estimate: allow 2% and two MPEG frames.
+    slack = max(2 * 1152, declared // 50) if f.format == "MP3" else 0
+    if declared - decoded > slack:
+        raise AudioInputError(
+            f"{label}: truncated or corrupt (header declares {declared} frames, decoded {decoded})"
+        )
+    return out[:filled] if filled > 0.9 * len(out) else out[:filled].copy()
+
+
+def _check_wav_data_chunk(f, label: str) -> None:
+    """libsndfile silently shortens a WAV whose data chunk runs past the end of the file; its log
+    keeps the declared size. Streamed WAVs declare 0 or 0xFFFFFFFF bytes and are fine."""
+    if f.format not in ("WAV", "WAVEX", "RF64", "W64"):
+        return
+    m = _WAV_SHORT_DATA.search(f.extra_info)
+    if m is None:
+        return
+    declared, available = int(m.group(1)), int(m.group(2))
+    if 0 < declared < 0xFFFFFFF0 and declared > available:
+        raise AudioInputError(
+            f"{label}: truncated (data chunk declares {declared} bytes, file has {available})"
+        )
+
+
+def _check_ogg_end(tail: bytes, label: str) -> None:
+    """libsndfile decodes a cut Ogg stream up to its last whole page without complaint. A complete
+    stream ends with a whole page flagged end-of-stream (RFC 3533); check that page's header."""
+    i = tail.rfind(b"OggS")
+    if i < 0 or len(tail) - i < 27 or len(tail) - i < 27 + tail[i + 26]:
+        raise AudioInputError(f"{label}: truncated (last Ogg page header is cut)")
+    segments = tail[i + 26]
+    end = i + 27 + segments + sum(tail[i + 27 : i + 27 + segments])
+    if end > len(tail):
+        raise AudioInputError(
+            f"{label}: truncated (last Ogg page is cut, {end - len(tail)} bytes missing)"
+        )
+    if not tail[i + 5] & 0x04:
+        raise AudioInputError(f"{label}: truncated (Ogg stream has no end-of-stream page)")
+
+
+def split_clips(wave: np.ndarray) -> list[np.ndarray]:
+    """Consecutive clips of at most MAX_CLIP_SAMPLES (views, no copies).
+
+    The reference feature extractor truncates at 30 s; we split instead so nothing is dropped.
+    A final clip shorter than 161 samples (~10 ms) yields no mel frame and so no soft token.
+    """
+    if wave.ndim != 1:
+        raise ValueError(f"split_clips expects a 1-D waveform, got shape {tuple(wave.shape)}")
+    return [wave[i : i + MAX_CLIP_SAMPLES] for i in range(0, len(wave), MAX_CLIP_SAMPLES)]
+
+
+# --------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------
+
+
+def _mel_filters() -> np.ndarray:
+    """HTK triangular filterbank, (257, 128) float64, no area normalisation (as
+    transformers.audio_utils.mel_filter_bank builds it, operation for operation)."""
+    mel_min = 2595.0 * np.log10(1.0 + (0.0 / 700.0))
+    mel_max = 2595.0 * np.log10(1.0 + (SAMPLE_RATE / 2 / 700.0))
+    mel_freqs = np.linspace(mel_min, mel_max, NUM_MEL_BINS + 2)
+    filter_freqs = 700.0 * (np.power(10, mel_freqs / 2595.0) - 1.0)
+    fft_freqs = np.linspace(0, SAMPLE_RATE // 2, FFT_LENGTH // 2 + 1)
+    filter_diff = np.diff(filter_freqs)
+    slopes = np.expand_dims(filter_freqs, 0) - np.expand_dims(fft_freqs, 1)
+    down_slopes = -slopes[:, :-2] / filter_diff[:-1]
+    up_slopes = slopes[:, 2:] / filter_diff[1:]
+    return np.maximum(np.zeros(1), np.minimum(down_slopes, up_slopes))
+
+
+_WINDOW = np.hanning(FRAME_LENGTH + 1)[:-1].astype(np.float32)  # periodic Hann, (320,)
+_MEL_FILTERS = _mel_filters()  # (257, 128) float64
+
+
+def log_mel_features(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One clip (<= MAX_CLIP_SAMPLES at 16 kHz) -> (features float32 [T, 128], mask bool [T]).
+
+    Same arithmetic and dtypes as the reference: float32 frames and window, float32 rfft
+    magnitude, float64 mel matmul and log, cast to float32, invalid frames zeroed.
+    """
+    wave = np.asarray(wave)
+    if wave.ndim != 1:
+        raise ValueError(f"log_mel_features expects a 1-D waveform, got shape {tuple(wave.shape)}")
+    n = len(wave)
+    if n > MAX_CLIP_SAMPLES:
+        raise ValueError(f"clip has {n} samples, more than {MAX_CLIP_SAMPLES}; use split_clips")
+    padded = -(-n // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE
+    pad_left = FRAME_LENGTH // 2  # semicausal
+    signal = np.zeros(pad_left + padded, dtype=np.float32)
+    signal[pad_left : pad_left + n] = wave
+    window_size = FRAME_LENGTH + 1
+    num_frames = (len(signal) - window_size) // HOP_LENGTH + 1
+    if num_frames <= 0:
+        return np.zeros((0, NUM_MEL_BINS), np.float32), np.zeros(0, bool)
+    frames = np.lib.stride_tricks.as_strided(
+        signal, (num_frames, window_size), (signal.strides[0] * HOP_LENGTH, signal.strides[0])
+    )[:, :-1]  # (T, 320)
+    magnitude = np.abs(np.fft.rfft(frames * _WINDOW, n=FFT_LENGTH, axis=-1))  # (T, 257)
+    log_mel = np.log(np.matmul(magnitude, _MEL_FILTERS) + np.float64(MEL_FLOOR)).astype(np.float32)
+    # Frame i is real iff the last sample of its 321-window (padded index 160 i + 320) is real.
+    last_sample = np.arange(num_frames) * HOP_LENGTH + window_size - 1
+    mask = last_sample < pad_left + n  # (T,)
+    return log_mel * mask[:, None], mask
+
+
+def num_audio_soft_tokens(num_samples: int) -> int:
+    """Soft tokens for one clip of `num_samples` at 16 kHz (the processor's arithmetic, §5.6):
+    mel frames, then two stride-2 convolutions, capped at 750."""
+    t = (num_samples + FRAME_LENGTH // 2 - (FRAME_LENGTH + 1)) // HOP_LENGTH + 1
+    if t <= 0:
+        return 0
+    for _ in range(2):
+        t = (t + 2 - 3) // 2 + 1
+    return min(t, MAX_SOFT_TOKENS_PER_CLIP)
+
+
+def batch_features(clips: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Features of several clips, right-padded to the longest: ([B, T, 128] float32, [B, T] bool).
+    Identical to the reference extractor's batched output (padding frames are zero/False)."""
+    per_clip = [log_mel_features(c) for c in clips]
+    t_max = max((len(m) for _, m in per_clip), default=0)
+    feats = np.zeros((len(clips), t_max, NUM_MEL_BINS), np.float32)
+    masks = np.zeros((len(clips), t_max), bool)
+    for b, (f, m) in enumerate(per_clip):
+        feats[b, : len(m)] = f
+        masks[b, : len(m)] = m
+    return feats, masks

@@ -1,0 +1,153 @@
+"""Chat messages with media parts -> prompt ids with expanded placeholders (spec 6.2, 4.7).
+
+Each media part is prepared (decoded, resized, split into clips) before the prompt is tokenized,
+because the number of soft tokens decides the expansion:
+  image  <|image|> -> <|image> + <|image|> x n + <image|>
+  audio  <|audio|> -> <|audio> + <|audio|> x n + <audio|>, once per 30 s clip (long audio is
+         split into consecutive clips, never truncated)
+  video  <|video|> -> "mm:ss <|image>" + <|video|> x n + "<image|>" per sampled frame, joined by spaces
+Text between placeholders is tokenized on its own and the ids are spliced, so the expansion never
+depends on how a tokenizer spells the media tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .audio import load_audio, num_audio_soft_tokens, split_clips
+from .image import ImageInputs, load_image, preprocess_image, preprocess_video_frames, sample_video
+
+PLACEHOLDERS = {"<|image|>": "image", "<|audio|>": "audio", "<|video|>": "video"}
+_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
+_PART_KINDS = {"image": "image", "image_url": "image", "audio": "audio", "input_audio": "audio", "video": "video"}
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    inputs: ImageInputs
+
+
+@dataclass(frozen=True)
+class PreparedAudio:
+    clips: tuple[np.ndarray, ...]  # 16 kHz mono, each at most 30 s
+
+    @property
+    def counts(self) -> list[int]:
+        return [num_audio_soft_tokens(len(c)) for c in self.clips]
+
+
+@dataclass(frozen=True)
+class PreparedVideo:
+    frames: tuple[ImageInputs, ...]
+    stamps: tuple[str, ...]
+
+
+Prepared = PreparedImage | PreparedAudio | PreparedVideo
+
+
+def _data_url(url: str) -> bytes:
+    header, _, payload = url.partition(",")
+    if not header.startswith("data:") or ";base64" not in header:
+        raise ValueError("only base64 data: URLs are accepted for inline media")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise ValueError("media data URL is not valid base64") from None
+
+
+def part_source(part: dict[str, Any]) -> Any:
+    """Where a content part's media is: a path, bytes or a PIL image."""
+    kind = part["type"]
+    if kind == "image_url":
+        url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else part.get("image_url")
+        if not isinstance(url, str):
+            raise ValueError("image_url part has no url")
+        return _data_url(url) if url.startswith("data:") else url.removeprefix("file://")
+    if kind == "input_audio":
+        data = part.get("input_audio", {}).get("data")
+        if not isinstance(data, str):
+            raise ValueError("input_audio part has no base64 data")
+        try:
+            return base64.b64decode(data, validate=True)
+        except ValueError:
+            raise ValueError("input_audio data is not valid base64") from None
+    for key in (kind, "path", "url", "data"):
+        if part.get(key) is not None:
+            return part[key]
+    raise ValueError(f"{kind} part names no {kind} (give '{kind}': path, bytes or image)")
+
+
+def collect_media(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str, Any]]]:
+    """Messages with media parts reduced to `{"type": kind}` (what templates expect), and the
+    media (kind, source) in prompt order."""
+    media: list[tuple[str, Any]] = []
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for part in content:
+            kind = _PART_KINDS.get(part.get("type")) if isinstance(part, dict) else None
+            if kind is None:
+                parts.append(part)
+                continue
+            media.append((kind, part_source(part)))
+            parts.append({"type": kind})
+        out.append({**message, "content": parts})
+    return out, media
+
+
+def prepare(kind: str, source: Any, image_tokens: int) -> Prepared:
+    if kind == "image":
+        return PreparedImage(preprocess_image(load_image(source), max_soft_tokens=image_tokens))
+    if kind == "audio":
+        clips = split_clips(load_audio(source))
+        if not clips:
+            raise ValueError(f"{_label(source)}: the audio is empty")
+        return PreparedAudio(tuple(clips))
+    if kind == "video":
+        frames, times = sample_video(source)
+        inputs, stamps = preprocess_video_frames(frames, times)
+        return PreparedVideo(tuple(inputs), tuple(stamps))
+    raise ValueError(f"unknown media kind {kind!r}")
+
+
+def _label(source: Any) -> str:
+    return str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
+
+
+def expand(text: str, prepared: list[Prepared], encode, tokens) -> list[int]:
+    """Ids of `text` (a rendered prompt) with every placeholder expanded, in order.
+
+    `encode(str) -> list[int]` tokenizes text without BOS; `tokens` is a MediaTokens."""
+    pieces = _PLACEHOLDER_RE.split(text)
+    found = _PLACEHOLDER_RE.findall(text)
+    if len(found) != len(prepared):
+        raise ValueError(f"the prompt has {len(found)} media placeholders but {len(prepared)} media inputs")
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if piece:
+            ids.extend(encode(piece))
+        if i == len(found):
+            break
+        kind, item = PLACEHOLDERS[found[i]], prepared[i]
+        if kind == "image" and isinstance(item, PreparedImage):
+            ids += [tokens.boi] + [tokens.image] * item.inputs.num_soft_tokens + [tokens.eoi]
+        elif kind == "audio" and isinstance(item, PreparedAudio):
+            for n in item.counts:
+                ids += [tokens.boa] + [tokens.audio] * n + [tokens.eoa]
+        elif kind == "video" and isinstance(item, PreparedVideo):
+            for j, (frame, stamp) in enumerate(zip(item.frames, item.stamps)):
+                ids += encode((" " if j else "") + stamp + " ")
+                ids += [tokens.boi] + [tokens.video] * frame.num_soft_tokens + [tokens.eoi]
+        else:
+            raise ValueError(f"placeholder {found[i]} does not match media input {i} ({type(item).__name__})")
+    return ids

@@ -1,0 +1,243 @@
+"""Image and audio prompts end to end against transformers 5.23 (Gemma4ForConditionalGeneration)
+on tiny random models: E2B-like (PLE, KV sharing, clipped vision, audio) and 31B-like (K=V,
+bidirectional image attention on sliding layers, standardised vision)."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+import gemmarun
+from gemmarun.processing.audio import batch_features, load_audio, num_audio_soft_tokens
+from gemmarun.processing.image import load_image, preprocess_image, stack_inputs
+from reference_models import COMMON, FAMILIES, _randomize
+from tiny_tokenizer import MEDIA_IDS, write_tiny_tokenizer
+
+VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "num_key_value_heads": 2, "head_dim": 16, "position_embedding_size": 256, "rms_norm_eps": 1e-6}
+AUDIO = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "subsampling_conv_channels": [128, 8],
+         "conv_kernel_size": 5, "output_proj_dims": 48, "use_clipped_linears": True}
+BUDGET = 70
+
+
+def _randomize_towers(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not any(k in name for k in ("vision_tower", "audio_tower", "embed_vision", "embed_audio")):
+                continue
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.3 + 0.1)
+            elif "norm" in name and p.ndim == 1:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("per_dim_scale"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif "position_embedding_table" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+        for name, b in model.named_buffers():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("input_min", "output_min"):
+                b.fill_(-float(1.0 + torch.rand((), generator=g)))
+            elif leaf in ("input_max", "output_max"):
+                b.fill_(float(1.0 + torch.rand((), generator=g)))
+            elif leaf == "std_bias":
+                b.copy_(torch.randn(b.shape, generator=g))
+            elif leaf == "std_scale":
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+
+
+def _build(family: str, folder):
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = {**COMMON, **FAMILIES[family], "max_position_embeddings": 1024}
+    e_like = family == "e2b"
+    vision = {**VISION, "use_clipped_linears": e_like, "standardize": not e_like}
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=AUDIO if e_like else None,
+                       vision_soft_tokens_per_image=BUDGET, **MEDIA_IDS)
+    model = Gemma4ForConditionalGeneration(cfg).float().eval()
+    _randomize(model.model.language_model, gemma3=False)
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight.mul_(1.0)
+    _randomize_towers(model)
+    model.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    for key in ("global_head_dim", "num_global_key_value_heads"):
+        if key in FAMILIES[family]:
+            saved["text_config"][key] = FAMILIES[family][key]
+    saved["text_config"].pop("per_layer_config", None)
+    (folder / "config.json").write_text(json.dumps(saved, indent=2))
+    write_tiny_tokenizer(folder, "gemma4")
+    return model
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(d / "a.png")
+    Image.fromarray(rng.integers(0, 256, (200, 120, 3), dtype=np.uint8)).save(d / "b.jpg", quality=95)
+    t = np.arange(int(1.3 * 16000)) / 16000
+    sf.write(d / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32), 16000)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"mm-{family}")
+            ref = _build(family, folder)
+            cache[family] = (gemmarun.load(folder, device="cpu"), ref)
+        return cache[family]
+
+    return get
+
+
+def _prompt(llm, n_images: list[int], n_audio: list[int]) -> list[int]:
+    tok = llm.media_tokens
+    ids = [2, 40, 41]
+    for n in n_images:
+        ids += [tok.boi] + [tok.image] * n + [tok.eoi] + [50]
+    for n in n_audio:
+        ids += [tok.boa] + [tok.audio] * n + [tok.eoa] + [51]
+    return ids + [60, 61, 62]
+
+
+def _reference_inputs(llm, ids, images, audios):
+    kw = {}
+    if images:
+        pix, pos = stack_inputs([preprocess_image(load_image(p), BUDGET) for p in images])
+        kw.update(pixel_values=pix, image_position_ids=pos)
+    if audios:
+        feats, mask = batch_features([load_audio(a) for a in audios])
+        kw.update(input_features=torch.from_numpy(feats), input_features_mask=torch.from_numpy(mask))
+    t = torch.tensor([ids])
+    tok = llm.media_tokens
+    types = torch.zeros_like(t)
+    types[t == tok.image] = 1
+    types[t == tok.audio] = 3
+    kw["mm_token_type_ids"] = types
+    return t, kw
+
+
+@pytest.mark.parametrize("family", ["e2b", "31b"])
+def test_image_soft_tokens_match_reference(pair, media, family):
+    llm, ref = pair(family)
+    ours = llm.encode_image(media / "a.png", max_soft_tokens=BUDGET)
+    pix, pos = stack_inputs([preprocess_image(load_image(media / "a.png"), BUDGET)])
+    with torch.no_grad():
+        theirs = ref.model.get_image_features(pix, pos).pooler_output[0].numpy()
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
+
+
+def test_audio_soft_tokens_match_reference(pair, media):
+    llm, ref = pair("e2b")
+    ours = llm.encode_audio(media / "tone.wav")
+    assert ours.shape[0] == num_audio_soft_tokens(int(1.3 * 16000)) == 33
+    feats, mask = batch_features([load_audio(media / "tone.wav")])
+    with torch.no_grad():
+        out = ref.model.get_audio_features(torch.from_numpy(feats), torch.from_numpy(mask))
+        theirs = out.pooler_output[out.attention_mask].numpy()
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family, with_audio", [("e2b", True), ("31b", False)])
+def test_full_logits_with_images_and_audio(pair, media, family, with_audio):
+    llm, ref = pair(family)
+    images = [media / "a.png", media / "b.jpg"]
+    n_img = [preprocess_image(load_image(p), BUDGET).num_soft_tokens for p in images]
+    audios = [media / "tone.wav"] if with_audio else []
+    ids = _prompt(llm, n_img, [33] * len(audios))
+    ours = llm.logits(ids, images=images, audios=audios, image_tokens=BUDGET)
+    t, kw = _reference_inputs(llm, ids, images, audios)
+    with torch.no_grad():
+        theirs = ref(input_ids=t, **kw).logits[0].numpy()
+    rel = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    assert rel <= 1e-4, f"rel {rel:.2e}"
+
+
+def test_bidirectional_vision_matters_on_31b(pair, media):
+    llm, _ = pair("31b")
+    n = preprocess_image(load_image(media / "a.png"), BUDGET).num_soft_tokens
+    ids = _prompt(llm, [n], [])
+    with_blocks = llm.logits(ids, images=[media / "a.png"], image_tokens=BUDGET)
+    object.__setattr__(llm.config, "bidirectional_vision", False)
+    try:
+        causal = llm.logits(ids, images=[media / "a.png"], image_tokens=BUDGET)
+    finally:
+        object.__setattr__(llm.config, "bidirectional_vision", True)
+    assert np.abs(with_blocks - causal).max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["e2b", "31b"])
+def test_greedy_generation_with_media_matches_reference(pair, media, family):
+    llm, ref = pair(family)
+    images = [media / "a.png"]
+    audios = [media / "tone.wav"] if family == "e2b" else []
+    n_img = [preprocess_image(load_image(images[0]), BUDGET).num_soft_tokens]
+    ids = _prompt(llm, n_img, [33] * len(audios))
+    from gemmarun.llm import Prompt
+    from gemmarun.sampling import SamplingParams
+
+    prepared = tuple(llm._prepare("image", p, BUDGET) for p in images) + tuple(llm._prepare("audio", a, None) for a in audios)
+    text_ids, embeds, blocks = llm._inputs(Prompt(ids, prepared))
+    from gemmarun.generate import generate_step
+
+    ours = list(generate_step(llm.model, text_ids.tolist(), SamplingParams(max_tokens=12), embeds=embeds,
+                              vision_blocks=blocks, chunk_size=8))
+    t, kw = _reference_inputs(llm, ids, images, audios)
+    with torch.no_grad():
+        theirs = ref.generate(input_ids=t, **kw, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(ids):].tolist()
+    assert ours == theirs
+
+
+def test_chat_messages_with_image_and_audio_parts(pair, media):
+    llm, _ = pair("e2b")
+    messages = [{"role": "user", "content": [
+        {"type": "image", "image": str(media / "a.png")},
+        {"type": "text", "text": "hello"},
+        {"type": "audio", "audio": str(media / "tone.wav")},
+    ]}]
+    prompt = llm.build_prompt(messages, image_tokens=BUDGET)
+    tok = llm.media_tokens
+    n = preprocess_image(load_image(media / "a.png"), BUDGET).num_soft_tokens
+    assert prompt.ids.count(tok.image) == n and prompt.ids.count(tok.audio) == 33
+    head = llm.tokenizer.encode("<bos><|turn>user\n", add_bos=False)
+    assert prompt.ids[: len(head)] == head and prompt.ids[len(head)] == tok.boi
+    out = llm.generate(messages, max_tokens=5, image_tokens=BUDGET)
+    assert isinstance(out, str)
+
+
+def test_cli_run_with_image_and_audio_and_transcribe(pair, media, capsys, tmp_path):
+    from gemmarun.cli import main
+
+    llm, _ = pair("e2b")
+    folder = str(llm.info.path)
+    assert main(["run", folder, "Describe this", "--image", str(media / "a.png"), "--audio",
+                 str(media / "tone.wav"), "--image-tokens", "70", "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    assert main(["transcribe", folder, str(media / "tone.wav"), "--max-tokens", "4"]) == 0
+    bad = tmp_path / "notes.wav"
+    bad.write_text("this is not audio")
+    assert main(["transcribe", folder, str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "notes.wav" in err and len(err.strip().splitlines()) == 1
+    assert main(["run", folder, "x", "--image", str(tmp_path / "missing.png")]) == 1
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_text_only_model_refuses_media_clearly(tiny_models, media):
+    folder, _ = tiny_models("31b")
+    llm = gemmarun.load(folder, device="cpu")
+    with pytest.raises(ValueError, match="text only"):
+        llm.encode_image(media / "a.png")
