@@ -1,0 +1,147 @@
+"""Continuous batching: many requests decode together, one token each per step.
+
+Each request owns its KV cache; a step runs the decoder once for every active request — the
+matmuls (where a CPU spends its time reading weights) see all rows at once, attention runs per
+row over its own cache. New requests are prefilled when they join; finished or cancelled ones
+leave at once and free their cache. Greedy output equals running the request alone (up to the
+float summation order of batched matmuls).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache, make_cache
+from .generate import ContextOverflow, prefill
+from .llm import LLM, Prompt
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step's outcome for one request: a token, and/or the reason it finished."""
+
+    request_id: int
+    token: int | None  # None when the request finished without a new token (stop id, cancel)
+    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: Prompt
+    params: SamplingParams
+    top_logprobs: int | None
+    stop_ids: frozenset[int]
+    sampler: Sampler
+    cache: KVCache | None = None
+    position: int = 0  # where the next token goes
+    max_len: int = 0
+    generated: list[int] = field(default_factory=list)
+    last: int | None = None  # sampled, not yet fed
+
+
+class BatchEngine:
+    """Not thread-safe: one model thread calls `add`, `cancel` and `step`."""
+
+    def __init__(self, llm: LLM, max_batch: int = 8, context: int | None = None, chunk_size: int = 256):
+        self.llm = llm
+        self.max_batch = max_batch
+        cfg = llm.config
+        self.context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.chunk_size = chunk_size
+        self._ids = itertools.count(1)
+        self.waiting: list[_Request] = []
+        self.active: list[_Request] = []
+
+    def add(self, prompt: Prompt, params: SamplingParams, top_logprobs: int | None = None) -> int:
+        """Queue a request; raises ContextOverflow at once if its prompt cannot fit."""
+        if not prompt.ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt.ids) >= self.context:
+            raise ContextOverflow(f"prompt of {len(prompt.ids)} tokens does not fit the context of {self.context} tokens")
+        rid = next(self._ids)
+        self.waiting.append(_Request(rid, prompt, params, top_logprobs, self.llm.stop_ids(params), Sampler(params)))
+        return rid
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a request (its cache is freed now). True if it was known."""
+        for pool in (self.waiting, self.active):
+            for r in pool:
+                if r.id == request_id:
+                    pool.remove(r)
+                    return True
+        return False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def step(self) -> list[Event]:
+        """Admit waiting requests (prefill, first token) and advance every active one by a token."""
+        events: list[Event] = []
+        running = [r for r in self.active if r.last is not None]
+        if running:
+            events += self._decode(running)
+        while self.waiting and len(self.active) < self.max_batch:
+            r = self.waiting.pop(0)
+            events += self._admit(r)
+        return events
+
+    # -- internals -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _admit(self, r: _Request) -> list[Event]:
+        llm, model = self.llm, self.llm.model
+        r.max_len = min(len(r.prompt.ids) + r.params.max_tokens, self.context)
+        if r.params.max_tokens == 0:
+            return [Event(r.id, None, "length")]
+        text_ids, embeds, blocks = llm._inputs(r.prompt)
+        r.cache = make_cache(llm.config, r.max_len, dtype=model.dtype, device=model.device)
+        logits = prefill(model, text_ids, r.cache, chunk_size=self.chunk_size, embeds=embeds, vision_blocks=blocks)
+        r.position = len(r.prompt.ids)
+        self.active.append(r)
+        return [self._sample(r, logits)]
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[_Request]) -> list[Event]:
+        model = self.llm.model
+        tokens = torch.tensor([[r.last] for r in rows], device=model.device)
+        positions = torch.tensor([r.position for r in rows], device=model.device)
+        logits = model(tokens, positions, [r.cache for r in rows], last_only=True)[:, -1].float()
+        events = []
+        for r, row in zip(rows, logits):
+            r.position += 1
+            events.append(self._sample(r, row))
+        return events
+
+    def _sample(self, r: _Request, logits: torch.Tensor) -> Event:
+        seen = torch.tensor(r.prompt.ids + r.generated, dtype=torch.long)
+        token = r.sampler(logits, seen, torch.tensor(r.generated, dtype=torch.long))
+        logprob, top = None, ()
+        if r.top_logprobs is not None:
+            lp = torch.log_softmax(logits.float().cpu(), dim=-1)
+            logprob = float(lp[token])
+            if r.top_logprobs:
+                vals, idx = torch.topk(lp, r.top_logprobs)
+                top = tuple((int(i), float(v)) for i, v in zip(idx, vals))
+        if token in r.stop_ids:
+            self._finish(r)
+            return Event(r.id, None, "stop", logprob, top)
+        r.generated.append(token)
+        r.last = token
+        if len(r.generated) >= r.params.max_tokens or r.position >= r.max_len:
+            self._finish(r)
+            return Event(r.id, token, "length", logprob if logprob is None or math.isfinite(logprob) else None, top)
+        return Event(r.id, token, None, logprob, top)
+
+    def _finish(self, r: _Request) -> None:
+        if r in self.active:
+            self.active.remove(r)
+        r.cache = None
