@@ -39,8 +39,6 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
     `reference=True` (GGUF) dequantizes weights exactly to float32 instead of keeping them
     quantized: slower and larger, used to check the fast path.
     """
-    from ..llm import LLM  # noqa: F401  (import cycle: llm imports nothing from loading)
-
     if path is None:
         from .default import default_model_path
 

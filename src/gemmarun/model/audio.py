@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from .layers import RMSNorm, rms_norm
+from .layers import ClippableLinear, RMSNorm, rms_norm
 
 NUM_MEL_BINS = 128
 
@@ -152,31 +152,6 @@ def audio_config_from_hf(d: dict[str, Any]) -> AudioConfig:
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------
-
-
-class ClippableLinear(nn.Module):
-    """Bias-free linear with optional input/output clamps (scalar buffers from the checkpoint)."""
-
-    def __init__(self, in_features: int, out_features: int, clipped: bool):
-        super().__init__()
-        self.clipped = clipped
-        self.linear = nn.Linear(in_features, out_features, bias=False)
-        if clipped:
-            for name, value in (
-                ("input_min", -math.inf),
-                ("input_max", math.inf),
-                ("output_min", -math.inf),
-                ("output_max", math.inf),
-            ):
-                self.register_buffer(name, torch.tensor(value))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.clipped:
-            x = torch.clamp(x, self.input_min, self.input_max)
-        x = self.linear(x)
-        if self.clipped:
-            x = torch.clamp(x, self.output_min, self.output_max)
-        return x
 
 
 def _clip_value(gradient_clipping: float, dtype: torch.dtype) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,3 +74,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+class ClippableLinear(nn.Module):
+    """Bias-free linear with optional scalar clamps on its input and output (spec 1.3); vision and audio
+    towers use it, with the four scalar bounds stored in the checkpoint."""
+
+    def __init__(self, in_features: int, out_features: int, clipped: bool):
+        super().__init__()
+        self.clipped = clipped
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        if clipped:
+            self.register_buffer("input_min", torch.tensor(-math.inf))
+            self.register_buffer("input_max", torch.tensor(math.inf))
+            self.register_buffer("output_min", torch.tensor(-math.inf))
+            self.register_buffer("output_max", torch.tensor(math.inf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clipped:
+            x = torch.clamp(x, self.input_min, self.input_max)
+        y = self.linear(x)
+        if self.clipped:
+            y = torch.clamp(y, self.output_min, self.output_max)
+        return y

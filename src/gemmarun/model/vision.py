@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from .layers import RMSNorm, apply_rope, gelu_tanh, rms_norm
+from .layers import ClippableLinear, RMSNorm, apply_rope, gelu_tanh, rms_norm
 
 
 @dataclass(frozen=True)
@@ -82,28 +82,6 @@ def vision_config_from_hf(d: dict[str, Any]) -> VisionConfig:
         standardize=bool(d.get("standardize", False)),
         default_output_length=int(out_len) if out_len is not None else None,
     )
-
-
-class ClippableLinear(nn.Module):
-    """Bias-free linear with optional scalar clamps on its input and output (spec 1.3)."""
-
-    def __init__(self, in_features: int, out_features: int, clipped: bool):
-        super().__init__()
-        self.clipped = clipped
-        self.linear = nn.Linear(in_features, out_features, bias=False)
-        if clipped:
-            self.register_buffer("input_min", torch.tensor(-math.inf))
-            self.register_buffer("input_max", torch.tensor(math.inf))
-            self.register_buffer("output_min", torch.tensor(-math.inf))
-            self.register_buffer("output_max", torch.tensor(math.inf))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.clipped:
-            x = torch.clamp(x, self.input_min, self.input_max)
-        y = self.linear(x)
-        if self.clipped:
-            y = torch.clamp(y, self.output_min, self.output_max)
-        return y
 
 
 class PatchEmbedder(nn.Module):
