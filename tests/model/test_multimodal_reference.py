@@ -150,7 +150,7 @@ def test_audio_soft_tokens_match_reference(pair, media):
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
 
 
-@pytest.mark.parametrize("family, with_audio", [("e2b", True), ("31b", False)])
+@pytest.mark.parametrize("family, with_audio", [("e2b", True), ("31b", False), ("26b", False)])
 def test_full_logits_with_images_and_audio(pair, media, family, with_audio):
     llm, ref = pair(family)
     images = [media / "a.png", media / "b.jpg"]
@@ -178,7 +178,7 @@ def test_bidirectional_vision_matters_on_31b(pair, media):
     assert np.abs(with_blocks - causal).max() > 1e-4
 
 
-@pytest.mark.parametrize("family", ["e2b", "31b"])
+@pytest.mark.parametrize("family", ["e2b", "31b", "26b"])
 def test_greedy_generation_with_media_matches_reference(pair, media, family):
     llm, ref = pair(family)
     images = [media / "a.png"]
