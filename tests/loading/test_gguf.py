@@ -207,3 +207,37 @@ def test_unsupported_quant_type_names_tensor_and_type(converted, tmp_path):
         gemmarun.load(path, device="cpu")
     # the file no longer adds up (different block size) or the type is refused by name
     assert "blk.0.attn_q.weight" in str(e.value)
+
+
+def test_inspect_flags_nan_blocks_and_missing_metadata(converted, tmp_path, capsys):
+    from gemmarun.cli import main
+
+    _, good = converted("e2b", "q8_0")
+    f = GGUFFile(good)
+    info = f.tensors["blk.0.attn_q.weight"]  # Q8_0: the f16 scale of the first block -> NaN
+    data = bytearray(good.read_bytes())
+    data[info.offset : info.offset + 2] = np.array([np.nan], dtype=np.float16).tobytes()
+    bad = tmp_path / "nan.gguf"
+    bad.write_bytes(bytes(data))
+    assert main(["inspect", str(bad), "--no-tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "blk.0.attn_q.weight holds NaN or inf" in out
+    assert "warning" in out
+    assert "no chat template" in out  # the tiny folder ships none
+
+
+def test_inspect_flags_vocab_mismatch_and_bad_eos(converted, tmp_path, capsys):
+    from gemmarun.cli import main
+
+    _, good = converted("e2b", "f16")
+    data = good.read_bytes()
+    key = b"tokenizer.ggml.eos_token_id"
+    at = data.index(key) + len(key)
+    vtype = int.from_bytes(data[at : at + 4], "little")
+    assert vtype == 4  # uint32
+    patched = data[: at + 4] + (999_999).to_bytes(4, "little") + data[at + 8 :]
+    bad = tmp_path / "eos.gguf"
+    bad.write_bytes(patched)
+    assert main(["inspect", str(bad), "--no-tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "EOS id(s)" in out and "may never stop" in out
