@@ -1,0 +1,200 @@
+"""LoopGuard on a corpus of legitimate outputs (no alarm allowed) and of real degenerate loops
+(must fire soon after the loop starts). tests/loopguard_corpus/degenerate/*.txt hold
+`prefix%%LOOP%%unit`: the model writes the prefix, then the unit forever."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from gemmarun.loopguard import LoopEvent, LoopGuard, LoopGuardConfig
+
+CORPUS = Path(__file__).parent / "loopguard_corpus"
+LEGIT = sorted((CORPUS / "legit").iterdir())
+DEGENERATE = sorted((CORPUS / "degenerate").iterdir())
+MODES = ["chunks", "chars"]
+_TOKEN = re.compile(r" ?\w{1,6}| ?[^\w\s]{1,3}|\n|[^\S\n]+")  # word pieces with their leading space
+
+
+def tokenize(text: str, mode: str) -> list[str]:
+    """Deterministic stand-in for a subword tokenizer ("chunks"), or one token per character."""
+    pieces = _TOKEN.findall(text) if mode == "chunks" else list(text)
+    assert "".join(pieces) == text
+    return pieces
+
+
+class Vocab(dict):
+    def id(self, piece: str) -> int:
+        return self.setdefault(piece, len(self))
+
+
+def run(guard: LoopGuard, pieces: list[str], vocab: Vocab) -> tuple[int, LoopEvent] | None:
+    for i, piece in enumerate(pieces):
+        event = guard.push(vocab.id(piece), piece)
+        if event is not None:
+            return i, event
+    return None
+
+
+def loop_case(path: Path, mode: str) -> tuple[list[str], list[str]]:
+    prefix, unit = path.read_text(encoding="utf-8").split("%%LOOP%%")
+    return tokenize(prefix, mode), tokenize(unit, mode)
+
+
+def bound(path: Path, period: int, config: LoopGuardConfig) -> int:
+    """Tokens of loop output (from its first token) the guard may let through."""
+    if path.name.startswith("lowinfo_"):  # punctuation/whitespace/number loops get more rope
+        return max(config.span_repeats * period, config.lowinfo_min_tokens) + 64
+    return 3 * period + 64
+
+
+def test_corpus_sizes():
+    assert len(LEGIT) >= 40 and len(DEGENERATE) >= 15
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("path", LEGIT, ids=lambda p: p.name)
+def test_no_false_positive_on_legitimate_output(path, mode):
+    pieces = tokenize(path.read_text(encoding="utf-8"), mode)
+    fired = run(LoopGuard(), pieces, Vocab())
+    assert fired is None, f"fired at token {fired[0]}: {fired[1]}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("path", DEGENERATE, ids=lambda p: p.name)
+def test_degenerate_loop_fires_soon(path, mode):
+    config = LoopGuardConfig()
+    prefix, unit = loop_case(path, mode)
+    period = len(unit)
+    if period > config.max_period:
+        pytest.skip("one copy is longer than max_period characters")
+    limit = bound(path, period, config)
+    pieces = prefix + unit * (limit // period + 3)
+    fired = run(LoopGuard(config), pieces, Vocab())
+    assert fired is not None, "loop not detected"
+    index, event = fired
+    latency = index + 1 - len(prefix)
+    assert 0 < latency <= limit, (latency, event)
+    assert period % event.period == 0, event  # the true period or a divisor of the unit
+    assert len(prefix) - period <= event.start <= len(prefix) + period, event
+    kept = pieces[event.start:event.start + event.period]
+    assert "".join(kept) and "".join(kept) in "".join(unit * 3)  # one copy of the loop is kept
+
+
+def test_kinds_and_samples():
+    def first_event(name: str) -> LoopEvent:
+        prefix, unit = loop_case(CORPUS / "degenerate" / name, "chunks")
+        return run(LoopGuard(), prefix + unit * 200, Vocab())[1]
+
+    dashes = first_event("dashes_forever.txt")
+    assert (dashes.kind, dashes.sample, dashes.period) == ("line", "---", 2)
+    assert first_event("json_aaaa.txt").kind == "token"
+    assert first_event("im_sorry.txt").kind == "ngram"
+    paragraph = first_event("paragraph_repeated.txt")
+    assert paragraph.kind == "span" and "The quarterly" in paragraph.sample
+    assert first_event("cycle_60_tokens.txt").period == 60
+
+
+def test_recover_rolls_back_to_one_copy_and_bans_the_restart():
+    """A scripted 'model' loops on "---\\n" until the ban makes it write something else."""
+    vocab = Vocab()
+    guard = LoopGuard(LoopGuardConfig(policy="recover"))
+    generated: list[str] = []
+    intro = tokenize("Outline:\n\n", "chunks")
+
+    def model_next(position: int) -> str:
+        if position < len(intro):
+            return intro[position]
+        if vocab.id("---") in guard.banned_at(position):
+            return " Done."
+        return "---" if generated[-1] == "\n" else "\n"
+
+    events = []
+    while len(generated) < 200 and (not generated or generated[-1] != " Done."):
+        piece = model_next(len(generated))
+        generated.append(piece)
+        event = guard.push(vocab.id(piece), piece)
+        if event is not None:
+            assert guard.can_recover()
+            events.append(event)
+            keep = guard.rollback(event)
+            assert keep == event.start + event.period
+            del generated[keep:]
+            assert len(guard) == keep
+    assert len(events) == 1 and guard.recoveries == 1
+    assert "".join(generated) == "Outline:\n\n---\n Done."
+    assert guard.banned_at(len(intro) + 2) == {vocab.id("---")}
+
+
+def test_bans_accumulate_and_are_forgotten_past_a_rollback():
+    guard = LoopGuard()
+    for _ in range(40):
+        guard.push(1, "x")
+    event = LoopEvent(start=10, period=1, repeats=30, kind="token", sample="x")
+    assert guard.rollback(event) == 11 and guard.banned_at(11) == {1}
+    for _ in range(10):
+        guard.push(2, "y")
+    guard.rollback(LoopEvent(start=10, period=1, repeats=10, kind="token", sample="y"))
+    assert guard.banned_at(11) == {1, 2}
+    guard.truncate(5)
+    assert guard.banned_at(11) == set() and len(guard) == 5
+    assert guard.recoveries == 2 and not LoopGuard(LoopGuardConfig(policy="stop")).can_recover()
+
+
+def test_rollback_state_matches_a_fresh_guard():
+    vocab = Vocab()
+    prefix, unit = loop_case(CORPUS / "degenerate" / "im_sorry.txt", "chunks")
+    guard = LoopGuard()
+    _, event = run(guard, prefix + unit * 50, vocab)
+    keep = guard.rollback(event)
+    tail = tokenize(" Let me explain why instead: the request needs a licence.", "chunks")
+    for piece in tail:
+        assert guard.push(vocab.id(piece), piece) is None
+    fresh = LoopGuard()
+    for piece in (prefix + unit * 50)[:keep] + tail:
+        fresh.push(vocab.id(piece), piece)
+    assert fresh._active == guard._active and fresh._ids == guard._ids
+
+
+def test_separator_runs_need_more_repeats_and_ids_only_mode():
+    guard = LoopGuard()
+    assert all(guard.push(5, "=") is None for _ in range(511))  # a long "=====" rule is fine
+    assert guard.push(5, "=") is not None  # but not forever
+    no_text = LoopGuard()
+    assert [no_text.push(5) for _ in range(16)][-1] is not None  # without text: a plain token
+    marked = LoopGuard(LoopGuardConfig(lowinfo_ids=frozenset({5})))
+    assert all(marked.push(5) is None for _ in range(300))
+
+
+def test_policy_off_and_config_validation():
+    guard = LoopGuard(LoopGuardConfig(policy="off"))
+    assert all(guard.push(1, "a") is None for _ in range(1000))
+    with pytest.raises(ValueError):
+        LoopGuardConfig(policy="warn")
+    with pytest.raises(ValueError):
+        LoopGuardConfig(line_repeats=1)
+    with pytest.raises(ValueError):
+        LoopGuardConfig(ngram_max_period=300)
+
+
+def test_speed_report(capsys):
+    """Prints µs/token on ordinary text and while looping (no timing assertion: machines differ)."""
+    vocab = Vocab()
+    streams = {mode: [tokenize(p.read_text(encoding="utf-8"), mode) for p in LEGIT] for mode in MODES}
+    streams["looping"] = [pre + unit * (600 // len(unit) + 1)
+                          for pre, unit in (loop_case(p, "chunks") for p in DEGENERATE)]
+    report = []
+    for name, texts in streams.items():
+        encoded = [[(vocab.id(piece), piece) for piece in text] for text in texts]
+        total = sum(map(len, encoded))
+        began = time.perf_counter()
+        for stream in encoded:
+            guard = LoopGuard(LoopGuardConfig(policy="stop"))  # keeps pushing after an event
+            for token_id, piece in stream:
+                guard.push(token_id, piece)
+        report.append(f"{name}: {(time.perf_counter() - began) / total * 1e6:.2f} µs/token ({total} tokens)")
+    with capsys.disabled():
+        print("\nLoopGuard " + "; ".join(report))

@@ -1,0 +1,240 @@
+"""SVG check / repair / render on a corpus of real-looking model output (tests/svg_corpus)."""
+
+from __future__ import annotations
+
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from xml.parsers import expat
+
+import pytest
+from PIL import Image
+
+from gemmarun.svg import Problem, SvgRenderError, check_svg, extract_svg, render_png, repair_svg
+
+CORPUS = Path(__file__).parent / "svg_corpus"
+VALID = sorted((CORPUS / "valid").iterdir())
+BROKEN = sorted((CORPUS / "broken").iterdir())
+
+# kinds check_svg must report for each broken sample, and what cannot be repaired
+EXPECTED = {
+    "ampersand_text.svg": {"bare-ampersand", "undefined-entity", "bare-lt"},
+    "external_href.svg": {"external-reference"},
+    "launch_duplicate_x1.svg": {"duplicate-attribute"},
+    "markdown_fences.md": {"stray-text"},
+    "missing_namespace.svg": {"missing-namespace", "unbound-prefix"},
+    "prose_around.txt": {"stray-text"},
+    "repeating_fence_loop.md": {"stray-text", "missing-namespace", "unclosed-tag",
+                                "duplicate-attribute", "bare-ampersand"},
+    "script_onload.svg": {"script", "event-handler"},
+    "truncated_mid_attribute.txt": {"incomplete-tag", "unclosed-tag", "stray-text"},
+    "truncated_mid_element.txt": {"unclosed-tag"},
+    "two_duplicates.svg": {"duplicate-attribute"},
+    "unclosed_groups.svg": {"unclosed-tag"},
+    "undefined_gradient.svg": {"undefined-id"},
+}
+UNFIXABLE = {"undefined-id"}
+SVG_NS = "{http://www.w3.org/2000/svg}"
+
+
+def _assert_renders(svg: str, tmp_path: Path, width: int | None = None) -> Image.Image:
+    root = ET.fromstring(svg)
+    if width is None and root.get("width") and root.get("height"):
+        size = (round(float(root.get("width").rstrip("px"))), round(float(root.get("height").rstrip("px"))))
+    else:
+        _, _, w, h = (float(v) for v in root.get("viewBox").replace(",", " ").split())
+        width = width or round(w)
+        size = (width, round(h * width / w))
+    out = render_png(svg, tmp_path / "out.png", width=width)
+    image = Image.open(out).convert("RGBA")
+    assert image.size == size
+    assert image.getchannel("A").getbbox() is not None, "nothing was drawn"
+    assert len(image.getcolors(maxcolors=1 << 20)) > 1, "image is a single flat colour"
+    return image
+
+
+def _second(text: str, needle: str) -> tuple[int, int]:
+    """1-based line/column of the second occurrence of needle."""
+    i = text.index(needle, text.index(needle) + 1)
+    return text.count("\n", 0, i) + 1, i - text.rfind("\n", 0, i)
+
+
+def test_corpus_is_complete():
+    assert {p.name for p in BROKEN} == set(EXPECTED)
+    assert len(VALID) >= 5
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.name)
+def test_valid_svg_is_clean_and_untouched(path, tmp_path):
+    text = path.read_text()
+    assert check_svg(text) == []
+    repaired = repair_svg(text)
+    assert repaired.svg == text and repaired.changes == [] and repaired.problems_left == []
+    assert extract_svg(text).strip().endswith("</svg>")
+    _assert_renders(text, tmp_path)
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=lambda p: p.name)
+def test_broken_svg_is_reported_repaired_and_renders(path, tmp_path):
+    text = path.read_text()
+    problems = check_svg(text)
+    assert EXPECTED[path.name] <= {p.kind for p in problems}, problems
+    assert all(p.line >= 1 and p.column >= 1 for p in problems)
+    repaired = repair_svg(text)
+    left = {p.kind for p in repaired.problems_left}
+    assert left <= UNFIXABLE, repaired.problems_left
+    assert left == EXPECTED[path.name] & UNFIXABLE
+    assert check_svg(repaired.svg) == repaired.problems_left
+    assert ET.fromstring(repaired.svg).tag == SVG_NS + "svg"
+    assert (repaired.changes == []) == (left == {p.kind for p in problems})
+    again = repair_svg(repaired.svg)
+    assert again.svg == repaired.svg and again.changes == []  # repair is idempotent
+    _assert_renders(repaired.svg, tmp_path)
+
+
+def test_launch_bug_duplicate_x1():
+    text = (CORPUS / "broken" / "launch_duplicate_x1.svg").read_text()
+    with pytest.raises(ET.ParseError, match="duplicate attribute"):
+        ET.fromstring(text)
+    assert check_svg(text) == [Problem(*_second(text, "x1="), "duplicate-attribute",
+                                       'attribute x1 redefined on <line> (first: x1="20")')]
+    repaired = repair_svg(text)
+    assert 'x1="20"' in repaired.svg and 'x1="180"' not in repaired.svg
+    assert repaired.changes == [('removed duplicate attribute x1="180" on <line> at line 3; '
+                                 'kept the first occurrence x1="20"')]
+    assert repaired.svg == text.replace(' x1="180"', "")  # nothing else touched
+
+
+def test_every_duplicate_is_reported_with_its_position():
+    text = (CORPUS / "broken" / "two_duplicates.svg").read_text()
+    parser = expat.ParserCreate()
+    with pytest.raises(expat.ExpatError):
+        parser.Parse(text, True)  # expat stops at the first one ...
+    dups = [(p.line, p.column) for p in check_svg(text) if p.kind == "duplicate-attribute"]
+    assert dups == [_second(text, "x1="), (7, text.splitlines()[6].index('width="99"') + 1)]
+    assert dups == [(3, 42), (7, 60)]
+
+
+def test_syntax_error_after_duplicate_is_still_reported():
+    text = ('<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4">\n'
+            '<rect x="1" x="2"/>\n<rect y="1" width="2" height="2"/ >\n</svg>')
+    kinds = [(p.line, p.kind) for p in check_svg(text)]
+    assert (2, "duplicate-attribute") in kinds and (3, "malformed-tag") in kinds
+
+
+def test_parser_position_is_reported_for_other_syntax_errors():
+    text = '<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4">\n<!-- a -- b -->\n</svg>'
+    assert check_svg(text) == [Problem(2, 10, "xml-syntax", "not well-formed (invalid token)")]
+
+
+def test_truncated_mid_attribute_drops_the_tag_and_closes_in_order():
+    text = (CORPUS / "broken" / "truncated_mid_attribute.txt").read_text()
+    svg = repair_svg(text).svg
+    assert "fi" not in svg.splitlines()[-3] and svg.rstrip().endswith("</g>\n</svg>")
+    assert svg.count("<circle") == 2
+
+
+def test_truncated_text_keeps_the_words_and_closes_elements():
+    text = (CORPUS / "broken" / "truncated_mid_element.txt").read_text()
+    root = ET.fromstring(repair_svg(text).svg)
+    assert root.find(f"{SVG_NS}g/{SVG_NS}text").text.startswith("Once upon a ti")
+
+
+def test_unclosed_groups_are_closed_where_the_parent_ends():
+    svg = repair_svg((CORPUS / "broken" / "unclosed_groups.svg").read_text()).svg
+    assert svg.rstrip().endswith("</text>\n</g></g></g></svg>")
+
+
+def test_namespaces_added_for_svg_and_xlink():
+    repaired = repair_svg((CORPUS / "broken" / "missing_namespace.svg").read_text())
+    head = repaired.svg.splitlines()[0]
+    assert 'xmlns="http://www.w3.org/2000/svg"' in head
+    assert 'xmlns:xlink="http://www.w3.org/1999/xlink"' in head
+    assert 'viewBox="0 0 100 50"' in head
+
+
+def test_wrong_namespace_and_px_sizes():
+    repaired = repair_svg('<svg xmlns="http://www.w3.org/1999/xhtml" width="30px" height="20px"><g/></svg>')
+    assert repaired.svg == ('<svg xmlns="http://www.w3.org/2000/svg" width="30px" height="20px" '
+                            'viewBox="0 0 30 20"><g/></svg>')
+
+
+def test_script_and_handlers_removed():
+    svg = repair_svg((CORPUS / "broken" / "script_onload.svg").read_text()).svg
+    assert "script" not in svg and "onload" not in svg and "onclick" not in svg
+    assert "javascript" not in svg and "<circle" in svg
+
+
+def test_external_references_removed():
+    svg = repair_svg((CORPUS / "broken" / "external_href.svg").read_text()).svg
+    assert "example.com" not in svg and "foreignObject" not in svg and 'fill="none"' in svg
+
+
+def test_entities_and_ampersands():
+    svg = repair_svg((CORPUS / "broken" / "ampersand_text.svg").read_text()).svg
+    text = ET.fromstring(svg).find(f"{SVG_NS}text").text
+    assert text == "R&D & Sales \u00a0\u2014 x < y"
+
+
+def test_undefined_ids_are_left_alone():
+    text = (CORPUS / "broken" / "undefined_gradient.svg").read_text()
+    repaired = repair_svg(text)
+    assert repaired.svg == text and repaired.changes == []
+    assert [(p.line, p.kind) for p in repaired.problems_left] == [(2, "undefined-id"), (4, "undefined-id")]
+
+
+def test_unfixable_problems_stay():
+    assert {p.kind for p in repair_svg('<svg xmlns="http://www.w3.org/2000/svg"><g></svg>').problems_left} == {
+        "missing-size"}
+    assert {p.kind for p in check_svg("<html><body>hi</body></html>")} == {"root-not-svg"}
+    assert repair_svg("no svg here").problems_left[0].kind == "root-not-svg"
+
+
+def test_stray_end_tag_and_unquoted_values():
+    text = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 4 4"><rect width=4 height=4/></g></svg>'
+    assert {p.kind for p in check_svg(text)} == {"malformed-attribute", "stray-end-tag"}
+    assert repair_svg(text).svg == ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 4 4">'
+                                    '<rect width="4" height="4"/></svg>')
+
+
+def test_extract_svg_from_answers():
+    fenced = (CORPUS / "broken" / "markdown_fences.md").read_text()
+    assert extract_svg(fenced).startswith('<svg xmlns="http://www.w3.org/2000/svg" width="80"')  # last complete
+    cut = "Draft:\n```svg\n<svg><g><rect/>\n```\nThen:\n<svg><circle"
+    assert extract_svg(cut) == "<svg><g><rect/>"  # no complete one: the first cut-off one
+    assert extract_svg("nothing to see") is None
+    declared = 'ok <?xml version="1.0"?>\n<svg/> done'
+    assert extract_svg(declared) == '<?xml version="1.0"?>\n<svg/>'
+    nested = "<svg><svg><rect/></svg><circle/></svg> tail"
+    assert extract_svg(nested) == "<svg><svg><rect/></svg><circle/></svg>"
+
+
+def test_render_scales_to_width(tmp_path):
+    svg = (CORPUS / "valid" / "bar_chart.svg").read_text()
+    image = Image.open(render_png(svg, tmp_path / "a.png", width=150))
+    assert image.size == (150, 100)
+
+
+def test_render_errors(tmp_path):
+    with pytest.raises(SvgRenderError):
+        render_png("this is not svg <", tmp_path / "x.png")
+    with pytest.raises(SvgRenderError):
+        render_png("<svg/>", tmp_path / "x.png", width=0)
+
+
+@pytest.mark.skipif(shutil.which("fc-match") is None, reason="no fontconfig: generic families unknown")
+def test_render_draws_text_in_generic_families(tmp_path):
+    for family in ("serif", "sans-serif", "monospace"):
+        svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="80" height="30">'
+               f'<text x="4" y="20" font-family="{family}" font-size="14">Hello</text></svg>')
+        image = Image.open(render_png(svg, tmp_path / "t.png")).convert("RGBA")
+        assert image.getchannel("A").getbbox() is not None, family
+
+
+def test_local_paths_are_external_but_data_uris_are_not():
+    head = '<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8">'
+    local = head + '<image href="/etc/secret.png" width="8" height="8"/><rect fill="url(p.svg#a)"/></svg>'
+    assert [p.kind for p in check_svg(local)] == ["external-reference", "external-reference"]
+    assert "secret" not in repair_svg(local).svg and "p.svg" not in repair_svg(local).svg
+    inline = head + '<image href="data:image/png;base64,iVBORw0KGgo=" width="8" height="8"/></svg>'
+    assert check_svg(inline) == []
