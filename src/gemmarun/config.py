@@ -187,6 +187,7 @@ _INERT_KEYS = {
     "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "add_cross_attention",
     "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
     "finetuning_task", "cache_implementation", "router_aux_loss_coef", "output_router_logits",
+    "per_layer_config",
 }
 
 
@@ -214,14 +215,39 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 
 
 def _text_section(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(text section, family). `gemma4_unified` (spec 7.1) has a plain Gemma 4 text decoder."""
     model_type = raw.get("model_type")
-    if model_type in ("gemma4", "gemma3") and "text_config" in raw:
-        return raw["text_config"], model_type
-    if model_type in ("gemma4_text", "gemma3_text"):
-        return raw, model_type.removesuffix("_text")
+    if model_type in ("gemma4", "gemma3", "gemma4_unified") and "text_config" in raw:
+        return raw["text_config"], "gemma3" if model_type == "gemma3" else "gemma4"
+    if model_type in ("gemma4_text", "gemma3_text", "gemma4_unified_text"):
+        return raw, "gemma3" if model_type == "gemma3_text" else "gemma4"
     raise ConfigError(
-        f"model_type {model_type!r} is not supported (gemma4, gemma4_text, gemma3, gemma3_text)"
+        f"model_type {model_type!r} is not supported "
+        "(gemma4, gemma4_text, gemma4_unified, gemma4_unified_text, gemma3, gemma3_text)"
     )
+
+
+def _full_layer_overrides(tc: dict[str, Any], layer_types: tuple[LayerType, ...]) -> tuple[Any, Any]:
+    """(global_head_dim, num_global_key_value_heads). transformers 5.23's save_pretrained writes
+    them as `per_layer_config` ({"5": {"head_dim": .., "num_key_value_heads": ..}}), which wins
+    over the released keys when both are present, as in the reference."""
+    per_layer = tc.get("per_layer_config")
+    if not per_layer:
+        return tc.get("global_head_dim"), tc.get("num_global_key_value_heads")
+    full = {i for i, t in enumerate(layer_types) if t is LayerType.FULL}
+    seen = set()
+    for key, override in per_layer.items():
+        if not str(key).isdigit() or int(key) >= len(layer_types):
+            raise ConfigError(f"per_layer_config: {key!r} is not a layer index")
+        if int(key) not in full:
+            raise ConfigError(f"per_layer_config.{key}: overrides on a sliding layer are not supported")
+        extra = sorted(set(override) - {"head_dim", "num_key_value_heads"})
+        if extra:
+            raise ConfigError(f"per_layer_config.{key}: unsupported keys {', '.join(extra)}")
+        seen.add((override.get("head_dim"), override.get("num_key_value_heads")))
+    if len(seen) != 1 or {int(k) for k in per_layer} != full:
+        raise ConfigError("per_layer_config: every full_attention layer must carry the same override")
+    return next(iter(seen))
 
 
 def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
@@ -241,7 +267,8 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
     if tc.get("tie_word_embeddings", True) is False:
         raise ConfigError("tie_word_embeddings=false is not supported (Gemma ties its head)")
     num_layers = int(tc["num_hidden_layers"])
-    bidir = tc.get("use_bidirectional_attention")
+    unified = str(raw.get("model_type", "")).startswith("gemma4_unified")
+    bidir = tc.get("use_bidirectional_attention", "vision" if unified else None)  # the classes' defaults
     if family == "gemma4" and bidir not in (None, "vision"):
         raise ConfigError(f"use_bidirectional_attention={bidir!r} is not supported (null, 'vision')")
     if family == "gemma3" and bidir:
@@ -301,14 +328,15 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
             attention_scale=float(tc.get("query_pre_attn_scalar", head_dim)) ** -0.5,
             has_v_norm=False,
         )
+    global_head_dim, global_kv_heads = _full_layer_overrides(tc, layer_types)
     moe = bool(tc.get("enable_moe_block", False))
     if moe and not (tc.get("num_experts") and tc.get("top_k_experts") and tc.get("moe_intermediate_size")):
         raise ConfigError("enable_moe_block=true needs num_experts, top_k_experts, moe_intermediate_size")
     ple_dim = int(tc.get("hidden_size_per_layer_input") or 0)
     return TextConfig(
         **common,
-        global_head_dim=int(tc.get("global_head_dim") or head_dim),
-        num_global_kv_heads=tc.get("num_global_key_value_heads"),
+        global_head_dim=int(global_head_dim or 512),  # the reference class default
+        num_global_kv_heads=global_kv_heads,
         k_eq_v=bool(tc.get("attention_k_eq_v", False)),
         ple_dim=ple_dim,
         ple_vocab_size=int(tc.get("vocab_size_per_layer_input") or tc["vocab_size"]) if ple_dim else 0,

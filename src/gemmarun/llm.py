@@ -14,6 +14,7 @@ from . import chat
 from .config import TextConfig
 from .generate import generate_step
 from .model.multimodal import AUDIO, IMAGE, VIDEO, Encoders, MediaTokens, merge
+from .model.unified import UnifiedEncoders
 from .model.text import TextModel
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -43,7 +44,7 @@ class LLM:
     """A loaded Gemma model. Create it with `gemmarun.load(path)`."""
 
     def __init__(self, model: TextModel, tokenizer: Tokenizer, info: ModelInfo,
-                 encoders: Encoders | None = None):
+                 encoders: Encoders | UnifiedEncoders | None = None):
         self.model = model
         self.config: TextConfig = model.config
         self.tokenizer = tokenizer
@@ -82,7 +83,8 @@ class LLM:
         return self._soft(item)[0].float().cpu().numpy()
 
     def encode_audio(self, source) -> np.ndarray:
-        """Projected soft tokens of one audio file (all its 30 s clips): [n_soft_tokens, hidden]."""
+        """Projected soft tokens of one audio file (all its 30 s clips; one clip for a unified
+        model): [n_soft_tokens, hidden]."""
         item = self._prepare("audio", source, None)
         return torch.cat(self._soft(item)).float().cpu().numpy()
 
@@ -91,7 +93,12 @@ class LLM:
 
         if self.encoders is None:
             raise ValueError(f"this model takes text only; it cannot take {kind} input")
-        return prepare(kind, source, image_tokens or self.encoders.cfg.image_soft_tokens)
+        budget = image_tokens or self.encoders.cfg.image_soft_tokens
+        if isinstance(self.encoders, UnifiedEncoders):
+            from .processing.unified import prepare_unified
+
+            return prepare_unified(kind, source, budget, self.encoders.cfg)
+        return prepare(kind, source, budget)
 
     def _soft(self, item) -> list[torch.Tensor]:
         """Soft tokens of one prepared media item (several tensors for clips or frames)."""
@@ -100,6 +107,12 @@ class LLM:
         from .processing.prompt import PreparedAudio, PreparedImage
 
         device = self.model.device
+        if isinstance(self.encoders, UnifiedEncoders):  # raw patches / waveform frames
+            from .processing.unified import soft_inputs
+
+            kind, (values, where) = soft_inputs(item)
+            encode = self.encoders.audio if kind == "audio" else self.encoders.images
+            return encode(values.to(device, self.model.dtype), where.to(device))
         if isinstance(item, PreparedAudio):
             features, mask = batch_features(list(item.clips))
             return self.encoders.audio(torch.from_numpy(features).to(device, self.model.dtype),
@@ -134,13 +147,24 @@ class LLM:
         return "".join(self.stream(prompt, **sampling))
 
     def stream(self, prompt: str | Messages, *, enable_thinking: bool = False, image_tokens: int | None = None,
-               **sampling: Any) -> Iterator[str]:
+               grammar=None, **sampling: Any) -> Iterator[str]:
         """Yield UTF-8-safe text pieces. A string is continued as raw text (BOS prepended); a
         list of messages (text, image, audio and video parts) is rendered with the model's chat
-        template."""
+        template. `grammar` (a `constrain.Grammar`) constrains the answer (after any thinking)."""
         params = SamplingParams(**sampling) if sampling else SamplingParams()
-        yield from self.stream_prompt(self.build_prompt(prompt, enable_thinking=enable_thinking,
-                                                        image_tokens=image_tokens), params)
+        prompt_ = self.build_prompt(prompt, enable_thinking=enable_thinking, image_tokens=image_tokens)
+        state = self.grammar_state(grammar, params, thinking=enable_thinking) if grammar is not None else None
+        yield from self.stream_prompt(prompt_, params, grammar=state)
+
+    def grammar_state(self, grammar, params: SamplingParams, thinking: bool = False):
+        """A fresh `constrain.GrammarState` for one generation of this model."""
+        from .constrain import GrammarState
+
+        opens = self.tokenizer.token_to_id("<|channel>") if thinking and self.config.family == "gemma4" else None
+        closes = self.tokenizer.token_to_id("<channel|>") if opens is not None else None
+        ends = tuple(sorted(set(self.config.eos_ids) | set(self.tokenizer.eos_ids)))
+        return GrammarState(grammar, self.tokenizer, self.config.vocab_size, ends, opens_with=opens,
+                            start_after=closes)
 
     def build_prompt(self, prompt: str | Messages, *, enable_thinking: bool = False,
                      image_tokens: int | None = None) -> Prompt:
@@ -186,13 +210,13 @@ class LLM:
     def stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
         yield from self.stream_prompt(Prompt(list(ids)), params)
 
-    def stream_prompt(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
+    def stream_prompt(self, prompt: Prompt, params: SamplingParams, grammar=None) -> Iterator[str]:
         text_ids, embeds, blocks = self._inputs(prompt)
         decoder = IncrementalDecoder(self.tokenizer)
         pending = ""  # text held back because it may be the start of a stop string
         hold = max((len(s) for s in params.stop), default=0)
         tokens = generate_step(self.model, text_ids.tolist(), params, stop_ids=self.stop_ids(params),
-                               embeds=embeds, vision_blocks=blocks)
+                               embeds=embeds, vision_blocks=blocks, grammar=grammar)
         # Stop strings are matched on text, so token-level max_tokens still bounds the work.
         for token in tokens:
             pending += decoder.push(token)

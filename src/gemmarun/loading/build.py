@@ -63,11 +63,14 @@ def _check(cfg: TextConfig, expected: dict[str, torch.Tensor], state: dict[str, 
 
 def build_encoders(mm_cfg, text_cfg: TextConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
                    device: torch.device):
-    """The vision/audio towers (gemmarun names = HF names minus `model.`), checked strictly."""
+    """The vision/audio towers (gemmarun names = HF names minus `model.`), checked strictly;
+    `UnifiedEncoders` for a gemma4_unified config."""
     from ..model.multimodal import Encoders
+    from ..model.unified import UnifiedConfig, UnifiedEncoders
 
+    cls = UnifiedEncoders if isinstance(mm_cfg, UnifiedConfig) else Encoders
     with torch.device("meta"):
-        encoders = Encoders(mm_cfg, text_cfg.hidden_size, text_cfg.rms_norm_eps)
+        encoders = cls(mm_cfg, text_cfg.hidden_size, text_cfg.rms_norm_eps)
     problems = _problems(encoders.state_dict(), state)
     if problems:
         raise LoadError("encoders: " + "; ".join(problems))

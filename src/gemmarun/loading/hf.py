@@ -10,6 +10,7 @@ import torch
 from ..config import load_hf_config
 from ..llm import LLM, ModelInfo
 from ..model.multimodal import multimodal_config_from_hf
+from ..model.unified import unified_config_from_hf
 from ..tokenizer import Tokenizer
 from .build import build_encoders, build_text_model
 from .errors import LoadError
@@ -44,7 +45,8 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LL
         state = sanitize_gemma3(state, cfg)
     model = build_text_model(cfg, state, dtype=dtype, device=device)
     encoders = None
-    mm_cfg = multimodal_config_from_hf(json.loads((folder / "config.json").read_text()))
+    raw = json.loads((folder / "config.json").read_text())
+    mm_cfg = multimodal_config_from_hf(raw) or unified_config_from_hf(raw)
     if mm_cfg is not None:
         encoders = build_encoders(mm_cfg, cfg, map_hf_tower_names(tensors), dtype=dtype, device=device)
     if not (folder / "tokenizer.json").exists():

@@ -16,7 +16,7 @@ from ..config import TextConfig
 HF_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 HF_TOWER_PREFIXES = (
     "model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
-    "vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.",
+    "vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.", "model.vision_embedder.",
 )
 HF_RENAMES = {
     "embed_tokens_per_layer.weight": "ple.table",
@@ -54,9 +54,11 @@ def map_hf_names(
 
 
 def map_hf_tower_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Vision/audio tower tensors under gemmarun's `Encoders` names (the HF name minus `model.`)."""
+    """Vision/audio tower tensors under gemmarun's `Encoders` / `UnifiedEncoders` names (the file's
+    name minus `model.`; `vision_embedder.` is gemma4_unified's raw-patch embedder)."""
     return {name.removeprefix("model."): t for name, t in tensors.items()
-            if name.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio."))}
+            if name.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
+                                "model.vision_embedder."))}
 
 
 def sanitize_gemma3(state: dict[str, torch.Tensor], cfg: TextConfig) -> dict[str, torch.Tensor]:
