@@ -24,6 +24,10 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--loop-guard", choices=["recover", "stop", "off"], default="recover",
+                   help="catch degenerate repetition: roll back and resample (default), stop, or off")
+    p.add_argument("--json-schema", metavar="FILE", default=None, help="constrain the answer to this JSON Schema")
+    p.add_argument("--regex", default=None, help="constrain the answer to this regular expression")
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -46,14 +50,33 @@ def _user_message(text: str, images: list[str], audios: list[str], videos: list[
     return {"role": "user", "content": parts + [{"type": "text", "text": text}] if parts else text}
 
 
-def _stream_to_stdout(llm, prompt, params: SamplingParams) -> str:
+def _grammar(args: argparse.Namespace):
+    from .constrain import Grammar
+
+    if getattr(args, "json_schema", None):
+        from pathlib import Path
+
+        return Grammar.json_schema(Path(args.json_schema).read_text())
+    if getattr(args, "regex", None):
+        return Grammar.regex(args.regex)
+    return None
+
+
+def _stream_to_stdout(llm, prompt, params: SamplingParams, args: argparse.Namespace, thinking: bool = False) -> str:
+    from .loopguard import LoopGuardConfig
+
+    grammar = _grammar(args)
+    state = llm.grammar_state(grammar, params, thinking=thinking) if grammar is not None else None
+    stream = llm.stream_prompt(prompt, params, grammar=state, loop_guard=LoopGuardConfig(policy=args.loop_guard))
     pieces = []
-    for piece in llm.stream_prompt(prompt, params):
+    for piece in stream:
         pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if stream.finish_reason == "loop":
+        print("gemmarun: stopped: the output started repeating itself (loop guard)", file=sys.stderr)
     return "".join(pieces)
 
 
@@ -69,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     use_chat = has_media or (not args.raw and (llm.has_chat_template or llm.config.family == "gemma4"))
     source = [_user_message(text, args.image, args.audio, args.video)] if use_chat else text
     prompt = llm.build_prompt(source, enable_thinking=args.think, image_tokens=args.image_tokens)
-    _stream_to_stdout(llm, prompt, _sampling(args))
+    _stream_to_stdout(llm, prompt, _sampling(args), args, thinking=args.think)
     return 0
 
 
@@ -85,7 +108,7 @@ TRANSCRIBE_PROMPT = (
 def cmd_transcribe(args: argparse.Namespace) -> int:
     llm = _load(args.model, args)
     prompt = llm.build_prompt([_user_message(TRANSCRIBE_PROMPT, [], [args.audio], [])], enable_thinking=False)
-    _stream_to_stdout(llm, prompt, _sampling(args))
+    _stream_to_stdout(llm, prompt, _sampling(args), args)
     return 0
 
 
@@ -111,8 +134,59 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": text})
-        reply = _stream_to_stdout(llm, llm.build_prompt(messages, enable_thinking=args.think), params)
+        reply = _stream_to_stdout(llm, llm.build_prompt(messages, enable_thinking=args.think), params, args,
+                                  thinking=args.think)
         messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_svg_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .svg import check_svg
+
+    problems = check_svg(Path(args.file).read_text(errors="replace"))
+    for p in problems:
+        print(f"{args.file}:{p.line}:{p.column}: {p.kind}: {p.message}")
+    if not problems:
+        print(f"{args.file}: valid SVG")
+    return 1 if problems else 0
+
+
+def _repair_and_render(text: str, out: str, png: str | None, label: str) -> int:
+    from pathlib import Path
+
+    from .svg import render_png, repair_svg
+
+    fixed = repair_svg(text)
+    for change in fixed.changes:
+        print(f"{label}: fixed: {change}")
+    for p in fixed.problems_left:
+        print(f"{label}:{p.line}:{p.column}: left: {p.kind}: {p.message}")
+    Path(out).write_text(fixed.svg)
+    print(f"wrote {out}")
+    if png:
+        render_png(fixed.svg, png)
+        print(f"rendered {png}")
+    return 0
+
+
+def cmd_svg_repair(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    return _repair_and_render(Path(args.file).read_text(errors="replace"), args.output, args.png, args.file)
+
+
+def cmd_svg_draw(args: argparse.Namespace) -> int:
+    from .svg import extract_svg
+
+    llm = _load(args.model, args)
+    ask = f"Write an SVG image of {args.subject}. Answer with the SVG code only."
+    prompt = llm.build_prompt([_user_message(ask, [], [], [])])
+    answer = _stream_to_stdout(llm, prompt, _sampling(args), args)
+    svg = extract_svg(answer)
+    if svg is None:
+        raise ValueError("the model's answer holds no <svg> element")
+    return _repair_and_render(svg, args.output, args.png, "answer")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -200,6 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", metavar="FILE", default=None, help="record into this markdown file")
     _add_model_options(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("svg", help="check, repair, or draw SVG with a model")
+    svg_sub = p.add_subparsers(dest="svg_command", required=True)
+    q = svg_sub.add_parser("check", help="list every problem with line:column; exit 1 if any")
+    q.add_argument("file")
+    q.set_defaults(func=cmd_svg_check)
+    q = svg_sub.add_parser("repair", help="fix what can be fixed deterministically and report each change")
+    q.add_argument("file")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--png", default=None, help="also render the result to this PNG")
+    q.set_defaults(func=cmd_svg_repair)
+    q = svg_sub.add_parser("draw", help="prompt a model for an SVG, then extract, check, repair, render")
+    q.add_argument("model")
+    q.add_argument("subject", help='e.g. "a pelican riding a bicycle"')
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--png", default=None)
+    _add_sampling_options(q)
+    _add_model_options(q)
+    q.set_defaults(func=cmd_svg_draw, max_tokens=1024)
 
     p = sub.add_parser("convert", help="write a HF folder as GGUF")
     p.add_argument("source")

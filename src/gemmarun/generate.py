@@ -5,7 +5,7 @@ Everything textual (detokenising, stop strings, chat) is a wrapper around `gener
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Generator
 
 import torch
 
@@ -65,10 +65,18 @@ def generate_step(
     chunk_size: int = 256,
     embeds: torch.Tensor | None = None,
     vision_blocks: torch.Tensor | None = None,
-) -> Iterator[int]:
-    """Yield generated token ids until a stop id (not yielded), `max_tokens`, or the context end.
+    grammar=None,  # constrain.GrammarState | None
+    loop_guard=None,  # loopguard.LoopGuard | None
+    piece: Callable[[int], str] | None = None,  # a token's text, for the loop guard's line rules
+    holdback: int = 64,
+) -> Generator[int, None, str]:
+    """Yield generated token ids; return the finish reason ("stop", "length", "loop").
 
-    The cache is sized for `min(len(prompt) + max_tokens, context)` positions.
+    Stops at a stop id (not yielded), `max_tokens`, the context end, or a completed grammar.
+    With a loop guard, tokens are yielded `holdback` tokens late so that a detected loop can be
+    rolled back before it reaches the caller: "recover" keeps one copy, bans the token that began
+    the repetition there, rebuilds the cache and resamples; "stop" ends with reason "loop" after
+    one copy. The cache is sized for `min(len(prompt) + max_tokens, context)` positions.
     """
     cfg = model.config
     context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -78,23 +86,67 @@ def generate_step(
         raise ContextOverflow(f"prompt of {len(prompt)} tokens does not fit the context of {context} tokens")
     max_len = min(len(prompt) + params.max_tokens, context)
     device = model.device
-    cache = make_cache(cfg, max_len, dtype=model.dtype, device=device)
     sampler = Sampler(params)
     ids = torch.tensor(prompt, device=device)
     seen = torch.tensor(prompt, dtype=torch.long)
     generated: list[int] = []
+    emitted = 0  # generated tokens already yielded
+    delay = holdback if loop_guard is not None and loop_guard.config.policy != "off" else 0
     if params.max_tokens == 0:
-        return
-    logits = prefill(model, ids, cache, chunk_size=chunk_size, embeds=embeds, vision_blocks=vision_blocks)
-    position = len(prompt)
+        return "length"
+
+    def start(keep: list[int]) -> tuple[KVCache, torch.Tensor]:
+        cache = make_cache(cfg, max_len, dtype=model.dtype, device=device)
+        logits = prefill(model, ids, cache, chunk_size=chunk_size, embeds=embeds, vision_blocks=vision_blocks)
+        if keep:
+            logits = prefill(model, torch.tensor(keep, device=device), cache, start=len(prompt), chunk_size=chunk_size)
+        return cache, logits
+
+    cache, logits = start([])
+    reason = "length"
     while True:
         gen = torch.tensor(generated, dtype=torch.long)
+        if loop_guard is not None:
+            banned = loop_guard.banned_at(len(generated))
+            if banned:
+                logits = logits.clone()
+                logits[list(banned)] = float("-inf")
+        if grammar is not None:
+            logits = grammar.mask(logits)
         token = sampler(logits, torch.cat((seen, gen)), gen)
-        if token in stop_ids:
-            return
-        yield token
+        if token in stop_ids or (grammar is not None and token in grammar.eos_ids):
+            reason = "stop"  # a grammar ends on an end-of-sequence token, even with ignore_eos
+            break
+        if grammar is not None:
+            grammar.advance(token)
         generated.append(token)
+        event = loop_guard.push(token, piece(token) if piece else "") if loop_guard is not None else None
+        if event is not None and not loop_guard.can_recover():
+            del generated[max(emitted, event.start + event.period):]  # one copy of what repeated
+            reason = "loop"
+            break
+        if event is not None:
+            keep = loop_guard.rollback(event)
+            if keep < emitted:  # part of the loop already left: cut what has not
+                loop_guard.truncate(emitted)
+                if emitted < len(generated):
+                    loop_guard.ban(emitted, generated[emitted])
+                keep = emitted
+            if grammar is not None:
+                grammar.rollback(len(generated) - keep)
+            del generated[keep:]
+            cache, logits = start(generated)
+            continue
+        while len(generated) - emitted > delay:
+            yield generated[emitted]
+            emitted += 1
+        position = len(prompt) + len(generated) - 1  # where the newest token goes
         if len(generated) >= params.max_tokens or position >= max_len:
-            return
+            break
+        if grammar is not None and grammar.finished:
+            reason = "stop"
+            break
         logits = decode_step(model, token, position, cache)
-        position += 1
+    for token in generated[emitted:]:
+        yield token
+    return reason

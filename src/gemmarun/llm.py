@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 from . import chat
 from .config import TextConfig
 from .generate import generate_step
+from .loopguard import LoopGuard, LoopGuardConfig
 from .model.multimodal import AUDIO, IMAGE, VIDEO, Encoders, MediaTokens, merge
 from .model.unified import UnifiedEncoders
 from .model.text import TextModel
@@ -20,6 +21,7 @@ from .sampling import SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 Messages = list[dict[str, Any]]
+GRAMMAR_LOWINFO_TOKENS = 48  # digits/whitespace repeated this long inside a grammar is a loop
 
 
 @dataclass
@@ -147,14 +149,18 @@ class LLM:
         return "".join(self.stream(prompt, **sampling))
 
     def stream(self, prompt: str | Messages, *, enable_thinking: bool = False, image_tokens: int | None = None,
-               grammar=None, **sampling: Any) -> Iterator[str]:
+               grammar=None, loop_guard: LoopGuardConfig | str | None = None, **sampling: Any) -> Iterator[str]:
         """Yield UTF-8-safe text pieces. A string is continued as raw text (BOS prepended); a
         list of messages (text, image, audio and video parts) is rendered with the model's chat
-        template. `grammar` (a `constrain.Grammar`) constrains the answer (after any thinking)."""
+        template. `grammar` (a `constrain.Grammar`) constrains the answer (after any thinking);
+        `loop_guard` ("recover", "stop" or a LoopGuardConfig; off by default here, on by default
+        in the CLI and server) catches degenerate repetition inside the engine."""
         params = SamplingParams(**sampling) if sampling else SamplingParams()
         prompt_ = self.build_prompt(prompt, enable_thinking=enable_thinking, image_tokens=image_tokens)
         state = self.grammar_state(grammar, params, thinking=enable_thinking) if grammar is not None else None
-        yield from self.stream_prompt(prompt_, params, grammar=state)
+        if isinstance(loop_guard, str):
+            loop_guard = LoopGuardConfig(policy=loop_guard)
+        yield from self.stream_prompt(prompt_, params, grammar=state, loop_guard=loop_guard)
 
     def grammar_state(self, grammar, params: SamplingParams, thinking: bool = False):
         """A fresh `constrain.GrammarState` for one generation of this model."""
@@ -210,22 +216,40 @@ class LLM:
     def stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
         yield from self.stream_prompt(Prompt(list(ids)), params)
 
-    def stream_prompt(self, prompt: Prompt, params: SamplingParams, grammar=None) -> Iterator[str]:
+    def stream_prompt(self, prompt: Prompt, params: SamplingParams, grammar=None,
+                      loop_guard: LoopGuardConfig | None = None) -> "TextStream":
+        """Text pieces of one generation; the returned iterator's `finish_reason` is set when it
+        ends ("stop", "length" or "loop")."""
+        return TextStream(self._stream_pieces(prompt, params, grammar, loop_guard))
+
+    def _stream_pieces(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard):
         text_ids, embeds, blocks = self._inputs(prompt)
         decoder = IncrementalDecoder(self.tokenizer)
         pending = ""  # text held back because it may be the start of a stop string
         hold = max((len(s) for s in params.stop), default=0)
+        if loop_guard is not None and grammar is not None:
+            # Inside a grammar, a run of digits or whitespace is the usual collapse (a number or
+            # indentation that never ends), not padding: treat it like any other repetition.
+            loop_guard = replace(loop_guard, lowinfo_min_tokens=min(loop_guard.lowinfo_min_tokens,
+                                                                      GRAMMAR_LOWINFO_TOKENS))
+        guard = LoopGuard(loop_guard) if loop_guard is not None and loop_guard.policy != "off" else None
         tokens = generate_step(self.model, text_ids.tolist(), params, stop_ids=self.stop_ids(params),
-                               embeds=embeds, vision_blocks=blocks, grammar=grammar)
+                               embeds=embeds, vision_blocks=blocks, grammar=grammar, loop_guard=guard,
+                               piece=lambda t: self.tokenizer.decode([t]))
         # Stop strings are matched on text, so token-level max_tokens still bounds the work.
-        for token in tokens:
+        while True:
+            try:
+                token = next(tokens)
+            except StopIteration as done:
+                reason = done.value
+                break
             pending += decoder.push(token)
             if params.stop:
                 cut = _find_stop(pending, params.stop)
                 if cut is not None:
                     if pending[:cut]:
                         yield pending[:cut]
-                    return
+                    return "stop"
                 safe = len(pending) - (hold - 1)
                 if safe > 0:
                     yield pending[:safe]
@@ -237,14 +261,34 @@ class LLM:
         if params.stop:
             cut = _find_stop(pending, params.stop)
             pending = pending if cut is None else pending[:cut]
+            reason = "stop" if cut is not None else reason
         if pending:
             yield pending
+        return reason
 
     def _check_ids(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= int(i) < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
 
+
+
+class TextStream:
+    """An iterator of text pieces that remembers why its generation ended."""
+
+    def __init__(self, pieces):
+        self._pieces = pieces
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration as done:
+            self.finish_reason = done.value
+            raise
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -254,6 +254,11 @@ class LoopGuard:
             else:
                 self.push(t, piece)
 
+    def ban(self, position: int, token: int) -> None:
+        """Forbid `token` at generated position `position` (an engine that could not roll back
+        as far as `rollback` asked bans the loop's continuation where it can cut instead)."""
+        self._bans.setdefault(position, set()).add(token)
+
     def banned_at(self, position: int) -> set[int]:
         """Token ids the engine must not sample at generated position `position`."""
         return self._bans.get(position, set())

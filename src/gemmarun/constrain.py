@@ -1,0 +1,156 @@
+"""Constrained decoding: JSON Schema, regex, Lark grammars and well-formed SVG/XML, with
+llguidance (a maintained grammar engine; compared with outlines-core in docs/benchmarks.md).
+
+A `Grammar` is compiled once per request; a `GrammarState` follows one generation, masking the
+logits before each sample and consuming each sampled token. With thinking on, the grammar starts
+after the reasoning channel closes, so the model may think freely and answer in the format.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from .tokenizer import Tokenizer
+
+# Well-formed XML restricted to SVG-ish markup: nested elements with quoted attributes, text with
+# entities, comments. Tag names are matched pairwise by a rule per element name, which a
+# context-free grammar can do for a finite name set (the SVG 1.1 + 2 element list).
+SVG_ELEMENTS = (
+    "svg g defs desc title symbol use image switch path rect circle ellipse line polyline polygon "
+    "text tspan textPath linearGradient radialGradient stop pattern clipPath mask marker filter "
+    "feBlend feColorMatrix feComponentTransfer feComposite feFlood feGaussianBlur feMerge feMergeNode "
+    "feMorphology feOffset feTurbulence feDisplacementMap feDropShadow animate animateTransform set style"
+).split()
+
+
+def _svg_lark() -> str:
+    rules = [
+        'start: WS? svg_el WS?',
+        'attr: WS NAME "=\\"" AVAL "\\""',
+        'content: (TEXT | COMMENT | element)*',
+        "element: " + " | ".join(f"el_{n.lower()}" for n in SVG_ELEMENTS if n != "svg"),
+    ]
+    for n in SVG_ELEMENTS:
+        rule = "svg_el" if n == "svg" else f"el_{n.lower()}"  # Lark rule names are lowercase
+        rules.append(f'{rule}: "<{n}" attr* WS? ("/>" | ">" content "</{n}>")')
+    rules += [
+        'NAME: /[A-Za-z_:][A-Za-z0-9_:.-]{0,40}/',
+        'AVAL: /[^"<&]{0,400}/',
+        'TEXT: /([^<&]|&(amp|lt|gt|quot|apos|#[0-9]{1,6});){1,400}/',
+        'COMMENT: /<!--([^-]|-[^-]){0,400}-->/',
+        'WS: /[ \\t\\n]{1,40}/',
+    ]
+    return "\n".join(rules)
+
+
+class GrammarError(ValueError):
+    """A schema, regex or grammar that cannot be compiled (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled constraint: `kind` is json_schema, json (any JSON object), regex, lark or svg."""
+
+    kind: str
+    source: str  # the llguidance grammar
+
+    @staticmethod
+    def json_schema(schema: dict[str, Any] | str) -> "Grammar":
+        from llguidance import LLMatcher
+
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        try:
+            json.loads(text)
+            return Grammar("json_schema", LLMatcher.grammar_from_json_schema(text))
+        except (ValueError, RuntimeError) as e:
+            raise GrammarError(f"invalid JSON schema: {str(e).splitlines()[0]}") from None
+
+    @staticmethod
+    def any_json() -> "Grammar":
+        return Grammar.json_schema({"type": "object"})
+
+    @staticmethod
+    def regex(pattern: str) -> "Grammar":
+        from llguidance import LLMatcher
+
+        return Grammar("regex", LLMatcher.grammar_from_regex(pattern))
+
+    @staticmethod
+    def lark(text: str) -> "Grammar":
+        from llguidance import LLMatcher
+
+        return Grammar("lark", LLMatcher.grammar_from_lark(text))
+
+    @staticmethod
+    def svg() -> "Grammar":
+        return Grammar.lark(_svg_lark())
+
+
+@lru_cache(maxsize=4)
+def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_ids: tuple[int, ...]):
+    """llguidance's view of our tokenizer, built once per loaded tokenizer (seconds for 262k
+    tokens; keyed by the tokenizer object)."""
+    from llguidance import LLTokenizer
+
+    return LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=list(eos_ids))
+
+
+class GrammarState:
+    """Follows one generation: `mask(logits)` before sampling, `advance(token)` after.
+
+    `start_after`: a token id (Gemma 4's `<channel|>`) after which the grammar begins, when the
+    reply opens with `opens_with` (`<|channel>`); otherwise the grammar applies from the start.
+    """
+
+    def __init__(self, grammar: Grammar, tokenizer: Tokenizer, vocab_size: int, eos_ids: tuple[int, ...],
+                 opens_with: int | None = None, start_after: int | None = None):
+        from llguidance import LLMatcher
+
+        self.matcher = LLMatcher(ll_tokenizer(tokenizer, vocab_size, eos_ids), grammar.source)
+        if self.matcher.is_error():
+            raise GrammarError(f"grammar does not compile: {self.matcher.get_error().splitlines()[0]}")
+        self.vocab_size = vocab_size
+        self.opens_with, self.start_after = opens_with, start_after
+        self.active = opens_with is None
+        self.first = True
+        self.eos_ids = eos_ids
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with every token the grammar forbids at -inf."""
+        if not self.active and not self.first:
+            return logits  # inside the thinking channel: free
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little").view(np.bool_)  # bit i of byte b: token 8b+i
+        n = logits.shape[-1]
+        allowed = allowed[:n].copy() if allowed.size >= n else np.pad(allowed, (0, n - allowed.size))
+        if not self.active:  # first token: the grammar's first token, or open the thinking channel
+            allowed[self.opens_with] = True
+        return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
+
+    def advance(self, token: int) -> None:
+        if self.first:
+            self.first = False
+            if not self.active and token != self.opens_with:
+                self.active = True  # no thinking channel: this token is already the answer
+        elif not self.active:
+            self.active = token == self.start_after
+            return
+        if not self.active:
+            return
+        if not self.matcher.consume_token(token):
+            raise GrammarError(f"token {token} violates the grammar: {self.matcher.get_error().splitlines()[0]}")
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete and allows nothing but the end."""
+        return self.active and self.matcher.is_stopped()
+
+    def rollback(self, n: int) -> None:
+        if self.active and n:
+            self.matcher.rollback(n)
