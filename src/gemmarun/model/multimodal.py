@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..masks import vision_blocks
+from ..processing.image import SOFT_TOKEN_BUDGETS
 from .audio import AudioConfig, AudioEmbedder, AudioTower, audio_config_from_hf
 from .vision import MultimodalEmbedder, VisionConfig, VisionTower, vision_config_from_hf
 
@@ -43,14 +44,9 @@ class MultimodalConfig:
     image_soft_tokens: int = 280  # default per-image budget (vision_soft_tokens_per_image)
 
 
-def multimodal_config_from_hf(raw: dict[str, Any]) -> MultimodalConfig | None:
-    """The towers of a `gemma4` config.json; None for text-only models."""
-    if raw.get("model_type") != "gemma4":
-        return None
-    vision = vision_config_from_hf(raw["vision_config"]) if raw.get("vision_config") else None
-    audio = audio_config_from_hf(raw["audio_config"]) if raw.get("audio_config") else None
-    if vision is None and audio is None:
-        return None
+def media_tokens_from_hf(raw: dict[str, Any]) -> tuple[MediaTokens, int]:
+    """Media token ids and the default image budget of a multimodal config.json (shared by the
+    gemma4 and gemma4_unified parsers)."""
     defaults = MediaTokens()
     tokens = MediaTokens(
         image=int(raw.get("image_token_id", defaults.image)),
@@ -62,8 +58,20 @@ def multimodal_config_from_hf(raw: dict[str, Any]) -> MultimodalConfig | None:
         eoa=int(raw.get("eoa_token_index", raw.get("eoa_token_id", defaults.eoa))),
     )
     budget = int(raw.get("vision_soft_tokens_per_image") or 280)
-    if budget not in (70, 140, 280, 560, 1120):
-        raise ConfigError(f"vision_soft_tokens_per_image={budget} is not one of 70, 140, 280, 560, 1120")
+    if budget not in SOFT_TOKEN_BUDGETS:
+        raise ConfigError(f"vision_soft_tokens_per_image={budget} is not one of {SOFT_TOKEN_BUDGETS}")
+    return tokens, budget
+
+
+def multimodal_config_from_hf(raw: dict[str, Any]) -> MultimodalConfig | None:
+    """The towers of a `gemma4` config.json; None for text-only models."""
+    if raw.get("model_type") != "gemma4":
+        return None
+    vision = vision_config_from_hf(raw["vision_config"]) if raw.get("vision_config") else None
+    audio = audio_config_from_hf(raw["audio_config"]) if raw.get("audio_config") else None
+    if vision is None and audio is None:
+        return None
+    tokens, budget = media_tokens_from_hf(raw)
     return MultimodalConfig(vision=vision, audio=audio, tokens=tokens, image_soft_tokens=budget)
 
 

@@ -21,10 +21,9 @@ from torch import nn
 
 from ..config import ConfigError
 from .layers import rms_norm
-from .multimodal import MediaTokens
+from .multimodal import MediaTokens, media_tokens_from_hf
 
 LAYER_NORM_EPS = 1e-5  # the reference's nn.LayerNorm default; not a config value
-SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 # Keys any transformers sub-config may carry that never change inference math.
 _GENERIC_KEYS = {
     "model_type", "initializer_range", "dtype", "torch_dtype", "transformers_version", "architectures",
@@ -143,19 +142,7 @@ def unified_config_from_hf(raw: dict[str, Any]) -> UnifiedConfig | None:
     audio = unified_audio_config_from_hf(raw["audio_config"]) if raw.get("audio_config") else None
     if vision is None and audio is None:
         return None
-    defaults = MediaTokens()
-    tokens = MediaTokens(
-        image=int(raw.get("image_token_id", defaults.image)),
-        audio=int(raw.get("audio_token_id", defaults.audio)),
-        video=int(raw.get("video_token_id", defaults.video)),
-        boi=int(raw.get("boi_token_id", defaults.boi)),
-        eoi=int(raw.get("eoi_token_id", defaults.eoi)),
-        boa=int(raw.get("boa_token_id", defaults.boa)),
-        eoa=int(raw.get("eoa_token_index", raw.get("eoa_token_id", defaults.eoa))),
-    )
-    budget = int(raw.get("vision_soft_tokens_per_image") or 280)
-    if budget not in SOFT_TOKEN_BUDGETS:
-        raise ConfigError(f"vision_soft_tokens_per_image={budget} is not one of 70, 140, 280, 560, 1120")
+    tokens, budget = media_tokens_from_hf(raw)
     return UnifiedConfig(vision=vision, audio=audio, tokens=tokens, image_soft_tokens=budget)
 
 
