@@ -199,6 +199,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .server import ServerOptions, serve
+    except ImportError as e:
+        raise RuntimeError(f"gemmarun serve needs the server extra: pip install 'gemmarun[server]' ({e})") from None
+    llm = _load(args.model, args)
+    options = ServerOptions(
+        model_name=args.model_name, api_key=args.api_key or os.environ.get("GEMMARUN_API_KEY") or None,
+        allow_local_files=args.allow_local_files, max_body_bytes=args.max_body_mb * 1024 * 1024,
+        max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
+        default_max_tokens=args.max_tokens,
+    )
+    serve(llm, args.host, args.port, options, log_level=args.log_level)
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loading.convert import convert
 
@@ -293,6 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(q)
     _add_model_options(q)
     q.set_defaults(func=cmd_svg_draw, max_tokens=1024)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, with a chat page at /")
+    p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $GEMMARUN_API_KEY, else none)")
+    p.add_argument("--allow-local-files", action="store_true",
+                   help="let image_url parts name files on this machine (file:// URLs and paths)")
+    p.add_argument("--model-name", default=None, help="model id to report (default: the file or folder name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a batch slot; more get 429")
+    p.add_argument("--context", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="reply length when a request sets none")
+    p.add_argument("--max-body-mb", type=int, default=32, help="request body limit in MiB (413 past it)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_model_options(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="write a HF folder as GGUF")
     p.add_argument("source")

@@ -1,0 +1,89 @@
+"""An OpenAI-compatible HTTP server for a loaded model (`gemmarun serve`), with a chat page at `/`.
+
+Endpoints
+    POST /v1/chat/completions      streaming (SSE) or not; text, image and audio content parts
+    POST /v1/completions           raw continuation (no chat template)
+    POST /v1/audio/transcriptions  multipart upload, as OpenAI's (response_format json or text;
+                                   `prompt` and `language` are accepted and ignored)
+    GET  /v1/models                the one loaded model
+    GET  /health                   status, batch occupancy and queue size (no key needed)
+    GET  /                         the chat page (no key needed; it asks for the key itself)
+
+Requests follow OpenAI's API. Content parts: `text`; `image_url` with a base64 data URL (paths and
+`file://` URLs only when the server runs with --allow-local-files; remote URLs are never
+fetched); `input_audio` `{data: base64, format}` with format wav, mp3, flac, ogg, opus, webm, mp4
+or m4a (WebM/MP4 - what browsers record - is decoded with PyAV). Sampling: temperature, top_p,
+seed, stop (string or list, cuts the answer), max_tokens / max_completion_tokens, presence_penalty,
+logprobs / top_logprobs (at most 20; completions: logprobs 0-5), stream_options.include_usage.
+Fields a request leaves out take temperature 1.0, top_p 0.95, top_k 64 (the Gemma cards'), and
+max_tokens 4096 for chat (16 for completions, as OpenAI), never past the context.
+
+Extensions (extra JSON fields; with the openai client pass them in `extra_body`):
+    top_k, min_p, repetition_penalty   more sampling controls (0 / 0.0 / 1.0 turn them off)
+    ignore_eos                         keep generating past end-of-turn (benchmarks)
+    thinking: true|false               Gemma 4 thinking; also `reasoning_effort` ("none" = off,
+                                       "minimal"/"low"/"medium"/"high" = on; Gemma has no levels)
+                                       and `chat_template_kwargs: {"enable_thinking": ...}`
+    image_tokens: 70|140|280|560|1120  soft-token budget of each image in this request (default:
+                                       the model's, 280): more tokens see finer detail, cost more
+
+Replies: the thinking text comes back as `reasoning_content` (in the message, or in stream deltas),
+never inside `content`. With `tools`, the model's tool-call syntax becomes OpenAI `tool_calls`
+(finish_reason "tool_calls"; when streaming, one tool_calls delta per complete call); send results
+back as `tool` messages. Special tokens never appear in the text. `usage` counts prompt tokens
+(image and audio soft tokens included) and completion tokens (thinking included, also reported as
+completion_tokens_details.reasoning_tokens).
+
+Not supported (400): n > 1, best_of > 1, frequency_penalty != 0, logit_bias, response_format other
+than text, tool_choice "required" or a named function, completions `suffix`, `echo` with `stream`.
+Other unknown fields are ignored.
+
+Concurrency: one model thread runs continuous batching (`BatchEngine`): up to --max-batch requests
+decode together, one token each per step, and new requests join between steps. Up to --max-queue
+more wait for a slot; past that a request gets 429. A client that disconnects frees its slot at
+once. A streamed reply's headers are sent when its first token is ready, so errors found while
+the request joins the batch still get their status. Bodies are limited to --max-body-mb (default 32 MiB; 413 past it, checked while reading).
+Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 bad input
+(code `context_length_exceeded` when the prompt does not fit), 401 bad key, 404, 413, 429, 500.
+With --api-key, /v1/* needs `Authorization: Bearer KEY` (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+
+from .app import MAX_BODY_BYTES, ServerOptions, create_app
+
+__all__ = ["MAX_BODY_BYTES", "ServerOptions", "create_app", "is_loopback", "serve"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback one (0.0.0.0 and :: are not)."""
+    name = host.strip("[]")
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(name, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def serve(llm, host: str = "127.0.0.1", port: int = 8080, options: ServerOptions | None = None, *,
+          log_level: str = "info") -> None:
+    """Run the server until interrupted (Ctrl-C stops it gracefully)."""
+    import uvicorn
+
+    opts = options or ServerOptions()
+    if not is_loopback(host) and not opts.api_key:
+        print(f"gemmarun: warning: serving on {host}, reachable from other machines, without --api-key: "
+              "anyone who can reach this port can use the model", file=sys.stderr)
+    app = create_app(llm, opts)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"gemmarun: serving {app.state.model_name} on http://{shown}:{port}/ (OpenAI API under /v1)",
+          file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

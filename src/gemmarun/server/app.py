@@ -1,0 +1,357 @@
+"""The Starlette app: routes, authentication, the body-size limit, errors and SSE."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ..generate import ContextOverflow
+from ..llm import LLM, Prompt
+from . import inputs
+from .generation import Generation
+from .protocol import (
+    ApiError,
+    Envelope,
+    bad,
+    new_id,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    sampling_params,
+    sse,
+)
+from .scheduler import EngineFailed, QueueFull, Scheduler
+
+log = logging.getLogger("gemmarun.server")
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class ServerOptions:
+    model_name: str | None = None  # default: the model's file or folder name
+    api_key: str | None = None
+    allow_local_files: bool = False
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_batch: int = 8  # requests decoded together
+    max_queue: int = 64  # requests waiting for a batch slot; more get 429
+    context: int | None = None  # default: the model's
+    default_max_tokens: int = 4096  # chat and transcription, when a request gives none (completions: 16)
+    sampling: dict = field(default_factory=dict)  # overrides protocol.SAMPLING_DEFAULTS
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """Pure ASGI middleware: bearer-key check on /v1/*, and the body limit, enforced on the
+    declared length and again while the body is read (chunked uploads), so an oversize body is
+    never buffered."""
+
+    def __init__(self, app, api_key: str | None, limit: int) -> None:
+        self.app, self.key, self.limit = app, api_key.encode() if api_key else None, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.key is not None and scope["path"].startswith("/v1/"):
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                error = ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                                 code="invalid_api_key")
+                return await _error_response(error, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _error_response(_too_large(self.limit))(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than the {limit // (1024 * 1024)} MiB limit",
+                    code="request_too_large")
+
+
+def _error_response(error: ApiError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class SSEResponse:
+    """Streams `chunks` as text/event-stream; stops at once when the client disconnects, and
+    always runs `on_close` (which frees the request's slot). An error after the stream began is
+    sent in-band as `data: {"error": ...}`."""
+
+    headers = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no"))
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        self.chunks, self.on_close = chunks, on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": list(self.headers)})
+            async with anyio.create_task_group() as tg:
+                async def pump() -> None:
+                    try:
+                        try:
+                            async for chunk in self.chunks:
+                                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        except Exception as e:
+                            error = e if isinstance(e, ApiError) else ApiError(500, _one_line(e))
+                            if not isinstance(e, (ApiError, EngineFailed)):
+                                log.exception("stream failed")
+                            await send({"type": "http.response.body", "body": sse(error.body()), "more_body": True})
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    except OSError:  # the client went away while we wrote
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(pump)
+                await _wait_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            await self.chunks.aclose()
+            self.on_close()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _api_error(e: Exception) -> ApiError:
+    """Any error as the API reports it (unexpected ones are logged with their traceback)."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, EngineFailed):
+        return ApiError(e.status, str(e))
+    if isinstance(e, ContextOverflow):
+        return bad(str(e), "messages", "context_length_exceeded")
+    if isinstance(e, ValueError):  # the runtime's media, template and input errors: one line
+        return inputs.media_error(e)
+    log.error("unhandled error", exc_info=e)
+    return ApiError(500, f"internal error: {type(e).__name__}")
+
+
+async def _wait_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
+    """Runs `work` while watching the (already read) request for a disconnect; returns
+    (result, disconnected). Exceptions from `work` propagate unwrapped."""
+    box: dict[str, Any] = {}
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            await _wait_disconnect(request.receive)
+            box["gone"] = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            box["result"] = await work()
+        except Exception as e:  # noqa: BLE001 - re-raised below, outside the task group
+            box["error"] = e
+        tg.cancel_scope.cancel()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result"), "gone" in box and "result" not in box
+
+
+def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None) -> Starlette:
+    """The ASGI app. `engine` replaces the BatchEngine (tests script one)."""
+    opts = options or ServerOptions()
+    path = llm.info.path
+    name = opts.model_name or (path.stem if path.suffix == ".gguf" else path.name)
+    scheduler = Scheduler(llm, max_batch=opts.max_batch, max_queue=opts.max_queue, context=opts.context,
+                          engine=engine)
+    page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+
+    async def read_json(request: Request) -> dict:
+        return parse_json(await request.body())
+
+    def fit(prompt: Prompt, params, given: bool):
+        n = len(prompt.ids)
+        if n >= scheduler.context:
+            raise bad(f"this model's maximum context length is {scheduler.context} tokens; the prompt has {n} "
+                      "tokens", "messages", "context_length_exceeded")
+        return params if given else replace(params, max_tokens=min(params.max_tokens, scheduler.context - n))
+
+    def submit(prompt: Prompt, params, top_logprobs):
+        try:
+            return scheduler.submit(prompt, params, top_logprobs)
+        except QueueFull as e:
+            raise ApiError(429, str(e), code="queue_full") from None
+
+    async def run(request: Request, gen: Generation, stream: bool, respond: Callable[[Generation], Response]):
+        """Submit, then either stream SSE chunks or answer once; the job is closed either way."""
+        job = submit(gen.prompt, gen.params, gen.top_logprobs)
+        try:
+            first, gone = await _unless_disconnected(request, job.next_events)  # errors keep their status
+            if gone:
+                job.close()
+                return Response(status_code=499)
+            if stream:
+                return SSEResponse(gen.chunks(job, first), job.close)
+            _, gone = await _unless_disconnected(request, lambda: gen.collect(job, first))
+            job.close()
+            return Response(status_code=499) if gone else respond(gen)
+        except BaseException:
+            job.close()
+            raise
+
+    async def chat(request: Request) -> Response:
+        req = parse_chat(await read_json(request), opts.default_max_tokens, opts.sampling)
+
+        def build() -> Prompt:
+            messages = inputs.prepare_messages(req.messages, opts.allow_local_files)
+            return inputs.build_prompt(llm, messages, thinking=req.thinking, tools=req.tools,
+                                       image_tokens=req.image_tokens)
+
+        prompt = await anyio.to_thread.run_sync(build)
+        gen = Generation.chat(llm, Envelope(new_id("chatcmpl"), name, "chat.completion.chunk"), prompt,
+                              fit(prompt, req.params, req.max_tokens_given), req)
+        return await run(request, gen, req.stream, lambda g: JSONResponse(g.chat_response()))
+
+    async def completions(request: Request) -> Response:
+        req = parse_completion(await read_json(request), 16, opts.sampling)
+        if isinstance(req.prompt, str):
+            prompt = await anyio.to_thread.run_sync(lambda: llm.build_prompt(req.prompt))
+        else:
+            if not all(0 <= i < llm.config.vocab_size for i in req.prompt):
+                raise bad(f"prompt token ids must be in [0, {llm.config.vocab_size})", "prompt")
+            prompt = Prompt(list(req.prompt))
+        gen = Generation.completion(llm, Envelope(new_id("cmpl"), name, "text_completion"), prompt,
+                                    fit(prompt, req.params, req.max_tokens_given), req)
+        return await run(request, gen, req.stream, lambda g: JSONResponse(g.completion_response()))
+
+    async def transcriptions(request: Request) -> Response:
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except BodyTooLarge:
+            raise
+        except Exception as e:  # noqa: BLE001 - python-multipart's parse errors
+            raise bad(f"the request is not valid multipart/form-data ({' '.join(str(e).split())})") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise bad("'file' (the audio upload) is missing", "file")
+        fmt = form.get("response_format") or "json"
+        if fmt not in ("json", "text"):
+            raise bad(f"response_format {fmt!r} is not supported (json, text)", "response_format")
+        if str(form.get("stream", "false")).lower() == "true":
+            raise bad("streaming transcription is not supported", "stream")
+        data = await upload.read()
+        if not data:
+            raise bad("the uploaded file is empty", "file")
+        try:
+            temperature = float(form.get("temperature") or 0.0)
+        except ValueError:
+            raise bad("'temperature' must be a number", "temperature") from None
+        suffix = (upload.filename or "").rsplit(".", 1)[-1].lower()
+
+        def build() -> Prompt:
+            from ..cli import TRANSCRIBE_PROMPT
+
+            audio = inputs.audio_bytes(data, suffix, upload.filename or "upload")
+            messages = [{"role": "user", "content": [{"type": "audio", "audio": audio},
+                                                     {"type": "text", "text": TRANSCRIBE_PROMPT}]}]
+            return inputs.build_prompt(llm, messages, thinking=False, tools=None, image_tokens=None)
+
+        prompt = await anyio.to_thread.run_sync(build)
+        params = fit(prompt, sampling_params({"temperature": temperature}, opts.default_max_tokens, opts.sampling)[0],
+                     False)
+        gen = Generation(llm, Envelope(new_id("tr"), name, "transcription"), prompt, params)
+        if fmt == "text":
+            return await run(request, gen, False, lambda g: PlainTextResponse(g.text()))
+        return await run(request, gen, False, lambda g: JSONResponse({"text": g.text()}))
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [_model_card(name)]})
+
+    async def model(request: Request) -> Response:
+        if request.path_params["model"] != name:
+            raise ApiError(404, f"the model {request.path_params['model']!r} does not exist", param="model",
+                           code="model_not_found")
+        return JSONResponse(_model_card(name))
+
+    async def health(request: Request) -> Response:
+        engine = scheduler.engine
+        return JSONResponse({"status": "ok", "model": name, "active": len(engine.active),
+                             "waiting": len(engine.waiting), "in_flight": scheduler.in_flight,
+                             "capacity": scheduler.capacity, "context": scheduler.context})
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page)
+
+    async def http_error(request: Request, e: HTTPException) -> Response:
+        status = e.status_code
+        message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed"}.get(
+            status, str(e.detail))
+        return _error_response(ApiError(status, message))
+
+    async def too_large(request: Request, e: BodyTooLarge) -> Response:
+        return _error_response(_too_large(opts.max_body_bytes))
+
+    async def error(request: Request, e: Exception) -> Response:
+        return _error_response(_api_error(e))
+
+    routes = [
+        Route("/", index), Route("/health", health),
+        Route("/v1/models", models), Route("/v1/models/{model:path}", model),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error, BodyTooLarge: too_large, ApiError: error,
+                            EngineFailed: error, ValueError: error, Exception: error},
+        lifespan=_lifespan(scheduler),
+    )
+    app.add_middleware(_Guard, api_key=opts.api_key, limit=opts.max_body_bytes)
+    app.state.scheduler = scheduler
+    app.state.options = opts
+    app.state.model_name = name
+    return app
+
+
+def _lifespan(scheduler: Scheduler):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(scheduler.stop)
+
+    return lifespan
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "gemmarun"}

@@ -1,0 +1,167 @@
+"""One request's generation: engine events -> reply deltas -> OpenAI chunks or one response."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ..batching import Event
+from ..chat import ToolCall
+from ..llm import LLM, Prompt
+from ..sampling import SamplingParams
+from . import protocol as p
+from .reply import Delta, ReplyStream
+from .scheduler import Job
+
+
+class Generation:
+    def __init__(self, llm: LLM, env: p.Envelope, prompt: Prompt, params: SamplingParams, *, chat: bool = True,
+                 tools: bool = False, top_logprobs: int | None = None, include_usage: bool = False,
+                 echo: str = "") -> None:
+        self.llm, self.env, self.prompt, self.params = llm, env, prompt, params
+        self.is_chat, self.top_logprobs, self.include_usage, self.echo = chat, top_logprobs, include_usage, echo
+        self.reply = ReplyStream(llm.tokenizer, stop=params.stop, chat=chat, tools=tools)
+        self.tokens = self.reasoning_tokens = 0
+        self.content, self.reasoning = [], []
+        self.calls: list[dict] = []
+        self.logprobs: list[dict] | None = [] if top_logprobs is not None else None
+        self.finish_reason: str | None = None
+        self._offset = self._chars = len(echo)
+
+    @classmethod
+    def chat(cls, llm: LLM, env: p.Envelope, prompt: Prompt, params: SamplingParams,
+             req: p.ChatRequest) -> Generation:
+        return cls(llm, env, prompt, params, tools=bool(req.tools), top_logprobs=req.top_logprobs,
+                   include_usage=req.include_usage)
+
+    @classmethod
+    def completion(cls, llm: LLM, env: p.Envelope, prompt: Prompt, params: SamplingParams,
+                   req: p.CompletionRequest) -> Generation:
+        echo = ""
+        if req.echo:
+            echo = req.prompt if isinstance(req.prompt, str) else llm.tokenizer.decode(req.prompt, skip_special=True)
+        return cls(llm, env, prompt, params, chat=False, top_logprobs=req.top_logprobs,
+                   include_usage=req.include_usage, echo=echo)
+
+    # -- events -> deltas ----------------------------------------------------------------------
+
+    def feed(self, ev: Event) -> tuple[Delta, list[dict]]:
+        """The delta for one event, and the logprob entries of its token (if asked for)."""
+        delta, entries = Delta(), []
+        if ev.token is not None:
+            self.tokens += 1
+            delta = self.reply.push(ev.token)
+            channel = self.reply.last_channel
+            self.reasoning_tokens += channel == "reasoning"
+            if self.logprobs is not None and channel == "content" and ev.logprob is not None \
+                    and self.reply.is_text(ev.token):
+                entries.append(self._entry(ev))
+        if ev.finish_reason or self.reply.done:
+            stopped_early = self.reply.done
+            tail = self.reply.finish()
+            delta.content += tail.content
+            delta.reasoning += tail.reasoning
+            reason = "stop" if stopped_early or ev.finish_reason in ("stop", "cancelled") else ev.finish_reason
+            self.finish_reason = "tool_calls" if self.reply.calls else reason
+        self._offset = self._chars  # where this delta's text starts (completions' text_offset)
+        self._chars += len(delta.content)
+        self.content.append(delta.content)
+        self.reasoning.append(delta.reasoning)
+        if self.logprobs is not None:
+            self.logprobs += entries
+        return delta, entries
+
+    def _entry(self, ev: Event) -> dict:
+        tok = self.llm.tokenizer
+
+        def piece(i: int) -> tuple[str, bytes]:
+            raw = tok.piece_bytes(i)
+            return raw.decode("utf-8", errors="replace"), raw
+
+        text, raw = piece(ev.token)
+        top = None
+        if self.top_logprobs:
+            top = [(*piece(i), lp) for i, lp in ev.top_logprobs]
+        elif self.top_logprobs == 0 and self.is_chat:
+            top = []
+        return p.logprob_entry(text, raw, ev.logprob, top)
+
+    def _call_dicts(self, calls: list[ToolCall], streaming: bool) -> list[dict]:
+        out = []
+        for call in calls:
+            out.append(p.tool_call(call, len(self.calls) if streaming else None))
+            self.calls.append(out[-1])
+        return out
+
+    async def collect(self, job: Job, first: list[Event]) -> None:
+        events = first
+        while True:
+            for ev in events:
+                delta, _ = self.feed(ev)
+                self._call_dicts(delta.tool_calls, streaming=False)
+                if self.finish_reason:
+                    return
+            events = await job.next_events()
+
+    def text(self) -> str:
+        return "".join(self.content)
+
+    # -- responses ------------------------------------------------------------------------------
+
+    def usage(self) -> dict:
+        return p.usage(len(self.prompt.ids), self.tokens, self.reasoning_tokens if self.is_chat else None)
+
+    def chat_response(self) -> dict:
+        env = p.Envelope(self.env.id, self.env.model, "chat.completion", self.env.created)
+        message = p.chat_message(self.text(), "".join(self.reasoning), self.calls)
+        choice = {"index": 0, "message": message, "logprobs": p.chat_logprobs(self.logprobs),
+                  "finish_reason": self.finish_reason}
+        return env.wrap([choice], usage=self.usage())
+
+    def completion_response(self) -> dict:
+        logprobs = None if self.logprobs is None else p.completion_logprobs(self.logprobs, len(self.echo))
+        choice = {"index": 0, "text": self.echo + self.text(), "logprobs": logprobs,
+                  "finish_reason": self.finish_reason}
+        return self.env.wrap([choice], usage=self.usage())
+
+    async def chunks(self, job: Job, first: list[Event]) -> AsyncIterator[bytes]:
+        """SSE chunks to the end, then the usage chunk (if asked for) and [DONE]."""
+        if self.is_chat:
+            yield p.sse(self._chunk({"role": "assistant", "content": ""}, None, None))
+        events = first
+        while True:
+            for ev in events:
+                delta, entries = self.feed(ev)
+                for chunk in self._delta_chunks(delta, entries):
+                    yield p.sse(chunk)
+                if self.finish_reason:
+                    break
+            if self.finish_reason:
+                break
+            events = await job.next_events()
+        yield p.sse(self._chunk({} if self.is_chat else "", None, self.finish_reason))
+        if self.include_usage:
+            yield p.sse(self.env.wrap([], usage=self.usage()))
+        yield p.sse("[DONE]")
+
+    def _delta_chunks(self, delta: Delta, entries: list[dict]) -> list[dict]:
+        chunks = []
+        if self.is_chat:
+            body: dict = {}
+            if delta.reasoning:
+                body["reasoning_content"] = delta.reasoning
+            if delta.content:
+                body["content"] = delta.content
+            if body or entries:
+                chunks.append(self._chunk(body, entries, None))
+            for call in self._call_dicts(delta.tool_calls, streaming=True):
+                chunks.append(self._chunk({"tool_calls": [call]}, None, None))
+        elif delta.content or entries:
+            chunks.append(self._chunk(delta.content, entries, None))
+        return chunks
+
+    def _chunk(self, delta: dict | str, entries: list[dict] | None, finish: str | None) -> dict:
+        if self.is_chat:
+            logprobs = p.chat_logprobs(entries) if entries and self.logprobs is not None else None
+            return self.env.wrap([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+        logprobs = p.completion_logprobs(entries, self._offset) if entries and self.logprobs is not None else None
+        return self.env.wrap([{"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}])

@@ -1,0 +1,210 @@
+"""OpenAI messages -> the runtime's messages and prompt: content parts checked, base64 and data
+URLs decoded, local files allowed only when the server says so, and browser recordings
+(WebM / MP4 audio, which libsndfile cannot read) decoded with PyAV.
+
+Runs in a worker thread, never on the event loop: decoding media is CPU work.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from ..llm import LLM, Prompt
+from ..processing.audio import MAX_AUDIO_SECONDS, AudioInputError
+from .protocol import ApiError, bad
+
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "webm", "mp4", "m4a")
+_PYAV_FORMATS = {"webm", "mp4", "m4a"}
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+_KEEP = ("role", "name", "tool_call_id", "reasoning_content")
+
+
+def decode_base64(data: Any, param: str, what: str) -> bytes:
+    if not isinstance(data, str) or not data:
+        raise bad(f"{what} must be a non-empty base64 string", param)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{what} is not valid base64", param) from None
+
+
+def _image_source(part: dict, param: str, allow_local_files: bool) -> bytes | str:
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str) or not url:
+        raise bad("image_url part has no url", f"{param}.image_url.url")
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise bad("image data URLs must be base64 (data:image/...;base64,...)", f"{param}.image_url.url")
+        return decode_base64(payload, f"{param}.image_url.url", "the image data URL")
+    if url.startswith(("http://", "https://")):
+        raise bad("remote image URLs are not fetched: send the image as a base64 data URL", f"{param}.image_url.url")
+    if not allow_local_files:
+        raise bad("local file URLs are disabled (start the server with --allow-local-files)",
+                  f"{param}.image_url.url")
+    return url.removeprefix("file://")
+
+
+def _audio_source(part: dict, param: str) -> bytes:
+    spec = part.get("input_audio")
+    if not isinstance(spec, dict):
+        raise bad("input_audio part needs {data, format}", f"{param}.input_audio")
+    fmt = spec.get("format")
+    if fmt is not None and (not isinstance(fmt, str) or fmt.lower() not in AUDIO_FORMATS):
+        raise bad(f"input_audio format must be one of {', '.join(AUDIO_FORMATS)}", f"{param}.input_audio.format")
+    data = decode_base64(spec.get("data"), f"{param}.input_audio.data", "input_audio data")
+    return audio_bytes(data, fmt.lower() if fmt else None, "input_audio")
+
+
+def _content(content: Any, param: str, allow_local_files: bool, media: bool) -> Any:
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad("content must be a string, an array of parts or null", param)
+    parts = []
+    for j, part in enumerate(content):
+        p = f"{param}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise bad("text part has no string 'text'", f"{p}.text")
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url" and media:
+            parts.append({"type": "image", "image": _image_source(part, p, allow_local_files)})
+        elif kind == "input_audio" and media:
+            parts.append({"type": "audio", "audio": _audio_source(part, p)})
+        else:
+            where = "" if media else " in this message"
+            raise bad(f"content part type {kind!r} is not supported{where}", f"{p}.type")
+    return parts
+
+
+def _tool_calls(calls: Any, param: str) -> list[dict]:
+    if not isinstance(calls, list):
+        raise bad("tool_calls must be an array", param)
+    out = []
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad("a tool call needs function.name", f"{param}[{k}].function")
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                raise bad("tool call arguments are not valid JSON", f"{param}[{k}].function.arguments") from None
+        if not isinstance(args, dict):
+            raise bad("tool call arguments must be a JSON object", f"{param}[{k}].function.arguments")
+        out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def prepare_messages(messages: list, allow_local_files: bool) -> list[dict]:
+    """Checked messages in the shape the chat renderers take; media parts carry their bytes (or a
+    path) as {"type": "image", "image": ...} / {"type": "audio", "audio": ...}."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise bad(f"message {i} needs a role among {', '.join(sorted(_ROLES))}", f"messages[{i}].role")
+        role = m["role"]
+        clean = {k: m[k] for k in _KEEP if m.get(k) is not None}
+        clean["content"] = _content(m.get("content"), f"messages[{i}].content", allow_local_files,
+                                    media=role in ("user", "system", "developer"))
+        if role == "assistant" and m.get("tool_calls"):
+            clean["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+        out.append(clean)
+    return out
+
+
+def build_prompt(llm: LLM, messages: list[dict], *, thinking: bool, tools: list | None,
+                 image_tokens: int | None) -> Prompt:
+    """`LLM.build_prompt`, with tools passed to the chat template."""
+    from ..processing.prompt import collect_media, expand
+
+    if tools and llm.config.family != "gemma4":
+        raise bad("tools need a Gemma 4 model", "tools")
+    templated, media = collect_media(messages)
+    text = llm.render_chat(templated, enable_thinking=thinking, tools=tools)
+    encode = lambda t: llm.tokenizer.encode(t, add_bos=False)
+    if not media:
+        return Prompt(encode(text))
+    for kind, _ in media:  # a missing tower would fail in the model thread, with the whole batch
+        tower = {"image": "vision_tower", "audio": "audio_tower"}.get(kind)
+        if llm.encoders is not None and tower and getattr(llm.encoders, tower, True) is None:
+            raise bad(f"this model has no {tower.split('_')[0]} encoder: it cannot take {kind} input", "messages")
+    prepared = tuple(llm._prepare(kind, source, image_tokens) for kind, source in media)
+    return Prompt(expand(text, list(prepared), encode, llm.media_tokens), prepared)
+
+
+# ------------------------------------------------------------------------------ audio containers
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm"  # EBML: WebM / Matroska
+    if data[4:8] == b"ftyp":
+        return "mp4"
+    return None
+
+
+def audio_bytes(data: bytes, fmt: str | None, label: str) -> bytes:
+    """Audio as bytes the runtime's decoder (libsndfile) reads: WebM/MP4 become WAV."""
+    if fmt in _PYAV_FORMATS or _sniff(data):
+        return container_to_wav(data, label)
+    return data
+
+
+def container_to_wav(data: bytes, label: str) -> bytes:
+    """Decode the first audio stream of a WebM/Matroska/MP4 file with PyAV (FFmpeg) to a mono
+    float WAV at the file's own rate (the runtime then resamples it as any other file)."""
+    import av
+    import soundfile as sf
+
+    label = f"<{label}>"
+    chunks, total, rate = [], 0, 0
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise AudioInputError(f"{label}: the file has no audio stream")
+            rate = int(stream.rate or stream.codec_context.sample_rate or 0)
+            if rate <= 0:
+                raise AudioInputError(f"{label}: the audio stream has no sample rate")
+            resampler = av.AudioResampler(format="fltp", rate=rate)
+            for frame in _with_end(container.decode(stream)):
+                for out in resampler.resample(frame):
+                    planes = out.to_ndarray()  # (channels, n)
+                    chunks.append(planes.mean(axis=0, dtype=np.float32))
+                    total += planes.shape[1]
+                    if total > MAX_AUDIO_SECONDS * rate:
+                        raise AudioInputError(f"{label}: audio exceeds the {MAX_AUDIO_SECONDS} s maximum")
+    except AudioInputError:
+        raise
+    except (av.error.FFmpegError, ValueError, EOFError, OSError) as e:
+        raise AudioInputError(f"{label}: cannot decode audio ({' '.join(str(e).split())})") from None
+    if not total:
+        raise AudioInputError(f"{label}: the audio is empty")
+    wave = np.concatenate(chunks)
+    if not np.isfinite(wave).all():
+        raise AudioInputError(f"{label}: contains non-finite (NaN/inf) samples")
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def _with_end(frames):
+    """The decoded frames, then None (which flushes the resampler)."""
+    yield from frames
+    yield None
+
+
+def media_error(e: ValueError) -> ApiError:
+    """A one-line media or template ValueError from the runtime as a 400."""
+    return bad(" ".join(str(e).split()) or type(e).__name__, "messages")

@@ -1,0 +1,318 @@
+"""OpenAI request parsing and response shapes, with no I/O: JSON objects in, plain dataclasses
+and dicts out. Every problem is an `ApiError` carrying the HTTP status and OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..processing.image import SOFT_TOKEN_BUDGETS
+from ..sampling import SamplingParams
+
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+REASONING_EFFORTS = {"none": False, "minimal": True, "low": True, "medium": True, "high": True}
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or {401: "authentication_error", 404: "not_found_error",
+                             413: "invalid_request_error", 429: "rate_limit_error"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def parse_json(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"the request body is not valid JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise bad(f"the request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+# ------------------------------------------------------------------------------ field readers
+
+
+def _type_name(t: type | tuple) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+             dict: "an object"}
+    return " or ".join(names[x] for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def _get(data: dict, key: str, kind: type | tuple, default: Any = None) -> Any:
+    """data[key] checked against `kind` (null means the default; bool is never a number)."""
+    value = data.get(key)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise bad(f"'{key}' must be {_type_name(kind)}", key)
+    return value
+
+
+def _stop(data: dict) -> tuple[str, ...]:
+    stop = data.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad("'stop' must be a string or an array of strings", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad(f"'stop' may hold at most {MAX_STOP_STRINGS} strings", "stop")
+    return tuple(s for s in stops if s)
+
+
+def _max_tokens(data: dict, default: int) -> tuple[int, bool]:
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = _get(data, key, int)
+        if value is not None:
+            if value < 1:
+                raise bad(f"'{key}' must be at least 1", key)
+            return value, True
+    return default, False
+
+
+# Used for fields a request leaves out: OpenAI's temperature 1.0 with the top-k / top-p of the
+# Gemma model cards (a full-vocabulary draw at temperature 1 wanders off).
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 0.95, "top_k": 64, "min_p": 0.0,
+                     "repetition_penalty": 1.0, "presence_penalty": 0.0}
+
+
+def sampling_params(data: dict, default_max_tokens: int, defaults: dict | None = None) -> tuple[SamplingParams, bool]:
+    """SamplingParams from a request's fields, and whether it gave max_tokens itself."""
+    if _get(data, "n", int, 1) != 1:
+        raise bad("only n=1 is supported", "n")
+    if _get(data, "best_of", int, 1) != 1:
+        raise bad("only best_of=1 is supported", "best_of")
+    if _get(data, "frequency_penalty", float, 0.0) != 0.0:
+        raise bad("frequency_penalty is not supported; use presence_penalty or repetition_penalty",
+                  "frequency_penalty")
+    if _get(data, "logit_bias", dict):
+        raise bad("logit_bias is not supported", "logit_bias")
+    max_tokens, given = _max_tokens(data, default_max_tokens)
+    seed = _get(data, "seed", int)
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise bad("seed must fit in 64 bits", "seed")
+    d = {**SAMPLING_DEFAULTS, **(defaults or {})}
+    kwargs = {
+        "max_tokens": max_tokens,
+        "temperature": _get(data, "temperature", float, d["temperature"]),
+        "top_p": _get(data, "top_p", float, d["top_p"]),
+        "top_k": _get(data, "top_k", int, d["top_k"]),
+        "min_p": _get(data, "min_p", float, d["min_p"]),
+        "repetition_penalty": _get(data, "repetition_penalty", float, d["repetition_penalty"]),
+        "presence_penalty": _get(data, "presence_penalty", float, d["presence_penalty"]),
+        "seed": _get(data, "seed", int),
+        "stop": _stop(data),
+        "ignore_eos": _get(data, "ignore_eos", bool, False),
+    }
+    try:
+        return SamplingParams(**kwargs), given
+    except ValueError as e:
+        message = str(e)
+        raise bad(message, message.split(" ", 1)[0]) from None
+
+
+def _stream(data: dict) -> tuple[bool, bool]:
+    stream = _get(data, "stream", bool, False)
+    options = _get(data, "stream_options", dict, {})
+    return stream, bool(stream and options.get("include_usage"))
+
+
+# ------------------------------------------------------------------------------ requests
+
+
+@dataclass
+class ChatRequest:
+    messages: list  # as sent; inputs.prepare_messages turns them into template messages
+    params: SamplingParams
+    max_tokens_given: bool
+    stream: bool = False
+    include_usage: bool = False
+    top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
+    thinking: bool = False
+    tools: list[dict] | None = None
+    image_tokens: int | None = None
+
+
+@dataclass
+class CompletionRequest:
+    prompt: str | list[int]
+    params: SamplingParams
+    max_tokens_given: bool
+    stream: bool = False
+    include_usage: bool = False
+    top_logprobs: int | None = None
+    echo: bool = False
+
+
+def _thinking(data: dict) -> bool:
+    thinking = _get(data, "thinking", bool)
+    if thinking is not None:
+        return thinking
+    kwargs = _get(data, "chat_template_kwargs", dict, {})
+    if isinstance(kwargs.get("enable_thinking"), bool):
+        return kwargs["enable_thinking"]
+    effort = _get(data, "reasoning_effort", str)
+    if effort is None:
+        return False
+    if effort not in REASONING_EFFORTS:
+        raise bad(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", "reasoning_effort")
+    return REASONING_EFFORTS[effort]
+
+
+def _tools(data: dict) -> list[dict] | None:
+    tools = _get(data, "tools", list)
+    choice = data.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise bad("tool_choice must be 'auto' or 'none' (forcing a call is not supported)", "tool_choice")
+    if not tools or choice == "none":
+        return None
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad("each tool must be {type: 'function', function: {name, description?, parameters?}}",
+                      f"tools[{i}]")
+        if tool.get("type", "function") != "function":
+            raise bad(f"tool type {tool.get('type')!r} is not supported (only 'function')", f"tools[{i}].type")
+    return tools
+
+
+def _response_format(data: dict) -> None:
+    fmt = _get(data, "response_format", dict)
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise bad(f"response_format type {fmt.get('type')!r} is not supported (only 'text')",
+                  "response_format")
+
+
+def parse_chat(data: dict, default_max_tokens: int, defaults: dict | None = None) -> ChatRequest:
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty array", "messages")
+    _response_format(data)
+    params, given = sampling_params(data, default_max_tokens, defaults)
+    stream, usage = _stream(data)
+    top = None
+    if _get(data, "logprobs", bool, False):
+        top = _get(data, "top_logprobs", int, 0)
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise bad(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "top_logprobs")
+    elif data.get("top_logprobs") is not None:
+        raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+    image_tokens = _get(data, "image_tokens", int)
+    if image_tokens is not None and image_tokens not in SOFT_TOKEN_BUDGETS:
+        raise bad(f"image_tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}", "image_tokens")
+    return ChatRequest(messages, params, given, stream, usage, top, _thinking(data), _tools(data), image_tokens)
+
+
+def parse_completion(data: dict, default_max_tokens: int, defaults: dict | None = None) -> CompletionRequest:
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    ok_ids = isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool)
+                                                        for i in prompt)
+    if not (isinstance(prompt, str) and prompt) and not ok_ids:
+        raise bad("'prompt' must be a non-empty string or token-id array (one prompt per request)", "prompt")
+    if data.get("suffix"):
+        raise bad("suffix is not supported", "suffix")
+    params, given = sampling_params(data, default_max_tokens, defaults)
+    stream, usage = _stream(data)
+    top = _get(data, "logprobs", int)
+    if top is not None and not 0 <= top <= 5:
+        raise bad("logprobs must be between 0 and 5", "logprobs")
+    echo = _get(data, "echo", bool, False)
+    if echo and stream:
+        raise bad("echo is not supported with stream", "echo")
+    return CompletionRequest(prompt, params, given, stream, usage, top, echo)
+
+
+# ------------------------------------------------------------------------------ responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict:
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return out
+
+
+def tool_call(call, index: int | None = None) -> dict:
+    """An OpenAI tool call from a chat.ToolCall (ids are made here; arguments are a JSON string)."""
+    out = {"id": "call_" + secrets.token_hex(12), "type": "function",
+           "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+    return out if index is None else {"index": index, **out}
+
+
+@dataclass
+class Envelope:
+    """What every response or chunk of one request shares."""
+
+    id: str
+    model: str
+    object: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def wrap(self, choices: list[dict], **extra: Any) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+
+def chat_message(content: str, reasoning: str, calls: list[dict]) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
+def logprob_entry(token: str, raw: bytes, logprob: float, top: list[tuple[str, bytes, float]] | None) -> dict:
+    entry = {"token": token, "logprob": logprob, "bytes": list(raw)}
+    if top is not None:
+        entry["top_logprobs"] = [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in top]
+    return entry
+
+
+def completion_logprobs(entries: list[dict], text_start: int) -> dict:
+    """The legacy completions shape, from chat-style entries."""
+    offsets, pos = [], text_start
+    for e in entries:
+        offsets.append(pos)
+        pos += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in entries],
+            "text_offset": offsets}
+
+
+def sse(data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()

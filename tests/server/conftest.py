@@ -1,0 +1,51 @@
+"""Fixtures for the server tests (helpers live in serverkit.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+from serverkit import running, write_printed_tokenizer
+
+import gemmarun
+from gemmarun.server import ServerOptions, create_app
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_models):
+    folder, _ = tiny_models("e2b")
+    return gemmarun.load(folder, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def mm_llm(tmp_path_factory):
+    """A tiny Gemma 4 E2B-like model with vision and audio towers (context 1024)."""
+    spec = importlib.util.spec_from_file_location("_mm_reference", TESTS / "model" / "test_multimodal_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = tmp_path_factory.mktemp("server-mm")
+    module._build("e2b", folder)
+    return gemmarun.load(folder, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_llm):
+    """One shared server on the tiny text model (batch 16)."""
+    with running(create_app(tiny_llm, ServerOptions(model_name="tiny", max_batch=16))) as r:
+        yield r
+
+
+@pytest.fixture(scope="session")
+def printed_llm(tiny_models, tmp_path_factory):
+    """The tiny E2B model with a tokenizer whose markers are printed tokens."""
+    src, _ = tiny_models("e2b")
+    folder = tmp_path_factory.mktemp("printed")
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    write_printed_tokenizer(folder)
+    return gemmarun.load(folder, device="cpu")

@@ -1,0 +1,371 @@
+"""The server over real sockets on the tiny text model, through the official openai client."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from serverkit import running
+
+from gemmarun.batching import BatchEngine
+from gemmarun.server import ServerOptions, create_app
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def test_chat_completion_has_usage_and_no_special_tokens(server, tiny_llm):
+    r = server.client().chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.model == "tiny" and r.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    prompt = tiny_llm.build_prompt(HELLO)
+    assert r.usage.prompt_tokens == len(prompt.ids)
+    assert 1 <= r.usage.completion_tokens <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    for special in ("<turn|>", "<|turn>", "<bos>", "<eos>", "<|channel>", "<pad>"):
+        assert special not in choice.message.content
+
+
+def test_streaming_equals_non_streaming(server):
+    client = server.client()
+    kw = {"model": "tiny", "messages": HELLO, "max_tokens": 10, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completions_equal_the_single_request_runtime(server, tiny_llm):
+    r = server.client().completions.create(model="tiny", prompt="hello world", max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    expected = "".join(tiny_llm.stream("hello world", max_tokens=12, ignore_eos=True))
+    assert r.choices[0].text == expected and r.object == "text_completion"
+    assert r.usage.prompt_tokens == len(tiny_llm.tokenizer.encode("hello world")) and r.usage.completion_tokens == 12
+    stream = server.client().completions.create(model="tiny", prompt="hello world", max_tokens=12, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in stream if c.choices) == expected
+
+
+def test_logprobs_and_seeded_sampling(server):
+    client = server.client()
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=3, extra_body={"ignore_eos": True})
+    entries = r.choices[0].logprobs.content
+    assert entries and all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries)
+    assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in entries)  # greedy: the top token
+    kw = {"model": "tiny", "messages": HELLO, "max_tokens": 12, "temperature": 1.0, "top_p": 0.9, "seed": 7,
+              "extra_body": {"ignore_eos": True, "top_k": 50}}
+    first = client.chat.completions.create(**kw).choices[0].message.content
+    assert client.chat.completions.create(**kw).choices[0].message.content == first
+    r = client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 4
+
+
+def test_stop_string_cuts_the_answer(server):
+    client = server.client()
+    kw = {"model": "tiny", "prompt": "hello", "max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    full = client.completions.create(**kw).choices[0].text
+    stop = full[3:5]
+    cut = client.completions.create(stop=[stop], **kw).choices[0]
+    assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny" and health["context"] == 256
+
+
+def test_sixteen_concurrent_streams_get_what_they_get_alone(server):
+    prompts = [f"hello {'world ' * (i % 5)}the {i}" for i in range(16)]
+    kw = {"model": "tiny", "max_tokens": 10, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    client = server.client()
+    alone = [client.chat.completions.create(messages=[{"role": "user", "content": p}], **kw)
+             .choices[0].message.content for p in prompts]
+
+    async def one(aclient, p):
+        stream = await aclient.chat.completions.create(messages=[{"role": "user", "content": p}], stream=True, **kw)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def all_at_once():
+        aclient = server.async_client()
+        return await asyncio.gather(*(one(aclient, p) for p in prompts))
+
+    peak = []
+
+    def watch():
+        peak.append(len(server.scheduler.engine.active))
+
+    loop_done = False
+
+    async def main():
+        nonlocal loop_done
+        task = asyncio.create_task(all_at_once())
+        while not task.done():
+            watch()
+            await asyncio.sleep(0.05)
+        loop_done = True
+        return await task
+
+    together = asyncio.run(main())
+    assert together == alone
+    assert max(peak) > 1  # they really were batched together
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def _raw(server, path, body: bytes, headers=None):
+    return httpx.post(server.url + path, content=body, headers={"content-type": "application/json", **(headers or {})},
+                      timeout=60)
+
+
+def _is_openai_error(resp, status):
+    assert resp.status_code == status
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_malformed_json_and_unsupported_fields(server):
+    _is_openai_error(_raw(server, "/v1/chat/completions", b'{"messages": [}'), 400)
+    _is_openai_error(_raw(server, "/v1/chat/completions", b"[]"), 400)
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, n=2)
+    assert e.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, response_format={"type": "json_object"})
+    assert e.value.param == "response_format"
+    ok = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, extra_body={"not_a_field": 1})
+    assert ok.choices[0].message.role == "assistant"
+
+
+def test_bad_media_and_roles(server):
+    client = server.client()
+    bad_b64 = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=bad_b64)
+    assert "base64" in str(e.value) and "image_url" in e.value.param
+    audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "!!", "format": "wav"}}]}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=audio)
+    assert "base64" in str(e.value)
+    local = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/hostname"}}]}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=local)
+    assert "--allow-local-files" in str(e.value)
+    remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=remote)
+    with pytest.raises(openai.BadRequestError) as e:  # a text-only model
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+    assert "text only" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
+
+
+def test_context_overflow(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello " * 300}])
+    assert e.value.code == "context_length_exceeded" and "256" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().completions.create(model="tiny", prompt=[5] * 300)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_unknown_route_and_method(server):
+    _is_openai_error(httpx.get(server.url + "/v1/nope"), 404)
+    _is_openai_error(httpx.get(server.url + "/v1/chat/completions"), 405)
+
+
+def _status_of_raw_upload(url, headers: list[str], chunks, limit_seconds=30) -> tuple[int, int]:
+    """Sends a request by hand and stops writing once the server answers: (status, bytes sent)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=limit_seconds)
+    sock.sendall(("\r\n".join(["POST /v1/chat/completions HTTP/1.1", f"Host: {host}", *headers]) + "\r\n\r\n")
+                 .encode())
+    sent, answer = 0, b""
+    sock.setblocking(False)
+    deadline = time.monotonic() + limit_seconds
+    try:
+        for chunk in chunks:
+            try:
+                answer += sock.recv(65536)
+                break
+            except BlockingIOError:
+                pass
+            view = memoryview(chunk)
+            while view and time.monotonic() < deadline:
+                try:
+                    n = sock.send(view)
+                    view, sent = view[n:], sent + n
+                except BlockingIOError:
+                    time.sleep(0.01)
+                    try:
+                        answer += sock.recv(65536)
+                        break
+                    except BlockingIOError:
+                        pass
+            if answer:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    sock.setblocking(True)
+    try:
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    except (ConnectionResetError, TimeoutError):
+        pass
+    sock.close()
+    return int(answer.split(b" ", 2)[1]), sent
+
+
+def test_oversize_bodies_get_413_without_being_read(tiny_llm):
+    limit = 1024 * 1024
+    with running(create_app(tiny_llm, ServerOptions(max_body_bytes=limit))) as r:
+        resp = _raw(r, "/v1/chat/completions", b" " * (limit + 1))
+        assert _is_openai_error(resp, 413)["code"] == "request_too_large"
+        # declared 100 MB: answered from the headers, before any of the body is read
+        status, sent = _status_of_raw_upload(r.url, ["Content-Type: application/json", "Content-Length: 100000000"],
+                                             (b"x" * 65536 for _ in range(1600)))
+        assert status == 413 and sent < 100_000_000
+        # chunked, no length: cut off once past the limit while reading
+        piece = b"x" * 65536
+        frame = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+        status, sent = _status_of_raw_upload(r.url, ["Content-Type: application/json", "Transfer-Encoding: chunked"],
+                                             (frame for _ in range(1600)))
+        assert status == 413 and sent < 100_000_000 // 4
+        ok = r.client().chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+        assert ok.choices[0].message.role == "assistant"
+
+
+def test_api_key(tiny_llm):
+    with running(create_app(tiny_llm, ServerOptions(api_key="s3cret"))) as r:
+        with pytest.raises(openai.AuthenticationError) as e:
+            r.client("wrong").models.list()
+        assert e.value.status_code == 401
+        err = _is_openai_error(httpx.get(r.url + "/v1/models"), 401)
+        assert err["code"] == "invalid_api_key"
+        assert httpx.get(r.url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert r.client("s3cret").chat.completions.create(model="m", messages=HELLO, max_tokens=2).choices
+        assert httpx.get(r.url + "/health").status_code == 200
+        assert httpx.get(r.url + "/").status_code == 200
+
+
+class SlowEngine(BatchEngine):
+    """At least `delay` s a step, so a long request is surely still running when the test acts."""
+
+    def __init__(self, llm, max_batch, delay=0.02):
+        super().__init__(llm, max_batch=max_batch)
+        self.delay = delay
+
+    def step(self):
+        time.sleep(self.delay)
+        return super().step()
+
+
+def _wait(cond, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_full_queue_gets_429(tiny_llm):
+    engine = SlowEngine(tiny_llm, max_batch=1, delay=0.1)
+    with running(create_app(tiny_llm, ServerOptions(max_queue=1), engine=engine)) as r:
+        client = r.client()
+        body = {"model": "m", "messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        release = threading.Event()
+
+        def hold():  # one request decoding, one waiting for the batch slot
+            with httpx.stream("POST", r.url + "/v1/chat/completions", json=body, timeout=120) as resp:
+                next(resp.iter_lines())
+                release.wait(60)
+
+        holders = [threading.Thread(target=hold) for _ in range(2)]
+        for t in holders:
+            t.start()
+        assert _wait(lambda: r.scheduler.in_flight == 2, 20)
+        with pytest.raises(openai.RateLimitError) as e:
+            client.chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+        assert e.value.status_code == 429 and e.value.code == "queue_full"
+        release.set()
+        for t in holders:
+            t.join(60)
+        assert _wait(lambda: r.scheduler.in_flight == 0 and not r.scheduler.engine.busy)
+        assert client.chat.completions.create(model="m", messages=HELLO, max_tokens=2).choices
+
+
+def test_disconnect_frees_the_slot(tiny_llm):
+    with running(create_app(tiny_llm, engine=SlowEngine(tiny_llm, max_batch=2))) as r:
+        body = {"model": "m", "messages": HELLO, "max_tokens": 220, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.Client(timeout=60) as client, client.stream("POST", r.url + "/v1/chat/completions",
+                                                               json=body) as resp:
+            lines = resp.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: {") for line in got)
+            assert len(r.scheduler.engine.active) == 1
+        # closed after a few tokens of 220: the engine drops the request at once
+        assert _wait(lambda: not r.scheduler.engine.busy, 5.0)
+        assert r.scheduler.cancelled == 1 and _wait(lambda: r.scheduler.in_flight == 0)
+        # a non-streaming request whose client gives up is cancelled too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(r.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+        assert _wait(lambda: r.scheduler.cancelled == 2 and not r.scheduler.engine.busy, 5.0)
+
+
+def test_page_is_served(server):
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in page.text and "MediaRecorder" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from the network
+    json.dumps(page.text)  # plain text
+
+
+class FailingEngine(BatchEngine):
+    """Its first decode step fails, as an out-of-memory error would."""
+
+    failed = False
+
+    def step(self):
+        if self.active and not self.failed:
+            self.failed = True
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().step()
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on(tiny_llm):
+    with running(create_app(tiny_llm, engine=FailingEngine(tiny_llm, max_batch=2))) as r:
+        client = r.client()
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="m", messages=HELLO, max_tokens=5)
+        assert e.value.status_code == 500 and "out of memory" in str(e.value)
+        assert client.chat.completions.create(model="m", messages=HELLO, max_tokens=3).usage.completion_tokens >= 1
+        r.scheduler.engine.failed = False  # once more, while streaming: the error comes in-band
+        with pytest.raises(openai.APIError) as e:
+            list(client.chat.completions.create(model="m", messages=HELLO, max_tokens=5, stream=True))
+        assert "out of memory" in str(e.value)
+        assert _wait(lambda: r.scheduler.in_flight == 0 and not r.scheduler.engine.busy)

@@ -1,0 +1,136 @@
+"""Image and audio through the server on a tiny multimodal (vision + audio) Gemma 4 model:
+content parts, the per-request image budget, browser recordings (WebM/Opus), transcription."""
+
+import io
+
+import av
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+from serverkit import b64, png_bytes, running
+
+from gemmarun.cli import TRANSCRIBE_PROMPT
+from gemmarun.sampling import SamplingParams
+from gemmarun.server import ServerOptions, create_app
+
+
+def wav_bytes(seconds=1.3) -> bytes:
+    t = np.arange(int(seconds * 16000)) / 16000
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000, format="WAV")
+    return buf.getvalue()
+
+
+def webm_bytes(seconds=1.0, rate=48000) -> bytes:
+    """What Chromium's MediaRecorder produces: Opus in WebM."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="webm") as c:
+        stream = c.add_stream("libopus", rate=rate, layout="mono")
+        t = np.arange(int(rate * seconds)) / rate
+        frame = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
+                                           format="flt", layout="mono")
+        frame.rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            c.mux(packet)
+    return buf.getvalue()
+
+
+def image_part(data: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(data)}}
+
+
+def audio_part(data: bytes, fmt="wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": b64(data), "format": fmt}}
+
+
+@pytest.fixture(scope="module")
+def mm_server(mm_llm, tmp_path_factory):
+    opts = ServerOptions(model_name="mm", allow_local_files=True, default_max_tokens=6)
+    with running(create_app(mm_llm, opts)) as r:
+        yield r
+
+
+def test_image_and_audio_parts_equal_the_single_request_runtime(mm_server, mm_llm):
+    messages = [{"role": "user", "content": [image_part(png_bytes()), audio_part(wav_bytes()),
+                                             {"type": "text", "text": "What is this?"}]}]
+    r = mm_server.client().chat.completions.create(model="mm", messages=messages, max_tokens=6, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+    prompt = mm_llm.build_prompt(messages)  # the runtime reads the same OpenAI parts
+    expected = "".join(mm_llm.stream_prompt(prompt, SamplingParams(max_tokens=6, ignore_eos=True))).strip()
+    assert r.choices[0].message.content == expected
+    assert r.usage.prompt_tokens == len(prompt.ids) > 70 + 33  # image and audio soft tokens counted
+
+
+def test_image_token_budget_is_per_request(mm_server):
+    client = mm_server.client()
+    messages = [{"role": "user", "content": [image_part(png_bytes(400, 300)), {"type": "text", "text": "hi"}]}]
+    used = {}
+    for budget in (70, 280):
+        r = client.chat.completions.create(model="mm", messages=messages, max_tokens=1,
+                                           extra_body={"image_tokens": budget})
+        used[budget] = r.usage.prompt_tokens
+    assert used[280] > used[70] + 100
+
+
+def test_browser_recording_webm_is_decoded(mm_server):
+    r = mm_server.client().chat.completions.create(
+        model="mm", messages=[{"role": "user", "content": [audio_part(webm_bytes(), "webm")]}], max_tokens=2)
+    assert r.usage.prompt_tokens > 25  # one second of audio is 25 soft tokens
+
+
+def test_undecodable_media_is_400_naming_the_problem(mm_server):
+    client = mm_server.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="mm", messages=[{"role": "user", "content": [
+            image_part(b"this is not an image")]}])
+    assert "not an image" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="mm", messages=[{"role": "user", "content": [
+            audio_part(b"RIFF....WAVEjunk" * 4)]}])
+    assert "cannot decode" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="mm", messages=[{"role": "user", "content": [
+            audio_part(b"\x1a\x45\xdf\xa3 not really webm" * 4, "webm")]}])
+    assert "cannot decode audio" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="mm", messages=[{"role": "user", "content": [
+            audio_part(wav_bytes(), "aiff")]}])
+    assert e.value.param.endswith("input_audio.format")
+
+
+def test_local_files_when_allowed(mm_server, tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes())
+    for url in (f"file://{path}", str(path)):
+        r = mm_server.client().chat.completions.create(model="mm", max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+        assert r.usage.prompt_tokens > 70
+
+
+def test_transcription_upload(mm_server, mm_llm):
+    client = mm_server.client()
+    wav = wav_bytes()
+    got = client.audio.transcriptions.create(model="mm", file=("speech.wav", wav), response_format="json")
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": wav},
+                                             {"type": "text", "text": TRANSCRIBE_PROMPT}]}]
+    expected = "".join(mm_llm.stream_prompt(mm_llm.build_prompt(messages),
+                                            SamplingParams(max_tokens=6, temperature=0.0))).strip()
+    assert got.text == expected
+    text = client.audio.transcriptions.create(model="mm", file=("speech.wav", wav), response_format="text")
+    assert text == expected
+    webm = client.audio.transcriptions.create(model="mm", file=("rec.webm", webm_bytes()))
+    assert isinstance(webm.text, str)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.audio.transcriptions.create(model="mm", file=("x.wav", b"garbage" * 10))
+    assert "cannot decode" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.audio.transcriptions.create(model="mm", file=("speech.wav", wav), response_format="srt")
+    assert e.value.param == "response_format"
+
+
+def test_transcription_needs_an_audio_model(tiny_llm):
+    with running(create_app(tiny_llm)) as r:
+        with pytest.raises(openai.BadRequestError) as e:
+            r.client().audio.transcriptions.create(model="m", file=("speech.wav", wav_bytes()))
+        assert "text only" in str(e.value)

@@ -1,0 +1,83 @@
+"""Request parsing and validation, without sockets."""
+
+import pytest
+
+from gemmarun.server.protocol import ApiError, parse_chat, parse_completion, parse_json
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def _chat(**kw):
+    return parse_chat({"messages": MSG, **kw}, 4096)
+
+
+def _error(fn, *args, **kw) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        fn(*args, **kw)
+    return info.value
+
+
+def test_defaults_and_sampling_fields():
+    req = _chat()
+    p = req.params
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (1.0, 0.95, 64, 4096)
+    assert not req.max_tokens_given and not req.stream and req.top_logprobs is None and not req.thinking
+    req = _chat(temperature=0, top_p=0.5, top_k=5, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5,
+                seed=3, stop="END", max_completion_tokens=7, stream=True, stream_options={"include_usage": True},
+                logprobs=True, top_logprobs=3, user="x", metadata={"a": 1}, parallel_tool_calls=True)
+    p = req.params
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.presence_penalty, p.seed) == \
+           (0.0, 0.5, 5, 0.1, 1.2, 0.5, 3)
+    assert p.stop == ("END",) and p.max_tokens == 7 and req.max_tokens_given
+    assert req.stream and req.include_usage and req.top_logprobs == 3
+    assert _chat(stop=["a", "b"], max_tokens=3).params.stop == ("a", "b")
+    assert _chat(logprobs=True).top_logprobs == 0
+
+
+@pytest.mark.parametrize("fields, thinking", [
+    ({}, False), ({"thinking": True}, True), ({"reasoning_effort": "none"}, False),
+    ({"reasoning_effort": "high"}, True), ({"reasoning_effort": "low", "thinking": False}, False),
+    ({"chat_template_kwargs": {"enable_thinking": True}}, True),
+])
+def test_thinking_switch(fields, thinking):
+    assert _chat(**fields).thinking is thinking
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"n": 2}, "n"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"), ({"stop": [1]}, "stop"), ({"logit_bias": {"1": 2}}, "logit_bias"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"), ({"reasoning_effort": "max"}, "reasoning_effort"),
+    ({"image_tokens": 100}, "image_tokens"), ({"tool_choice": "required", "tools": []}, "tool_choice"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"), ({"stream": "yes"}, "stream"),
+    ({"messages": []}, "messages"), ({"seed": True}, "seed"), ({"seed": 2**64}, "seed"),
+])
+def test_bad_fields_are_400_naming_the_param(fields, param):
+    e = _error(parse_chat, {"messages": MSG, **fields}, 4096)
+    assert e.status == 400 and e.param == param
+    assert set(e.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_harmless_fields_and_tool_choice_none():
+    req = _chat(response_format={"type": "text"}, n=1, frequency_penalty=0, something_new={"x": 1},
+                tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none")
+    assert req.tools is None
+    assert _chat(tools=[{"type": "function", "function": {"name": "f"}}]).tools[0]["function"]["name"] == "f"
+
+
+def test_completion_requests():
+    req = parse_completion({"prompt": "Once", "logprobs": 2, "echo": True}, 16)
+    assert req.prompt == "Once" and req.params.max_tokens == 16 and req.top_logprobs == 2 and req.echo
+    assert parse_completion({"prompt": [[2, 5, 6]]}, 16).prompt == [2, 5, 6]
+    for body, param in [({"prompt": ""}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
+                        ({"prompt": "x", "suffix": "y"}, "suffix"), ({"prompt": "x", "logprobs": 9}, "logprobs"),
+                        ({"prompt": "x", "best_of": 2}, "best_of"), ({"prompt": "x", "echo": True, "stream": True}, "echo")]:
+        assert _error(parse_completion, body, 16).param == param
+
+
+def test_json_body():
+    assert parse_json(b'{"a": 1}') == {"a": 1}
+    for body in (b"{bad", b"[1]", b"\xff\xfe"):
+        e = _error(parse_json, body)
+        assert e.status == 400 and e.type == "invalid_request_error"

@@ -1,0 +1,109 @@
+"""Thinking and tool calls end to end. A random tiny model never writes the markers, so a scripted
+engine plays the model's part behind the real server, tokenizer, templates and reply parsing."""
+
+import json
+
+import openai
+import pytest
+from serverkit import CALL, ScriptedEngine, running, script
+
+import gemmarun
+from gemmarun.server import ServerOptions, create_app
+from gemmarun.server.inputs import build_prompt, prepare_messages
+from gemmarun.server.protocol import ApiError
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}]
+@pytest.fixture(scope="module")
+def scripted(printed_llm):
+    engine = ScriptedEngine(printed_llm, script, context=4096)
+    with running(create_app(printed_llm, ServerOptions(model_name="g4"), engine=engine)) as r:
+        r.engine = engine
+        yield r
+
+
+def ask(r, messages, **kw):
+    return r.client().chat.completions.create(model="g4", messages=messages, max_tokens=200, **kw)
+
+
+def test_tool_call_round_trip(scripted):
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    r = ask(scripted, messages, tools=TOOLS)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 2}
+
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp": 21, "sky": "clear"})}]
+    r = ask(scripted, messages, tools=TOOLS)
+    assert r.choices[0].message.content == "It is sunny in Paris." and r.choices[0].finish_reason == "stop"
+    assert not r.choices[0].message.tool_calls
+    prompt = scripted.engine.prompts[-1]
+    assert "<|tool>declaration:get_weather{" in prompt
+    assert (CALL + '<|tool_response>response:get_weather{sky:<|"|>clear<|"|>,temp:21}<tool_response|>') in prompt
+
+
+def test_streamed_tool_calls(scripted):
+    chunks = list(ask(scripted, [{"role": "user", "content": "Weather?"}], tools=TOOLS, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    deltas = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+    assert content == "Let me check."
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+           [(0, "get_weather", {"city": "Paris", "days": 2})]
+    assert deltas[0].id.startswith("call_") and deltas[0].type == "function"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def test_thinking_is_returned_separately(scripted):
+    r = ask(scripted, [{"role": "user", "content": "hi"}], extra_body={"thinking": True})
+    message = r.choices[0].message
+    assert message.content == "Hello!" and message.model_extra["reasoning_content"] == "The user says hello."
+    assert "<|think|>" in scripted.engine.prompts[-1]
+    assert r.usage.completion_tokens_details.reasoning_tokens > 0
+
+    chunks = list(ask(scripted, [{"role": "user", "content": "hi"}], reasoning_effort="high", stream=True))
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert (reasoning, content) == ("The user says hello.", "Hello!")
+    for c in chunks:
+        assert "<" not in (c.choices[0].delta.content or "")
+
+
+def test_thinking_off_prompt_and_no_markers_in_text(scripted):
+    r = ask(scripted, [{"role": "user", "content": "hi"}], reasoning_effort="none")
+    assert r.choices[0].message.content == "Plain answer."
+    assert r.choices[0].message.model_extra.get("reasoning_content") is None
+    prompt = scripted.engine.prompts[-1]
+    assert "<|think|>" not in prompt and prompt.endswith("<|turn>model\n<|channel>thought\n<channel|>")
+
+
+def test_tools_and_tool_messages_render_through_the_template(printed_llm):
+    messages = prepare_messages([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "rainy"},
+    ], allow_local_files=False)
+    prompt = build_prompt(printed_llm, messages, thinking=False, tools=TOOLS, image_tokens=None)
+    text = printed_llm.tokenizer.decode(prompt.ids)
+    assert text.startswith("<bos><|turn>system\nBe brief.<|tool>declaration:get_weather{description:<|\"|>Weather")
+    assert text.endswith('<|turn>model\n<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+                         '<|tool_response>response:get_weather{value:<|"|>rainy<|"|>}<tool_response|>')
+    with pytest.raises(ApiError) as e:
+        prepare_messages([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
+                         allow_local_files=False)
+    assert e.value.status == 400 and "arguments" in e.value.param
+
+
+def test_tools_need_gemma4(tiny_models):
+    folder, _ = tiny_models("gemma3")
+    llm = gemmarun.load(folder, device="cpu")
+    with running(create_app(llm)) as r:
+        with pytest.raises(openai.BadRequestError) as e:
+            r.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
+        assert e.value.param == "tools"
