@@ -173,13 +173,13 @@ class LLM:
                             start_after=closes)
 
     def build_prompt(self, prompt: str | Messages, *, enable_thinking: bool = False,
-                     image_tokens: int | None = None) -> Prompt:
+                     image_tokens: int | None = None, tools: list | None = None) -> Prompt:
         if isinstance(prompt, str):
             return Prompt(self.tokenizer.encode(prompt, add_bos=True))
         from .processing.prompt import collect_media, expand
 
         messages, media = collect_media(prompt)
-        text = self.render_chat(messages, enable_thinking=enable_thinking)
+        text = self.render_chat(messages, enable_thinking=enable_thinking, tools=tools)
         if not media:
             return Prompt(self.tokenizer.encode(text, add_bos=False))
         prepared = tuple(self._prepare(kind, source, image_tokens) for kind, source in media)

@@ -125,22 +125,18 @@ def prepare_messages(messages: list, allow_local_files: bool) -> list[dict]:
 
 def build_prompt(llm: LLM, messages: list[dict], *, thinking: bool, tools: list | None,
                  image_tokens: int | None) -> Prompt:
-    """`LLM.build_prompt`, with tools passed to the chat template."""
-    from ..processing.prompt import collect_media, expand
-
+    """`LLM.build_prompt`, after the checks that must fail this request alone (400) rather than
+    the model thread's whole batch."""
     if tools and llm.config.family != "gemma4":
         raise bad("tools need a Gemma 4 model", "tools")
-    templated, media = collect_media(messages)
-    text = llm.render_chat(templated, enable_thinking=thinking, tools=tools)
-    encode = lambda t: llm.tokenizer.encode(t, add_bos=False)
-    if not media:
-        return Prompt(encode(text))
-    for kind, _ in media:  # a missing tower would fail in the model thread, with the whole batch
-        tower = {"image": "vision_tower", "audio": "audio_tower"}.get(kind)
+    kinds = {part.get("type") for m in messages if isinstance(m.get("content"), list)
+             for part in m["content"] if isinstance(part, dict)}
+    for kind in sorted(kinds):
+        tower = {"image": "vision_tower", "image_url": "vision_tower", "audio": "audio_tower",
+                 "input_audio": "audio_tower"}.get(kind)
         if llm.encoders is not None and tower and getattr(llm.encoders, tower, True) is None:
             raise bad(f"this model has no {tower.split('_')[0]} encoder: it cannot take {kind} input", "messages")
-    prepared = tuple(llm._prepare(kind, source, image_tokens) for kind, source in media)
-    return Prompt(expand(text, list(prepared), encode, llm.media_tokens), prepared)
+    return llm.build_prompt(messages, enable_thinking=thinking, image_tokens=image_tokens, tools=tools)
 
 
 # ------------------------------------------------------------------------------ audio containers
