@@ -157,3 +157,32 @@ def test_device_moves_and_dtype_casts():
     emb = QuantEmbedding.from_raw(raw, T.Q4_K, rows, cols).to("meta")
     assert emb.lookup(torch.tensor([1, 2], device="meta")).shape == (2, cols)
     assert emb.matmul_transposed(torch.empty(2, cols, device="meta")).shape == (2, rows)
+
+
+def test_workspace_made_under_inference_mode_serves_calls_outside_it():
+    """Regression: the reused tile buffer was an inference tensor when first created inside
+    torch.inference_mode, and every later call outside it failed writing into it."""
+    import threading
+
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from gemmarun.quant import QuantLinear
+
+    w = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32)
+    raw = torch.from_numpy(quantize(w, GGMLQuantizationType.Q8_0))
+    layer = QuantLinear.from_raw(raw, GGMLQuantizationType.Q8_0, 64, 96)
+    x = torch.randn(3, 96)
+    out = {}
+
+    def run():  # a fresh thread has a fresh thread-local workspace
+        with torch.inference_mode():
+            out["inside"] = layer(x)
+        out["outside"] = layer(x)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert torch.equal(out["inside"], out["outside"])

@@ -91,7 +91,10 @@ def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
     bufs: dict[torch.dtype, torch.Tensor] = _scratch.__dict__.setdefault("bufs", {})
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+        # A normal tensor, even when first needed under inference_mode: an inference tensor could
+        # not be written in place by a later call made outside it.
+        with torch.inference_mode(False):
+            buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
