@@ -148,16 +148,17 @@ class _QuantMatrix(torch.nn.Module):
         return self
 
     @classmethod
-    def _pack(
+    def from_raw(
         cls,
         raw: torch.Tensor,
         ggml_type: GGMLQuantizationType | int,
         rows: int,
         cols: int,
-        compute_dtype: torch.dtype,
-        tensor_name: str | None,
-    ) -> "_QuantMatrix":
-        """Repack raw GGUF bytes of a ``[rows, cols]`` tensor (``cols`` = ggml ``ne[0]``)."""
+        compute_dtype: torch.dtype = torch.float32,
+        tensor_name: str | None = None,
+    ):
+        """Repack raw GGUF bytes of a ``[rows, cols]`` tensor (ggml shape ``{cols, rows}``;
+        for a linear, rows = out features). ``raw`` is uint8, flat or ``[rows, bytes_per_row]``."""
         fmt = get_format(ggml_type, tensor_name)
         if cols % fmt.block_size:
             who = f"tensor {tensor_name!r}" if tensor_name else "tensor"
@@ -307,24 +308,6 @@ class QuantLinear(_QuantMatrix):
     def in_features(self) -> int:
         return self.cols
 
-    @classmethod
-    def from_raw(
-        cls,
-        raw: torch.Tensor,
-        ggml_type: GGMLQuantizationType | int,
-        out_features: int,
-        in_features: int,
-        compute_dtype: torch.dtype = torch.float32,
-        tensor_name: str | None = None,
-    ) -> "QuantLinear":
-        """Build from raw GGUF bytes of a tensor with ggml shape ``{in, out}``.
-
-        ``raw`` is uint8, flat or ``[out_features, bytes_per_row]``.
-        """
-        m = cls._pack(raw, ggml_type, out_features, in_features, compute_dtype, tensor_name)
-        assert isinstance(m, QuantLinear)
-        return m
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reference:
             w = self.dequantize()
@@ -342,21 +325,6 @@ class QuantEmbedding(_QuantMatrix):
     @property
     def dim(self) -> int:
         return self.cols
-
-    @classmethod
-    def from_raw(
-        cls,
-        raw: torch.Tensor,
-        ggml_type: GGMLQuantizationType | int,
-        num_rows: int,
-        dim: int,
-        compute_dtype: torch.dtype = torch.float32,
-        tensor_name: str | None = None,
-    ) -> "QuantEmbedding":
-        """Build from raw GGUF bytes of a tensor with ggml shape ``{dim, num_rows}``."""
-        m = cls._pack(raw, ggml_type, num_rows, dim, compute_dtype, tensor_name)
-        assert isinstance(m, QuantEmbedding)
-        return m
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Exact float32 rows ``[*ids.shape, dim]``, dequantizing only the gathered rows."""
