@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache, make_cache
-from .generate import ContextOverflow, prefill
+from .generate import check_prompt_fits, prefill
 from .llm import LLM, Prompt
 from .sampling import Sampler, SamplingParams
 
@@ -64,8 +64,7 @@ class BatchEngine:
         """Queue a request; raises ContextOverflow at once if its prompt cannot fit."""
         if not prompt.ids:
             raise ValueError("the prompt is empty")
-        if len(prompt.ids) >= self.context:
-            raise ContextOverflow(f"prompt of {len(prompt.ids)} tokens does not fit the context of {self.context} tokens")
+        check_prompt_fits(len(prompt.ids), self.context)
         rid = next(self._ids)
         self.waiting.append(_Request(rid, prompt, params, top_logprobs, self.llm.stop_ids(params), Sampler(params)))
         return rid

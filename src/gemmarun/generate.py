@@ -18,6 +18,12 @@ class ContextOverflow(ValueError):
     """The prompt does not fit the context window."""
 
 
+def check_prompt_fits(n_prompt: int, context: int) -> None:
+    """A prompt needs at least one free position after it (the first generated token's)."""
+    if n_prompt >= context:
+        raise ContextOverflow(f"prompt of {n_prompt} tokens does not fit the context of {context} tokens")
+
+
 def _chunks(n: int, chunk_size: int, blocks: torch.Tensor | None) -> list[tuple[int, int]]:
     """Chunk boundaries; never inside an image block, whose tokens must see each other."""
     bounds, lo = [], 0
@@ -82,8 +88,7 @@ def generate_step(
     context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
     if not prompt:
         raise ValueError("the prompt is empty")
-    if len(prompt) >= context:
-        raise ContextOverflow(f"prompt of {len(prompt)} tokens does not fit the context of {context} tokens")
+    check_prompt_fits(len(prompt), context)
     max_len = min(len(prompt) + params.max_tokens, context)
     device = model.device
     sampler = Sampler(params)
