@@ -1,6 +1,7 @@
 """KV cache owned by the caller, preallocated, as small as the architecture allows.
 
-* sliding layers: a ring buffer of `window` slots (memory independent of context length);
+* sliding layers: a ring buffer of `window` slots (memory independent of context length), plus
+  `spare` slots when speculating, so tokens written and then rejected evict nothing still visible;
 * full layers: a static buffer of `max_len` positions; on K=V layers only the values are stored
   (keys are rebuilt as RoPE(v * k_norm.weight) on read, spec 3.4), halving their footprint;
 * KV-shared layers: nothing; they read their producer's keys and values.
@@ -38,15 +39,19 @@ class FullKV:
         keys = None if self.keys is None else self.keys[:, :, : self.end]
         return keys, self.values[:, :, : self.end], key_positions
 
+    def truncate(self, length: int) -> None:
+        """Forget positions >= `length`."""
+        self.end = min(self.end, length)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
 
 class SlidingKV:
-    """Ring buffer of `window` slots; slot = position % window."""
+    """Ring buffer of `window + spare` slots; slot = position % size."""
 
-    def __init__(self, spec: LayerSpec, batch: int, max_len: int, dtype, device):
-        self.size = min(spec.window, max_len)
+    def __init__(self, spec: LayerSpec, batch: int, max_len: int, dtype, device, spare: int = 0):
+        self.size = min(spec.window + spare, max_len)
         shape = (batch, spec.num_kv_heads, self.size, spec.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -72,6 +77,11 @@ class SlidingKV:
         self.values[:, :, slots] = v
         self.positions[slots] = positions
 
+    def truncate(self, length: int) -> None:
+        """Forget positions >= `length` (their slots become empty; the keys they evicted were
+        out of every later query's window as long as no more than `spare` were written)."""
+        self.positions.masked_fill_(self.positions >= length, -1)
+
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
 
@@ -79,7 +89,7 @@ class SlidingKV:
 class KVCache:
     """Per-layer storage; `layers[i]` is None for KV-shared layers."""
 
-    def __init__(self, config: TextConfig, batch: int, max_len: int, dtype, device):
+    def __init__(self, config: TextConfig, batch: int, max_len: int, dtype, device, spare: int = 0):
         self.config = config
         self.max_len = max_len
         self.layers: list[FullKV | SlidingKV | None] = []
@@ -87,12 +97,18 @@ class KVCache:
             if not spec.owns_kv:
                 self.layers.append(None)
             elif spec.layer_type is LayerType.SLIDING:
-                self.layers.append(SlidingKV(spec, batch, max_len, dtype, device))
+                self.layers.append(SlidingKV(spec, batch, max_len, dtype, device, spare))
             else:
                 self.layers.append(FullKV(spec, batch, max_len, dtype, device))
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers if layer is not None)
+
+    def truncate(self, length: int) -> None:
+        """Roll back to the first `length` positions (speculative tokens that were rejected)."""
+        for layer in self.layers:
+            if layer is not None:
+                layer.truncate(length)
 
     def cache_bytes_per_token(self) -> int:
         """Bytes one more token of context adds (full layers; sliding rings are fixed)."""
@@ -123,5 +139,8 @@ def kv_cache_bytes(config: TextConfig, context: int, element_size: int, batch: i
     return total * batch
 
 
-def make_cache(config: TextConfig, max_len: int, *, batch: int = 1, dtype=torch.float32, device="cpu") -> KVCache:
-    return KVCache(config, batch, max_len, dtype, torch.device(device))
+def make_cache(config: TextConfig, max_len: int, *, batch: int = 1, dtype=torch.float32, device="cpu",
+               spare: int = 0) -> KVCache:
+    """`spare`: extra sliding-ring slots, at least the number of tokens that may be written and
+    then rolled back with `truncate` (speculative decoding's draft length)."""
+    return KVCache(config, batch, max_len, dtype, torch.device(device), spare)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -361,6 +361,84 @@ def load_hf_config(folder: str | Path) -> TextConfig:
         return text_config_from_hf(raw)
     except KeyError as e:
         raise ConfigError(f"{path}: required key {e.args[0]!r} is missing") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The speculative-decoding drafter (`gemma4_assistant`, spec 7)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AssistantConfig:
+    """A Gemma 4 MTP drafter: a small Gemma 4 text stack whose every layer reads the keys and
+    values of its target's producer layers, plus the projections between the two hidden sizes.
+
+    `text` is parsed with no KV sharing (every drafter layer would be a consumer, which a plain
+    TextConfig cannot express); `layers` is the drafter's real plan: each spec's `kv_source` is
+    `external_kv_slot(type)`, a slot numbered past the drafter's own layers where the target's
+    producer of that type is put, so no drafter layer owns KV. Sliding specs see `window + 1`
+    keys: the reference's bidirectional window is inclusive (|q - k| <= window), measured from the
+    newest key the target has written.
+    """
+
+    text: TextConfig
+    backbone_hidden_size: int  # the target's hidden size
+    use_ordered_embeddings: bool = False  # the centroid ("masked embedding") head
+    num_centroids: int = 2048
+    centroid_top_k: int = 32  # centroid_intermediate_top_k
+    layers: tuple[LayerSpec, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        t = self.text
+        for ok, message in (
+            (t.family == "gemma4", "a gemma4_assistant drafter has a Gemma 4 text config"),
+            (t.ple_dim == 0, "hidden_size_per_layer_input must be 0 in a drafter"),
+            (t.num_experts == 0, "enable_moe_block must be false in a drafter"),
+            (not t.double_wide_mlp, "use_double_wide_mlp must be false in a drafter"),
+            (t.num_kv_shared_layers == 0, "the drafter's text config is parsed without KV sharing"),
+            (not self.use_ordered_embeddings or (self.num_centroids > 0 and t.vocab_size % self.num_centroids == 0),
+             f"num_centroids={self.num_centroids} must divide vocab_size={t.vocab_size}"),
+            (not self.use_ordered_embeddings or 0 < self.centroid_top_k <= self.num_centroids,
+             f"centroid_intermediate_top_k={self.centroid_top_k} must be in 1..num_centroids"),
+        ):
+            if not ok:
+                raise ConfigError(message)
+        specs = tuple(
+            replace(spec, kv_source=self.external_kv_slot(spec.layer_type),
+                    window=None if spec.window is None else spec.window + 1)
+            for spec in t.layers
+        )
+        object.__setattr__(self, "layers", specs)
+
+    def external_kv_slot(self, layer_type: LayerType) -> int:
+        """Where the target's producer of `layer_type` sits among the keys the drafter reads."""
+        return self.text.num_layers + (0 if layer_type is LayerType.SLIDING else 1)
+
+
+def assistant_config_from_hf(raw: dict[str, Any]) -> AssistantConfig:
+    """Parse a HF `gemma4_assistant` config.json dict (names from transformers 5.23's
+    `Gemma4AssistantConfig`)."""
+    if raw.get("model_type") != "gemma4_assistant":
+        raise ConfigError(f"model_type {raw.get('model_type')!r} is not a drafter (gemma4_assistant)")
+    tc = raw.get("text_config")
+    if not isinstance(tc, dict):
+        raise ConfigError("gemma4_assistant config has no text_config object")
+    num_layers = tc.get("num_hidden_layers")
+    shared = tc.get("num_kv_shared_layers") or 0
+    if shared not in (0, num_layers):  # the reference fills 0 in as "all layers"
+        raise ConfigError(f"text_config.num_kv_shared_layers={shared}: every drafter layer must be shared ({num_layers})")
+    if raw.get("tie_word_embeddings", True) is False:
+        raise ConfigError("tie_word_embeddings=false is not supported (the drafter ties its head)")
+    text = text_config_from_hf({**tc, "model_type": tc.get("model_type", "gemma4_text"), "num_kv_shared_layers": 0})
+    if "backbone_hidden_size" not in raw:
+        raise ConfigError("gemma4_assistant config has no backbone_hidden_size")
+    return AssistantConfig(
+        text=text,
+        backbone_hidden_size=int(raw["backbone_hidden_size"]),
+        use_ordered_embeddings=bool(raw.get("use_ordered_embeddings", False)),
+        num_centroids=int(raw.get("num_centroids", 2048)),
+        centroid_top_k=int(raw.get("centroid_intermediate_top_k", 32)),
+    )
 
 
 # --------------------------------------------------------------------------------------------

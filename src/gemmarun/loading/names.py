@@ -53,6 +53,29 @@ def map_hf_names(
     return state, ignored
 
 
+# The drafter (`gemma4_assistant`): its text stack under `model.`, its own projections and centroid
+# head at the top level. Every layer reads the target's keys and values.
+ASSISTANT_PREFIX = "model."
+
+
+def map_assistant_names(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Rename drafter checkpoint tensors to `model.assistant.Assistant` names. Returns (state
+    dict, {ignored name: reason}); a name neither mapped nor ignored stays in the state under its
+    own name, so the strict build reports it."""
+    state: dict[str, torch.Tensor] = {}
+    ignored: dict[str, str] = {}
+    for name, tensor in tensors.items():
+        if name == "lm_head.weight":
+            ignored[name] = "the drafter's head is tied to model.embed_tokens"
+        elif name.startswith(ASSISTANT_PREFIX) and _SHARED_KV.match(name[len(ASSISTANT_PREFIX):]):
+            ignored[name] = "drafter layers read the target's keys and values"
+        elif name.startswith(ASSISTANT_PREFIX):
+            state[name[len(ASSISTANT_PREFIX):]] = tensor
+        else:
+            state[name] = tensor
+    return state, ignored
+
+
 def map_hf_tower_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Vision/audio tower tensors under gemmarun's `Encoders` / `UnifiedEncoders` names (the file's
     name minus `model.`; `vision_embedder.` is gemma4_unified's raw-patch embedder)."""

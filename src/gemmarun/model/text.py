@@ -7,11 +7,12 @@ dense MLP or dense+MoE, PLE injection, layer scalar) -> final norm -> tied head 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..config import TextConfig
+from ..config import LayerSpec, TextConfig
 from .attention import Attention, SharedKV
 from .layers import MLP, RMSNorm, RotaryTable, gelu_tanh, softcap
 from .moe import Experts, Router
@@ -72,9 +73,8 @@ class PerLayerEmbedding(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, index: int):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
         super().__init__()
-        spec = cfg.layers[index]
         self.spec = spec
         H = cfg.hidden_size
         self.self_attn = Attention(cfg, spec)
@@ -116,6 +116,25 @@ class DecoderLayer(nn.Module):
         return x * self.layer_scalar
 
 
+def rotary_tables(specs: tuple[LayerSpec, ...]) -> nn.ModuleDict:
+    """One RoPE table per layer type, keyed by the type's value."""
+    tables = nn.ModuleDict()
+    with torch.device("cpu"):  # computed, not loaded: real values even when built on `meta`
+        for spec in specs:
+            if spec.layer_type.value not in tables:
+                tables[spec.layer_type.value] = RotaryTable(spec.rope.inv_freq(spec.head_dim))
+    return tables
+
+
+@dataclass
+class Exposed:
+    """What a forward hands out on request to a speculative drafter (spec 7): no copies, only
+    references to tensors the forward made anyway."""
+
+    hidden: torch.Tensor | None = None  # (B, T, H) post-final-norm states of the positions given logits
+    kv: SharedKV | None = None  # per KV-owning layer: keys, values, key positions it attended over
+
+
 class TextModel(nn.Module):
     """The decoder with its tied head. `forward` never creates a cache; the caller owns it."""
 
@@ -124,13 +143,9 @@ class TextModel(nn.Module):
         self.config = cfg
         self.embed_tokens = TokenEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.ple = PerLayerEmbedding(cfg) if cfg.ple_dim else None
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, spec) for spec in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = nn.ModuleDict()
-        with torch.device("cpu"):  # computed, not loaded: real values even when built on `meta`
-            for lt in sorted(set(cfg.layer_types), key=lambda t: t.value):
-                spec = next(s for s in cfg.layers if s.layer_type is lt)
-                self.rotary[lt.value] = RotaryTable(spec.rope.inv_freq(spec.head_dim))
+        self.rotary = rotary_tables(cfg.layers)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -156,6 +171,7 @@ class TextModel(nn.Module):
         embeds: torch.Tensor | None = None,  # (B, T, H) merged input embeddings (multimodal)
         last_only: bool = False,  # compute logits for the last position only
         vision_blocks: torch.Tensor | None = None,  # (N,) block id per absolute position, -1 = none
+        expose: Exposed | None = None,  # filled with the final hidden states and the layers' K/V
     ) -> torch.Tensor:
         x = self.embed(ids) if embeds is None else embeds
         ple = self.ple(ids, x) if self.ple is not None else None
@@ -167,7 +183,10 @@ class TextModel(nn.Module):
             x = layer(x, layer_ple, positions, rope[lt], self.rotary[lt], cache, shared, vision_blocks)
         if last_only:
             x = x[:, -1:]
-        logits = self.embed_tokens.matmul_transposed(self.norm(x))
+        x = self.norm(x)
+        if expose is not None:
+            expose.hidden, expose.kv = x, shared
+        logits = self.embed_tokens.matmul_transposed(x)
         cap = self.config.final_logit_softcap
         return softcap(logits, cap) if cap else logits
 

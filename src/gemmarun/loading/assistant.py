@@ -1,0 +1,55 @@
+"""Load a `gemma4_assistant` drafter folder (config.json + safetensors), checked strictly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import AssistantConfig, ConfigError, assistant_config_from_hf
+from ..model.assistant import Assistant
+from . import resolve_device, resolve_dtype
+from .build import _problems
+from .errors import LoadError
+from .names import map_assistant_names
+from .safetensors import read_folder
+
+
+def load_assistant_config(folder: Path) -> AssistantConfig:
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path}: a drafter is a folder with a config.json") from None
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return assistant_config_from_hf(raw)
+    except KeyError as e:
+        raise ConfigError(f"{path}: required key {e.args[0]!r} is missing") from None
+
+
+def build_assistant(cfg: AssistantConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
+                    device: torch.device) -> Assistant:
+    """Assign `state` (gemmarun names) to a drafter built on `meta`; missing, unexpected and
+    misshapen tensors are reported together."""
+    with torch.device("meta"):
+        model = Assistant(cfg)
+    problems = _problems(model.state_dict(), state)
+    if problems:
+        raise LoadError("drafter: " + "; ".join(problems))
+    state = {name: t.to(dtype) if t.is_floating_point() else t.long() for name, t in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def load_assistant(path: str | Path, *, dtype=None, device=None) -> Assistant:
+    """A drafter from a HF `gemma4_assistant` folder; dtype and device resolve as `load`'s do."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LoadError(f"{folder}: a drafter is a folder with config.json and safetensors")
+    device = resolve_device(device)
+    cfg = load_assistant_config(folder)
+    state, _ignored = map_assistant_names(read_folder(folder))
+    return build_assistant(cfg, state, dtype=resolve_dtype(dtype, device), device=device)
