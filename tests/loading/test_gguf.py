@@ -38,7 +38,7 @@ def _emulated(folder, type_name):
     (f16/bf16 cast, or gguf-py's quantize -> dequantize), computed in float32."""
     from gguf.quants import dequantize, quantize
 
-    from gemmarun.loading.convert import TYPES as QTYPES, _target_type
+    from gemmarun.loading.convert import TYPES as QTYPES, target_type
     from gemmarun.loading.names import gemmarun_to_gguf
 
     llm = gemmarun.load(folder, dtype="float32", device="cpu")
@@ -48,7 +48,7 @@ def _emulated(folder, type_name):
     for name, t in tensors.items():
         if not t.is_floating_point() or name.endswith("layer_scalar"):
             continue
-        qtype = _target_type(gemmarun_to_gguf(name), tuple(t.shape), QTYPES[type_name])
+        qtype = target_type(gemmarun_to_gguf(name), tuple(t.shape), QTYPES[type_name])
         arr = t.numpy()
         if qtype.name == "F16":
             new = arr.astype(np.float16).astype(np.float32)

@@ -3,6 +3,9 @@
 Tensors are renamed through the one name table (`names.gemmarun_to_gguf`), streamed to disk one
 at a time (never the whole model in RAM twice), 2-D and 3-D weights quantized with gguf-py's
 reference quantizers, norms and scalars kept F32 as llama.cpp does.
+
+The GGUF conventions themselves (config metadata, vocabulary keys, which type each tensor gets,
+the p-RoPE divisors) are public here because `random_weights` writes the same files.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
 
 from ..config import LayerType, TextConfig, load_hf_config
@@ -31,14 +35,13 @@ TYPES = {
     "q8_0": GGMLQuantizationType.Q8_0,
     "q4_0": GGMLQuantizationType.Q4_0,
 }
-# GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user defined, 6 byte.
-_NORMAL, _UNKNOWN, _CONTROL, _USER, _BYTE = 1, 2, 3, 4, 6
 # Printed specials in Gemma 4 GGUFs (spec 10.1); other added specials are CONTROL.
 _GEMMA4_USER_DEFINED = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
                         "<tool_response|>", '<|"|>'}
 
 
-def _metadata(w: GGUFWriter, cfg: TextConfig) -> None:
+def write_config_metadata(w: GGUFWriter, cfg: TextConfig) -> None:
+    """The `<arch>.*` keys `config.text_config_from_gguf` reads back into the same TextConfig."""
     a = cfg.family
     n = cfg.num_layers
     w.add_uint32(f"{a}.context_length", cfg.max_position_embeddings)
@@ -84,7 +87,43 @@ def _metadata(w: GGUFWriter, cfg: TextConfig) -> None:
         w.add_uint32(f"{a}.expert_feed_forward_length", cfg.expert_dim)
 
 
-def _tokenizer_metadata(w: GGUFWriter, folder: Path, cfg: TextConfig) -> None:
+@dataclass(frozen=True)
+class Vocab:
+    """What a GGUF says about its tokenizer (`tokenizer.ggml.*`), in id order."""
+
+    tokens: list[str]
+    types: list[int]  # llama.cpp token types (gguf.TokenType)
+    merges: list[str]  # "left right" BPE merges; Gemma 4 only (Gemma 3 derives them)
+    bos_id: int
+    eos_id: int
+    pad_id: int | None = None
+    unk_id: int | None = None
+    eot_id: int | None = None  # a second end-of-generation id (read back into TextConfig.eos_ids)
+    chat_template: str | None = None
+
+
+def write_vocab(w: GGUFWriter, family: str, vocab: Vocab) -> None:
+    w.add_string("tokenizer.ggml.model", "gemma4" if family == "gemma4" else "llama")
+    w.add_token_list(vocab.tokens)
+    w.add_token_scores([-float(i) for i in range(len(vocab.tokens))])  # rank order, as SentencePiece scores would
+    w.add_token_types(vocab.types)
+    if family == "gemma4":
+        w.add_token_merges(vocab.merges)
+    w.add_bos_token_id(vocab.bos_id)
+    w.add_eos_token_id(vocab.eos_id)
+    if vocab.eot_id is not None:
+        w.add_eot_token_id(vocab.eot_id)
+    if vocab.pad_id is not None:
+        w.add_pad_token_id(vocab.pad_id)
+    if vocab.unk_id is not None:
+        w.add_unk_token_id(vocab.unk_id)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(False)
+    if vocab.chat_template:
+        w.add_chat_template(vocab.chat_template)
+
+
+def _hf_vocab(folder: Path, cfg: TextConfig) -> Vocab:
     tok = Tokenizer.from_hf_folder(folder)
     data = json.loads((folder / "tokenizer.json").read_text())
     model = data["model"]
@@ -94,49 +133,48 @@ def _tokenizer_metadata(w: GGUFWriter, folder: Path, cfg: TextConfig) -> None:
     tokens = [f"[PAD{i}]" for i in range(size)]
     for piece, i in vocab.items():
         tokens[i] = piece
-    types = [_NORMAL] * size
+    types = [int(TokenType.NORMAL)] * size
     for piece, i in vocab.items():
         if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-            types[i] = _BYTE
+            types[i] = int(TokenType.BYTE)
     for content, t in added.items():
         tokens[t["id"]] = content
         if t.get("special"):
             user = cfg.family == "gemma4" and content in _GEMMA4_USER_DEFINED
-            types[t["id"]] = _USER if user else _CONTROL
+            types[t["id"]] = int(TokenType.USER_DEFINED if user else TokenType.CONTROL)
         else:
-            types[t["id"]] = _USER
-    w.add_string("tokenizer.ggml.model", "gemma4" if cfg.family == "gemma4" else "llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([-float(i) for i in range(size)])  # rank order, as SentencePiece scores would
-    w.add_token_types(types)
-    if cfg.family == "gemma4":
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        w.add_token_merges(merges)
-    w.add_bos_token_id(tok.bos_id)
-    w.add_eos_token_id(tok.eos_id)
-    if tok.pad_id is not None:
-        w.add_pad_token_id(tok.pad_id)
-    if tok.unk_id is not None:
-        w.add_unk_token_id(tok.unk_id)
-    w.add_add_bos_token(True)
-    w.add_add_space_prefix(False)
-    template = read_chat_template(folder)
-    if template:
-        w.add_chat_template(template)
+            types[t["id"]] = int(TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return Vocab(tokens, types, merges, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                 unk_id=tok.unk_id, chat_template=read_chat_template(folder))
 
 
-def _target_type(gguf_name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
-    """Norms, scalars and 1-D tensors stay F32 (as llama.cpp writes them); rows that are not a
-    whole number of blocks fall back to F16."""
-    if len(shape) < 2 or gguf_name.endswith(("norm.weight", ".scale", "layer_output_scale.weight")):
+def stays_f32(gguf_name: str, shape: tuple[int, ...]) -> bool:
+    """Norm weights, scales and other 1-D tensors: multipliers near 1, always written as F32."""
+    return len(shape) < 2 or gguf_name.endswith(("norm.weight", ".scale", "layer_output_scale.weight"))
+
+
+def target_type(gguf_name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """`stays_f32` tensors stay F32 (as llama.cpp writes them). Rows that are not a
+    whole number of blocks fall back to Q8_0 when a 256-element (K-quant) block is what does not
+    fit and 32 does (as llama.cpp falls back to a 32-element type), else to F16."""
+    if stays_f32(gguf_name, shape):
         return GGMLQuantizationType.F32
     block = GGML_QUANT_SIZES[qtype][0]
-    if shape[-1] % block:
-        return GGMLQuantizationType.F16
-    return qtype
+    if shape[-1] % block == 0:
+        return qtype
+    q8_block = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]
+    return GGMLQuantizationType.Q8_0 if block > q8_block and shape[-1] % q8_block == 0 else GGMLQuantizationType.F16
 
 
-def _nbytes(shape: tuple[int, ...], t: GGMLQuantizationType) -> int:
+def rope_freqs(cfg: TextConfig) -> np.ndarray:
+    """Gemma 4's `rope_freqs.weight`: llama.cpp's per-pair frequency divisors for full layers,
+    1.0 where the pair rotates (p-RoPE) and 1e30 (no rotation) beyond."""
+    n_rot = int(cfg.rope_full.rotated_fraction * cfg.global_head_dim // 2)
+    return np.array([1.0] * n_rot + [1e30] * (cfg.global_head_dim // 2 - n_rot), dtype=np.float32)
+
+
+def encoded_nbytes(shape: tuple[int, ...], t: GGMLQuantizationType) -> int:
     block, type_size = GGML_QUANT_SIZES[t]
     return int(np.prod(shape)) // block * type_size
 
@@ -165,24 +203,22 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
 
     items: list[tuple[str, np.ndarray, GGMLQuantizationType]] = []  # generated tensors
     if cfg.family == "gemma4":
-        n_rot = int(cfg.rope_full.rotated_fraction * cfg.global_head_dim // 2)
-        freqs = np.array([1.0] * n_rot + [1e30] * (cfg.global_head_dim // 2 - n_rot), dtype=np.float32)
-        items.append(("rope_freqs.weight", freqs, GGMLQuantizationType.F32))
+        items.append(("rope_freqs.weight", rope_freqs(cfg), GGMLQuantizationType.F32))
     names = sorted(state)
 
     w = GGUFWriter(output, cfg.family)
     w.add_name(folder.name)
     w.add_file_type(int(qtype))
-    _metadata(w, cfg)
-    _tokenizer_metadata(w, folder, cfg)
+    write_config_metadata(w, cfg)
+    write_vocab(w, cfg.family, _hf_vocab(folder, cfg))
     # Tensor infos first (sizes follow from shapes), then data one tensor at a time, so memory
     # holds one encoded tensor at most.
     plan = [(name, arr, t) for name, arr, t in items]
     for name in names:
         gname = gemmarun_to_gguf(name)
-        plan.append((gname, state[name], _target_type(gname, tuple(state[name].shape), qtype)))
+        plan.append((gname, state[name], target_type(gname, tuple(state[name].shape), qtype)))
     for gname, tensor, t in plan:
-        w.add_tensor_info(gname, list(tensor.shape), np.float32, _nbytes(tuple(tensor.shape), t), raw_dtype=t)
+        w.add_tensor_info(gname, list(tensor.shape), np.float32, encoded_nbytes(tuple(tensor.shape), t), raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
