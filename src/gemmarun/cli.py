@@ -211,7 +211,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.model_name, api_key=args.api_key or os.environ.get("GEMMARUN_API_KEY") or None,
         allow_local_files=args.allow_local_files, max_body_bytes=args.max_body_mb * 1024 * 1024,
         max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
-        default_max_tokens=args.max_tokens,
+        default_max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
+        max_image_pixels=round(args.max_image_mp * 1_000_000), max_audio_seconds=args.max_audio_seconds,
+        body_timeout=args.body_timeout, header_timeout=args.header_timeout, max_connections=args.max_connections,
+        log_prompts=args.log_prompts,
     )
     serve(llm, args.host, args.port, options, log_level=args.log_level)
     return 0
@@ -326,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=4096, help="reply length when a request sets none")
     p.add_argument("--max-body-mb", type=int, default=32, help="request body limit in MiB (413 past it)")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="the most max_tokens a request may ask for (400 past it; default: the context)")
+    p.add_argument("--max-image-mp", type=float, default=50,
+                   help="megapixels per image, checked from its header before decoding (400 past it)")
+    p.add_argument("--max-audio-seconds", type=float, default=600,
+                   help="seconds of audio per request, all parts together (400 past it)")
+    p.add_argument("--body-timeout", type=float, default=60, help="seconds to receive a request body (408 past it)")
+    p.add_argument("--header-timeout", type=float, default=30,
+                   help="seconds a connection may go without sending a complete request head (then closed)")
+    p.add_argument("--max-connections", type=int, default=512, help="open connections, idle ones included (503 past it)")
+    p.add_argument("--log-prompts", action="store_true", help="log prompt and reply text (never logged otherwise)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_model_options(p)
     p.set_defaults(func=cmd_serve)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 from tiny_tokenizer import SPECIALS, tiny_vocab
 
-from gemmarun.batching import Event
+from gemmarun.batching import BatchEngine, Event
 
 # Printed (USER_DEFINED) in real Gemma 4 vocabularies: channel and tool markers.
 PRINTED = ["<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
@@ -45,14 +45,15 @@ class Running:
 
 
 @contextlib.contextmanager
-def running(app):
-    """uvicorn in a thread on a free 127.0.0.1 port; stopped (and the model thread with it) on exit."""
+def running(app, **settings):
+    """uvicorn in a thread on a free 127.0.0.1 port; stopped (and the model thread with it) on exit.
+    `settings`: more uvicorn.Config keywords (`gemmarun.server.uvicorn_settings` gives serve's)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **{**settings, "timeout_graceful_shutdown": 2}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -92,7 +93,7 @@ class ScriptedEngine:
         self.waiting, self.active, self.prompts = [], [], []
         self._next = 0
 
-    def add(self, prompt, params, top_logprobs=None):
+    def add(self, prompt, params, top_logprobs=None, control=None):
         text = self.llm.tokenizer.decode(prompt.ids)
         self.prompts.append(text)
         self._next += 1
@@ -157,3 +158,69 @@ def script(prompt: str) -> str:
     if "<|think|>" in prompt:
         return "<|channel>thought\nThe user says hello.\n<channel|>Hello! <turn|>"
     return "Plain <bos>answer<|image|>.<|channel>"
+
+
+class SlowEngine(BatchEngine):
+    """At least `delay` s a step, so a long request is surely still running when the test acts."""
+
+    def __init__(self, llm, max_batch, delay=0.02):
+        super().__init__(llm, max_batch=max_batch)
+        self.delay = delay
+
+    def step(self):
+        time.sleep(self.delay)
+        return super().step()
+
+
+def wait_for(cond, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def status_of_raw_upload(url, headers: list[str], chunks, limit_seconds=30) -> tuple[int, int]:
+    """Sends a request by hand and stops writing once the server answers: (status, bytes sent)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=limit_seconds)
+    sock.sendall(("\r\n".join(["POST /v1/chat/completions HTTP/1.1", f"Host: {host}", *headers]) + "\r\n\r\n")
+                 .encode())
+    sent, answer = 0, b""
+    sock.setblocking(False)
+    deadline = time.monotonic() + limit_seconds
+    try:
+        for chunk in chunks:
+            try:
+                answer += sock.recv(65536)
+                break
+            except BlockingIOError:
+                pass
+            view = memoryview(chunk)
+            while view and time.monotonic() < deadline:
+                try:
+                    n = sock.send(view)
+                    view, sent = view[n:], sent + n
+                except BlockingIOError:
+                    time.sleep(0.01)
+                    try:
+                        answer += sock.recv(65536)
+                        break
+                    except BlockingIOError:
+                        pass
+            if answer:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    sock.setblocking(True)
+    try:
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    except (ConnectionResetError, TimeoutError):
+        pass
+    sock.close()
+    return int(answer.split(b" ", 2)[1]), sent

@@ -2,14 +2,12 @@
 
 import asyncio
 import json
-import socket
 import threading
-import time
 
 import httpx
 import openai
 import pytest
-from serverkit import running
+from serverkit import SlowEngine, running, status_of_raw_upload, wait_for
 
 from gemmarun.batching import BatchEngine
 from gemmarun.server import ServerOptions, create_app
@@ -193,64 +191,19 @@ def test_unknown_route_and_method(server):
     _is_openai_error(httpx.get(server.url + "/v1/chat/completions"), 405)
 
 
-def _status_of_raw_upload(url, headers: list[str], chunks, limit_seconds=30) -> tuple[int, int]:
-    """Sends a request by hand and stops writing once the server answers: (status, bytes sent)."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=limit_seconds)
-    sock.sendall(("\r\n".join(["POST /v1/chat/completions HTTP/1.1", f"Host: {host}", *headers]) + "\r\n\r\n")
-                 .encode())
-    sent, answer = 0, b""
-    sock.setblocking(False)
-    deadline = time.monotonic() + limit_seconds
-    try:
-        for chunk in chunks:
-            try:
-                answer += sock.recv(65536)
-                break
-            except BlockingIOError:
-                pass
-            view = memoryview(chunk)
-            while view and time.monotonic() < deadline:
-                try:
-                    n = sock.send(view)
-                    view, sent = view[n:], sent + n
-                except BlockingIOError:
-                    time.sleep(0.01)
-                    try:
-                        answer += sock.recv(65536)
-                        break
-                    except BlockingIOError:
-                        pass
-            if answer:
-                break
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    sock.setblocking(True)
-    try:
-        while b"\r\n\r\n" not in answer:
-            data = sock.recv(65536)
-            if not data:
-                break
-            answer += data
-    except (ConnectionResetError, TimeoutError):
-        pass
-    sock.close()
-    return int(answer.split(b" ", 2)[1]), sent
-
-
 def test_oversize_bodies_get_413_without_being_read(tiny_llm):
     limit = 1024 * 1024
     with running(create_app(tiny_llm, ServerOptions(max_body_bytes=limit))) as r:
         resp = _raw(r, "/v1/chat/completions", b" " * (limit + 1))
         assert _is_openai_error(resp, 413)["code"] == "request_too_large"
         # declared 100 MB: answered from the headers, before any of the body is read
-        status, sent = _status_of_raw_upload(r.url, ["Content-Type: application/json", "Content-Length: 100000000"],
+        status, sent = status_of_raw_upload(r.url, ["Content-Type: application/json", "Content-Length: 100000000"],
                                              (b"x" * 65536 for _ in range(1600)))
         assert status == 413 and sent < 100_000_000
         # chunked, no length: cut off once past the limit while reading
         piece = b"x" * 65536
         frame = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
-        status, sent = _status_of_raw_upload(r.url, ["Content-Type: application/json", "Transfer-Encoding: chunked"],
+        status, sent = status_of_raw_upload(r.url, ["Content-Type: application/json", "Transfer-Encoding: chunked"],
                                              (frame for _ in range(1600)))
         assert status == 413 and sent < 100_000_000 // 4
         ok = r.client().chat.completions.create(model="m", messages=HELLO, max_tokens=2)
@@ -270,27 +223,6 @@ def test_api_key(tiny_llm):
         assert httpx.get(r.url + "/").status_code == 200
 
 
-class SlowEngine(BatchEngine):
-    """At least `delay` s a step, so a long request is surely still running when the test acts."""
-
-    def __init__(self, llm, max_batch, delay=0.02):
-        super().__init__(llm, max_batch=max_batch)
-        self.delay = delay
-
-    def step(self):
-        time.sleep(self.delay)
-        return super().step()
-
-
-def _wait(cond, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_full_queue_gets_429(tiny_llm):
     engine = SlowEngine(tiny_llm, max_batch=1, delay=0.1)
     with running(create_app(tiny_llm, ServerOptions(max_queue=1), engine=engine)) as r:
@@ -307,14 +239,14 @@ def test_full_queue_gets_429(tiny_llm):
         holders = [threading.Thread(target=hold) for _ in range(2)]
         for t in holders:
             t.start()
-        assert _wait(lambda: r.scheduler.in_flight == 2, 20)
+        assert wait_for(lambda: r.scheduler.in_flight == 2, 20)
         with pytest.raises(openai.RateLimitError) as e:
             client.chat.completions.create(model="m", messages=HELLO, max_tokens=2)
         assert e.value.status_code == 429 and e.value.code == "queue_full"
         release.set()
         for t in holders:
             t.join(60)
-        assert _wait(lambda: r.scheduler.in_flight == 0 and not r.scheduler.engine.busy)
+        assert wait_for(lambda: r.scheduler.in_flight == 0 and not r.scheduler.engine.busy)
         assert client.chat.completions.create(model="m", messages=HELLO, max_tokens=2).choices
 
 
@@ -329,12 +261,12 @@ def test_disconnect_frees_the_slot(tiny_llm):
             assert any(line.startswith("data: {") for line in got)
             assert len(r.scheduler.engine.active) == 1
         # closed after a few tokens of 220: the engine drops the request at once
-        assert _wait(lambda: not r.scheduler.engine.busy, 5.0)
-        assert r.scheduler.cancelled == 1 and _wait(lambda: r.scheduler.in_flight == 0)
+        assert wait_for(lambda: not r.scheduler.engine.busy, 5.0)
+        assert r.scheduler.cancelled == 1 and wait_for(lambda: r.scheduler.in_flight == 0)
         # a non-streaming request whose client gives up is cancelled too
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(r.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
-        assert _wait(lambda: r.scheduler.cancelled == 2 and not r.scheduler.engine.busy, 5.0)
+        assert wait_for(lambda: r.scheduler.cancelled == 2 and not r.scheduler.engine.busy, 5.0)
 
 
 def test_page_is_served(server):
@@ -368,4 +300,4 @@ def test_a_failed_step_fails_its_requests_and_the_server_goes_on(tiny_llm):
         with pytest.raises(openai.APIError) as e:
             list(client.chat.completions.create(model="m", messages=HELLO, max_tokens=5, stream=True))
         assert "out of memory" in str(e.value)
-        assert _wait(lambda: r.scheduler.in_flight == 0 and not r.scheduler.engine.busy)
+        assert wait_for(lambda: r.scheduler.in_flight == 0 and not r.scheduler.engine.busy)

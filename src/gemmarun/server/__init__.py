@@ -27,6 +27,13 @@ Extensions (extra JSON fields; with the openai client pass them in `extra_body`)
     image_tokens: 70|140|280|560|1120  soft-token budget of each image in this request (default:
                                        the model's, 280): more tokens see finer detail, cost more
 
+Structured output: `response_format` {"type": "json_object"} or {"type": "json_schema",
+"json_schema": {"name", "schema"}} constrains the answer (after any thinking) with a grammar, so it
+always parses and validates; "text" is free. A loop guard watches every reply (--loop-guard recover,
+the default, rolls a degenerate repetition back and resamples; stop ends the reply with
+finish_reason "stop" and `"stop_reason": "loop"` in the choice; off): replies stream 64 tokens
+behind the model so a loop is cut before it is sent.
+
 Replies: the thinking text comes back as `reasoning_content` (in the message, or in stream deltas),
 never inside `content`. With `tools`, the model's tool-call syntax becomes OpenAI `tool_calls`
 (finish_reason "tool_calls"; when streaming, one tool_calls delta per complete call); send results
@@ -35,7 +42,7 @@ back as `tool` messages. Special tokens never appear in the text. `usage` counts
 completion_tokens_details.reasoning_tokens).
 
 Not supported (400): n > 1, best_of > 1, frequency_penalty != 0, logit_bias, response_format other
-than text, tool_choice "required" or a named function, completions `suffix`, `echo` with `stream`.
+than text/json_object/json_schema, tool_choice "required" or a named function, completions `suffix`, `echo` with `stream`.
 Other unknown fields are ignored.
 
 Concurrency: one model thread runs continuous batching (`BatchEngine`): up to --max-batch requests
@@ -56,7 +63,7 @@ import sys
 
 from .app import MAX_BODY_BYTES, ServerOptions, create_app
 
-__all__ = ["MAX_BODY_BYTES", "ServerOptions", "create_app", "is_loopback", "serve"]
+__all__ = ["MAX_BODY_BYTES", "ServerOptions", "create_app", "is_loopback", "serve", "uvicorn_settings"]
 
 
 def is_loopback(host: str) -> bool:
@@ -73,6 +80,70 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
+def head_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection that goes `seconds` without a complete
+    request head: a new connection that sends nothing, or one that trickles its headers
+    (uvicorn's keep-alive timer covers neither: any byte received disarms it)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutH11(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self._in_request():
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _in_request(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._disarm()
+            if not self.transport.is_closing() and not self._in_request():
+                self._head_timer = self.loop.call_later(seconds, self._expire)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _expire(self) -> None:
+            self._head_timer = None
+            if not self._in_request() and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadTimeoutH11
+
+
+def uvicorn_settings(options: ServerOptions) -> dict:
+    """The uvicorn.Config keywords `serve` runs with: the connection limit and timeouts."""
+    return {"http": head_timeout_protocol(options.header_timeout), "limit_concurrency": options.max_connections,
+            "timeout_keep_alive": 5, "timeout_graceful_shutdown": 5}
+
+
+def log_config(level: str) -> dict:
+    """uvicorn's logging setup, with the server's own lines (one per request) beside its own."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["gemmarun"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
 def serve(llm, host: str = "127.0.0.1", port: int = 8080, options: ServerOptions | None = None, *,
           log_level: str = "info") -> None:
     """Run the server until interrupted (Ctrl-C stops it gracefully)."""
@@ -86,4 +157,5 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8080, options: ServerOptions
     shown = f"[{host}]" if ":" in host else host
     print(f"gemmarun: serving {app.state.model_name} on http://{shown}:{port}/ (OpenAI API under /v1)",
           file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=log_config(log_level),
+                **uvicorn_settings(opts))

@@ -1,9 +1,10 @@
-"""The Starlette app: routes, authentication, the body-size limit, errors and SSE."""
+"""The Starlette app: routes, authentication, the request limits, errors, SSE and the request log."""
 
 from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -12,12 +13,13 @@ from typing import Any
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..generate import ContextOverflow
 from ..llm import LLM, Prompt
+from ..processing.image import MAX_PIXELS
 from . import inputs
 from .generation import Generation
 from .protocol import (
@@ -34,34 +36,80 @@ from .protocol import (
 from .scheduler import EngineFailed, QueueFull, Scheduler
 
 log = logging.getLogger("gemmarun.server")
+MEDIA_DECODERS = 2  # requests whose images and audio are decoded at the same time
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# A request's body is not read any further after these answers: the connection closes with them.
+_CLOSE = {"Connection": "close"}
 
 
 @dataclass
 class ServerOptions:
+    """Everything `gemmarun serve` sets; the limits are documented in the package docstring."""
+
     model_name: str | None = None  # default: the model's file or folder name
     api_key: str | None = None
     allow_local_files: bool = False
-    max_body_bytes: int = MAX_BODY_BYTES
+    max_body_bytes: int = MAX_BODY_BYTES  # 413 past it
     max_batch: int = 8  # requests decoded together
     max_queue: int = 64  # requests waiting for a batch slot; more get 429
     context: int | None = None  # default: the model's
     default_max_tokens: int = 4096  # chat and transcription, when a request gives none (completions: 16)
+    max_tokens_limit: int | None = None  # the most a request may ask for (400 past it); None: the context
+    max_image_pixels: int = 50_000_000  # width x height of each image, checked from its header
+    max_audio_seconds: float = 600.0  # all of one request's audio together
+    body_timeout: float = 60.0  # seconds to receive a whole request body (408 past it)
+    header_timeout: float = 30.0  # seconds a connection may go without sending a complete request head
+    max_connections: int = 512  # open connections, idle ones included (uvicorn answers 503 past it)
+    log_prompts: bool = False  # log prompt and reply text (never logged otherwise)
+    loop_guard: str = "recover"  # recover | stop | off: what to do when a reply falls into a loop
     sampling: dict = field(default_factory=dict)  # overrides protocol.SAMPLING_DEFAULTS
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_batch", "default_max_tokens", "max_image_pixels", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServerOptions.{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("max_audio_seconds", "body_timeout", "header_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerOptions.{name} must be positive, not {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"ServerOptions.max_queue must be at least 0, not {self.max_queue}")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            raise ValueError(f"ServerOptions.max_tokens_limit must be at least 1, not {self.max_tokens_limit}")
+        if self.max_image_pixels > MAX_PIXELS:
+            raise ValueError(f"ServerOptions.max_image_pixels is over the runtime's own cap ({MAX_PIXELS} pixels)")
+
+    @property
+    def media_limits(self) -> inputs.MediaLimits:
+        return inputs.MediaLimits(self.max_image_pixels, self.max_audio_seconds)
 
 
 class BodyTooLarge(Exception):
     pass
 
 
-class _Guard:
-    """Pure ASGI middleware: bearer-key check on /v1/*, and the body limit, enforced on the
-    declared length and again while the body is read (chunked uploads), so an oversize body is
-    never buffered."""
+class BodyTimeout(Exception):
+    pass
 
-    def __init__(self, app, api_key: str | None, limit: int) -> None:
+
+@dataclass
+class OpenRequests:
+    """POST /v1/* requests being answered: from their head to the end of their reply."""
+
+    n: int = 0
+
+
+class _Guard:
+    """Pure ASGI middleware, in front of everything that reads a body: the bearer-key check on
+    /v1/*; the cap on requests in flight (POST /v1/*: at most the scheduler's capacity, so bodies
+    past it are never read; 429); the body limit, enforced on the declared length and again while
+    the body is read (chunked uploads), so an oversize body is never buffered (413); and the time
+    a client may take to send its body (408)."""
+
+    def __init__(self, app, api_key: str | None, limit: int, capacity: int, body_timeout: float,
+                 counter: OpenRequests) -> None:
         self.app, self.key, self.limit = app, api_key.encode() if api_key else None, limit
+        self.capacity, self.body_timeout, self.counter = capacity, body_timeout, counter
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -73,26 +121,45 @@ class _Guard:
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
                 error = ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                                  code="invalid_api_key")
-                return await _error_response(error, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return await _error_response(error, {"WWW-Authenticate": "Bearer", **_CLOSE})(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _error_response(_too_large(self.limit))(scope, receive, send)
-        seen = 0
+            return await _error_response(_too_large(self.limit), _CLOSE)(scope, receive, send)
+        counted = scope["method"] == "POST" and scope["path"].startswith("/v1/")
+        if counted and self.counter.n >= self.capacity:
+            return await _error_response(busy(self.counter.n, self.capacity), _CLOSE)(scope, receive, send)
+        seen, done = 0, False
+        deadline = time.monotonic() + self.body_timeout
 
         async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge
-            return message
+            nonlocal seen, done
+            if done:  # the body is in: from here on only a disconnect can come, whenever it does
+                return await receive()
+            with anyio.move_on_after(max(deadline - time.monotonic(), 0)):
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > self.limit:
+                        raise BodyTooLarge
+                    done = not message.get("more_body", False)
+                else:
+                    done = True
+                return message
+            raise BodyTimeout
 
-        await self.app(scope, limited, send)
+        self.counter.n += counted
+        try:
+            await self.app(scope, limited, send)
+        finally:
+            self.counter.n -= counted
+
+
+def busy(in_flight: int, capacity: int) -> ApiError:
+    return ApiError(429, f"the server is busy: {in_flight} requests in flight (limit {capacity})", code="queue_full")
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the request body is larger than the {limit // (1024 * 1024)} MiB limit",
+    return ApiError(413, f"the request body is larger than the {limit / (1024 * 1024):g} MiB limit",
                     code="request_too_large")
 
 
@@ -190,6 +257,11 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None) -
     scheduler = Scheduler(llm, max_batch=opts.max_batch, max_queue=opts.max_queue, context=opts.context,
                           engine=engine)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+    limits = opts.media_limits
+    # Media is decoded a few requests at a time, so a burst of large images or long audio cannot
+    # hold more than this many decoded copies at once (text-only prompts skip the queue).
+    media_slots = anyio.CapacityLimiter(MEDIA_DECODERS)
+    open_requests = OpenRequests()
 
     async def read_json(request: Request) -> dict:
         return parse_json(await request.body())
@@ -199,42 +271,62 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None) -
         if n >= scheduler.context:
             raise bad(f"this model's maximum context length is {scheduler.context} tokens; the prompt has {n} "
                       "tokens", "messages", "context_length_exceeded")
-        return params if given else replace(params, max_tokens=min(params.max_tokens, scheduler.context - n))
+        if given and opts.max_tokens_limit is not None and params.max_tokens > opts.max_tokens_limit:
+            raise bad(f"max_tokens is too large: {params.max_tokens}; this server allows at most "
+                      f"{opts.max_tokens_limit}", "max_tokens")
+        cap = scheduler.context - n if opts.max_tokens_limit is None else opts.max_tokens_limit
+        return params if given else replace(params, max_tokens=min(params.max_tokens, cap))
 
-    def submit(prompt: Prompt, params, top_logprobs):
+    def submit(prompt: Prompt, params, top_logprobs, control):
         try:
-            return scheduler.submit(prompt, params, top_logprobs)
-        except QueueFull as e:
-            raise ApiError(429, str(e), code="queue_full") from None
+            return scheduler.submit(prompt, params, top_logprobs, control)
+        except QueueFull:
+            raise busy(scheduler.in_flight, scheduler.capacity) from None
 
     async def run(request: Request, gen: Generation, stream: bool, respond: Callable[[Generation], Response]):
         """Submit, then either stream SSE chunks or answer once; the job is closed either way."""
-        job = submit(gen.prompt, gen.params, gen.top_logprobs)
+        started = time.monotonic()
+        if opts.log_prompts:
+            log.info("%s prompt: %r", gen.env.id, llm.tokenizer.decode(gen.prompt.ids))
+        job = submit(gen.prompt, gen.params, gen.top_logprobs, gen.control)
+
+        def close(outcome: str) -> None:
+            if not job.closed:
+                job.close()
+                _log_request(gen, outcome, time.monotonic() - started, opts.log_prompts)
+
         try:
             first, gone = await _unless_disconnected(request, job.next_events)  # errors keep their status
             if gone:
-                job.close()
+                close("client gone")
                 return Response(status_code=499)
             if stream:
-                return SSEResponse(gen.chunks(job, first), job.close)
+                return SSEResponse(gen.chunks(job, first), lambda: close("streamed"))
             _, gone = await _unless_disconnected(request, lambda: gen.collect(job, first))
-            job.close()
+            close("client gone" if gone else "answered")
             return Response(status_code=499) if gone else respond(gen)
-        except BaseException:
-            job.close()
+        except BaseException as e:
+            close(f"failed: {type(e).__name__}")
             raise
+
+    async def build_off_loop(build: Callable[[], Prompt], has_media: bool) -> Prompt:
+        return await anyio.to_thread.run_sync(build, limiter=media_slots if has_media else None)
 
     async def chat(request: Request) -> Response:
         req = parse_chat(await read_json(request), opts.default_max_tokens, opts.sampling)
 
         def build() -> Prompt:
-            messages = inputs.prepare_messages(req.messages, opts.allow_local_files)
+            messages = inputs.prepare_messages(req.messages, opts.allow_local_files, limits)
             return inputs.build_prompt(llm, messages, thinking=req.thinking, tools=req.tools,
-                                       image_tokens=req.image_tokens)
+                                       image_tokens=req.image_tokens, max_audio_seconds=limits.max_audio_seconds)
 
-        prompt = await anyio.to_thread.run_sync(build)
+        prompt = await build_off_loop(build, inputs.has_media(req.messages))
+        # the grammar's tokenizer view is built on first use (seconds for a 262k vocabulary): off the loop
+        grammar = req.grammar and await anyio.to_thread.run_sync(
+            lambda: llm.grammar_state(req.grammar, req.params, thinking=req.thinking))
         gen = Generation.chat(llm, Envelope(new_id("chatcmpl"), name, "chat.completion.chunk"), prompt,
-                              fit(prompt, req.params, req.max_tokens_given), req)
+                              fit(prompt, req.params, req.max_tokens_given), req,
+                              llm.output_control(grammar, opts.loop_guard))
         return await run(request, gen, req.stream, lambda g: JSONResponse(g.chat_response()))
 
     async def completions(request: Request) -> Response:
@@ -246,7 +338,8 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None) -
                 raise bad(f"prompt token ids must be in [0, {llm.config.vocab_size})", "prompt")
             prompt = Prompt(list(req.prompt))
         gen = Generation.completion(llm, Envelope(new_id("cmpl"), name, "text_completion"), prompt,
-                                    fit(prompt, req.params, req.max_tokens_given), req)
+                                    fit(prompt, req.params, req.max_tokens_given), req,
+                                    llm.output_control(loop_guard=opts.loop_guard))
         return await run(request, gen, req.stream, lambda g: JSONResponse(g.completion_response()))
 
     async def transcriptions(request: Request) -> Response:
@@ -276,12 +369,13 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None) -
         def build() -> Prompt:
             from ..cli import TRANSCRIBE_PROMPT
 
-            audio = inputs.audio_bytes(data, suffix, upload.filename or "upload")
+            audio = inputs.audio_input(data, suffix, "upload", "file", inputs.AudioBudget(limits.max_audio_seconds))
             messages = [{"role": "user", "content": [{"type": "audio", "audio": audio},
                                                      {"type": "text", "text": TRANSCRIBE_PROMPT}]}]
-            return inputs.build_prompt(llm, messages, thinking=False, tools=None, image_tokens=None)
+            return inputs.build_prompt(llm, messages, thinking=False, tools=None, image_tokens=None,
+                                       max_audio_seconds=limits.max_audio_seconds)
 
-        prompt = await anyio.to_thread.run_sync(build)
+        prompt = await build_off_loop(build, True)
         params = fit(prompt, sampling_params({"temperature": temperature}, opts.default_max_tokens, opts.sampling)[0],
                      False)
         gen = Generation(llm, Envelope(new_id("tr"), name, "transcription"), prompt, params)
@@ -300,8 +394,9 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None) -
 
     async def health(request: Request) -> Response:
         engine = scheduler.engine
-        return JSONResponse({"status": "ok", "model": name, "active": len(engine.active),
-                             "waiting": len(engine.waiting), "in_flight": scheduler.in_flight,
+        return JSONResponse({"status": "ok", "model": name, "modalities": inputs.modalities(llm),
+                             "active": len(engine.active), "waiting": len(engine.waiting),
+                             "in_flight": scheduler.in_flight, "open_requests": open_requests.n,
                              "capacity": scheduler.capacity, "context": scheduler.context})
 
     async def index(request: Request) -> Response:
@@ -314,7 +409,14 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None) -
         return _error_response(ApiError(status, message))
 
     async def too_large(request: Request, e: BodyTooLarge) -> Response:
-        return _error_response(_too_large(opts.max_body_bytes))
+        return _error_response(_too_large(opts.max_body_bytes), _CLOSE)
+
+    async def too_slow(request: Request, e: BodyTimeout) -> Response:
+        error = ApiError(408, f"the request body did not arrive within {opts.body_timeout:g} s", code="request_timeout")
+        return _error_response(error, _CLOSE)
+
+    async def gone(request: Request, e: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # the client left while sending its body: nobody to answer
 
     async def error(request: Request, e: Exception) -> Response:
         return _error_response(_api_error(e))
@@ -328,15 +430,25 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None) -
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: http_error, BodyTooLarge: too_large, ApiError: error,
-                            EngineFailed: error, ValueError: error, Exception: error},
+        exception_handlers={HTTPException: http_error, BodyTooLarge: too_large, BodyTimeout: too_slow,
+                            ClientDisconnect: gone, ApiError: error, EngineFailed: error, ValueError: error, Exception: error},
         lifespan=_lifespan(scheduler),
     )
-    app.add_middleware(_Guard, api_key=opts.api_key, limit=opts.max_body_bytes)
+    app.add_middleware(_Guard, api_key=opts.api_key, limit=opts.max_body_bytes, capacity=scheduler.capacity,
+                       body_timeout=opts.body_timeout, counter=open_requests)
     app.state.scheduler = scheduler
     app.state.options = opts
     app.state.model_name = name
+    app.state.open_requests = open_requests
     return app
+
+
+def _log_request(gen: Generation, outcome: str, seconds: float, with_text: bool) -> None:
+    """One line per request: its id, size, time and how it ended; its text only when asked for."""
+    log.info("%s %s: %d prompt + %d completion tokens, %.2f s, finish %s", gen.env.id, outcome,
+             len(gen.prompt.ids), gen.tokens, seconds, gen.finish_reason)
+    if with_text:
+        log.info("%s reply: %r", gen.env.id, gen.text())
 
 
 def _lifespan(scheduler: Scheduler):

@@ -2,6 +2,11 @@
 URLs decoded, local files allowed only when the server says so, and browser recordings
 (WebM / MP4 audio, which libsndfile cannot read) decoded with PyAV.
 
+The server's media limits are checked from the headers, before any pixel or sample is decoded:
+an image's width x height (a 50000x50000 PNG is a few kilobytes), the seconds of audio a request
+sends (all its parts together; WebM/MP4 stop decoding once past the limit). The decoded audio is
+measured again after the prompt is built, for headers that under-declare their length.
+
 Runs in a worker thread, never on the event loop: decoding media is CPU work.
 """
 
@@ -11,18 +16,46 @@ import base64
 import binascii
 import io
 import json
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..llm import LLM, Prompt
-from ..processing.audio import MAX_AUDIO_SECONDS, AudioInputError
+from ..processing.audio import MAX_AUDIO_SECONDS, SAMPLE_RATE, AudioInputError
+from ..processing.prompt import PreparedAudio
 from .protocol import ApiError, bad
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "webm", "mp4", "m4a")
 _PYAV_FORMATS = {"webm", "mp4", "m4a"}
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _KEEP = ("role", "name", "tool_call_id", "reasoning_content")
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """What one request's media may claim (ServerOptions holds the server's values)."""
+
+    max_image_pixels: int  # width x height of each image
+    max_audio_seconds: float  # all of a request's audio parts together
+
+
+@dataclass
+class AudioBudget:
+    """The seconds of audio one request has used, against its limit."""
+
+    limit: float
+    used: float = 0.0
+
+    def check(self, more: float, param: str) -> None:
+        if self.used + more > self.limit:
+            raise bad(f"the request's audio is {self.used + more:.1f} s long, over this server's "
+                      f"{self.limit:g} s limit", param, "audio_too_long")
+
+    def take(self, seconds: float, param: str) -> None:
+        self.check(seconds, param)
+        self.used += seconds
 
 
 def decode_base64(data: Any, param: str, what: str) -> bytes:
@@ -34,25 +67,49 @@ def decode_base64(data: Any, param: str, what: str) -> bytes:
         raise bad(f"{what} is not valid base64", param) from None
 
 
-def _image_source(part: dict, param: str, allow_local_files: bool) -> bytes | str:
+def _image_source(part: dict, param: str, allow_local_files: bool, limits: MediaLimits | None) -> bytes | str:
     spec = part.get("image_url")
     url = spec.get("url") if isinstance(spec, dict) else spec
+    param = f"{param}.image_url.url"
     if not isinstance(url, str) or not url:
-        raise bad("image_url part has no url", f"{param}.image_url.url")
+        raise bad("image_url part has no url", param)
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header:
-            raise bad("image data URLs must be base64 (data:image/...;base64,...)", f"{param}.image_url.url")
-        return decode_base64(payload, f"{param}.image_url.url", "the image data URL")
-    if url.startswith(("http://", "https://")):
-        raise bad("remote image URLs are not fetched: send the image as a base64 data URL", f"{param}.image_url.url")
-    if not allow_local_files:
-        raise bad("local file URLs are disabled (start the server with --allow-local-files)",
-                  f"{param}.image_url.url")
-    return url.removeprefix("file://")
+            raise bad("image data URLs must be base64 (data:image/...;base64,...)", param)
+        source: bytes | str = decode_base64(payload, param, "the image data URL")
+    elif url.startswith(("http://", "https://")):
+        raise bad("remote image URLs are not fetched: send the image as a base64 data URL", param)
+    elif not allow_local_files:
+        raise bad("local file URLs are disabled (start the server with --allow-local-files)", param)
+    else:
+        source = url.removeprefix("file://")
+    if limits is not None:
+        check_image_pixels(source, limits.max_image_pixels, param)
+    return source
 
 
-def _audio_source(part: dict, param: str) -> bytes:
+def check_image_pixels(source: bytes | str, limit: int, param: str) -> None:
+    """Refuse an image whose header claims more than `limit` pixels, before its pixels are
+    decoded. Unreadable input passes: the runtime's decoder then says what is wrong with it."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as e:  # Pillow's own cap (~179 MP) refuses it first
+            raise bad(f"the image is over this server's {limit / 1e6:g}-megapixel limit ({_one_line(e)})", param,
+                      "image_too_large") from None
+        except Exception:  # noqa: BLE001 - not an image, a missing file...: reported when decoded
+            return
+    if width * height > limit:
+        raise bad(f"the image is {width}x{height} ({width * height / 1e6:.1f} megapixels), over this server's "
+                  f"{limit / 1e6:g}-megapixel limit", param, "image_too_large")
+
+
+def _audio_source(part: dict, param: str, budget: AudioBudget | None) -> bytes:
     spec = part.get("input_audio")
     if not isinstance(spec, dict):
         raise bad("input_audio part needs {data, format}", f"{param}.input_audio")
@@ -60,10 +117,33 @@ def _audio_source(part: dict, param: str) -> bytes:
     if fmt is not None and (not isinstance(fmt, str) or fmt.lower() not in AUDIO_FORMATS):
         raise bad(f"input_audio format must be one of {', '.join(AUDIO_FORMATS)}", f"{param}.input_audio.format")
     data = decode_base64(spec.get("data"), f"{param}.input_audio.data", "input_audio data")
-    return audio_bytes(data, fmt.lower() if fmt else None, "input_audio")
+    return audio_input(data, fmt.lower() if fmt else None, "input_audio", f"{param}.input_audio.data", budget)
 
 
-def _content(content: Any, param: str, allow_local_files: bool, media: bool) -> Any:
+def audio_input(data: bytes, fmt: str | None, label: str, param: str, budget: AudioBudget | None) -> bytes:
+    """`audio_bytes`, with the request's audio budget charged from the file's header."""
+    wav = audio_bytes(data, fmt, label, budget, param)
+    if budget is not None:
+        seconds = header_seconds(wav)
+        if seconds is not None:
+            budget.take(seconds, param)
+    return wav
+
+
+def header_seconds(data: bytes) -> float | None:
+    """The length a libsndfile-readable file declares (MP3: an estimate), or None when it
+    cannot be read (the runtime's decoder then reports why)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - undecodable: reported when decoded
+        return None
+    return info.frames / info.samplerate if info.samplerate > 0 else None
+
+
+def _content(content: Any, param: str, allow_local_files: bool, media: bool, limits: MediaLimits | None,
+             budget: AudioBudget | None) -> Any:
     if content is None or isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -77,9 +157,9 @@ def _content(content: Any, param: str, allow_local_files: bool, media: bool) -> 
                 raise bad("text part has no string 'text'", f"{p}.text")
             parts.append({"type": "text", "text": part["text"]})
         elif kind == "image_url" and media:
-            parts.append({"type": "image", "image": _image_source(part, p, allow_local_files)})
+            parts.append({"type": "image", "image": _image_source(part, p, allow_local_files, limits)})
         elif kind == "input_audio" and media:
-            parts.append({"type": "audio", "audio": _audio_source(part, p)})
+            parts.append({"type": "audio", "audio": _audio_source(part, p, budget)})
         else:
             where = "" if media else " in this message"
             raise bad(f"content part type {kind!r} is not supported{where}", f"{p}.type")
@@ -106,9 +186,19 @@ def _tool_calls(calls: Any, param: str) -> list[dict]:
     return out
 
 
-def prepare_messages(messages: list, allow_local_files: bool) -> list[dict]:
+def has_media(messages: Any) -> bool:
+    """Whether any message (as sent) has a content part other than text."""
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(not isinstance(part, dict) or part.get("type") != "text" for part in m["content"])
+        for m in messages)
+
+
+def prepare_messages(messages: list, allow_local_files: bool, limits: MediaLimits | None = None) -> list[dict]:
     """Checked messages in the shape the chat renderers take; media parts carry their bytes (or a
-    path) as {"type": "image", "image": ...} / {"type": "audio", "audio": ...}."""
+    path) as {"type": "image", "image": ...} / {"type": "audio", "audio": ...}. With `limits`,
+    media over them is refused from its headers (400)."""
+    budget = AudioBudget(limits.max_audio_seconds) if limits is not None else None
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
@@ -116,27 +206,41 @@ def prepare_messages(messages: list, allow_local_files: bool) -> list[dict]:
         role = m["role"]
         clean = {k: m[k] for k in _KEEP if m.get(k) is not None}
         clean["content"] = _content(m.get("content"), f"messages[{i}].content", allow_local_files,
-                                    media=role in ("user", "system", "developer"))
+                                    role in ("user", "system", "developer"), limits, budget)
         if role == "assistant" and m.get("tool_calls"):
             clean["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
         out.append(clean)
     return out
 
 
+def modalities(llm: LLM) -> list[str]:
+    """The inputs the loaded model takes: text, and image / audio when it has those towers."""
+    if llm.encoders is None:
+        return ["text"]
+    towers = (("image", "vision_tower"), ("audio", "audio_tower"))
+    return ["text"] + [kind for kind, tower in towers if getattr(llm.encoders, tower, True) is not None]
+
+
 def build_prompt(llm: LLM, messages: list[dict], *, thinking: bool, tools: list | None,
-                 image_tokens: int | None) -> Prompt:
+                 image_tokens: int | None, max_audio_seconds: float | None = None) -> Prompt:
     """`LLM.build_prompt`, after the checks that must fail this request alone (400) rather than
-    the model thread's whole batch."""
+    the model thread's whole batch; then the decoded audio's length against `max_audio_seconds`
+    (a header may under-declare it)."""
     if tools and llm.config.family != "gemma4":
         raise bad("tools need a Gemma 4 model", "tools")
     kinds = {part.get("type") for m in messages if isinstance(m.get("content"), list)
              for part in m["content"] if isinstance(part, dict)}
+    have = modalities(llm)
     for kind in sorted(kinds):
-        tower = {"image": "vision_tower", "image_url": "vision_tower", "audio": "audio_tower",
-                 "input_audio": "audio_tower"}.get(kind)
-        if llm.encoders is not None and tower and getattr(llm.encoders, tower, True) is None:
-            raise bad(f"this model has no {tower.split('_')[0]} encoder: it cannot take {kind} input", "messages")
-    return llm.build_prompt(messages, enable_thinking=thinking, image_tokens=image_tokens, tools=tools)
+        need = {"image": "image", "image_url": "image", "audio": "audio", "input_audio": "audio"}.get(kind)
+        if llm.encoders is not None and need and need not in have:
+            tower = "vision" if need == "image" else "audio"
+            raise bad(f"this model has no {tower} encoder: it cannot take {kind} input", "messages")
+    prompt = llm.build_prompt(messages, enable_thinking=thinking, image_tokens=image_tokens, tools=tools)
+    if max_audio_seconds is not None:
+        samples = sum(len(clip) for item in prompt.media if isinstance(item, PreparedAudio) for clip in item.clips)
+        AudioBudget(max_audio_seconds).check(samples / SAMPLE_RATE, "messages")
+    return prompt
 
 
 # ------------------------------------------------------------------------------ audio containers
@@ -150,16 +254,18 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def audio_bytes(data: bytes, fmt: str | None, label: str) -> bytes:
+def audio_bytes(data: bytes, fmt: str | None, label: str, budget: AudioBudget | None = None,
+                param: str = "messages") -> bytes:
     """Audio as bytes the runtime's decoder (libsndfile) reads: WebM/MP4 become WAV."""
     if fmt in _PYAV_FORMATS or _sniff(data):
-        return container_to_wav(data, label)
+        return container_to_wav(data, label, budget, param)
     return data
 
 
-def container_to_wav(data: bytes, label: str) -> bytes:
+def container_to_wav(data: bytes, label: str, budget: AudioBudget | None = None, param: str = "messages") -> bytes:
     """Decode the first audio stream of a WebM/Matroska/MP4 file with PyAV (FFmpeg) to a mono
-    float WAV at the file's own rate (the runtime then resamples it as any other file)."""
+    float WAV at the file's own rate (the runtime then resamples it as any other file). Decoding
+    stops as soon as the audio is longer than MAX_AUDIO_SECONDS or what `budget` has left."""
     import av
     import soundfile as sf
 
@@ -179,6 +285,8 @@ def container_to_wav(data: bytes, label: str) -> bytes:
                     planes = out.to_ndarray()  # (channels, n)
                     chunks.append(planes.mean(axis=0, dtype=np.float32))
                     total += planes.shape[1]
+                    if budget is not None:
+                        budget.check(total / rate, param)
                     if total > MAX_AUDIO_SECONDS * rate:
                         raise AudioInputError(f"{label}: audio exceeds the {MAX_AUDIO_SECONDS} s maximum")
     except AudioInputError:
@@ -201,6 +309,10 @@ def _with_end(frames):
     yield None
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def media_error(e: ValueError) -> ApiError:
     """A one-line media or template ValueError from the runtime as a 400."""
-    return bad(" ".join(str(e).split()) or type(e).__name__, "messages")
+    return bad(_one_line(e), "messages")
