@@ -227,24 +227,85 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import time
-
-    from .bench import format_result, record, run_bench
-
-    t0 = time.perf_counter()
-    llm = _load(args.model, args)
-    load_s = time.perf_counter() - t0
-    result = run_bench(llm, load_s, args.prompt_tokens, args.decode_tokens)
-    setup = f"{args.model or 'embedded gemma-3-270m Q4_K_M'} ({llm.config.family}, dtype {args.dtype}, " \
-            f"device {llm.model.device.type})"
-    command = "gemmarun bench " + " ".join(sys.argv[2:])
-    section = format_result(setup, command, result)
-    print(section)
+def _bench_command(args: argparse.Namespace, threads: int) -> str:
+    """The command line that reproduces this run, with the thread count made explicit."""
+    parts = ["gemmarun bench"]
+    if args.model:
+        parts.append(args.model)
+    if args.random_weights:
+        parts += ["--random-weights", args.random_weights, "--quant", args.quant]
+    if args.compare:
+        parts.append("--compare")
+    if args.rounds:
+        parts += ["--rounds", str(args.rounds)]
+    parts += ["--threads", str(threads)]
+    if args.prompt_tokens != 512:
+        parts += ["--prompt-tokens", str(args.prompt_tokens)]
+    if args.decode_tokens != 128:
+        parts += ["--decode-tokens", str(args.decode_tokens)]
+    if args.dtype != "auto":
+        parts += ["--dtype", args.dtype]
+    if args.device:
+        parts += ["--device", args.device]
     if args.write:
-        from pathlib import Path
+        parts += ["--write", args.write]
+    return " ".join(parts)
 
-        record(Path(args.write), setup, section)
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import bench
+    from .loading import resolve_device
+
+    if args.model and args.random_weights:
+        raise bench.BenchError("give a MODEL or --random-weights CONFIG, not both")
+    if args.prompt_tokens < 1 or args.decode_tokens < 1:
+        raise bench.BenchError("--prompt-tokens and --decode-tokens must be at least 1")
+    device = resolve_device(args.device)
+    if args.compare and device.type != "cpu":
+        raise bench.BenchError("--compare runs every runtime on the CPU; drop --device or pass --device cpu")
+    threads = args.threads if args.threads is not None else bench.physical_cores()
+    if threads < 1:
+        raise bench.BenchError(f"--threads must be at least 1, got {threads}")
+    if args.random_weights:
+        path = bench.random_weights_model(args.random_weights, args.quant)
+        label = f"random-weights {args.random_weights} {args.quant}"
+    elif args.model:
+        path, label = Path(args.model), args.model
+    else:
+        from .loading.default import default_model_path
+
+        path, label = default_model_path(), "embedded gemma-3-270m Q4_K_M"
+    facts = bench.describe_model(path)
+    cfg = facts.config
+    if args.prompt_tokens + args.decode_tokens > cfg.max_position_embeddings:
+        raise bench.BenchError(f"{args.prompt_tokens} + {args.decode_tokens} tokens do not fit the model's "
+                               f"context of {cfg.max_position_embeddings}")
+    prompt_ids = bench.random_prompt_ids(cfg.vocab_size, args.prompt_tokens)
+    sanity = tuple(facts.tokenizer.encode(bench.SANITY_PROMPT)) if facts.tokenizer else prompt_ids[:8]
+    workload = bench.Workload(str(path), prompt_ids, args.decode_tokens, threads, sanity,
+                              dtype=args.dtype, device=str(device))
+    print(f"threads: {threads}" + (" (physical cores)" if args.threads is None else ""), file=sys.stderr)
+    runtimes = bench.compare_runtimes() if args.compare else [bench.gemmarun_runtime()]
+    rounds = args.rounds or (3 if args.compare else 1)
+    runs = bench.run_rounds(workload, runtimes, rounds, progress=lambda line: print(line, file=sys.stderr))
+    bandwidth = decode_bytes = None
+    if device.type == "cpu":
+        bandwidth = bench.measure_read_bandwidth(threads)
+        decode_bytes = bench.decode_read_bytes(facts.weights, cfg.top_k_experts, cfg.num_experts)
+    setup = f"{label} ({cfg.family}, dtype {args.dtype}, device {device.type})"
+    if args.compare:
+        setup += " vs llama.cpp and transformers"
+    report = bench.Report(setup, _bench_command(args, threads), threads, rounds, workload, runs,
+                          bandwidth, decode_bytes, facts.tokenizer)
+    section = bench.format_report(report)
+    print(section)
+    ours = runs[0]
+    if not ours.results:
+        raise bench.BenchError(f"gemmarun's run {ours.status}")
+    if args.write:
+        bench.record(Path(args.write), setup, section)
     return 0
 
 
@@ -293,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--write", metavar="FILE", default=None, help="record into this markdown file")
+    p.add_argument("--compare", action="store_true",
+                   help="run the same workload through llama.cpp and transformers too (pip install gemmarun[bench])")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds over the runtimes; medians are reported (default: 3 with --compare, else 1)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every runtime (default: physical cores)")
+    p.add_argument("--random-weights", metavar="CONFIG", default=None,
+                   help="bench a random-weights GGUF of this config (a name like e2b, or a config.json), cached")
+    p.add_argument("--quant", default="q4_0", help="quantization of the --random-weights file (default: q4_0)")
     _add_model_options(p)
     p.set_defaults(func=cmd_bench)
 

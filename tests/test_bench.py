@@ -1,0 +1,268 @@
+"""`gemmarun bench`: the compare driver (child processes, interleaved rounds, medians, ratios),
+missing and failing runtimes, `record`, the memory-bandwidth bound, threads, --random-weights."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from gemmarun import bench
+from gemmarun.bench import (
+    NOT_INSTALLED,
+    Bandwidth,
+    BenchResult,
+    DecodeBytes,
+    Report,
+    Runtime,
+    RuntimeRuns,
+    WeightTensor,
+    Workload,
+)
+from gemmarun.cli import main
+from gemmarun.loading.convert import convert
+from gemmarun.loading.gguf_file import GGUFFile
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_models, tmp_path_factory):
+    def get(family):
+        out = tmp_path_factory.getbasetemp() / f"bench-{family}.gguf"
+        if not out.exists():
+            folder, _ = tiny_models(family)
+            convert(folder, out, "q8_0", progress=False)
+        return out
+
+    return get
+
+
+def _workload(model: Path, prompt: int = 8, decode: int = 2) -> Workload:
+    return Workload(str(model), bench.random_prompt_ids(256, prompt), decode, threads=1, sanity_ids=(2, 40, 50),
+                    sanity_tokens=3)
+
+
+def _result(prefill: float, decode: float, ttft: float = 0.5, rss: float = 100.0, **kw) -> BenchResult:
+    fields = {"prefill_tokens": 8, "prefill_tok_s": prefill, "decode_tokens": 2, "decode_tok_s": decode,
+              "ttft_s": ttft, "load_s": 1.0, "peak_rss_mib": rss, "kv_bytes": 2048}
+    return BenchResult(**{**fields, **kw})
+
+
+# A stand-in runtime: a child process that answers with a prefill speed that changes each round
+# (10 then 30: median 20), counting its runs in a file next to the model.
+FAKE_RUNTIME = """
+import json, sys
+from pathlib import Path
+w = json.loads(sys.stdin.read())
+counter = Path(w["model"]).with_suffix(".fake-runs")
+n = int(counter.read_text()) if counter.exists() else 0
+counter.write_text(str(n + 1))
+print("noise on stdout")
+print("gemmarun-bench-result " + json.dumps(dict(
+    prefill_tokens=len(w["prompt_ids"]), prefill_tok_s=[10.0, 30.0][n], decode_tokens=w["decode_tokens"],
+    decode_tok_s=[4.0, 1.0][n], ttft_s=1.0, load_s=0.1, peak_rss_mib=50.0 + 2 * n, kv_bytes=None,
+    first_ids=w["sanity_ids"][:1] * w["sanity_tokens"], version="fake 1.0")))
+"""
+
+
+def test_compare_driver_runs_real_gemmarun_and_a_fake_runtime_interleaved(tiny_gguf, tmp_path):
+    model = tmp_path / "tiny.gguf"
+    model.symlink_to(tiny_gguf("gemma3"))
+    runtimes = [bench.gemmarun_runtime(), Runtime("fake", (sys.executable, "-c", FAKE_RUNTIME)),
+                Runtime("absent", (sys.executable, "-c", "raise SystemExit(3)"), ("no_such_module_gemmarun_bench",))]
+    order = []
+    runs = bench.run_rounds(_workload(model), runtimes, rounds=2, progress=order.append)
+    ours, fake, absent = runs
+    assert [line.split(":")[0] for line in order] == [
+        "absent", "round 1/2 gemmarun", "round 1/2 fake", "round 2/2 gemmarun", "round 2/2 fake"]
+    assert len(ours.results) == 2 and ours.status == ""
+    r = ours.results[0]
+    assert r.prefill_tokens == 8 and r.decode_tokens == 2 and r.prefill_tok_s > 0 and r.decode_tok_s > 0
+    assert r.kv_bytes > 0 and r.peak_rss_mib > 50 and len(r.first_ids) == 3 and r.version.startswith("gemmarun")
+    assert len({res.first_ids for res in ours.results}) == 1  # greedy: every round agrees
+    m = fake.median()
+    assert (m.prefill_tok_s, m.decode_tok_s, m.peak_rss_mib, m.kv_bytes) == (20.0, 2.5, 51.0, None)
+    assert absent.results == [] and absent.status == NOT_INSTALLED
+
+    table = bench.format_report(Report("tiny", "gemmarun bench x", 1, 2, _workload(model), runs))
+    assert f"| absent | {NOT_INSTALLED} |" in table
+    assert "| fake 1.0 | 0.10 s | 20.0 (8 tokens) | 2.50 (2 tokens) | n/a | 1.00 s | 51 MiB | n/a |" in table
+    ours_m = ours.median()
+    ratio_row = (f"| fake | {ours_m.prefill_tok_s / 20:.2f}x | {ours_m.decode_tok_s / 2.5:.2f}x | "
+                 f"{ours_m.ttft_s / 1:.2f}x | {ours_m.peak_rss_mib / 51:.2f}x |")
+    assert ratio_row in table
+    assert "- fake: [2, 2, 2]" in table and f"- gemmarun: {list(r.first_ids)}" in table
+
+
+def test_a_failing_runtime_is_reported_and_the_others_still_run():
+    fail = "import sys; print('gemmarun: boom', file=sys.stderr); sys.exit(1)"
+    runtimes = [Runtime("broken", (sys.executable, "-c", fail)),
+                Runtime("fake", (sys.executable, "-c", "print('no result line')")),
+                Runtime("ok", ("unused",))]
+
+    def worker(rt, w):
+        return _result(5.0, 1.0) if rt.name == "ok" else bench.run_worker(rt, w)
+
+    runs = bench.run_rounds(_workload(Path("/nonexistent.gguf")), runtimes, rounds=2, worker=worker)
+    assert runs[0].status == "failed: gemmarun: boom" and runs[0].results == []
+    assert runs[1].status.startswith("failed: exit status 0, no result")
+    assert len(runs[2].results) == 2
+    table = bench.format_report(Report("s", "c", 1, 2, _workload(Path("m")), runs))
+    assert "| broken | failed: gemmarun: boom |" in table
+
+
+def test_medians_and_ratios_arithmetic():
+    ours = RuntimeRuns("gemmarun", [_result(100, 10, rss=300), _result(300, 30, rss=100), _result(200, 20, rss=200)])
+    other = RuntimeRuns("llama.cpp", [_result(400, 5, ttft=0.25, rss=400, kv_bytes=None, version="llama x")])
+    bound = Report("s", "c", 2, 3, _workload(Path("m")), [ours, other],
+                   Bandwidth(8e9, 2**29, 5, 2), DecodeBytes(body=100_000_000, head=60_000_000, gathered=1000))
+    assert bound.decode_bound_tok_s == pytest.approx(8e9 / 160_001_000)
+    table = bench.format_report(bound)
+    assert "| gemmarun / other | prefill | decode | time to first token | peak RSS |" in table
+    assert "| llama.cpp | 0.50x | 4.00x | 2.00x | 0.50x |" in table
+    share = 100 * 20 / (8e9 / 160_001_000)
+    assert f"| 20.00 (2 tokens) | {share:.0f}% |" in table
+    assert "decode bound 50.0 tok/s" in table and "160.0 MB of weights" in table
+    assert "| llama x | 1.00 s | 400.0 (8 tokens) |" in table and "| n/a |\n" in table
+
+
+def test_decode_bytes_on_a_hand_made_model():
+    """Layers read whole, experts at the active share, the tied head whole, gathered tables one row."""
+    tensors = [
+        WeightTensor("embed_tokens.weight", 1000 * 64, 1000),  # tied head + one gathered row of 64 B
+        WeightTensor("ple.table", 1000 * 32, 1000),  # one row of 32 B
+        WeightTensor("ple.per_layer_model_projection.weight", 500, 16),
+        WeightTensor("layers.0.self_attn.q_proj.weight", 4000, 64),
+        WeightTensor("layers.0.input_layernorm.weight", 256, 64),
+        WeightTensor("layers.0.experts.gate_up_proj", 8 * 1000, 8),  # 2 of 8 experts active
+        WeightTensor("layers.0.experts.down_proj", 8 * 500, 8),
+        WeightTensor("norm.weight", 256, 64),
+    ]
+    b = bench.decode_read_bytes(tensors, top_k_experts=2, num_experts=8)
+    assert b == DecodeBytes(body=500 + 4000 + 256 + 2000 + 1000 + 256, head=64_000, gathered=64 + 32)
+    assert b.total == 72_108
+    with pytest.raises(bench.BenchError, match="no experts"):
+        bench.decode_read_bytes(tensors)
+
+
+def test_decode_bytes_of_a_gguf_are_its_quantized_tensor_bytes(tiny_gguf):
+    """On a tiny MoE GGUF: every tensor but the table counted from the file, experts at top_k/n."""
+    path = tiny_gguf("26b")
+    facts = bench.describe_model(path)
+    cfg = facts.config
+    b = bench.decode_read_bytes(facts.weights, cfg.top_k_experts, cfg.num_experts)
+    f = GGUFFile(path)
+    sizes = {name: info.nbytes for name, info in f.tensors.items()}
+    experts = sum(n for name, n in sizes.items() if "_exps.weight" in name)
+    assert experts > 0
+    expected_body = sum(sizes.values()) - sizes["token_embd.weight"] - experts + experts * 2 // 4
+    assert abs(b.body - expected_body) <= len(sizes)  # per-tensor integer rounding
+    assert b.head == sizes["token_embd.weight"]
+    assert b.gathered == sizes["token_embd.weight"] // cfg.vocab_size
+    assert facts.tokenizer is not None
+
+
+def test_record_replaces_the_same_setup_and_keeps_what_follows(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\n## Part A\n\nintro\n\n### model x (cpu)\n\nold numbers\n\n"
+                    "#### model x (cpu)\n\nnot a setup heading\n\n## Part B\n\nkept\n")
+    bench.record(path, "model x (cpu)", "### model x (cpu)\n\nnew numbers\n")
+    text = path.read_text()
+    assert "old numbers" not in text and "new numbers" in text
+    assert text.count("### model x (cpu)\n") == 1  # the #### line went with the replaced section
+    assert text.endswith("new numbers\n\n## Part B\n\nkept\n")
+    bench.record(path, "model x (cpu) vs llama.cpp and transformers", "### model x (cpu) vs llama.cpp and "
+                 "transformers\n\ncompare 1\n")
+    bench.record(path, "model x (cpu) vs llama.cpp and transformers", "### model x (cpu) vs llama.cpp and "
+                 "transformers\n\ncompare 2\n")
+    text = path.read_text()
+    assert "compare 1" not in text and text.count("compare 2") == 1 and "new numbers" in text and "kept" in text
+    bench.record(tmp_path / "new.md", "s", "### s\n\nfirst\n")
+    assert (tmp_path / "new.md").read_text() == "# Benchmarks\n\n### s\n\nfirst\n"
+
+
+def test_physical_cores_counts_cores_not_smt_siblings():
+    smt = "".join(f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i % 2}\n\n" for i in range(4))
+    assert bench.physical_cores(smt, usable=4) == 2
+    assert bench.physical_cores(smt, usable=1) == 1
+    two_sockets = "physical id : 0\ncore id : 0\n\nphysical id : 1\ncore id : 0\n"
+    assert bench.physical_cores(two_sockets, usable=8) == 2
+    assert bench.physical_cores("processor : 0\n", usable=3) == 3
+
+
+def test_read_bandwidth_is_measured_with_the_thread_count():
+    bw = bench.measure_read_bandwidth(threads=1, buffer_bytes=16 * 2**20, repeats=2)
+    assert bw.threads == 1 and bw.buffer_bytes == 16 * 2**20 and bw.bytes_per_s > 1e8
+    assert "16 MiB buffer, best of 2, 1 threads" in bw.describe()
+
+
+def test_random_weights_file_is_written_once_into_the_cache(tmp_path, tiny_gguf, monkeypatch):
+    calls = []
+
+    def write_random_gguf(config, out_path, qtype="q4_0", seed=0):
+        calls.append((config, Path(out_path).name, qtype, seed))
+        Path(out_path).write_bytes(tiny_gguf("gemma3").read_bytes())
+        return Path(out_path)
+
+    fake = types.ModuleType("gemmarun.loading.random_weights")
+    fake.write_random_gguf = write_random_gguf
+    monkeypatch.setitem(sys.modules, "gemmarun.loading.random_weights", fake)
+    cache = tmp_path / "random"
+    first = bench.random_weights_model("e2b", "q8_0", cache)
+    again = bench.random_weights_model("e2b", "q8_0", cache)
+    assert first == again == cache / "e2b-q8_0.gguf" and first.exists()
+    assert calls == [("e2b", "e2b-q8_0.gguf.partial", "q8_0", 0)]
+    config = tmp_path / "my-model" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"model_type": "gemma4_text"}))
+    made = bench.random_weights_model(str(config), "q4_0", cache)
+    assert made.name.startswith("my-model-") and made.name.endswith("-q4_0.gguf")
+    with pytest.raises(bench.BenchError, match="no such config file"):
+        bench.random_weights_model(str(tmp_path / "missing.json"), "q4_0", cache)
+    with pytest.raises(bench.BenchError, match="not a config name"):
+        bench.random_weights_model("../evil", "q4_0", cache)
+
+
+def test_cli_bench_writes_the_machine_line_and_command(tiny_gguf, tmp_path, capsys):
+    out = tmp_path / "benchmarks.md"
+    args = ["bench", str(tiny_gguf("gemma3")), "--prompt-tokens", "8", "--decode-tokens", "2", "--threads", "1",
+            "--write", str(out)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "threads: 1" in err and "round 1/1 gemmarun" in err
+    text = out.read_text()
+    assert text.count("### ") == 1 and "(gemma3, dtype auto, device cpu)\n" in text
+    assert "--threads 1 --prompt-tokens 8 --decode-tokens 2 --write" in text
+    assert "1 threads used" in text and "GiB RAM" in text and "torch " in text and "- date: " in text
+    assert "decode bound" in text and "| gemmarun 0.1.0 |" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compare", "--device", "meta"], "--compare runs every runtime on the CPU"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--decode-tokens", "0"], "must be at least 1"),
+    (["--prompt-tokens", "100000"], "do not fit the model's context"),
+])
+def test_cli_bench_bad_options_are_one_line_errors(tiny_gguf, capsys, args, message):
+    assert main(["bench", str(tiny_gguf("gemma3")), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_bench_model_and_random_weights_together_is_an_error(capsys):
+    assert main(["bench", "x.gguf", "--random-weights", "e2b"]) == 1
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_on_the_real_270m_briefly(capsys):
+    """All three runtimes on the real model, a few tokens: each runs, and the first greedy tokens
+    for a real prompt match between gemmarun and llama.cpp (same quantized weights)."""
+    pytest.importorskip("llama_cpp")
+    assert main(["bench", "--compare", "--rounds", "1", "--prompt-tokens", "32", "--decode-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "not installed" not in out and "failed" not in out
+    lines = {line.split(":")[0]: line for line in out.splitlines() if line.startswith("- ")}
+    ours = lines["- gemmarun"].split("]")[0]
+    assert ours == lines["- llama.cpp"].split("]")[0]
+    assert "Paris" in lines["- gemmarun"]
