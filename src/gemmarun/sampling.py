@@ -83,8 +83,15 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor) -> int:
+        probs = self.distribution(logits, seen, generated)
+        if self.params.temperature == 0.0:
+            return int(torch.argmax(probs))
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def distribution(self, logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        """The probabilities (V,) float32 on the CPU that `__call__` draws from; one-hot on the
+        argmax when greedy. Speculative decoding compares the target's with the drafter's."""
         logits = apply_penalties(logits.float().cpu(), seen, generated, self.params)
         if self.params.temperature == 0.0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(filter_logits(logits, self.params), dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            return torch.zeros_like(logits).index_fill_(0, torch.argmax(logits)[None], 1.0)
+        return torch.softmax(filter_logits(logits, self.params), dim=-1)
