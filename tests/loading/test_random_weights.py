@@ -52,9 +52,10 @@ def _dequantized(f: GGUFFile, name: str) -> torch.Tensor:
 def test_written_file_loads_with_every_planned_tensor(tmp_path, family, qtype):
     if family == "26b-twin":
         cfg = active_twin(tiny("26b"))
+        path = write_random_gguf(tiny("26b"), tmp_path / "m.gguf", qtype, twin=True)
     else:
         cfg = kquant_tiny() if (qtype == "q4_k" and family == "e2b") else tiny(family)
-    path = write_random_gguf(cfg, tmp_path / "m.gguf", qtype)
+        path = write_random_gguf(cfg, tmp_path / "m.gguf", qtype)
     f = GGUFFile(path)
     plan = plan_tensors(cfg, T[qtype.upper()])
     assert [(t.name, t.shape, t.ggml_type) for t in plan] == \
@@ -184,6 +185,15 @@ def test_26b_a4b_twin_has_the_same_active_parameters():
     spec = json.loads(CONFIGS_JSON.read_text())["google/gemma-4-26B-A4B-it"]["_spec_notes"]["parameter_counts_computed"]
     assert moe.active - cfg.num_layers == spec["text_active_per_token"]
     assert moe.total - cfg.num_layers == spec["text_total"]
+
+
+@needs_spec
+def test_e2b_active_parameters_leave_out_the_ple_table():
+    cfg, _ = resolve_config("e2b")
+    counts = count_parameters(cfg)
+    spec = json.loads(CONFIGS_JSON.read_text())["google/gemma-4-E2B-it"]["_spec_notes"]["parameter_counts_computed"]
+    assert counts.total - cfg.num_layers == spec["text_total"]  # the leads leave out the layer scalars
+    assert counts.active - cfg.num_layers == spec["text_without_ple_table"]
 
 
 @needs_spec

@@ -118,20 +118,25 @@ def active_twin(cfg: TextConfig) -> TextConfig:
 
 @dataclass(frozen=True)
 class ParameterCount:
-    total: int
-    active: int  # read for each token: everything but the experts the router does not pick
+    total: int  # the text model's parameters, PLE table included
+    active: int  # multiplied through for each token: without the experts the router does not
+    #              pick, nor the PLE table (a row lookup; Google's "effective" E2B/E4B sizes)
 
 
 def count_parameters(cfg: TextConfig) -> ParameterCount:
-    """Parameters of the text model (the PLE table included), from the model's own tensor list."""
-    total, routed = 0, 0
+    """Parameter counts from the model's own tensor list (`model_tensor_shapes`)."""
+    from .build import PLE_TABLE
+
+    total, routed, lookup = 0, 0, 0
     for name, shape in model_tensor_shapes(cfg).items():
         n = int(np.prod(shape))
         total += n
         if ".experts." in name:
             routed += n
+        elif name == PLE_TABLE:
+            lookup += n
     unpicked = routed - routed * cfg.top_k_experts // cfg.num_experts if cfg.num_experts else 0
-    return ParameterCount(total, total - unpicked)
+    return ParameterCount(total, total - unpicked - lookup)
 
 
 def model_tensor_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
@@ -308,16 +313,20 @@ def synthetic_vocab(cfg: TextConfig) -> Vocab:
 
 
 def write_random_gguf(config: TextConfig | str | Path, out: str | Path, qtype: str = "q4_0", seed: int = 0,
-                      *, chunk_bytes: int = CHUNK_BYTES, progress: bool = False) -> Path:
+                      *, twin: bool = False, chunk_bytes: int = CHUNK_BYTES, progress: bool = False) -> Path:
     """Write a loadable GGUF with `config`'s real tensor shapes and random weights of type `qtype`
     (f32, f16, bf16, q8_0, q4_0, q4_k). The same arguments give the same bytes.
 
     `config`: a TextConfig, a released checkpoint's name (`e2b`, `26b-a4b`, ...), or a HF
-    config.json (or its folder). Returns `out`, written via `<out>.partial` and renamed when done.
+    config.json (or its folder). `twin`: write the MoE config's dense `active_twin` instead.
+    Returns `out`, written via `<out>.partial` and renamed when done; `progress` reports on a
+    terminal's stderr.
     """
     if qtype not in TYPES:
         raise LoadError(f"random weights: type {qtype!r} is not supported ({', '.join(TYPES)})")
     cfg, name = resolve_config(config)
+    if twin:
+        cfg, name = active_twin(cfg), f"{name} dense active twin"
     ggml_type = TYPES[qtype]
     out = Path(out)
     plan = plan_tensors(cfg, ggml_type)
