@@ -42,6 +42,12 @@ class RopeConfig:
     rotated_fraction: float = 1.0
     factor: float = 1.0
 
+    def __post_init__(self) -> None:
+        for name, ok in (("theta", 0 < self.theta < math.inf), ("factor", 0 < self.factor < math.inf),
+                         ("rotated_fraction", 0 <= self.rotated_fraction <= 1)):
+            if not ok:
+                raise ConfigError(f"rope {name}={getattr(self, name)!r} is out of range")
+
     def inv_freq(self, head_dim: int) -> "torch.Tensor":
         """Per-pair inverse frequencies (length head_dim // 2, float32, computed as the reference
         does); zeros do not rotate."""
@@ -111,6 +117,7 @@ class TextConfig:
     layers: tuple[LayerSpec, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        _check_values(self)
         object.__setattr__(self, "layers", derive_layers(self))
 
     @property
@@ -120,6 +127,55 @@ class TextConfig:
     @property
     def first_shared_layer(self) -> int:
         return self.num_layers - self.num_kv_shared_layers
+
+
+_POSITIVE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+             "intermediate_size", "sliding_window", "max_position_embeddings")
+_NON_NEGATIVE = ("ple_dim", "ple_vocab_size", "num_kv_shared_layers", "num_experts", "top_k_experts",
+                 "expert_dim", "bos_id", "pad_id")
+# Sizes that shape tensors. No real checkpoint comes near the cap (the largest, Gemma's vocabulary,
+# is 262144); past it a size is corrupt, and refusing it keeps a hostile file from sizing buffers.
+_SHAPING = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "intermediate_size", "ple_dim", "ple_vocab_size", "num_experts", "expert_dim",
+            "global_head_dim", "num_global_kv_heads")
+MAX_SIZE = 1 << 20
+
+
+def _check_values(cfg: TextConfig) -> None:
+    """Sizes and scales that would crash the model, or silently make it compute garbage, are
+    refused here, whichever parser (HF, GGUF) produced them."""
+    def bad(name: str, want: str) -> ConfigError:
+        return ConfigError(f"{name}={getattr(cfg, name)!r} must be {want}")
+
+    for name in _POSITIVE:
+        value = getattr(cfg, name)
+        if type(value) is not int or value < 1:
+            raise bad(name, "a positive integer")
+    for name in _NON_NEGATIVE:
+        value = getattr(cfg, name)
+        if type(value) is not int or value < 0:
+            raise bad(name, "a non-negative integer")
+    for name in ("global_head_dim", "num_global_kv_heads"):
+        value = getattr(cfg, name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise bad(name, "a positive integer or null")
+    for name in ("final_logit_softcap", "attn_logit_softcap"):
+        value = getattr(cfg, name)
+        if value is not None and not (type(value) in (int, float) and 0 < value < math.inf):
+            raise bad(name, "a positive number or null")
+    if not (type(cfg.rms_norm_eps) in (int, float) and 0 <= cfg.rms_norm_eps < math.inf):
+        raise bad("rms_norm_eps", "a non-negative number")
+    if not (type(cfg.attention_scale) in (int, float) and 0 < cfg.attention_scale < math.inf):
+        raise bad("attention_scale", "a positive number")
+    for name in _SHAPING:
+        if (getattr(cfg, name) or 0) > MAX_SIZE:
+            raise bad(name, f"at most {MAX_SIZE}")
+    if cfg.ple_dim and not cfg.ple_vocab_size:
+        raise bad("ple_vocab_size", "positive when hidden_size_per_layer_input is set")
+    if cfg.num_experts and not (1 <= cfg.top_k_experts <= cfg.num_experts and cfg.expert_dim >= 1):
+        raise bad("top_k_experts", f"in 1..num_experts={cfg.num_experts}, with a positive expert_dim")
+    if any(type(e) is not int or e < 0 for e in cfg.eos_ids):
+        raise bad("eos_ids", "non-negative integers")
 
 
 def derive_layers(cfg: TextConfig) -> tuple[LayerSpec, ...]:
@@ -448,6 +504,24 @@ def assistant_config_from_hf(raw: dict[str, Any]) -> AssistantConfig:
 GGUF_ARCHITECTURES = ("gemma4", "gemma3")
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _gguf_int(value: Any, key: str, minimum: int = 1) -> int:
+    """An integer metadata value; GGUF stores these as integers, so anything else is corrupt."""
+    if type(value) is not int or value < minimum:
+        raise ConfigError(f"GGUF metadata {key}={_shown(value)} is not an integer >= {minimum}")
+    return value
+
+
+def _gguf_float(value: Any, key: str) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ConfigError(f"GGUF metadata {key}={_shown(value)} is not a finite number")
+    return float(value)
+
+
 def _per_layer(value: Any, n: int, key: str) -> list:
     if isinstance(value, list):
         if len(value) != n:
@@ -466,11 +540,12 @@ def text_config_from_gguf(
     Supplies what llama.cpp hard-codes and files may lack: Gemma 3's 5:1 pattern, local RoPE
     base 1e4 and attention scale; Gemma 4's p-RoPE fraction comes from the `rope_freqs`
     divisors (1.0 = rotating pair) and K=V from the absence of `attn_v` on full layers, exactly
-    as llama.cpp reads them.
+    as llama.cpp reads them. Every value is type- and range-checked: a corrupt or hostile file
+    is a ConfigError naming the key.
     """
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ConfigError(f"general.architecture={arch!r} is not supported ({', '.join(GGUF_ARCHITECTURES)})")
+        raise ConfigError(f"general.architecture={_shown(arch)} is not supported ({', '.join(GGUF_ARCHITECTURES)})")
 
     def get(key: str, default: Any = KeyError) -> Any:
         full = f"{arch}.{key}"
@@ -480,62 +555,89 @@ def text_config_from_gguf(
             raise ConfigError(f"GGUF metadata key {full!r} is missing")
         return default
 
-    n = int(get("block_count"))
-    if "token_embd.weight" not in tensor_shapes:
-        raise ConfigError("GGUF has no token_embd.weight tensor")
-    vocab = tensor_shapes["token_embd.weight"][0]
-    hidden = int(get("embedding_length"))
+    def integer(key: str, default: Any = KeyError, minimum: int = 1) -> int:
+        return _gguf_int(get(key, default), f"{arch}.{key}", minimum)
+
+    def number(key: str, default: float) -> float:
+        return _gguf_float(get(key, default), f"{arch}.{key}")
+
+    def per_layer_ints(key: str) -> list[int]:
+        return [_gguf_int(v, f"{arch}.{key}") for v in _per_layer(get(key), n, key)]
+
+    def token_id(key: str, default: int) -> int:
+        return _gguf_int(meta.get(f"tokenizer.ggml.{key}", default), f"tokenizer.ggml.{key}", 0)
+
+    def rows(tensor: str) -> int:
+        shape = tensor_shapes.get(tensor)
+        if shape is None:
+            raise ConfigError(f"GGUF has no {tensor} tensor")
+        if len(shape) != 2 or shape[0] < 1:
+            raise ConfigError(f"GGUF tensor {tensor} has shape {list(shape)}, expected [rows, width]")
+        return shape[0]
+
+    n = integer("block_count")
+    if n > len(tensor_shapes):  # every layer has tensors: a larger count is corrupt, not a model
+        raise ConfigError(f"{arch}.block_count={n} but the file holds only {len(tensor_shapes)} tensors")
+    vocab = rows("token_embd.weight")
+    hidden = integer("embedding_length")
     pattern = get("attention.sliding_window_pattern", None)
     if pattern is not None:
         layer_types = tuple(LayerType.SLIDING if s else LayerType.FULL for s in _per_layer(pattern, n, "sliding_window_pattern"))
     else:
         layer_types = tuple(LayerType.FULL if (i + 1) % 6 == 0 else LayerType.SLIDING for i in range(n))
-    kv_heads = [int(v) for v in _per_layer(get("attention.head_count_kv"), n, "attention.head_count_kv")]
-    ffn = [int(v) for v in _per_layer(get("feed_forward_length"), n, "feed_forward_length")]
+    kv_heads = per_layer_ints("attention.head_count_kv")
+    ffn = per_layer_ints("feed_forward_length")
+    num_heads = per_layer_ints("attention.head_count")[0]
     first_full = layer_types.index(LayerType.FULL) if LayerType.FULL in layer_types else 0
     first_sliding = layer_types.index(LayerType.SLIDING) if LayerType.SLIDING in layer_types else 0
-    eos = [meta.get("tokenizer.ggml.eos_token_id", 1)]
+    eos = [token_id("eos_token_id", 1)]
     if "tokenizer.ggml.eot_token_id" in meta:
-        eos.append(meta["tokenizer.ggml.eot_token_id"])
+        eos.append(token_id("eot_token_id", 1))
+    final_softcap = get("final_logit_softcapping", None)
     common = dict(
         family=arch,
         vocab_size=vocab,
         hidden_size=hidden,
         num_layers=n,
-        num_heads=int(_per_layer(get("attention.head_count"), n, "attention.head_count")[0]),
+        num_heads=num_heads,
         num_kv_heads=kv_heads[first_sliding],
         intermediate_size=ffn[0],
         layer_types=layer_types,
-        sliding_window=int(get("attention.sliding_window", 512)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        max_position_embeddings=int(get("context_length", 131072)),
-        final_logit_softcap=get("final_logit_softcapping", None),
-        bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
-        eos_ids=tuple(int(e) for e in eos),
-        pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
+        sliding_window=integer("attention.sliding_window", 512),
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-6),
+        max_position_embeddings=integer("context_length", 131072),
+        final_logit_softcap=None if final_softcap is None else number("final_logit_softcapping", 0.0),
+        bos_id=token_id("bos_token_id", 2),
+        eos_ids=tuple(eos),
+        pad_id=token_id("padding_token_id", 0),
     )
     if arch == "gemma3":
-        head_dim = int(get("attention.key_length", hidden // common["num_heads"]))
+        head_dim = integer("attention.key_length", max(hidden // num_heads, 1))
         scaling = get("rope.scaling.type", None)
         if scaling not in (None, "none", "linear"):
-            raise ConfigError(f"{arch}.rope.scaling.type={scaling!r} is not supported (linear)")
-        factor = float(get("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+            raise ConfigError(f"{arch}.rope.scaling.type={_shown(scaling)} is not supported (linear)")
+        factor = number("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
         # llama.cpp: Gemma 3 27B (62 layers) scales queries by (hidden/heads)^-0.5, others head_dim^-0.5.
-        scale_dim = hidden // common["num_heads"] if n == 62 else head_dim
+        scale_dim = hidden // num_heads if n == 62 else head_dim
+        if scale_dim < 1:
+            raise ConfigError(f"{arch}.embedding_length={hidden} is smaller than attention.head_count={num_heads}")
+        softcap = get("attn_logit_softcapping", None)
         return TextConfig(
             **common,
             head_dim=head_dim,
-            rope_full=RopeConfig(theta=float(get("rope.freq_base", 1e6)), factor=factor),
-            rope_sliding=RopeConfig(theta=float(get("rope.freq_base_swa", 1e4))),
-            attn_logit_softcap=get("attn_logit_softcapping", None),
+            rope_full=RopeConfig(theta=number("rope.freq_base", 1e6), factor=factor),
+            rope_sliding=RopeConfig(theta=number("rope.freq_base_swa", 1e4)),
+            attn_logit_softcap=None if softcap is None else number("attn_logit_softcapping", 0.0),
             attention_scale=scale_dim**-0.5,
             has_v_norm=False,
         )
 
-    head_dim = int(get("attention.key_length_swa", get("attention.key_length")))
-    global_head_dim = int(get("attention.key_length", head_dim))
-    shared = int(get("attention.shared_kv_layers", 0))
-    ple_dim = int(get("embedding_length_per_layer_input", 0))
+    head_dim = integer("attention.key_length_swa", get("attention.key_length"))
+    global_head_dim = integer("attention.key_length", head_dim)
+    shared = integer("attention.shared_kv_layers", 0, minimum=0)
+    if shared >= n:
+        raise ConfigError(f"{arch}.attention.shared_kv_layers={shared} is not below block_count={n}")
+    ple_dim = integer("embedding_length_per_layer_input", 0, minimum=0)
     k_eq_v = f"blk.{first_full}.attn_v.weight" not in tensor_shapes and first_full < n - shared
     if rope_freqs is not None:
         rotated = sum(1 for f in rope_freqs if f == 1.0)
@@ -545,22 +647,22 @@ def text_config_from_gguf(
     global_kv = kv_heads[first_full]
     if global_kv != kv_heads[first_sliding] and not k_eq_v:
         raise ConfigError("attention.head_count_kv differs on full layers without K=V, which Gemma 4 does not define")
-    n_experts = int(get("expert_count", 0))
+    n_experts = integer("expert_count", 0, minimum=0)
     cfg = TextConfig(
         **common,
         head_dim=head_dim,
         global_head_dim=global_head_dim,
         num_global_kv_heads=global_kv if k_eq_v else None,
         k_eq_v=k_eq_v,
-        rope_full=RopeConfig(theta=float(get("rope.freq_base", 1e6)), rotated_fraction=fraction),
-        rope_sliding=RopeConfig(theta=float(get("rope.freq_base_swa", 1e4))),
+        rope_full=RopeConfig(theta=number("rope.freq_base", 1e6), rotated_fraction=fraction),
+        rope_sliding=RopeConfig(theta=number("rope.freq_base_swa", 1e4)),
         ple_dim=ple_dim,
-        ple_vocab_size=tensor_shapes["per_layer_token_embd.weight"][0] if ple_dim else 0,
+        ple_vocab_size=rows("per_layer_token_embd.weight") if ple_dim else 0,
         num_kv_shared_layers=shared,
         double_wide_mlp=any(ffn[i] == 2 * ffn[0] for i in range(n - shared, n)) if shared else False,
         num_experts=n_experts,
-        top_k_experts=int(get("expert_used_count", 0)) if n_experts else 0,
-        expert_dim=int(get("expert_feed_forward_length", 0)) if n_experts else 0,
+        top_k_experts=integer("expert_used_count", 0, minimum=0) if n_experts else 0,
+        expert_dim=integer("expert_feed_forward_length", 0, minimum=0) if n_experts else 0,
     )
     derived = [spec.mlp_dim for spec in cfg.layers]
     if derived != ffn:

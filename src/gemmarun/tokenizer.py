@@ -134,8 +134,12 @@ class Tokenizer:
         add_space_prefix is ignored, as transformers' GemmaTokenizer does (Gemma files say false).
         """
         model = fields.get("tokenizer.ggml.model")
-        raw_tokens = [str(t) for t in fields["tokenizer.ggml.tokens"]]
-        types = list(fields.get("tokenizer.ggml.token_type") or [])
+        raw_tokens = fields.get("tokenizer.ggml.tokens")
+        if not isinstance(raw_tokens, list) or not raw_tokens or not all(isinstance(t, str) for t in raw_tokens):
+            raise ValueError("GGUF tokenizer.ggml.tokens is missing or not a list of strings")
+        types = fields.get("tokenizer.ggml.token_type") or []
+        if not isinstance(types, list):
+            raise ValueError("GGUF tokenizer.ggml.token_type is not a list")
         if model == "llama":
             tokens = [SPACE * len(t) if " " in t and not t.strip() else t for t in raw_tokens]
             merges = derive_merges(tokens)
@@ -143,11 +147,14 @@ class Tokenizer:
         elif model == "gemma4":
             tokens = raw_tokens
             merge_list = fields.get("tokenizer.ggml.merges")
-            if not merge_list:
+            if not merge_list or not isinstance(merge_list, list):
                 raise ValueError("gemma4 GGUF has no tokenizer.ggml.merges")
-            merges = [tuple(m.split(" ")) for m in merge_list]  # type: ignore[misc]
-            if any(len(m) != 2 for m in merges):
-                raise ValueError("malformed tokenizer.ggml.merges entry (expected 'left right')")
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else () for m in merge_list]
+            known = set(tokens)
+            bad = next((m for m in merges if len(m) != 2 or not {m[0], m[1], m[0] + m[1]} <= known), None)
+            if bad is not None:
+                raise ValueError(f"malformed tokenizer.ggml.merges entry {' '.join(bad)[:40]!r} "
+                                 "(expected 'left right', both parts and their merge in the vocabulary)")
             # The file says add BOS, but Gemma 4's chat template writes <bos> itself (transformers
             # follows the reference tokenizer here, llama.cpp does not).
             add_bos = False
@@ -156,11 +163,17 @@ class Tokenizer:
 
         def special(key: str, default: int | None) -> int | None:
             value = fields.get(f"tokenizer.ggml.{key}")
-            return int(value) if value is not None else default
+            if value is None:
+                return default
+            if type(value) is not int or value < 0:
+                raise ValueError(f"GGUF tokenizer.ggml.{key}={value!r:.40} is not a token id")
+            return value
 
         bos_id, eos_id = special("bos_token_id", 2), special("eos_token_id", 1)
         unk_id, pad_id = special("unknown_token_id", None), special("padding_token_id", None)
         assert bos_id is not None and eos_id is not None
+        if unk_id is not None and unk_id >= len(tokens):
+            raise ValueError(f"GGUF tokenizer.ggml.unknown_token_id={unk_id} is outside the {len(tokens)}-token vocabulary")
         unk = tokens[unk_id] if unk_id is not None else "<unk>"
 
         vocab = {tok: i for i, tok in enumerate(tokens)}

@@ -241,3 +241,86 @@ def test_inspect_flags_vocab_mismatch_and_bad_eos(converted, tmp_path, capsys):
     assert main(["inspect", str(bad), "--no-tensors"]) == 0
     out = capsys.readouterr().out
     assert "EOS id(s)" in out and "may never stop" in out
+
+
+# ------------------------------------------------------------------------------ hostile files
+# Minimised from what fuzz/gguf_reader.py and fuzz/gguf_metadata.py found: each was a traceback,
+# a multi-line message or a multi-GB allocation before it became a one-line LoadError.
+
+
+def _patch_tensor(data: bytes, name: str, dims: list[int] | None = None, type_id: int | None = None) -> bytes:
+    """Rewrite a tensor's dims (same count) or ggml type in its info record."""
+    out = bytearray(data)
+    encoded = name.encode()
+    at = out.index(len(encoded).to_bytes(8, "little") + encoded) + 8 + len(encoded)
+    n_dims = int.from_bytes(out[at : at + 4], "little")
+    if dims is not None:
+        assert len(dims) == n_dims
+        out[at + 4 : at + 4 + 8 * n_dims] = b"".join(d.to_bytes(8, "little") for d in dims)
+    if type_id is not None:
+        out[at + 4 + 8 * n_dims : at + 8 + 8 * n_dims] = type_id.to_bytes(4, "little")
+    return bytes(out)
+
+
+def _hostile_cases():
+    from gguf import GGMLQuantizationType as Q
+    from tiny_gguf import tiny_gguf
+
+    q8 = tiny_gguf("gemma4", Q.Q8_0)
+    return {
+        "tensor of a layer past block_count": (
+            tiny_gguf("gemma3", rename={"blk.0.attn_k.weight": "blk.7.attn_k.weight"}), "unexpected tensors"),
+        "control character in a tensor name": (
+            tiny_gguf("gemma3", rename={"blk.0.attn_q.weight": "blk.0.attn_q\r.weight"}), "is not printable"),
+        "quantized tensor with an empty dimension": (
+            _patch_tensor(q8, "blk.0.attn_q.weight", dims=[32, 0]), "empty dimension"),
+        "dims whose product wraps int64 to 0": (
+            _patch_tensor(tiny_gguf("gemma3"), "token_embd.weight", dims=[2**32, 2**32]), "runs past the end"),
+        "rope_freqs stored quantized": (
+            _patch_tensor(tiny_gguf("gemma4"), "rope_freqs.weight", type_id=int(Q.I8)), "expected F32, F16 or BF16"),
+        "general.alignment not an integer": (
+            tiny_gguf("gemma3", metadata={"general.alignment": [32]}), "is not a power of two"),
+        "head dim that would allocate 8 GB": (
+            tiny_gguf("gemma4", metadata={"gemma4.attention.key_length": 2**32 - 1}), "at most"),
+        "block_count of 2**40 layers": (
+            tiny_gguf("gemma3", metadata={"gemma3.block_count": 2**40, "gemma3.attention.sliding_window_pattern": None}),
+            "block_count=1099511627776 but"),
+        "zero attention heads": (
+            tiny_gguf("gemma3", metadata={"gemma3.attention.head_count": 0}), "attention.head_count=0 is not"),
+        "a list where an integer belongs": (
+            tiny_gguf("gemma3", metadata={"gemma3.embedding_length": [8, 8]}), "embedding_length=[8, 8] is not"),
+        "NaN rope base": (
+            tiny_gguf("gemma3", metadata={"gemma3.rope.freq_base": float("nan")}), "rope.freq_base=nan"),
+        "token_embd without rows": (
+            _patch_tensor(tiny_gguf("gemma3"), "token_embd.weight", dims=[8, 0]), "empty dimension"),
+        "shared KV layers past the last layer": (
+            tiny_gguf("gemma4", metadata={"gemma4.attention.shared_kv_layers": 9}), "shared_kv_layers=9"),
+        "no token list": (tiny_gguf("gemma3", metadata={"tokenizer.ggml.tokens": None}), "tokenizer.ggml.tokens"),
+        "merge of tokens not in the vocabulary": (
+            tiny_gguf("gemma4", metadata={"tokenizer.ggml.merges": ["a c"]}), "malformed tokenizer.ggml.merges"),
+        "unknown-token id past the vocabulary": (
+            tiny_gguf("gemma3", metadata={"tokenizer.ggml.unknown_token_id": 999}), "unknown_token_id=999"),
+        "token id that is a list": (
+            tiny_gguf("gemma3", metadata={"tokenizer.ggml.bos_token_id": [2]}), "bos_token_id=[2]"),
+    }
+
+
+def test_tiny_gguf_files_load(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+    from tiny_gguf import tiny_gguf
+
+    for i, data in enumerate([tiny_gguf("gemma3"), tiny_gguf("gemma4"), tiny_gguf("gemma4", Q.Q8_0)]):
+        path = tmp_path / f"{i}.gguf"
+        path.write_bytes(data)
+        llm = gemmarun.load(path, device="cpu")
+        assert llm.tokenizer.decode(llm.tokenizer.encode("ab", add_bos=False)) == "ab"
+
+
+def test_hostile_gguf_files_are_one_line_load_errors(tmp_path):
+    for label, (data, fragment) in _hostile_cases().items():
+        path = tmp_path / "hostile.gguf"
+        path.write_bytes(data)
+        with pytest.raises(LoadError) as info:
+            gemmarun.load(path, device="cpu")
+        message = str(info.value)
+        assert fragment in message and "\n" not in message and "\r" not in message, (label, message)

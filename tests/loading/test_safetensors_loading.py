@@ -125,3 +125,29 @@ def test_truncated_and_corrupt_files(tiny_models, tmp_path):
     (dst / "config.json").write_text("{")
     with pytest.raises(gemmarun.ConfigError, match="not valid JSON"):
         gemmarun.load(dst, device="cpu")
+
+
+# Header entries that were tracebacks (or a 2**66-byte allocation) before they became one-line
+# LoadErrors; minimised from what fuzz/safetensors_header.py found.
+HOSTILE_HEADERS = {
+    "one data offset": ({"dtype": "F32", "shape": [1], "data_offsets": [4]}, "data_offsets"),
+    "entry is not an object": (5, "no header object"),
+    "dtype is a list": ({"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}, "unsupported dtype"),
+    "shape of strings": ({"dtype": "F32", "shape": ["1"], "data_offsets": [0, 4]}, "not a list of non-negative"),
+    "negative dims": ({"dtype": "F32", "shape": [-1, -1], "data_offsets": [0, 4]}, "not a list of non-negative"),
+    "dims whose product wraps int64 to 0": (
+        {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}, "too large"),
+    "empty tensor with a dim past int64": (
+        {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]}, "too large"),
+}
+
+
+@pytest.mark.parametrize("label", sorted(HOSTILE_HEADERS))
+def test_hostile_header_entries_are_one_line_errors(tmp_path, label):
+    entry, fragment = HOSTILE_HEADERS[label]
+    header = json.dumps({"t": entry}).encode()
+    path = tmp_path / "hostile.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    with pytest.raises(LoadError, match=fragment) as info:
+        read_safetensors(path)
+    assert "\n" not in str(info.value)

@@ -60,8 +60,9 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
                 unknown.append(name)
             continue
         m = _KV_TENSOR.match(ours)
-        if m and not cfg.layers[int(m.group(1))].owns_kv:
-            continue  # KV-shared layer: reads its producer's keys and values
+        layer = int(m.group(1)) if m else cfg.num_layers
+        if layer < cfg.num_layers and not cfg.layers[layer].owns_kv:
+            continue  # KV-shared layer: reads its producer's keys and values (past the last layer: unexpected)
         state[ours] = _tensor(f, info, reference, ours)
     if unknown:
         raise LoadError(f"{path}: unknown tensors: {', '.join(unknown[:8])}")
@@ -69,7 +70,10 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
         for i in range(cfg.num_layers):  # gemma3 GGUF norms already hold 1 + w; no layer scalar
             state.setdefault(f"layers.{i}.layer_scalar", torch.ones(1))
     model = build_text_model(cfg, state, dtype=dtype, device=device)
-    tokenizer = Tokenizer.from_gguf_metadata(f.metadata)
+    try:
+        tokenizer = Tokenizer.from_gguf_metadata(f.metadata)
+    except ValueError as e:
+        raise LoadError(f"{path}: {e}") from None
     table = [(i.name, i.type_name, i.shape, i.nbytes) for i in f.tensors.values()]
     template = f.metadata.get("tokenizer.chat_template")
     info = ModelInfo(path=path, format="gguf", chat_template=template, tensors=table)

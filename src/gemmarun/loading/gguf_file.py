@@ -9,6 +9,7 @@ truncated or corrupt file is a one-line `LoadError`, never a hang or a traceback
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -121,15 +122,19 @@ class GGUFFile:
         infos = []
         for _ in range(n_tensors):
             name = self._string()
+            if not name.isprintable():  # names end up in messages: no control characters there
+                raise LoadError(f"{self.path}: tensor name {name[:60]!r} is not printable")
             n_dims = self._scalar(4)
             if n_dims > 8:
                 raise LoadError(f"{self.path}: tensor {name!r} has {n_dims} dimensions")
             dims = [self._scalar(10) for _ in range(n_dims)]
+            if 0 in dims:
+                raise LoadError(f"{self.path}: tensor {name!r} has an empty dimension {dims}")
             type_id = self._scalar(4)
             offset = self._scalar(10)
             infos.append((name, dims, type_id, offset))
-        alignment = int(self.metadata.get("general.alignment", 32))
-        if alignment <= 0 or alignment & (alignment - 1):
+        alignment = self.metadata.get("general.alignment", 32)
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
             raise LoadError(f"{self.path}: general.alignment={alignment} is not a power of two")
         data_start = -(-self._pos // alignment) * alignment
         self.tensors: dict[str, TensorInfo] = {}
@@ -139,7 +144,7 @@ class GGUFFile:
                 block, type_size = GGML_QUANT_SIZES[qtype]
             except (ValueError, KeyError):
                 raise LoadError(f"{self.path}: tensor {name!r} has unknown ggml type {type_id}") from None
-            n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            n = math.prod(dims)  # exact: numpy's int64 product wraps around on hostile dims
             if dims and dims[0] % block:
                 raise LoadError(f"{self.path}: tensor {name!r} row of {dims[0]} is not a multiple of {block}")
             nbytes = n // block * type_size
@@ -161,5 +166,7 @@ class GGUFFile:
         """A float tensor (F32/F16/BF16-as-uint16) as a typed numpy view in PyTorch shape."""
         info = self.tensors[name]
         dtype = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
-                 GGMLQuantizationType.BF16: np.uint16}[info.ggml_type]
+                 GGMLQuantizationType.BF16: np.uint16}.get(info.ggml_type)
+        if dtype is None:
+            raise LoadError(f"{self.path}: tensor {name!r} is {info.type_name}, expected F32, F16 or BF16")
         return self.raw(name).view(dtype).reshape(info.shape)

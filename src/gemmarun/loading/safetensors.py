@@ -7,6 +7,7 @@ disk only when touched, so a table that is only gathered from (PLE) never become
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -50,18 +51,34 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(o) for o in info["data_offsets"])
-        except KeyError as e:
-            raise LoadError(f"{path}: tensor {name!r} has unsupported dtype or no {e.args[0]!r}") from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-        if end - start != nbytes or base + end > size or start < 0:
+        dtype, shape, start, end = _entry(path, name, info)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - start != nbytes or base + end > size:
             raise LoadError(f"{path}: tensor {name!r} data [{start}, {end}) does not fit the file or its shape")
         raw = torch.from_numpy(data[base + start : base + end])
         tensors[name] = raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
     return tensors
+
+
+def _entry(path: Path, name: str, info: object) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, start, end) of one header entry, each field type-checked."""
+    if not isinstance(info, dict):
+        raise LoadError(f"{path}: tensor {name!r} has no header object")
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise LoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name!r:.40}")
+    if not _naturals(shape):
+        raise LoadError(f"{path}: tensor {name!r} shape {shape!r:.60} is not a list of non-negative integers")
+    if math.prod(max(d, 1) for d in shape) >= 2**63:  # torch's strides are int64, even for an empty tensor
+        raise LoadError(f"{path}: tensor {name!r} shape {shape!r:.60} is too large")
+    if not _naturals(offsets) or len(offsets) != 2:
+        raise LoadError(f"{path}: tensor {name!r} data_offsets {offsets!r:.60} are not two non-negative integers")
+    return dtype, shape, offsets[0], offsets[1]
+
+
+def _naturals(value: object) -> bool:
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
 
 
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:
