@@ -47,12 +47,43 @@ Other unknown fields are ignored.
 
 Concurrency: one model thread runs continuous batching (`BatchEngine`): up to --max-batch requests
 decode together, one token each per step, and new requests join between steps. Up to --max-queue
-more wait for a slot; past that a request gets 429. A client that disconnects frees its slot at
-once. A streamed reply's headers are sent when its first token is ready, so errors found while
-the request joins the batch still get their status. Bodies are limited to --max-body-mb (default 32 MiB; 413 past it, checked while reading).
-Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 bad input
-(code `context_length_exceeded` when the prompt does not fit), 401 bad key, 404, 413, 429, 500.
-With --api-key, /v1/* needs `Authorization: Bearer KEY` (compared in constant time).
+more wait for a slot. A client that disconnects frees its slot at once. A streamed reply's
+headers are sent when its first token is ready, so errors found while the request joins the batch
+still get their status.
+
+Limits (`ServerOptions` field, `gemmarun serve` flag, default), each refused with an OpenAI error:
+    body size          max_body_bytes, --max-body-mb 32       413 request_too_large, from Content-Length
+                                                              or while reading: never buffered past it
+    body time          body_timeout, --body-timeout 60 s      408 request_timeout (a stalled upload)
+    request head       header_timeout, --header-timeout 30 s  the connection is closed: a new or kept-alive
+                                                              connection that sends no complete head in time
+    connections        max_connections, --max-connections 512 503 from uvicorn (idle ones count until their
+                                                              head timeout closes them)
+    requests in flight max_batch + max_queue, 8 + 64          429 queue_full, counted from the request head,
+                                                              so a body past the cap is never read
+    image size         max_image_pixels, --max-image-mp 50    400 image_too_large, from the image's header
+                                                              before any pixel is decoded (decompression bombs)
+    audio length       max_audio_seconds, --max-audio-seconds 600   400 audio_too_long: all of a request's
+                                                              audio, from headers (WebM/MP4 stop decoding past
+                                                              it), and the decoded length again
+    prompt             context, --context (the model's)       400 context_length_exceeded
+    reply length       max_tokens_limit, --max-tokens-limit   400 past it (default: the context); without
+                                                              max_tokens a request gets --max-tokens (4096),
+                                                              capped by both
+Images and audio are decoded two requests at a time (app.MEDIA_DECODERS), so a burst holds few
+decoded copies. Memory is then bounded by the batch's KV caches, two requests' decoded media, and
+the bodies in flight: up to (max_batch + max_queue) x about 3 x --max-body-mb (the body, its JSON,
+the decoded base64) - 6.8 GiB at the defaults if all 72 slots send 32 MiB at once, so lower
+--max-body-mb or --max-queue on a small machine.
+
+Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 bad input, 401 bad
+key, 404, 408, 413, 429, 500 (503 while shutting down). With --api-key, /v1/* needs
+`Authorization: Bearer KEY` (compared in constant time, `hmac.compare_digest`); binding an address
+other than loopback without a key prints a warning.
+
+Logs: one line per request at info (its id, prompt and completion tokens, seconds, finish reason)
+beside uvicorn's access lines (method, path, status). The API key, the Authorization header and
+prompt or reply text are never logged, unless --log-prompts logs the prompt and reply text.
 """
 
 from __future__ import annotations
