@@ -52,3 +52,59 @@ def test_cancel_frees_the_slot_and_logprobs(tiny_models):
     while engine.busy:
         got += [e.token for e in engine.step() if e.request_id == b and e.token is not None]
     assert got == llm.generate_ids([2, 40, 41], max_new_tokens=3, ignore_eos=True)
+
+
+def _run(engine, requests):
+    """Add (prompt, params, control) requests together; each one's tokens and finish reason."""
+    ids = {engine.add(Prompt(p), sp, control=c): k for k, (p, sp, c) in enumerate(requests)}
+    out, reasons = {k: [] for k in ids.values()}, {}
+    while engine.busy:
+        for ev in engine.step():
+            if ev.token is not None:
+                out[ids[ev.request_id]].append(ev.token)
+            if ev.finish_reason:
+                reasons[ids[ev.request_id]] = ev.finish_reason
+    return [out[k] for k in range(len(requests))], [reasons[k] for k in range(len(requests))]
+
+
+def test_loop_guard_and_grammar_in_the_batch_equal_one_request_alone(tiny_models):
+    """The tiny Gemma 3 model loops greedily from the seed-0 prompt (tests/test_cli_output_guards.py):
+    in a batch beside a grammar-constrained and a plain request, the guard stops or recovers it
+    exactly as the single-request engine does."""
+    import json
+
+    import torch
+
+    from gemmarun.constrain import Grammar
+    from gemmarun.generate import generate_step
+
+    folder, _ = tiny_models("gemma3")
+    llm = gemmarun.load(folder, device="cpu")
+    looping = [2] + torch.randint(20, 250, (6,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_tokens=150, ignore_eos=True)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    sampled = SamplingParams(max_tokens=40, temperature=1.0, seed=3)
+
+    def control(policy, grammar=None, p=params):
+        return llm.output_control(llm.grammar_state(grammar, p) if grammar else None, policy)
+
+    def alone(policy, grammar=None, p=params, prompt=looping):
+        steps = generate_step(llm.model, prompt, p, stop_ids=llm.stop_ids(p), control=control(policy, grammar, p))
+        tokens = []
+        while True:
+            try:
+                tokens.append(next(steps))
+            except StopIteration as done:
+                return tokens, done.value
+
+    expected = [alone("stop"), alone("recover"), alone("off", Grammar.json_schema(schema), sampled, [2, 30, 31])]
+    assert expected[0][1] == "loop" and expected[1][1] == "length"
+    got_ids, got_reasons = _run(BatchEngine(llm, max_batch=3), [
+        (looping, params, control("stop")),
+        (looping, params, control("recover")),
+        ([2, 30, 31], sampled, control("off", Grammar.json_schema(schema), sampled)),
+    ])
+    assert got_ids == [ids for ids, _ in expected] and got_reasons == [reason for _, reason in expected]
+    answer = json.loads(llm.tokenizer.decode(got_ids[2]))
+    assert set(answer) == {"n"} and 0 <= answer["n"] <= 99

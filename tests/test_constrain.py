@@ -102,3 +102,67 @@ def test_svg_grammar_compiles_and_constrains(tiny):
     assert text.lstrip().startswith("<svg")
     if text.rstrip().endswith("</svg>"):
         ET.fromstring(text)
+
+
+def test_a_run_on_number_is_closed(tiny_models):
+    """A model that wants to write digits forever gets its number closed after MAX_NUMBER_DIGITS
+    digits (non-periodic digits are invisible to the loop guard), and the JSON still parses."""
+    import torch
+
+    from gemmarun.control import MAX_NUMBER_DIGITS
+
+    folder, _ = tiny_models("e2b")
+    llm = gemmarun.load(folder, device="cpu")
+    schema = {"type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"],
+              "additionalProperties": False}
+    control = llm.output_control(llm.grammar_state(Grammar.json_schema(schema), None), "off")
+    digits = [llm.tokenizer.encode(str(d), add_bos=False)[0] for d in range(10)]
+    assert set(digits) <= llm.number_ids
+    favour = torch.zeros(llm.config.vocab_size)
+    favour[digits] = 50.0  # digits whenever the grammar allows them
+    for _ in range(60):
+        token = int(torch.argmax(control.mask(favour + torch.rand(llm.config.vocab_size))))
+        if control.ends_on(token):
+            break
+        control.push(token)
+        if control.grammar_done:
+            break
+    text = llm.tokenizer.decode(control.generated)
+    value = json.loads(text)["n"]
+    assert len(text) <= len('{"n": }') + MAX_NUMBER_DIGITS and isinstance(value, (int, float))
+
+
+def test_with_thinking_the_grammar_starts_after_the_channel_closes(tiny_models):
+    """Forced through the thinking channel: inside it nothing is masked; after `<channel|>` the
+    answer is constrained; a reply that skips thinking is constrained from its first token."""
+    import torch
+
+    folder, _ = tiny_models("e2b")
+    llm = gemmarun.load(folder, device="cpu")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    opens, closes = llm.tokenizer.token_to_id("<|channel>"), llm.tokenizer.token_to_id("<channel|>")
+    flat = torch.zeros(llm.config.vocab_size)
+
+    def allowed(state):
+        return torch.isfinite(state.mask(flat)).nonzero().flatten().tolist()
+
+    state = llm.grammar_state(Grammar.json_schema(schema), None, thinking=True)
+    first = allowed(state)
+    assert opens in first and len(first) < 100  # the channel, or the answer's first tokens
+    state.advance(opens)
+    thought = llm.tokenizer.encode("thought\nlet me see", add_bos=False)
+    for t in thought:
+        assert len(allowed(state)) == llm.config.vocab_size  # thinking is free
+        state.advance(t)
+    state.advance(closes)
+    answer = llm.tokenizer.encode('{"ok": true}', add_bos=False)
+    for t in answer:
+        ok = allowed(state)
+        assert t in ok and len(ok) < 100
+        state.advance(t)
+    assert state.finished
+
+    direct = llm.grammar_state(Grammar.json_schema(schema), None, thinking=True)
+    direct.advance(answer[0])  # no thinking: this token is already the answer
+    assert len(allowed(direct)) < 100

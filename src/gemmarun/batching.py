@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache, make_cache
-from .generate import check_prompt_fits, prefill
+from .control import OutputControl
+from .generate import ROLLBACK, check_prompt_fits, prefill, settle
 from .llm import LLM, Prompt
 from .sampling import Sampler, SamplingParams
 
@@ -27,7 +28,7 @@ class Event:
 
     request_id: int
     token: int | None  # None when the request finished without a new token (stop id, cancel)
-    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "loop", "cancelled"
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
@@ -40,10 +41,11 @@ class _Request:
     top_logprobs: int | None
     stop_ids: frozenset[int]
     sampler: Sampler
+    control: OutputControl
     cache: KVCache | None = None
     position: int = 0  # where the next token goes
     max_len: int = 0
-    generated: list[int] = field(default_factory=list)
+    scores: list[tuple] = field(default_factory=list)  # (logprob, top) per generated token
     last: int | None = None  # sampled, not yet fed
 
 
@@ -60,13 +62,16 @@ class BatchEngine:
         self.waiting: list[_Request] = []
         self.active: list[_Request] = []
 
-    def add(self, prompt: Prompt, params: SamplingParams, top_logprobs: int | None = None) -> int:
-        """Queue a request; raises ContextOverflow at once if its prompt cannot fit."""
+    def add(self, prompt: Prompt, params: SamplingParams, top_logprobs: int | None = None,
+            control: OutputControl | None = None) -> int:
+        """Queue a request; raises ContextOverflow at once if its prompt cannot fit. `control`
+        carries its grammar and loop guard (control.py)."""
         if not prompt.ids:
             raise ValueError("the prompt is empty")
         check_prompt_fits(len(prompt.ids), self.context)
         rid = next(self._ids)
-        self.waiting.append(_Request(rid, prompt, params, top_logprobs, self.llm.stop_ids(params), Sampler(params)))
+        self.waiting.append(_Request(rid, prompt, params, top_logprobs, self.llm.stop_ids(params), Sampler(params),
+                                     control or OutputControl()))
         return rid
 
     def cancel(self, request_id: int) -> bool:
@@ -97,16 +102,24 @@ class BatchEngine:
 
     @torch.inference_mode()
     def _admit(self, r: _Request) -> list[Event]:
-        llm, model = self.llm, self.llm.model
         r.max_len = min(len(r.prompt.ids) + r.params.max_tokens, self.context)
         if r.params.max_tokens == 0:
             return [Event(r.id, None, "length")]
+        self.active.append(r)
+        return self._sample(r, self._prefill(r))
+
+    def _prefill(self, r: _Request) -> torch.Tensor:
+        """A fresh cache holding the prompt and the kept generated tokens; the next logits."""
+        llm, model = self.llm, self.llm.model
         text_ids, embeds, blocks = llm._inputs(r.prompt)
         r.cache = make_cache(llm.config, r.max_len, dtype=model.dtype, device=model.device)
         logits = prefill(model, text_ids, r.cache, chunk_size=self.chunk_size, embeds=embeds, vision_blocks=blocks)
-        r.position = len(r.prompt.ids)
-        self.active.append(r)
-        return [self._sample(r, logits)]
+        kept = r.control.generated
+        if kept:
+            logits = prefill(model, torch.tensor(kept, device=model.device), r.cache, start=len(r.prompt.ids),
+                             chunk_size=self.chunk_size)
+        r.position = len(r.prompt.ids) + len(kept)
+        return logits
 
     @torch.inference_mode()
     def _decode(self, rows: list[_Request]) -> list[Event]:
@@ -117,30 +130,47 @@ class BatchEngine:
         events = []
         for r, row in zip(rows, logits):
             r.position += 1
-            events.append(self._sample(r, row))
+            events += self._sample(r, row)
         return events
 
-    def _sample(self, r: _Request, logits: torch.Tensor) -> Event:
-        seen = torch.tensor(r.prompt.ids + r.generated, dtype=torch.long)
-        token = r.sampler(logits, seen, torch.tensor(r.generated, dtype=torch.long))
-        logprob, top = None, ()
-        if r.top_logprobs is not None:
-            lp = torch.log_softmax(logits.float().cpu(), dim=-1)
-            logprob = float(lp[token])
-            if r.top_logprobs:
-                vals, idx = torch.topk(lp, r.top_logprobs)
-                top = tuple((int(i), float(v)) for i, v in zip(idx, vals))
-        if token in r.stop_ids:
-            self._finish(r)
-            return Event(r.id, None, "stop", logprob, top)
-        r.generated.append(token)
+    def _sample(self, r: _Request, logits: torch.Tensor) -> list[Event]:
+        """Sample the request's next token; the events of the tokens that may leave now."""
+        control, n_prompt = r.control, len(r.prompt.ids)
+        while True:
+            generated = torch.tensor(control.generated, dtype=torch.long)
+            seen = torch.cat((torch.tensor(r.prompt.ids, dtype=torch.long), generated))
+            token = r.sampler(control.mask(logits), seen, generated)
+            if token in r.stop_ids or control.ends_on(token):  # not kept: the stop token's scores only
+                return self._finish(r, "stop", self._score(r, logits, token))
+            outcome = settle(token, control, r.stop_ids, r.params, n_prompt, r.max_len)
+            r.scores.append(self._score(r, logits, token))
+            del r.scores[len(control.generated):]
+            if outcome != ROLLBACK:
+                break
+            logits = self._prefill(r)
         r.last = token
-        if len(r.generated) >= r.params.max_tokens or r.position >= r.max_len:
-            self._finish(r)
-            return Event(r.id, token, "length", logprob if logprob is None or math.isfinite(logprob) else None, top)
-        return Event(r.id, token, None, logprob, top)
+        events = self._events(r, control.release())
+        return events if outcome is None else events + self._finish(r, outcome)
 
-    def _finish(self, r: _Request) -> None:
+    def _score(self, r: _Request, logits: torch.Tensor, token: int) -> tuple:
+        if r.top_logprobs is None:
+            return None, ()
+        lp = torch.log_softmax(logits.float().cpu(), dim=-1)
+        logprob = float(lp[token])
+        top = ()
+        if r.top_logprobs:
+            vals, idx = torch.topk(lp, r.top_logprobs)
+            top = tuple((int(i), float(v)) for i, v in zip(idx, vals))
+        return (logprob if math.isfinite(logprob) else None), top
+
+    def _events(self, r: _Request, tokens: list[int]) -> list[Event]:
+        first = r.control.emitted - len(tokens)
+        return [Event(r.id, t, None, *r.scores[first + k]) for k, t in enumerate(tokens)]
+
+    def _finish(self, r: _Request, reason: str, score: tuple = (None, ())) -> list[Event]:
+        """Leave the batch: what was held back, then an event with the reason (and the stop
+        token's scores)."""
         if r in self.active:
             self.active.remove(r)
         r.cache = None
+        return self._events(r, r.control.flush()) + [Event(r.id, None, reason, *score)]

@@ -49,6 +49,11 @@ def _svg_lark() -> str:
     return "\n".join(rules)
 
 
+# JSON is written on one line with json.dumps' separators: whitespace that the grammar allowed
+# anywhere let small models pad forever (newline after newline) before the answer ended.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 class GrammarError(ValueError):
     """A schema, regex or grammar that cannot be compiled (one-line message)."""
 
@@ -67,9 +72,10 @@ class Grammar:
         text = schema if isinstance(schema, str) else json.dumps(schema)
         try:
             json.loads(text)
-            return Grammar("json_schema", LLMatcher.grammar_from_json_schema(text))
+            source = LLMatcher.grammar_from_json_schema(text, defaults=JSON_LAYOUT)
         except (ValueError, RuntimeError) as e:
-            raise GrammarError(f"invalid JSON schema: {str(e).splitlines()[0]}") from None
+            raise GrammarError(f"invalid JSON schema: {_first_line(e)}") from None
+        return Grammar._checked("json_schema", source, "invalid JSON schema")
 
     @staticmethod
     def any_json() -> "Grammar":
@@ -79,17 +85,33 @@ class Grammar:
     def regex(pattern: str) -> "Grammar":
         from llguidance import LLMatcher
 
-        return Grammar("regex", LLMatcher.grammar_from_regex(pattern))
+        return Grammar._checked("regex", LLMatcher.grammar_from_regex(pattern), "invalid regex")
 
     @staticmethod
     def lark(text: str) -> "Grammar":
         from llguidance import LLMatcher
 
-        return Grammar("lark", LLMatcher.grammar_from_lark(text))
+        return Grammar._checked("lark", LLMatcher.grammar_from_lark(text), "invalid grammar")
+
+    @staticmethod
+    def _checked(kind: str, source: str, what: str) -> "Grammar":
+        """Compile once without a tokenizer, so a bad schema, regex or grammar is refused where it
+        is given (a request's 400), not when a generation starts."""
+        from llguidance import LLMatcher
+
+        error = LLMatcher.validate_grammar(source)
+        if error:
+            raise GrammarError(f"{what}: {_first_line(error)}")
+        return Grammar(kind, source)
 
     @staticmethod
     def svg() -> "Grammar":
         return Grammar.lark(_svg_lark())
+
+
+def _first_line(error) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 @lru_cache(maxsize=4)

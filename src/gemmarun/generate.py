@@ -5,12 +5,13 @@ Everything textual (detokenising, stop strings, chat) is a wrapper around `gener
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 
 import torch
 
 from .cache import KVCache, make_cache
-from .model.text import TextModel
+from .control import OutputControl, Verdict
+from .model.text import Exposed, TextModel
 from .sampling import Sampler, SamplingParams
 
 
@@ -39,17 +40,19 @@ def _chunks(n: int, chunk_size: int, blocks: torch.Tensor | None) -> list[tuple[
 
 @torch.inference_mode()
 def prefill(model: TextModel, ids: torch.Tensor, cache: KVCache, start: int = 0, chunk_size: int = 256,
-            embeds: torch.Tensor | None = None, vision_blocks: torch.Tensor | None = None) -> torch.Tensor:
+            embeds: torch.Tensor | None = None, vision_blocks: torch.Tensor | None = None,
+            expose: Exposed | None = None) -> torch.Tensor:
     """Run `ids` (T,) through the model in chunks, filling `cache` from position `start`.
     `embeds` (1, T, H) replaces the token embeddings (multimodal prompts); `vision_blocks` (T,)
-    marks image blocks for bidirectional attention. Returns the float32 logits (V,) of the last
+    marks image blocks for bidirectional attention; `expose` receives the last chunk's final
+    hidden state and K/V (speculative drafting). Returns the float32 logits (V,) of the last
     position."""
     logits = None
     for lo, hi in _chunks(ids.numel(), chunk_size, vision_blocks):
         positions = torch.arange(start + lo, start + hi, device=ids.device)
         chunk_embeds = None if embeds is None else embeds[:, lo:hi]
         logits = model(ids[None, lo:hi], positions, cache, embeds=chunk_embeds, last_only=True,
-                       vision_blocks=vision_blocks)
+                       vision_blocks=vision_blocks, expose=expose)
     return logits[0, -1].float()
 
 
@@ -59,6 +62,38 @@ def decode_step(model: TextModel, token: int, position: int, cache: KVCache) -> 
     ids = torch.tensor([[token]], device=device)
     positions = torch.tensor([position], device=device)
     return model(ids, positions, cache, last_only=True)[0, -1].float()
+
+
+ROLLBACK = Verdict.ROLLBACK.value
+
+
+def cache_length(model: TextModel, prompt: list[int], params: SamplingParams, context: int | None) -> int:
+    """Positions one generation's cache needs, `min(len(prompt) + max_tokens, context)`, after
+    checking that the prompt is usable."""
+    cfg = model.config
+    context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    check_prompt_fits(len(prompt), context)
+    return min(len(prompt) + params.max_tokens, context)
+
+
+def settle(token: int, control: OutputControl, stop_ids: frozenset[int], params: SamplingParams,
+           n_prompt: int, max_len: int) -> str | None:
+    """What one sampled token does to a generation: a finish reason ("stop", "loop",
+    "length"), ROLLBACK (the control cut `generated` back: rebuild the cache from it and sample
+    again), or None to go on. A stop token is not kept; every other token is pushed to `control`."""
+    if token in stop_ids or control.ends_on(token):
+        return "stop"
+    verdict = control.push(token)
+    if verdict is not None:
+        return verdict.value
+    position = n_prompt + len(control.generated) - 1  # where the newest token goes
+    if len(control.generated) >= params.max_tokens or position >= max_len:
+        return "length"
+    if control.grammar_done:
+        return "stop"
+    return None
 
 
 def generate_step(
@@ -71,87 +106,42 @@ def generate_step(
     chunk_size: int = 256,
     embeds: torch.Tensor | None = None,
     vision_blocks: torch.Tensor | None = None,
-    grammar=None,  # constrain.GrammarState | None
-    loop_guard=None,  # loopguard.LoopGuard | None
-    piece: Callable[[int], str] | None = None,  # a token's text, for the loop guard's line rules
-    holdback: int = 64,
+    control: OutputControl | None = None,
 ) -> Generator[int, None, str]:
     """Yield generated token ids; return the finish reason ("stop", "length", "loop").
 
     Stops at a stop id (not yielded), `max_tokens`, the context end, or a completed grammar.
-    With a loop guard, tokens are yielded `holdback` tokens late so that a detected loop can be
-    rolled back before it reaches the caller: "recover" keeps one copy, bans the token that began
-    the repetition there, rebuilds the cache and resamples; "stop" ends with reason "loop" after
-    one copy. The cache is sized for `min(len(prompt) + max_tokens, context)` positions.
+    `control` carries the grammar and loop guard (see control.py): with a guard, tokens are
+    yielded late so that a detected loop can be rolled back before it reaches the caller.
+    The cache is sized for `min(len(prompt) + max_tokens, context)` positions.
     """
-    cfg = model.config
-    context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    check_prompt_fits(len(prompt), context)
-    max_len = min(len(prompt) + params.max_tokens, context)
+    max_len = cache_length(model, prompt, params, context)
     device = model.device
     sampler = Sampler(params)
     ids = torch.tensor(prompt, device=device)
     seen = torch.tensor(prompt, dtype=torch.long)
-    generated: list[int] = []
-    emitted = 0  # generated tokens already yielded
-    delay = holdback if loop_guard is not None and loop_guard.config.policy != "off" else 0
+    control = control or OutputControl()
     if params.max_tokens == 0:
         return "length"
 
     def start(keep: list[int]) -> tuple[KVCache, torch.Tensor]:
-        cache = make_cache(cfg, max_len, dtype=model.dtype, device=device)
+        cache = make_cache(model.config, max_len, dtype=model.dtype, device=device)
         logits = prefill(model, ids, cache, chunk_size=chunk_size, embeds=embeds, vision_blocks=vision_blocks)
         if keep:
             logits = prefill(model, torch.tensor(keep, device=device), cache, start=len(prompt), chunk_size=chunk_size)
         return cache, logits
 
     cache, logits = start([])
-    reason = "length"
     while True:
-        gen = torch.tensor(generated, dtype=torch.long)
-        if loop_guard is not None:
-            banned = loop_guard.banned_at(len(generated))
-            if banned:
-                logits = logits.clone()
-                logits[list(banned)] = float("-inf")
-        if grammar is not None:
-            logits = grammar.mask(logits)
-        token = sampler(logits, torch.cat((seen, gen)), gen)
-        if token in stop_ids or (grammar is not None and token in grammar.eos_ids):
-            reason = "stop"  # a grammar ends on an end-of-sequence token, even with ignore_eos
-            break
-        if grammar is not None:
-            grammar.advance(token)
-        generated.append(token)
-        event = loop_guard.push(token, piece(token) if piece else "") if loop_guard is not None else None
-        if event is not None and not loop_guard.can_recover():
-            del generated[max(emitted, event.start + event.period):]  # one copy of what repeated
-            reason = "loop"
-            break
-        if event is not None:
-            keep = loop_guard.rollback(event)
-            if keep < emitted:  # part of the loop already left: cut what has not
-                loop_guard.truncate(emitted)
-                if emitted < len(generated):
-                    loop_guard.ban(emitted, generated[emitted])
-                keep = emitted
-            if grammar is not None:
-                grammar.rollback(len(generated) - keep)
-            del generated[keep:]
-            cache, logits = start(generated)
+        gen = torch.tensor(control.generated, dtype=torch.long)
+        token = sampler(control.mask(logits), torch.cat((seen, gen)), gen)
+        outcome = settle(token, control, stop_ids, params, len(prompt), max_len)
+        if outcome == ROLLBACK:
+            cache, logits = start(control.generated)
             continue
-        while len(generated) - emitted > delay:
-            yield generated[emitted]
-            emitted += 1
-        position = len(prompt) + len(generated) - 1  # where the newest token goes
-        if len(generated) >= params.max_tokens or position >= max_len:
+        yield from control.release()
+        if outcome is not None:
             break
-        if grammar is not None and grammar.finished:
-            reason = "stop"
-            break
-        logits = decode_step(model, token, position, cache)
-    for token in generated[emitted:]:
-        yield token
-    return reason
+        logits = decode_step(model, token, len(prompt) + len(control.generated) - 1, cache)
+    yield from control.flush()
+    return outcome

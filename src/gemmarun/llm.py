@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
 
 from . import chat
 from .config import TextConfig
+from .control import NUMBER_CHARS, OutputControl, make_loop_guard
 from .generate import generate_step
-from .loopguard import LoopGuard, LoopGuardConfig
+from .loopguard import LoopGuardConfig
 from .model.multimodal import AUDIO, IMAGE, VIDEO, Encoders, MediaTokens, merge
 from .model.unified import UnifiedEncoders
 from .model.text import TextModel
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
 
+if TYPE_CHECKING:
+    from .model.assistant import Assistant
+
 Messages = list[dict[str, Any]]
-GRAMMAR_LOWINFO_TOKENS = 48  # digits/whitespace repeated this long inside a grammar is a loop
+Draft = Union["Assistant", str, Path]  # a speculative drafter, or its gemma4_assistant folder
 
 
 @dataclass
@@ -137,11 +142,37 @@ class LLM:
         return merge(self.model, ids, self.media_tokens, soft, self.config.pad_id, self.config.bidirectional_vision)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0,
-                     **sampling: Any) -> list[int]:
+                     draft: Draft | None = None, **sampling: Any) -> list[int]:
         """The new token ids (the prompt is not repeated), using the KV cache."""
         self._check_ids(prompt_ids)
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, **sampling)
-        return list(generate_step(self.model, list(prompt_ids), params, stop_ids=self.stop_ids(params)))
+        return list(self.token_stream(list(prompt_ids), params, draft=draft))
+
+    def token_stream(self, ids: list[int], params: SamplingParams, *, embeds: torch.Tensor | None = None,
+                     vision_blocks: torch.Tensor | None = None, control: OutputControl | None = None,
+                     draft: Draft | None = None):
+        """Generated token ids; the generator returns the finish reason. With `draft` (a
+        gemma4_assistant drafter or its folder), decoding is speculative: the same tokens when
+        greedy, the same distribution when sampling."""
+        if draft is None:
+            return generate_step(self.model, ids, params, stop_ids=self.stop_ids(params), embeds=embeds,
+                                 vision_blocks=vision_blocks, control=control)
+        from .speculative import speculative_generate_step
+
+        return speculative_generate_step(self.model, self.load_draft(draft), ids, params, stop_ids=self.stop_ids(params),
+                                         embeds=embeds, vision_blocks=vision_blocks, control=control)
+
+    def load_draft(self, draft: Draft) -> Assistant:
+        """A drafter for this model, checked against it: a folder is loaded onto the model's device
+        and dtype (load it once and pass the result when generating repeatedly)."""
+        from .model.assistant import Assistant, check_pairing
+
+        if not isinstance(draft, Assistant):
+            from .loading.assistant import load_assistant
+
+            draft = load_assistant(draft, dtype=self.model.dtype, device=self.model.device)
+        check_pairing(draft.config, self.config)
+        return draft
 
     # -- text ----------------------------------------------------------------------------------
 
@@ -149,18 +180,18 @@ class LLM:
         return "".join(self.stream(prompt, **sampling))
 
     def stream(self, prompt: str | Messages, *, enable_thinking: bool = False, image_tokens: int | None = None,
-               grammar=None, loop_guard: LoopGuardConfig | str | None = None, **sampling: Any) -> Iterator[str]:
+               grammar=None, loop_guard: LoopGuardConfig | str | None = None, draft: Draft | None = None,
+               **sampling: Any) -> Iterator[str]:
         """Yield UTF-8-safe text pieces. A string is continued as raw text (BOS prepended); a
         list of messages (text, image, audio and video parts) is rendered with the model's chat
         template. `grammar` (a `constrain.Grammar`) constrains the answer (after any thinking);
         `loop_guard` ("recover", "stop" or a LoopGuardConfig; off by default here, on by default
-        in the CLI and server) catches degenerate repetition inside the engine."""
+        in the CLI and server) catches degenerate repetition inside the engine; `draft` decodes
+        speculatively (see `token_stream`)."""
         params = SamplingParams(**sampling) if sampling else SamplingParams()
         prompt_ = self.build_prompt(prompt, enable_thinking=enable_thinking, image_tokens=image_tokens)
         state = self.grammar_state(grammar, params, thinking=enable_thinking) if grammar is not None else None
-        if isinstance(loop_guard, str):
-            loop_guard = LoopGuardConfig(policy=loop_guard)
-        yield from self.stream_prompt(prompt_, params, grammar=state, loop_guard=loop_guard)
+        yield from self.stream_prompt(prompt_, params, grammar=state, loop_guard=loop_guard, draft=draft)
 
     def grammar_state(self, grammar, params: SamplingParams, thinking: bool = False):
         """A fresh `constrain.GrammarState` for one generation of this model."""
@@ -171,6 +202,18 @@ class LLM:
         ends = tuple(sorted(set(self.config.eos_ids) | set(self.tokenizer.eos_ids)))
         return GrammarState(grammar, self.tokenizer, self.config.vocab_size, ends, opens_with=opens,
                             start_after=closes)
+
+    def output_control(self, grammar=None, loop_guard: LoopGuardConfig | str | None = None) -> OutputControl:
+        """One generation's grammar (a `GrammarState`) and loop guard, as the engines drive them."""
+        return OutputControl(grammar, make_loop_guard(loop_guard, constrained=grammar is not None),
+                             piece=lambda t: self.tokenizer.decode([t]), number_ids=self.number_ids)
+
+    @cached_property
+    def number_ids(self) -> frozenset[int]:
+        """The tokens "0" to "9", ".", "e", "E", "+" and "-" (Gemma's tokenizers split numbers
+        into digits)."""
+        ids = [self.tokenizer.encode(c, add_bos=False) for c in NUMBER_CHARS]
+        return frozenset(i[0] for i in ids if len(i) == 1)
 
     def build_prompt(self, prompt: str | Messages, *, enable_thinking: bool = False,
                      image_tokens: int | None = None, tools: list | None = None) -> Prompt:
@@ -217,25 +260,18 @@ class LLM:
         yield from self.stream_prompt(Prompt(list(ids)), params)
 
     def stream_prompt(self, prompt: Prompt, params: SamplingParams, grammar=None,
-                      loop_guard: LoopGuardConfig | None = None) -> "TextStream":
+                      loop_guard: LoopGuardConfig | str | None = None, draft: Draft | None = None) -> "TextStream":
         """Text pieces of one generation; the returned iterator's `finish_reason` is set when it
         ends ("stop", "length" or "loop")."""
-        return TextStream(self._stream_pieces(prompt, params, grammar, loop_guard))
+        return TextStream(self._stream_pieces(prompt, params, grammar, loop_guard, draft))
 
-    def _stream_pieces(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard):
+    def _stream_pieces(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft):
         text_ids, embeds, blocks = self._inputs(prompt)
         decoder = IncrementalDecoder(self.tokenizer)
         pending = ""  # text held back because it may be the start of a stop string
         hold = max((len(s) for s in params.stop), default=0)
-        if loop_guard is not None and grammar is not None:
-            # Inside a grammar, a run of digits or whitespace is the usual collapse (a number or
-            # indentation that never ends), not padding: treat it like any other repetition.
-            loop_guard = replace(loop_guard, lowinfo_min_tokens=min(loop_guard.lowinfo_min_tokens,
-                                                                      GRAMMAR_LOWINFO_TOKENS))
-        guard = LoopGuard(loop_guard) if loop_guard is not None and loop_guard.policy != "off" else None
-        tokens = generate_step(self.model, text_ids.tolist(), params, stop_ids=self.stop_ids(params),
-                               embeds=embeds, vision_blocks=blocks, grammar=grammar, loop_guard=guard,
-                               piece=lambda t: self.tokenizer.decode([t]))
+        tokens = self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,
+                                   control=self.output_control(grammar, loop_guard), draft=draft)
         # Stop strings are matched on text, so token-level max_tokens still bounds the work.
         while True:
             try:

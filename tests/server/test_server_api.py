@@ -146,8 +146,8 @@ def test_malformed_json_and_unsupported_fields(server):
         client.chat.completions.create(model="tiny", messages=HELLO, n=2)
     assert e.value.param == "n"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=HELLO, response_format={"type": "json_object"})
-    assert e.value.param == "response_format"
+        client.chat.completions.create(model="tiny", messages=HELLO, response_format={"type": "xml"})
+    assert e.value.param == "response_format.type"
     ok = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, extra_body={"not_a_field": 1})
     assert ok.choices[0].message.role == "assistant"
 

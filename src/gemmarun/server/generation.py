@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from ..batching import Event
 from ..chat import ToolCall
+from ..control import OutputControl
 from ..llm import LLM, Prompt
 from ..sampling import SamplingParams
 from . import protocol as p
@@ -16,8 +17,9 @@ from .scheduler import Job
 class Generation:
     def __init__(self, llm: LLM, env: p.Envelope, prompt: Prompt, params: SamplingParams, *, chat: bool = True,
                  tools: bool = False, top_logprobs: int | None = None, include_usage: bool = False,
-                 echo: str = "") -> None:
+                 echo: str = "", control: OutputControl | None = None) -> None:
         self.llm, self.env, self.prompt, self.params = llm, env, prompt, params
+        self.control = control  # the grammar and loop guard the engine applies (None: neither)
         self.is_chat, self.top_logprobs, self.include_usage, self.echo = chat, top_logprobs, include_usage, echo
         self.reply = ReplyStream(llm.tokenizer, stop=params.stop, chat=chat, tools=tools)
         self.tokens = self.reasoning_tokens = 0
@@ -25,22 +27,23 @@ class Generation:
         self.calls: list[dict] = []
         self.logprobs: list[dict] | None = [] if top_logprobs is not None else None
         self.finish_reason: str | None = None
+        self.stop_reason: str | None = None  # "loop" when the loop guard ended the reply
         self._offset = self._chars = len(echo)
 
     @classmethod
     def chat(cls, llm: LLM, env: p.Envelope, prompt: Prompt, params: SamplingParams,
-             req: p.ChatRequest) -> Generation:
+             req: p.ChatRequest, control: OutputControl | None = None) -> Generation:
         return cls(llm, env, prompt, params, tools=bool(req.tools), top_logprobs=req.top_logprobs,
-                   include_usage=req.include_usage)
+                   include_usage=req.include_usage, control=control)
 
     @classmethod
     def completion(cls, llm: LLM, env: p.Envelope, prompt: Prompt, params: SamplingParams,
-                   req: p.CompletionRequest) -> Generation:
+                   req: p.CompletionRequest, control: OutputControl | None = None) -> Generation:
         echo = ""
         if req.echo:
             echo = req.prompt if isinstance(req.prompt, str) else llm.tokenizer.decode(req.prompt, skip_special=True)
         return cls(llm, env, prompt, params, chat=False, top_logprobs=req.top_logprobs,
-                   include_usage=req.include_usage, echo=echo)
+                   include_usage=req.include_usage, echo=echo, control=control)
 
     # -- events -> deltas ----------------------------------------------------------------------
 
@@ -60,7 +63,9 @@ class Generation:
             tail = self.reply.finish()
             delta.content += tail.content
             delta.reasoning += tail.reasoning
-            reason = "stop" if stopped_early or ev.finish_reason in ("stop", "cancelled") else ev.finish_reason
+            if ev.finish_reason == "loop":  # not one of OpenAI's finish reasons: said in stop_reason
+                self.stop_reason = "loop"
+            reason = "stop" if stopped_early or ev.finish_reason in ("stop", "cancelled", "loop") else ev.finish_reason
             self.finish_reason = "tool_calls" if self.reply.calls else reason
         self._offset = self._chars  # where this delta's text starts (completions' text_offset)
         self._chars += len(delta.content)
@@ -114,13 +119,13 @@ class Generation:
         env = p.Envelope(self.env.id, self.env.model, "chat.completion", self.env.created)
         message = p.chat_message(self.text(), "".join(self.reasoning), self.calls)
         choice = {"index": 0, "message": message, "logprobs": p.chat_logprobs(self.logprobs),
-                  "finish_reason": self.finish_reason}
+                  "finish_reason": self.finish_reason, **self._stop_reason()}
         return env.wrap([choice], usage=self.usage())
 
     def completion_response(self) -> dict:
         logprobs = None if self.logprobs is None else p.completion_logprobs(self.logprobs, len(self.echo))
         choice = {"index": 0, "text": self.echo + self.text(), "logprobs": logprobs,
-                  "finish_reason": self.finish_reason}
+                  "finish_reason": self.finish_reason, **self._stop_reason()}
         return self.env.wrap([choice], usage=self.usage())
 
     async def chunks(self, job: Job, first: list[Event]) -> AsyncIterator[bytes]:
@@ -138,10 +143,15 @@ class Generation:
             if self.finish_reason:
                 break
             events = await job.next_events()
-        yield p.sse(self._chunk({} if self.is_chat else "", None, self.finish_reason))
+        last = self._chunk({} if self.is_chat else "", None, self.finish_reason)
+        last["choices"][0].update(self._stop_reason())
+        yield p.sse(last)
         if self.include_usage:
             yield p.sse(self.env.wrap([], usage=self.usage()))
         yield p.sse("[DONE]")
+
+    def _stop_reason(self) -> dict:
+        return {"stop_reason": self.stop_reason} if self.stop_reason else {}
 
     def _delta_chunks(self, delta: Delta, entries: list[dict]) -> list[dict]:
         chunks = []

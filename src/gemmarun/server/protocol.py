@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..constrain import Grammar, GrammarError
 from ..processing.image import SOFT_TOKEN_BUDGETS
 from ..sampling import SamplingParams
 
@@ -153,6 +154,7 @@ class ChatRequest:
     thinking: bool = False
     tools: list[dict] | None = None
     image_tokens: int | None = None
+    grammar: Grammar | None = None  # from response_format
 
 
 @dataclass
@@ -198,18 +200,34 @@ def _tools(data: dict) -> list[dict] | None:
     return tools
 
 
-def _response_format(data: dict) -> None:
+def _response_format(data: dict) -> Grammar | None:
+    """OpenAI's response_format: text (free), json_object (any JSON object) or json_schema
+    ({"json_schema": {"name", "schema", "strict"?}}), enforced by constrained decoding."""
     fmt = _get(data, "response_format", dict)
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise bad(f"response_format type {fmt.get('type')!r} is not supported (only 'text')",
-                  "response_format")
+    kind = "text" if fmt is None else fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar.any_json()
+    if kind != "json_schema":
+        raise bad(f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                  "response_format.type")
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema", {}) if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise bad("response_format.json_schema must be an object with a 'schema' object",
+                  "response_format.json_schema")
+    try:
+        return Grammar.json_schema(schema)
+    except GrammarError as e:
+        raise bad(str(e), "response_format.json_schema.schema") from None
 
 
 def parse_chat(data: dict, default_max_tokens: int, defaults: dict | None = None) -> ChatRequest:
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array", "messages")
-    _response_format(data)
+    grammar = _response_format(data)
     params, given = sampling_params(data, default_max_tokens, defaults)
     stream, usage = _stream(data)
     top = None
@@ -222,7 +240,8 @@ def parse_chat(data: dict, default_max_tokens: int, defaults: dict | None = None
     image_tokens = _get(data, "image_tokens", int)
     if image_tokens is not None and image_tokens not in SOFT_TOKEN_BUDGETS:
         raise bad(f"image_tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}", "image_tokens")
-    return ChatRequest(messages, params, given, stream, usage, top, _thinking(data), _tools(data), image_tokens)
+    return ChatRequest(messages, params, given, stream, usage, top, _thinking(data), _tools(data), image_tokens,
+                       grammar)
 
 
 def parse_completion(data: dict, default_max_tokens: int, defaults: dict | None = None) -> CompletionRequest:

@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..batching import BatchEngine, Event
+from ..control import OutputControl
 from ..llm import LLM, Prompt
 from ..sampling import SamplingParams
 
@@ -41,6 +42,7 @@ class Job:
     prompt: Prompt
     params: SamplingParams
     top_logprobs: int | None
+    control: OutputControl | None
     loop: asyncio.AbstractEventLoop
     scheduler: Scheduler
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of Events, or an exception
@@ -96,13 +98,14 @@ class Scheduler:
             self._commands.put(("stop", None))
             thread.join(timeout)
 
-    def submit(self, prompt: Prompt, params: SamplingParams, top_logprobs: int | None = None) -> Job:
+    def submit(self, prompt: Prompt, params: SamplingParams, top_logprobs: int | None = None,
+               control: OutputControl | None = None) -> Job:
         self.start()
         with self._lock:
             if self.in_flight >= self.capacity:
                 raise QueueFull(f"the server is busy: {self.in_flight} requests in flight (limit {self.capacity})")
             self.in_flight += 1
-        job = Job(prompt, params, top_logprobs, asyncio.get_running_loop(), self)
+        job = Job(prompt, params, top_logprobs, control, asyncio.get_running_loop(), self)
         self._commands.put(("add", job))
         return job
 
@@ -147,7 +150,8 @@ class Scheduler:
             if job.closed:
                 return
             try:
-                job.request_id = self.engine.add(job.prompt, job.params, top_logprobs=job.top_logprobs)
+                job.request_id = self.engine.add(job.prompt, job.params, top_logprobs=job.top_logprobs,
+                                                 control=job.control)
             except Exception as e:  # noqa: BLE001 - ContextOverflow, a bad seed...: this request only
                 self._post(job, e)
                 return

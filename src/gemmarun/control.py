@@ -1,0 +1,142 @@
+"""What may be sampled next, and what may leave: one generation's grammar, loop guard and holdback.
+
+Both engines (`generate.generate_step` for one request, `batching.BatchEngine` for many) drive an
+`OutputControl` the same way, once per sampled token::
+
+    logits = control.mask(logits)                # loop-guard bans here, grammar mask
+    token = sample(logits)
+    if token in stop_ids or control.ends_on(token): finish "stop"
+    verdict = control.push(token)                # None, LOOP_STOP or ROLLBACK
+    ROLLBACK: rebuild the cache from prompt + control.generated and sample again
+    LOOP_STOP: finish "loop" (control.generated keeps one copy of what repeated)
+    for t in control.release(): emit t           # tokens older than the holdback
+    ... at the end: for t in control.flush(): emit t
+
+With a loop guard, tokens leave `holdback` tokens late so a loop can be cut before the caller saw it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from enum import Enum
+
+import torch
+
+from .loopguard import LoopEvent, LoopGuard, LoopGuardConfig
+
+GRAMMAR_LOWINFO_TOKENS = 48  # digits/whitespace repeated this long inside a grammar is a loop
+# Inside a grammar, a number is closed after this many number tokens: small models write
+# "1500000000000..." digits that are not periodic (the loop guard cannot see them) until
+# max_tokens cuts the JSON. Gemma's tokenizers split digits, so this is about 24 characters.
+MAX_NUMBER_DIGITS = 24  # characters
+NUMBER_CHARS = "0123456789.eE+-"
+DEFAULT_HOLDBACK = 64
+
+
+class Verdict(Enum):
+    LOOP_STOP = "loop"  # finish now, reason "loop"
+    ROLLBACK = "rollback"  # `generated` was cut back: rebuild the cache and sample again
+
+
+def make_loop_guard(config: LoopGuardConfig | str | None, constrained: bool) -> LoopGuard | None:
+    """A guard for one generation, or None when off. Inside a grammar, a run of digits or
+    whitespace is the usual collapse (a number or indentation that never ends), not padding:
+    there it counts like any other repetition."""
+    if isinstance(config, str):
+        config = LoopGuardConfig(policy=config)
+    if config is None or config.policy == "off":
+        return None
+    if constrained:
+        config = replace(config, lowinfo_min_tokens=min(config.lowinfo_min_tokens, GRAMMAR_LOWINFO_TOKENS))
+    return LoopGuard(config)
+
+
+class OutputControl:
+    """Per-generation state: the generated tokens, how many have left, grammar and loop guard."""
+
+    def __init__(self, grammar=None, guard: LoopGuard | None = None,
+                 piece: Callable[[int], str] | None = None, holdback: int = DEFAULT_HOLDBACK,
+                 number_ids: frozenset[int] = frozenset()):
+        self.grammar = grammar  # constrain.GrammarState | None
+        self.guard = guard
+        self.piece = piece
+        # tokens made of number characters only -> their length (more are learnt as seen)
+        self.number_ids: dict[int, int] = dict.fromkeys(number_ids, 1)
+        self.delay = holdback if guard is not None else 0
+        self.generated: list[int] = []
+        self.emitted = 0  # generated tokens already released
+        self.loop: LoopEvent | None = None  # the last loop seen (stop or recovered)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.guard is not None:
+            banned = self.guard.banned_at(len(self.generated))
+            if banned:
+                logits = logits.clone()
+                logits[list(banned)] = float("-inf")
+        if self.grammar is not None:
+            logits = self.grammar.mask(logits)
+            if self.number_ids and self._number_run() >= MAX_NUMBER_DIGITS:
+                capped = logits.clone()
+                capped[sorted(self.number_ids)] = float("-inf")
+                if torch.isfinite(capped).any():  # after "1e" the grammar wants a digit: allow it
+                    logits = capped
+        return logits
+
+    def _number_run(self) -> int:
+        """Characters of the number at the end of the output (0 when it does not end in one)."""
+        n = 0
+        for token in reversed(self.generated[-MAX_NUMBER_DIGITS:]):
+            if token not in self.number_ids:
+                text = self.piece(token) if self.piece is not None else ""
+                if not text or not set(text) <= set(NUMBER_CHARS):
+                    break
+                self.number_ids[token] = len(text)
+            n += self.number_ids[token]
+            if n >= MAX_NUMBER_DIGITS:
+                break
+        return n
+
+    def ends_on(self, token: int) -> bool:
+        """A grammar ends on an end-of-sequence token, even with ignore_eos."""
+        return self.grammar is not None and token in self.grammar.eos_ids
+
+    @property
+    def grammar_done(self) -> bool:
+        return self.grammar is not None and self.grammar.finished
+
+    def push(self, token: int) -> Verdict | None:
+        if self.grammar is not None:
+            self.grammar.advance(token)
+        self.generated.append(token)
+        guard = self.guard
+        event = guard.push(token, self.piece(token) if self.piece else "") if guard is not None else None
+        if event is None:
+            return None
+        self.loop = event
+        if not guard.can_recover():
+            del self.generated[max(self.emitted, event.start + event.period):]  # one copy of what repeated
+            return Verdict.LOOP_STOP
+        keep = guard.rollback(event)
+        if keep < self.emitted:  # part of the loop already left: cut what has not
+            guard.truncate(self.emitted)
+            if self.emitted < len(self.generated):
+                guard.ban(self.emitted, self.generated[self.emitted])
+            keep = self.emitted
+        if self.grammar is not None:
+            self.grammar.rollback(len(self.generated) - keep)
+        del self.generated[keep:]
+        return Verdict.ROLLBACK
+
+    def release(self) -> list[int]:
+        """Tokens that may leave now (older than the holdback)."""
+        upto = max(self.emitted, len(self.generated) - self.delay)
+        out = self.generated[self.emitted:upto]
+        self.emitted = upto
+        return out
+
+    def flush(self) -> list[int]:
+        """At the end: everything not yet released."""
+        out = self.generated[self.emitted:]
+        self.emitted = len(self.generated)
+        return out

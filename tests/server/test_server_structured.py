@@ -1,0 +1,80 @@
+"""response_format (constrained decoding) and the loop guard, through the server."""
+
+import json
+
+import openai
+import pytest
+import torch
+from serverkit import running
+
+import gemmarun
+from gemmarun.llm import Prompt
+from gemmarun.sampling import SamplingParams
+from gemmarun.server import ServerOptions, create_app
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+    "tags": {"type": "array", "items": {"enum": ["red", "green"]}, "maxItems": 3},
+    "size": {"type": "number", "minimum": 0, "maximum": 10}},
+    "required": ["name", "tags", "size"], "additionalProperties": False}
+
+
+def _valid(answer: dict) -> bool:
+    import re
+
+    return (set(answer) == {"name", "tags", "size"} and re.fullmatch("[a-z]{1,8}", answer["name"]) is not None
+            and all(t in ("red", "green") for t in answer["tags"]) and len(answer["tags"]) <= 3
+            and 0 <= answer["size"] <= 10)
+
+
+def test_json_schema_answers_always_validate(server):
+    """(Thinking first, then the grammar: tests/test_constrain.py, where the channel is forced.)"""
+    client = server.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+    for seed in range(4):
+        kw = {"model": "tiny", "messages": [{"role": "user", "content": "a thing"}], "max_tokens": 120,
+              "temperature": 1.0, "seed": seed, "response_format": fmt}
+        whole = client.chat.completions.create(**kw)
+        assert _valid(json.loads(whole.choices[0].message.content)), whole.choices[0].message.content
+        assert whole.choices[0].finish_reason == "stop"
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                           if c.choices)
+        assert streamed == whole.choices[0].message.content  # same seed, same answer
+
+
+def test_json_object_and_bad_formats(server):
+    client = server.client()
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=60,
+                                       temperature=1.0, seed=5, response_format={"type": "json_object"})
+    content = r.choices[0].message.content  # a random model may write one long string: cut, still an object
+    assert content.startswith("{") and (r.choices[0].finish_reason == "length" or isinstance(json.loads(content), dict))
+    for fmt, param in (({"type": "grammar"}, "response_format.type"),
+                       ({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}},
+                        "response_format.json_schema.schema"),
+                       ({"type": "json_schema", "json_schema": "x"}, "response_format.json_schema")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=4, response_format=fmt)
+        assert e.value.body["param"] == param and "\n" not in e.value.body["message"]
+
+
+def test_the_loop_guard_is_on_in_the_server(tiny_models):
+    """The tiny Gemma 3 model loops greedily from this prompt (tests/test_cli_output_guards.py):
+    the server recovers by default, and with --loop-guard stop ends with stop_reason "loop"."""
+    folder, _ = tiny_models("gemma3")
+    llm = gemmarun.load(folder, device="cpu")
+    looping = [2] + torch.randint(20, 250, (6,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_tokens=150, ignore_eos=True)
+    for policy in ("recover", "stop"):
+        alone = llm.stream_prompt(Prompt(looping), params, loop_guard=policy)
+        text = "".join(alone)
+        with running(create_app(llm, ServerOptions(model_name="tiny", loop_guard=policy))) as srv:
+            r = srv.client().completions.create(model="tiny", prompt=looping, max_tokens=150, temperature=0,
+                                                extra_body={"ignore_eos": True})
+        choice = r.choices[0]
+        assert choice.text == text
+        if policy == "stop":
+            assert alone.finish_reason == "loop"
+            assert choice.finish_reason == "stop" and choice.model_extra.get("stop_reason") == "loop"
+        else:
+            assert choice.finish_reason == "length" and "stop_reason" not in choice.model_extra
