@@ -228,3 +228,17 @@ def test_serve_flags_set_the_limits(monkeypatch, tiny_llm):
     defaults = cli.build_parser().parse_args(["serve"])
     assert defaults.func(defaults) == 0
     assert seen["o"] == ServerOptions()  # each flag's default is the option's
+
+
+def test_serve_runs_uvicorn_with_the_limits_and_the_request_log(monkeypatch, tiny_llm):
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from gemmarun.server import serve
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    serve(tiny_llm, "127.0.0.1", 8123, ServerOptions(max_connections=77, header_timeout=9), log_level="warning")
+    kw = calls[0]
+    assert kw["limit_concurrency"] == 77 and issubclass(kw["http"], H11Protocol)
+    assert kw["log_config"]["loggers"]["gemmarun"]["level"] == "WARNING"

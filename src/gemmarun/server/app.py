@@ -301,7 +301,8 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None) -
                 close("client gone")
                 return Response(status_code=499)
             if stream:
-                return SSEResponse(gen.chunks(job, first), lambda: close("streamed"))
+                return SSEResponse(gen.chunks(job, first),
+                                   lambda: close("streamed" if gen.finish_reason else "client gone"))
             _, gone = await _unless_disconnected(request, lambda: gen.collect(job, first))
             close("client gone" if gone else "answered")
             return Response(status_code=499) if gone else respond(gen)
