@@ -197,6 +197,20 @@ def test_incremental_broken_bytes_match_byte_fallback() -> None:
     assert "".join(_stream(tok, ids)) == tok.decode(ids) == "\ufffd\ufffdh\ufffd\ufffd"
 
 
+def test_incremental_id_past_the_vocabulary_does_not_break_a_character() -> None:
+    # found by fuzz/tokenizer_text.py: an embedding row with no piece ended the byte run early
+    tok = Tokenizer.from_gguf_metadata(_synthetic_fields("gemma4"))
+    ids = [tok.token_to_id("<0xCE>"), tok.vocab_size + 5, tok.token_to_id("<0xAD>")]
+    assert "".join(_stream(tok, ids)) == tok.decode(ids) == "\u03ad"
+
+
+def test_lone_surrogate_is_a_one_line_value_error() -> None:
+    # JSON strings may hold lone surrogates; tokenizers raised "TextInputSequence must be str"
+    tok = Tokenizer.from_gguf_metadata(_synthetic_fields("gemma4"))
+    with pytest.raises(ValueError, match="lone surrogate U\\+D800 at index 1"):
+        tok.encode("a\ud800b")
+
+
 # -- HF folder -------------------------------------------------------------------------------------
 
 def test_from_hf_folder_synthetic(tmp_path: Path) -> None:

@@ -238,7 +238,14 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Ids for `text`; special-token strings in it become their ids. BOS is prepended even if
         the text already starts with "<bos>" (as transformers does): pass add_bos=False then."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side takes only valid Unicode: JSON may carry lone surrogates
+            at = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None) if isinstance(text, str) else None
+            if at is None:
+                raise
+            raise ValueError(f"text holds a lone surrogate U+{ord(text[at]):04X} at index {at}, "
+                             "which is not valid Unicode") from None
         return [self.bos_id, *ids] if add_bos else ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
@@ -299,6 +306,8 @@ class IncrementalDecoder:
         tok = self.tokenizer
         if self.skip_special and token_id in tok.control_ids:
             return ""
+        if tok.id_to_token(token_id) is None:  # no such piece (an embedding row past the vocabulary):
+            return ""  # nothing to print, and, as in decode, a byte run it interrupts goes on
         data = tok.piece_bytes(token_id)
         if tok.is_byte_token(token_id):
             self._pending += data
