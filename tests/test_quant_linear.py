@@ -100,6 +100,27 @@ def test_reduced_precision_compute_and_io():
     assert f32_layer(xb).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K], ids=lambda t: t.name)
+def test_bf16_on_cpu_runs_4bit_formats_on_the_int4_kernel(qtype: T):
+    """The int4 kernel reads the same codes: equal to the exact weights up to bfloat16 rounding
+    of activations and group scales; a linear keeps only the packed layout, an embedding keeps
+    its rows for lookups."""
+    rows, cols = 96, 512
+    raw = make_raw(qtype, rows, cols, 11)
+    w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy())
+    x = torch.randn(4, cols, generator=torch.Generator().manual_seed(1))
+    layer = QuantLinear.from_raw(torch.from_numpy(raw), qtype, rows, cols, torch.bfloat16)
+    tile_bytes = layer.nbytes
+    y = layer(x)
+    assert layer._int4 is not None and layer.data.numel() == 0 and layer.nbytes <= tile_bytes * 1.25
+    assert y.dtype == torch.float32 and rel_err(y, x @ w_ref.T) < 1e-2
+    assert rel_err(layer(x[:1]), x[:1] @ w_ref.T) < 1e-2  # the decode shape
+
+    table = QuantEmbedding.from_raw(torch.from_numpy(raw), qtype, rows, cols, torch.bfloat16)
+    assert rel_err(table.matmul_transposed(x), x @ w_ref.T) < 1e-2 and table._int4 is not None
+    assert torch.equal(table.lookup(torch.tensor([3, 7])), w_ref[[3, 7]])  # rows stay exact
+
+
 def test_bf16_weights_native_matmul():
     rows, cols = 24, 64
     raw = make_raw(T.BF16, rows, cols, 9)
