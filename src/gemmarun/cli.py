@@ -30,6 +30,16 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regex", default=None, help="constrain the answer to this regular expression")
 
 
+def _add_draft_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", metavar="PATH", default=None,
+                   help="gemma4_assistant drafter folder: speculative decoding (the same tokens when greedy, "
+                        "the same distribution when sampling; switches itself off when it does not pay)")
+
+
+def _draft(llm, args: argparse.Namespace):
+    return llm.load_draft(args.draft) if getattr(args, "draft", None) else None
+
+
 def _sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -62,12 +72,14 @@ def _grammar(args: argparse.Namespace):
     return None
 
 
-def _stream_to_stdout(llm, prompt, params: SamplingParams, args: argparse.Namespace, thinking: bool = False) -> str:
+def _stream_to_stdout(llm, prompt, params: SamplingParams, args: argparse.Namespace, thinking: bool = False,
+                      draft=None) -> str:
     from .loopguard import LoopGuardConfig
 
     grammar = _grammar(args)
     state = llm.grammar_state(grammar, params, thinking=thinking) if grammar is not None else None
-    stream = llm.stream_prompt(prompt, params, grammar=state, loop_guard=LoopGuardConfig(policy=args.loop_guard))
+    stream = llm.stream_prompt(prompt, params, grammar=state, loop_guard=LoopGuardConfig(policy=args.loop_guard),
+                               draft=draft)
     pieces = []
     for piece in stream:
         pieces.append(piece)
@@ -92,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     use_chat = has_media or (not args.raw and (llm.has_chat_template or llm.config.family == "gemma4"))
     source = [_user_message(text, args.image, args.audio, args.video)] if use_chat else text
     prompt = llm.build_prompt(source, enable_thinking=args.think, image_tokens=args.image_tokens)
-    _stream_to_stdout(llm, prompt, _sampling(args), args, thinking=args.think)
+    _stream_to_stdout(llm, prompt, _sampling(args), args, thinking=args.think, draft=_draft(llm, args))
     return 0
 
 
@@ -114,6 +126,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     llm = _load(args.model, args)
+    draft = _draft(llm, args)  # loaded once for the whole conversation
     params = _sampling(args)
     messages: list[dict] = []
     if args.system:
@@ -135,7 +148,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": text})
         reply = _stream_to_stdout(llm, llm.build_prompt(messages, enable_thinking=args.think), params, args,
-                                  thinking=args.think)
+                                  thinking=args.think, draft=draft)
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -324,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
                    help="soft-token budget per image (default: the model's, 280)")
     _add_sampling_options(p)
+    _add_draft_option(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -339,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--think", action="store_true")
     _add_sampling_options(p)
+    _add_draft_option(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_chat)
 
