@@ -6,17 +6,26 @@ from dataclasses import replace
 
 import pytest
 import torch
+from reference_models import WINDOW
 
 import gemmarun
-from gemmarun.config import AssistantConfig, ConfigError, assistant_config_from_hf, text_config_from_hf
+from gemmarun.config import (
+    AssistantConfig,
+    ConfigError,
+    LayerType,
+    assistant_config_from_hf,
+    text_config_from_hf,
+)
 from gemmarun.generate import generate_step
 from gemmarun.loading.assistant import load_assistant
 from gemmarun.model.assistant import Assistant, DraftPairingError, check_pairing
 from gemmarun.sampling import SamplingParams
 from gemmarun.speculative import (
-    SpeculationConfig, SpeculationStats, accept_or_resample, speculative_generate_step,
+    SpeculationConfig,
+    SpeculationStats,
+    accept_or_resample,
+    speculative_generate_step,
 )
-from reference_models import WINDOW
 
 S, F = "sliding_attention", "full_attention"
 EXACT = SpeculationConfig(check_every=None, compare_speed=False, probe_steps=0)  # always speculate
@@ -24,8 +33,8 @@ EXACT = SpeculationConfig(check_every=None, compare_speed=False, probe_steps=0) 
 
 def drafter_text(family: str) -> dict:
     """A tiny drafter text config whose attention geometry can read the tiny target's K/V."""
-    kv = {"e2b": dict(num_key_value_heads=1), "31b": dict(num_key_value_heads=2, attention_k_eq_v=True,
-                                                          num_global_key_value_heads=1)}[family]
+    kv = {"e2b": {"num_key_value_heads": 1},
+          "31b": {"num_key_value_heads": 2, "attention_k_eq_v": True, "num_global_key_value_heads": 1}}[family]
     return dict(model_type="gemma4_text", vocab_size=256, hidden_size=32, intermediate_size=48,
                 num_attention_heads=4, head_dim=16, global_head_dim=32, num_hidden_layers=4,
                 layer_types=[S, S, S, F], sliding_window=WINDOW, rms_norm_eps=1e-6,
@@ -281,7 +290,8 @@ def _hf_drafter(monkeypatch, ordered: bool, seed: int = 0):
             if name.endswith("token_ordering"):
                 t.copy_(torch.randperm(t.numel(), generator=g))
             elif t.is_floating_point():
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if t.dim() < 2 else torch.randn(t.shape, generator=g) * 0.2)
+                small = t.dim() < 2  # norms and layer scalars
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if small else torch.randn(t.shape, generator=g) * 0.2)
     return model
 
 
@@ -300,9 +310,9 @@ def test_drafter_matches_transformers(monkeypatch, tmp_path, ordered):
         theirs = ref(inputs_embeds=torch.cat((embed, hidden), -1), position_ids=torch.tensor([[n]]),
                      shared_kv_states={S: sliding, F: full})
         positions = torch.arange(n)
-        from gemmarun.config import LayerType
-
-        ctx = ours.context({7: (*sliding, positions), 9: (*full, positions)}, {LayerType.SLIDING: 7, LayerType.FULL: 9}, n)
+        # The target's producers, under any layer numbers: 7 (sliding) and 9 (full).
+        ctx = ours.context({7: (*sliding, positions), 9: (*full, positions)},
+                           {LayerType.SLIDING: 7, LayerType.FULL: 9}, n)
         logits, projected = ours(embed, hidden, ctx)
     assert torch.allclose(logits, theirs.logits, atol=1e-4, rtol=1e-4)
     assert torch.allclose(projected, theirs.last_hidden_state, atol=1e-4, rtol=1e-4)
