@@ -91,7 +91,7 @@ def test_compare_driver_runs_real_gemmarun_and_a_fake_runtime_interleaved(tiny_g
     ratio_row = (f"| fake | {ours_m.prefill_tok_s / 20:.2f}x | {ours_m.decode_tok_s / 2.5:.2f}x | "
                  f"{ours_m.ttft_s / 1:.2f}x | {ours_m.peak_rss_mib / 51:.2f}x |")
     assert ratio_row in table
-    assert "- fake: [2, 2, 2]" in table and f"- gemmarun: {list(r.first_ids)}" in table
+    assert f"- gemmarun: {list(r.first_ids)} '" in table and "- fake: [2, 2, 2] '" in table
 
 
 def test_a_failing_runtime_is_reported_and_the_others_still_run():
@@ -112,9 +112,12 @@ def test_a_failing_runtime_is_reported_and_the_others_still_run():
 
 
 def test_medians_and_ratios_arithmetic():
-    ours = RuntimeRuns("gemmarun", [_result(100, 10, rss=300), _result(300, 30, rss=100), _result(200, 20, rss=200)])
-    other = RuntimeRuns("llama.cpp", [_result(400, 5, ttft=0.25, rss=400, kv_bytes=None, version="llama x")])
-    bound = Report("s", "c", 2, 3, _workload(Path("m")), [ours, other],
+    ours = RuntimeRuns("gemmarun", [_result(100, 10, rss=300, first_ids=(5, 6, 7)), _result(300, 30, rss=100),
+                                    _result(200, 20, rss=200)])
+    other = RuntimeRuns("llama.cpp", [_result(400, 5, ttft=0.25, rss=400, kv_bytes=None, version="llama x",
+                                              first_ids=(5, 6, 7))])
+    third = RuntimeRuns("transformers", [_result(1, 1, first_ids=(5, 9, 7))])
+    bound = Report("s", "c", 2, 3, _workload(Path("m")), [ours, other, third],
                    Bandwidth(8e9, 2**29, 5, 2), DecodeBytes(body=100_000_000, head=60_000_000, gathered=1000))
     assert bound.decode_bound_tok_s == pytest.approx(8e9 / 160_001_000)
     table = bench.format_report(bound)
@@ -124,6 +127,9 @@ def test_medians_and_ratios_arithmetic():
     assert f"| 20.00 (2 tokens) | {share:.0f}% |" in table
     assert "decode bound 50.0 tok/s" in table and "160.0 MB of weights" in table
     assert "| llama x | 1.00 s | 400.0 (8 tokens) |" in table and "| n/a |\n" in table
+    assert "the ids [2, 40, 50]" in table  # no tokenizer: the sanity prompt is shown as ids
+    assert "- gemmarun: [5, 6, 7]\n" in table and "- llama.cpp: [5, 6, 7] (same as gemmarun)" in table
+    assert "- transformers: [5, 9, 7] (differs from gemmarun from token 2)" in table
 
 
 def test_decode_bytes_on_a_hand_made_model():
@@ -254,15 +260,50 @@ def test_cli_bench_model_and_random_weights_together_is_an_error(capsys):
     assert "not both" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_compare_on_the_real_270m_briefly(capsys):
-    """All three runtimes on the real model, a few tokens: each runs, and the first greedy tokens
-    for a real prompt match between gemmarun and llama.cpp (same quantized weights)."""
+def _runtime(name):
+    return next(rt for rt in bench.compare_runtimes() if rt.name == name)
+
+
+def test_llama_cpp_worker_agrees_with_gemmarun_on_a_tiny_gguf(tiny_gguf):
+    """Same quantized weights, same ids: llama.cpp's greedy tokens are gemmarun's."""
     pytest.importorskip("llama_cpp")
-    assert main(["bench", "--compare", "--rounds", "1", "--prompt-tokens", "32", "--decode-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "not installed" not in out and "failed" not in out
-    lines = {line.split(":")[0]: line for line in out.splitlines() if line.startswith("- ")}
-    ours = lines["- gemmarun"].split("]")[0]
-    assert ours == lines["- llama.cpp"].split("]")[0]
-    assert "Paris" in lines["- gemmarun"]
+    import gemmarun
+
+    w = _workload(tiny_gguf("gemma3"), prompt=8, decode=3)
+    theirs = bench.run_worker(_runtime("llama.cpp"), w)
+    assert theirs.prefill_tokens == 8 and theirs.decode_tokens == 3 and theirs.decode_tok_s > 0
+    assert theirs.kv_bytes is None and theirs.version.startswith("llama-cpp-python")
+    ours = bench.run_bench(gemmarun.load(w.model, device="cpu"), 0.0, w.prompt_ids, 3, w.sanity_ids, 3)
+    assert theirs.first_ids == ours.first_ids
+
+
+def test_transformers_worker_runs_a_gguf(tiny_gguf):
+    pytest.importorskip("accelerate")
+    r = bench.run_worker(_runtime("transformers"), _workload(tiny_gguf("gemma3")))
+    assert r.prefill_tokens == 8 and r.prefill_tok_s > 0 and r.decode_tok_s > 0 and r.kv_bytes > 0
+    assert len(r.first_ids) == 3 and r.version == "transformers 5.23.0"
+
+
+def test_a_bad_workload_is_a_one_line_failure(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(40))
+    with pytest.raises(bench.RuntimeFailed, match="bad.gguf") as e:
+        bench.run_worker(bench.gemmarun_runtime(), _workload(bad))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_compare_on_the_real_270m_briefly():
+    """gemmarun and llama.cpp on the real model, a few tokens, in child processes: both run, and
+    their first greedy tokens for a real prompt agree (same quantized weights). transformers on
+    the real file takes minutes to dequantize; its worker is checked on the tiny GGUF above."""
+    pytest.importorskip("llama_cpp")
+    from gemmarun.loading.default import default_model_path
+
+    facts = bench.describe_model(default_model_path())
+    w = Workload(str(facts.path), bench.random_prompt_ids(facts.config.vocab_size, 32), 4, bench.physical_cores(),
+                 tuple(facts.tokenizer.encode(bench.SANITY_PROMPT)), 8)
+    ours, theirs = bench.run_rounds(w, [bench.gemmarun_runtime(), _runtime("llama.cpp")], rounds=1)
+    assert ours.status == theirs.status == ""
+    assert ours.results[0].first_ids == theirs.results[0].first_ids
+    assert "France" in facts.tokenizer.decode(ours.results[0].first_ids)

@@ -535,8 +535,15 @@ def format_report(rep: Report) -> str:
         lines += ["", f"First greedy tokens after {sanity_prompt_label(rep)}:", ""]
         for name, ids in sanity:
             text = f" {rep.tokenizer.decode(ids)!r}" if rep.tokenizer is not None else ""
-            lines.append(f"- {name}: {list(ids)}{text}")
+            lines.append(f"- {name}: {list(ids)}{text}{_agreement(ours, name, ids)}")
     return "\n".join(lines) + "\n"
+
+
+def _agreement(ours: BenchResult | None, name: str, ids: tuple[int, ...]) -> str:
+    if name == "gemmarun" or ours is None or not ours.first_ids:
+        return ""
+    same = next((i for i, (a, b) in enumerate(zip(ours.first_ids, ids)) if a != b), None)
+    return " (same as gemmarun)" if same is None else f" (differs from gemmarun from token {same + 1})"
 
 
 def sanity_prompt_label(rep: Report) -> str:
