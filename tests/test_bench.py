@@ -207,6 +207,7 @@ def test_random_weights_file_is_written_once_into_the_cache(tmp_path, tiny_gguf,
 
     def write_random_gguf(config, out_path, qtype="q4_0", seed=0):
         calls.append((config, Path(out_path).name, qtype, seed))
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_bytes(tiny_gguf("gemma3").read_bytes())
         return Path(out_path)
 
@@ -217,28 +218,36 @@ def test_random_weights_file_is_written_once_into_the_cache(tmp_path, tiny_gguf,
     first = bench.random_weights_model("e2b", "q8_0", cache)
     again = bench.random_weights_model("e2b", "q8_0", cache)
     assert first == again == cache / "e2b-q8_0.gguf" and first.exists()
-    assert calls == [("e2b", "e2b-q8_0.gguf.partial", "q8_0", 0)]
+    assert calls == [("e2b", "e2b-q8_0.gguf", "q8_0", 0)]
     config = tmp_path / "my-model" / "config.json"
     config.parent.mkdir()
     config.write_text(json.dumps({"model_type": "gemma4_text"}))
     made = bench.random_weights_model(str(config), "q4_0", cache)
     assert made.name.startswith("my-model-") and made.name.endswith("-q4_0.gguf")
+    assert bench.random_weights_model(str(config.parent), "q4_0", cache) == made  # the folder names the same
+    assert bench.random_weights_model("google/gemma-4-E2B-it", "q4_0", cache).parent == cache
+    assert bench.random_weights_model("../evil", "q4_0", cache) == cache / "evil-q4_0.gguf"
     with pytest.raises(bench.BenchError, match="no such config file"):
         bench.random_weights_model(str(tmp_path / "missing.json"), "q4_0", cache)
     with pytest.raises(bench.BenchError, match="not a config name"):
-        bench.random_weights_model("../evil", "q4_0", cache)
+        bench.random_weights_model("!!!", "q4_0", cache)
 
 
-def test_cli_bench_writes_the_machine_line_and_command(tiny_gguf, tmp_path, capsys):
+def test_cli_bench_random_weights_writes_the_machine_line_and_command(tiny_models, tmp_path, capsys,
+                                                                     monkeypatch):
+    """--random-weights through the real writer into a (patched) cache, then benched and recorded."""
+    monkeypatch.setattr(bench, "RANDOM_CACHE", tmp_path / "cache")
+    config = tiny_models("gemma3")[0] / "config.json"
     out = tmp_path / "benchmarks.md"
-    args = ["bench", str(tiny_gguf("gemma3")), "--prompt-tokens", "8", "--decode-tokens", "2", "--threads", "1",
-            "--write", str(out)]
+    args = ["bench", "--random-weights", str(config), "--quant", "q8_0", "--prompt-tokens", "8",
+            "--decode-tokens", "2", "--threads", "1", "--write", str(out)]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "threads: 1" in err and "round 1/1 gemmarun" in err
+    assert "threads: 1" in err and "round 1/1 gemmarun" in err and "writing random weights" in err
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".gguf"]  # no .partial left
     text = out.read_text()
-    assert text.count("### ") == 1 and "(gemma3, dtype auto, device cpu)\n" in text
-    assert "--threads 1 --prompt-tokens 8 --decode-tokens 2 --write" in text
+    assert text.count("### ") == 1 and "q8_0 (gemma3, dtype auto, device cpu)\n" in text
+    assert "--quant q8_0 --threads 1 --prompt-tokens 8 --decode-tokens 2 --write" in text
     assert "1 threads used" in text and "GiB RAM" in text and "torch " in text and "- date: " in text
     assert "decode bound" in text and "| gemmarun 0.1.0 |" in text
 

@@ -325,32 +325,41 @@ def describe_model(path: Path) -> ModelFacts:
     return ModelFacts(path, cfg, tokenizer, weights)
 
 
-def random_weights_model(config: str, quant: str, cache_dir: Path = RANDOM_CACHE) -> Path:
-    """A random-weights GGUF for `config` (a name like e2b, or a config.json), written once into the
-    cache and reused: speed does not depend on the weights' values."""
+def random_weights_model(config: str, quant: str, cache_dir: Path | None = None) -> Path:
+    """A random-weights GGUF for `config` (a released name like e2b or 26b-a4b, a config.json or its
+    folder), written once into the cache and reused: speed does not depend on the weights' values."""
     source = Path(config)
+    if source.is_dir():
+        source = source / "config.json"
     if source.suffix == ".json" or source.is_file():
         if not source.is_file():
             raise BenchError(f"--random-weights {config}: no such config file")
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:8]
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:8]  # two configs never share a file
         stem = source.parent.name if source.name == "config.json" and source.parent.name else source.stem
         name = f"{stem}-{digest}"
     else:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", config):
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", config).strip(".-")
+        if not name:
             raise BenchError(f"--random-weights {config!r}: not a config name or a config.json path")
-        name = config
-    out = cache_dir / f"{name}-{quant}.gguf"
+    out = (RANDOM_CACHE if cache_dir is None else cache_dir) / f"{name}-{quant}.gguf"
     if out.exists():
         return out
-    try:
-        from .loading.random_weights import write_random_gguf
-    except ImportError as e:
-        raise BenchError(f"--random-weights needs gemmarun.loading.random_weights ({e})") from None
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")  # an interrupted write is never reused
-    written = Path(write_random_gguf(config, partial, qtype=quant, seed=0))
-    os.replace(written, out)
-    return out
+    from .loading.random_weights import write_random_gguf
+
+    print(f"writing random weights for {config} ({quant}) to {out}", file=sys.stderr)
+    return Path(write_random_gguf(config, out, qtype=quant, seed=0))  # written via a .partial file
+
+
+def sanity_ids(facts: ModelFacts, prompt_ids: Sequence[int]) -> tuple[int, ...]:
+    """The sanity prompt's ids; the benchmark prompt's first 8 ids when the model has no tokenizer."""
+    if facts.tokenizer is not None:
+        try:
+            ids = tuple(facts.tokenizer.encode(SANITY_PROMPT))
+        except (ValueError, KeyError):
+            ids = ()
+        if len(ids) > 1:
+            return ids
+    return tuple(prompt_ids[:8])
 
 
 # -- running runtimes in child processes --------------------------------------------------------

@@ -296,7 +296,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise bench.BenchError(f"{args.prompt_tokens} + {args.decode_tokens} tokens do not fit the model's "
                                f"context of {cfg.max_position_embeddings}")
     prompt_ids = bench.random_prompt_ids(cfg.vocab_size, args.prompt_tokens)
-    sanity = tuple(facts.tokenizer.encode(bench.SANITY_PROMPT)) if facts.tokenizer else prompt_ids[:8]
+    sanity = bench.sanity_ids(facts, prompt_ids)
     workload = bench.Workload(str(path), prompt_ids, args.decode_tokens, threads, sanity,
                               dtype=args.dtype, device=str(device))
     print(f"threads: {threads}" + (" (physical cores)" if args.threads is None else ""), file=sys.stderr)
