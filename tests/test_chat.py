@@ -162,6 +162,47 @@ def test_tool_message_errors():
         render_gemma4([{"role": "user", "content": "x"}], tools=[{"description": "no name"}])
 
 
+def _nested(depth: int, leaf=1):
+    for _ in range(depth):
+        leaf = {"k": leaf}
+    return leaf
+
+
+def _call(arguments, **extra) -> dict:
+    return {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": arguments}, **extra}]}
+
+
+# What fuzz/chat_messages.py found: each was a RecursionError or TypeError traceback.
+DEEP_MESSAGES = [_call({"a": _nested(5000)})]
+DEEP_TOOLS = [{"function": {"name": "f", "parameters": _nested(5000)}}]
+USER = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize(
+    ("render", "messages", "tools", "problem"),
+    [
+        (render_gemma4, DEEP_MESSAGES, None, "messages nest deeper than 100 levels"),
+        (render_gemma4, USER, DEEP_TOOLS, "tools nest deeper than 100 levels"),
+        (render_gemma4, [_call("[" * 5000 + "]" * 5000)], None, "arguments are not valid JSON"),
+        (render_gemma4, [_call('{"a":' * 500 + "1" + "}" * 500)], None, "arguments nest deeper than 100 levels"),
+        (render_gemma4, USER, 5, "tools must be a list"),
+        (lambda m, tools: render_template(GEMMA_LIKE, m, tools=tools), DEEP_MESSAGES, None, "messages nest deeper"),
+        (lambda m, tools: render_template(GEMMA_LIKE, m, tools=tools), USER, DEEP_TOOLS, "tools nest deeper"),
+    ],
+)
+def test_hostile_nesting_and_types_are_chat_template_errors(render, messages, tools, problem):
+    with pytest.raises(ChatTemplateError, match=problem):
+        render(messages, tools=tools)
+
+
+def test_odd_tool_call_ids_and_deep_tool_responses_render():
+    calls = {"role": "assistant", "tool_calls": [{"id": [1], "function": {"name": "f"}},  # unhashable id
+                                                  {"id": "b", "function": {"name": "g"}}]}
+    out = render_gemma4([calls, {"role": "tool", "tool_call_id": [1], "content": "[" * 5000},  # json.loads
+                         {"role": "tool", "content": '{"a":' * 500 + "1" + "}" * 500}])  # RecursionError
+    assert "response:f{value:" in out and "response:g{value:" in out
+
+
 # ------------------------------------------------------------------------------ tool values
 
 

@@ -30,6 +30,7 @@ MAX_OUTPUT_CHARS = 4_000_000  # the rendered prompt, and any single string a tem
 MAX_BUILT_CHARS = 8 * MAX_OUTPUT_CHARS  # all strings a render builds, summed
 MAX_STEPS = 100_000  # loop iterations + macro calls per render (a macro call costs ~20 us)
 MAX_SECONDS = 5.0
+MAX_NESTING = 100  # levels of lists/dicts in messages and tools: far past any real tool schema
 ROLES = frozenset({"system", "developer", "user", "assistant", "model", "tool"})
 _Q = '<|"|>'  # Gemma 4's string quote inside tool syntax
 
@@ -54,10 +55,24 @@ class Reply:
 # ------------------------------------------------------------------------------ message checks
 
 
+def _check_nesting(value: Any, what: str) -> None:
+    """Refuses lists and dicts nested past MAX_NESTING, before anything recursive (our tool
+    syntax writer, the copy templates see, json) meets them."""
+    level = [value]
+    for _ in range(MAX_NESTING + 1):
+        inner = {id(x): x for v in level if isinstance(v, (list, tuple, Mapping))  # by id: shared
+                 for x in (list(v.keys()) + list(v.values()) if isinstance(v, Mapping) else v)}  # once
+        level = list(inner.values())
+        if not level:
+            return
+    raise ChatTemplateError(f"{what} nest deeper than {MAX_NESTING} levels")
+
+
 def _validate(messages: Any) -> list[dict]:
     """Fail early, in one line, rather than deep inside a template."""
     if not isinstance(messages, list):
         raise ChatTemplateError(f"messages must be a list of dicts, not {type(messages).__name__}")
+    _check_nesting(messages, "messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ChatTemplateError(f"message {i} is a {type(m).__name__}, not a dict")
@@ -77,6 +92,12 @@ def _validate(messages: Any) -> list[dict]:
         if calls is not None and not (isinstance(calls, list) and all(map(_call_name, calls))):
             raise ChatTemplateError(f"message {i} tool_calls must be [{{function: {{name, ...}}}}]")
     return messages
+
+
+def _validate_tools(tools: Any) -> None:
+    if tools is not None and not isinstance(tools, list):
+        raise ChatTemplateError(f"tools must be a list of tool definitions, not {type(tools).__name__}")
+    _check_nesting(tools, "tools")
 
 
 def _call_name(call: Any) -> str | None:
@@ -431,6 +452,7 @@ def render_template(
     Raises ChatTemplateError for bad messages, template errors, sandbox violations and limits.
     """
     chat = []
+    _validate_tools(tools)
     for m in _plain(_validate(messages)):  # reasoning under every name templates read, as HF does
         keys = ("reasoning_content", "thinking", "reasoning")
         reasoning = next((m[k] for k in keys if m.get(k) is not None), None)
@@ -509,8 +531,9 @@ def _tool_call(call: dict) -> str:
     if isinstance(args, str):
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ChatTemplateError(f"tool call {name!r}: arguments are not valid JSON") from None
+        _check_nesting(args, f"tool call {name!r}: arguments")
     if not isinstance(args, dict):
         raise ChatTemplateError(f"tool call {name!r}: arguments must be an object")
     return f"<|tool_call>call:{name}{format_tool_value(args)}<tool_call|>"
@@ -539,6 +562,7 @@ def render_gemma4(
     it and the next assistant message continues it (as the model does after `<|tool_response>`).
     """
     msgs = _validate(messages)
+    _validate_tools(tools)
     out = ["<bos>"]
     has_system = bool(msgs) and msgs[0]["role"] in ("system", "developer")
     if has_system or tools or enable_thinking:
@@ -550,14 +574,16 @@ def render_gemma4(
     for i, m in enumerate(msgs[1:] if has_system else msgs, start=int(has_system)):
         role = m["role"]
         if role == "tool":
-            name = m.get("name") or ids.get(m.get("tool_call_id"))
+            call_id = m.get("tool_call_id")
+            name = m.get("name") or (ids.get(call_id) if isinstance(call_id, str) else None)
             name = name or (names[answered] if answered < len(names) else None)
             if not open_turn or not isinstance(name, str):
                 raise ChatTemplateError(f"message {i}: a tool message must answer a tool call")
             text = _content(m, {}, "a tool response")
             try:
                 result = json.loads(text)
-            except ValueError:
+                _check_nesting(result, "the tool response")
+            except (ValueError, RecursionError):  # ChatTemplateError is a ValueError: too deep is text
                 result = None
             result = result if isinstance(result, dict) else {"value": text}
             response = f"response:{name}{format_tool_value(result)}"
@@ -570,7 +596,7 @@ def render_gemma4(
             calls = m.get("tool_calls") or []
             out.extend(map(_tool_call, calls))
             names, answered = [_call_name(c) for c in calls], 0
-            ids = {c.get("id"): _call_name(c) for c in calls if c.get("id")}
+            ids = {c["id"]: _call_name(c) for c in calls if isinstance(c.get("id"), str) and c["id"]}
             open_turn = bool(calls)
             if not open_turn:
                 out.append("<turn|>\n")

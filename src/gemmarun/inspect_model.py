@@ -93,6 +93,22 @@ def memory_tiers(llm: LLM) -> tuple[int, int]:
     return mapped, resident
 
 
+SAMPLE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Thanks."}]
+
+
+def template_warnings(template: str) -> list[str]:
+    """The shipped template rendered (in the sandbox, under its limits) on a plain conversation:
+    one that breaks the sandbox, runs away or fails there breaks every chat."""
+    from .chat import ChatTemplateError, render_template
+
+    try:
+        render_template(template, SAMPLE_CHAT)
+    except ChatTemplateError as e:
+        return [f"{str(e).rstrip('.')} (on a plain conversation, so every chat fails)"]
+    return []
+
+
 def warnings(llm: LLM) -> list[str]:
     """Metadata defects behind runaway generation and broken chat."""
     out = []
@@ -104,6 +120,8 @@ def warnings(llm: LLM) -> list[str]:
         out.append(f"no end-of-turn token {turn_end}: chat replies may never stop")
     if not llm.has_chat_template:
         out.append("no chat template in the file: chat uses gemmarun's own renderer (spec 9 rules)")
+    else:
+        out.extend(template_warnings(llm.info.chat_template))
     if tok.vocab_size != cfg.vocab_size:
         out.append(f"tokenizer has {tok.vocab_size} tokens but the embedding has {cfg.vocab_size} rows")
     if llm.info.format == "gguf":

@@ -324,3 +324,31 @@ def test_hostile_gguf_files_are_one_line_load_errors(tmp_path):
             gemmarun.load(path, device="cpu")
         message = str(info.value)
         assert fragment in message and "\n" not in message and "\r" not in message, (label, message)
+
+
+@pytest.mark.parametrize("template, flag", [
+    ("{{ ''.__class__.__mro__ }}", "chat template broke the sandbox"),
+    ("{{ cycler.__init__.__globals__.os.popen('id').read() }}", "chat template broke the sandbox"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "chat template hit a limit"),
+    ("{{ 'x' * 10**9 }}", "chat template hit a limit"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "chat template"),
+])
+def test_inspect_flags_a_hostile_chat_template(tmp_path, capsys, template, flag):
+    from gemmarun.cli import main
+    from tiny_gguf import tiny_gguf
+
+    path = tmp_path / "hostile-template.gguf"
+    path.write_bytes(tiny_gguf("gemma3", metadata={"tokenizer.chat_template": template}))
+    assert main(["inspect", str(path), "--no-tensors"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert any(flag in line and "every chat fails" in line for line in lines), lines
+
+
+def test_inspect_does_not_flag_a_working_chat_template(tmp_path, capsys):
+    from gemmarun.cli import main
+    from tiny_gguf import tiny_gguf
+
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(tiny_gguf("gemma3"))  # ships a small working template
+    assert main(["inspect", str(path), "--no-tensors"]) == 0
+    assert "chat template" not in capsys.readouterr().out
