@@ -91,7 +91,7 @@ def test_compare_driver_runs_real_gemmarun_and_a_fake_runtime_interleaved(tiny_g
     ratio_row = (f"| fake | {ours_m.prefill_tok_s / 20:.2f}x | {ours_m.decode_tok_s / 2.5:.2f}x | "
                  f"{ours_m.ttft_s / 1:.2f}x | {ours_m.peak_rss_mib / 51:.2f}x |")
     assert ratio_row in table
-    assert f"- gemmarun: {list(r.first_ids)} '" in table and "- fake: [2, 2, 2] '" in table
+    assert f"- gemmarun: {list(r.first_ids)}\n" in table and "- fake: [2, 2, 2] (" in table
 
 
 def test_a_failing_runtime_is_reported_and_the_others_still_run():
