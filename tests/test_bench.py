@@ -104,6 +104,8 @@ def test_a_failing_runtime_is_reported_and_the_others_still_run():
         return _result(5.0, 1.0) if rt.name == "ok" else bench.run_worker(rt, w)
 
     runs = bench.run_rounds(_workload(Path("/nonexistent.gguf")), runtimes, rounds=2, worker=worker)
+    folder_only = bench.run_rounds(_workload(Path("/")), [Runtime("gguf", ("x",), gguf_only=True)], 1, worker=worker)
+    assert folder_only[0].status == "not run: it reads GGUF files only" and folder_only[0].results == []
     assert runs[0].status == "failed: gemmarun: boom" and runs[0].results == []
     assert runs[1].status.startswith("failed: exit status 0, no result")
     assert len(runs[2].results) == 2

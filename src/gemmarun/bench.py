@@ -372,6 +372,7 @@ class Runtime:
     name: str
     argv: tuple[str, ...]
     requires: tuple[str, ...] = ()  # importable modules it needs
+    gguf_only: bool = False
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -386,7 +387,7 @@ def compare_runtimes() -> list[Runtime]:
     llama_worker = Path(__file__).with_name("bench_llama_cpp.py")
     return [
         gemmarun_runtime(),
-        Runtime("llama.cpp", (sys.executable, "-I", str(llama_worker)), ("llama_cpp",)),  # -I: no package dir on sys.path
+        Runtime("llama.cpp", (sys.executable, "-I", str(llama_worker)), ("llama_cpp",), gguf_only=True),  # -I: no package dir on sys.path
         Runtime("transformers", (sys.executable, "-m", "gemmarun.bench_worker", "transformers"),
                 ("transformers", "accelerate")),
     ]
@@ -442,9 +443,12 @@ def run_rounds(workload: Workload, runtimes: Sequence[Runtime], rounds: int,
     runs = []
     for rt in runtimes:
         missing = rt.missing()
-        runs.append(RuntimeRuns(rt.name, status=NOT_INSTALLED if missing else ""))
-        if missing:
-            progress(f"{rt.name}: {NOT_INSTALLED} (no module {', '.join(missing)})")
+        if rt.gguf_only and Path(workload.model).is_dir():
+            runs.append(RuntimeRuns(rt.name, status="not run: it reads GGUF files only"))
+        else:
+            runs.append(RuntimeRuns(rt.name, status=NOT_INSTALLED if missing else ""))
+        if runs[-1].status:
+            progress(f"{rt.name}: {runs[-1].status}" + (f" (no module {', '.join(missing)})" if missing else ""))
     for r in range(rounds):
         for rt, entry in zip(runtimes, runs):
             if entry.status:
