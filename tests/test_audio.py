@@ -461,3 +461,15 @@ def test_hour_of_audio_streams_and_splits(tmp_path):
     assert sum(num_audio_soft_tokens(len(c)) for c in clips) == 120 * 750
     feats, mask = log_mel_features(clips[-1])
     assert feats.shape == (2999, 128) and mask.all()
+
+
+@pytest.mark.parametrize("rate", [22050, SR])
+def test_absurdly_loud_float_samples_are_refused(rate):
+    # found by fuzz/audio_decode.py: samples near float32's limit are finite, but the resampler
+    # turned them into NaN (22.05 kHz) and the FFT into inf features (16 kHz)
+    sf = _soundfile()
+    signal = np.full(2000, 3e38, dtype=np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, np.stack([signal, signal], axis=1), rate, format="WAV", subtype="FLOAT")
+    with pytest.raises(AudioInputError, match="amplitude 3e\\+38, far outside"):
+        load_audio(buf.getvalue())

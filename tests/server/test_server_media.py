@@ -36,6 +36,16 @@ def webm_bytes(seconds=1.0, rate=48000) -> bytes:
     return buf.getvalue()
 
 
+def test_webm_with_a_codec_ffmpeg_does_not_know_is_an_audio_input_error():
+    # found by fuzz/audio_decode.py: PyAV gives such a stream no codec context (and no .rate)
+    from gemmarun.processing.audio import AudioInputError
+    from gemmarun.server.inputs import container_to_wav
+
+    data = webm_bytes(0.1).replace(b"A_OPUS", b"A_OPUX")
+    with pytest.raises(AudioInputError, match="codec is not supported"):
+        container_to_wav(data, "input_audio")
+
+
 def image_part(data: bytes) -> dict:
     return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(data)}}
 

@@ -23,6 +23,9 @@ SAMPLE_RATE = 16_000
 MAX_CLIP_SAMPLES = 480_000  # 30 s: the feature extractor's max_length; longer audio is split
 MAX_AUDIO_SECONDS = 2 * 60 * 60  # longest input load_audio accepts (2 h = 460 MB at 16 kHz)
 MAX_SOFT_TOKENS_PER_CLIP = 750  # processor's audio_seq_length
+# Samples are nominally in [-1, 1]; a float file past 1e4 (+80 dB over full scale) holds corrupt
+# data, and values near float32's limit overflow the resampler and the FFT into NaN and inf.
+MAX_SAMPLE_AMPLITUDE = 1e4
 
 FRAME_LENGTH = 320  # 20 ms
 HOP_LENGTH = 160  # 10 ms
@@ -50,7 +53,8 @@ def load_audio(source: str | Path | bytes, target_rate: int = SAMPLE_RATE) -> np
     """Decode WAV / FLAC / Ogg (Vorbis, Opus) / MP3 to mono float32 at `target_rate`.
 
     Channels are averaged; the rate is converted with soxr (HQ). Raises AudioInputError for
-    missing, empty, undecodable, truncated, non-finite or over-long (> MAX_AUDIO_SECONDS) input.
+    missing, empty, undecodable, truncated, non-finite, absurdly loud (> MAX_SAMPLE_AMPLITUDE) or
+    over-long (> MAX_AUDIO_SECONDS) input.
     """
     import soundfile as sf
 
@@ -111,12 +115,15 @@ def _decode(f, label: str, target_rate: int) -> np.ndarray:
         decoded += len(block)
         if decoded > max_frames:
             raise AudioInputError(f"{label}: audio exceeds the {MAX_AUDIO_SECONDS} s maximum")
+        peak = float(np.abs(block).max()) if block.size else 0.0
+        if not peak <= MAX_SAMPLE_AMPLITUDE:  # NaN fails this too
+            if not math.isfinite(peak):
+                raise AudioInputError(f"{label}: contains non-finite (NaN/inf) samples")
+            raise AudioInputError(f"{label}: contains samples of amplitude {peak:.3g}, far outside [-1, 1]")
         if channels == 1:
             mono = np.ascontiguousarray(block[:, 0])  # (n,)
         else:
             mono = block.mean(axis=1, dtype=np.float32)  # (n,) average of the channels
-        if not np.isfinite(mono).all():
-            raise AudioInputError(f"{label}: contains non-finite (NaN/inf) samples")
         chunk = resampler.resample_chunk(mono, last=last) if resampler is not None else mono
         if filled + len(chunk) > len(out):  # header under-declared the length: grow
             grown = np.empty(max(2 * len(out), filled + len(chunk)), dtype=np.float32)

@@ -276,7 +276,9 @@ def container_to_wav(data: bytes, label: str, budget: AudioBudget | None = None,
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise AudioInputError(f"{label}: the file has no audio stream")
-            rate = int(stream.rate or stream.codec_context.sample_rate or 0)
+            if stream.codec_context is None:  # FFmpeg knows no decoder for it (PyAV then has no .rate)
+                raise AudioInputError(f"{label}: the audio stream's codec is not supported")
+            rate = int(stream.codec_context.sample_rate or 0)
             if rate <= 0:
                 raise AudioInputError(f"{label}: the audio stream has no sample rate")
             resampler = av.AudioResampler(format="fltp", rate=rate)
