@@ -81,3 +81,31 @@ def test_json_body():
     for body in (b"{bad", b"[1]", b"\xff\xfe"):
         e = _error(parse_json, body)
         assert e.status == 400 and e.type == "invalid_request_error"
+
+
+# What fuzz/openai_requests.py found: each was a 500 (an uncaught exception) or a NaN in sampling.
+@pytest.mark.parametrize("fields, param", [
+    ({"temperature": 10**400}, "temperature"),  # OverflowError converting to float
+    ({"presence_penalty": float("inf")}, "presence_penalty"),  # accepted, then every logit is -inf
+    ({"presence_penalty": float("nan")}, "presence_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"temperature": float("inf")}, "temperature"),
+])
+def test_non_finite_numbers_are_400(fields, param):
+    e = _error(_chat, **fields)
+    assert e.status == 400 and e.param == param and "finite" in e.message
+
+
+def test_json_nested_too_deep_is_400():
+    e = _error(parse_json, b"[" * 100_000)  # json raised RecursionError
+    assert e.status == 400 and "not valid JSON" in e.message
+
+
+def test_odd_roles_and_deep_tool_arguments_are_400():
+    from gemmarun.server.inputs import prepare_messages
+
+    e = _error(prepare_messages, [{"role": ["user"], "content": "x"}], False)  # TypeError: unhashable
+    assert e.param == "messages[0].role"
+    call = {"function": {"name": "f", "arguments": "[" * 5000}}  # json raised RecursionError
+    e = _error(prepare_messages, [{"role": "assistant", "content": None, "tool_calls": [call]}], False)
+    assert e.param == "messages[0].tool_calls[0].function.arguments"

@@ -178,7 +178,7 @@ def _tool_calls(calls: Any, param: str) -> list[dict]:
         if isinstance(args, str):
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep for json
                 raise bad("tool call arguments are not valid JSON", f"{param}[{k}].function.arguments") from None
         if not isinstance(args, dict):
             raise bad("tool call arguments must be a JSON object", f"{param}[{k}].function.arguments")
@@ -201,7 +201,7 @@ def prepare_messages(messages: list, allow_local_files: bool, limits: MediaLimit
     budget = AudioBudget(limits.max_audio_seconds) if limits is not None else None
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
             raise bad(f"message {i} needs a role among {', '.join(sorted(_ROLES))}", f"messages[{i}].role")
         role = m["role"]
         clean = {k: m[k] for k in _KEEP if m.get(k) is not None}

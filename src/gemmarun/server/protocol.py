@@ -5,6 +5,7 @@ and dicts out. Every problem is an `ApiError` carrying the HTTP status and OpenA
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 def parse_json(body: bytes) -> dict:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
         raise bad(f"the request body is not valid JSON ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise bad(f"the request body must be a JSON object, not {type(data).__name__}")
@@ -64,8 +65,11 @@ def _get(data: dict, key: str, kind: type | tuple, default: Any = None) -> Any:
         return default
     kinds = kind if isinstance(kind, tuple) else (kind,)
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if float in kinds and type(value) in (int, float):  # JSON allows NaN, Infinity and 1e400-sized ints
+        number = float(value) if abs(value) < 1e308 else math.inf
+        if not math.isfinite(number):
+            raise bad(f"'{key}' must be a finite number", key)
+        return number
     if not ok:
         raise bad(f"'{key}' must be {_type_name(kind)}", key)
     return value
