@@ -27,6 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ_DIR = ROOT / "fuzz"
+WORK_DIR = Path(os.environ.get("GEMMARUN_FUZZ_WORK") or FUZZ_DIR / "work")  # corpora, dictionaries
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny fixtures (tiny_gguf, tiny_tokenizer) seed the targets
 ADDRESS_SPACE_LIMIT = 6 << 30  # bytes; the imports (torch included) take well under 1 GiB
 
@@ -165,15 +166,16 @@ def main(name: str, test_one_input: Callable[[bytes], None],
     """Run a target under atheris, with libFuzzer's flags and arguments.
 
     Directory arguments are corpora (libFuzzer adds what it finds to the first); without any,
-    the corpus is fuzz/work/<name>/ (git-ignored), so runs build on each other. The seeds (made
-    in code) are written into the first corpus and fuzz/corpus/<name>/ is read too. A file
-    argument (a crash artifact) replays just that input. Crashes go to fuzz/crashes/.
+    the corpus is fuzz/work/<name>/corpus (git-ignored; $GEMMARUN_FUZZ_WORK moves it), so runs
+    build on each other. The seeds (made in code) are written into the first corpus and
+    fuzz/corpus/<name>/ is read too. A file argument (a crash artifact) replays just that
+    input. Crashes go to fuzz/crashes/.
     """
     import atheris
 
     argv = list(sys.argv)
     flags = {a.split("=", 1)[0] for a in argv[1:] if a.startswith("-")}
-    work = FUZZ_DIR / "work" / name
+    work = WORK_DIR / name
     work.mkdir(parents=True, exist_ok=True)
     defaults = {"-timeout": timeout, "-max_len": max_len, "-rss_limit_mb": rss_limit_mb,
                 "-artifact_prefix": f"{FUZZ_DIR / 'crashes' / name}-"}

@@ -262,12 +262,23 @@ def _patch_tensor(data: bytes, name: str, dims: list[int] | None = None, type_id
     return bytes(out)
 
 
+def _patch_array_count(data: bytes, key: str, count: int) -> bytes:
+    """Rewrite the item count of the array stored under metadata `key`."""
+    encoded = key.encode()
+    at = data.index(len(encoded).to_bytes(8, "little") + encoded) + 8 + len(encoded) + 4 + 4  # type, item type
+    return data[:at] + count.to_bytes(8, "little") + data[at + 8 :]
+
+
 def _hostile_cases():
     from gguf import GGMLQuantizationType as Q
     from tiny_gguf import tiny_gguf
 
     q8 = tiny_gguf("gemma4", Q.Q8_0)
     return {
+        "array claiming 10**12 strings": (
+            _patch_array_count(tiny_gguf("gemma3"), "tokenizer.ggml.tokens", 10**12), "corrupt GGUF array"),
+        "array claiming 10**12 floats": (
+            _patch_array_count(tiny_gguf("gemma3"), "tokenizer.ggml.scores", 10**12), "truncated GGUF file"),
         "tensor of a layer past block_count": (
             tiny_gguf("gemma3", rename={"blk.0.attn_k.weight": "blk.7.attn_k.weight"}), "unexpected tensors"),
         "control character in a tensor name": (
