@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import resource
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -33,10 +34,16 @@ def byte_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     env = {**os.environ, "GEMMARUN_FUZZ_WORK": str(tmp / "work")}
 
+    # A child forked from this process starts with its peak RSS as its own (Linux keeps ru_maxrss
+    # across fork+exec), which after the model tests is GBs: libFuzzer's RSS limit counts from
+    # there, and no single allocation may pass 2 GB.
+    inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
     def run(name: str) -> tuple[int, str]:
         corpus = tmp / name
         corpus.mkdir()
-        command = [sys.executable, str(FUZZ_DIR / f"{name}.py"), f"-max_total_time={SECONDS}", "-rss_limit_mb=2048",
+        command = [sys.executable, str(FUZZ_DIR / f"{name}.py"), f"-max_total_time={SECONDS}",
+                   f"-rss_limit_mb={inherited_mb + 2048}", "-malloc_limit_mb=2048",
                    f"-artifact_prefix={tmp}/{name}-", str(corpus)]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
         return proc.returncode, proc.stdout + proc.stderr
