@@ -60,8 +60,9 @@ def _check_nesting(value: Any, what: str) -> None:
     syntax writer, the copy templates see, json) meets them."""
     level = [value]
     for _ in range(MAX_NESTING + 1):
-        inner = {id(x): x for v in level if isinstance(v, (list, tuple, Mapping))  # by id: shared
-                 for x in (list(v.keys()) + list(v.values()) if isinstance(v, Mapping) else v)}  # once
+        # keyed by id: a container that appears many times is walked once per level
+        inner = {id(x): x for v in level if isinstance(v, (list, tuple, Mapping))
+                 for x in (list(v.keys()) + list(v.values()) if isinstance(v, Mapping) else v)}
         level = list(inner.values())
         if not level:
             return

@@ -172,11 +172,16 @@ class Tokenizer:
         bos_id, eos_id = special("bos_token_id", 2), special("eos_token_id", 1)
         unk_id, pad_id = special("unknown_token_id", None), special("padding_token_id", None)
         assert bos_id is not None and eos_id is not None
-        if unk_id is not None and unk_id >= len(tokens):
-            raise ValueError(f"GGUF tokenizer.ggml.unknown_token_id={unk_id} is outside the {len(tokens)}-token vocabulary")
+        # ids the runtime writes into prompts (EOS ids are only compared with outputs: inspect warns)
+        for key, value in (("bos_token_id", bos_id), ("unknown_token_id", unk_id), ("padding_token_id", pad_id)):
+            if value is not None and value >= len(tokens):
+                raise ValueError(f"GGUF tokenizer.ggml.{key}={value} is outside the {len(tokens)}-token vocabulary")
         unk = tokens[unk_id] if unk_id is not None else "<unk>"
 
         vocab = {tok: i for i, tok in enumerate(tokens)}
+        if unk not in vocab and not all(f"<0x{b:02X}>" in vocab for b in range(256)):
+            raise ValueError(f"GGUF vocabulary has neither an unknown token ({unk}) nor a byte piece for "
+                             "every byte: text it does not cover could not be encoded")
         backend = _gemma_backend(vocab, merges, unk)  # type: ignore[arg-type]
         # Control tokens become special added tokens and user-defined ones plain added tokens, so
         # both are matched whole in text (chat templates render them as text).

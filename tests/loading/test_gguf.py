@@ -271,7 +271,7 @@ def _patch_array_count(data: bytes, key: str, count: int) -> bytes:
 
 def _hostile_cases():
     from gguf import GGMLQuantizationType as Q
-    from tiny_gguf import tiny_gguf
+    from tiny_gguf import tiny_gguf, tiny_vocab
 
     q8 = tiny_gguf("gemma4", Q.Q8_0)
     return {
@@ -311,6 +311,13 @@ def _hostile_cases():
             tiny_gguf("gemma4", metadata={"tokenizer.ggml.merges": ["a c"]}), "malformed tokenizer.ggml.merges"),
         "unknown-token id past the vocabulary": (
             tiny_gguf("gemma3", metadata={"tokenizer.ggml.unknown_token_id": 999}), "unknown_token_id=999"),
+        "BOS id past the vocabulary": (  # found in the final fuzz round: decode(encode(text)) overflowed
+            tiny_gguf("gemma3", metadata={"tokenizer.ggml.bos_token_id": 2**64 - 1}),
+            "bos_token_id=18446744073709551615 is outside the 16-token vocabulary"),
+        "no unknown token and not every byte": (  # encode raised "Unk token not found" on such text
+            tiny_gguf("gemma3", metadata={"tokenizer.ggml.unknown_token_id": None, "tokenizer.ggml.tokens": [
+                "<nope>" if t == "<unk>" else t for t in tiny_vocab("gemma3").tokens]}),
+            "neither an unknown token (<unk>) nor a byte piece for every byte"),
         "token id that is a list": (
             tiny_gguf("gemma3", metadata={"tokenizer.ggml.bos_token_id": [2]}), "bos_token_id=[2]"),
     }
