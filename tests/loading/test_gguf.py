@@ -318,6 +318,8 @@ def _hostile_cases():
             tiny_gguf("gemma3", metadata={"tokenizer.ggml.unknown_token_id": None, "tokenizer.ggml.tokens": [
                 "<nope>" if t == "<unk>" else t for t in tiny_vocab("gemma3").tokens]}),
             "neither an unknown token (<unk>) nor a byte piece for every byte"),
+        "a norm stored as I32 (same size as F32)": (  # UnsupportedQuantType, a ValueError but no LoadError
+            _patch_tensor(tiny_gguf("gemma3"), "blk.0.attn_norm.weight", type_id=int(Q.I32)), "cannot decode"),
         "token id that is a list": (
             tiny_gguf("gemma3", metadata={"tokenizer.ggml.bos_token_id": [2]}), "bos_token_id=[2]"),
     }

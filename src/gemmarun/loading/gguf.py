@@ -29,9 +29,12 @@ def _tensor(f: GGUFFile, info: TensorInfo, reference: bool, name: str) -> torch.
     raw = torch.from_numpy(f.raw(info.name))
     if info.ggml_type in FLOAT_TYPES:
         return raw.view(FLOAT_TYPES[info.ggml_type]).view(info.shape)
-    from ..quant import get_format
+    from ..quant import UnsupportedQuantType, get_format
 
-    get_format(info.ggml_type, tensor_name=info.name)  # an unsupported type is a clear error
+    try:
+        get_format(info.ggml_type, tensor_name=info.name)  # an unsupported type is a clear error
+    except UnsupportedQuantType as e:
+        raise LoadError(f"{f.path}: {e}") from None
     rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
     q = QuantizedTensor(raw.view(rows, -1), info.ggml_type, info.shape)
     return q.dequantize() if reference else q
