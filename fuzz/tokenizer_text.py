@@ -14,11 +14,9 @@ lone surrogates, as JSON strings may), or a list of token ids. Contract:
 
 from __future__ import annotations
 
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 
-from _harness import instrumented, main, run_contract
+from _harness import WORK_DIR, instrumented, main, run_contract
 
 with instrumented():
     from gemmarun.loading.errors import LoadError
@@ -32,7 +30,8 @@ SECONDS_PER_INPUT = 10.0
 
 @lru_cache(maxsize=None)
 def tiny() -> Tokenizer:
-    folder = Path(tempfile.mkdtemp(prefix="gemmarun-fuzz-tokenizer-"))
+    folder = WORK_DIR / NAME / "tiny_tokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
     write_tiny_tokenizer(folder, "gemma4")
     return Tokenizer.from_hf_folder(folder)
 
