@@ -19,6 +19,13 @@ ALL_TYPES = list(FORMATS)
 FAST_PATH_RTOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def portable_path(monkeypatch):
+    """This file tests the portable path (tiles, torch's int4 kernel); decode-sized CPU matmuls
+    otherwise go to the native kernel, tested in test_quant_kernels.py."""
+    monkeypatch.setattr(ql, "native_group_gemv", lambda: None)
+
+
 def make_raw(qtype: T, rows: int, cols: int, seed: int) -> np.ndarray:
     """Realistic weights via gguf-py's quantizer where it has one, random blocks otherwise."""
     rng = np.random.default_rng(seed)
@@ -118,7 +125,8 @@ def test_bf16_on_cpu_runs_4bit_formats_on_the_int4_kernel(qtype: T):
 
     table = QuantEmbedding.from_raw(torch.from_numpy(raw), qtype, rows, cols, torch.bfloat16)
     assert rel_err(table.matmul_transposed(x), x @ w_ref.T) < 1e-2 and table._int4 is not None
-    assert torch.equal(table.lookup(torch.tensor([3, 7])), w_ref[[3, 7]])  # rows stay exact
+    # rows are exact, rounded once to the compute dtype like a table stored in it
+    assert torch.equal(table.lookup(torch.tensor([3, 7])), w_ref[[3, 7]].to(torch.bfloat16))
 
 
 def test_bf16_weights_native_matmul():
@@ -207,3 +215,21 @@ def test_workspace_made_under_inference_mode_serves_calls_outside_it():
     t.start()
     t.join()
     assert torch.equal(out["inside"], out["outside"])
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_0, T.Q6_K, T.F16], ids=lambda t: t.name)
+def test_bf16_on_cpu_without_the_native_kernel_repacks_the_rest_dense(qtype: T):
+    """5/6/8-bit codes (and float16) under bfloat16 compute and no native kernel: one bfloat16
+    matrix (one rounding of the exact weights) instead of dequantizing tiles every token."""
+    rows, cols = 64, 512
+    raw = make_raw(qtype, rows, cols, 13)
+    w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy())
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(2))
+    table = QuantEmbedding.from_raw(torch.from_numpy(raw), qtype, rows, cols, torch.bfloat16)
+    y = table.matmul_transposed(x.to(torch.bfloat16))
+    assert table._dense is not None and table.data.numel() == 0
+    assert torch.equal(table._dense, w_ref.to(torch.bfloat16))
+    assert rel_err(y.float(), x @ w_ref.T) < 1e-2
+    ids = torch.tensor([0, 5, 63])
+    assert torch.equal(table.lookup(ids), w_ref[ids].to(torch.bfloat16))
+    assert torch.equal(table.dequantize(), w_ref.to(torch.bfloat16).float())

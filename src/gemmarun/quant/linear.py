@@ -10,7 +10,15 @@ Storage (repacked once at load from the GGUF bytes, never expanded to a float ma
 
 That is 0.63-0.75 bytes/weight for the 4-bit formats, 1.13-1.25 for the others (4 for f32).
 
-Why the matmul dequantizes row tiles (measured on this project's 2-core AVX2 CPU):
+Which kernel runs (measured on this project's 2-core AVX2 CPU, 262144x640 Q8_0 head at batch 1):
+
+* decode-sized batches (at most ``NATIVE_MAX_ROWS`` rows) on the CPU: the native kernel
+  (``kernels.py``, ``group_gemv.cpp``) reads the codes and group scales as stored, with the
+  activations rounded to int16 per group: 10.7 ms, at the machine's read bandwidth, against
+  50 ms for tiles, 29 ms for a bfloat16 copy of the weights and 72 ms for float32 weights;
+* larger batches (prefill), other devices, or no C++ compiler: row tiles, below.
+
+Why the portable path dequantizes row tiles:
 
 * ``aten._weight_int4pack_mm_for_cpu`` dequantizes ``w = (q - 8) * scale + zero`` (verified),
   so Q4_0/Q4_1/Q4_K map onto it, but its float32-activation path is not vectorized on AVX2:
@@ -47,14 +55,15 @@ vs ~165 ms at batch 8.
 ``.to(device)`` moves the buffers.  ``.to(dtype)`` only changes ``compute_dtype``: the
 float32 scales are never rounded.
 
-bfloat16 on CPU (``--dtype bfloat16``): 4-bit formats with 32-wide groups (Q4_0, Q4_1, Q4_K)
-run on torch's int4 kernel instead, with bfloat16 activations and scale/zero pairs
-(``zero = bias + (8 + code_min) * scale``): the weights are read as 4-bit codes and never
-dequantized, 17 ms instead of ~50 ms for a 262144x640 head here.  That trades exactness
-(bfloat16 rounding of activations and group scales, ~4e-3 relative) for speed, which is what
-asking for bfloat16 means.  The packed copy is made once, on the first such matmul; a
-``QuantLinear`` then drops its tile layout (it only multiplies), a ``QuantEmbedding`` keeps it
-for row lookups.
+bfloat16 on CPU (``--dtype bfloat16``) without the native kernel: 4-bit formats with 32-wide
+groups (Q4_0, Q4_1, Q4_K) run on torch's int4 kernel, with bfloat16 activations and scale/zero
+pairs (``zero = bias + (8 + code_min) * scale``): the weights are read as 4-bit codes and never
+dequantized, 17 ms instead of ~50 ms for a 262144x640 head here.  The other formats are
+repacked once into a bfloat16 matrix (one rounding of the exact weights; 29 ms for that head).
+That trades exactness (bfloat16 rounding, ~4e-3 relative) for speed, which is what asking for
+bfloat16 means.  The packed copy is made on the first such matmul and the tile layout dropped
+(an int4-packed ``QuantEmbedding`` keeps it for row lookups).  With the native kernel, nothing
+is repacked: decode reads the codes, prefill dequantizes tiles to bfloat16.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from .formats import as_blocks, get_format, type_name
+from .kernels import native_group_gemv
 
 __all__ = ["QuantEmbedding", "QuantLinear"]
 
@@ -77,6 +87,9 @@ _TILE_ELEMENTS_GPU = 1 << 24
 # Elements repacked per step at load time (bounds the temporaries of decoding).
 _LOAD_CHUNK_ELEMENTS = 1 << 22
 _NIBBLE_MASK = 0x0F0F0F0F
+# Rows of activations up to which a CPU matmul goes to the native kernel (decode, speculative
+# verification, batched decode); larger batches are compute-bound and go to tiles + GEMM.
+NATIVE_MAX_ROWS = 16
 
 _FLOAT_DTYPES = {
     GGMLQuantizationType.F32: torch.float32,
@@ -140,6 +153,7 @@ class _QuantMatrix(torch.nn.Module):
         shifts = torch.tensor([0, 4], dtype=torch.int32, device=data.device).view(1, 2, 1)
         self.register_buffer("_shifts", shifts, persistent=False)
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed codes, scales_and_zeros)
+        self._dense: torch.Tensor | None = None  # bfloat16 matrix (CPU bfloat16 compute)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to(device)`` moves the buffers; a dtype cast only sets ``compute_dtype``.
@@ -247,6 +261,8 @@ class _QuantMatrix(torch.nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The exact float32 matrix (bit-identical to ``gguf.quants.dequantize``)."""
+        if self._dense is not None:
+            return self._dense.float()  # the exact values are gone once repacked dense
         out = torch.empty(self.rows, self.cols, dtype=torch.float32, device=self.data.device)
         step = max(1, _LOAD_CHUNK_ELEMENTS // self.cols)
         for r0 in range(0, self.rows, step):
@@ -255,8 +271,11 @@ class _QuantMatrix(torch.nn.Module):
         return out
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """Exact float32 rows ``ids`` (any shape) -> ``[*ids.shape, cols]``; only those rows."""
+        """Exact float32 rows ``ids`` (any shape) -> ``[*ids.shape, cols]``; only those rows
+        (bfloat16-rounded ones once the matrix was repacked dense)."""
         flat = ids.reshape(-1).to(device=self.data.device, dtype=torch.long)
+        if self._dense is not None:
+            return self._dense.index_select(0, flat).float().view(*ids.shape, self.cols)
         out = torch.empty(flat.numel(), self.cols, dtype=torch.float32, device=self.data.device)
         s = self.scale.index_select(0, flat) if self.scale is not None else None
         b = self.bias.index_select(0, flat) if self.bias is not None else None
@@ -272,10 +291,18 @@ class _QuantMatrix(torch.nn.Module):
         lead = x.shape[:-1]
         cdt = self.compute_dtype
         x2 = x.reshape(-1, self.cols).to(cdt)
-        if self._int4 is not None or self._int4_eligible(x.device):
+        if x2.shape[0] <= NATIVE_MAX_ROWS and self._native_eligible(x.device):
+            gemv = native_group_gemv()
+            if gemv is not None:
+                y = gemv(x2.float().contiguous(), self.data, self.scale, self.bias, self.group_size,
+                         float(self.code_min), self.nibbles)
+                return y.to(x.dtype).view(*lead, self.rows)
+        if self._int4 is not None or self._packs_for_cpu(x.device) == "int4":
             packed, scales_zeros = self._int4_pack()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_zeros)
             return y.to(x.dtype).view(*lead, self.rows)
+        if self._dense is not None or self._packs_for_cpu(x.device) == "dense":
+            return F.linear(x2, self._dense_weight()).to(x.dtype).view(*lead, self.rows)
         if self.scale is None and self.data.dtype == cdt:
             return F.linear(x2, self.data).to(x.dtype).view(*lead, self.rows)
         y = torch.empty(x2.shape[0], self.rows, dtype=cdt, device=x.device)
@@ -294,10 +321,43 @@ class _QuantMatrix(torch.nn.Module):
             torch.mm(x2, w.t(), out=y[:, r0:r1])
         return y.to(x.dtype).view(*lead, self.rows)
 
-    def _int4_eligible(self, device: torch.device) -> bool:
-        return (device.type == "cpu" and self.compute_dtype == torch.bfloat16 and self.nibbles
-                and self.group_size == 32 and self.data.device.type == "cpu"
-                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+    def _native_eligible(self, device: torch.device) -> bool:
+        return (device.type == "cpu" and self.data.device.type == "cpu" and self.scale is not None
+                and self.data.numel() > 0 and self.group_size in (16, 32))
+
+    def _packs_for_cpu(self, device: torch.device) -> str | None:
+        """The layout a bfloat16 matmul on the CPU repacks this matrix into, once: "int4" for
+        4-bit codes in 32-wide groups (torch's int4 kernel reads them as they are), "dense" for
+        the rest (a bfloat16 matrix: 2 bytes a weight read by one GEMV beat dequantizing tiles of
+        5/6/8-bit codes every token, 3-4x), None where tiles stay (float32, CUDA)."""
+        if device.type != "cpu" or self.compute_dtype != torch.bfloat16 or self.data.device.type != "cpu":
+            return None
+        if self.scale is None and self.data.dtype == torch.bfloat16:
+            return None  # already what F.linear wants
+        if self._native_eligible(device) and native_group_gemv() is not None:
+            return None  # the native kernel reads the codes as they are: keep them
+        if (self.nibbles and self.group_size == 32
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+            return "int4"
+        return "dense"
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The matrix rounded once to bfloat16 (from the exact float32 values, chunk by chunk);
+        the tile layout is dropped: lookups read these rows."""
+        if self._dense is None:
+            dense = torch.empty(self.rows, self.cols, dtype=torch.bfloat16)
+            step = max(1, _LOAD_CHUNK_ELEMENTS // self.cols)
+            buf = torch.empty(step, self.cols, dtype=torch.float32)
+            for r0 in range(0, self.rows, step):
+                r1 = min(self.rows, r0 + step)
+                if self.scale is None:
+                    dense[r0:r1] = self.data[r0:r1]
+                else:
+                    dense[r0:r1] = self._rows(r0, r1, buf[: r1 - r0])
+            self._dense = dense
+            self.data = self.data[:0]
+            self.scale = self.bias = None
+        return self._dense
 
     def _int4_pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes in torch's CPU int4 layout (made row chunk by row chunk, so the int32 codes it
@@ -323,7 +383,7 @@ class _QuantMatrix(torch.nn.Module):
     @property
     def nbytes(self) -> int:
         """Bytes held by the quantized representation (codes + scales)."""
-        held = (self.data, self.scale, self.bias, *(self._int4 or ()))
+        held = (self.data, self.scale, self.bias, self._dense, *(self._int4 or ()))
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def extra_repr(self) -> str:
@@ -368,8 +428,9 @@ class QuantEmbedding(_QuantMatrix):
         return self.cols
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Exact float32 rows ``[*ids.shape, dim]``, dequantizing only the gathered rows."""
-        return self.gather(ids)
+        """Rows ``[*ids.shape, dim]`` in ``compute_dtype``, dequantizing only the gathered rows
+        (exact in float32; rounded once, like a table stored in that dtype, otherwise)."""
+        return self.gather(ids).to(self.compute_dtype)
 
     def matmul_transposed(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ table.T`` (logits of a tied LM head), tiled over rows, in ``x``'s dtype."""

@@ -1,0 +1,223 @@
+// Matrix-vector products that read GGML-style quantized weights as they are stored.
+//
+//   y[m, r] = sum_g scale[r, g] * dot(x[m, g], code[r, g]) + (bias[r, g] + code_min * scale[r, g]) * sum(x[m, g])
+//
+// which is x @ W.T for W = (code + code_min) * scale + bias, group by group. Codes are int8 (5/6/8-bit
+// formats) or 4-bit nibbles in gemmarun's halves layout (byte j of a row holds codes j and
+// j + cols/2). The activations are rounded to int16 per group (see quantize_x) so the inner loop is
+// integer multiply-adds; group results are scaled and summed in float32. Each weight row is read
+// from memory once for all the (few) rows of x: decode becomes memory-bound, not dequantize-bound.
+// Rows are split over torch's intra-op threads.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GEMMARUN_AVX2 1
+#endif
+
+namespace {
+
+#ifdef GEMMARUN_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+#endif
+
+struct Problem {
+  const int16_t* xq;    // [M, C] activations as int16, per group: x ~= xq * xscale
+  const float* xscale;  // [M, G]
+  const float* xsum;    // [M, G] group sums of the rounded x (used with a bias or code_min)
+  const uint8_t* codes; // [R, C] int8 or [R, C/2] nibbles
+  const float* scale;   // [R, G]
+  const float* bias;    // [R, G] or null
+  float code_min;
+  int64_t M, R, C, group, groups;
+  bool offset;
+  float* y;             // [M, R]
+};
+
+// Activations to int16, one scale per group (max |x| -> 32767): relative error <= 2^-16 of the
+// group's largest value, far below any weight quantization's, and it lets a 16-wide integer
+// multiply-add do the work of sixteen float conversions and FMAs.
+void quantize_x(const float* x, int64_t n, int64_t group, int16_t* xq, float* xscale, float* xsum) {
+  for (int64_t g0 = 0, g = 0; g0 < n; g0 += group, ++g) {
+    float amax = 0.f;
+    for (int64_t k = g0; k < g0 + group; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float d = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
+    int32_t sum = 0;  // of the rounded values: the offset term then uses the same x as the codes
+    for (int64_t k = g0; k < g0 + group; ++k) {
+      xq[k] = static_cast<int16_t>(std::nearbyint(x[k] * inv));
+      sum += xq[k];
+    }
+    xscale[g] = d;
+    xsum[g] = float(sum) * d;
+  }
+}
+
+inline float offset_term(const Problem& p, int64_t r, int64_t m, const float* sc) {
+  const float* xs = p.xsum + m * p.groups;
+  const float* bi = p.bias ? p.bias + r * p.groups : nullptr;
+  float acc = 0.f;
+  for (int64_t g = 0; g < p.groups; ++g) acc += ((bi ? bi[g] : 0.f) + p.code_min * sc[g]) * xs[g];
+  return acc;
+}
+
+// integer dot of n codes (int16, from int8 or nibbles) with n int16 activations
+inline int32_t idot_scalar_i8(const int8_t* c, const int16_t* x, int64_t n) {
+  int32_t s = 0;
+  for (int64_t k = 0; k < n; ++k) s += int32_t(c[k]) * int32_t(x[k]);
+  return s;
+}
+
+// The group size is a template parameter so the per-group loop is fully unrolled (a runtime trip
+// count of two iterations cost as much as the arithmetic), and the problem's fields are copied to
+// locals (through the struct, every store to y forced them to be reloaded).
+template <int GROUP>
+void rows_int8(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t C = p.C, groups = p.groups, M = p.M, R = p.R;
+  const int8_t* __restrict codes = reinterpret_cast<const int8_t*>(p.codes);
+  const float* __restrict scale = p.scale;
+  float* __restrict y = p.y;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* __restrict row = codes + r * C;
+    const float* __restrict sc = scale + r * groups;
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* __restrict x = p.xq + m * C;
+      const float* __restrict xd = p.xscale + m * groups;
+      float acc = 0.f;
+#ifdef GEMMARUN_AVX2
+      if constexpr (GROUP % 16 == 0) {
+        __m256 acc_v = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+          const int8_t* c = row + g * GROUP;
+          const int16_t* xg = x + g * GROUP;
+          __m256i a = _mm256_setzero_si256();
+#pragma GCC unroll 4
+          for (int k = 0; k < GROUP; k += 16) {
+            const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k)));
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + k))));
+          }
+          acc_v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(sc[g] * xd[g]), acc_v);
+        }
+        acc = hsum(acc_v);
+      } else
+#endif
+      {
+        for (int64_t g = 0; g < groups; ++g)
+          acc += sc[g] * xd[g] * float(idot_scalar_i8(row + g * GROUP, x + g * GROUP, GROUP));
+      }
+      if (p.offset) acc += offset_term(p, r, m, sc);
+      y[m * R + r] = acc;
+    }
+  }
+}
+
+template <int GROUP>
+void rows_nibbles(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t C = p.C, groups = p.groups, M = p.M, R = p.R;
+  const int64_t half = C / 2, half_groups = groups / 2;
+  const float* __restrict scale = p.scale;
+  float* __restrict y = p.y;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* __restrict row = p.codes + r * half;
+    const float* __restrict sc = scale + r * groups;
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* __restrict x = p.xq + m * C;
+      const float* __restrict xd = p.xscale + m * groups;
+      float acc = 0.f;
+#ifdef GEMMARUN_AVX2
+      if (GROUP % 16 == 0 && half % GROUP == 0) {
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        __m256 acc_v = _mm256_setzero_ps();
+        for (int64_t g = 0; g < half_groups; ++g) {
+          const uint8_t* c = row + g * GROUP;
+          const int16_t* xl = x + g * GROUP;         // low nibbles: the first half of the row
+          const int16_t* xh = x + half + g * GROUP;  // high nibbles: the second half
+          __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+#pragma GCC unroll 4
+          for (int k = 0; k < GROUP; k += 16) {
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k));
+            const __m256i l = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
+            const __m256i h = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(l, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + k))));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(h, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + k))));
+          }
+          acc_v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(sc[g] * xd[g]), acc_v);
+          acc_v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(sc[half_groups + g] * xd[half_groups + g]), acc_v);
+        }
+        acc = hsum(acc_v);
+      } else
+#endif
+      {
+        for (int64_t k = 0; k < half; ++k) {
+          const int64_t gl = k / GROUP, gh = (half + k) / GROUP;
+          acc += sc[gl] * xd[gl] * float(int32_t(row[k] & 0x0F) * int32_t(x[k]));
+          acc += sc[gh] * xd[gh] * float(int32_t(row[k] >> 4) * int32_t(x[half + k]));
+        }
+      }
+      if (p.offset) acc += offset_term(p, r, m, sc);
+      y[m * R + r] = acc;
+    }
+  }
+}
+
+template <int GROUP>
+void run_rows(const Problem& p, bool nibbles) {
+  at::parallel_for(0, p.R, 256, [&](int64_t r0, int64_t r1) {
+    if (nibbles) rows_nibbles<GROUP>(p, r0, r1); else rows_int8<GROUP>(p, r0, r1);
+  });
+}
+
+}  // namespace
+
+// x: [M, C] float32; codes: [R, C] int8 or [R, C/2] uint8 nibbles; scale, bias: [R, C/group] float32.
+torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                         int64_t group, double code_min, bool nibbles) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, C]");
+  TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous(), "codes: contiguous [R, C]");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(), "scale: contiguous float32");
+  const int64_t M = x.size(0), C = x.size(1), R = codes.size(0);
+  TORCH_CHECK(codes.size(1) == (nibbles ? C / 2 : C) && C % group == 0, "codes do not match x");
+  TORCH_CHECK(scale.size(0) == R && scale.size(1) == C / group, "scale does not match the codes");
+  Problem p{};
+  p.codes = reinterpret_cast<const uint8_t*>(codes.data_ptr());
+  p.scale = scale.data_ptr<float>();
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias.value();
+    TORCH_CHECK(b.scalar_type() == torch::kFloat32 && b.is_contiguous() && b.sizes() == scale.sizes(), "bias");
+    p.bias = b.data_ptr<float>();
+  }
+  p.code_min = static_cast<float>(code_min);
+  p.M = M; p.R = R; p.C = C; p.group = group; p.groups = C / group;
+  p.offset = p.bias != nullptr || code_min != 0.0;
+  std::vector<int16_t> xq(M * C);
+  std::vector<float> xscale(M * p.groups), xsum(M * p.groups);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    quantize_x(xp + m * C, C, group, xq.data() + m * C, xscale.data() + m * p.groups, xsum.data() + m * p.groups);
+  p.xq = xq.data(); p.xscale = xscale.data(); p.xsum = xsum.data();
+  torch::Tensor y = torch::empty({M, R}, x.options());
+  p.y = y.data_ptr<float>();
+  switch (group) {  // GGML group sizes: 16 (Q6_K, Q3_K, Q2_K) and 32 (the rest)
+    case 16: run_rows<16>(p, nibbles); break;
+    case 32: run_rows<32>(p, nibbles); break;
+    default: TORCH_CHECK(false, "group size ", group, " is not 16 or 32");
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("group_gemv", &group_gemv, "x @ W.T for group-quantized W, read as stored");
+}

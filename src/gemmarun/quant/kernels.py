@@ -1,0 +1,79 @@
+"""The native CPU kernel for quantized matrix-vector products (``group_gemv.cpp``), built on first use.
+
+Decode multiplies one token's activations by every weight matrix, so its speed is the speed of
+reading the weights. Torch has no CPU kernel for int8 codes with per-group scales (GGML's Q8_0,
+Q5_0, Q6_K, ... layout): the portable path dequantizes tiles to float32 and then multiplies,
+touching every weight three times. ``group_gemv`` reads each code once and multiplies in float32
+registers. It is compiled for this machine's CPU (``-O3 -march=native``) by torch's extension
+builder the first time it is needed (about a minute; cached under ``~/.cache/gemmarun/kernels``).
+
+Where no C++ compiler (or ``ninja``) is available, or ``GEMMARUN_NATIVE_KERNELS=0``, ``group_gemv``
+is None and the matmuls keep the portable path: slower, same results up to float summation order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+__all__ = ["native_group_gemv", "kernel_status"]
+
+_SOURCE = Path(__file__).with_name("group_gemv.cpp")
+_CACHE = Path(os.environ.get("GEMMARUN_KERNEL_CACHE", Path.home() / ".cache" / "gemmarun" / "kernels"))
+# -fopenmp: at::parallel_for is OpenMP code in torch's headers, serial without it; the extension
+# then shares the libgomp that torch already loaded (same soname), so one thread pool.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _build() -> Callable | None:
+    if os.environ.get("GEMMARUN_NATIVE_KERNELS", "1") == "0":
+        _state["status"] = "disabled (GEMMARUN_NATIVE_KERNELS=0)"
+        return None
+    source = _SOURCE.read_text()
+    # One build per source text, flags, torch version and Python: a stale .so is never loaded.
+    tag = hashlib.sha256(f"{source}{_CFLAGS}{torch.__version__}{sys.version}".encode()).hexdigest()[:12]
+    build_dir = _CACHE / f"group_gemv-{tag}"
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        module = load(
+            name=f"gemmarun_group_gemv_{tag}",
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, a failed build: the portable path stays
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        _state["status"] = f"unavailable ({first_line[:200]})"
+        _log.warning("gemmarun: native CPU kernel unavailable, using the portable path: %s", first_line)
+        return None
+    _state["status"] = f"built in {build_dir}"
+    return module.group_gemv
+
+
+def native_group_gemv() -> Callable | None:
+    """``group_gemv(x, codes, scale, bias, group, code_min, nibbles) -> y`` or None (built once)."""
+    if "fn" not in _state:
+        with _lock:
+            if "fn" not in _state:
+                _state["fn"] = _build()
+    return _state["fn"]  # type: ignore[return-value]
+
+
+def kernel_status() -> str:
+    """A line for `gemmarun bench` and `inspect`: whether the native kernel is in use."""
+    native_group_gemv()
+    return str(_state["status"])

@@ -1,0 +1,124 @@
+"""The native CPU kernel (quant/group_gemv.cpp): decode-shaped matmuls read the codes as stored and
+match the exact float32 product within the int16 rounding of the activations."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from gemmarun.quant import FORMATS, QuantEmbedding, QuantLinear
+from gemmarun.quant import linear as ql
+from gemmarun.quant.kernels import kernel_status, native_group_gemv
+from test_quant_formats import reference
+from test_quant_linear import make_raw, rel_err
+
+QUANT_TYPES = [t for t, f in FORMATS.items() if not f.is_float]
+# Activations are rounded to int16 per group of 16/32 (error <= 2^-16 of the group's largest
+# value): measured 1e-5 to 3e-5 relative; the weights' own quantization error is ~1e-2.
+NATIVE_RTOL = 1e-4
+
+needs_kernel = pytest.mark.skipif(
+    os.environ.get("GEMMARUN_NATIVE_KERNELS") == "0", reason="native kernels disabled by the environment")
+
+
+@needs_kernel
+def test_the_kernel_builds_here():
+    """A C++ compiler is part of this project's toolchain (CI installs one): a build failure
+    must fail loudly here, not quietly fall back to the slow path everywhere."""
+    assert native_group_gemv() is not None, kernel_status()
+
+
+@pytest.fixture
+def tiles_forbidden(monkeypatch):
+    """Fail if a matmul dequantizes tiles (so a test proves the native path ran)."""
+    def no_tiles(*_a, **_k):
+        raise AssertionError("the tile path ran")
+    monkeypatch.setattr(ql._QuantMatrix, "_rows", no_tiles)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("batch", [1, 3, ql.NATIVE_MAX_ROWS])
+def test_native_matches_exact_matmul(qtype: T, batch: int, tiles_forbidden):
+    rows, cols = 72, 512
+    raw = make_raw(qtype, rows, cols, seed=int(qtype) + batch)
+    w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy())
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+    layer = QuantLinear.from_raw(torch.from_numpy(raw), qtype, rows, cols, torch.float32)
+    y = layer(x)
+    assert y.shape == (batch, rows) and y.dtype == torch.float32
+    assert rel_err(y, x.double() @ w_ref.double().T) < NATIVE_RTOL
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_1, T.Q8_0, T.Q3_K], ids=lambda t: t.name)
+def test_native_shapes_off_the_vector_width(qtype: T, tiles_forbidden):
+    """Rows of 3 x 32 codes (nibble halves not group-aligned: the scalar loop), a single row, a
+    row count that does not split evenly over threads."""
+    cols = 768 if FORMATS[qtype].block_size == 256 else 96
+    for rows in (1, 7, 1001):
+        raw = make_raw(qtype, rows, cols, seed=rows)
+        w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy()).double()
+        layer = QuantLinear.from_raw(torch.from_numpy(raw), qtype, rows, cols, torch.float32)
+        x = torch.randn(2, cols, generator=torch.Generator().manual_seed(rows))
+        assert rel_err(layer(x), x.double() @ w_ref.T) < NATIVE_RTOL
+
+
+@needs_kernel
+def test_native_edge_values(tiles_forbidden):
+    """All-zero activation groups (scale 0), extreme codes, huge and tiny activations."""
+    rows, cols = 64, 256
+    raw = make_raw(T.Q8_0, rows, cols, seed=5)
+    w_ref = torch.from_numpy(reference(raw, T.Q8_0).reshape(rows, cols).copy()).double()
+    layer = QuantLinear.from_raw(torch.from_numpy(raw), T.Q8_0, rows, cols, torch.float32)
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(0))
+    x[0, :64] = 0
+    x[1] *= 1e6
+    x[2] *= 1e-6
+    y = layer(x)
+    for i in range(3):
+        assert rel_err(y[i], x[i].double() @ w_ref.T) < NATIVE_RTOL
+    assert torch.equal(layer(torch.zeros(1, cols)), torch.zeros(1, rows))
+
+
+@needs_kernel
+def test_bfloat16_decode_reads_codes_and_lookups_round_once(tiles_forbidden):
+    """bfloat16 compute: decode goes through the kernel (codes kept, nothing repacked) and a
+    table's rows come back rounded once to bfloat16."""
+    rows, cols = 96, 512
+    raw = make_raw(T.Q8_0, rows, cols, 2)
+    w_ref = torch.from_numpy(reference(raw, T.Q8_0).reshape(rows, cols).copy())
+    table = QuantEmbedding.from_raw(torch.from_numpy(raw), T.Q8_0, rows, cols, torch.bfloat16)
+    x = torch.randn(1, cols, dtype=torch.bfloat16)
+    y = table.matmul_transposed(x)
+    assert y.dtype == torch.bfloat16 and table._dense is None and table._int4 is None
+    assert rel_err(y.float(), x.double() @ w_ref.double().T) < 1e-2
+    ids = torch.tensor([3, 7])
+    assert torch.equal(table.lookup(ids), w_ref[ids].to(torch.bfloat16))  # gathered rows only
+
+
+def test_without_the_kernel_results_are_the_exact_tiles(monkeypatch):
+    """No compiler: the portable tile path, bit-identical weights, GEMM summation order only."""
+    monkeypatch.setattr(ql, "native_group_gemv", lambda: None)
+    rows, cols = 40, 512
+    raw = make_raw(T.Q6_K, rows, cols, 1)
+    w_ref = torch.from_numpy(reference(raw, T.Q6_K).reshape(rows, cols).copy())
+    layer = QuantLinear.from_raw(torch.from_numpy(raw), T.Q6_K, rows, cols, torch.float32)
+    x = torch.randn(1, cols)
+    assert rel_err(layer(x), x @ w_ref.T) < 1e-6
+
+
+def test_large_batches_take_the_tiles(monkeypatch):
+    """Prefill-sized batches are compute-bound: tiles + GEMM, exact up to summation order."""
+    calls = []
+    real = ql._QuantMatrix._rows
+    monkeypatch.setattr(ql._QuantMatrix, "_rows", lambda self, *a: calls.append(1) or real(self, *a))
+    rows, cols = 40, 256
+    raw = make_raw(T.Q8_0, rows, cols, 4)
+    w_ref = torch.from_numpy(reference(raw, T.Q8_0).reshape(rows, cols).copy())
+    layer = QuantLinear.from_raw(torch.from_numpy(raw), T.Q8_0, rows, cols, torch.float32)
+    x = torch.randn(ql.NATIVE_MAX_ROWS + 1, cols)
+    assert rel_err(layer(x), x @ w_ref.T) < 1e-6 and calls
