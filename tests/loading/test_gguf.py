@@ -374,3 +374,23 @@ def test_inspect_does_not_flag_a_working_chat_template(tmp_path, capsys):
     path.write_bytes(tiny_gguf("gemma3"))  # ships a small working template
     assert main(["inspect", str(path), "--no-tensors"]) == 0
     assert "chat template" not in capsys.readouterr().out
+
+
+def test_repacked_tensors_give_their_mapped_pages_back(converted, monkeypatch):
+    """Every quantized tensor's pages are released once repacked (else the weights sit in RSS
+    twice), and a released range still reads the file's bytes afterwards."""
+    from gemmarun.loading.gguf_file import GGUFFile
+
+    _, path = converted("e2b", "q8_0")
+    released = []
+    real_release = GGUFFile.release
+    monkeypatch.setattr(GGUFFile, "release", lambda self, name: released.append(name) or real_release(self, name))
+    llm = gemmarun.load(path, device="cpu")
+    f = GGUFFile(path)
+    quantized = {n for n, i in f.tensors.items() if i.type_name == "Q8_0" and "per_layer_token_embd" not in n}
+    assert quantized and set(released) == quantized  # the PLE table stays mapped
+    name = max(quantized, key=lambda n: f.tensors[n].nbytes)
+    before = bytes(f.raw(name))
+    f.release(name)
+    assert bytes(f.raw(name)) == before
+    assert np.isfinite(llm.logits(IDS)).all()

@@ -3,7 +3,10 @@ where the checkpoint is quantized, assign, and check strictly."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -22,6 +25,8 @@ class QuantizedTensor:
     raw: torch.Tensor  # (rows, bytes per row), a view of the memory-mapped file
     ggml_type: object  # gguf.GGMLQuantizationType
     shape: tuple[int, ...]  # logical PyTorch shape
+    # Called once the bytes were repacked, to give their pages of the mapping back.
+    release: Callable[[], None] | None = field(default=None, compare=False)
 
     def dequantize(self) -> torch.Tensor:
         from ..quant import dequantize
@@ -30,6 +35,17 @@ class QuantizedTensor:
 
 
 Tensorish = torch.Tensor | QuantizedTensor
+
+
+def return_freed_heap() -> None:
+    """Give the heap that repacking's temporaries freed back to the OS (glibc keeps it: measured
+    160 MiB of a 4-bit E2B's 1.7 GiB RSS after load). A no-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _problems(expected: dict[str, torch.Tensor], state: dict[str, Tensorish]) -> list[str]:
@@ -120,8 +136,12 @@ def build_text_model(
     from ..quant import QuantExperts
 
     quantized = {name: t for name, t in state.items() if isinstance(t, QuantizedTensor)}
-    for name, q in quantized.items():
+    for i, (name, q) in enumerate(quantized.items()):
         _swap_quantized(model, name, q, dtype)
+        if q.release is not None:
+            q.release()
+        if i % 32 == 31:
+            return_freed_heap()
     swapped = {name.rpartition(".")[0] for name in quantized}
     floats = {}
     for name, t in state.items():
@@ -149,4 +169,5 @@ def build_text_model(
             model.ple.table, model.ple.table_type = ple_table.raw, ple_table.ggml_type
         else:
             model.ple.table = ple_table  # stays memory-mapped on the CPU
+    return_freed_heap()
     return model.eval()

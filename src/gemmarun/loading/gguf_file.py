@@ -162,6 +162,18 @@ class GGUFFile:
         info = self.tensors[name]
         return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def release(self, name: str) -> None:
+        """Drop the resident pages of a tensor that was copied out (repacked) from this process's
+        memory: touched pages of a file mapping count in its RSS until unmapped, so without this
+        a loaded GGUF held its weights twice. Only whole pages inside the tensor are dropped, and
+        they were only read, so a later read would simply fault them in again from the file."""
+        info = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = -(-info.offset // page) * page
+        end = (info.offset + info.nbytes) // page * page
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def array(self, name: str) -> np.ndarray:
         """A float tensor (F32/F16/BF16-as-uint16) as a typed numpy view in PyTorch shape."""
         info = self.tensors[name]

@@ -39,8 +39,9 @@ struct Problem {
   const float* xscale;  // [M, G]
   const float* xsum;    // [M, G] group sums of the rounded x (used with a bias or code_min)
   const uint8_t* codes; // [R, C] int8 or [R, C/2] nibbles
-  const float* scale;   // [R, G]
-  const float* bias;    // [R, G] or null
+  const void* scale;    // [R, G] float32, or float16 (half_scales) where the format stores them so
+  const void* bias;     // [R, G] or null, same type
+  bool half_scales;
   float code_min;
   int64_t M, R, C, group, groups;
   bool offset;
@@ -65,9 +66,23 @@ void quantize_x(const float* x, int64_t n, int64_t group, int16_t* xq, float* xs
   }
 }
 
-inline float offset_term(const Problem& p, int64_t r, int64_t m, const float* sc) {
+// Row r of a [R, G] scale or bias table as float32: a pointer into it, or its float16 values
+// widened into `buf` (one conversion per group of 16-32 weights).
+inline const float* row_floats(const Problem& p, const void* table, int64_t r, float* buf) {
+  if (table == nullptr) return nullptr;
+  if (!p.half_scales) return static_cast<const float*>(table) + r * p.groups;
+  const at::Half* src = static_cast<const at::Half*>(table) + r * p.groups;
+  int64_t g = 0;
+#if defined(GEMMARUN_AVX2) && defined(__F16C__)
+  for (; g + 8 <= p.groups; g += 8)
+    _mm256_storeu_ps(buf + g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + g))));
+#endif
+  for (; g < p.groups; ++g) buf[g] = static_cast<float>(src[g]);
+  return buf;
+}
+
+inline float offset_term(const Problem& p, int64_t m, const float* sc, const float* bi) {
   const float* xs = p.xsum + m * p.groups;
-  const float* bi = p.bias ? p.bias + r * p.groups : nullptr;
   float acc = 0.f;
   for (int64_t g = 0; g < p.groups; ++g) acc += ((bi ? bi[g] : 0.f) + p.code_min * sc[g]) * xs[g];
   return acc;
@@ -87,11 +102,12 @@ template <int GROUP>
 void rows_int8(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t C = p.C, groups = p.groups, M = p.M, R = p.R;
   const int8_t* __restrict codes = reinterpret_cast<const int8_t*>(p.codes);
-  const float* __restrict scale = p.scale;
   float* __restrict y = p.y;
+  std::vector<float> sc_buf(p.half_scales ? groups : 0), bi_buf(p.half_scales ? groups : 0);
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* __restrict row = codes + r * C;
-    const float* __restrict sc = scale + r * groups;
+    const float* __restrict sc = row_floats(p, p.scale, r, sc_buf.data());
+    const float* bi = row_floats(p, p.bias, r, bi_buf.data());
     for (int64_t m = 0; m < M; ++m) {
       const int16_t* __restrict x = p.xq + m * C;
       const float* __restrict xd = p.xscale + m * groups;
@@ -117,7 +133,7 @@ void rows_int8(const Problem& p, int64_t r0, int64_t r1) {
         for (int64_t g = 0; g < groups; ++g)
           acc += sc[g] * xd[g] * float(idot_scalar_i8(row + g * GROUP, x + g * GROUP, GROUP));
       }
-      if (p.offset) acc += offset_term(p, r, m, sc);
+      if (p.offset) acc += offset_term(p, m, sc, bi);
       y[m * R + r] = acc;
     }
   }
@@ -127,11 +143,12 @@ template <int GROUP>
 void rows_nibbles(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t C = p.C, groups = p.groups, M = p.M, R = p.R;
   const int64_t half = C / 2, half_groups = groups / 2;
-  const float* __restrict scale = p.scale;
   float* __restrict y = p.y;
+  std::vector<float> sc_buf(p.half_scales ? groups : 0), bi_buf(p.half_scales ? groups : 0);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* __restrict row = p.codes + r * half;
-    const float* __restrict sc = scale + r * groups;
+    const float* __restrict sc = row_floats(p, p.scale, r, sc_buf.data());
+    const float* bi = row_floats(p, p.bias, r, bi_buf.data());
     for (int64_t m = 0; m < M; ++m) {
       const int16_t* __restrict x = p.xq + m * C;
       const float* __restrict xd = p.xscale + m * groups;
@@ -166,7 +183,7 @@ void rows_nibbles(const Problem& p, int64_t r0, int64_t r1) {
           acc += sc[gh] * xd[gh] * float(int32_t(row[k] >> 4) * int32_t(x[half + k]));
         }
       }
-      if (p.offset) acc += offset_term(p, r, m, sc);
+      if (p.offset) acc += offset_term(p, m, sc, bi);
       y[m * R + r] = acc;
     }
   }
@@ -181,23 +198,27 @@ void run_rows(const Problem& p, bool nibbles) {
 
 }  // namespace
 
-// x: [M, C] float32; codes: [R, C] int8 or [R, C/2] uint8 nibbles; scale, bias: [R, C/group] float32.
+// x: [M, C] float32; codes: [R, C] int8 or [R, C/2] uint8 nibbles; scale, bias: [R, C/group] float32 or float16.
 torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                          int64_t group, double code_min, bool nibbles) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, C]");
   TORCH_CHECK(codes.dim() == 2 && codes.is_contiguous(), "codes: contiguous [R, C]");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(), "scale: contiguous float32");
+  const bool half_scales = scale.scalar_type() == torch::kFloat16;
+  TORCH_CHECK((half_scales || scale.scalar_type() == torch::kFloat32) && scale.is_contiguous(),
+              "scale: contiguous float32 or float16");
   const int64_t M = x.size(0), C = x.size(1), R = codes.size(0);
   TORCH_CHECK(codes.size(1) == (nibbles ? C / 2 : C) && C % group == 0, "codes do not match x");
   TORCH_CHECK(scale.size(0) == R && scale.size(1) == C / group, "scale does not match the codes");
   Problem p{};
   p.codes = reinterpret_cast<const uint8_t*>(codes.data_ptr());
-  p.scale = scale.data_ptr<float>();
+  p.scale = scale.data_ptr();
+  p.half_scales = half_scales;
   torch::Tensor b;
   if (bias.has_value()) {
     b = bias.value();
-    TORCH_CHECK(b.scalar_type() == torch::kFloat32 && b.is_contiguous() && b.sizes() == scale.sizes(), "bias");
-    p.bias = b.data_ptr<float>();
+    TORCH_CHECK(b.scalar_type() == scale.scalar_type() && b.is_contiguous() && b.sizes() == scale.sizes(),
+                "bias: the scale's dtype and shape");
+    p.bias = b.data_ptr();
   }
   p.code_min = static_cast<float>(code_min);
   p.M = M; p.R = R; p.C = C; p.group = group; p.groups = C / group;
