@@ -122,3 +122,45 @@ def test_large_batches_take_the_tiles(monkeypatch):
     layer = QuantLinear.from_raw(torch.from_numpy(raw), T.Q8_0, rows, cols, torch.float32)
     x = torch.randn(ql.NATIVE_MAX_ROWS + 1, cols)
     assert rel_err(layer(x), x @ w_ref.T) < 1e-6 and calls
+
+
+def _rounded_like_the_kernel(x: torch.Tensor, group: int, qmax: int) -> torch.Tensor:
+    """x rounded per group as the kernel does (max |x| -> qmax), in float64."""
+    g = x.double().view(x.shape[0], -1, group)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, (qmax / amax.float()).double(), torch.zeros_like(amax))
+    return (torch.round((g.float() * inv.float()).double()) * (amax.float() / qmax).double()).view_as(x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["int16", "int8"])
+def test_kernel_is_exact_for_its_rounded_activations(qtype: T, int8_activations: bool):
+    """Against the exact weights times the activations rounded the kernel's way, the kernel
+    differs only by float32 summation order: catches any indexing or scale mistake that the
+    looser end-to-end tolerances could hide."""
+    fmt = FORMATS[qtype]
+    rows, cols = 48, 512
+    raw = make_raw(qtype, rows, cols, seed=int(qtype) + 100)
+    layer = QuantLinear.from_raw(torch.from_numpy(raw), qtype, rows, cols, torch.float32)
+    w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy()).double()
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(7))
+    nib_q8_ok = not layer.nibbles or fmt.group_size == 32
+    qmax = 127 if int8_activations and nib_q8_ok else 32767
+    gemv = native_group_gemv()
+    y = gemv(x, layer.data, layer.scale, layer.bias, layer.group_size, float(layer.code_min),
+             layer.nibbles, int8_activations).double()
+    expected = _rounded_like_the_kernel(x, fmt.group_size, qmax) @ w_ref.T
+    assert rel_err(y, expected) < 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.Q8_0, T.Q6_K, T.Q5_0], ids=lambda t: t.name)
+def test_bfloat16_decode_within_bfloat16_tolerance(qtype: T, tiles_forbidden):
+    rows, cols = 64, 512
+    raw = make_raw(qtype, rows, cols, 21)
+    w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy()).double()
+    layer = QuantLinear.from_raw(torch.from_numpy(raw), qtype, rows, cols, torch.bfloat16)
+    x = torch.randn(2, cols, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and rel_err(y.float(), x.double() @ w_ref.T) < 2e-2

@@ -65,7 +65,8 @@ def _build() -> Callable | None:
 
 
 def native_group_gemv() -> Callable | None:
-    """``group_gemv(x, codes, scale, bias, group, code_min, nibbles) -> y`` or None (built once)."""
+    """``group_gemv(x, codes, scale, bias, group, code_min, nibbles, int8_activations) -> y`` or
+    None (built once)."""
     if "fn" not in _state:
         with _lock:
             if "fn" not in _state:
