@@ -164,3 +164,33 @@ def test_bfloat16_decode_within_bfloat16_tolerance(qtype: T, tiles_forbidden):
     x = torch.randn(2, cols, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     y = layer(x)
     assert y.dtype == torch.bfloat16 and rel_err(y.float(), x.double() @ w_ref.T) < 2e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["int16", "int8"])
+def test_blocks_read_in_place_are_exact_for_their_rounded_activations(qtype: T, int8_activations: bool):
+    """GGUF block rows read as they lie in the file (the mapped MoE experts' path)."""
+    from gemmarun.quant.kernels import native_block_gemv
+
+    rows, cols = 40, 384
+    raw = make_raw(qtype, rows, cols, seed=int(qtype) + 7)
+    w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy()).double()
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(11))
+    y = native_block_gemv()(x, torch.from_numpy(raw), int(qtype), int8_activations).double()
+    expected = _rounded_like_the_kernel(x, 32, 127 if int8_activations else 32767) @ w_ref.T
+    assert rel_err(y, expected) < 1e-6
+    # a row slice of a bigger tensor (one expert of many) reads only its rows
+    y_part = native_block_gemv()(x, torch.from_numpy(raw)[8:24], int(qtype), int8_activations).double()
+    assert torch.allclose(y_part, y[:, 8:24], rtol=0, atol=0)
+
+
+@needs_kernel
+def test_block_kernel_rejects_what_it_cannot_read():
+    from gemmarun.quant.kernels import native_block_gemv
+
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="Q4_0 and Q8_0"):
+        native_block_gemv()(x, torch.zeros(2, 36, dtype=torch.uint8), int(T.Q4_1), False)
+    with pytest.raises(RuntimeError, match="do not match"):
+        native_block_gemv()(x, torch.zeros(2, 35, dtype=torch.uint8), int(T.Q4_0), False)

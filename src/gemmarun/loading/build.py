@@ -95,8 +95,10 @@ def build_encoders(mm_cfg, text_cfg: TextConfig, state: dict[str, torch.Tensor],
     return encoders.to(device).eval()
 
 
-def _swap_quantized(model: TextModel, name: str, q: QuantizedTensor, dtype: torch.dtype) -> None:
-    """Replace the module owning `name` by its quantized counterpart."""
+def _swap_quantized(model: TextModel, name: str, q: QuantizedTensor, dtype: torch.dtype,
+                    device: torch.device) -> bool:
+    """Replace the module owning `name` by its quantized counterpart. Returns whether the
+    bytes stay in use where they are (CPU MoE experts read in place) rather than copied."""
     from ..quant import QuantEmbedding, QuantExperts, QuantLinear
 
     owner_name, _, leaf = name.rpartition(".")
@@ -108,9 +110,11 @@ def _swap_quantized(model: TextModel, name: str, q: QuantizedTensor, dtype: torc
         rows, dim = q.shape
         model.embed_tokens = QuantEmbedding.from_raw(q.raw, q.ggml_type, rows, dim, dtype)
     elif leaf in ("gate_up_proj", "down_proj") and owner_name.endswith("experts"):
-        QuantExperts.ensure(model, owner_name, dtype).set_weight(leaf, q)
+        experts = QuantExperts.ensure(model, owner_name, dtype)
+        return experts.set_weight(leaf, q, keep_mapped=device.type == "cpu" and q.release is not None)
     else:
         raise LoadError(f"tensor {name} is quantized ({q.ggml_type.name}) where gemmarun needs floats")
+    return False
 
 
 def build_text_model(
@@ -137,8 +141,8 @@ def build_text_model(
 
     quantized = {name: t for name, t in state.items() if isinstance(t, QuantizedTensor)}
     for i, (name, q) in enumerate(quantized.items()):
-        _swap_quantized(model, name, q, dtype)
-        if q.release is not None:
+        in_place = _swap_quantized(model, name, q, dtype, torch.device(device))
+        if q.release is not None and not in_place:
             q.release()
         if i % 32 == 31:
             return_freed_heap()

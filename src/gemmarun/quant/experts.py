@@ -1,5 +1,10 @@
-"""MoE experts kept quantized: one QuantLinear per expert and projection, so a token's cost is
-reading only its selected experts' blocks."""
+"""MoE experts kept quantized, so a token's cost is reading only its selected experts' blocks.
+
+Two layouts. On the CPU, Q4_0 and Q8_0 expert tensors stay where they are, in the memory-mapped
+GGUF file, and the native kernel reads the selected experts' blocks in place: the 128 experts of
+a 26B-A4B (13 GB at Q4_0) never become process memory, the OS pages in what routing touches
+and can drop it again. Otherwise (other formats, CUDA, no compiler) every expert is repacked at
+load into a QuantLinear per projection, like any other weight."""
 
 from __future__ import annotations
 
@@ -7,9 +12,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gguf import GGMLQuantizationType
+
 from ..model.layers import gelu_tanh
 from ..model.moe import Experts
-from .linear import QuantLinear
+from .formats import dequantize
+from .kernels import native_block_gemv
+from .linear import NATIVE_MAX_ROWS, QuantLinear
+
+# GGUF block types the native kernel reads in place (a float16 scale and 32 codes per block)
+MAPPED_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0})
+
+
+class MappedExpertBlocks:
+    """One projection of every expert as GGUF block rows ``[experts * out, row bytes]``, a view
+    of the memory-mapped file; expert ``e`` is rows ``e * out`` to ``(e + 1) * out``."""
+
+    def __init__(self, raw: torch.Tensor, ggml_type: GGMLQuantizationType, experts: int, out_f: int, in_f: int):
+        self.raw = raw.view(experts * out_f, -1)
+        self.ggml_type, self.out_f, self.in_f = ggml_type, out_f, in_f
+
+    def matmul(self, e: int, x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        """``x @ W_e.T``: decode-sized batches read the blocks in place (int8 activations below
+        float32 compute, as QuantLinear); larger ones dequantize this expert once, exactly."""
+        rows = self.raw[e * self.out_f : (e + 1) * self.out_f]
+        x2 = x.reshape(-1, self.in_f).float().contiguous()
+        gemv = native_block_gemv()
+        if gemv is not None and x2.shape[0] <= NATIVE_MAX_ROWS:
+            y = gemv(x2, rows, int(self.ggml_type), compute_dtype != torch.float32)
+        else:
+            y = x2 @ dequantize(rows, self.ggml_type, (self.out_f, self.in_f)).T
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_f)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
 
 
 class _FloatLinear(nn.Module):
@@ -28,6 +65,7 @@ class QuantExperts(Experts):
         self.compute_dtype = compute_dtype
         self.gate_up = nn.ModuleList()
         self.down = nn.ModuleList()
+        self.mapped: dict[str, MappedExpertBlocks] = {}  # projection name -> blocks left in the file
 
     @classmethod
     def ensure(cls, model: nn.Module, name: str, compute_dtype: torch.dtype) -> "QuantExperts":
@@ -39,20 +77,33 @@ class QuantExperts(Experts):
         model.set_submodule(name, swapped)
         return swapped
 
-    def set_weight(self, leaf: str, weight) -> None:
+    def set_weight(self, leaf: str, weight, keep_mapped: bool = False) -> bool:
         """`weight`: a QuantizedTensor of shape (E, out, in) with raw bytes (E*out, bytes per
-        row), or a float tensor (E, out, in) when only the other projection is quantized."""
+        row), or a float tensor (E, out, in) when only the other projection is quantized.
+        `keep_mapped`: leave Q4_0/Q8_0 blocks in the file when the native kernel can read them
+        (CPU). Returns whether it did (the caller must then keep the mapping's pages)."""
         E, out_f, in_f = weight.shape
         if E != self.num_experts:
             raise ValueError(f"expert tensor {leaf} has {E} experts, expected {self.num_experts}")
         target = self.gate_up if leaf == "gate_up_proj" else self.down
         if isinstance(weight, torch.Tensor):
             target.extend(_FloatLinear(weight[e].to(self.compute_dtype)) for e in range(E))
-            return
+            return False
+        if (keep_mapped and weight.ggml_type in MAPPED_TYPES and in_f % 32 == 0
+                and native_block_gemv() is not None):
+            self.mapped[leaf] = MappedExpertBlocks(weight.raw, weight.ggml_type, E, out_f, in_f)
+            return True
         raw = weight.raw.view(E, out_f, -1)
         target.extend(QuantLinear.from_raw(raw[e], weight.ggml_type, out_f, in_f, self.compute_dtype)
                       for e in range(E))
+        return False
+
+    def _project(self, leaf: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        mapped = self.mapped.get(leaf)
+        if mapped is not None:
+            return mapped.matmul(e, x, self.compute_dtype)
+        return (self.gate_up if leaf == "gate_up_proj" else self.down)[e](x)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up[e](x).chunk(2, dim=-1)
-        return self.down[e](gelu_tanh(gate) * up)
+        gate, up = self._project("gate_up_proj", e, x).chunk(2, dim=-1)
+        return self._project("down_proj", e, gelu_tanh(gate) * up)

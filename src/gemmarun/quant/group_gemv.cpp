@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -279,6 +280,100 @@ void run_rows(const Problem& p, bool nibbles) {
   });
 }
 
+// ---- GGUF blocks read in place (Q4_0, Q8_0): for MoE experts left in the memory-mapped file ------
+// A Q4_0 block is a float16 scale d and 16 bytes: byte j holds codes j (low nibble) and j + 16
+// (high), w = (code - 8) * d. A Q8_0 block is d and 32 int8 codes, w = code * d.
+
+constexpr int64_t kQ4_0 = 2, kQ8_0 = 8;  // GGMLQuantizationType values
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+#ifdef __F16C__
+  return _cvtsh_ss(bits);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(bits);
+#endif
+}
+
+struct BlockProblem {
+  const uint8_t* blocks;  // [R, row_bytes]
+  int64_t R, C, M, row_bytes, type;
+  const int16_t* xq;      // int16 activations, or
+  const int8_t* xq8;      // int8 activations (per 32: x ~= xq * xscale)
+  const float* xscale;    // [M, C/32]
+  const float* xsum;      // [M, C/32] sums of the rounded x
+  float* y;               // [M, R]
+};
+
+void block_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
+  const int64_t nb = p.C / 32, type_size = p.type == kQ4_0 ? 18 : 34;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.blocks + r * p.row_bytes;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* xd = p.xscale + m * nb;
+      const float* xs = p.xsum + m * nb;
+      float acc = 0.f, offset = 0.f;
+#ifdef GEMMARUN_AVX2
+      __m256 acc_v = _mm256_setzero_ps();
+#endif
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * type_size;
+        const float d = half_at(blk);
+        const uint8_t* qs = blk + 2;
+        if (p.type == kQ4_0) offset += d * xs[b];
+#ifdef GEMMARUN_AVX2
+        __m256 dot;
+        if (p.type == kQ4_0) {
+          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+          const __m128i mask = _mm_set1_epi8(0x0F);
+          const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+          if (p.xq8) {
+            dot = dot32_u8s8(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1), p.xq8 + m * p.C + b * 32);
+          } else {
+            const int16_t* x = p.xq + m * p.C + b * 32;
+            const __m256i a = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_cvtepu8_epi16(lo), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                _mm256_madd_epi16(_mm256_cvtepu8_epi16(hi), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+            dot = _mm256_cvtepi32_ps(a);
+          }
+        } else {
+          const int8_t* c = reinterpret_cast<const int8_t*>(qs);
+          if (p.xq8) {
+            const __m256i cv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq8 + m * p.C + b * 32));
+            const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(cv, cv), _mm256_sign_epi8(xv, cv));
+            dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+          } else {
+            const int16_t* x = p.xq + m * p.C + b * 32;
+            const __m256i a = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+            dot = _mm256_cvtepi32_ps(a);
+          }
+        }
+        acc_v = _mm256_fmadd_ps(dot, _mm256_set1_ps(d * xd[b]), acc_v);
+#else
+        int32_t dot = 0;
+        for (int k = 0; k < 32; ++k) {
+          const int32_t code = p.type == kQ4_0 ? (k < 16 ? qs[k] & 0x0F : qs[k - 16] >> 4)
+                                               : int32_t(reinterpret_cast<const int8_t*>(qs)[k]);
+          const int32_t xv = p.xq8 ? p.xq8[m * p.C + b * 32 + k] : p.xq[m * p.C + b * 32 + k];
+          dot += code * xv;
+        }
+        acc += float(dot) * d * xd[b];
+#endif
+      }
+#ifdef GEMMARUN_AVX2
+      acc += hsum(acc_v);
+#endif
+      p.y[m * p.R + r] = acc - 8.f * offset;
+    }
+  }
+}
+
 }  // namespace
 
 // x: [M, C] float32; codes: [R, C] int8 or [R, C/2] uint8 nibbles; scale, bias: [R, C/group] float32 or float16;
@@ -336,6 +431,39 @@ torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   return y;
 }
 
+// x: [M, C] float32 (C a multiple of 32); blocks: [R, row_bytes] uint8 rows of Q4_0 or Q8_0 blocks.
+torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type, bool int8_activations) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, C]");
+  TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0, "block_gemv reads Q4_0 and Q8_0 blocks only");
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == torch::kUInt8 && blocks.stride(1) == 1, "blocks: [R, bytes] uint8 rows");
+  const int64_t M = x.size(0), C = x.size(1), R = blocks.size(0);
+  const int64_t type_size = ggml_type == kQ4_0 ? 18 : 34;
+  TORCH_CHECK(C % 32 == 0 && blocks.size(1) == C / 32 * type_size, "blocks do not match x");
+  BlockProblem p{};
+  p.blocks = blocks.data_ptr<uint8_t>();
+  p.R = R; p.C = C; p.M = M; p.row_bytes = blocks.stride(0); p.type = ggml_type;
+  bool q8 = false;
+#ifdef GEMMARUN_AVX2
+  q8 = int8_activations;
+#endif
+  std::vector<int16_t> xq(q8 ? 0 : M * C);
+  std::vector<int8_t> xq8(q8 ? M * C : 0);
+  std::vector<float> xscale(M * C / 32), xsum(M * C / 32);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    if (q8) quantize_x<int8_t, 127>(xp + m * C, C, 32, xq8.data() + m * C, xscale.data() + m * C / 32, xsum.data() + m * C / 32);
+    else quantize_x<int16_t, 32767>(xp + m * C, C, 32, xq.data() + m * C, xscale.data() + m * C / 32, xsum.data() + m * C / 32);
+  }
+  p.xq = q8 ? nullptr : xq.data();
+  p.xq8 = q8 ? xq8.data() : nullptr;
+  p.xscale = xscale.data(); p.xsum = xsum.data();
+  torch::Tensor y = torch::empty({M, R}, x.options());
+  p.y = y.data_ptr<float>();
+  at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) { block_rows(p, r0, r1); });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_gemv", &group_gemv, "x @ W.T for group-quantized W, read as stored");
+  m.def("block_gemv", &block_gemv, "x @ W.T for W given as GGUF Q4_0/Q8_0 block rows");
 }

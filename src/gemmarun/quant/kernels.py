@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["native_group_gemv", "kernel_status"]
+__all__ = ["native_block_gemv", "native_group_gemv", "kernel_status"]
 
 _SOURCE = Path(__file__).with_name("group_gemv.cpp")
 _CACHE = Path(os.environ.get("GEMMARUN_KERNEL_CACHE", Path.home() / ".cache" / "gemmarun" / "kernels"))
@@ -61,20 +61,32 @@ def _build() -> Callable | None:
         _log.warning("gemmarun: native CPU kernel unavailable, using the portable path: %s", first_line)
         return None
     _state["status"] = f"built in {build_dir}"
-    return module.group_gemv
+    return module
+
+
+def _module():
+    if "module" not in _state:
+        with _lock:
+            if "module" not in _state:
+                _state["module"] = _build()
+    return _state["module"]
 
 
 def native_group_gemv() -> Callable | None:
-    """``group_gemv(x, codes, scale, bias, group, code_min, nibbles, int8_activations) -> y`` or
-    None (built once)."""
-    if "fn" not in _state:
-        with _lock:
-            if "fn" not in _state:
-                _state["fn"] = _build()
-    return _state["fn"]  # type: ignore[return-value]
+    """``group_gemv(x, codes, scale, bias, group, code_min, nibbles, int8_activations) -> y`` for
+    gemmarun's repacked codes, or None (built once)."""
+    module = _module()
+    return None if module is None else module.group_gemv
+
+
+def native_block_gemv() -> Callable | None:
+    """``block_gemv(x, blocks, ggml_type, int8_activations) -> y`` for GGUF Q4_0/Q8_0 block rows
+    read in place, or None."""
+    module = _module()
+    return None if module is None else module.block_gemv
 
 
 def kernel_status() -> str:
     """A line for `gemmarun bench` and `inspect`: whether the native kernel is in use."""
-    native_group_gemv()
+    _module()
     return str(_state["status"])
