@@ -66,3 +66,22 @@ def test_prompt_past_context_is_a_one_line_error(tiny_models):
     folder, _ = tiny_models("e2b")
     code, _, err = _run(["run", str(folder), "hello " * 400, "--raw", "--device", "cpu"])
     assert code == 1 and "does not fit the context" in err and len(err.strip().splitlines()) == 1
+
+
+def test_threads_default_to_physical_cores_and_can_be_set(tiny_models, capsys, monkeypatch):
+    import torch
+
+    from gemmarun.bench import physical_cores
+
+    folder, _ = tiny_models("gemma3")
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert main(["run", str(folder), "hi", "--max-tokens", "2", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["run", str(folder), "hi", "--max-tokens", "2"]) == 0
+        assert torch.get_num_threads() == physical_cores()
+        assert main(["run", str(folder), "hi", "--threads", "0"]) == 1
+        assert "--threads must be at least 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -9,9 +9,29 @@ from collections.abc import Callable
 from .sampling import SamplingParams
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    if threads:
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads (default: $OMP_NUM_THREADS, else the physical cores)")
+
+
+def _set_threads(requested: int | None) -> None:
+    """Decode on a CPU is memory-bound and SMT siblings share one core's vector units: one
+    thread per physical core is the sensible default (torch's own default counts logical CPUs)."""
+    import os
+
+    import torch
+
+    from .bench import physical_cores
+
+    if requested is None and os.environ.get("OMP_NUM_THREADS"):
+        return  # torch already honours it
+    threads = physical_cores() if requested is None else requested
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -377,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", metavar="CONFIG", default=None,
                    help="bench a random-weights GGUF of this config (a name like e2b, or a config.json), cached")
     p.add_argument("--quant", default="q4_0", help="quantization of the --random-weights file (default: q4_0)")
-    _add_model_options(p)
+    _add_model_options(p, threads=False)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("svg", help="check, repair, or draw SVG with a model")
@@ -441,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if hasattr(args, "threads") and func is not cmd_bench:  # bench sets each runtime's own
+            _set_threads(args.threads)
         return func(args)
     except KeyboardInterrupt:
         print("", file=sys.stderr)
