@@ -207,8 +207,8 @@ def test_read_bandwidth_is_measured_with_the_thread_count():
 def test_random_weights_file_is_written_once_into_the_cache(tmp_path, tiny_gguf, monkeypatch):
     calls = []
 
-    def write_random_gguf(config, out_path, qtype="q4_0", seed=0):
-        calls.append((config, Path(out_path).name, qtype, seed))
+    def write_random_gguf(config, out_path, qtype="q4_0", seed=0, twin=False):
+        calls.append((config, Path(out_path).name, qtype, seed) + (("twin",) if twin else ()))
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_bytes(tiny_gguf("gemma3").read_bytes())
         return Path(out_path)
@@ -233,6 +233,8 @@ def test_random_weights_file_is_written_once_into_the_cache(tmp_path, tiny_gguf,
         bench.random_weights_model(str(tmp_path / "missing.json"), "q4_0", cache)
     with pytest.raises(bench.BenchError, match="not a config name"):
         bench.random_weights_model("!!!", "q4_0", cache)
+    twin = bench.random_weights_model("26b-a4b", "q4_0", cache, twin=True)
+    assert twin == cache / "26b-a4b-twin-q4_0.gguf" and calls[-1][-1] == "twin"
 
 
 def test_cli_bench_random_weights_writes_the_machine_line_and_command(tiny_models, tmp_path, capsys,
@@ -318,3 +320,19 @@ def test_compare_on_the_real_270m_briefly():
     assert ours.status == theirs.status == ""
     assert ours.results[0].first_ids == theirs.results[0].first_ids
     assert "France" in facts.tokenizer.decode(ours.results[0].first_ids)
+
+
+def test_twin_of_a_dense_config_is_a_one_line_error(tmp_path, capsys):
+    from gemmarun.cli import main
+
+    assert main(["bench", "--twin"]) == 1
+    assert "--twin needs --random-weights" in capsys.readouterr().err
+
+
+def test_twin_of_a_dense_model_is_refused(tmp_path, capsys, monkeypatch):
+    from gemmarun import bench
+    from gemmarun.cli import main
+
+    monkeypatch.setattr(bench, "RANDOM_CACHE", tmp_path)
+    assert main(["bench", "--random-weights", "e2b", "--twin", "--quant", "q8_0"]) == 1
+    assert "already dense" in capsys.readouterr().err and not list(tmp_path.iterdir())

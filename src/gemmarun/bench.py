@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .cache import make_cache
+from .config import ConfigError
 from .generate import decode_step, prefill
 
 RESULT_PREFIX = "gemmarun-bench-result "
@@ -325,9 +326,10 @@ def describe_model(path: Path) -> ModelFacts:
     return ModelFacts(path, cfg, tokenizer, weights)
 
 
-def random_weights_model(config: str, quant: str, cache_dir: Path | None = None) -> Path:
+def random_weights_model(config: str, quant: str, cache_dir: Path | None = None, twin: bool = False) -> Path:
     """A random-weights GGUF for `config` (a released name like e2b or 26b-a4b, a config.json or its
-    folder), written once into the cache and reused: speed does not depend on the weights' values."""
+    folder), written once into the cache and reused: speed does not depend on the weights' values.
+    `twin`: the MoE config's dense active-parameter twin instead (what its MoE cost is held to)."""
     source = Path(config)
     if source.is_dir():
         source = source / "config.json"
@@ -341,13 +343,18 @@ def random_weights_model(config: str, quant: str, cache_dir: Path | None = None)
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", config).strip(".-")
         if not name:
             raise BenchError(f"--random-weights {config!r}: not a config name or a config.json path")
+    if twin:
+        name += "-twin"
     out = (RANDOM_CACHE if cache_dir is None else cache_dir) / f"{name}-{quant}.gguf"
     if out.exists():
         return out
     from .loading.random_weights import write_random_gguf
 
-    print(f"writing random weights for {config} ({quant}) to {out}", file=sys.stderr)
-    return Path(write_random_gguf(config, out, qtype=quant, seed=0))  # written via a .partial file
+    print(f"writing random weights for {config}{' (dense twin)' if twin else ''} ({quant}) to {out}", file=sys.stderr)
+    try:
+        return Path(write_random_gguf(config, out, qtype=quant, seed=0, twin=twin))  # via a .partial file
+    except ConfigError as e:
+        raise BenchError(f"--random-weights {config}: {e}") from None
 
 
 def sanity_ids(facts: ModelFacts, prompt_ids: Sequence[int]) -> tuple[int, ...]:

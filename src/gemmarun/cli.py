@@ -267,6 +267,8 @@ def _bench_command(args: argparse.Namespace, threads: int) -> str:
         parts.append(args.model)
     if args.random_weights:
         parts += ["--random-weights", args.random_weights, "--quant", args.quant]
+    if args.twin:
+        parts.append("--twin")
     if args.compare:
         parts.append("--compare")
     if args.rounds:
@@ -301,9 +303,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     threads = args.threads if args.threads is not None else bench.physical_cores()
     if threads < 1:
         raise bench.BenchError(f"--threads must be at least 1, got {threads}")
+    if args.twin and not args.random_weights:
+        raise bench.BenchError("--twin needs --random-weights MOE_CONFIG")
     if args.random_weights:
-        path = bench.random_weights_model(args.random_weights, args.quant)
-        label = f"random-weights {args.random_weights} {args.quant}"
+        path = bench.random_weights_model(args.random_weights, args.quant, twin=args.twin)
+        label = f"random-weights {args.random_weights}{' dense twin' if args.twin else ''} {args.quant}"
     elif args.model:
         path, label = Path(args.model), args.model
     else:
@@ -397,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", metavar="CONFIG", default=None,
                    help="bench a random-weights GGUF of this config (a name like e2b, or a config.json), cached")
     p.add_argument("--quant", default="q4_0", help="quantization of the --random-weights file (default: q4_0)")
+    p.add_argument("--twin", action="store_true",
+                   help="with --random-weights MOE: its dense twin with the same active parameters instead")
     _add_model_options(p, threads=False)
     p.set_defaults(func=cmd_bench)
 
