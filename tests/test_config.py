@@ -124,3 +124,12 @@ def test_kv_sharing_without_producer_of_type_is_an_error():
                    layer_types=["full_attention", "sliding_attention", "full_attention"])
     with pytest.raises(ConfigError, match="num_kv_shared_layers"):
         text_config_from_hf(raw)
+
+
+@pytest.mark.parametrize("layers", [10**12, 0, -3, "many", None])
+def test_absurd_layer_counts_are_refused_before_the_layer_plan(layers):
+    """A fuzz finding: 10**12 layers looped in the per-layer plan before any size check ran."""
+    raw = _minimal(num_hidden_layers=layers)
+    raw.pop("layer_types")
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        text_config_from_hf(raw)

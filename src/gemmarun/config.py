@@ -322,7 +322,12 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         raise ConfigError("attention_bias=true is not supported (Gemma has no attention biases)")
     if tc.get("tie_word_embeddings", True) is False:
         raise ConfigError("tie_word_embeddings=false is not supported (Gemma ties its head)")
-    num_layers = int(tc["num_hidden_layers"])
+    try:
+        num_layers = int(tc["num_hidden_layers"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"num_hidden_layers={tc['num_hidden_layers']!r} must be an integer") from None
+    if not 1 <= num_layers <= MAX_SIZE:  # checked before the per-layer plan loops over it
+        raise ConfigError(f"num_hidden_layers={num_layers} must be in 1..{MAX_SIZE}")
     unified = str(raw.get("model_type", "")).startswith("gemma4_unified")
     bidir = tc.get("use_bidirectional_attention", "vision" if unified else None)  # the classes' defaults
     if family == "gemma4" and bidir not in (None, "vision"):
