@@ -15,11 +15,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     Gemma 3 checkpoints store `w` where the math uses `1 + w`; the loaders add the 1 once at
     load time (as llama.cpp's converter does), so one norm serves both families.
     """
-    x32 = x.float()
+    # (dtype checks instead of no-op .float()/.type_as calls: each is a dispatch, and decode
+    # runs a few hundred norms per token)
+    x32 = x if x.dtype == torch.float32 else x.float()
     y = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if weight is not None:
-        y = y * weight.float()
-    return y.type_as(x)
+        y = y * (weight if weight.dtype == torch.float32 else weight.float())
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -96,6 +96,7 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = RMSNorm(H, cfg.rms_norm_eps)
         # Gemma 4 learns this scalar; Gemma 3 has none (stays 1).
         self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
+        self._unit_scalar: bool | None = None  # whether it is 1 (looked up at the first forward)
 
     def forward(self, x, ple, positions, rope, rotary, cache, shared: SharedKV, blocks=None):
         h = self.self_attn(self.input_layernorm(x), positions, rope, rotary, cache, shared, blocks)
@@ -113,7 +114,9 @@ class DecoderLayer(nn.Module):
         if self.has_ple:
             g = gelu_tanh(self.per_layer_input_gate(x)) * ple
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
-        return x * self.layer_scalar
+        if self._unit_scalar is None:  # Gemma 3 has none (ones): skip a multiply per layer and token
+            self._unit_scalar = bool((self.layer_scalar == 1).all())
+        return x if self._unit_scalar else x * self.layer_scalar
 
 
 def rotary_tables(specs: tuple[LayerSpec, ...]) -> nn.ModuleDict:

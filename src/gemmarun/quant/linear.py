@@ -161,6 +161,7 @@ class _QuantMatrix(torch.nn.Module):
         self.register_buffer("_shifts", shifts, persistent=False)
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed codes, scales_and_zeros)
         self._dense: torch.Tensor | None = None  # bfloat16 matrix (CPU bfloat16 compute)
+        self._native = None  # the native kernel, False where it cannot run, None: not looked up
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to(device)`` moves the buffers; a dtype cast only sets ``compute_dtype``.
@@ -176,6 +177,7 @@ class _QuantMatrix(torch.nn.Module):
             if buf is not None:
                 moved = fn(buf)
                 self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        self._native = None
         return self
 
     @classmethod
@@ -298,30 +300,38 @@ class _QuantMatrix(torch.nn.Module):
         """
         lead = x.shape[:-1]
         cdt = self.compute_dtype
-        x2 = x.reshape(-1, self.cols).to(cdt)
-        if x2.shape[0] <= NATIVE_MAX_ROWS and self._native_eligible(x.device):
-            gemv = native_group_gemv()
-            if gemv is not None:
+        if x.numel() <= NATIVE_MAX_ROWS * self.cols and x.device.type == "cpu":
+            gemv = self._native_kernel()
+            if gemv is not None:  # decode: the fewest dispatches, this runs ~100-250 times a token
+                x2 = x.reshape(-1, self.cols)
+                x2 = (x2 if x2.dtype == torch.float32 else x2.float()).contiguous()
                 # int8 activations when computing below float32: no more rounding than asked for
-                y = gemv(x2.float().contiguous(), self.data, self.scale, self.bias, self.group_size,
-                         float(self.code_min), self.nibbles, cdt != torch.float32)
-                return y.to(x.dtype).view(*lead, self.rows)
+                y = gemv(x2, self.data, self.scale, self.bias, self.group_size, self._code_min_f,
+                         self.nibbles, cdt != torch.float32)
+                return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*lead, self.rows)
+        x2 = x.reshape(-1, self.cols).to(cdt)
         if self._int4 is not None or self._packs_for_cpu(x.device) == "int4":
             packed, scales_zeros = self._int4_pack()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_zeros)
             return y.to(x.dtype).view(*lead, self.rows)
         if self._dense is not None or self._packs_for_cpu(x.device) == "dense":
             return F.linear(x2, self._dense_weight()).to(x.dtype).view(*lead, self.rows)
-        if self.scale is None and self.data.dtype == cdt:
+        if self.scale is None and self.data.dtype == cdt and (
+                cdt == torch.float32 or x.device.type != "cpu" or x2.shape[0] <= NATIVE_MAX_ROWS):
             return F.linear(x2, self.data).to(x.dtype).view(*lead, self.rows)
-        y = torch.empty(x2.shape[0], self.rows, dtype=cdt, device=x.device)
+        # The tiles are float32; on the CPU the GEMM stays float32 whatever the compute dtype (a
+        # bfloat16 GEMM without AVX-512 BF16 is emulated: the 4-bit E2B prefilled at 4 tok/s in
+        # bfloat16 against 15 in float32 here), and only its result is rounded.
+        gemm_dtype = torch.float32 if x.device.type == "cpu" else cdt
+        x2 = x2.to(gemm_dtype)
+        y = torch.empty(x2.shape[0], self.rows, dtype=gemm_dtype, device=x.device)
         budget = _TILE_ELEMENTS_CPU if x.device.type == "cpu" else _TILE_ELEMENTS_GPU
         n_tiles = max(1, -(-self.rows * self.cols // budget))
         tile = -(-self.rows // n_tiles)  # equal tiles: no tiny remainder tile
         buf = _workspace(tile * self.cols, torch.float32, x.device).view(tile, self.cols)
         low = None
-        if cdt != torch.float32:
-            low = _workspace(tile * self.cols, cdt, x.device).view(tile, self.cols)
+        if gemm_dtype != torch.float32:
+            low = _workspace(tile * self.cols, gemm_dtype, x.device).view(tile, self.cols)
         for r0 in range(0, self.rows, tile):
             r1 = min(self.rows, r0 + tile)
             w = self._rows(r0, r1, buf[: r1 - r0])
@@ -333,6 +343,15 @@ class _QuantMatrix(torch.nn.Module):
     def _native_eligible(self, device: torch.device) -> bool:
         return (device.type == "cpu" and self.data.device.type == "cpu" and self.scale is not None
                 and self.data.numel() > 0 and self.group_size in (16, 32))
+
+    def _native_kernel(self):
+        """The native kernel when it can multiply this matrix (CPU, codes kept), else None;
+        looked up once, and again after a move or a repack."""
+        if self._native is None:
+            gemv = native_group_gemv() if self._native_eligible(torch.device("cpu")) else None
+            self._native = gemv or False
+            self._code_min_f = float(self.code_min)
+        return self._native or None
 
     def _packs_for_cpu(self, device: torch.device) -> str | None:
         """The layout a bfloat16 matmul on the CPU repacks this matrix into, once: "int4" for
@@ -366,6 +385,7 @@ class _QuantMatrix(torch.nn.Module):
             self._dense = dense
             self.data = self.data[:0]
             self.scale = self.bias = None
+            self._native = None
         return self._dense
 
     def _int4_pack(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,6 +406,7 @@ class _QuantMatrix(torch.nn.Module):
             if self.drops_tiles_when_packed:
                 self.data = self.data[:0]
                 self.scale = self.bias = None
+                self._native = None
         return self._int4
 
     drops_tiles_when_packed = False
