@@ -1,7 +1,10 @@
 """Image and audio through the server on a tiny multimodal (vision + audio) Gemma 4 model:
 content parts, the per-request image budget, browser recordings (WebM/Opus), transcription."""
 
+import base64
 import io
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -44,6 +47,34 @@ def test_webm_with_a_codec_ffmpeg_does_not_know_is_an_audio_input_error():
     data = webm_bytes(0.1).replace(b"A_OPUS", b"A_OPUX")
     with pytest.raises(AudioInputError, match="codec is not supported"):
         container_to_wav(data, "input_audio")
+
+
+@pytest.mark.parametrize("channels", [1, 2, 10])
+def test_container_audio_of_any_channel_count_is_the_channel_mean(channels):
+    """Found by fuzz/audio_decode.py: a 10-channel WAV sent as MP4 crashed the process (PyAV's
+    planar to_ndarray reads past a frame of more than 8 channels); decoded packed now."""
+    from gemmarun.server.inputs import container_to_wav
+
+    rng = np.random.default_rng(channels)
+    wave = (rng.standard_normal((1600, channels)) * 0.1).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
+    out, rate = sf.read(io.BytesIO(container_to_wav(buf.getvalue(), "input_audio")), dtype="float32")
+    assert rate == 16000 and out.ndim == 1
+    np.testing.assert_allclose(out, wave.mean(axis=1), atol=1e-6)
+
+
+# The fuzzer's input: mode byte, then an 8-bit 10-channel WAV declared as MP4
+TEN_CHANNEL_CRASH = base64.b64decode("LVJJRkbkAwAAV0FWRWZtdCAQAAAAAQAKAEAfAABAHwAAAQAIAGRhdGHAAwAAgIWKj5SZnaCipIpgY6pnaw==")
+
+
+def test_the_ten_channel_crash_input_decodes_in_a_fresh_process():
+    """Reading past the frame crashed only sometimes: twenty decodes in a child process."""
+    code = ("import sys; from gemmarun.server.inputs import audio_bytes\n"
+            "data = sys.stdin.buffer.read()\n"
+            "for _ in range(20): audio_bytes(data, 'mp4', 'input_audio')\n")
+    proc = subprocess.run([sys.executable, "-c", code], input=TEN_CHANNEL_CRASH[1:], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
 
 
 def image_part(data: bytes) -> dict:

@@ -281,12 +281,17 @@ def container_to_wav(data: bytes, label: str, budget: AudioBudget | None = None,
             rate = int(stream.codec_context.sample_rate or 0)
             if rate <= 0:
                 raise AudioInputError(f"{label}: the audio stream has no sample rate")
-            resampler = av.AudioResampler(format="fltp", rate=rate)
+            # Packed float ("flt"): one interleaved plane whatever the channel count. Planar frames
+            # of more than 8 channels keep their planes in FFmpeg's extended_data, which PyAV's
+            # to_ndarray does not read: it read past the frame and crashed the process (fuzzing,
+            # a 10-channel WAV sent as MP4).
+            resampler = av.AudioResampler(format="flt", rate=rate)
             for frame in _with_end(container.decode(stream)):
                 for out in resampler.resample(frame):
-                    planes = out.to_ndarray()  # (channels, n)
-                    chunks.append(planes.mean(axis=0, dtype=np.float32))
-                    total += planes.shape[1]
+                    channels = max(1, out.layout.nb_channels)
+                    samples = out.to_ndarray().reshape(-1, channels)  # (n, channels)
+                    chunks.append(samples.mean(axis=1, dtype=np.float32))
+                    total += samples.shape[0]
                     if budget is not None:
                         budget.check(total / rate, param)
                     if total > MAX_AUDIO_SECONDS * rate:
