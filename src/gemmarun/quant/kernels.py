@@ -1,14 +1,18 @@
-"""The native CPU kernel for quantized matrix-vector products (``group_gemv.cpp``), built on first use.
+"""The native CPU kernels for quantized matrix-vector products (``group_gemv.cpp``), built on first use.
 
 Decode multiplies one token's activations by every weight matrix, so its speed is the speed of
 reading the weights. Torch has no CPU kernel for int8 codes with per-group scales (GGML's Q8_0,
 Q5_0, Q6_K, ... layout): the portable path dequantizes tiles to float32 and then multiplies,
-touching every weight three times. ``group_gemv`` reads each code once and multiplies in float32
-registers. It is compiled for this machine's CPU (``-O3 -march=native``) by torch's extension
-builder the first time it is needed (about a minute; cached under ``~/.cache/gemmarun/kernels``).
+touching every weight three times. ``group_gemv`` reads gemmarun's repacked codes once, with the
+activations rounded to int16 per group (int8 under bfloat16 compute) so that the inner loop is
+integer multiply-adds; ``block_gemv`` does the same on GGUF Q4_0/Q8_0 blocks where they lie in the
+memory-mapped file (MoE experts). They are compiled for this machine's CPU (``-O3 -march=native``)
+by torch's extension builder the first time they are needed (about a minute; cached under
+``~/.cache/gemmarun/kernels``).
 
-Where no C++ compiler (or ``ninja``) is available, or ``GEMMARUN_NATIVE_KERNELS=0``, ``group_gemv``
-is None and the matmuls keep the portable path: slower, same results up to float summation order.
+Where no C++ compiler (or ``ninja``) is available, or ``GEMMARUN_NATIVE_KERNELS=0``, both are None
+and the matmuls keep the portable path: slower, and exact up to float summation order (the
+kernels differ from it by their activation rounding, ~2e-5 relative in float32).
 """
 
 from __future__ import annotations
