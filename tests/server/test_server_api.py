@@ -295,7 +295,10 @@ def test_a_failed_step_fails_its_requests_and_the_server_goes_on(tiny_llm):
         with pytest.raises(openai.InternalServerError) as e:
             client.chat.completions.create(model="m", messages=HELLO, max_tokens=5)
         assert e.value.status_code == 500 and "out of memory" in str(e.value)
-        assert client.chat.completions.create(model="m", messages=HELLO, max_tokens=3).usage.completion_tokens >= 1
+        # (ignore_eos: what is tested is that the server goes on; the tiny random model's first
+        # greedy token once came out as EOS in a CI run, a 0-token reply, and passed everywhere else)
+        again = client.chat.completions.create(model="m", messages=HELLO, max_tokens=3, extra_body={"ignore_eos": True})
+        assert again.usage.completion_tokens == 3
         r.scheduler.engine.failed = False  # once more, while streaming: the error comes in-band
         with pytest.raises(openai.APIError) as e:
             list(client.chat.completions.create(model="m", messages=HELLO, max_tokens=5, stream=True))
