@@ -22,7 +22,7 @@ FAST_PATH_RTOL = 1e-5
 @pytest.fixture(autouse=True)
 def portable_path(monkeypatch):
     """This file tests the portable path (tiles, torch's int4 kernel); decode-sized CPU matmuls
-    otherwise go to the native kernel, tested in test_quant_kernels.py."""
+    otherwise go to the native kernel, tested in test_native_kernels.py."""
     monkeypatch.setattr(ql, "native_group_gemv", lambda: None)
 
 

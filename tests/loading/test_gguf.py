@@ -403,7 +403,7 @@ def test_moe_experts_stay_in_the_mapped_file_on_cpu(converted, monkeypatch, type
     from gemmarun.loading.gguf_file import GGUFFile
     from gemmarun.quant import QuantExperts
     from gemmarun.quant import experts as qe
-    from gemmarun.quant.kernels import native_block_gemv
+    from gemmarun.native import native_block_gemv
 
     if native_block_gemv() is None:
         pytest.skip("no native kernel here")

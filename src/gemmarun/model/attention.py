@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import LayerSpec, TextConfig
 from ..masks import visible
+from ..native import native_ops
 from .layers import RMSNorm, RotaryTable, apply_rope, rms_norm, softcap
 
 # Keys/values a layer attended over in this forward, by layer index, for KV-shared consumers.
@@ -82,13 +83,13 @@ class Attention(nn.Module):
             shared[spec.index] = (keys, values, key_pos)
         else:
             keys, values, key_pos = shared[spec.kv_source]
+        if q.shape[0] == 1 and q.shape[2] == 1 and blocks is None and q.device.type == "cpu":
+            return self._attend_one(q, keys, values, key_pos, int(positions[0]))
         # Bidirectional image attention applies to sliding layers only (spec 3.3).
         mask = visible(positions, key_pos, spec.window, blocks if spec.window is not None else None)  # (T, S)
         return self._attend(q, keys, values, mask)
 
     def _attend(self, q, k, v, mask):
-        if q.shape[0] == 1 and q.shape[2] == 1 and q.device.type == "cpu":
-            return self._attend_one(q, k, v, mask)
         if self.logit_softcap is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         # Soft-capped logits (Gemma 3 configs that set attn_logit_softcapping) need the eager path.
@@ -100,11 +101,20 @@ class Attention(nn.Module):
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return probs @ v
 
-    def _attend_one(self, q, k, v, mask):
-        """One decode query on the CPU: the query heads sharing a KV head go as one small matmul.
-        torch's CPU flash kernel is built for long queries and cost ~0.4 ms a layer here (four
-        times the rest of the layer's attention); the same math in three small ops costs ~50 us."""
+    def _attend_one(self, q, k, v, key_pos, position: int):
+        """One decode query on the CPU. torch's CPU flash kernel is built for long queries and
+        cost ~0.4 ms a layer here; the native kernel reads the mask from the positions and does
+        the rest in one call; without it, the query heads sharing a KV head go as one small
+        matmul."""
         _, n_heads, _, d = q.shape
+        window = self.spec.window
+        if q.dtype == k.dtype == v.dtype == torch.float32:
+            ops = native_ops()
+            if ops is not None:
+                out = ops.attend_one(q[0, :, 0], k[0], v[0], key_pos, position, window or 0, self.scale,
+                                     self.logit_softcap or 0.0)
+                return out.view(1, n_heads, 1, d)
+        mask = visible(key_pos.new_tensor([position]), key_pos, window)  # (1, S)
         kv = k.shape[1]
         qg = q.view(kv, n_heads // kv, d)  # (kv, groups, D)
         scores = torch.matmul(qg, k[0].transpose(-1, -2)).float() * self.scale  # (kv, groups, S)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..native import native_ops
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Gemma 4 RMSNorm: computed in float32, weight multiplies directly (no +1 offset).
@@ -15,8 +17,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     Gemma 3 checkpoints store `w` where the math uses `1 + w`; the loaders add the 1 once at
     load time (as llama.cpp's converter does), so one norm serves both families.
     """
-    # (dtype checks instead of no-op .float()/.type_as calls: each is a dispatch, and decode
-    # runs a few hundred norms per token)
+    if x.dtype == torch.float32 and x.device.type == "cpu" and (weight is None or weight.dtype == torch.float32):
+        ops = native_ops()  # one call for the formula below (decode runs ~100 norms a token)
+        if ops is not None:
+            return ops.rms_norm(x, weight, eps)
+    # (dtype checks instead of no-op .float()/.type_as calls: each is a dispatch)
     x32 = x if x.dtype == torch.float32 else x.float()
     y = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if weight is not None:
@@ -72,7 +77,11 @@ class RotaryTable(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) with cos/sin (T, D): dim j pairs with j + D/2."""
+    """Rotate x (..., D) with cos/sin broadcastable to it: dim j pairs with j + D/2."""
+    if x.device.type == "cpu" and x.dtype == cos.dtype == sin.dtype == torch.float32:
+        ops = native_ops()  # one call for the formula below
+        if ops is not None:
+            return ops.rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

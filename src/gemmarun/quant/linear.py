@@ -15,7 +15,7 @@ bytes/weight for the 4-bit formats, 1.06-1.25 for the others (4 for f32).
 Which kernel runs (measured on this project's 2-core AVX2 CPU, 262144x640 Q8_0 head at batch 1):
 
 * decode-sized batches (at most ``NATIVE_MAX_ROWS`` rows) on the CPU: the native kernel
-  (``kernels.py``, ``group_gemv.cpp``) reads the codes and group scales as stored, with the
+  (``gemmarun.native``, ``group_gemv.cpp``) reads the codes and group scales as stored, with the
   activations rounded to int16 per group (int8 under bfloat16 compute, like llama.cpp's q8
   dot products): 10.7 ms, at the machine's read bandwidth, against 50 ms for tiles, 29 ms for
   a bfloat16 copy of the weights and 72 ms for float32 weights;
@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
 from .formats import as_blocks, get_format, type_name
-from .kernels import native_group_gemv
+from ..native import native_group_gemv
 
 __all__ = ["QuantEmbedding", "QuantLinear"]
 

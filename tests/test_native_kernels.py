@@ -1,4 +1,4 @@
-"""The native CPU kernel (quant/group_gemv.cpp): decode-shaped matmuls read the codes as stored and
+"""The native CPU kernels (src/gemmarun/native): decode-shaped matmuls read the codes as stored and
 match the exact float32 product within the int16 rounding of the activations."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as T
 
 from gemmarun.quant import FORMATS, QuantEmbedding, QuantLinear
 from gemmarun.quant import linear as ql
-from gemmarun.quant.kernels import kernel_status, native_group_gemv
+from gemmarun.native import kernel_status, native_group_gemv
 from test_quant_formats import reference
 from test_quant_linear import make_raw, rel_err
 
@@ -171,7 +171,7 @@ def test_bfloat16_decode_within_bfloat16_tolerance(qtype: T, tiles_forbidden):
 @pytest.mark.parametrize("int8_activations", [False, True], ids=["int16", "int8"])
 def test_blocks_read_in_place_are_exact_for_their_rounded_activations(qtype: T, int8_activations: bool):
     """GGUF block rows read as they lie in the file (the mapped MoE experts' path)."""
-    from gemmarun.quant.kernels import native_block_gemv
+    from gemmarun.native import native_block_gemv
 
     rows, cols = 40, 384
     raw = make_raw(qtype, rows, cols, seed=int(qtype) + 7)
@@ -187,10 +187,121 @@ def test_blocks_read_in_place_are_exact_for_their_rounded_activations(qtype: T, 
 
 @needs_kernel
 def test_block_kernel_rejects_what_it_cannot_read():
-    from gemmarun.quant.kernels import native_block_gemv
+    from gemmarun.native import native_block_gemv
 
     x = torch.randn(1, 64)
     with pytest.raises(RuntimeError, match="Q4_0 and Q8_0"):
         native_block_gemv()(x, torch.zeros(2, 36, dtype=torch.uint8), int(T.Q4_1), False)
     with pytest.raises(RuntimeError, match="do not match"):
         native_block_gemv()(x, torch.zeros(2, 35, dtype=torch.uint8), int(T.Q4_0), False)
+
+
+# ---- decode_ops.cpp: the model's small float32 operations, against their torch formulas ---------
+
+from gemmarun.masks import visible  # noqa: E402
+from gemmarun.model import attention as attention_module  # noqa: E402
+from gemmarun.model import layers  # noqa: E402
+from gemmarun.native import native_ops  # noqa: E402
+
+
+@pytest.fixture
+def torch_formulas(monkeypatch):
+    """Calls the model's functions with the native module hidden: their torch formulas."""
+    def without_native(fn, *args):
+        with monkeypatch.context() as m:
+            m.setattr(layers, "native_ops", lambda: None)
+            m.setattr(attention_module, "native_ops", lambda: None)
+            return fn(*args)
+    return without_native
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1, 640), (2, 3, 4, 256), (5, 7), (3, 1, 1)])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_matches_its_formula(shape, with_weight, torch_formulas):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g) if with_weight else None
+    got = layers.rms_norm(x, w, 1e-6)
+    want = torch_formulas(layers.rms_norm, x, w, 1e-6)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    # a non-contiguous view (a transposed head layout) gives the same values
+    xt = x.transpose(0, -1)
+    if xt.shape[-1] == shape[-1] or w is None:
+        torch.testing.assert_close(layers.rms_norm(xt, None, 1e-6), torch_formulas(layers.rms_norm, xt, None, 1e-6),
+                                   rtol=2e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_rms_norm_leaves_other_dtypes_to_torch():
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    y = layers.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-6)
+    assert y.dtype == torch.bfloat16
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["decode", "prefill", "batched rows", "cache keys", "sliced"])
+def test_rope_matches_its_formula(layout, torch_formulas):
+    g = torch.Generator().manual_seed(1)
+    D = 16
+    if layout == "decode":  # (B, H, T, D) transposed from (B, T, H, D), cos (T, D)
+        x, cos_shape = torch.randn(1, 1, 4, D, generator=g).transpose(1, 2), (1, D)
+    elif layout == "prefill":
+        x, cos_shape = torch.randn(2, 5, 3, D, generator=g).transpose(1, 2), (5, D)
+    elif layout == "batched rows":  # one position per row: cos (B, 1, 1, D)
+        x, cos_shape = torch.randn(3, 2, 1, D, generator=g), (3, 1, 1, D)
+    elif layout == "cache keys":  # K=V keys rebuilt over a strided cache slice
+        x, cos_shape = torch.randn(1, 2, 9, D, generator=g)[:, :, :6], (6, D)
+    else:  # vision's 2D RoPE rotates each half of a head on its own
+        x, cos_shape = torch.randn(2, 3, 7, 2 * D, generator=g)[..., :D], (7, D)
+    angles = torch.rand(cos_shape, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
+    got = layers.apply_rope(x, cos, sin)
+    want = torch_formulas(layers.apply_rope, x, cos, sin)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _cache(g, kv, slots, D, strided):
+    k = torch.randn(1, kv, slots + (5 if strided else 0), D, generator=g)
+    v = torch.randn(1, kv, slots + (5 if strided else 0), D, generator=g)
+    return (k[:, :, :slots], v[:, :, :slots]) if strided else (k, v)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv", [(4, 1), (8, 2), (3, 3)])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("strided", [False, True])
+def test_one_query_attention_matches_its_formula(heads, kv, window, cap, strided, torch_formulas):
+    g = torch.Generator().manual_seed(2)
+    D, slots, position = 32, 12, 9
+    keys, values = _cache(g, kv, slots, D, strided)
+    # a ring buffer's positions: empty slots (-1), a future one (a rejected draft's), an old one
+    key_pos = torch.tensor([0, 1, 2, 3, -1, 5, 6, 7, 8, 9, 11, -1])
+    q = torch.randn(1, heads, 1, D, generator=g)
+    spec = type("Spec", (), {"window": window})()
+    attn = attention_module.Attention.__new__(attention_module.Attention)
+    torch.nn.Module.__init__(attn)
+    attn.spec, attn.scale, attn.logit_softcap = spec, 0.125, cap
+    got = attn._attend_one(q, keys, values, key_pos, position)
+    want = torch_formulas(attn._attend_one, q, keys, values, key_pos, position)
+    # and the general (masked SDPA / eager) path agrees with both
+    mask = visible(torch.tensor([position]), key_pos, window)
+    general = torch_formulas(attn._attend, q, keys, values, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, general, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_decode_ops_reject_what_they_cannot_read():
+    ops = native_ops()
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.rms_norm(torch.ones(4, dtype=torch.float64), None, 1e-6)
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.rms_norm(torch.ones(2, 4), torch.ones(3), 1e-6)
+    with pytest.raises(RuntimeError, match="key_positions"):
+        ops.attend_one(torch.ones(2, 8), torch.ones(1, 3, 8), torch.ones(1, 3, 8), torch.arange(4), 2, 0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="head"):
+        ops.attend_one(torch.ones(3, 8), torch.ones(2, 3, 8), torch.ones(2, 3, 8), torch.arange(3), 2, 0, 1.0, 0.0)

@@ -91,106 +91,90 @@ inline float offset_term(const Problem& p, int64_t m, const float* sc, const flo
   return acc;
 }
 
-// integer dot of n codes (int16, from int8 or nibbles) with n int16 activations
-inline int32_t idot_scalar_i8(const int8_t* c, const int16_t* x, int64_t n) {
-  int32_t s = 0;
-  for (int64_t k = 0; k < n; ++k) s += int32_t(c[k]) * int32_t(x[k]);
-  return s;
-}
-
+// Each format is a dot functor: `row_bytes` says how long a weight row is, and
+// `operator()(p, row, m, sc)` returns sum_g sc[g] * xscale[m, g] * dot(x[m, g], code[row, g]).
+// One row loop (rows<Dot>) does the rest for all of them: row scales, activation rows, the
+// offset term, the store.
+//
 // The group size is a template parameter so the per-group loop is fully unrolled (a runtime trip
-// count of two iterations cost as much as the arithmetic), and the problem's fields are copied to
-// locals (through the struct, every store to y forced them to be reloaded).
-template <int GROUP>
-void rows_int8(const Problem& p, int64_t r0, int64_t r1) {
-  const int64_t C = p.C, groups = p.groups, M = p.M, R = p.R;
-  const int8_t* __restrict codes = reinterpret_cast<const int8_t*>(p.codes);
-  float* __restrict y = p.y;
-  std::vector<float> sc_buf(p.half_scales ? groups : 0), bi_buf(p.half_scales ? groups : 0);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int8_t* __restrict row = codes + r * C;
-    const float* __restrict sc = row_floats(p, p.scale, r, sc_buf.data());
-    const float* bi = row_floats(p, p.bias, r, bi_buf.data());
-    for (int64_t m = 0; m < M; ++m) {
-      const int16_t* __restrict x = p.xq + m * C;
-      const float* __restrict xd = p.xscale + m * groups;
-      float acc = 0.f;
-#ifdef GEMMARUN_AVX2
-      if constexpr (GROUP % 16 == 0) {
-        __m256 acc_v = _mm256_setzero_ps();
-        for (int64_t g = 0; g < groups; ++g) {
-          const int8_t* c = row + g * GROUP;
-          const int16_t* xg = x + g * GROUP;
-          __m256i a = _mm256_setzero_si256();
-#pragma GCC unroll 4
-          for (int k = 0; k < GROUP; k += 16) {
-            const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k)));
-            a = _mm256_add_epi32(a, _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + k))));
-          }
-          acc_v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(sc[g] * xd[g]), acc_v);
-        }
-        acc = hsum(acc_v);
-      } else
-#endif
-      {
-        for (int64_t g = 0; g < groups; ++g)
-          acc += sc[g] * xd[g] * float(idot_scalar_i8(row + g * GROUP, x + g * GROUP, GROUP));
-      }
-      if (p.offset) acc += offset_term(p, m, sc, bi);
-      y[m * R + r] = acc;
-    }
-  }
-}
+// count of two iterations cost as much as the arithmetic).
 
+// int8 codes, int16 activations
 template <int GROUP>
-void rows_nibbles(const Problem& p, int64_t r0, int64_t r1) {
-  const int64_t C = p.C, groups = p.groups, M = p.M, R = p.R;
-  const int64_t half = C / 2, half_groups = groups / 2;
-  float* __restrict y = p.y;
-  std::vector<float> sc_buf(p.half_scales ? groups : 0), bi_buf(p.half_scales ? groups : 0);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* __restrict row = p.codes + r * half;
-    const float* __restrict sc = row_floats(p, p.scale, r, sc_buf.data());
-    const float* bi = row_floats(p, p.bias, r, bi_buf.data());
-    for (int64_t m = 0; m < M; ++m) {
-      const int16_t* __restrict x = p.xq + m * C;
-      const float* __restrict xd = p.xscale + m * groups;
-      float acc = 0.f;
+struct DotInt8 {
+  static int64_t row_bytes(const Problem& p) { return p.C; }
+  float operator()(const Problem& p, const uint8_t* row_bytes_ptr, int64_t m, const float* __restrict sc) const {
+    const int8_t* __restrict row = reinterpret_cast<const int8_t*>(row_bytes_ptr);
+    const int16_t* __restrict x = p.xq + m * p.C;
+    const float* __restrict xd = p.xscale + m * p.groups;
+    const int64_t groups = p.groups;
 #ifdef GEMMARUN_AVX2
-      if (GROUP % 16 == 0 && half % GROUP == 0) {
-        const __m128i mask = _mm_set1_epi8(0x0F);
-        __m256 acc_v = _mm256_setzero_ps();
-        for (int64_t g = 0; g < half_groups; ++g) {
-          const uint8_t* c = row + g * GROUP;
-          const int16_t* xl = x + g * GROUP;         // low nibbles: the first half of the row
-          const int16_t* xh = x + half + g * GROUP;  // high nibbles: the second half
-          __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+    if constexpr (GROUP % 16 == 0) {
+      __m256 acc_v = _mm256_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        const int8_t* c = row + g * GROUP;
+        const int16_t* xg = x + g * GROUP;
+        __m256i a = _mm256_setzero_si256();
 #pragma GCC unroll 4
-          for (int k = 0; k < GROUP; k += 16) {
-            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k));
-            const __m256i l = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
-            const __m256i h = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
-            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(l, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + k))));
-            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(h, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + k))));
-          }
-          acc_v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(sc[g] * xd[g]), acc_v);
-          acc_v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(sc[half_groups + g] * xd[half_groups + g]), acc_v);
+        for (int k = 0; k < GROUP; k += 16) {
+          const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k)));
+          a = _mm256_add_epi32(a, _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + k))));
         }
-        acc = hsum(acc_v);
-      } else
-#endif
-      {
-        for (int64_t k = 0; k < half; ++k) {
-          const int64_t gl = k / GROUP, gh = (half + k) / GROUP;
-          acc += sc[gl] * xd[gl] * float(int32_t(row[k] & 0x0F) * int32_t(x[k]));
-          acc += sc[gh] * xd[gh] * float(int32_t(row[k] >> 4) * int32_t(x[half + k]));
-        }
+        acc_v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(sc[g] * xd[g]), acc_v);
       }
-      if (p.offset) acc += offset_term(p, m, sc, bi);
-      y[m * R + r] = acc;
+      return hsum(acc_v);
     }
+#endif
+    float acc = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t s = 0;
+      for (int k = 0; k < GROUP; ++k) s += int32_t(row[g * GROUP + k]) * int32_t(x[g * GROUP + k]);
+      acc += sc[g] * xd[g] * float(s);
+    }
+    return acc;
   }
-}
+};
+
+// 4-bit nibbles in the halves layout, int16 activations
+template <int GROUP>
+struct DotNibbles {
+  static int64_t row_bytes(const Problem& p) { return p.C / 2; }
+  float operator()(const Problem& p, const uint8_t* __restrict row, int64_t m, const float* __restrict sc) const {
+    const int64_t half = p.C / 2, half_groups = p.groups / 2;
+    const int16_t* __restrict x = p.xq + m * p.C;
+    const float* __restrict xd = p.xscale + m * p.groups;
+#ifdef GEMMARUN_AVX2
+    if (GROUP % 16 == 0 && half % GROUP == 0) {
+      const __m128i mask = _mm_set1_epi8(0x0F);
+      __m256 acc_v = _mm256_setzero_ps();
+      for (int64_t g = 0; g < half_groups; ++g) {
+        const uint8_t* c = row + g * GROUP;
+        const int16_t* xl = x + g * GROUP;         // low nibbles: the first half of the row
+        const int16_t* xh = x + half + g * GROUP;  // high nibbles: the second half
+        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int k = 0; k < GROUP; k += 16) {
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k));
+          const __m256i l = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
+          const __m256i h = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+          lo = _mm256_add_epi32(lo, _mm256_madd_epi16(l, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + k))));
+          hi = _mm256_add_epi32(hi, _mm256_madd_epi16(h, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + k))));
+        }
+        acc_v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(sc[g] * xd[g]), acc_v);
+        acc_v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(sc[half_groups + g] * xd[half_groups + g]), acc_v);
+      }
+      return hsum(acc_v);
+    }
+#endif
+    float acc = 0.f;
+    for (int64_t k = 0; k < half; ++k) {
+      const int64_t gl = k / GROUP, gh = (half + k) / GROUP;
+      acc += sc[gl] * xd[gl] * float(int32_t(row[k] & 0x0F) * int32_t(x[k]));
+      acc += sc[gh] * xd[gh] * float(int32_t(row[k] >> 4) * int32_t(x[half + k]));
+    }
+    return acc;
+  }
+};
 
 #ifdef GEMMARUN_AVX2
 // bfloat16 compute: activations rounded to int8 per group (what bfloat16's 8-bit mantissa keeps,
@@ -202,81 +186,85 @@ inline __m256 dot32_u8s8(__m256i codes_u8, const int8_t* x) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-// 4-bit nibbles in 32-wide groups
-void rows_nibbles_q8(const Problem& p, int64_t r0, int64_t r1) {
-  const int64_t C = p.C, groups = p.groups, M = p.M, R = p.R, half = C / 2, half_groups = groups / 2;
-  float* __restrict y = p.y;
-  std::vector<float> sc_buf(p.half_scales ? groups : 0), bi_buf(p.half_scales ? groups : 0);
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* __restrict row = p.codes + r * half;
-    const float* __restrict sc = row_floats(p, p.scale, r, sc_buf.data());
-    const float* bi = row_floats(p, p.bias, r, bi_buf.data());
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* __restrict x = p.xq8 + m * C;
-      const float* __restrict xd = p.xscale + m * groups;
-      __m256 acc_v = _mm256_setzero_ps();
-      for (int64_t g = 0; g < half_groups; ++g) {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g * 32));
-        const __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-        acc_v = _mm256_fmadd_ps(dot32_u8s8(lo, x + g * 32), _mm256_set1_ps(sc[g] * xd[g]), acc_v);
-        acc_v = _mm256_fmadd_ps(dot32_u8s8(hi, x + half + g * 32),
-                                _mm256_set1_ps(sc[half_groups + g] * xd[half_groups + g]), acc_v);
-      }
-      float acc = hsum(acc_v);
-      if (p.offset) acc += offset_term(p, m, sc, bi);
-      y[m * R + r] = acc;
+// 4-bit nibbles in 32-wide groups, int8 activations
+struct DotNibblesQ8 {
+  static int64_t row_bytes(const Problem& p) { return p.C / 2; }
+  float operator()(const Problem& p, const uint8_t* __restrict row, int64_t m, const float* __restrict sc) const {
+    const int64_t half = p.C / 2, half_groups = p.groups / 2;
+    const int8_t* __restrict x = p.xq8 + m * p.C;
+    const float* __restrict xd = p.xscale + m * p.groups;
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256 acc_v = _mm256_setzero_ps();
+    for (int64_t g = 0; g < half_groups; ++g) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g * 32));
+      const __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+      acc_v = _mm256_fmadd_ps(dot32_u8s8(lo, x + g * 32), _mm256_set1_ps(sc[g] * xd[g]), acc_v);
+      acc_v = _mm256_fmadd_ps(dot32_u8s8(hi, x + half + g * 32),
+                              _mm256_set1_ps(sc[half_groups + g] * xd[half_groups + g]), acc_v);
     }
+    return hsum(acc_v);
   }
-}
+};
 
-// int8 codes (signed: |code| times the activation carrying the code's sign), groups of 16 or 32
+// int8 codes in groups of 16 or 32, int8 activations (signed: |code| times the activation
+// carrying the code's sign)
 template <int GROUP>
-void rows_int8_q8(const Problem& p, int64_t r0, int64_t r1) {
-  const int64_t C = p.C, groups = p.groups, M = p.M, R = p.R;
-  const int8_t* __restrict codes = reinterpret_cast<const int8_t*>(p.codes);
+struct DotInt8Q8 {
+  static int64_t row_bytes(const Problem& p) { return p.C; }
+  float operator()(const Problem& p, const uint8_t* row_bytes_ptr, int64_t m, const float* __restrict sc) const {
+    const int8_t* __restrict row = reinterpret_cast<const int8_t*>(row_bytes_ptr);
+    const int8_t* __restrict x = p.xq8 + m * p.C;
+    const float* __restrict xd = p.xscale + m * p.groups;
+    __m256 acc_v = _mm256_setzero_ps();
+    for (int64_t k = 0; k < p.C; k += 32) {
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+      const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(xv, c));
+      const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+      __m256 f;
+      if constexpr (GROUP == 32) {
+        f = _mm256_set1_ps(sc[k / 32] * xd[k / 32]);
+      } else {  // lanes 0-3 hold codes 0-15 (one group), lanes 4-7 codes 16-31 (the next)
+        const int64_t g = k / 16;
+        f = _mm256_setr_m128(_mm_set1_ps(sc[g] * xd[g]), _mm_set1_ps(sc[g + 1] * xd[g + 1]));
+      }
+      acc_v = _mm256_fmadd_ps(d, f, acc_v);
+    }
+    return hsum(acc_v);
+  }
+};
+#endif
+
+// The problem's fields are copied to locals: through the struct, every store to y forced them to
+// be reloaded.
+template <typename Dot>
+void rows(const Problem& p, int64_t r0, int64_t r1) {
+  const Dot dot{};
+  const int64_t M = p.M, R = p.R, stride = Dot::row_bytes(p);
   float* __restrict y = p.y;
-  std::vector<float> sc_buf(p.half_scales ? groups : 0), bi_buf(p.half_scales ? groups : 0);
+  std::vector<float> sc_buf(p.half_scales ? p.groups : 0), bi_buf(p.half_scales ? p.groups : 0);
   for (int64_t r = r0; r < r1; ++r) {
-    const int8_t* __restrict row = codes + r * C;
-    const float* __restrict sc = row_floats(p, p.scale, r, sc_buf.data());
+    const uint8_t* row = p.codes + r * stride;
+    const float* sc = row_floats(p, p.scale, r, sc_buf.data());
     const float* bi = row_floats(p, p.bias, r, bi_buf.data());
     for (int64_t m = 0; m < M; ++m) {
-      const int8_t* __restrict x = p.xq8 + m * C;
-      const float* __restrict xd = p.xscale + m * groups;
-      __m256 acc_v = _mm256_setzero_ps();
-      for (int64_t k = 0; k < C; k += 32) {
-        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
-        const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(xv, c));
-        const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-        __m256 f;
-        if constexpr (GROUP == 32) {
-          f = _mm256_set1_ps(sc[k / 32] * xd[k / 32]);
-        } else {  // lanes 0-3 hold codes 0-15 (one group), lanes 4-7 codes 16-31 (the next)
-          const int64_t g = k / 16;
-          f = _mm256_setr_m128(_mm_set1_ps(sc[g] * xd[g]), _mm_set1_ps(sc[g + 1] * xd[g + 1]));
-        }
-        acc_v = _mm256_fmadd_ps(d, f, acc_v);
-      }
-      float acc = hsum(acc_v);
+      float acc = dot(p, row, m, sc);
       if (p.offset) acc += offset_term(p, m, sc, bi);
       y[m * R + r] = acc;
     }
   }
 }
-#endif
 
 template <int GROUP>
 void run_rows(const Problem& p, bool nibbles) {
   at::parallel_for(0, p.R, 256, [&](int64_t r0, int64_t r1) {
 #ifdef GEMMARUN_AVX2
     if (p.xq8 != nullptr) {
-      if (nibbles) rows_nibbles_q8(p, r0, r1); else rows_int8_q8<GROUP>(p, r0, r1);
+      if (nibbles) rows<DotNibblesQ8>(p, r0, r1); else rows<DotInt8Q8<GROUP>>(p, r0, r1);
       return;
     }
 #endif
-    if (nibbles) rows_nibbles<GROUP>(p, r0, r1); else rows_int8<GROUP>(p, r0, r1);
+    if (nibbles) rows<DotNibbles<GROUP>>(p, r0, r1); else rows<DotInt8<GROUP>>(p, r0, r1);
   });
 }
 
@@ -461,9 +449,4 @@ torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_typ
   p.y = y.data_ptr<float>();
   at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) { block_rows(p, r0, r1); });
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("group_gemv", &group_gemv, "x @ W.T for group-quantized W, read as stored");
-  m.def("block_gemv", &block_gemv, "x @ W.T for W given as GGUF Q4_0/Q8_0 block rows");
 }

@@ -1,18 +1,24 @@
-"""The native CPU kernels for quantized matrix-vector products (``group_gemv.cpp``), built on first use.
+"""gemmarun's native CPU kernels, one C++ module built on first use.
 
-Decode multiplies one token's activations by every weight matrix, so its speed is the speed of
-reading the weights. Torch has no CPU kernel for int8 codes with per-group scales (GGML's Q8_0,
-Q5_0, Q6_K, ... layout): the portable path dequantizes tiles to float32 and then multiplies,
-touching every weight three times. ``group_gemv`` reads gemmarun's repacked codes once, with the
-activations rounded to int16 per group (int8 under bfloat16 compute) so that the inner loop is
-integer multiply-adds; ``block_gemv`` does the same on GGUF Q4_0/Q8_0 blocks where they lie in the
-memory-mapped file (MoE experts). They are compiled for this machine's CPU (``-O3 -march=native``)
-by torch's extension builder the first time they are needed (about a minute; cached under
-``~/.cache/gemmarun/kernels``).
+* ``group_gemv.cpp``: quantized matrix-vector products. Decode multiplies one token's activations
+  by every weight matrix, so its speed is the speed of reading the weights. Torch has no CPU
+  kernel for int8 codes with per-group scales (GGML's Q8_0, Q5_0, Q6_K, ... layout): the portable
+  path dequantizes tiles to float32 and then multiplies, touching every weight three times.
+  ``group_gemv`` reads gemmarun's repacked codes once, with the activations rounded to int16 per
+  group (int8 under bfloat16 compute) so that the inner loop is integer multiply-adds;
+  ``block_gemv`` does the same on GGUF Q4_0/Q8_0 blocks where they lie in the memory-mapped file
+  (MoE experts).
+* ``decode_ops.cpp``: a decode step's small float32 operations (RMSNorm, RoPE, one query's
+  attention), each one call instead of the handful of torch dispatches its formula takes.
+* ``module.cpp``: the Python bindings of both.
 
-Where no C++ compiler (or ``ninja``) is available, or ``GEMMARUN_NATIVE_KERNELS=0``, both are None
-and the matmuls keep the portable path: slower, and exact up to float summation order (the
-kernels differ from it by their activation rounding, ~2e-5 relative in float32).
+They are compiled for this machine's CPU (``-O3 -march=native``) by torch's extension builder the
+first time they are needed (about a minute; cached under ``~/.cache/gemmarun/kernels``).
+
+Where no C++ compiler (or ``ninja``) is available, or ``GEMMARUN_NATIVE_KERNELS=0``, everything
+here is None and the model keeps its torch formulas: slower, and the same up to float summation
+order (the matmul kernels differ from the portable path by their activation rounding, ~2e-5
+relative in float32).
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["native_block_gemv", "native_group_gemv", "kernel_status"]
+__all__ = ["native_block_gemv", "native_group_gemv", "native_ops", "kernel_status"]
 
-_SOURCE = Path(__file__).with_name("group_gemv.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("group_gemv.cpp", "decode_ops.cpp", "module.cpp")]
 _CACHE = Path(os.environ.get("GEMMARUN_KERNEL_CACHE", Path.home() / ".cache" / "gemmarun" / "kernels"))
 # -fopenmp: at::parallel_for is OpenMP code in torch's headers, serial without it; the extension
 # then shares the libgomp that torch already loaded (same soname), so one thread pool.
@@ -43,17 +49,17 @@ def _build() -> Callable | None:
     if os.environ.get("GEMMARUN_NATIVE_KERNELS", "1") == "0":
         _state["status"] = "disabled (GEMMARUN_NATIVE_KERNELS=0)"
         return None
-    source = _SOURCE.read_text()
+    source = "".join(path.read_text() for path in _SOURCES)
     # One build per source text, flags, torch version and Python: a stale .so is never loaded.
     tag = hashlib.sha256(f"{source}{_CFLAGS}{torch.__version__}{sys.version}".encode()).hexdigest()[:12]
-    build_dir = _CACHE / f"group_gemv-{tag}"
+    build_dir = _CACHE / f"native-{tag}"
     try:
         from torch.utils.cpp_extension import load
 
         build_dir.mkdir(parents=True, exist_ok=True)
         module = load(
-            name=f"gemmarun_group_gemv_{tag}",
-            sources=[str(_SOURCE)],
+            name=f"gemmarun_native_{tag}",
+            sources=[str(path) for path in _SOURCES],
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
@@ -74,6 +80,12 @@ def _module():
             if "module" not in _state:
                 _state["module"] = _build()
     return _state["module"]
+
+
+def native_ops():
+    """The built module (``group_gemv``, ``block_gemv``, ``rms_norm``, ``rope``, ``attend_one``),
+    or None where it cannot be built (built once, on the first call)."""
+    return _module()
 
 
 def native_group_gemv() -> Callable | None:

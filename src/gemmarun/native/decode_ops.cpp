@@ -1,0 +1,173 @@
+// A decode step's small float32 operations, each one call instead of the 4-10 torch dispatches its
+// formula takes: on a 2-core CPU a dispatch costs 2-8 us, and a 270M decode step ran ~2,000 of
+// them, half the step's time. Each computes what model/layers.py and model/attention.py write in
+// torch, up to float summation order; tests/test_native_kernels.py holds them to it.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GEMMARUN_AVX2 1
+#endif
+
+namespace {
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  int64_t k = 0;
+  float acc = 0.f;
+#ifdef GEMMARUN_AVX2
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (; k + 16 <= n; k += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+  }
+  __m256 s = _mm256_add_ps(s0, s1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  acc = _mm_cvtss_f32(h);
+#endif
+  for (; k < n; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+// y += a * x
+inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+void check_float_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, ": a float32 CPU tensor");
+}
+
+}  // namespace
+
+// y = x / sqrt(mean(x^2) + eps) * weight over the last dimension (layers.rms_norm).
+torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, double eps) {
+  check_float_cpu(x, "x");
+  const torch::Tensor xc = x.contiguous();
+  const int64_t D = xc.size(-1), N = D == 0 ? 0 : xc.numel() / D;
+  const float* w = nullptr;
+  torch::Tensor wc;
+  if (weight.has_value()) {
+    wc = weight.value().contiguous();
+    check_float_cpu(wc, "weight");
+    TORCH_CHECK(wc.numel() == D, "weight: ", D, " values, got ", wc.numel());
+    w = wc.data_ptr<float>();
+  }
+  torch::Tensor y = torch::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float epsf = static_cast<float>(eps);
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* row = xp + n * D;
+      float* out = yp + n * D;
+      const float r = 1.f / std::sqrt(dot(row, row, D) / float(D) + epsf);
+      if (w) for (int64_t k = 0; k < D; ++k) out[k] = (row[k] * r) * w[k];
+      else for (int64_t k = 0; k < D; ++k) out[k] = row[k] * r;
+    }
+  });
+  return y;
+}
+
+// Rotate-half RoPE (layers.apply_rope): dim j pairs with j + D/2. cos and sin broadcast to x.
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  check_float_cpu(x, "x");
+  check_float_cpu(cos, "cos");
+  check_float_cpu(sin, "sin");
+  const torch::Tensor xc = x.contiguous();
+  const torch::Tensor c = cos.expand(xc.sizes()), s = sin.expand(xc.sizes());  // stride 0 where broadcast
+  const int64_t nd = xc.dim(), D = xc.size(-1), half = D / 2;
+  TORCH_CHECK(nd >= 1 && D % 2 == 0 && c.stride(-1) == 1 && s.stride(-1) == 1, "rope: cos/sin rows must be contiguous, D even");
+  const int64_t N = D == 0 ? 0 : xc.numel() / D;
+  torch::Tensor y = torch::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      int64_t rest = n, c_off = 0, s_off = 0;  // the cos/sin row of x's row n, from their strides
+      for (int64_t d = nd - 2; d >= 0; --d) {
+        const int64_t i = rest % xc.size(d);
+        rest /= xc.size(d);
+        c_off += i * c.stride(d);
+        s_off += i * s.stride(d);
+      }
+      const float* xr = xp + n * D;
+      const float* cr = cp + c_off;
+      const float* sr = sp + s_off;
+      float* out = yp + n * D;
+      for (int64_t j = 0; j < half; ++j) {
+        out[j] = xr[j] * cr[j] - xr[j + half] * sr[j];
+        out[j + half] = xr[j + half] * cr[j + half] + xr[j] * sr[j + half];
+      }
+    }
+  });
+  return y;
+}
+
+// One decode query's attention (attention.Attention._attend_one) over a cache, the mask read from
+// positions (masks.visible without blocks): key j is seen iff 0 <= pos_j <= position and, with a
+// window, pos_j > position - window. q [nH, D]; keys, values [kv, S, D] (rows contiguous);
+// key_positions [S] int64; softcap 0 = none. Returns [nH, D].
+torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
+                         int64_t position, int64_t window, double scale, double softcap) {
+  check_float_cpu(q, "q");
+  check_float_cpu(keys, "keys");
+  check_float_cpu(values, "values");
+  const torch::Tensor qc = q.contiguous();
+  const torch::Tensor kpos = key_positions.contiguous();
+  TORCH_CHECK(qc.dim() == 2 && keys.dim() == 3 && values.sizes() == keys.sizes(), "attend_one: q [nH, D], keys/values [kv, S, D]");
+  TORCH_CHECK(kpos.scalar_type() == torch::kInt64 && kpos.numel() == keys.size(1), "key_positions: [S] int64");
+  const int64_t nH = qc.size(0), D = qc.size(1), kv = keys.size(0), S = keys.size(1);
+  TORCH_CHECK(keys.size(2) == D && kv > 0 && nH % kv == 0, "attend_one: head dims or counts do not match");
+  TORCH_CHECK(keys.stride(2) == 1 && values.stride(2) == 1, "attend_one: key/value rows must be contiguous");
+  torch::Tensor out = torch::zeros({nH, D}, qc.options());
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  const int64_t* pos = kpos.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t groups = nH / kv, k_head = keys.stride(0), k_row = keys.stride(1);
+  const int64_t v_head = values.stride(0), v_row = values.stride(1);
+  const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, nH, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> scores(S);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t g = h / groups;
+      const float* qh = qp + h * D;
+      float top = neg_inf;
+      for (int64_t j = 0; j < S; ++j) {
+        const int64_t p = pos[j];
+        if (p < 0 || p > position || (window > 0 && p <= position - window)) {
+          scores[j] = neg_inf;
+          continue;
+        }
+        float s = dot(qh, kp + g * k_head + j * k_row, D) * sc;
+        if (cap > 0.f) s = cap * std::tanh(s / cap);
+        scores[j] = s;
+        top = std::max(top, s);
+      }
+      if (top == neg_inf) continue;  // nothing visible (never in decode: the query sees itself)
+      float total = 0.f;
+      for (int64_t j = 0; j < S; ++j) {
+        scores[j] = scores[j] == neg_inf ? 0.f : std::exp(scores[j] - top);
+        total += scores[j];
+      }
+      float* oh = op + h * D;
+      for (int64_t j = 0; j < S; ++j)
+        if (scores[j] != 0.f) axpy(scores[j] / total, vp + g * v_head + j * v_row, oh, D);
+    }
+  });
+  return out;
+}
