@@ -304,10 +304,7 @@ class _QuantMatrix(torch.nn.Module):
             gemv = self._native_kernel()
             if gemv is not None:  # decode: the fewest dispatches, this runs ~100-250 times a token
                 x2 = x.reshape(-1, self.cols)
-                x2 = (x2 if x2.dtype == torch.float32 else x2.float()).contiguous()
-                # int8 activations when computing below float32: no more rounding than asked for
-                y = gemv(x2, self.data, self.scale, self.bias, self.group_size, self._code_min_f,
-                         self.nibbles, cdt != torch.float32)
+                y = gemv(x2 if x2.dtype == torch.float32 else x2.float())
                 return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*lead, self.rows)
         x2 = x.reshape(-1, self.cols).to(cdt)
         if self._int4 is not None or self._packs_for_cpu(x.device) == "int4":
@@ -345,12 +342,18 @@ class _QuantMatrix(torch.nn.Module):
                 and self.data.numel() > 0 and self.group_size in (16, 32))
 
     def _native_kernel(self):
-        """The native kernel when it can multiply this matrix (CPU, codes kept), else None;
-        looked up once, and again after a move or a repack."""
+        """``x (float32 [M, cols]) -> x @ W.T`` through the native kernel when it can multiply this
+        matrix (CPU, codes kept), else None; made once, and again after a move, a dtype cast or
+        a repack. The buffers are bound here: a module attribute lookup per call cost more than
+        the multiply of a small matrix."""
         if self._native is None:
             gemv = native_group_gemv() if self._native_eligible(torch.device("cpu")) else None
-            self._native = gemv or False
-            self._code_min_f = float(self.code_min)
+            self._native = False
+            if gemv is not None:
+                args = (self.data, self.scale, self.bias, self.group_size, float(self.code_min), self.nibbles,
+                        # int8 activations when computing below float32: no more rounding than asked for
+                        self.compute_dtype != torch.float32)
+                self._native = lambda x: gemv(x, *args)
         return self._native or None
 
     def _packs_for_cpu(self, device: torch.device) -> str | None:
