@@ -19,25 +19,28 @@ from .config import LayerSpec, LayerType, TextConfig
 class FullKV:
     """Static per-position storage for a full-attention layer."""
 
-    def __init__(self, spec: LayerSpec, batch: int, max_len: int, dtype, device):
+    def __init__(self, spec: LayerSpec, batch: int, max_len: int, dtype, device, slot_positions: torch.Tensor):
         shape = (batch, spec.num_kv_heads, max_len, spec.head_dim)
         self.keys = None if spec.k_eq_v else torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.end = 0  # one past the highest position written
+        self._positions = slot_positions  # arange(max_len): slot i holds position i (shared by the layers)
 
     def update(self, k, v, positions):
         """Store (B, kv, T, D) keys/values at `positions`; return everything visible so far as
         (keys or None when keys are rebuilt from values, values, key positions)."""
-        if int(positions[-1]) >= self.max_len:
-            raise ValueError(f"position {int(positions[-1])} is past the cache length {self.max_len}")
+        last = int(positions[-1])
+        if last >= self.max_len:
+            raise ValueError(f"position {last} is past the cache length {self.max_len}")
+        # One token (decode) writes a slice: a tensor-indexed write costs several dispatches more.
+        where = slice(last, last + 1) if positions.numel() == 1 else positions
         if self.keys is not None:
-            self.keys[:, :, positions] = k
-        self.values[:, :, positions] = v
-        self.end = max(self.end, int(positions[-1]) + 1)
-        key_positions = torch.arange(self.end, device=positions.device)
+            self.keys[:, :, where] = k
+        self.values[:, :, where] = v
+        self.end = max(self.end, last + 1)
         keys = None if self.keys is None else self.keys[:, :, : self.end]
-        return keys, self.values[:, :, : self.end], key_positions
+        return keys, self.values[:, :, : self.end], self._positions[: self.end]
 
     def truncate(self, length: int) -> None:
         """Forget positions >= `length`."""
@@ -72,6 +75,13 @@ class SlidingKV:
         return keys, values, key_positions
 
     def _write(self, k, v, positions):
+        if positions.numel() == 1:  # decode: slices, not tensor-indexed writes (fewer dispatches)
+            position = int(positions[0])
+            slot = position % self.size
+            self.keys[:, :, slot : slot + 1] = k
+            self.values[:, :, slot : slot + 1] = v
+            self.positions[slot] = position
+            return
         slots = positions % self.size
         self.keys[:, :, slots] = k
         self.values[:, :, slots] = v
@@ -93,13 +103,14 @@ class KVCache:
         self.config = config
         self.max_len = max_len
         self.layers: list[FullKV | SlidingKV | None] = []
+        slot_positions = torch.arange(max_len, device=device)
         for spec in config.layers:
             if not spec.owns_kv:
                 self.layers.append(None)
             elif spec.layer_type is LayerType.SLIDING:
                 self.layers.append(SlidingKV(spec, batch, max_len, dtype, device, spare))
             else:
-                self.layers.append(FullKV(spec, batch, max_len, dtype, device))
+                self.layers.append(FullKV(spec, batch, max_len, dtype, device, slot_positions))
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers if layer is not None)
