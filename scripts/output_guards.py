@@ -180,12 +180,13 @@ def main() -> int:
         import datetime
         from pathlib import Path
 
-        from gemmarun.bench import machine_line, record
+        from gemmarun.bench import record
+        from gemmarun.machine import describe
 
         setup = "Output guards: loop guard and grammar engines on the real Gemma 3 270M"
         command = "python scripts/output_guards.py " + " ".join(sys.argv[1:])
         record(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", setup,
-               f"### {setup}\n\n{machine_line(torch.get_num_threads())}, {datetime.date.today()}. "
+               f"### {setup}\n\n{describe(torch.get_num_threads())}, {datetime.date.today()}. "
                f"Command: `{command}`\n\n{text}\n")
     return 0
 

@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers:
             s.stop()
 
-    from gemmarun.bench import machine_line, usable_cpus
+    from gemmarun.machine import describe, usable_cpus
 
     setup = f"server load: {model}, {args.clients} clients, {args.seconds:g} s"
     command = "python scripts/server_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join([
         f"### {setup}", "",
         f"- command: `{command}`",
-        f"- machine: {machine_line(usable_cpus())}",
+        f"- machine: {describe(usable_cpus())}",
         f"- date: {datetime.date.today().isoformat()}",
         f"- text requests: {model}; image and audio requests: {media_model}",
         f"- greedy, max_tokens {args.max_tokens}, {args.variants} requests of each kind, --max-batch {args.max_batch}",

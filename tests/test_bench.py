@@ -23,6 +23,7 @@ from gemmarun.bench import (
 from gemmarun.cli import main
 from gemmarun.loading.convert import convert
 from gemmarun.loading.gguf_file import GGUFFile
+from gemmarun.machine import physical_cores
 
 
 @pytest.fixture(scope="module")
@@ -189,15 +190,6 @@ def test_record_replaces_the_same_setup_and_keeps_what_follows(tmp_path):
     assert (tmp_path / "new.md").read_text() == "# Benchmarks\n\n### s\n\nfirst\n"
 
 
-def test_physical_cores_counts_cores_not_smt_siblings():
-    smt = "".join(f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i % 2}\n\n" for i in range(4))
-    assert bench.physical_cores(smt, usable=4) == 2
-    assert bench.physical_cores(smt, usable=1) == 1
-    two_sockets = "physical id : 0\ncore id : 0\n\nphysical id : 1\ncore id : 0\n"
-    assert bench.physical_cores(two_sockets, usable=8) == 2
-    assert bench.physical_cores("processor : 0\n", usable=3) == 3
-
-
 def test_read_bandwidth_is_measured_with_the_thread_count():
     bw = bench.measure_read_bandwidth(threads=1, buffer_bytes=16 * 2**20, repeats=2)
     assert bw.threads == 1 and bw.buffer_bytes == 16 * 2**20 and bw.bytes_per_s > 1e8
@@ -314,7 +306,7 @@ def test_compare_on_the_real_270m_briefly():
     from gemmarun.loading.default import default_model_path
 
     facts = bench.describe_model(default_model_path())
-    w = Workload(str(facts.path), bench.random_prompt_ids(facts.config.vocab_size, 32), 4, bench.physical_cores(),
+    w = Workload(str(facts.path), bench.random_prompt_ids(facts.config.vocab_size, 32), 4, physical_cores(),
                  tuple(facts.tokenizer.encode(bench.SANITY_PROMPT)), 8)
     ours, theirs = bench.run_rounds(w, [bench.gemmarun_runtime(), _runtime("llama.cpp")], rounds=1)
     assert ours.status == theirs.status == ""

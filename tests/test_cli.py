@@ -71,7 +71,7 @@ def test_prompt_past_context_is_a_one_line_error(tiny_models):
 def test_threads_default_to_physical_cores_and_can_be_set(tiny_models, capsys, monkeypatch):
     import torch
 
-    from gemmarun.bench import physical_cores
+    from gemmarun.machine import physical_cores
 
     folder, _ = tiny_models("gemma3")
     before = torch.get_num_threads()

@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-
-from gemmarun.quant import FORMATS, QuantEmbedding, QuantLinear
-from gemmarun.quant import linear as ql
-from gemmarun.native import kernel_status, native_group_gemv
 from test_quant_formats import reference
 from test_quant_linear import make_raw, rel_err
+
+from gemmarun.native import kernel_status, native_group_gemv
+from gemmarun.quant import FORMATS, QuantEmbedding, QuantLinear
+from gemmarun.quant import linear as ql
 
 QUANT_TYPES = [t for t, f in FORMATS.items() if not f.is_float]
 # Activations are rounded to int16 per group of 16/32 (error <= 2^-16 of the group's largest
@@ -198,10 +198,10 @@ def test_block_kernel_rejects_what_it_cannot_read():
 
 # ---- decode_ops.cpp: the model's small float32 operations, against their torch formulas ---------
 
-from gemmarun.masks import visible  # noqa: E402
-from gemmarun.model import attention as attention_module  # noqa: E402
-from gemmarun.model import layers  # noqa: E402
-from gemmarun.native import native_ops  # noqa: E402
+from gemmarun.masks import visible
+from gemmarun.model import attention as attention_module
+from gemmarun.model import layers
+from gemmarun.native import native_ops
 
 
 @pytest.fixture

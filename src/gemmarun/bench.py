@@ -16,7 +16,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -32,6 +31,7 @@ import torch
 from .cache import make_cache
 from .config import ConfigError
 from .generate import decode_step, prefill
+from .machine import describe
 
 RESULT_PREFIX = "gemmarun-bench-result "
 NOT_INSTALLED = "not installed (pip install gemmarun[bench])"
@@ -149,58 +149,6 @@ def run_bench(llm, load_s: float, prompt_ids: Sequence[int], decode_tokens: int,
         first_ids=greedy_ids(model, cfg, sanity_ids, sanity_tokens) if sanity_ids else (),
         version=f"gemmarun {__version__}",
     )
-
-
-# -- the machine --------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def physical_cores(cpuinfo: str | None = None, usable: int | None = None) -> int:
-    """Distinct (physical id, core id) pairs, capped by the CPUs this process may run on. SMT
-    siblings share one core's vector units, so matmul threads beyond the cores only contend."""
-    usable = usable_cpus() if usable is None else usable
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return usable
-    cores, package = set(), "0"
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "physical id":
-            package = value.strip()
-        elif key == "core id":
-            cores.add((package, value.strip()))
-    return max(1, min(len(cores), usable)) if cores else usable
-
-
-def ram_gib() -> float:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        return float("nan")
-
-
-def machine_line(threads: int) -> str:
-    return (f"{cpu_model()}, {physical_cores()} cores ({os.cpu_count()} logical), {threads} threads used, "
-            f"{ram_gib():.1f} GiB RAM, torch {torch.__version__}")
 
 
 # -- the memory-bandwidth limit -----------------------------------------------------------------
@@ -512,7 +460,7 @@ def format_report(rep: Report) -> str:
         f"### {rep.setup}",
         "",
         f"- command: `{rep.command}`",
-        f"- machine: {machine_line(rep.threads)}",
+        f"- machine: {describe(rep.threads)}",
         f"- date: {datetime.date.today().isoformat()}",
         (f"- workload: {len(w.prompt_ids)} random prompt token ids (seed 0), {w.decode_tokens} greedy decode "
          f"tokens, {w.threads} threads; median of {rep.rounds} interleaved round{'s' * (rep.rounds != 1)}, "

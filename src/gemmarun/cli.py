@@ -17,23 +17,6 @@ def _add_model_options(p: argparse.ArgumentParser, threads: bool = True) -> None
                        help="CPU threads (default: $OMP_NUM_THREADS, else the physical cores)")
 
 
-def _set_threads(requested: int | None) -> None:
-    """Decode on a CPU is memory-bound and SMT siblings share one core's vector units: one
-    thread per physical core is the sensible default (torch's own default counts logical CPUs)."""
-    import os
-
-    import torch
-
-    from .bench import physical_cores
-
-    if requested is None and os.environ.get("OMP_NUM_THREADS"):
-        return  # torch already honours it
-    threads = physical_cores() if requested is None else requested
-    if threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {threads}")
-    torch.set_num_threads(threads)
-
-
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -290,7 +273,7 @@ def _bench_command(args: argparse.Namespace, threads: int) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import bench
+    from . import bench, machine
     from .loading import resolve_device
 
     if args.model and args.random_weights:
@@ -300,7 +283,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.compare and device.type != "cpu":
         raise bench.BenchError("--compare runs every runtime on the CPU; drop --device or pass --device cpu")
-    threads = args.threads if args.threads is not None else bench.physical_cores()
+    threads = args.threads if args.threads is not None else machine.physical_cores()
     if threads < 1:
         raise bench.BenchError(f"--threads must be at least 1, got {threads}")
     if args.twin and not args.random_weights:
@@ -468,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         if hasattr(args, "threads") and func is not cmd_bench:  # bench sets each runtime's own
-            _set_threads(args.threads)
+            from . import machine
+
+            machine.set_threads(args.threads)
         return func(args)
     except KeyboardInterrupt:
         print("", file=sys.stderr)

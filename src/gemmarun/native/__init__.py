@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["native_block_gemv", "native_group_gemv", "native_ops", "kernel_status"]
+__all__ = ["kernel_status", "native_block_gemv", "native_group_gemv", "native_ops"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("group_gemv.cpp", "decode_ops.cpp", "module.cpp")]
 _CACHE = Path(os.environ.get("GEMMARUN_KERNEL_CACHE", Path.home() / ".cache" / "gemmarun" / "kernels"))

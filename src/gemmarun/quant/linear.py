@@ -77,8 +77,8 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from .formats import as_blocks, get_format, type_name
 from ..native import native_group_gemv
+from .formats import as_blocks, get_format, type_name
 
 __all__ = ["QuantEmbedding", "QuantLinear"]
 
