@@ -25,6 +25,9 @@ class QuantizedTensor:
     raw: torch.Tensor  # (rows, bytes per row), a view of the memory-mapped file
     ggml_type: object  # gguf.GGMLQuantizationType
     shape: tuple[int, ...]  # logical PyTorch shape
+    # Whether `raw` is a view of a memory-mapped file that outlives the model (then CPU MoE experts
+    # may be read where they lie instead of copied).
+    mapped: bool = False
     # Called once the bytes were repacked, to give their pages of the mapping back.
     release: Callable[[], None] | None = field(default=None, compare=False)
 
@@ -111,7 +114,7 @@ def _swap_quantized(model: TextModel, name: str, q: QuantizedTensor, dtype: torc
         model.embed_tokens = QuantEmbedding.from_raw(q.raw, q.ggml_type, rows, dim, dtype)
     elif leaf in ("gate_up_proj", "down_proj") and owner_name.endswith("experts"):
         experts = QuantExperts.ensure(model, owner_name, dtype)
-        return experts.set_weight(leaf, q, keep_mapped=device.type == "cpu" and q.release is not None)
+        return experts.set_weight(leaf, q, keep_mapped=device.type == "cpu" and q.mapped)
     else:
         raise LoadError(f"tensor {name} is quantized ({q.ggml_type.name}) where gemmarun needs floats")
     return False

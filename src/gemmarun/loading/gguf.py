@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,8 @@ def _tensor(f: GGUFFile, info: TensorInfo, reference: bool, name: str) -> torch.
     except UnsupportedQuantType as e:
         raise LoadError(f"{f.path}: {e}") from None
     rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
-    q = QuantizedTensor(raw.view(rows, -1), info.ggml_type, info.shape, release=partial(f.release, info.name))
+    q = QuantizedTensor(raw.view(rows, -1), info.ggml_type, info.shape, mapped=True,
+                        release=partial(f.release, info.name))
     return q.dequantize() if reference else q
 
 
