@@ -305,3 +305,21 @@ def test_decode_ops_reject_what_they_cannot_read():
         ops.attend_one(torch.ones(2, 8), torch.ones(1, 3, 8), torch.ones(1, 3, 8), torch.arange(4), 2, 0, 1.0, 0.0)
     with pytest.raises(RuntimeError, match="head"):
         ops.attend_one(torch.ones(3, 8), torch.ones(2, 3, 8), torch.ones(2, 3, 8), torch.arange(3), 2, 0, 1.0, 0.0)
+
+
+@needs_kernel
+def test_a_quantized_matrix_with_its_kernel_bound_pickles_and_copies(tmp_path):
+    """The kernel closure binds the module's buffers; a copy or a saved module makes its own."""
+    import copy
+
+    raw = make_raw(T.Q8_0, 32, 64, 5)
+    layer = QuantLinear.from_raw(torch.from_numpy(raw), T.Q8_0, 32, 64, torch.float32)
+    x = torch.randn(1, 64)
+    y = layer(x)
+    assert layer._native is not None
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    twin = copy.deepcopy(layer)
+    twin.data.zero_()  # the copy's own codes, not the original's
+    assert torch.equal(loaded(x), y) and torch.equal(layer(x), y)
+    assert not torch.equal(twin(x), y)

@@ -16,8 +16,8 @@ from gguf import GGMLQuantizationType
 
 from ..model.layers import gelu_tanh
 from ..model.moe import Experts
-from .formats import dequantize
 from ..native import native_block_gemv
+from .formats import dequantize
 from .linear import NATIVE_MAX_ROWS, QuantLinear
 
 # GGUF block types the native kernel reads in place (a float16 scale and 32 codes per block)

@@ -163,6 +163,11 @@ class _QuantMatrix(torch.nn.Module):
         self._dense: torch.Tensor | None = None  # bfloat16 matrix (CPU bfloat16 compute)
         self._native = None  # the native kernel, False where it cannot run, None: not looked up
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_native"] = None  # a closure over this module's buffers: made again where it lands
+        return state
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to(device)`` moves the buffers; a dtype cast only sets ``compute_dtype``.
 
