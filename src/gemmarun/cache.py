@@ -59,28 +59,34 @@ class SlidingKV:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.full((self.size,), -1, dtype=torch.long, device=device)
+        # Slots at and past `used` were never written: attention reads only the first `used`
+        # (a 200-token chat on a 1024-slot ring reads 200 keys a sliding layer, not 1024).
+        self.used = 0
 
     def update(self, k, v, positions):
         if positions.numel() == 1:
             # One new token only evicts position p - window, which it cannot see anyway.
             self._write(k, v, positions)
-            return self.keys, self.values, self.positions
+            u = self.used
+            return self.keys[:, :, :u], self.values[:, :, :u], self.positions[:u]
         # A chunk's first queries still need the keys it is about to evict: attend over the
         # ring as it was plus the whole chunk, then keep the chunk's last `size` tokens.
-        keys = torch.cat((self.keys, k), dim=2)
-        values = torch.cat((self.values, v), dim=2)
-        key_positions = torch.cat((self.positions, positions))
+        u = self.used
+        keys = torch.cat((self.keys[:, :, :u], k), dim=2)
+        values = torch.cat((self.values[:, :, :u], v), dim=2)
+        key_positions = torch.cat((self.positions[:u], positions))
         n = min(self.size, positions.numel())
         self._write(k[:, :, -n:], v[:, :, -n:], positions[-n:])
         return keys, values, key_positions
 
     def _write(self, k, v, positions):
+        last = int(positions[-1])  # positions ascend: slots below min(last + 1, size) hold them all
+        self.used = max(self.used, min(last + 1, self.size))
         if positions.numel() == 1:  # decode: slices, not tensor-indexed writes (fewer dispatches)
-            position = int(positions[0])
-            slot = position % self.size
+            slot = last % self.size
             self.keys[:, :, slot : slot + 1] = k
             self.values[:, :, slot : slot + 1] = v
-            self.positions[slot] = position
+            self.positions[slot] = last
             return
         slots = positions % self.size
         self.keys[:, :, slots] = k
