@@ -167,18 +167,20 @@ def test_bfloat16_decode_within_bfloat16_tolerance(qtype: T, tiles_forbidden):
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("int8_activations", [False, True], ids=["int16", "int8"])
 def test_blocks_read_in_place_are_exact_for_their_rounded_activations(qtype: T, int8_activations: bool):
-    """GGUF block rows read as they lie in the file (the mapped MoE experts' path)."""
+    """GGUF block rows read as they lie in the file (the mapped MoE experts' path). The K-quant
+    rows (and Q5_0's) take int16 activations whatever is asked."""
     from gemmarun.native import native_block_gemv
 
-    rows, cols = 40, 384
+    rows, cols = 40, 768
     raw = make_raw(qtype, rows, cols, seed=int(qtype) + 7)
     w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy()).double()
     x = torch.randn(5, cols, generator=torch.Generator().manual_seed(11))
     y = native_block_gemv()(x, torch.from_numpy(raw), int(qtype), int8_activations).double()
-    expected = _rounded_like_the_kernel(x, 32, 127 if int8_activations else 32767) @ w_ref.T
+    int8 = int8_activations and qtype in (T.Q4_0, T.Q8_0)
+    expected = _rounded_like_the_kernel(x, 32, 127 if int8 else 32767) @ w_ref.T
     assert rel_err(y, expected) < 1e-6
     # a row slice of a bigger tensor (one expert of many) reads only its rows
     y_part = native_block_gemv()(x, torch.from_numpy(raw)[8:24], int(qtype), int8_activations).double()
@@ -190,10 +192,12 @@ def test_block_kernel_rejects_what_it_cannot_read():
     from gemmarun.native import native_block_gemv
 
     x = torch.randn(1, 64)
-    with pytest.raises(RuntimeError, match="Q4_0 and Q8_0"):
+    with pytest.raises(RuntimeError, match="Q4_0, Q8_0, Q5_0, Q4_K and Q6_K"):
         native_block_gemv()(x, torch.zeros(2, 36, dtype=torch.uint8), int(T.Q4_1), False)
     with pytest.raises(RuntimeError, match="do not match"):
         native_block_gemv()(x, torch.zeros(2, 35, dtype=torch.uint8), int(T.Q4_0), False)
+    with pytest.raises(RuntimeError, match="do not match"):  # K-quant rows come in 256s
+        native_block_gemv()(x, torch.zeros(2, 36, dtype=torch.uint8), int(T.Q4_K), False)
 
 
 # ---- decode_ops.cpp: the model's small float32 operations, against their torch formulas ---------
@@ -323,3 +327,28 @@ def test_a_quantized_matrix_with_its_kernel_bound_pickles_and_copies(tmp_path):
     twin.data.zero_()  # the copy's own codes, not the original's
     assert torch.equal(loaded(x), y) and torch.equal(layer(x), y)
     assert not torch.equal(twin(x), y)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_moe_experts_read_in_place_match_repacked_experts(qtype: T):
+    """QuantExperts keeps mapped blocks of these types where they lie and gives what repacked
+    experts give (the model-level check with GGUF files covers Q4_0/Q8_0: gguf-py cannot write
+    K-quants)."""
+    from gemmarun.loading.build import QuantizedTensor
+    from gemmarun.quant.experts import QuantExperts
+
+    E, out_f, in_f = 3, 16, 512
+    raw = torch.from_numpy(make_raw(qtype, E * out_f, in_f, seed=int(qtype) + 31))
+    q = QuantizedTensor(raw, qtype, (E, out_f, in_f), mapped=True)
+    in_place, repacked = QuantExperts(E, torch.float32), QuantExperts(E, torch.float32)
+    assert in_place.set_weight("down_proj", q, keep_mapped=True)
+    assert not repacked.set_weight("down_proj", q, keep_mapped=False)
+    assert "down_proj" in in_place.mapped and len(repacked.down) == E
+    x = torch.randn(2, in_f, generator=torch.Generator().manual_seed(5))
+    for e in range(E):
+        a, b = in_place._project("down_proj", e, x), repacked._project("down_proj", e, x)
+        assert rel_err(a, b) < 1e-4
+    w = torch.from_numpy(reference(raw.numpy(), qtype).reshape(E, out_f, in_f).copy())
+    big = torch.randn(ql.NATIVE_MAX_ROWS + 1, in_f)  # a prefill-sized batch dequantizes one expert
+    assert rel_err(in_place._project("down_proj", 1, big), big @ w[1].T) < 1e-6

@@ -283,7 +283,7 @@ void run_rows(const Problem& p, bool nibbles) {
 // A Q4_0 block is a float16 scale d and 16 bytes: byte j holds codes j (low nibble) and j + 16
 // (high), w = (code - 8) * d. A Q8_0 block is d and 32 int8 codes, w = code * d.
 
-constexpr int64_t kQ4_0 = 2, kQ8_0 = 8;  // GGMLQuantizationType values
+constexpr int64_t kQ4_0 = 2, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14;  // GGMLQuantizationType values
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
@@ -373,6 +373,119 @@ void block_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
   }
 }
 
+
+// ---- Q4_K, Q6_K and Q5_0 blocks read in place (llama.cpp's Q4_K_M experts) ---------------------
+// A super-block holds 256 weights. Q4_K: float16 d and dmin, 12 bytes packing eight 6-bit scales
+// and eight 6-bit mins (one per 32 weights), 128 bytes of nibbles (each 32 bytes: the low nibbles
+// are 32 weights, the high nibbles the next 32); w = d * scale * code - dmin * min. Q6_K: 128
+// bytes of low nibbles, 64 bytes of 2-bit highs, sixteen int8 scales (one per 16 weights), float16
+// d; w = d * scale * (code - 32). Each super-block is unpacked to int16 codes in a small buffer
+// (L1), then multiplied like the other formats. Q5_0 (where Q4_K_M falls back for rows that are
+// not a multiple of 256: a 26B-A4B's 704-wide expert down projection) is a float16 d, 32 high
+// bits and 16 bytes of nibbles, w = d * (code - 16). The activations stay int16 (per 32 values).
+
+// acc += s * (q . x) over 16 int16 pairs: one 16-bit multiply-add, kept in 8 float lanes until the
+// row ends (a horizontal sum per 16 weights cost more than the products).
+#ifdef GEMMARUN_AVX2
+using Acc = __m256;
+inline Acc acc_zero() { return _mm256_setzero_ps(); }
+inline float acc_sum(Acc a) { return hsum(a); }
+inline Acc fma16(const int16_t* q, const int16_t* x, float s, Acc acc) {
+  const __m256i p = _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(q)),
+                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
+}
+#else
+using Acc = float;
+inline Acc acc_zero() { return 0.f; }
+inline float acc_sum(Acc a) { return a; }
+inline Acc fma16(const int16_t* q, const int16_t* x, float s, Acc acc) {
+  int32_t d = 0;
+  for (int k = 0; k < 16; ++k) d += int32_t(q[k]) * int32_t(x[k]);
+  return acc + s * float(d);
+}
+#endif
+
+// One Q4_K super-block times one activation row (xq, xd, xs: this super-block's part); the
+// mins' term goes to `offset`.
+inline Acc q4_k_block(const uint8_t* blk, const int16_t* xq, const float* xd, const float* xs, Acc acc,
+                      float& offset) {
+  const float d = half_at(blk), dmin = half_at(blk + 2);
+  const uint8_t* sc6 = blk + 4;
+  const uint8_t* qs = blk + 16;
+  alignas(32) int16_t q[256];
+  for (int c = 0; c < 4; ++c)
+    for (int j = 0; j < 32; ++j) {
+      q[c * 64 + j] = qs[c * 32 + j] & 0x0F;
+      q[c * 64 + 32 + j] = qs[c * 32 + j] >> 4;
+    }
+  for (int j = 0; j < 8; ++j) {
+    const int scale = j < 4 ? sc6[j] & 63 : (sc6[j + 4] & 0x0F) | ((sc6[j - 4] >> 2) & 0x30);
+    const int min = j < 4 ? sc6[j + 4] & 63 : (sc6[j + 4] >> 4) | ((sc6[j] >> 2) & 0x30);
+    const float f = d * float(scale) * xd[j];
+    acc = fma16(q + j * 32, xq + j * 32, f, acc);
+    acc = fma16(q + j * 32 + 16, xq + j * 32 + 16, f, acc);
+    offset += dmin * float(min) * xs[j];
+  }
+  return acc;
+}
+
+inline Acc q6_k_block(const uint8_t* blk, const int16_t* xq, const float* xd, Acc acc) {
+  const uint8_t* ql = blk;
+  const uint8_t* qh = blk + 128;
+  const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192);
+  const float d = half_at(blk + 208);
+  alignas(32) int16_t q[256];
+  // weights h*128 + s*32 + j: low nibble of ql[h*64 + (s&1)*32 + j] (high nibble for s >= 2),
+  // high bits from qh[h*32 + j] >> 2s; constant shifts per (h, s) so the j loop vectorizes
+  for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s)
+      for (int j = 0; j < 32; ++j) {
+        const int lo = (ql[h * 64 + (s & 1) * 32 + j] >> (4 * (s >> 1))) & 0x0F;
+        const int hi = (qh[h * 32 + j] >> (2 * s)) & 0x03;
+        q[h * 128 + s * 32 + j] = static_cast<int16_t>((lo | (hi << 4)) - 32);
+      }
+  for (int k = 0; k < 16; ++k) acc = fma16(q + k * 16, xq + k * 16, d * float(scales[k]) * xd[k / 2], acc);
+  return acc;
+}
+
+inline Acc q5_0_block(const uint8_t* blk, const int16_t* xq, float xd, Acc acc) {
+  const float d = half_at(blk);
+  uint32_t qh;
+  std::memcpy(&qh, blk + 2, 4);
+  const uint8_t* qs = blk + 6;
+  alignas(32) int16_t q[32];
+  for (int j = 0; j < 16; ++j) {
+    q[j] = static_cast<int16_t>(((qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16);
+    q[j + 16] = static_cast<int16_t>(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+  }
+  acc = fma16(q, xq, d * xd, acc);
+  return fma16(q + 16, xq + 16, d * xd, acc);
+}
+
+void unpacked_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
+  const int64_t block = p.type == kQ5_0 ? 32 : 256, nb = p.C / block;
+  const int64_t type_size = p.type == kQ5_0 ? 22 : p.type == kQ4_K ? 144 : 210;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.blocks + r * p.row_bytes;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int16_t* x = p.xq + m * p.C;
+      const float* xd = p.xscale + m * (p.C / 32);
+      const float* xs = p.xsum + m * (p.C / 32);
+      Acc acc = acc_zero();
+      float offset = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * type_size;
+        if (p.type == kQ4_K) acc = q4_k_block(blk, x + b * 256, xd + b * 8, xs + b * 8, acc, offset);
+        else if (p.type == kQ6_K) acc = q6_k_block(blk, x + b * 256, xd + b * 8, acc);
+        else acc = q5_0_block(blk, x + b * 32, xd[b], acc);
+      }
+      p.y[m * p.R + r] = acc_sum(acc) - offset;
+    }
+  }
+}
+
 }  // namespace
 
 // x: [M, C] float32; codes: [R, C] int8 or [R, C/2] uint8 nibbles; scale, bias: [R, C/group] float32 or float16;
@@ -431,21 +544,26 @@ torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
   return y;
 }
 
-// x: [M, C] float32 (C a multiple of 32); blocks: [R, row_bytes] uint8 rows of Q4_0 or Q8_0 blocks.
+// x: [M, C] float32 (C a multiple of 32, of 256 for K-quants); blocks: [R, row_bytes] uint8 rows of
+// Q4_0, Q8_0, Q5_0, Q4_K or Q6_K blocks.
 torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type, bool int8_activations) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x: float32 [M, C]");
   x = x.contiguous();
-  TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0, "block_gemv reads Q4_0 and Q8_0 blocks only");
+  const bool unpacked = ggml_type == kQ4_K || ggml_type == kQ6_K || ggml_type == kQ5_0;  // int16 activations only
+  TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0 || unpacked,
+              "block_gemv reads Q4_0, Q8_0, Q5_0, Q4_K and Q6_K blocks only");
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == torch::kUInt8 && blocks.stride(1) == 1, "blocks: [R, bytes] uint8 rows");
   const int64_t M = x.size(0), C = x.size(1), R = blocks.size(0);
-  const int64_t type_size = ggml_type == kQ4_0 ? 18 : 34;
-  TORCH_CHECK(C % 32 == 0 && blocks.size(1) == C / 32 * type_size, "blocks do not match x");
+  const int64_t block = ggml_type == kQ4_K || ggml_type == kQ6_K ? 256 : 32;
+  const int64_t type_size = ggml_type == kQ4_0 ? 18 : ggml_type == kQ8_0 ? 34 : ggml_type == kQ5_0 ? 22
+                            : ggml_type == kQ4_K ? 144 : 210;
+  TORCH_CHECK(C % block == 0 && blocks.size(1) == C / block * type_size, "blocks do not match x");
   BlockProblem p{};
   p.blocks = blocks.data_ptr<uint8_t>();
   p.R = R; p.C = C; p.M = M; p.row_bytes = blocks.stride(0); p.type = ggml_type;
   bool q8 = false;
 #ifdef GEMMARUN_AVX2
-  q8 = int8_activations;
+  q8 = int8_activations && !unpacked;
 #endif
   std::vector<int16_t> xq(q8 ? 0 : M * C);
   std::vector<int8_t> xq8(q8 ? M * C : 0);
@@ -460,6 +578,8 @@ torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_typ
   p.xscale = xscale.data(); p.xsum = xsum.data();
   torch::Tensor y = torch::empty({M, R}, x.options());
   p.y = y.data_ptr<float>();
-  at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) { block_rows(p, r0, r1); });
+  at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) {
+    if (unpacked) unpacked_rows(p, r0, r1); else block_rows(p, r0, r1);
+  });
   return y;
 }

@@ -13,7 +13,7 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor valu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_gemv", &group_gemv, "x @ W.T for group-quantized W, read as stored");
-  m.def("block_gemv", &block_gemv, "x @ W.T for W given as GGUF Q4_0/Q8_0 block rows");
+  m.def("block_gemv", &block_gemv, "x @ W.T for W given as GGUF Q4_0/Q8_0/Q5_0/Q4_K/Q6_K block rows");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32");
   m.def("rope", &rope, "rotate-half RoPE of [B, T, H, D] with per-position cos/sin");
   m.def("attend_one", &attend_one, "one decode query's attention over a cache");

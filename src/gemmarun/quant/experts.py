@@ -1,9 +1,9 @@
 """MoE experts kept quantized, so a token's cost is reading only its selected experts' blocks.
 
-Two layouts. On the CPU, Q4_0 and Q8_0 expert tensors stay where they are, in the memory-mapped
-GGUF file, and the native kernel reads the selected experts' blocks in place: the 128 experts of
-a 26B-A4B (13 GB at Q4_0) never become process memory, the OS pages in what routing touches
-and can drop it again. Otherwise (other formats, CUDA, no compiler) every expert is repacked at
+Two layouts. On the CPU, Q4_0, Q8_0, Q5_0, Q4_K and Q6_K expert tensors (what llama.cpp's Q4_0,
+Q8_0 and Q4_K_M files hold) stay where they are, in the memory-mapped GGUF file, and the native kernel reads
+the selected experts' blocks in place: the 128 experts of a 26B-A4B (13 GB at Q4_0) never become
+process memory, the OS pages in what routing touches and can drop it again. Otherwise (other formats, CUDA, no compiler) every expert is repacked at
 load into a QuantLinear per projection, like any other weight."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from ..native import native_block_gemv
 from .formats import dequantize
 from .linear import NATIVE_MAX_ROWS, QuantLinear
 
-# GGUF block types the native kernel reads in place (a float16 scale and 32 codes per block)
-MAPPED_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0})
+# GGUF block types the native kernel reads in place, and the weights per block of each
+MAPPED_TYPES = {GGMLQuantizationType.Q4_0: 32, GGMLQuantizationType.Q8_0: 32, GGMLQuantizationType.Q5_0: 32,
+                GGMLQuantizationType.Q4_K: 256, GGMLQuantizationType.Q6_K: 256}
 
 
 class MappedExpertBlocks:
@@ -80,7 +81,7 @@ class QuantExperts(Experts):
     def set_weight(self, leaf: str, weight, keep_mapped: bool = False) -> bool:
         """`weight`: a QuantizedTensor of shape (E, out, in) with raw bytes (E*out, bytes per
         row), or a float tensor (E, out, in) when only the other projection is quantized.
-        `keep_mapped`: leave Q4_0/Q8_0 blocks in the file when the native kernel can read them
+        `keep_mapped`: leave blocks of MAPPED_TYPES in the file when the native kernel can read them
         (CPU). Returns whether it did (the caller must then keep the mapping's pages)."""
         E, out_f, in_f = weight.shape
         if E != self.num_experts:
@@ -89,7 +90,7 @@ class QuantExperts(Experts):
         if isinstance(weight, torch.Tensor):
             target.extend(_FloatLinear(weight[e].to(self.compute_dtype)) for e in range(E))
             return False
-        if (keep_mapped and weight.ggml_type in MAPPED_TYPES and in_f % 32 == 0
+        if (keep_mapped and weight.ggml_type in MAPPED_TYPES and in_f % MAPPED_TYPES[weight.ggml_type] == 0
                 and native_block_gemv() is not None):
             self.mapped[leaf] = MappedExpertBlocks(weight.raw, weight.ggml_type, E, out_f, in_f)
             return True
