@@ -267,6 +267,18 @@ def test_rope_matches_its_formula(layout, torch_formulas):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@needs_kernel
+def test_rope_with_cos_rows_the_kernel_cannot_read_takes_the_formula(torch_formulas):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2, 3, 8, generator=g)
+    angles = torch.rand(3, 16, generator=g)
+    cos, sin = angles.cos()[:, ::2], angles.sin()[:, ::2]  # every other column: not row-contiguous
+    got = layers.apply_rope(x, cos, sin)
+    torch.testing.assert_close(got, torch_formulas(layers.apply_rope, x, cos, sin), rtol=0, atol=0)
+    native = layers.apply_rope(x, cos.contiguous(), sin.contiguous())
+    torch.testing.assert_close(got, native, rtol=1e-6, atol=1e-6)
+
+
 def _cache(g, kv, slots, D, strided):
     k = torch.randn(1, kv, slots + (5 if strided else 0), D, generator=g)
     v = torch.randn(1, kv, slots + (5 if strided else 0), D, generator=g)

@@ -108,7 +108,7 @@ class Attention(nn.Module):
         matmul."""
         _, n_heads, _, d = q.shape
         window = self.spec.window
-        if q.dtype == k.dtype == v.dtype == torch.float32:
+        if q.dtype == k.dtype == v.dtype == torch.float32 and k.stride(-1) == v.stride(-1) == 1:
             ops = native_ops()
             if ops is not None:
                 out = ops.attend_one(q[0, :, 0], k[0], v[0], key_pos, position, window or 0, self.scale,

@@ -78,7 +78,8 @@ class RotaryTable(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., D) with cos/sin broadcastable to it: dim j pairs with j + D/2."""
-    if x.device.type == "cpu" and x.dtype == cos.dtype == sin.dtype == torch.float32:
+    if (x.device.type == "cpu" and x.dtype == cos.dtype == sin.dtype == torch.float32
+            and cos.stride(-1) == sin.stride(-1) == 1):
         ops = native_ops()  # one call for the formula below
         if ops is not None:
             return ops.rope(x, cos, sin)
