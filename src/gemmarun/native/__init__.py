@@ -6,8 +6,8 @@
   path dequantizes tiles to float32 and then multiplies, touching every weight three times.
   ``group_gemv`` reads gemmarun's repacked codes once, with the activations rounded to int16 per
   group (int8 under bfloat16 compute) so that the inner loop is integer multiply-adds;
-  ``block_gemv`` does the same on GGUF Q4_0/Q8_0 blocks where they lie in the memory-mapped file
-  (MoE experts).
+  ``block_gemv`` does the same on GGUF Q4_0/Q8_0/Q5_0/Q4_K/Q6_K blocks where they lie in the
+  memory-mapped file (MoE experts).
 * ``decode_ops.cpp``: a decode step's small float32 operations (RMSNorm, RoPE, one query's
   attention), each one call instead of the handful of torch dispatches its formula takes.
 * ``module.cpp``: the Python bindings of both.
@@ -29,6 +29,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -45,7 +46,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _build() -> Callable | None:
+def _build() -> ModuleType | None:
     if os.environ.get("GEMMARUN_NATIVE_KERNELS", "1") == "0":
         _state["status"] = "disabled (GEMMARUN_NATIVE_KERNELS=0)"
         return None
@@ -68,13 +69,13 @@ def _build() -> Callable | None:
     except Exception as e:  # no compiler, no ninja, a failed build: the portable path stays
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         _state["status"] = f"unavailable ({first_line[:200]})"
-        _log.warning("gemmarun: native CPU kernel unavailable, using the portable path: %s", first_line)
+        _log.warning("gemmarun: native CPU kernels unavailable, using the portable path: %s", first_line)
         return None
     _state["status"] = f"built in {build_dir}"
     return module
 
 
-def _module():
+def _module() -> ModuleType | None:
     if "module" not in _state:
         with _lock:
             if "module" not in _state:
@@ -82,7 +83,7 @@ def _module():
     return _state["module"]
 
 
-def native_ops():
+def native_ops() -> ModuleType | None:
     """The built module (``group_gemv``, ``block_gemv``, ``rms_norm``, ``rope``, ``attend_one``),
     or None where it cannot be built (built once, on the first call)."""
     return _module()
@@ -96,13 +97,13 @@ def native_group_gemv() -> Callable | None:
 
 
 def native_block_gemv() -> Callable | None:
-    """``block_gemv(x, blocks, ggml_type, int8_activations) -> y`` for GGUF Q4_0/Q8_0 block rows
-    read in place, or None."""
+    """``block_gemv(x, blocks, ggml_type, int8_activations) -> y`` for GGUF Q4_0/Q8_0/Q5_0/Q4_K/Q6_K
+    block rows read in place, or None."""
     module = _module()
     return None if module is None else module.block_gemv
 
 
 def kernel_status() -> str:
-    """A line for `gemmarun bench` and `inspect`: whether the native kernel is in use."""
+    """A line for `gemmarun bench` and `inspect`: whether the native kernels are in use."""
     _module()
     return str(_state["status"])
