@@ -69,6 +69,28 @@ void quantize_x(const float* x, int64_t n, int64_t group, Q* xq, float* xscale, 
   }
 }
 
+// The activation rows of one call, rounded per group (int8 or int16) with their scales and sums.
+struct Activations {
+  std::vector<int16_t> xq;
+  std::vector<int8_t> xq8;
+  std::vector<float> xscale, xsum;  // [M, C / group]
+  Activations(const float* x, int64_t M, int64_t C, int64_t group, bool q8)
+      : xq(q8 ? 0 : M * C), xq8(q8 ? M * C : 0), xscale(M * (C / group)), xsum(M * (C / group)) {
+    const int64_t groups = C / group;
+    for (int64_t m = 0; m < M; ++m) {
+      if (q8) quantize_x<int8_t, 127>(x + m * C, C, group, xq8.data() + m * C, xscale.data() + m * groups, xsum.data() + m * groups);
+      else quantize_x<int16_t, 32767>(x + m * C, C, group, xq.data() + m * C, xscale.data() + m * groups, xsum.data() + m * groups);
+    }
+  }
+  template <typename P>
+  void into(P& p) const {
+    p.xq = xq.empty() ? nullptr : xq.data();
+    p.xq8 = xq8.empty() ? nullptr : xq8.data();
+    p.xscale = xscale.data();
+    p.xsum = xsum.data();
+  }
+};
+
 // Row r of a [R, G] scale or bias table as float32: a pointer into it, or its float16 values
 // widened into `buf` (one conversion per group of 16-32 weights).
 inline const float* row_floats(const Problem& p, const void* table, int64_t r, float* buf) {
@@ -298,6 +320,7 @@ inline float half_at(const uint8_t* p) {
 struct BlockProblem {
   const uint8_t* blocks;  // [R, row_bytes]
   int64_t R, C, M, row_bytes, type;
+  int64_t block, type_size;  // weights and bytes per block (set once, by block_gemv)
   const int16_t* xq;      // int16 activations, or
   const int8_t* xq8;      // int8 activations (per 32: x ~= xq * xscale)
   const float* xscale;    // [M, C/32]
@@ -306,7 +329,7 @@ struct BlockProblem {
 };
 
 void block_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
-  const int64_t nb = p.C / 32, type_size = p.type == kQ4_0 ? 18 : 34;
+  const int64_t nb = p.C / 32, type_size = p.type_size;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.blocks + r * p.row_bytes;
     for (int64_t m = 0; m < p.M; ++m) {
@@ -465,8 +488,7 @@ inline Acc q5_0_block(const uint8_t* blk, const int16_t* xq, float xd, Acc acc) 
 }
 
 void unpacked_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
-  const int64_t block = p.type == kQ5_0 ? 32 : 256, nb = p.C / block;
-  const int64_t type_size = p.type == kQ5_0 ? 22 : p.type == kQ4_K ? 144 : 210;
+  const int64_t block = p.block, nb = p.C / block, type_size = p.type_size;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.blocks + r * p.row_bytes;
     for (int64_t m = 0; m < p.M; ++m) {
@@ -521,19 +543,8 @@ torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
 #ifdef GEMMARUN_AVX2
   q8 = int8_activations && (nibbles ? group == 32 && (C / 2) % 32 == 0 : C % 32 == 0);
 #endif
-  std::vector<int16_t> xq(q8 ? 0 : M * C);
-  std::vector<int8_t> xq8(q8 ? M * C : 0);
-  std::vector<float> xscale(M * p.groups), xsum(M * p.groups);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    float* xs = xscale.data() + m * p.groups;
-    float* sums = xsum.data() + m * p.groups;
-    if (q8) quantize_x<int8_t, 127>(xp + m * C, C, group, xq8.data() + m * C, xs, sums);
-    else quantize_x<int16_t, 32767>(xp + m * C, C, group, xq.data() + m * C, xs, sums);
-  }
-  p.xq = q8 ? nullptr : xq.data();
-  p.xq8 = q8 ? xq8.data() : nullptr;
-  p.xscale = xscale.data(); p.xsum = xsum.data();
+  const Activations acts(x.data_ptr<float>(), M, C, group, q8);
+  acts.into(p);
   torch::Tensor y = torch::empty({M, R}, x.options());
   p.y = y.data_ptr<float>();
   switch (group) {  // GGML group sizes: 16 (Q6_K, Q3_K, Q2_K) and 32 (the rest)
@@ -561,21 +572,13 @@ torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_typ
   BlockProblem p{};
   p.blocks = blocks.data_ptr<uint8_t>();
   p.R = R; p.C = C; p.M = M; p.row_bytes = blocks.stride(0); p.type = ggml_type;
+  p.block = block; p.type_size = type_size;
   bool q8 = false;
 #ifdef GEMMARUN_AVX2
   q8 = int8_activations && !unpacked;
 #endif
-  std::vector<int16_t> xq(q8 ? 0 : M * C);
-  std::vector<int8_t> xq8(q8 ? M * C : 0);
-  std::vector<float> xscale(M * C / 32), xsum(M * C / 32);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    if (q8) quantize_x<int8_t, 127>(xp + m * C, C, 32, xq8.data() + m * C, xscale.data() + m * C / 32, xsum.data() + m * C / 32);
-    else quantize_x<int16_t, 32767>(xp + m * C, C, 32, xq.data() + m * C, xscale.data() + m * C / 32, xsum.data() + m * C / 32);
-  }
-  p.xq = q8 ? nullptr : xq.data();
-  p.xq8 = q8 ? xq8.data() : nullptr;
-  p.xscale = xscale.data(); p.xsum = xsum.data();
+  const Activations acts(x.data_ptr<float>(), M, C, 32, q8);  // per 32 whatever the block size
+  acts.into(p);
   torch::Tensor y = torch::empty({M, R}, x.options());
   p.y = y.data_ptr<float>();
   at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) {
