@@ -114,6 +114,15 @@ def test_a_failing_runtime_is_reported_and_the_others_still_run():
     assert "| broken | failed: gemmarun: boom |" in table
 
 
+def test_a_runtime_killed_by_a_signal_says_which():
+    # what a llama.cpp built for a CPU feature the machine cannot run does (SIGILL after logging)
+    crash = "import os, sys; print('llama: loading', file=sys.stderr); sys.stderr.flush(); os.kill(os.getpid(), 4)"
+    with pytest.raises(bench.RuntimeFailed) as e:
+        bench.run_worker(Runtime("crash", (sys.executable, "-c", crash)), _workload(Path("m.gguf")))
+    assert str(e.value).startswith("killed by SIGILL (illegal instruction")
+    assert bench.signal_name(9).startswith("SIGKILL") and bench.signal_name(1000) == "signal 1000"
+
+
 def test_medians_and_ratios_arithmetic():
     ours = RuntimeRuns("gemmarun", [_result(100, 10, rss=300, first_ids=(5, 6, 7)), _result(300, 30, rss=100),
                                     _result(200, 20, rss=200)])

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -348,6 +349,17 @@ def compare_runtimes() -> list[Runtime]:
     ]
 
 
+def signal_name(number: int) -> str:
+    """'SIGILL (illegal instruction: built for a CPU feature this machine does not run)' and so on."""
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+    why = {"SIGILL": "illegal instruction: built for a CPU feature this machine does not run",
+           "SIGKILL": "out of memory, or killed by hand", "SIGSEGV": "segmentation fault"}.get(name)
+    return f"{name} ({why})" if why else name
+
+
 def run_worker(runtime: Runtime, workload: Workload, timeout_s: float = 3600) -> BenchResult:
     env = dict(os.environ, OMP_NUM_THREADS=str(workload.threads), MKL_NUM_THREADS=str(workload.threads))
     try:
@@ -358,6 +370,8 @@ def run_worker(runtime: Runtime, workload: Workload, timeout_s: float = 3600) ->
     except OSError as e:
         raise RuntimeFailed(f"could not start ({e})") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode < 0:  # killed: its last stderr line is whatever it logged before, not why
+        raise RuntimeFailed(f"killed by {signal_name(-proc.returncode)}")
     if proc.returncode != 0 or not lines:
         errors = [line for line in proc.stderr.splitlines() if line.strip()]
         raise RuntimeFailed(errors[-1].strip() if errors else f"exit status {proc.returncode}, no result")
