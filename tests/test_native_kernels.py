@@ -68,6 +68,36 @@ def test_native_shapes_off_the_vector_width(qtype: T, tiles_forbidden):
 
 
 @needs_kernel
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_native_tiles_are_bit_identical_to_the_reference(qtype: T, monkeypatch):
+    """Prefill's tiles (dequant.cpp): the exact float32 weights, as gguf-py and the torch formula
+    make them, for whole matrices, uneven row counts and gathered rows."""
+    for rows, cols in ((37, 512), (3, 256)):
+        raw = make_raw(qtype, rows, cols, seed=rows + int(qtype))
+        w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy())
+        layer = QuantLinear.from_raw(torch.from_numpy(raw), qtype, rows, cols, torch.float32)
+        calls = []
+        real = ql.native_ops
+        monkeypatch.setattr(ql, "native_ops", lambda: calls.append(1) or real())
+        assert torch.equal(layer.dequantize(), w_ref)
+        ids = torch.tensor([[rows - 1, 0], [1, 1]])
+        assert torch.equal(layer.gather(ids), w_ref[ids])
+        assert calls, "the native tile path did not run"
+        monkeypatch.setattr(ql, "native_ops", lambda: None)  # the torch formula, for comparison
+        assert torch.equal(layer.dequantize(), w_ref)
+
+
+@needs_kernel
+def test_native_tile_errors_are_one_line():
+    ops = ql.native_ops()
+    codes = torch.zeros(4, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="codes do not match out"):
+        ops.dequantize_tile(codes, torch.ones(4, 2), None, 32, 0, False, torch.empty(4, 32))
+    with pytest.raises(RuntimeError, match="group size 8 is not 16 or 32"):
+        ops.dequantize_tile(codes, torch.ones(4, 8), None, 8, 0, False, torch.empty(4, 64))
+
+
+@needs_kernel
 def test_native_edge_values(tiles_forbidden):
     """All-zero activation groups (scale 0), extreme codes, huge and tiny activations."""
     rows, cols = 64, 256

@@ -21,9 +21,11 @@ FAST_PATH_RTOL = 1e-5
 
 @pytest.fixture(autouse=True)
 def portable_path(monkeypatch):
-    """This file tests the portable path (tiles, torch's int4 kernel); decode-sized CPU matmuls
-    otherwise go to the native kernel, tested in test_native_kernels.py."""
+    """This file tests the portable path (tiles by the torch formula, torch's int4 kernel);
+    decode-sized CPU matmuls and CPU tiles otherwise go to the native kernels, tested in
+    test_native_kernels.py."""
     monkeypatch.setattr(ql, "native_group_gemv", lambda: None)
+    monkeypatch.setattr(ql, "native_ops", lambda: None)  # tiles by the torch formula
 
 
 def make_raw(qtype: T, rows: int, cols: int, seed: int) -> np.ndarray:

@@ -8,9 +8,11 @@
   group (int8 under bfloat16 compute) so that the inner loop is integer multiply-adds;
   ``block_gemv`` does the same on GGUF Q4_0/Q8_0/Q5_0/Q4_K/Q6_K blocks where they lie in the
   memory-mapped file (MoE experts).
+* ``dequant.cpp``: prefill's exact float32 weight tiles for the GEMM, in one pass over the codes
+  instead of the five or six torch operations of the formula (bit-identical to it).
 * ``decode_ops.cpp``: a decode step's small float32 operations (RMSNorm, RoPE, one query's
   attention), each one call instead of the handful of torch dispatches its formula takes.
-* ``module.cpp``: the Python bindings of both.
+* ``module.cpp``: the Python bindings of all three.
 
 They are compiled for this machine's CPU (``-O3 -march=native``) by torch's extension builder the
 first time they are needed (about a minute; cached under ``~/.cache/gemmarun/kernels``).
@@ -36,11 +38,14 @@ import torch
 
 __all__ = ["kernel_status", "native_block_gemv", "native_group_gemv", "native_ops"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("group_gemv.cpp", "decode_ops.cpp", "module.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("group_gemv.cpp", "dequant.cpp", "decode_ops.cpp",
+                                                              "module.cpp")]
 _CACHE = Path(os.environ.get("GEMMARUN_KERNEL_CACHE", Path.home() / ".cache" / "gemmarun" / "kernels"))
 # -fopenmp: at::parallel_for is OpenMP code in torch's headers, serial without it; the extension
 # then shares the libgomp that torch already loaded (same soname), so one thread pool.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# -ffp-contract=off: a multiply and an add stay two roundings, as written (dequant.cpp's tiles are
+# bit-identical to gguf-py's only so); the kernels ask for fused multiply-adds where they want them.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -84,7 +89,8 @@ def _module() -> ModuleType | None:
 
 
 def native_ops() -> ModuleType | None:
-    """The built module (``group_gemv``, ``block_gemv``, ``rms_norm``, ``rope``, ``attend_one``),
+    """The built module (``group_gemv``, ``block_gemv``, ``dequantize_tile``, ``rms_norm``, ``rope``,
+    ``attend_one``),
     or None where it cannot be built (built once, on the first call)."""
     return _module()
 

@@ -1,11 +1,14 @@
 // The one Python module of gemmarun's native CPU kernels: the entry points of group_gemv.cpp
-// (quantized matmuls) and decode_ops.cpp (a decode step's small float32 operations).
+// (quantized matmuls), dequant.cpp (prefill's weight tiles) and decode_ops.cpp (a decode step's
+// small float32 operations).
 
 #include <torch/extension.h>
 
 torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                          int64_t group, double code_min, bool nibbles, bool int8_activations);
 torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type, bool int8_activations);
+torch::Tensor dequantize_tile(torch::Tensor codes, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                              int64_t group, int64_t code_min, bool nibbles, torch::Tensor out);
 torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, double eps);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
@@ -14,6 +17,7 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor valu
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_gemv", &group_gemv, "x @ W.T for group-quantized W, read as stored");
   m.def("block_gemv", &block_gemv, "x @ W.T for W given as GGUF Q4_0/Q8_0/Q5_0/Q4_K/Q6_K block rows");
+  m.def("dequantize_tile", &dequantize_tile, "exact float32 rows of group-quantized codes, in place");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32");
   m.def("rope", &rope, "rotate-half RoPE of [B, T, H, D] with per-position cos/sin");
   m.def("attend_one", &attend_one, "one decode query's attention over a cache");

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
-from ..native import native_group_gemv
+from ..native import native_group_gemv, native_ops
 from .formats import as_blocks, get_format, type_name
 
 __all__ = ["QuantEmbedding", "QuantLinear"]
@@ -252,6 +252,10 @@ class _QuantMatrix(torch.nn.Module):
         Same float32 operations, same order as gguf-py: ``float(code) * scale + bias``.
         """
         n = data.shape[0]
+        if scale is not None and out.device.type == "cpu" and self.group_size in (16, 32):
+            ops = native_ops()  # the same operations in one pass (a quarter of a 270M prefill's time)
+            if ops is not None:
+                return ops.dequantize_tile(data, scale, bias, self.group_size, self.code_min, self.nibbles, out)
         if self.nibbles:
             # Split nibbles four bytes at a time as int32 words: [n, 2, cols/8] words are the
             # low then high halves of each row, i.e. the codes in their natural order.
