@@ -394,3 +394,61 @@ def test_moe_experts_read_in_place_match_repacked_experts(qtype: T):
     w = torch.from_numpy(reference(raw.numpy(), qtype).reshape(E, out_f, in_f).copy())
     big = torch.randn(ql.NATIVE_MAX_ROWS + 1, in_f)  # a prefill-sized batch dequantizes one expert
     assert rel_err(in_place._project("down_proj", 1, big), big @ w[1].T) < 1e-6
+
+
+def _linears(types, cols=512, rows=(64, 16, 16), seed=0):
+    layers = []
+    for i, (qtype, r) in enumerate(zip(types, rows)):
+        raw = make_raw(qtype, r, cols, seed=seed + i)
+        layers.append(QuantLinear.from_raw(torch.from_numpy(raw), qtype, r, cols, torch.float32))
+    return layers
+
+
+@needs_kernel
+def test_stacked_projections_give_the_same_bits_in_one_call(monkeypatch):
+    """q/k/v-like siblings (Q5_0, Q5_0, Q8_0: the same repacked layout) stack into one matrix whose
+    views they become: no extra memory, and each output row is the same computation as alone."""
+    q, k, v = _linears([T.Q5_0, T.Q5_0, T.Q8_0])
+    x = torch.randn(1, 1, 512, generator=torch.Generator().manual_seed(3))
+    alone = [m(x) for m in (q, k, v)]
+    held = sum(m.nbytes for m in (q, k, v))
+    stack = ql.stack_rows([q, k, v])
+    assert stack is not None and stack.sizes == (64, 16, 16)
+    assert stack.matrix.nbytes == held  # the members' buffers are views of the stacked ones
+    assert q.data.untyped_storage().data_ptr() == stack.matrix.data.untyped_storage().data_ptr()
+    calls = []
+    real = stack.matrix.forward
+    monkeypatch.setattr(stack.matrix, "forward", lambda t: calls.append(1) or real(t))
+    together = ql.project(x, q, k, v)
+    assert len(calls) == 1
+    for a, b in zip(together, alone):
+        assert torch.equal(a, b)
+    # a different selection or order is not the stack: one call each, same results
+    assert all(torch.equal(a, b) for a, b in zip(ql.project(x, k, q), (alone[1], alone[0])))
+    assert torch.equal(ql.project(x, q)[0], alone[0]) and len(calls) == 1
+    wide = torch.randn(ql.NATIVE_MAX_ROWS + 1, 512)  # prefill-sized: the tiles, one matrix at a time
+    assert all(torch.equal(a, m(wide)) for a, m in zip(ql.project(wide, q, k, v), (q, k, v))) and len(calls) == 1
+    # moved or cast members leave the stack and still compute alone
+    q.to(torch.bfloat16)
+    assert q.stack is None and len(ql.project(x, q, k, v)) == 3 and len(calls) == 1
+
+
+@needs_kernel
+def test_layouts_that_differ_do_not_stack():
+    assert ql.stack_rows(_linears([T.Q4_K, T.Q8_0], cols=512)) is None  # nibbles vs int8 codes
+    assert ql.stack_rows(_linears([T.Q6_K, T.Q8_0])) is None  # groups of 16 vs 32
+    a, b = _linears([T.Q8_0, T.Q8_0])
+    assert ql.stack_rows([a, torch.nn.Linear(512, 16, bias=False)]) is None
+    assert ql.stack_rows([a]) is None
+    b.to(torch.bfloat16)
+    assert ql.stack_rows([a, b]) is None  # compute dtypes differ
+
+
+@needs_kernel
+def test_a_copy_of_a_stacked_linear_multiplies_on_its_own():
+    import copy
+    a, b = _linears([T.Q8_0, T.Q8_0])
+    ql.stack_rows([a, b])
+    x = torch.randn(1, 512)
+    c = copy.deepcopy(a)
+    assert c.stack is None and torch.equal(c(x), a(x))

@@ -1,5 +1,6 @@
 """GGUF: convert tiny Gemma 4 models and read them back; the reader against gguf-py; bad files."""
 
+import os
 import subprocess
 import sys
 
@@ -131,6 +132,31 @@ def test_quantized_gguf_keeps_weights_quantized(converted):
     _, path = converted("e4b", "q8_0")  # PLE rows of 12 x 8 = 96 values: whole Q8_0 blocks
     model = gemmarun.load(path, device="cpu").model
     assert model.ple.table_type is not None and model.ple.table.dtype == torch.uint8  # PLE rows stay blocks
+
+
+@pytest.mark.skipif(os.environ.get("GEMMARUN_NATIVE_KERNELS") == "0", reason="stacks need the native kernels")
+@pytest.mark.parametrize("family", ["e4b", "26b"])
+def test_stacked_projections_change_no_logit(converted, family):
+    """On the CPU the loader stacks q/k/v and gate/up into one kernel call each; a decode step
+    gives the same bits with the stacks as without."""
+    from gemmarun.cache import make_cache
+    from gemmarun.generate import decode_step, prefill
+
+    _, path = converted(family, "q8_0")
+    model = gemmarun.load(path, device="cpu").model
+    members = [m for m in model.modules() if getattr(m, "stack", None) is not None]
+    assert model.layers[0].mlp.gate_proj in members and model.layers[0].self_attn.q_proj in members
+    stacks = {id(m): m.stack for m in members}
+    logits = []
+    for stacked in (True, False):
+        for m in members:
+            m.stack = stacks[id(m)] if stacked else None
+        cache = make_cache(model.config, 64)
+        first = prefill(model, torch.tensor([2, 40, 41, 42]), cache)  # decode-sized: stacked
+        second = prefill(model, torch.arange(20, 40), cache, start=4)  # prefill-sized: one call each
+        steps = [decode_step(model, 43 + i, 24 + i, cache) for i in range(3)]
+        logits.append(torch.stack([first, second, *steps]))
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_greedy_generation_through_gguf_equals_safetensors(converted):

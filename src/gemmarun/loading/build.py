@@ -171,6 +171,12 @@ def build_text_model(
     if still_meta:
         raise LoadError(f"tensors left unloaded: {', '.join(still_meta[:8])}")
     model.to(device)
+    if torch.device(device).type == "cpu":  # one kernel call for q/k/v and for gate/up where their layouts agree
+        from ..quant import stack_rows
+
+        for module in model.modules():
+            if hasattr(module, "input_projections"):
+                stack_rows(module.input_projections())
     if ple_table is not None:
         if isinstance(ple_table, QuantizedTensor):
             model.ple.table, model.ple.table_type = ple_table.raw, ple_table.ggml_type

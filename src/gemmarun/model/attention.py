@@ -9,6 +9,7 @@ from torch import nn
 from ..config import LayerSpec, TextConfig
 from ..masks import visible
 from ..native import native_ops
+from ..quant.linear import project
 from .layers import RMSNorm, RotaryTable, apply_rope, rms_norm, softcap
 
 # Keys/values a layer attended over in this forward, by layer index, for KV-shared consumers.
@@ -34,6 +35,13 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
 
+    def input_projections(self) -> tuple[nn.Module, ...]:
+        """q, then k and v where this layer makes its own (K=V layers have no v_proj); they read
+        the same input and are stacked into one matmul where they can be."""
+        if not self.spec.owns_kv:
+            return (self.q_proj,)
+        return (self.q_proj, self.k_proj) if self.spec.k_eq_v else (self.q_proj, self.k_proj, self.v_proj)
+
     def forward(
         self,
         h: torch.Tensor,  # (B, T, H), already input-normed
@@ -50,12 +58,13 @@ class Attention(nn.Module):
         rows = isinstance(cache, list)
         if rows:
             cos, sin = cos[:, None, None], sin[:, None, None]  # (B, 1, 1, D)
-        q = self.q_norm(self.q_proj(h).view(B, T, self.num_heads, spec.head_dim))
+        q, *kv = project(h, *self.input_projections())
+        q = self.q_norm(q.view(B, T, self.num_heads, spec.head_dim))
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nH, T, D)
         k = v = None
         if spec.owns_kv:
-            k_raw = self.k_proj(h).view(B, T, spec.num_kv_heads, spec.head_dim)
-            v_raw = k_raw if spec.k_eq_v else self.v_proj(h).view(B, T, spec.num_kv_heads, spec.head_dim)
+            k_raw = kv[0].view(B, T, spec.num_kv_heads, spec.head_dim)
+            v_raw = k_raw if spec.k_eq_v else kv[1].view(B, T, spec.num_kv_heads, spec.head_dim)
             k = apply_rope(self.k_norm(k_raw).transpose(1, 2), cos, sin)  # (B, kv, T, D)
             v = (rms_norm(v_raw, None, self.eps) if self.has_v_norm else v_raw).transpose(1, 2)
         if rows:  # projections ran batched; each row attends over its own cache

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..native import native_ops
+from ..quant.linear import project
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -56,8 +57,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
+    def input_projections(self) -> tuple[nn.Module, ...]:
+        """The projections that read the MLP's input (stacked into one matmul where they can be)."""
+        return self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, *self.input_projections())
+        return self.down_proj(gelu_tanh(gate) * up)
 
 
 class RotaryTable(nn.Module):

@@ -11,7 +11,7 @@ from .formats import (
     type_name,
 )
 from .experts import QuantExperts
-from .linear import QuantEmbedding, QuantLinear
+from .linear import QuantEmbedding, QuantLinear, RowStack, project, stack_rows
 
 __all__ = [
     "FORMATS",
@@ -21,8 +21,11 @@ __all__ = [
     "QuantEmbedding",
     "QuantExperts",
     "QuantLinear",
+    "RowStack",
     "UnsupportedQuantType",
     "dequantize",
     "get_format",
+    "project",
+    "stack_rows",
     "type_name",
 ]

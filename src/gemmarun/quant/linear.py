@@ -72,6 +72,8 @@ is repacked: decode reads the codes, prefill dequantizes tiles to bfloat16.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +82,7 @@ from gguf import GGMLQuantizationType
 from ..native import native_group_gemv, native_ops
 from .formats import as_blocks, get_format, type_name
 
-__all__ = ["QuantEmbedding", "QuantLinear"]
+__all__ = ["QuantEmbedding", "QuantLinear", "RowStack", "project", "stack_rows"]
 
 # Floats per dequantized tile (8 MiB of float32, reused across tiles): large enough that
 # per-op dispatch overhead is amortized, small enough to stay in L3 between the dequant ops
@@ -162,10 +164,12 @@ class _QuantMatrix(torch.nn.Module):
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed codes, scales_and_zeros)
         self._dense: torch.Tensor | None = None  # bfloat16 matrix (CPU bfloat16 compute)
         self._native = None  # the native kernel, False where it cannot run, None: not looked up
+        self.stack: RowStack | None = None  # set by stack_rows: this matrix's rows live in a stacked one
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_native"] = None  # a closure over this module's buffers: made again where it lands
+        state["stack"] = None  # a copy multiplies on its own (its buffers are no longer views)
         return state
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
@@ -183,6 +187,7 @@ class _QuantMatrix(torch.nn.Module):
                 moved = fn(buf)
                 self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
         self._native = None
+        self.stack = None  # the stacked matrix was not moved with this one
         return self
 
     @classmethod
@@ -457,6 +462,63 @@ class QuantLinear(_QuantMatrix):
             w = self.dequantize()
             return F.linear(x.to(torch.float32), w).to(x.dtype)
         return self.matmul_t(x)
+
+
+@dataclass(eq=False)
+class RowStack:
+    """Matrices that multiply the same input, stacked into one: their buffers are views of its
+    buffers (no extra memory), and `project` multiplies all of them in one kernel call."""
+
+    matrix: QuantLinear
+    members: tuple[QuantLinear, ...]
+    sizes: tuple[int, ...]
+
+
+def stack_rows(linears: Sequence[torch.nn.Module]) -> RowStack | None:
+    """Stack quantized linears that read one input (q/k/v, gate/up) where the native kernel
+    multiplies them and their repacked layouts agree (codes, group, scale dtype, offsets: Q5_0
+    and Q8_0 rows stack, Q4_K nibbles and Q8_0 codes do not). A decode step then makes one call
+    and rounds the activations once instead of once per matrix. Returns None where they cannot."""
+    if len(linears) < 2 or not all(type(m) is QuantLinear for m in linears) or native_group_gemv() is None:
+        return None
+    first = linears[0]
+
+    def layout(m: QuantLinear) -> tuple:
+        return (m.cols, m.data.dtype, m.data.device, m.nibbles, m.group_size, m.code_min, m.compute_dtype,
+                None if m.scale is None else m.scale.dtype, m.bias is None, m._dense is None and m._int4 is None)
+
+    if not first._native_eligible(first.data.device) or any(layout(m) != layout(first) for m in linears) \
+            or not layout(first)[-1]:
+        return None
+    with torch.inference_mode(False):  # views that stay usable outside inference mode
+        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+        matrix = QuantLinear(first.ggml_type, sum(m.rows for m in linears), first.cols, first.compute_dtype,
+                             cat([m.data for m in linears]), cat([m.scale for m in linears]),
+                             cat([m.bias for m in linears]), first.group_size, first.code_min, first.nibbles)
+        stack = RowStack(matrix, tuple(linears), tuple(m.rows for m in linears))
+        r0 = 0
+        for m in linears:
+            r1 = r0 + m.rows
+            m.data = matrix.data[r0:r1]
+            m.scale = matrix.scale[r0:r1]
+            if m.bias is not None:
+                m.bias = matrix.bias[r0:r1]
+            m._native = None
+            m.stack = stack
+            r0 = r1
+    return stack
+
+
+def project(x: torch.Tensor, *linears: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    """`x` through each of `linears`: one native matmul over their stacked rows for decode-sized
+    `x` when `stack_rows` stacked exactly these (and they were not moved since), else one call
+    each. Either way the outputs are the same bits: each row of the kernel's output is computed
+    alone, and the parts are made contiguous (torch's GELU rounds strided inputs differently)."""
+    stack = getattr(linears[0], "stack", None)
+    if (stack is not None and x.numel() <= NATIVE_MAX_ROWS * stack.matrix.cols and len(stack.members) == len(linears)
+            and all(a is b and b.stack is stack for a, b in zip(stack.members, linears))):
+        return tuple(part.contiguous() for part in stack.matrix(x).split(stack.sizes, dim=-1))
+    return tuple(m(x) for m in linears)
 
 
 class QuantEmbedding(_QuantMatrix):
