@@ -175,8 +175,8 @@ def build_text_model(
         from ..quant import stack_rows
 
         for module in model.modules():
-            if hasattr(module, "input_projections"):
-                stack_rows(module.input_projections())
+            if hasattr(module, "input_projections") and stack_rows(module.input_projections()) is not None:
+                return_freed_heap()  # the unstacked buffers: else glibc keeps them and the peak RSS grows
     if ple_table is not None:
         if isinstance(ple_table, QuantizedTensor):
             model.ple.table, model.ple.table_type = ple_table.raw, ple_table.ggml_type
