@@ -132,6 +132,11 @@ def test_quantized_gguf_keeps_weights_quantized(converted):
     _, path = converted("e4b", "q8_0")  # PLE rows of 12 x 8 = 96 values: whole Q8_0 blocks
     model = gemmarun.load(path, device="cpu").model
     assert model.ple.table_type is not None and model.ple.table.dtype == torch.uint8  # PLE rows stay blocks
+    assert model.ple.file_rows is not None and model.ple.file_rows.path == path  # read from the file
+    ids = torch.tensor([[3, 1, 3]])
+    from_file = model.ple.token_part(ids, torch.float32)
+    model.ple.file_rows = None
+    assert torch.equal(from_file, model.ple.token_part(ids, torch.float32))
 
 
 @pytest.mark.skipif(os.environ.get("GEMMARUN_NATIVE_KERNELS") == "0", reason="stacks need the native kernels")

@@ -151,3 +151,26 @@ def test_hostile_header_entries_are_one_line_errors(tmp_path, label):
     with pytest.raises(LoadError, match=fragment) as info:
         read_safetensors(path)
     assert "\n" not in str(info.value)
+
+
+def test_ple_rows_are_read_from_the_file(tiny_models, tmp_path):
+    """The PLE rows a step needs are read with pread (no mapped pages in the process): the same
+    values as indexing the mapped table; a replaced table is indexed where it lies."""
+    from gemmarun.loading.file_rows import FileRows
+
+    folder, _ = tiny_models("e2b")
+    ple = gemmarun.load(folder, dtype="float32", device="cpu").model.ple
+    assert ple.file_rows is not None and ple.file_rows.path == (folder / "model.safetensors")
+    ids = torch.tensor([[0, 5, 255, 5]])
+    from_file = ple.token_part(ids, torch.float32)
+    rows = ple.file_rows
+    ple.file_rows = None
+    assert torch.equal(from_file, ple.token_part(ids, torch.float32))
+    ple.table = ple.table.clone()  # another table: the file's rows are no longer its rows
+    assert ple.file_rows is None
+    with pytest.raises(IndexError, match="row 256 is out of range for a table of 256 rows"):
+        rows.read(torch.tensor([256]))
+    short = tmp_path / "short.bin"
+    short.write_bytes(bytes(10))
+    with pytest.raises(OSError, match="short read of table row 1"):
+        FileRows(short, 0, 4, 8).read(torch.tensor([1]))

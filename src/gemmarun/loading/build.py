@@ -14,6 +14,7 @@ from torch import nn
 from ..config import TextConfig
 from ..model.text import TextModel
 from .errors import LoadError
+from .file_rows import rows_reader
 
 PLE_TABLE = "ple.table"
 
@@ -182,5 +183,6 @@ def build_text_model(
             model.ple.table, model.ple.table_type = ple_table.raw, ple_table.ggml_type
         else:
             model.ple.table = ple_table  # stays memory-mapped on the CPU
+        model.ple.file_rows = rows_reader(model.ple.table)  # and its rows are read from the file
     return_freed_heap()
     return model.eval()

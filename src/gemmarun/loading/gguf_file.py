@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from .file_rows import register_mapping
 from .errors import LoadError
 
 _SCALARS = {  # GGUF value type -> (struct format, numpy dtype)
@@ -53,6 +54,7 @@ class GGUFFile:
                 raise LoadError(f"{self.path}: truncated GGUF file ({size} bytes)")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self.size = size
+        register_mapping(self, np.frombuffer(self._map, dtype=np.uint8).ctypes.data, size, self.path)
         self._pos = 0
         try:
             self._parse()

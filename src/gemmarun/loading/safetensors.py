@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .file_rows import register_mapping
 from .errors import LoadError
 
 _DTYPES = {
@@ -46,6 +47,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(header, dict):
         raise LoadError(f"{path}: corrupt safetensors header (not an object)")
     data = np.memmap(path, dtype=np.uint8, mode="c")
+    register_mapping(data, data.ctypes.data, data.size, path)
     base = 8 + header_len
     tensors = {}
     for name, info in header.items():

@@ -39,7 +39,8 @@ class TokenEmbedding(nn.Module):
 
 class PerLayerEmbedding(nn.Module):
     """PLE (spec 3.2). The packed [V, L*P] token table is a plain attribute, not a parameter:
-    it stays memory-mapped on the CPU (never copied to RAM or GPU); only gathered rows move.
+    it stays memory-mapped on the CPU (never copied to RAM or GPU); only gathered rows move, read
+    from the file with pread where the loader knows it (loading/file_rows.py).
     A GGUF table may be quantized: then `table` holds the raw block bytes of each row and
     `table_type` their ggml type, and only the gathered rows are dequantized."""
 
@@ -47,16 +48,29 @@ class PerLayerEmbedding(nn.Module):
         super().__init__()
         self.num_layers, self.dim = cfg.num_layers, cfg.ple_dim
         self.input_scale = cfg.hidden_size**-0.5
-        self.table: torch.Tensor | None = None  # set by the loader: (V, L*P) floats or (V, row bytes)
+        self.table = None  # set by the loader: (V, L*P) floats or (V, row bytes)
         self.table_type = None  # ggml type of a quantized table, else None
         self.per_layer_model_projection = nn.Linear(cfg.hidden_size, cfg.num_layers * cfg.ple_dim, bias=False)
         self.per_layer_projection_norm = RMSNorm(cfg.ple_dim, cfg.rms_norm_eps)
+
+    @property
+    def table(self) -> torch.Tensor | None:
+        return self._table
+
+    @table.setter
+    def table(self, table: torch.Tensor | None) -> None:
+        self._table = table
+        self.file_rows = None  # where the loader knows the table's file: its rows, read with pread
 
     def table_nbytes(self) -> int:
         return self.table.numel() * self.table.element_size()
 
     def token_part(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        rows = self.table[ids.reshape(-1).cpu()]  # reads only these rows of the mapped file
+        flat = ids.reshape(-1).cpu()
+        if self.file_rows is not None:  # only these rows' bytes, never mapped into the process
+            rows = self.file_rows.read(flat).view(self.table.dtype).view(flat.numel(), -1)
+        else:
+            rows = self.table[flat]  # reads only these rows of the mapped file
         if self.table_type is not None:
             from ..quant import dequantize
 

@@ -1,0 +1,76 @@
+"""Table rows read from the checkpoint file with `pread`, for the PLE table (spec 3.2).
+
+A memory-mapped table is the natural way to keep 4.5 GB of per-layer rows out of RAM, but the
+pages a process touches in a mapping count in its RSS, and Linux maps whole large page-cache
+folios (up to 2 MiB) around each touched row: a 128-token E2B prompt mapped 220 MiB of the table,
+a long chat would map all of it. Reading the few rows a step needs with `pread` copies only their
+bytes; the file stays in the page cache, shared and evictable, never in the process.
+
+The loaders register the mappings they make; `rows_reader(t)` finds the file and offset behind a
+tensor that is a view of one of them.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_mappings: list[tuple[weakref.ref, int, int, Path]] = []  # (owner, base address, bytes, file)
+
+
+def register_mapping(owner: object, base: int, nbytes: int, path: Path) -> None:
+    """`owner` (a GGUF file, a numpy memmap) maps `path` whole at address `base`; forgotten when
+    the owner is collected (its address range may then be reused)."""
+    _mappings[:] = [m for m in _mappings if m[0]() is not None]
+    _mappings.append((weakref.ref(owner), base, nbytes, Path(path)))
+
+
+@dataclass
+class FileRows:
+    """`n_rows` rows of `row_bytes` each, stored contiguously at `offset` in `path`."""
+
+    path: Path
+    offset: int
+    n_rows: int
+    row_bytes: int
+
+    def __post_init__(self) -> None:
+        self._fd: int | None = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"} | {"_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def read(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (flat, CPU) as uint8 `[len(ids), row_bytes]`."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        flat = ids.reshape(-1).tolist()
+        out = torch.empty(len(flat), self.row_bytes, dtype=torch.uint8)
+        buffers = out.numpy()
+        for i, row in enumerate(flat):
+            if not 0 <= row < self.n_rows:
+                raise IndexError(f"row {row} is out of range for a table of {self.n_rows} rows")
+            if os.preadv(self._fd, [buffers[i]], self.offset + row * self.row_bytes) != self.row_bytes:
+                raise OSError(f"{self.path}: short read of table row {row} (was the file truncated?)")
+        return out
+
+
+def rows_reader(table: torch.Tensor) -> FileRows | None:
+    """A reader for `table`'s rows from its file, where `table` is a row-contiguous CPU view of
+    a registered mapping; else None (the table is then indexed where it lies)."""
+    if table.device.type != "cpu" or table.dim() != 2 or not table.is_contiguous():
+        return None
+    start = table.data_ptr()
+    for owner, base, nbytes, path in _mappings:
+        size = table.numel() * table.element_size()
+        if owner() is not None and base <= start and start + size <= base + nbytes:
+            return FileRows(path, start - base, table.shape[0], table.shape[1] * table.element_size())
+    return None
