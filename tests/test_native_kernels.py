@@ -56,10 +56,12 @@ def test_native_matches_exact_matmul(qtype: T, batch: int, tiles_forbidden):
 @needs_kernel
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_1, T.Q8_0, T.Q3_K], ids=lambda t: t.name)
 def test_native_shapes_off_the_vector_width(qtype: T, tiles_forbidden):
-    """Rows of 3 x 32 codes (nibble halves not group-aligned: the scalar loop), a single row, a
-    row count that does not split evenly over threads."""
-    cols = 768 if FORMATS[qtype].block_size == 256 else 96
-    for rows in (1, 7, 1001):
+    """Rows of 3 x 32 codes (nibble halves not group-aligned: the scalar loop) and 6 x 32 (halves
+    of an odd number of groups: one group a step, not two), a single row, a row count that does
+    not split evenly over threads."""
+    shapes = [(rows, cols) for rows in (1, 7, 1001)
+              for cols in ((768,) if FORMATS[qtype].block_size == 256 else (96, 192))]
+    for rows, cols in shapes:
         raw = make_raw(qtype, rows, cols, seed=rows)
         w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy()).double()
         layer = QuantLinear.from_raw(torch.from_numpy(raw), qtype, rows, cols, torch.float32)
