@@ -17,7 +17,7 @@ import torch
 
 from .cache import KVCache, make_cache
 from .control import OutputControl
-from .generate import ROLLBACK, check_prompt_fits, prefill, settle
+from .generate import PREFILL_CHUNK, ROLLBACK, check_prompt_fits, prefill, settle
 from .llm import LLM, Prompt
 from .sampling import Sampler, SamplingParams
 
@@ -52,7 +52,7 @@ class _Request:
 class BatchEngine:
     """Not thread-safe: one model thread calls `add`, `cancel` and `step`."""
 
-    def __init__(self, llm: LLM, max_batch: int = 8, context: int | None = None, chunk_size: int = 256):
+    def __init__(self, llm: LLM, max_batch: int = 8, context: int | None = None, chunk_size: int = PREFILL_CHUNK):
         self.llm = llm
         self.max_batch = max_batch
         cfg = llm.config

@@ -19,6 +19,12 @@ class ContextOverflow(ValueError):
     """The prompt does not fit the context window."""
 
 
+# Prompt tokens per prefill forward. Each forward dequantizes every weight tile once, so longer
+# chunks amortize that; 512 prefilled the real 270M 13 % faster than 256 (1349 vs 1192 tok/s,
+# same-process A/B) for ~20 MB more activations on E2B.
+PREFILL_CHUNK = 512
+
+
 def check_prompt_fits(n_prompt: int, context: int) -> None:
     """A prompt needs at least one free position after it (the first generated token's)."""
     if n_prompt >= context:
@@ -39,7 +45,7 @@ def _chunks(n: int, chunk_size: int, blocks: torch.Tensor | None) -> list[tuple[
 
 
 @torch.inference_mode()
-def prefill(model: TextModel, ids: torch.Tensor, cache: KVCache, start: int = 0, chunk_size: int = 256,
+def prefill(model: TextModel, ids: torch.Tensor, cache: KVCache, start: int = 0, chunk_size: int = PREFILL_CHUNK,
             embeds: torch.Tensor | None = None, vision_blocks: torch.Tensor | None = None,
             expose: Exposed | None = None) -> torch.Tensor:
     """Run `ids` (T,) through the model in chunks, filling `cache` from position `start`.
@@ -103,7 +109,7 @@ def generate_step(
     *,
     stop_ids: frozenset[int] = frozenset(),
     context: int | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = PREFILL_CHUNK,
     embeds: torch.Tensor | None = None,
     vision_blocks: torch.Tensor | None = None,
     control: OutputControl | None = None,

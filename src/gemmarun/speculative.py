@@ -28,7 +28,7 @@ import torch
 
 from .cache import KVCache, make_cache
 from .control import OutputControl
-from .generate import ROLLBACK, cache_length, prefill, settle
+from .generate import PREFILL_CHUNK, ROLLBACK, cache_length, prefill, settle
 from .model.assistant import Assistant, check_pairing
 from .model.text import Exposed, TextModel
 from .sampling import Sampler, SamplingParams
@@ -133,7 +133,7 @@ def speculative_generate_step(
     *,
     stop_ids: frozenset[int] = frozenset(),
     context: int | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = PREFILL_CHUNK,
     embeds: torch.Tensor | None = None,
     vision_blocks: torch.Tensor | None = None,
     control: OutputControl | None = None,
