@@ -11,7 +11,6 @@ peak RSS. If the table were read into RAM, peak RSS would exceed its 4.7 GB.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -85,18 +84,19 @@ def measure(folder: Path, dtype: str) -> dict:
     import torch
 
     import gemmarun
+    from gemmarun.bench import peak_rss_mib
 
     t0 = time.perf_counter()
     llm = gemmarun.load(folder, dtype=dtype, device="cpu")
     load_s = time.perf_counter() - t0
-    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_after_load = peak_rss_mib()
     ids = torch.randint(5, 262144, (64,), generator=torch.Generator().manual_seed(1)).tolist()
     t1 = time.perf_counter()
     out = llm.generate_ids(ids, max_new_tokens=16, ignore_eos=True)
     gen_s = time.perf_counter() - t1
     return dict(
         dtype=dtype, load_s=round(load_s, 2), generate_s=round(gen_s, 2), tokens=len(out),
-        peak_rss_after_load_mib=round(rss_after_load), peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        peak_rss_after_load_mib=round(rss_after_load), peak_rss_mib=round(peak_rss_mib()),
         ple_table_mib=round(llm.model.ple.table_nbytes() / 2**20),
         file_mib=round((folder / "model.safetensors").stat().st_size / 2**20),
     )

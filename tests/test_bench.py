@@ -2,6 +2,7 @@
 missing and failing runtimes, `record`, the memory-bandwidth bound, threads, --random-weights."""
 
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -337,3 +338,15 @@ def test_twin_of_a_dense_model_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "RANDOM_CACHE", tmp_path)
     assert main(["bench", "--random-weights", "e2b", "--twin", "--quant", "q8_0"]) == 1
     assert "already dense" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's VmHWM")
+def test_a_worker_reports_its_own_peak_not_its_parents():
+    """ru_maxrss would carry the parent's RSS at fork time into the worker through exec."""
+    parent = (
+        "import subprocess, sys; big = bytearray(1536 * 2**20); big[::4096] = b'x' * len(big[::4096]); "
+        "print(subprocess.run([sys.executable, '-c', 'from gemmarun.bench import peak_rss_mib; "
+        "print(peak_rss_mib())'], capture_output=True, text=True, check=True).stdout)"
+    )
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout
+    assert 10 < float(out) < 1536
