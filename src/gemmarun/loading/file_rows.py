@@ -39,7 +39,9 @@ class FileRows:
     row_bytes: int
 
     def __post_init__(self) -> None:
-        self._fd: int | None = None
+        # Opened now, while the loader's mapping of the same file is alive: the rows come from the
+        # file that was mapped, even if the path is replaced later (a copy reopens it by path).
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_fd"} | {"_fd": None}

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .file_rows import register_mapping
 from .errors import LoadError
+from .file_rows import register_mapping
 
 _SCALARS = {  # GGUF value type -> (struct format, numpy dtype)
     0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("<h", np.int16),

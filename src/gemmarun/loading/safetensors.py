@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .file_rows import register_mapping
 from .errors import LoadError
+from .file_rows import register_mapping
 
 _DTYPES = {
     "F32": torch.float32,
