@@ -135,8 +135,15 @@ inline float offset_term(const Problem& p, int64_t m, const float* __restrict sc
   return acc;
 }
 
-// Each format is a dot functor: `row_bytes` says how long a weight row is, and
-// `operator()(p, row, m, sc)` returns sum_g sc[g] * xscale[m, g] * dot(x[m, g], code[row, g]).
+// How far ahead the AVX-512 loops ask for the codes they will read, one cache line per step. The
+// other loops ask for a whole row a few rows ahead (rows<Dot>); with AVX-512 that burst stalled: a
+// 6 KB row of E2B's down projection made 96 requests at once (A/B: 4-bit 1536x12288 17.6 -> 23.4
+// GB/s, the 262k-row int8 head 28.9 -> 32.5, int8 640x2048 41.4 -> 50.2).
+constexpr int64_t kPrefetchBytes = 3072;
+
+// Each format is a dot functor: `row_bytes` says how long a weight row is, `prefetches` whether its
+// loop asks for the codes ahead itself, and `operator()(p, row, m, sc)` returns
+// sum_g sc[g] * xscale[m, g] * dot(x[m, g], code[row, g]).
 // One row loop (rows<Dot>) does the rest for all of them: row scales, activation rows, the
 // offset term, the store.
 //
@@ -147,6 +154,13 @@ inline float offset_term(const Problem& p, int64_t m, const float* __restrict sc
 template <int GROUP>
 struct DotInt8 {
   static int64_t row_bytes(const Problem& p) { return p.C; }
+  static bool prefetches(const Problem& p) {
+#ifdef GEMMARUN_AVX512
+    return p.C % 32 == 0;  // the AVX-512 loop below
+#else
+    return false;
+#endif
+  }
   float operator()(const Problem& p, const uint8_t* row_bytes_ptr, int64_t m, const float* __restrict sc) const {
     const int8_t* __restrict row = reinterpret_cast<const int8_t*>(row_bytes_ptr);
     const int16_t* __restrict x = p.xq + m * p.C;
@@ -156,6 +170,7 @@ struct DotInt8 {
     if (p.C % 32 == 0) {  // 32 codes a step: one group of 32, or two of 16 (lanes 0-7 and 8-15)
       __m512 acc_v = _mm512_setzero_ps();
       for (int64_t k = 0; k < p.C; k += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetchBytes), _MM_HINT_T0);
         const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
         const __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x + k));
         __m512 f;
@@ -201,12 +216,14 @@ struct DotInt8 {
 template <int GROUP>
 struct DotNibbles {
   static int64_t row_bytes(const Problem& p) { return p.C / 2; }
+  static bool split(const Problem& p) { return GROUP == 32 && (p.C / 2) % 64 == 0 && p.xlo != nullptr; }
+  static bool prefetches(const Problem& p) { return split(p); }
   float operator()(const Problem& p, const uint8_t* __restrict row, int64_t m, const float* __restrict sc) const {
     const int64_t half = p.C / 2, half_groups = p.groups / 2;
     const int16_t* __restrict x = p.xq + m * p.C;
     const float* __restrict xd = p.xscale + m * p.groups;
 #ifdef GEMMARUN_AVX512
-    if (GROUP == 32 && half % 64 == 0 && p.xlo != nullptr) {
+    if (split(p)) {
       // a step: 64 bytes, two groups in each half of the row; one vpdpbusd multiplies 64 codes by
       // the activations' low bytes, one by their high bytes (lanes 0-7: the first group, 8-15: the next)
       const __m512i mask = _mm512_set1_epi8(0x0F);
@@ -221,6 +238,7 @@ struct DotNibbles {
         return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, acc);
       };
       for (int64_t g = 0; g < half_groups; g += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + g * 32 + kPrefetchBytes), _MM_HINT_T0);
         const __m512i b = _mm512_loadu_si512(row + g * 32);
         acc_v = part(_mm512_and_si512(b, mask), g * 32, g, acc_v);
         acc_v = part(_mm512_and_si512(_mm512_srli_epi16(b, 4), mask), half + g * 32, half_groups + g, acc_v);
@@ -289,6 +307,7 @@ inline __m256 dot32_u8s8(__m256i codes_u8, const int8_t* x) {
 // 4-bit nibbles in 32-wide groups, int8 activations
 struct DotNibblesQ8 {
   static int64_t row_bytes(const Problem& p) { return p.C / 2; }
+  static bool prefetches(const Problem&) { return false; }
   float operator()(const Problem& p, const uint8_t* __restrict row, int64_t m, const float* __restrict sc) const {
     const int64_t half = p.C / 2, half_groups = p.groups / 2;
     const int8_t* __restrict x = p.xq8 + m * p.C;
@@ -311,6 +330,7 @@ struct DotNibblesQ8 {
 template <int GROUP>
 struct DotInt8Q8 {
   static int64_t row_bytes(const Problem& p) { return p.C; }
+  static bool prefetches(const Problem&) { return false; }
   float operator()(const Problem& p, const uint8_t* row_bytes_ptr, int64_t m, const float* __restrict sc) const {
     const int8_t* __restrict row = reinterpret_cast<const int8_t*>(row_bytes_ptr);
     const int8_t* __restrict x = p.xq8 + m * p.C;
@@ -345,12 +365,13 @@ void rows(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t M = p.M, R = p.R, stride = Dot::row_bytes(p);
   float* __restrict y = p.y;
   std::vector<float> sc_buf(p.half_scales ? p.groups : 0), bi_buf(p.half_scales ? p.groups : 0);
+  const bool burst = !Dot::prefetches(p);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.codes + r * stride;
 #ifdef GEMMARUN_AVX2
     // Ask for the row kPrefetchRows ahead now: one thread's hardware prefetcher alone kept the
     // 262k-row head at ~70% of the machine's read bandwidth.
-    if (r + kPrefetchRows < r1)
+    if (burst && r + kPrefetchRows < r1)
       for (int64_t b = 0; b < stride; b += 64)
         _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * stride + b), _MM_HINT_T0);
 #endif
