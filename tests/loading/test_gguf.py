@@ -164,6 +164,26 @@ def test_stacked_projections_change_no_logit(converted, family):
     assert torch.equal(logits[0], logits[1])
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux")
+def test_gguf_vectors_are_read_and_matrices_stay_mapped(converted):
+    """Norm weights and scalars are copied out at load (used where they lay, each one mapped the
+    large page-cache folio around it); float matrices stay views of the mapping."""
+    _, path = converted("e4b", "f32")
+    model = gemmarun.load(path, dtype="float32", device="cpu").model
+
+    def in_mapping(t: torch.Tensor) -> bool:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                if lo <= t.data_ptr() < hi:
+                    return line.rstrip().endswith(str(path))
+        return False
+
+    assert in_mapping(model.layers[0].self_attn.q_proj.weight)
+    assert not in_mapping(model.layers[0].input_layernorm.weight)
+    assert not in_mapping(model.layers[0].layer_scalar)
+
+
 def test_greedy_generation_through_gguf_equals_safetensors(converted):
     folder, path = converted("e4b", "f32")
     prompt = [2, 40, 41, 42, 43, 44, 45]

@@ -59,6 +59,8 @@ def test_float32_weights_are_views_of_the_file_and_ple_stays_mapped(tiny_models)
     # a float32 checkpoint loaded as float32 is not copied: weights are views of the mapping
     w = llm.model.layers[0].self_attn.q_proj.weight
     assert _mapped_file(w.data_ptr()) == path
+    # vectors are read into memory: touching them in the mapping maps the large folio around them
+    assert _mapped_file(llm.model.layers[0].input_layernorm.weight.data_ptr()) != path
     assert torch.equal(w, read_safetensors(folder / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"])
     # a dtype conversion makes the one resident copy
     bf = gemmarun.load(folder, dtype="bfloat16", device="cpu")

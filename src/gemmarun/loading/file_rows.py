@@ -8,6 +8,11 @@ bytes; the file stays in the page cache, shared and evictable, never in the proc
 
 The loaders register the mappings they make; `rows_reader(t)` finds the file and offset behind a
 tensor that is a view of one of them.
+
+Vectors (norm weights, scalars) are read into memory with `read_bytes` at load, for the same
+reason: touching a few kB of a mapping maps the whole large folio around it, other tensors' bytes
+included. A 4-bit E2B's 1 MiB of norm weights, used where they lay, mapped 160 MiB of its GGUF
+(~4 MiB a layer) on the first prefill. Matrices and tables stay mapped.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 _mappings: list[tuple[weakref.ref, int, int, Path]] = []  # (owner, base address, bytes, file)
@@ -63,6 +69,18 @@ class FileRows:
             if os.preadv(self._fd, [buffers[i]], self.offset + row * self.row_bytes) != self.row_bytes:
                 raise OSError(f"{self.path}: short read of table row {row} (was the file truncated?)")
         return out
+
+
+def read_bytes(path: Path, offset: int, nbytes: int) -> np.ndarray:
+    """`nbytes` bytes of `path` at `offset`, read with pread into a fresh uint8 array."""
+    out = np.empty(nbytes, dtype=np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if nbytes and os.preadv(fd, [out], offset) != nbytes:
+            raise OSError(f"{path}: short read of {nbytes} bytes at {offset} (was the file truncated?)")
+    finally:
+        os.close(fd)
+    return out
 
 
 def rows_reader(table: torch.Tensor) -> FileRows | None:

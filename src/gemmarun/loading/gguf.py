@@ -27,6 +27,8 @@ FLOAT_TYPES = {
 
 
 def _tensor(f: GGUFFile, info: TensorInfo, reference: bool, name: str) -> torch.Tensor | QuantizedTensor:
+    if info.ggml_type in FLOAT_TYPES and len(info.shape) <= 1:  # a vector: read, not mapped (file_rows.py)
+        return torch.from_numpy(f.read(info.name)).view(FLOAT_TYPES[info.ggml_type]).view(info.shape)
     raw = torch.from_numpy(f.raw(info.name))
     if info.ggml_type in FLOAT_TYPES:
         return raw.view(FLOAT_TYPES[info.ggml_type]).view(info.shape)

@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import LoadError
-from .file_rows import register_mapping
+from .file_rows import read_bytes, register_mapping
 
 _SCALARS = {  # GGUF value type -> (struct format, numpy dtype)
     0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("<h", np.int16),
@@ -163,6 +163,11 @@ class GGUFFile:
         """The tensor's bytes as a uint8 view of the memory map (no copy)."""
         info = self.tensors[name]
         return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's bytes read into memory (a copy: no page of the mapping touched)."""
+        info = self.tensors[name]
+        return read_bytes(self.path, info.offset, info.nbytes)
 
     def release(self, name: str) -> None:
         """Drop the resident pages of a tensor that was copied out (repacked) from this process's

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import LoadError
-from .file_rows import register_mapping
+from .file_rows import read_bytes, register_mapping
 
 _DTYPES = {
     "F32": torch.float32,
@@ -57,7 +57,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if end - start != nbytes or base + end > size:
             raise LoadError(f"{path}: tensor {name!r} data [{start}, {end}) does not fit the file or its shape")
-        raw = torch.from_numpy(data[base + start : base + end])
+        if len(shape) <= 1:  # a vector (norm weight, scalar): read, not mapped (file_rows.py)
+            raw = torch.from_numpy(read_bytes(path, base + start, nbytes))
+        else:
+            raw = torch.from_numpy(data[base + start : base + end])
         tensors[name] = raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
     return tensors
 
