@@ -138,7 +138,8 @@ inline float offset_term(const Problem& p, int64_t m, const float* __restrict sc
 // How far ahead the AVX-512 loops ask for the codes they will read, one cache line per step. The
 // other loops ask for a whole row a few rows ahead (rows<Dot>); with AVX-512 that burst stalled: a
 // 6 KB row of E2B's down projection made 96 requests at once (A/B: 4-bit 1536x12288 17.6 -> 23.4
-// GB/s, the 262k-row int8 head 28.9 -> 32.5, int8 640x2048 41.4 -> 50.2).
+// GB/s, the 262k-row int8 head 28.9 -> 32.5, int8 640x2048 41.4 -> 50.2). The in-place GGUF block
+// rows (MoE experts) had no prefetch at all: Q4_0 1408x2816 15.7 -> 18.5 GB/s with one.
 constexpr int64_t kPrefetchBytes = 3072;
 
 // Each format is a dot functor: `row_bytes` says how long a weight row is, `prefetches` whether its
@@ -440,6 +441,9 @@ void block_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
 #endif
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = row + b * type_size;
+#ifdef GEMMARUN_AVX512
+        if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
+#endif
         const float d = half_at(blk);
         const uint8_t* qs = blk + 2;
         if (p.type == kQ4_0) offset += d * xs[b];
