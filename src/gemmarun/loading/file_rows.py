@@ -66,8 +66,7 @@ class FileRows:
         for i, row in enumerate(flat):
             if not 0 <= row < self.n_rows:
                 raise IndexError(f"row {row} is out of range for a table of {self.n_rows} rows")
-            if os.preadv(self._fd, [buffers[i]], self.offset + row * self.row_bytes) != self.row_bytes:
-                raise OSError(f"{self.path}: short read of table row {row} (was the file truncated?)")
+            _pread_exact(self._fd, buffers[i], self.offset + row * self.row_bytes, self.path, f"table row {row}")
         return out
 
 
@@ -76,11 +75,16 @@ def read_bytes(path: Path, offset: int, nbytes: int) -> np.ndarray:
     out = np.empty(nbytes, dtype=np.uint8)
     fd = os.open(path, os.O_RDONLY)
     try:
-        if nbytes and os.preadv(fd, [out], offset) != nbytes:
-            raise OSError(f"{path}: short read of {nbytes} bytes at {offset} (was the file truncated?)")
+        if nbytes:
+            _pread_exact(fd, out, offset, path, f"{nbytes} bytes at {offset}")
     finally:
         os.close(fd)
     return out
+
+
+def _pread_exact(fd: int, buffer: np.ndarray, offset: int, path: Path, what: str) -> None:
+    if os.preadv(fd, [buffer], offset) != buffer.nbytes:
+        raise OSError(f"{path}: short read of {what} (was the file truncated?)")
 
 
 def rows_reader(table: torch.Tensor) -> FileRows | None:
@@ -88,9 +92,8 @@ def rows_reader(table: torch.Tensor) -> FileRows | None:
     a registered mapping; else None (the table is then indexed where it lies)."""
     if table.device.type != "cpu" or table.dim() != 2 or not table.is_contiguous():
         return None
-    start = table.data_ptr()
+    start, size = table.data_ptr(), table.numel() * table.element_size()
     for owner, base, nbytes, path in _mappings:
-        size = table.numel() * table.element_size()
         if owner() is not None and base <= start and start + size <= base + nbytes:
             return FileRows(path, start - base, table.shape[0], table.shape[1] * table.element_size())
     return None

@@ -82,6 +82,8 @@ struct Activations {
   std::vector<int16_t> xq;
   std::vector<int8_t> xq8;
   std::vector<float> xscale, xsum;  // [M, C / group]
+  std::vector<uint8_t> xlo;         // after split_bytes(): xq = 256 * xhi + xlo, exactly
+  std::vector<int8_t> xhi;
   Activations(const float* x, int64_t M, int64_t C, int64_t group, bool q8)
       : xq(q8 ? 0 : M * C), xq8(q8 ? M * C : 0), xscale(M * (C / group)), xsum(M * (C / group)) {
     const int64_t groups = C / group;
@@ -90,12 +92,26 @@ struct Activations {
       else quantize_x<int16_t, 32767>(x + m * C, C, group, xq.data() + m * C, xscale.data() + m * groups, xsum.data() + m * groups);
     }
   }
+  // The int16 values as their low (unsigned) and high (signed, arithmetic shift) bytes, for byte
+  // multiply-adds at int16 precision.
+  void split_bytes() {
+    xlo.resize(xq.size());
+    xhi.resize(xq.size());
+    for (size_t k = 0; k < xq.size(); ++k) {
+      xlo[k] = static_cast<uint8_t>(xq[k] & 0xFF);
+      xhi[k] = static_cast<int8_t>(xq[k] >> 8);
+    }
+  }
   template <typename P>
   void into(P& p) const {
     p.xq = xq.empty() ? nullptr : xq.data();
     p.xq8 = xq8.empty() ? nullptr : xq8.data();
     p.xscale = xscale.data();
     p.xsum = xsum.data();
+    if constexpr (requires { p.xlo; }) {
+      p.xlo = xlo.empty() ? nullptr : xlo.data();
+      p.xhi = xhi.empty() ? nullptr : xhi.data();
+    }
   }
 };
 
@@ -646,22 +662,11 @@ torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
 #ifdef GEMMARUN_AVX2
   q8 = int8_activations && (nibbles ? group == 32 && (C / 2) % 32 == 0 : C % 32 == 0);
 #endif
-  const Activations acts(x.data_ptr<float>(), M, C, group, q8);
-  acts.into(p);
-  std::vector<uint8_t> xlo;
-  std::vector<int8_t> xhi;
+  Activations acts(x.data_ptr<float>(), M, C, group, q8);
 #ifdef GEMMARUN_AVX512
-  if (nibbles && !q8) {
-    xlo.resize(M * C);
-    xhi.resize(M * C);
-    for (int64_t k = 0; k < M * C; ++k) {
-      xlo[k] = static_cast<uint8_t>(acts.xq[k] & 0xFF);
-      xhi[k] = static_cast<int8_t>(acts.xq[k] >> 8);  // arithmetic shift: xq = 256 * xhi + xlo
-    }
-    p.xlo = xlo.data();
-    p.xhi = xhi.data();
-  }
+  if (nibbles && !q8) acts.split_bytes();  // DotNibbles' byte multiply-adds
 #endif
+  acts.into(p);
   torch::Tensor y = torch::empty({M, R}, x.options());
   p.y = y.data_ptr<float>();
   switch (group) {  // GGML group sizes: 16 (Q6_K, Q3_K, Q2_K) and 32 (the rest)
