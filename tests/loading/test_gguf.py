@@ -447,6 +447,28 @@ def test_repacked_tensors_give_their_mapped_pages_back(converted, monkeypatch):
     assert np.isfinite(llm.logits(IDS)).all()
 
 
+def test_tokenizer_is_built_before_the_weights_and_its_lists_dropped(converted, monkeypatch):
+    """Building the tokenizer briefly takes 100-300 MiB more than it keeps: it happens before any
+    weight is repacked, so that never stacks on the weights, and the reader does not keep the
+    vocabulary's lists alive beside the tokenizer afterwards."""
+    from gemmarun.quant import QuantLinear
+    from gemmarun.tokenizer import Tokenizer
+
+    _, path = converted("e2b", "q4_0")
+    events, readers = [], []
+    real_tokenizer, real_repack, real_drop = Tokenizer.from_gguf_metadata, QuantLinear.from_raw, GGUFFile.drop_metadata
+    monkeypatch.setattr(Tokenizer, "from_gguf_metadata",
+                        staticmethod(lambda fields: events.append("tokenizer") or real_tokenizer(fields)))
+    monkeypatch.setattr(QuantLinear, "from_raw",
+                        staticmethod(lambda *a, **k: events.append("weight") or real_repack(*a, **k)))
+    monkeypatch.setattr(GGUFFile, "drop_metadata", lambda self, prefix: readers.append(self) or real_drop(self, prefix))
+    llm = gemmarun.load(path, device="cpu")
+    assert events[0] == "tokenizer" and "weight" in events
+    assert readers and not any(k.startswith("tokenizer.ggml.") for k in readers[0].metadata)
+    assert "general.architecture" in readers[0].metadata
+    assert llm.tokenizer.decode(llm.tokenizer.encode("hello world", add_bos=False)) == "hello world"
+
+
 @pytest.mark.parametrize("type_name", ["q8_0", "q4_0"])
 def test_moe_experts_stay_in_the_mapped_file_on_cpu(converted, monkeypatch, type_name):
     """CPU MoE experts in Q4_0/Q8_0 are read in place (never repacked, never released), and

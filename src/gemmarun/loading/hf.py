@@ -39,6 +39,10 @@ def read_chat_template(folder: Path) -> str | None:
 
 def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LLM:
     cfg = load_hf_config(folder)
+    # The tokenizer before the weights: building it briefly takes more memory than it keeps.
+    if not (folder / "tokenizer.json").exists():
+        raise LoadError(f"{folder}: no tokenizer.json")
+    tokenizer = Tokenizer.from_hf_folder(folder)
     tensors = read_folder(folder)
     state, _ignored = map_hf_names(tensors, cfg)
     if cfg.family == "gemma3":
@@ -49,9 +53,6 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LL
     mm_cfg = multimodal_config_from_hf(raw) or unified_config_from_hf(raw)
     if mm_cfg is not None:
         encoders = build_encoders(mm_cfg, cfg, map_hf_tower_names(tensors), dtype=dtype, device=device)
-    if not (folder / "tokenizer.json").exists():
-        raise LoadError(f"{folder}: no tokenizer.json")
-    tokenizer = Tokenizer.from_hf_folder(folder)
     table = [
         (name, _TYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape), t.numel() * t.element_size())
         for name, t in sorted(tensors.items())
