@@ -42,6 +42,18 @@ class FullKV:
         keys = None if self.keys is None else self.keys[:, :, : self.end]
         return keys, self.values[:, :, : self.end], self._positions[: self.end]
 
+    def advance(self, position: int) -> tuple[int, int]:
+        """Book one token at `position` that the caller writes itself (the native decode step):
+        its slot, and how many slots attention then reads."""
+        if position >= self.max_len:
+            raise ValueError(f"position {position} is past the cache length {self.max_len}")
+        self.end = max(self.end, position + 1)
+        return position, self.end
+
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(keys, values, slot positions), where keys are stored (not K=V)."""
+        return None if self.keys is None else (self.keys, self.values, self._positions)
+
     def truncate(self, length: int) -> None:
         """Forget positions >= `length`."""
         self.end = min(self.end, length)
@@ -93,6 +105,16 @@ class SlidingKV:
         self.values[:, :, slots] = v
         self.positions[slots] = positions
 
+    def advance(self, position: int) -> tuple[int, int]:
+        """Book one token at `position` that the caller writes itself (keys, values and the
+        slot's position): its slot, and how many slots attention then reads."""
+        self.used = max(self.used, min(position + 1, self.size))
+        return position % self.size, self.used
+
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, slot positions)."""
+        return self.keys, self.values, self.positions
+
     def truncate(self, length: int) -> None:
         """Forget positions >= `length` (their slots become empty; the keys they evicted were
         out of every later query's window as long as no more than `spare` were written)."""
@@ -108,6 +130,7 @@ class KVCache:
     def __init__(self, config: TextConfig, batch: int, max_len: int, dtype, device, spare: int = 0):
         self.config = config
         self.max_len = max_len
+        self._storage = None  # storage(): built on first use; False where the native step cannot write it
         self.layers: list[FullKV | SlidingKV | None] = []
         slot_positions = torch.arange(max_len, device=device)
         for spec in config.layers:
@@ -120,6 +143,32 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers if layer is not None)
+
+    def advance(self, position: int) -> tuple[list[int], list[int]]:
+        """Book one decode token at `position` in every layer that stores keys and values (the
+        native decode step writes them): per layer, its slot and the slots attention reads."""
+        slots, lengths = [], []
+        for layer in self.layers:
+            slot, n = layer.advance(position) if layer is not None else (0, 0)
+            slots.append(slot)
+            lengths.append(n)
+        return slots, lengths
+
+    def storage(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
+        """Per layer (keys, values, slot positions) for the native decode step, empty tensors for
+        KV-shared layers; None where it cannot write this cache (K=V layers, batch > 1)."""
+        if self._storage is None:
+            empty = torch.empty(0)
+            keys, values, positions = [], [], []
+            for layer in self.layers:
+                held = (empty, empty, empty) if layer is None else layer.storage()
+                if held is None or (layer is not None and held[0].shape[0] != 1):
+                    self._storage = False
+                    return None
+                for out, t in zip((keys, values, positions), held):
+                    out.append(t)
+            self._storage = (keys, values, positions)
+        return self._storage or None
 
     def truncate(self, length: int) -> None:
         """Roll back to the first `length` positions (speculative tokens that were rejected)."""

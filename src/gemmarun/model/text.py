@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..cache import KVCache
 from ..config import LayerSpec, TextConfig
 from .attention import Attention, SharedKV
 from .layers import MLP, RMSNorm, RotaryTable, gelu_tanh, softcap
@@ -153,7 +154,13 @@ class Exposed:
 
 
 class TextModel(nn.Module):
-    """The decoder with its tied head. `forward` never creates a cache; the caller owns it."""
+    """The decoder with its tied head. `forward` never creates a cache; the caller owns it.
+
+    One token of decode on the CPU goes through all layers in one native call where the model
+    qualifies (fused_decode.py: same kernels, same bits); `fused_decode = False` keeps the
+    module path."""
+
+    fused_decode: bool = True
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -163,6 +170,32 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, spec) for spec in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = rotary_tables(cfg.layers)
+        self._decode_plan = None  # the native plan of the layers: None not built yet, False none
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._decode_plan = None  # it holds the tensors as they were before a move or a cast
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_decode_plan"] = None  # native objects are not copied; a copy builds its own
+        return state
+
+    def _fused_layers(self, x, ple, positions, rope, cache) -> torch.Tensor | None:
+        """x after every layer through the native plan for one token, or None where it does not
+        apply (then the module path runs)."""
+        if self._decode_plan is None:
+            from .fused_decode import build_decode_plan
+
+            self._decode_plan = build_decode_plan(self) or False
+        storage = cache.storage() if self._decode_plan else None
+        if storage is None:
+            return None
+        position = int(positions[0])
+        slots, lengths = cache.advance(position)
+        cos = [rope[name][0] for name in self.rotary]
+        sin = [rope[name][1] for name in self.rotary]
+        return self._decode_plan.step(x, ple, cos, sin, position, *storage, slots, lengths)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -193,11 +226,18 @@ class TextModel(nn.Module):
         x = self.embed(ids) if embeds is None else embeds
         ple = self.ple(ids, x) if self.ple is not None else None
         rope = {name: table(positions, x.dtype) for name, table in self.rotary.items()}
-        shared: SharedKV | list[SharedKV] = [{} for _ in cache] if isinstance(cache, list) else {}
-        for i, layer in enumerate(self.layers):
-            lt = layer.spec.layer_type.value
-            layer_ple = ple[:, :, i] if ple is not None else None
-            x = layer(x, layer_ple, positions, rope[lt], self.rotary[lt], cache, shared, vision_blocks)
+        fused = None
+        if (self.fused_decode and ids.shape == (1, 1) and isinstance(cache, KVCache) and vision_blocks is None
+                and expose is None and x.dtype == torch.float32 and x.device.type == "cpu"):
+            fused = self._fused_layers(x, ple, positions, rope, cache)
+        if fused is not None:
+            x = fused
+        else:
+            shared: SharedKV | list[SharedKV] = [{} for _ in cache] if isinstance(cache, list) else {}
+            for i, layer in enumerate(self.layers):
+                lt = layer.spec.layer_type.value
+                layer_ple = ple[:, :, i] if ple is not None else None
+                x = layer(x, layer_ple, positions, rope[lt], self.rotary[lt], cache, shared, vision_blocks)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)

@@ -12,7 +12,9 @@
   instead of the five or six torch operations of the formula (bit-identical to it).
 * ``decode_ops.cpp``: a decode step's small float32 operations (RMSNorm, RoPE, one query's
   attention), each one call instead of the handful of torch dispatches its formula takes.
-* ``module.cpp``: the Python bindings of all three.
+* ``decode_step.cpp``: a decode token through every layer of a dense decoder in one call, the
+  same kernels in the same order as the modules (model/fused_decode.py builds its plan).
+* ``module.cpp``: the Python bindings of all four.
 
 They are compiled for this machine's CPU (``-O3 -march=native``) by torch's extension builder the
 first time they are needed (about a minute; cached under ``~/.cache/gemmarun/kernels``).
@@ -39,7 +41,7 @@ import torch
 __all__ = ["kernel_status", "native_block_gemv", "native_group_gemv", "native_ops"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("group_gemv.cpp", "dequant.cpp", "decode_ops.cpp",
-                                                              "module.cpp")]
+                                                              "decode_step.cpp", "module.cpp")]
 _CACHE = Path(os.environ.get("GEMMARUN_KERNEL_CACHE", Path.home() / ".cache" / "gemmarun" / "kernels"))
 # -fopenmp: at::parallel_for is OpenMP code in torch's headers, serial without it; the extension
 # then shares the libgomp that torch already loaded (same soname), so one thread pool.

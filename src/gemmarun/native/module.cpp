@@ -1,6 +1,6 @@
 // The one Python module of gemmarun's native CPU kernels: the entry points of group_gemv.cpp
-// (quantized matmuls), dequant.cpp (prefill's weight tiles) and decode_ops.cpp (a decode step's
-// small float32 operations).
+// (quantized matmuls), dequant.cpp (prefill's weight tiles), decode_ops.cpp (a decode step's
+// small float32 operations) and decode_step.cpp (a decode token through every layer).
 
 #include <torch/extension.h>
 
@@ -13,6 +13,7 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, dou
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
                          int64_t position, int64_t window, double scale, double softcap);
+void bind_decode_step(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_gemv", &group_gemv, "x @ W.T for group-quantized W, read as stored");
@@ -21,4 +22,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32");
   m.def("rope", &rope, "rotate-half RoPE of [B, T, H, D] with per-position cos/sin");
   m.def("attend_one", &attend_one, "one decode query's attention over a cache");
+  bind_decode_step(m);
 }

@@ -11,7 +11,7 @@ from .formats import (
     type_name,
 )
 from .experts import QuantExperts
-from .linear import QuantEmbedding, QuantLinear, RowStack, project, stack_rows
+from .linear import QuantEmbedding, QuantLinear, RowStack, project, stack_rows, stacked
 
 __all__ = [
     "FORMATS",
@@ -27,5 +27,6 @@ __all__ = [
     "get_format",
     "project",
     "stack_rows",
+    "stacked",
     "type_name",
 ]

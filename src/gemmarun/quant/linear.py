@@ -83,7 +83,7 @@ from gguf import GGMLQuantizationType
 from ..native import native_group_gemv, native_ops
 from .formats import as_blocks, get_format, type_name
 
-__all__ = ["QuantEmbedding", "QuantLinear", "RowStack", "project", "stack_rows"]
+__all__ = ["QuantEmbedding", "QuantLinear", "RowStack", "project", "stack_rows", "stacked"]
 
 # Floats per dequantized tile (8 MiB of float32, reused across tiles): large enough that
 # per-op dispatch overhead is amortized, small enough to stay in L3 between the dequant ops
@@ -363,14 +363,22 @@ class _QuantMatrix(torch.nn.Module):
         a repack. The buffers are bound here: a module attribute lookup per call cost more than
         the multiply of a small matrix."""
         if self._native is None:
-            gemv = native_group_gemv() if self._native_eligible(torch.device("cpu")) else None
+            args = self.native_args()
+            gemv = native_group_gemv() if args is not None else None
             self._native = False
             if gemv is not None:
-                args = (self.data, self.scale, self.bias, self.group_size, float(self.code_min), self.nibbles,
-                        # int8 activations when computing below float32: no more rounding than asked for
-                        self.compute_dtype != torch.float32)
                 self._native = lambda x: gemv(x, *args)
         return self._native or None
+
+    def native_args(self) -> tuple | None:
+        """What the native ``group_gemv`` takes after ``x`` to multiply this matrix (codes, scale,
+        bias, group, code_min, nibbles, int8 activations), or None where it cannot (codes not
+        kept, not on the CPU, other group sizes)."""
+        if not self._native_eligible(torch.device("cpu")):
+            return None
+        return (self.data, self.scale, self.bias, self.group_size, float(self.code_min), self.nibbles,
+                # int8 activations when computing below float32: no more rounding than asked for
+                self.compute_dtype != torch.float32)
 
     def _packs_for_cpu(self, device: torch.device) -> str | None:
         """The layout a bfloat16 matmul on the CPU repacks this matrix into, once: "int4" for
@@ -519,11 +527,20 @@ def project(x: torch.Tensor, *linears: torch.nn.Module) -> tuple[torch.Tensor, .
     `x` when `stack_rows` stacked exactly these (and they were not moved since), else one call
     each. Either way the outputs are the same bits: each row of the kernel's output is computed
     alone, and the parts are made contiguous (torch's GELU rounds strided inputs differently)."""
-    stack = getattr(linears[0], "stack", None)
-    if (stack is not None and x.numel() <= NATIVE_MAX_ROWS * stack.matrix.cols and len(stack.members) == len(linears)
-            and all(a is b and b.stack is stack for a, b in zip(stack.members, linears))):
+    stack = stacked(linears)
+    if stack is not None and x.numel() <= NATIVE_MAX_ROWS * stack.matrix.cols:
         return tuple(part.contiguous() for part in stack.matrix(x).split(stack.sizes, dim=-1))
     return tuple(m(x) for m in linears)
+
+
+def stacked(linears: Sequence[torch.nn.Module]) -> RowStack | None:
+    """The stack holding exactly `linears`, in order, if `stack_rows` made one and none of them
+    was moved since; else None."""
+    stack = getattr(linears[0], "stack", None)
+    if (stack is not None and len(stack.members) == len(linears)
+            and all(a is b and b.stack is stack for a, b in zip(stack.members, linears))):
+        return stack
+    return None
 
 
 class QuantEmbedding(_QuantMatrix):

@@ -1,0 +1,197 @@
+// One decode token through every layer of a dense decoder in one call: the loop of
+// model/text.py (DecoderLayer.forward, Attention.forward and _attend_cached for one token on the
+// CPU), with the same kernels in the same order, so its output is the same bits.
+//
+// Why: the kernels of a decode step take ~8 ms on the 270M; the Python around them (module calls,
+// views, cache writes, ~40 dispatches a layer) took another 4-5 ms. Here the same work costs a
+// C++ call per operation. model/fused_decode.py decides when a model qualifies (float32 compute,
+// dense MLPs, keys stored beside values) and builds the plan; the Python path stays the reference.
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                         int64_t group, double code_min, bool nibbles, bool int8_activations);
+torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, double eps);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
+                         int64_t position, int64_t window, double scale, double softcap);
+
+// A weight matrix as decode multiplies it: gemmarun's repacked codes through group_gemv (as
+// QuantLinear.matmul_t does for one row), or a float32 weight through at::linear (nn.Linear).
+struct DecodeMatrix {
+  torch::Tensor codes, scale, dense;
+  c10::optional<torch::Tensor> bias;
+  int64_t group = 0;
+  double code_min = 0.0;
+  bool nibbles = false, int8_activations = false;
+
+  // x [1, 1, C] -> [1, 1, R]
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    if (dense.defined()) return at::linear(x, dense);
+    const int64_t C = x.size(-1);
+    torch::Tensor y = group_gemv(x.view({1, C}), codes, scale, bias, group, code_min, nibbles, int8_activations);
+    return y.view({1, 1, y.size(1)});
+  }
+};
+
+// Matrices that read one input (q/k/v, gate/up): one call per matrix, each call's output split
+// into its parts (a stacked matrix has several), as quant.linear.project does.
+struct DecodeProjection {
+  std::vector<DecodeMatrix> calls;
+  std::vector<std::vector<int64_t>> parts;  // rows of each part, per call
+
+  std::vector<torch::Tensor> operator()(const torch::Tensor& x) const {
+    std::vector<torch::Tensor> out;
+    for (size_t i = 0; i < calls.size(); ++i) {
+      const torch::Tensor y = calls[i](x);
+      int64_t offset = 0;
+      for (int64_t rows : parts[i]) {
+        out.push_back(parts[i].size() == 1 ? y : y.narrow(-1, offset, rows));
+        offset += rows;
+      }
+    }
+    return out;
+  }
+};
+
+struct DecodeLayer {
+  torch::Tensor input_layernorm, post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm;
+  DecodeProjection qkv;  // q, then k and v where the layer owns its keys and values
+  torch::Tensor q_norm, k_norm;
+  DecodeMatrix o_proj;
+  DecodeProjection gate_up;
+  DecodeMatrix down_proj;
+  bool has_ple = false;
+  DecodeMatrix per_layer_input_gate, per_layer_projection;
+  torch::Tensor post_per_layer_input_norm;
+  torch::Tensor layer_scalar;  // undefined: 1
+  int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  int64_t window = 0;     // 0: full attention
+  int64_t kv_source = -1;  // -1: owns its keys and values, else the layer it reads them from
+  int64_t rope_type = 0;   // index into the per-type cos/sin
+  bool v_norm = false;
+};
+
+struct DecodePlan {
+  std::vector<DecodeLayer> layers;
+  double eps = 1e-6, attention_scale = 1.0, attn_softcap = 0.0;
+
+  // x [1, 1, H]: the embedded token at `position`. ple [1, 1, L, P] or undefined. cos/sin [1, D]
+  // per layer type. keys/values [1, kv, slots, D] and key_positions [slots] per layer (empty for
+  // KV-shared ones); the new token goes to slot[i] and attention reads the first length[i] slots
+  // (the cache's bookkeeping, advanced by the caller). Returns x after the last layer.
+  torch::Tensor step(torch::Tensor x, c10::optional<torch::Tensor> ple, const std::vector<torch::Tensor>& cos,
+                     const std::vector<torch::Tensor>& sin, int64_t position, const std::vector<torch::Tensor>& keys,
+                     const std::vector<torch::Tensor>& values, const std::vector<torch::Tensor>& key_positions,
+                     const std::vector<int64_t>& slots, const std::vector<int64_t>& lengths) const {
+    const size_t L = layers.size();
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.size(1) == 1 && x.scalar_type() == torch::kFloat32,
+                "decode step: x must be float32 [1, 1, hidden]");
+    TORCH_CHECK(keys.size() == L && values.size() == L && key_positions.size() == L && slots.size() == L &&
+                lengths.size() == L, "decode step: one cache entry per layer");
+    std::vector<torch::Tensor> seen_keys(L), seen_values(L), seen_positions(L);
+    for (size_t i = 0; i < L; ++i) {
+      const DecodeLayer& layer = layers[i];
+      const int64_t nH = layer.num_heads, kv = layer.num_kv_heads, D = layer.head_dim;
+      const torch::Tensor& c = cos.at(layer.rope_type);
+      const torch::Tensor& s = sin.at(layer.rope_type);
+
+      // Attention (Attention.forward for B = T = 1).
+      const std::vector<torch::Tensor> qkv = layer.qkv(rms_norm(x, layer.input_layernorm, eps));
+      torch::Tensor q = rope(rms_norm(qkv[0].view({1, 1, nH, D}), layer.q_norm, eps).transpose(1, 2), c, s);
+      torch::Tensor k_seen, v_seen, pos_seen;
+      if (layer.kv_source < 0) {
+        torch::Tensor k_raw = qkv.at(1).view({1, 1, kv, D});
+        torch::Tensor v_raw = qkv.at(2).view({1, 1, kv, D});
+        torch::Tensor k = rope(rms_norm(k_raw, layer.k_norm, eps).transpose(1, 2), c, s);  // [1, kv, 1, D]
+        torch::Tensor v = (layer.v_norm ? rms_norm(v_raw, c10::nullopt, eps) : v_raw).transpose(1, 2);
+        const int64_t slot = slots[i], n = lengths[i];
+        keys[i].narrow(2, slot, 1).copy_(k);
+        values[i].narrow(2, slot, 1).copy_(v);
+        key_positions[i].narrow(0, slot, 1).fill_(position);
+        k_seen = keys[i].narrow(2, 0, n);
+        v_seen = values[i].narrow(2, 0, n);
+        pos_seen = key_positions[i].narrow(0, 0, n);
+      } else {
+        TORCH_CHECK(layer.kv_source < static_cast<int64_t>(i) && seen_keys[layer.kv_source].defined(),
+                    "decode step: layer ", i, " reads keys of layer ", layer.kv_source, " which has none");
+        k_seen = seen_keys[layer.kv_source];
+        v_seen = seen_values[layer.kv_source];
+        pos_seen = seen_positions[layer.kv_source];
+      }
+      seen_keys[i] = k_seen;
+      seen_values[i] = v_seen;
+      seen_positions[i] = pos_seen;
+      torch::Tensor attended = attend_one(q.select(0, 0).select(1, 0), k_seen.select(0, 0), v_seen.select(0, 0),
+                                          pos_seen, position, layer.window, attention_scale, attn_softcap);
+      torch::Tensor h = layer.o_proj(attended.view({1, 1, nH * D}));
+      x = x + rms_norm(h, layer.post_attention_layernorm, eps);
+
+      // Dense MLP: down(gelu(gate) * up).
+      const std::vector<torch::Tensor> gate_up = layer.gate_up(rms_norm(x, layer.pre_feedforward_layernorm, eps));
+      h = layer.down_proj(at::gelu(gate_up[0], "tanh") * gate_up.at(1));
+      x = x + rms_norm(h, layer.post_feedforward_layernorm, eps);
+
+      // Per-layer embedding injection, layer scalar.
+      if (layer.has_ple) {
+        TORCH_CHECK(ple.has_value(), "decode step: layer ", i, " needs per-layer inputs");
+        const torch::Tensor g = at::gelu(layer.per_layer_input_gate(x), "tanh") * ple->select(2, i);
+        x = x + rms_norm(layer.per_layer_projection(g), layer.post_per_layer_input_norm, eps);
+      }
+      if (layer.layer_scalar.defined()) x = x * layer.layer_scalar;
+    }
+    return x;
+  }
+};
+
+void bind_decode_step(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<DecodeMatrix>(m, "DecodeMatrix")
+      .def(py::init<>())
+      .def_readwrite("codes", &DecodeMatrix::codes)
+      .def_readwrite("scale", &DecodeMatrix::scale)
+      .def_readwrite("bias", &DecodeMatrix::bias)
+      .def_readwrite("dense", &DecodeMatrix::dense)
+      .def_readwrite("group", &DecodeMatrix::group)
+      .def_readwrite("code_min", &DecodeMatrix::code_min)
+      .def_readwrite("nibbles", &DecodeMatrix::nibbles)
+      .def_readwrite("int8_activations", &DecodeMatrix::int8_activations);
+  py::class_<DecodeProjection>(m, "DecodeProjection")
+      .def(py::init<>())
+      .def_readwrite("calls", &DecodeProjection::calls)
+      .def_readwrite("parts", &DecodeProjection::parts);
+  py::class_<DecodeLayer>(m, "DecodeLayer")
+      .def(py::init<>())
+      .def_readwrite("input_layernorm", &DecodeLayer::input_layernorm)
+      .def_readwrite("post_attention_layernorm", &DecodeLayer::post_attention_layernorm)
+      .def_readwrite("pre_feedforward_layernorm", &DecodeLayer::pre_feedforward_layernorm)
+      .def_readwrite("post_feedforward_layernorm", &DecodeLayer::post_feedforward_layernorm)
+      .def_readwrite("qkv", &DecodeLayer::qkv)
+      .def_readwrite("q_norm", &DecodeLayer::q_norm)
+      .def_readwrite("k_norm", &DecodeLayer::k_norm)
+      .def_readwrite("o_proj", &DecodeLayer::o_proj)
+      .def_readwrite("gate_up", &DecodeLayer::gate_up)
+      .def_readwrite("down_proj", &DecodeLayer::down_proj)
+      .def_readwrite("has_ple", &DecodeLayer::has_ple)
+      .def_readwrite("per_layer_input_gate", &DecodeLayer::per_layer_input_gate)
+      .def_readwrite("per_layer_projection", &DecodeLayer::per_layer_projection)
+      .def_readwrite("post_per_layer_input_norm", &DecodeLayer::post_per_layer_input_norm)
+      .def_readwrite("layer_scalar", &DecodeLayer::layer_scalar)
+      .def_readwrite("num_heads", &DecodeLayer::num_heads)
+      .def_readwrite("num_kv_heads", &DecodeLayer::num_kv_heads)
+      .def_readwrite("head_dim", &DecodeLayer::head_dim)
+      .def_readwrite("window", &DecodeLayer::window)
+      .def_readwrite("kv_source", &DecodeLayer::kv_source)
+      .def_readwrite("rope_type", &DecodeLayer::rope_type)
+      .def_readwrite("v_norm", &DecodeLayer::v_norm);
+  py::class_<DecodePlan>(m, "DecodePlan")
+      .def(py::init<>())
+      .def_readwrite("layers", &DecodePlan::layers)
+      .def_readwrite("eps", &DecodePlan::eps)
+      .def_readwrite("attention_scale", &DecodePlan::attention_scale)
+      .def_readwrite("attn_softcap", &DecodePlan::attn_softcap)
+      .def("step", &DecodePlan::step, "one token through every layer (see decode_step.cpp)");
+}

@@ -1,0 +1,93 @@
+"""The native decode step (model/fused_decode.py, native/decode_step.cpp) against the module path:
+the same logits, bit for bit, and the same cache, on every family it takes; the rest keep the
+module path."""
+
+import pytest
+import torch
+
+import gemmarun
+from gemmarun.cache import make_cache
+from gemmarun.generate import decode_step, prefill
+from gemmarun.loading.convert import convert
+from gemmarun.native import native_ops
+from reference_models import WINDOW
+
+pytestmark = pytest.mark.skipif(native_ops() is None, reason="native kernels unavailable")
+
+FUSED = ["e2b", "e4b", "gemma3"]  # dense, keys stored beside values
+MODULE_PATH = ["31b", "26b"]  # K=V full layers (and the 26B's MoE)
+PROMPT = [2] + list(range(20, 20 + WINDOW + 3))  # the sliding rings already wrapped
+STEPS = 2 * WINDOW + 5  # and wrap again while decoding
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, tmp_path_factory):
+    """(family, format) -> a loaded float32 CPU model; formats: the safetensors folder (float
+    weights, at::linear) and GGUF q4_0 / q8_0 (codes, group_gemv)."""
+    cache = {}
+
+    def get(family, fmt):
+        if (family, fmt) not in cache:
+            folder, _ = tiny_models(family)
+            path = folder
+            if fmt != "safetensors":
+                path = tmp_path_factory.mktemp("fused") / f"{family}-{fmt}.gguf"
+                convert(folder, path, fmt, progress=False)
+            cache[family, fmt] = gemmarun.load(path, dtype="float32", device="cpu").model
+        return cache[family, fmt]
+
+    return get
+
+
+def _decode(model, fused: bool):
+    """Prompt logits, then STEPS greedy decode steps: (stacked logits, the cache)."""
+    model.fused_decode = fused
+    try:
+        cache = make_cache(model.config, len(PROMPT) + STEPS + 1)
+        out = [prefill(model, torch.tensor(PROMPT), cache)]
+        for position in range(len(PROMPT), len(PROMPT) + STEPS):
+            out.append(decode_step(model, int(torch.argmax(out[-1])), position, cache))
+        return torch.stack(out), cache
+    finally:
+        model.fused_decode = True
+
+
+def _layer_state(layer):
+    if layer is None:
+        return None
+    return [t.clone() for t in (layer.keys, layer.values) if t is not None], getattr(layer, "used", None), \
+        getattr(layer, "end", None), getattr(layer, "positions", None)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "q4_0", "q8_0"])
+@pytest.mark.parametrize("family", FUSED)
+def test_native_step_equals_the_modules_bit_for_bit(models, family, fmt):
+    model = models(family, fmt)
+    modules, module_cache = _decode(model, fused=False)
+    fused, fused_cache = _decode(model, fused=True)
+    assert model._decode_plan, "the plan should have been built"
+    assert torch.equal(fused, modules)
+    for a, b in zip(module_cache.layers, fused_cache.layers):
+        sa, sb = _layer_state(a), _layer_state(b)
+        if sa is None:
+            assert sb is None
+            continue
+        assert all(torch.equal(x, y) for x, y in zip(sa[0], sb[0]))
+        assert sa[1:3] == sb[1:3]
+        assert (sa[3] is None) == (sb[3] is None) and (sa[3] is None or torch.equal(sa[3], sb[3]))
+
+
+@pytest.mark.parametrize("family", MODULE_PATH)
+def test_models_it_cannot_take_keep_the_module_path(models, family):
+    model = models(family, "q8_0")
+    logits, _ = _decode(model, fused=True)
+    assert model._decode_plan is False
+    assert torch.isfinite(logits).all()
+
+
+def test_a_move_or_cast_drops_the_plan(models):
+    model = models("gemma3", "q8_0")
+    _decode(model, fused=True)
+    assert model._decode_plan
+    model.to("cpu")
+    assert model._decode_plan is None
