@@ -356,6 +356,31 @@ def test_decode_ops_reject_what_they_cannot_read():
 
 
 @needs_kernel
+def test_argmax_is_torchs_argmax():
+    """First index of the largest value; NaN counts as the largest (first NaN wins), as in torch."""
+    from gemmarun.sampling import greedy_token
+
+    ops = native_ops()
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 8, 9, 33, 262144):
+        x = torch.randn(n, generator=g)
+        assert ops.argmax(x) == int(torch.argmax(x)) == greedy_token(x)
+    for _ in range(500):  # ties, infinities and NaNs at every place
+        n = int(torch.randint(1, 40, (), generator=g))
+        x = torch.randint(-2, 3, (n,), generator=g).float()
+        r = torch.rand(n, generator=g)
+        x[r < 0.05] = float("nan")
+        x[(r > 0.9) & (r < 0.95)] = float("-inf")
+        x[r > 0.97] = float("inf")
+        assert ops.argmax(x) == int(torch.argmax(x)), x
+    assert ops.argmax(torch.full((20,), float("-inf"))) == 0
+    assert ops.argmax(torch.arange(10.0).flip(0)[::2]) == 0  # strided
+    with pytest.raises(RuntimeError, match="empty"):
+        ops.argmax(torch.ones(0))
+    assert greedy_token(torch.tensor([1.0, 3.0, 3.0], dtype=torch.float64)) == 1  # torch's, other dtypes
+
+
+@needs_kernel
 def test_a_quantized_matrix_with_its_kernel_bound_pickles_and_copies(tmp_path):
     """The kernel closure binds the module's buffers; a copy or a saved module makes its own."""
     import copy

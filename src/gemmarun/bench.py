@@ -33,6 +33,7 @@ from .cache import make_cache
 from .config import ConfigError
 from .generate import decode_step, prefill
 from .machine import describe
+from .sampling import greedy_token
 
 RESULT_PREFIX = "gemmarun-bench-result "
 NOT_INSTALLED = "not installed (pip install gemmarun[bench])"
@@ -127,7 +128,7 @@ def greedy_ids(model, cfg, ids: Sequence[int], n: int) -> tuple[int, ...]:
     logits = prefill(model, torch.tensor(list(ids), device=model.device), cache)
     out = []
     for pos in range(len(ids), len(ids) + n):
-        out.append(int(torch.argmax(logits)))
+        out.append(greedy_token(logits))
         if len(out) < n:
             logits = decode_step(model, out[-1], pos, cache)
     return tuple(out)
@@ -145,10 +146,10 @@ def run_bench(llm, load_s: float, prompt_ids: Sequence[int], decode_tokens: int,
     t0 = time.perf_counter()
     logits = prefill(model, ids, cache)
     t1 = time.perf_counter()
-    token = int(torch.argmax(logits))
+    token = greedy_token(logits)
     t_first = time.perf_counter()
     for pos in range(n_prompt, n_prompt + decode_tokens):
-        token = int(torch.argmax(decode_step(model, token, pos, cache)))
+        token = greedy_token(decode_step(model, token, pos, cache))
     t2 = time.perf_counter()
     rss = peak_rss_mib()
     from . import __version__

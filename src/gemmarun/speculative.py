@@ -31,7 +31,7 @@ from .control import OutputControl
 from .generate import PREFILL_CHUNK, ROLLBACK, cache_length, prefill, settle
 from .model.assistant import Assistant, check_pairing
 from .model.text import Exposed, TextModel
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, greedy_token
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class SpeculationStats:
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """A token from `probs`; a one-hot (greedy) distribution decides without drawing."""
     if int((probs > 0).sum()) == 1:
-        return int(torch.argmax(probs))
+        return greedy_token(probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -13,6 +13,7 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, dou
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
                          int64_t position, int64_t window, double scale, double softcap);
+int64_t argmax(torch::Tensor x);
 void bind_decode_step(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -22,5 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32");
   m.def("rope", &rope, "rotate-half RoPE of [B, T, H, D] with per-position cos/sin");
   m.def("attend_one", &attend_one, "one decode query's attention over a cache");
+  m.def("argmax", &argmax, "torch.argmax of a float32 vector, vectorized");
   bind_decode_step(m);
 }
