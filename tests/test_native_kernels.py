@@ -343,6 +343,28 @@ def test_one_query_attention_matches_its_formula(heads, kv, window, cap, strided
 
 
 @needs_kernel
+@pytest.mark.parametrize("heads,kv", [(4, 1), (8, 2), (6, 3)])
+@pytest.mark.parametrize("window", [None, 512])
+def test_one_query_attention_over_a_long_cache_matches_its_formula(heads, kv, window, torch_formulas):
+    """Long caches are split into chunks whose partial softmaxes are merged: a sliding ring with
+    empty slots and a rejected draft's position, a full cache, the query's own key in any chunk."""
+    g = torch.Generator().manual_seed(3)
+    D, slots, position = 64, 700, 650
+    keys, values = _cache(g, kv, slots, D, strided=True)
+    key_pos = torch.arange(slots)
+    key_pos[[5, 300, 699]] = -1
+    key_pos[10] = position + 3
+    q = torch.randn(1, heads, 1, D, generator=g)
+    spec = type("Spec", (), {"window": window})()
+    attn = attention_module.Attention.__new__(attention_module.Attention)
+    torch.nn.Module.__init__(attn)
+    attn.spec, attn.scale, attn.logit_softcap = spec, 0.125, None
+    got = attn._attend_one(q, keys, values, key_pos, position)
+    want = torch_formulas(attn._attend_one, q, keys, values, key_pos, position)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
 def test_decode_ops_reject_what_they_cannot_read():
     ops = native_ops()
     with pytest.raises(RuntimeError, match="float32"):

@@ -22,7 +22,14 @@ namespace {
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   int64_t k = 0;
   float acc = 0.f;
-#ifdef GEMMARUN_AVX2
+#if defined(__AVX512F__)
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  for (; k + 32 <= n; k += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), s1);
+  }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+#elif defined(GEMMARUN_AVX2)
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   for (; k + 16 <= n; k += 16) {
     s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
@@ -41,6 +48,71 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
 // y += a * x
 inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
   for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+#if defined(__AVX512F__)
+// e^x for x <= 0 (Cephes' expf: a degree-6 polynomial on x - n ln 2, scaled by 2^n; ~1 ulp).
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// Softmax weights in place: s_j <- e^(s_j - top), 0 where s_j is -inf (masked); returns their sum.
+inline float softmax_weights(float* s, int64_t n, float top) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  const __m512 t = _mm512_set1_ps(top), masked = _mm512_set1_ps(neg_inf);
+  __m512 sum = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    const __m512 v = _mm512_loadu_ps(s + j);
+    const __mmask16 seen = _mm512_cmp_ps_mask(v, masked, _CMP_NEQ_OQ);
+    const __m512 w = _mm512_maskz_mov_ps(seen, exp_nonpositive(_mm512_sub_ps(v, t)));
+    _mm512_storeu_ps(s + j, w);
+    sum = _mm512_add_ps(sum, w);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; j < n; ++j) {
+    s[j] = s[j] == neg_inf ? 0.f : std::exp(s[j] - top);
+    total += s[j];
+  }
+  return total;
+}
+
+// out[0:D] += sum_j w_j * rows_j over the rows with a nonzero weight (rows `stride` floats apart).
+inline void weighted_rows(const float* w, const float* rows, int64_t stride, int64_t n, float* out, int64_t D) {
+#if defined(__AVX512F__)
+  if (D % 128 == 0) {  // 8 accumulators of 16 floats stay in registers across the rows
+    for (int64_t d0 = 0; d0 < D; d0 += 128) {
+      __m512 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(out + d0 + 16 * i);
+      for (int64_t j = 0; j < n; ++j) {
+        if (w[j] == 0.f) continue;
+        const __m512 wj = _mm512_set1_ps(w[j]);
+        const float* r = rows + j * stride + d0;
+        for (int i = 0; i < 8; ++i) acc[i] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 16 * i), acc[i]);
+      }
+      for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + d0 + 16 * i, acc[i]);
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j)
+    if (w[j] != 0.f) axpy(w[j], rows + j * stride, out, D);
 }
 
 void check_float_cpu(const torch::Tensor& t, const char* name) {
@@ -119,6 +191,11 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 // positions (masks.visible without blocks): key j is seen iff 0 <= pos_j <= position and, with a
 // window, pos_j > position - window. q [nH, D]; keys, values [kv, S, D] (rows contiguous);
 // key_positions [S] int64; softcap 0 = none. Returns [nH, D].
+//
+// Each key and value row is read once for all the query heads that share it (grouped-query
+// attention), and long caches are split into chunks across threads whose partial softmaxes are
+// merged at the end (as flash-decoding does): at a few hundred tokens of context the cache, not
+// the arithmetic, is what a decode step's attention reads.
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
                          int64_t position, int64_t window, double scale, double softcap) {
   check_float_cpu(q, "q");
@@ -131,45 +208,72 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor valu
   const int64_t nH = qc.size(0), D = qc.size(1), kv = keys.size(0), S = keys.size(1);
   TORCH_CHECK(keys.size(2) == D && kv > 0 && nH % kv == 0, "attend_one: head dims or counts do not match");
   TORCH_CHECK(keys.stride(2) == 1 && values.stride(2) == 1, "attend_one: key/value rows must be contiguous");
-  torch::Tensor out = torch::zeros({nH, D}, qc.options());
   const float* qp = qc.data_ptr<float>();
   const float* kp = keys.data_ptr<float>();
   const float* vp = values.data_ptr<float>();
   const int64_t* pos = kpos.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
   const int64_t groups = nH / kv, k_head = keys.stride(0), k_row = keys.stride(1);
   const int64_t v_head = values.stride(0), v_row = values.stride(1);
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, nH, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> scores(S);
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t g = h / groups;
-      const float* qh = qp + h * D;
-      float top = neg_inf;
-      for (int64_t j = 0; j < S; ++j) {
+  // Chunks per KV head: enough tasks for the threads, none shorter than 64 keys.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((threads + kv - 1) / kv, S / 64));
+  const int64_t chunk_len = (S + chunks - 1) / std::max<int64_t>(chunks, 1);
+  // Per (kv head, chunk, query head of the group): running max, sum of weights, weighted values.
+  const int64_t part = D + 2;
+  std::vector<float> partial(kv * chunks * groups * part, 0.f);
+  at::parallel_for(0, kv * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(groups * chunk_len);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / chunks, j0 = (t % chunks) * chunk_len, j1 = std::min(S, j0 + chunk_len);
+      const float* qg = qp + g * groups * D;
+      float* out = partial.data() + t * groups * part;  // [groups][max, sum, D values]
+      for (int64_t h = 0; h < groups; ++h) out[h * part] = neg_inf;
+      for (int64_t j = j0; j < j1; ++j) {
         const int64_t p = pos[j];
-        if (p < 0 || p > position || (window > 0 && p <= position - window)) {
-          scores[j] = neg_inf;
-          continue;
+        const bool seen = p >= 0 && p <= position && !(window > 0 && p <= position - window);
+        const float* kj = kp + g * k_head + j * k_row;
+        for (int64_t h = 0; h < groups; ++h) {
+          float s = neg_inf;
+          if (seen) {
+            s = dot(qg + h * D, kj, D) * sc;
+            if (cap > 0.f) s = cap * std::tanh(s / cap);
+            out[h * part] = std::max(out[h * part], s);
+          }
+          scores[h * chunk_len + (j - j0)] = s;
         }
-        float s = dot(qh, kp + g * k_head + j * k_row, D) * sc;
-        if (cap > 0.f) s = cap * std::tanh(s / cap);
-        scores[j] = s;
-        top = std::max(top, s);
       }
-      if (top == neg_inf) continue;  // nothing visible (never in decode: the query sees itself)
-      float total = 0.f;
-      for (int64_t j = 0; j < S; ++j) {
-        scores[j] = scores[j] == neg_inf ? 0.f : std::exp(scores[j] - top);
-        total += scores[j];
+      for (int64_t h = 0; h < groups; ++h) {
+        float* oh = out + h * part;
+        if (oh[0] == neg_inf) continue;  // nothing visible in this chunk
+        float* w = scores.data() + h * chunk_len;
+        oh[1] = softmax_weights(w, j1 - j0, oh[0]);
+        weighted_rows(w, vp + g * v_head + j0 * v_row, v_row, j1 - j0, oh + 2, D);
       }
-      float* oh = op + h * D;
-      for (int64_t j = 0; j < S; ++j)
-        if (scores[j] != 0.f) axpy(scores[j] / total, vp + g * v_head + j * v_row, oh, D);
     }
   });
-  return out;
+  torch::Tensor result = torch::zeros({nH, D}, qc.options());
+  float* op = result.data_ptr<float>();
+  for (int64_t g = 0; g < kv; ++g) {
+    for (int64_t h = 0; h < groups; ++h) {
+      float top = neg_inf;
+      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, partial[((g * chunks + c) * groups + h) * part]);
+      if (top == neg_inf) continue;  // nothing visible (never in decode: the query sees itself)
+      float total = 0.f;
+      float* oh = op + (g * groups + h) * D;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* pc = partial.data() + ((g * chunks + c) * groups + h) * part;
+        if (pc[0] == neg_inf) continue;
+        const float f = std::exp(pc[0] - top);
+        total += f * pc[1];
+        axpy(f, pc + 2, oh, D);
+      }
+      const float inv = 1.f / total;
+      for (int64_t k = 0; k < D; ++k) oh[k] *= inv;
+    }
+  }
+  return result;
 }
 
 // torch.argmax of a float32 vector: the first index of the largest value, the first NaN if there

@@ -147,9 +147,10 @@ struct DecodePlan {
   }
 };
 
+// module_local: each build of the module (one per source hash) keeps its own types.
 void bind_decode_step(pybind11::module& m) {
   namespace py = pybind11;
-  py::class_<DecodeMatrix>(m, "DecodeMatrix")
+  py::class_<DecodeMatrix>(m, "DecodeMatrix", py::module_local())
       .def(py::init<>())
       .def_readwrite("codes", &DecodeMatrix::codes)
       .def_readwrite("scale", &DecodeMatrix::scale)
@@ -159,11 +160,11 @@ void bind_decode_step(pybind11::module& m) {
       .def_readwrite("code_min", &DecodeMatrix::code_min)
       .def_readwrite("nibbles", &DecodeMatrix::nibbles)
       .def_readwrite("int8_activations", &DecodeMatrix::int8_activations);
-  py::class_<DecodeProjection>(m, "DecodeProjection")
+  py::class_<DecodeProjection>(m, "DecodeProjection", py::module_local())
       .def(py::init<>())
       .def_readwrite("calls", &DecodeProjection::calls)
       .def_readwrite("parts", &DecodeProjection::parts);
-  py::class_<DecodeLayer>(m, "DecodeLayer")
+  py::class_<DecodeLayer>(m, "DecodeLayer", py::module_local())
       .def(py::init<>())
       .def_readwrite("input_layernorm", &DecodeLayer::input_layernorm)
       .def_readwrite("post_attention_layernorm", &DecodeLayer::post_attention_layernorm)
@@ -187,7 +188,7 @@ void bind_decode_step(pybind11::module& m) {
       .def_readwrite("kv_source", &DecodeLayer::kv_source)
       .def_readwrite("rope_type", &DecodeLayer::rope_type)
       .def_readwrite("v_norm", &DecodeLayer::v_norm);
-  py::class_<DecodePlan>(m, "DecodePlan")
+  py::class_<DecodePlan>(m, "DecodePlan", py::module_local())
       .def(py::init<>())
       .def_readwrite("layers", &DecodePlan::layers)
       .def_readwrite("eps", &DecodePlan::eps)
