@@ -194,5 +194,8 @@ void bind_decode_step(pybind11::module& m) {
       .def_readwrite("eps", &DecodePlan::eps)
       .def_readwrite("attention_scale", &DecodePlan::attention_scale)
       .def_readwrite("attn_softcap", &DecodePlan::attn_softcap)
-      .def("step", &DecodePlan::step, "one token through every layer (see decode_step.cpp)");
+      // Without the GIL: a step is milliseconds of C++ that touches no Python object, and the
+      // server's other threads (HTTP, streaming) should run meanwhile.
+      .def("step", &DecodePlan::step, "one token through every layer (see decode_step.cpp)",
+           py::call_guard<py::gil_scoped_release>());
 }
