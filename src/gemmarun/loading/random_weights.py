@@ -85,14 +85,20 @@ def resolve_config(config: TextConfig | str | Path) -> tuple[TextConfig, str]:
             return text_config_from_hf(raw), path.parent.name or path.stem
         except KeyError as e:
             raise ConfigError(f"{path}: required key {e.args[0]!r} is missing") from None
+    key, raw = released_config(text)
+    return text_config_from_hf(raw), key.removeprefix("google/")
+
+
+def released_config(name: str) -> tuple[str, dict]:
+    """(full name, raw HF config) of a released checkpoint named as `resolve_config` takes it."""
     known = _released_configs()
-    wanted = text.lower()
+    wanted = name.lower()
     for key, raw in known.items():
         short = key.lower().removeprefix("google/").removeprefix("gemma-4-").removesuffix("-it")
         if wanted in (key.lower(), key.lower().removeprefix("google/"), short):
-            return text_config_from_hf(raw), key.removeprefix("google/")
+            return key, raw
     raise ConfigError(
-        f"unknown config {text!r}: give {', '.join(SHORT_NAMES)}, a full name such as "
+        f"unknown config {name!r}: give {', '.join(SHORT_NAMES)}, a full name such as "
         f"{next(iter(known), 'google/gemma-4-E2B-it')}, or a path to a HF config.json"
     )
 
