@@ -157,14 +157,13 @@ class GGUFFile:
                 )
             self.tensors[name] = TensorInfo(name, qtype, tuple(reversed(dims)), start, nbytes)
 
-    # -- data ----------------------------------------------------------------------------------
-
     def drop_metadata(self, prefix: str) -> None:
         """Forget the metadata under `prefix` once it is consumed: the tokenizer's 262k-entry
         lists are ~40 MiB of Python objects that would otherwise live as long as the mapping."""
         for key in [k for k in self.metadata if k.startswith(prefix)]:
             del self.metadata[key]
 
+    # -- data ----------------------------------------------------------------------------------
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a uint8 view of the memory map (no copy)."""
