@@ -317,6 +317,14 @@ def _cache(g, kv, slots, D, strided):
     return (k[:, :, :slots], v[:, :, :slots]) if strided else (k, v)
 
 
+def _bare_attention(window, cap):
+    """An Attention with only what _attend_one and _attend read: window, scale, soft-cap."""
+    attn = attention_module.Attention.__new__(attention_module.Attention)
+    torch.nn.Module.__init__(attn)
+    attn.spec, attn.scale, attn.logit_softcap = type("Spec", (), {"window": window})(), 0.125, cap
+    return attn
+
+
 @needs_kernel
 @pytest.mark.parametrize("heads,kv", [(4, 1), (8, 2), (3, 3)])
 @pytest.mark.parametrize("window", [None, 5])
@@ -329,10 +337,7 @@ def test_one_query_attention_matches_its_formula(heads, kv, window, cap, strided
     # a ring buffer's positions: empty slots (-1), a future one (a rejected draft's), an old one
     key_pos = torch.tensor([0, 1, 2, 3, -1, 5, 6, 7, 8, 9, 11, -1])
     q = torch.randn(1, heads, 1, D, generator=g)
-    spec = type("Spec", (), {"window": window})()
-    attn = attention_module.Attention.__new__(attention_module.Attention)
-    torch.nn.Module.__init__(attn)
-    attn.spec, attn.scale, attn.logit_softcap = spec, 0.125, cap
+    attn = _bare_attention(window, cap)
     got = attn._attend_one(q, keys, values, key_pos, position)
     want = torch_formulas(attn._attend_one, q, keys, values, key_pos, position)
     # and the general (masked SDPA / eager) path agrees with both
@@ -345,20 +350,18 @@ def test_one_query_attention_matches_its_formula(heads, kv, window, cap, strided
 @needs_kernel
 @pytest.mark.parametrize("heads,kv", [(4, 1), (8, 2), (6, 3)])
 @pytest.mark.parametrize("window", [None, 512])
-def test_one_query_attention_over_a_long_cache_matches_its_formula(heads, kv, window, torch_formulas):
+@pytest.mark.parametrize("D", [64, 256])  # 256: the values accumulate in registers, 128 floats a pass
+def test_one_query_attention_over_a_long_cache_matches_its_formula(heads, kv, window, D, torch_formulas):
     """Long caches are split into chunks whose partial softmaxes are merged: a sliding ring with
     empty slots and a rejected draft's position, a full cache, the query's own key in any chunk."""
     g = torch.Generator().manual_seed(3)
-    D, slots, position = 64, 700, 650
+    slots, position = 700, 650
     keys, values = _cache(g, kv, slots, D, strided=True)
     key_pos = torch.arange(slots)
     key_pos[[5, 300, 699]] = -1
     key_pos[10] = position + 3
     q = torch.randn(1, heads, 1, D, generator=g)
-    spec = type("Spec", (), {"window": window})()
-    attn = attention_module.Attention.__new__(attention_module.Attention)
-    torch.nn.Module.__init__(attn)
-    attn.spec, attn.scale, attn.logit_softcap = spec, 0.125, None
+    attn = _bare_attention(window, None)
     got = attn._attend_one(q, keys, values, key_pos, position)
     want = torch_formulas(attn._attend_one, q, keys, values, key_pos, position)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
