@@ -117,12 +117,14 @@ class Attention(nn.Module):
         matmul."""
         _, n_heads, _, d = q.shape
         window = self.spec.window
-        if q.dtype == k.dtype == v.dtype == torch.float32 and k.stride(-1) == v.stride(-1) == 1:
+        if k.stride(-1) == v.stride(-1) == 1:
             ops = native_ops()
             if ops is not None:
-                out = ops.attend_one(q[0, :, 0], k[0], v[0], key_pos, position, window or 0, self.scale,
-                                     self.logit_softcap or 0.0)
-                return out.view(1, n_heads, 1, d)
+                # Other dtypes are widened to float32 first. Their torch matmuls here had a new shape
+                # every token, and oneDNN (bfloat16) keeps a ~1 MiB primitive per shape: +2 MiB a token.
+                wide = [t if t.dtype == torch.float32 else t.float() for t in (q[0, :, 0], k[0], v[0])]
+                out = ops.attend_one(*wide, key_pos, position, window or 0, self.scale, self.logit_softcap or 0.0)
+                return out.view(1, n_heads, 1, d).to(q.dtype)
         mask = visible(key_pos.new_tensor([position]), key_pos, window)  # (1, S)
         kv = k.shape[1]
         qg = q.view(kv, n_heads // kv, d)  # (kv, groups, D)
