@@ -44,6 +44,12 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """`gelu_tanh` in place: the same kernel, so the same bits for a contiguous `x` (torch rounds
+    strided inputs differently); a prefill's [tokens, width] activations are not held twice."""
+    return torch.ops.aten.gelu_(x, approximate="tanh")
+
+
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(x / cap)
 
@@ -62,8 +68,8 @@ class MLP(nn.Module):
         return self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, *self.input_projections())
-        return self.down_proj(gelu_tanh(gate) * up)
+        gate, up = project(x, *self.input_projections())  # fresh contiguous tensors: reused in place
+        return self.down_proj(gelu_tanh_(gate).mul_(up))
 
 
 class RotaryTable(nn.Module):

@@ -35,7 +35,7 @@ __all__ = [
 
 QK_K = 256
 # Elements dequantized per step in `dequantize`; bounds the temporaries to a few tens of MB.
-_CHUNK_ELEMENTS = 1 << 21
+_CHUNK_ELEMENTS = 1 << 19
 
 
 class UnsupportedQuantType(ValueError):
