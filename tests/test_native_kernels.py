@@ -4,6 +4,7 @@ match the exact float32 product within the int16 rounding of the activations."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -483,6 +484,34 @@ def test_stacked_projections_give_the_same_bits_in_one_call(monkeypatch):
     # moved or cast members leave the stack and still compute alone
     q.to(torch.bfloat16)
     assert q.stack is None and len(ql.project(x, q, k, v)) == 3 and len(calls) == 1
+
+
+def _own_mapping(t: torch.Tensor) -> bool:
+    """Whether `t`'s memory starts an anonymous mapping of /proc/self/maps (not malloc's heap)."""
+    ptr = t.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            if lo <= ptr < hi:
+                return ptr == lo and len(fields) == 5  # no path: anonymous
+    return False
+
+
+@needs_kernel
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_large_weights_live_outside_the_heap(monkeypatch):
+    """Repacked and stacked weights of 1 MiB or more get mappings of their own: the stacking frees
+    the unstacked copies, and holes left between weights in the heap were faulted back in by
+    later allocations (a prefill's RSS grew ~100 MiB past what it held). Small ones stay in it."""
+    monkeypatch.setattr(ql, "_OWN_MAPPING_BYTES", 64 * 1024)
+    q, k, v = _linears([T.Q8_0, T.Q8_0, T.Q8_0], cols=1024, rows=(64, 64, 64))  # 64 KiB of codes each
+    assert all(_own_mapping(m.data) for m in (q, k, v))
+    assert not _own_mapping(q.scale)  # 4 KiB of scales
+    stack = ql.stack_rows([q, k, v])
+    assert _own_mapping(stack.matrix.data) and q.data.data_ptr() == stack.matrix.data.data_ptr()
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ql.project(x, q, k, v)[2], v(x))
 
 
 @needs_kernel

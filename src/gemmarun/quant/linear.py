@@ -72,6 +72,8 @@ is repacked: decode reads the codes, prefill dequantizes tiles to bfloat16.
 
 from __future__ import annotations
 
+import math
+import mmap
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,6 +131,22 @@ def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
         with torch.inference_mode(False):
             buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
+
+
+_OWN_MAPPING_BYTES = 1 << 20
+
+
+def _weight_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty tensor for weights that live as long as the model: on the CPU, a large one gets an
+    anonymous mapping of its own instead of a place in malloc's heap. Repacking and stacking free
+    their temporaries and the unstacked copies between the weights, and once trimmed those holes
+    were not resident, but every later allocation placed in them faulted pages back in: a 512-token
+    E2B prefill grew RSS by ~100 MiB more than it ever held at once."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < _OWN_MAPPING_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # not shared with a forked child
+    return torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).view(shape)
 
 
 class _QuantMatrix(torch.nn.Module):
@@ -219,10 +237,9 @@ class _QuantMatrix(torch.nn.Module):
         g = fmt.group_size
         nibbles = fmt.code_max - fmt.code_min < 16
         dev = raw.device
-        data = torch.empty(rows, cols // 2 if nibbles else cols,
-                           dtype=torch.uint8 if nibbles else torch.int8, device=dev)
+        data = _weight_buffer((rows, cols // 2 if nibbles else cols), torch.uint8 if nibbles else torch.int8, dev)
         scale_dtype = torch.float16 if fmt.ggml_type in _HALF_SCALE_TYPES else torch.float32
-        scale = torch.empty(rows, cols // g, dtype=scale_dtype, device=dev)
+        scale = _weight_buffer((rows, cols // g), scale_dtype, dev)
         bias = None
         blocks = blocks.view(rows, -1, fmt.type_size)
         step = max(1, _LOAD_CHUNK_ELEMENTS // cols)
@@ -240,7 +257,7 @@ class _QuantMatrix(torch.nn.Module):
             scale[r0:r1] = sc.reshape(r1 - r0, cols // g)
             if bi is not None:
                 if bias is None:
-                    bias = torch.empty_like(scale)
+                    bias = _weight_buffer(tuple(scale.shape), scale.dtype, dev)
                 bias[r0:r1] = bi.reshape(r1 - r0, cols // g)
         return cls(fmt.ggml_type, rows, cols, compute_dtype, data, scale, bias, g,
                    fmt.code_min if nibbles else 0, nibbles)
@@ -504,7 +521,12 @@ def stack_rows(linears: Sequence[torch.nn.Module]) -> RowStack | None:
             or any(layout(m) != layout(first) for m in linears)):
         return None
     with torch.inference_mode(False):  # views that stay usable outside inference mode
-        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+        def cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            if parts[0] is None:
+                return None
+            shape = (sum(t.shape[0] for t in parts), *parts[0].shape[1:])
+            return torch.cat(parts, out=_weight_buffer(shape, parts[0].dtype, parts[0].device))
+
         matrix = QuantLinear(first.ggml_type, sum(m.rows for m in linears), first.cols, first.compute_dtype,
                              cat([m.data for m in linears]), cat([m.scale for m in linears]),
                              cat([m.bias for m in linears]), first.group_size, first.code_min, first.nibbles)
