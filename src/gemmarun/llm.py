@@ -211,9 +211,11 @@ class LLM:
     @cached_property
     def number_ids(self) -> frozenset[int]:
         """The tokens "0" to "9", ".", "e", "E", "+" and "-" (Gemma's tokenizers split numbers
-        into digits)."""
+        into digits), and their byte-fallback twins ("<0x65>" decodes to "e" too: sampled, it got
+        past the cap on run-on numbers)."""
         ids = [self.tokenizer.encode(c, add_bos=False) for c in NUMBER_CHARS]
-        return frozenset(i[0] for i in ids if len(i) == 1)
+        twins = (self.tokenizer.token_to_id(f"<0x{ord(c):02X}>") for c in NUMBER_CHARS)
+        return frozenset([i[0] for i in ids if len(i) == 1] + [i for i in twins if i is not None])
 
     def build_prompt(self, prompt: str | Messages, *, enable_thinking: bool = False,
                      image_tokens: int | None = None, tools: list | None = None) -> Prompt:
