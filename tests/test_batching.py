@@ -108,3 +108,109 @@ def test_loop_guard_and_grammar_in_the_batch_equal_one_request_alone(tiny_models
     assert got_ids == [ids for ids, _ in expected] and got_reasons == [reason for _, reason in expected]
     answer = json.loads(llm.tokenizer.decode(got_ids[2]))
     assert set(answer) == {"n"} and 0 <= answer["n"] <= 99
+
+
+# -- speculative decoding in the engine (a request decoding alone) ---------------------------------
+
+
+def _speculation_helpers():
+    from test_speculative import N_NEW, N_PROMPT, OracleDrafter, _prompt, random_drafter
+
+    return N_NEW, N_PROMPT, OracleDrafter, _prompt, random_drafter
+
+
+def _request(engine, request_id):
+    return next(r for r in engine.active if r.id == request_id)
+
+
+@pytest.mark.parametrize("family", ["e2b", "31b"])
+def test_speculation_alone_and_batching_together_give_the_plain_greedy_tokens(tiny_models, family):
+    """Request A speculates while alone (partial acceptance: rollbacks mid-round), decodes in the
+    batch while B is there, then speculates again: both get exactly their plain greedy tokens."""
+    from gemmarun.speculative import SpeculationConfig
+
+    N_NEW, N_PROMPT, OracleDrafter, _prompt, random_drafter = _speculation_helpers()
+    llm = gemmarun.load(tiny_models(family)[0], dtype="float32", device="cpu")
+    prompts = [_prompt(N_PROMPT, seed=5), _prompt(N_PROMPT, seed=6)]
+    params = [SamplingParams(max_tokens=N_NEW, ignore_eos=True), SamplingParams(max_tokens=6, ignore_eos=True)]
+    plain = [llm.generate_ids(p, max_new_tokens=sp.max_tokens, ignore_eos=True) for p, sp in zip(prompts, params)]
+    oracle = OracleDrafter(random_drafter(family, seed=1), N_PROMPT, plain[0], wrong_every=3)
+    config = SpeculationConfig(num_draft=3, check_every=None, compare_speed=False, probe_steps=0)
+    engine = BatchEngine(llm, max_batch=2, drafter=oracle, speculation=config)
+    a = engine.add(Prompt(prompts[0]), params[0])
+    out = {a: []}
+    spec = None
+    steps = 0
+    while engine.busy:
+        if steps == 4:  # B joins mid-generation: A's next tokens come from batched steps
+            b = engine.add(Prompt(prompts[1]), params[1])
+            out[b] = []
+        for ev in engine.step():
+            if ev.token is not None:
+                out[ev.request_id].append(ev.token)
+        if spec is None:
+            spec = _request(engine, a).speculation
+        steps += 1
+    assert [out[a], out[b]] == plain
+    assert spec.stats.rounds > 0 and 0 < spec.stats.accepted < spec.stats.drafted
+    assert steps < N_NEW  # rounds produced several tokens a step
+
+
+def test_speculation_in_the_engine_falls_back_per_request(tiny_models):
+    from gemmarun.speculative import SpeculationConfig
+
+    N_NEW, N_PROMPT, OracleDrafter, _prompt, random_drafter = _speculation_helpers()
+    llm = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu")
+    prompt = _prompt(N_PROMPT, seed=11)
+    plain = llm.generate_ids(prompt, max_new_tokens=N_NEW, ignore_eos=True)
+    never = next(t for t in range(256) if t not in plain)
+    oracle = OracleDrafter(random_drafter("e2b"), N_PROMPT, [never] * N_NEW, None)
+    config = SpeculationConfig(num_draft=3, check_every=2, compare_speed=False, probe_steps=1)
+    engine = BatchEngine(llm, max_batch=2, drafter=oracle, speculation=config)
+    a = engine.add(Prompt(prompt), SamplingParams(max_tokens=N_NEW, ignore_eos=True), top_logprobs=2)
+    events = engine.step()
+    spec = _request(engine, a).speculation
+    while engine.busy:
+        events += engine.step()
+    tokens = [ev for ev in events if ev.token is not None]
+    assert [ev.token for ev in tokens] == plain
+    assert all(ev.logprob is not None and len(ev.top_logprobs) == 2 for ev in tokens)
+    assert spec.stats.rounds == 2 and spec.stats.accepted == 0 and not spec.on
+    assert spec.stats.fell_back_at == 1 + 1 + 2  # the prefill's token, one probe step, two rejected rounds
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_engine_rounds_are_those_of_the_single_request_path(tiny_models, monkeypatch, sampled):
+    """Alone, a request's rounds draft from the same hidden states and K/V, verify and settle as
+    `speculative_generate_step`'s: the same drafts every round, and the same tokens even when
+    sampling (the same draws from the request's seeded generator)."""
+    import gemmarun.batching as batching
+    import gemmarun.speculative as speculative
+    from gemmarun.speculative import SpeculationConfig, speculative_generate_step
+
+    N_NEW, N_PROMPT, _, _prompt, random_drafter = _speculation_helpers()
+    llm = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu")
+    prompt = _prompt(N_PROMPT, seed=9)
+    params = SamplingParams(max_tokens=N_NEW, ignore_eos=True, **({"temperature": 1.0, "seed": 4} if sampled else {}))
+    drafter = random_drafter("e2b", seed=2)
+    config = SpeculationConfig(num_draft=3, check_every=None, compare_speed=False, probe_steps=0)
+    drafted = []
+
+    def recording(*args, **kwargs):
+        drafts, proposals = real(*args, **kwargs)
+        drafted[-1].append(tuple(drafts))
+        return drafts, proposals
+
+    real = speculative.draft_tokens
+    monkeypatch.setattr(speculative, "draft_tokens", recording)
+    monkeypatch.setattr(batching, "draft_tokens", recording)
+    drafted.append([])
+    alone = list(speculative_generate_step(llm.model, drafter, prompt, params, speculation=config))
+    drafted.append([])
+    engine = BatchEngine(llm, drafter=drafter, speculation=config)
+    engine.add(Prompt(prompt), params)
+    got = []
+    while engine.busy:
+        got += [ev.token for ev in engine.step() if ev.token is not None]
+    assert got == alone
+    assert len(drafted[0]) > 3 and drafted[1] == drafted[0]

@@ -5,12 +5,18 @@ matmuls (where a CPU spends its time reading weights) see all rows at once, atte
 row over its own cache. New requests are prefilled when they join; finished or cancelled ones
 leave at once and free their cache. Greedy output equals running the request alone (up to the
 float summation order of batched matmuls).
+
+A request decoding alone takes the single-request path (the native whole-token step where it
+applies) and, with a drafter, speculative rounds (speculative.py): draft k tokens, verify them in
+one forward, settle each as `_sample` settles a sampled token. Each request measures whether its
+rounds pay and stops speculating when they do not; when others join, it decodes in the batch again.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +25,10 @@ from .cache import KVCache, make_cache
 from .control import OutputControl
 from .generate import PREFILL_CHUNK, ROLLBACK, check_prompt_fits, prefill, settle
 from .llm import LLM, Prompt
+from .model.assistant import Assistant, check_pairing
+from .model.text import Exposed
 from .sampling import Sampler, SamplingParams
+from .speculative import SpeculationConfig, SpeculationStats, accept_or_resample, draft_tokens, draw
 
 
 @dataclass(frozen=True)
@@ -47,13 +56,29 @@ class _Request:
     max_len: int = 0
     scores: list[tuple] = field(default_factory=list)  # (logprob, top) per generated token
     last: int | None = None  # sampled, not yet fed
+    speculation: _Speculation | None = None  # with a drafter: this request's rounds so far
+    exposed: Exposed | None = None  # the target forward that produced `last`, when it ran alone
+
+
+@dataclass
+class _Speculation:
+    """One request's speculative decoding: on until its rounds stop paying (speculative.py)."""
+
+    on: bool = True
+    probes: int = 0  # plain steps taken alone while on; all but the first are timed
+    stats: SpeculationStats = field(default_factory=SpeculationStats)
+    window: SpeculationStats = field(default_factory=SpeculationStats)  # rounds since the last check
 
 
 class BatchEngine:
     """Not thread-safe: one model thread calls `add`, `cancel` and `step`."""
 
-    def __init__(self, llm: LLM, max_batch: int = 8, context: int | None = None, chunk_size: int = PREFILL_CHUNK):
+    def __init__(self, llm: LLM, max_batch: int = 8, context: int | None = None, chunk_size: int = PREFILL_CHUNK,
+                 drafter: Assistant | None = None, speculation: SpeculationConfig = SpeculationConfig()):
         self.llm = llm
+        self.drafter = drafter
+        self.speculation = speculation
+        self._producers = check_pairing(drafter.config, llm.config) if drafter is not None else None
         self.max_batch = max_batch
         cfg = llm.config
         self.context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -91,7 +116,9 @@ class BatchEngine:
         """Admit waiting requests (prefill, first token) and advance every active one by a token."""
         events: list[Event] = []
         running = [r for r in self.active if r.last is not None]
-        if running:
+        if len(running) == 1:
+            events += self._advance_alone(running[0])
+        elif running:
             events += self._decode(running)
         while self.waiting and len(self.active) < self.max_batch:
             r = self.waiting.pop(0)
@@ -106,18 +133,25 @@ class BatchEngine:
         if r.params.max_tokens == 0:
             return [Event(r.id, None, "length")]
         self.active.append(r)
+        if self.drafter is not None:
+            r.speculation = _Speculation()
         return self._sample(r, self._prefill(r))
 
     def _prefill(self, r: _Request) -> torch.Tensor:
         """A fresh cache holding the prompt and the kept generated tokens; the next logits."""
         llm, model = self.llm, self.llm.model
         text_ids, embeds, blocks = llm._inputs(r.prompt)
-        r.cache = make_cache(llm.config, r.max_len, dtype=model.dtype, device=model.device)
-        logits = prefill(model, text_ids, r.cache, chunk_size=self.chunk_size, embeds=embeds, vision_blocks=blocks)
+        # Speculative rounds may write k + 1 positions that are then rolled back: the sliding rings
+        # keep that many spare slots, so no rejected token evicts a key a later query sees.
+        spare = self.speculation.num_draft + 1 if r.speculation is not None else 0
+        r.cache = make_cache(llm.config, r.max_len, dtype=model.dtype, device=model.device, spare=spare)
+        r.exposed = Exposed() if r.speculation is not None else None
+        logits = prefill(model, text_ids, r.cache, chunk_size=self.chunk_size, embeds=embeds, vision_blocks=blocks,
+                         expose=r.exposed)
         kept = r.control.generated
         if kept:
             logits = prefill(model, torch.tensor(kept, device=model.device), r.cache, start=len(r.prompt.ids),
-                             chunk_size=self.chunk_size)
+                             chunk_size=self.chunk_size, expose=r.exposed)
         r.position = len(r.prompt.ids) + len(kept)
         return logits
 
@@ -130,16 +164,99 @@ class BatchEngine:
         events = []
         for r, row in zip(rows, logits):
             r.position += 1
+            r.exposed = None  # a batched forward exposes nothing to draft from
             events += self._sample(r, row)
         return events
 
-    def _sample(self, r: _Request, logits: torch.Tensor) -> list[Event]:
-        """Sample the request's next token; the events of the tokens that may leave now."""
+    @torch.inference_mode()
+    def _decode_alone(self, r: _Request) -> list[Event]:
+        """One token of a request decoding alone: its own cache, so the native whole-token step
+        runs where it applies; with a drafter the forward is exposed to draft from next."""
+        model = self.llm.model
+        r.exposed = Exposed() if r.speculation is not None and r.speculation.on else None
+        tokens = torch.tensor([[r.last]], device=model.device)
+        positions = torch.tensor([r.position], device=model.device)
+        logits = model(tokens, positions, r.cache, last_only=True, expose=r.exposed)[0, -1].float()
+        r.position += 1
+        return self._sample(r, logits)
+
+    def _advance_alone(self, r: _Request) -> list[Event]:
+        """A plain step or, with a drafter that still pays, a speculative round."""
+        spec, cfg = r.speculation, self.speculation
+        depth = 0
+        if spec is not None and spec.on:
+            # Drafts must fit the cache and leave room for the bonus token within max_tokens.
+            depth = min(cfg.num_draft, r.max_len - 1 - r.position,
+                        r.params.max_tokens - len(r.control.generated) - 1)
+        if depth < 1 or r.exposed is None or spec.probes < cfg.probe_steps:
+            began = time.perf_counter()
+            events = self._decode_alone(r)
+            if spec is not None and spec.on:
+                if spec.probes > 0:  # the first plain step pays for warming up: not timed
+                    spec.stats.plain_steps += 1
+                    spec.stats.plain_seconds += time.perf_counter() - began
+                spec.probes += 1
+            return events
+        return self._speculate(r, depth)
+
+    @torch.inference_mode()
+    def _speculate(self, r: _Request, depth: int) -> list[Event]:
+        """One round: `depth` drafts after `r.last`, verified in one forward; each token settled by
+        `_sample` with the accepted (or resampled, or bonus) token; rejected positions rolled back."""
+        model, spec, control = self.llm.model, r.speculation, r.control
+        began = time.perf_counter()
+        position, cache = r.position, r.cache
+        prompt = torch.tensor(r.prompt.ids, dtype=torch.long)
+
+        def history(extra=()) -> tuple[torch.Tensor, torch.Tensor]:
+            generated = torch.tensor(control.generated + list(extra), dtype=torch.long)
+            return torch.cat((prompt, generated)), generated
+
+        drafts, proposals = draft_tokens(model, self.drafter, r.exposed, self._producers, r.last, position, depth,
+                                         r.sampler, history)
+        verified = Exposed()
+        ids = torch.tensor([[r.last, *drafts]], device=model.device)
+        positions = torch.arange(position, position + depth + 1, device=model.device)
+        logits = model(ids, positions, cache, expose=verified)[0].float()  # (depth + 1, V)
+        events: list[Event] = []
+        accepted = produced = 0
+        for i in range(depth + 1):
+            p = r.sampler.distribution(control.mask(logits[i]), *history())
+            if i < depth:
+                token, is_draft = accept_or_resample(p, proposals[i], drafts[i], r.sampler.generator)
+            else:
+                token, is_draft = draw(p, r.sampler.generator), False  # the bonus token
+            produced += 1
+            accepted += is_draft
+            events += self._sample(r, logits[i], chosen=token)
+            if r not in self.active or r.cache is not cache:  # finished, or rolled back and re-prefilled
+                break
+            if not is_draft:  # a replacement or the bonus: the newest token, not in the cache
+                cache.truncate(position + i + 1)
+                r.position = position + i + 1
+                r.exposed = Exposed(hidden=verified.hidden[:, i : i + 1], kv=verified.kv)
+                break
+        seconds = time.perf_counter() - began
+        for counters in (spec.stats, spec.window):
+            counters.record_round(depth, accepted, produced, seconds)
+        cfg = self.speculation
+        if cfg.check_every is not None and spec.window.rounds >= cfg.check_every:
+            plain_step = spec.stats.plain_seconds / spec.stats.plain_steps if spec.stats.plain_steps else None
+            if not spec.window.pays(cfg, plain_step):
+                spec.on = False
+                spec.stats.fell_back_at = len(control.generated)
+            spec.window = SpeculationStats()
+        return events
+
+    def _sample(self, r: _Request, logits: torch.Tensor, chosen: int | None = None) -> list[Event]:
+        """Sample the request's next token (or take `chosen`, a speculative round's); the events of
+        the tokens that may leave now."""
         control, n_prompt = r.control, len(r.prompt.ids)
         while True:
             generated = torch.tensor(control.generated, dtype=torch.long)
             seen = torch.cat((torch.tensor(r.prompt.ids, dtype=torch.long), generated))
-            token = r.sampler(control.mask(logits), seen, generated)
+            token = r.sampler(control.mask(logits), seen, generated) if chosen is None else chosen
+            chosen = None  # after a rollback the fresh logits are sampled
             if token in r.stop_ids or control.ends_on(token):  # not kept: the stop token's scores only
                 return self._finish(r, "stop", self._score(r, logits, token))
             outcome = settle(token, control, r.stop_ids, r.params, n_prompt, r.max_len)

@@ -33,10 +33,10 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regex", default=None, help="constrain the answer to this regular expression")
 
 
-def _add_draft_option(p: argparse.ArgumentParser) -> None:
+def _add_draft_option(p: argparse.ArgumentParser, note: str = "") -> None:
     p.add_argument("--draft", metavar="PATH", default=None,
                    help="gemma4_assistant drafter folder: speculative decoding (the same tokens when greedy, "
-                        "the same distribution when sampling; switches itself off when it does not pay)")
+                        "the same distribution when sampling; switches itself off when it does not pay" + note + ")")
 
 
 def _draft(llm, args: argparse.Namespace):
@@ -232,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout, header_timeout=args.header_timeout, max_connections=args.max_connections,
         log_prompts=args.log_prompts,
     )
-    serve(llm, args.host, args.port, options, log_level=args.log_level)
+    serve(llm, args.host, args.port, options, log_level=args.log_level, drafter=_draft(llm, args))
     return 0
 
 
@@ -434,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=512, help="open connections, idle ones included (503 past it)")
     p.add_argument("--log-prompts", action="store_true", help="log prompt and reply text (never logged otherwise)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_draft_option(p, "; the server drafts for a request while it decodes alone")
     _add_model_options(p)
     p.set_defaults(func=cmd_serve)
 

@@ -86,7 +86,7 @@ class SpeculationStats:
         return True
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """A token from `probs`; a one-hot (greedy) distribution decides without drawing."""
     if int((probs > 0).sum()) == 1:
         return greedy_token(probs)
@@ -103,7 +103,7 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, generator: 
         return draft, True
     residual = (p - q).clamp_(min=0.0)
     total = float(residual.sum())
-    return _draw(residual / total if total > 0 else p, generator), False  # total 0: p == q up to rounding
+    return draw(residual / total if total > 0 else p, generator), False  # total 0: p == q up to rounding
 
 
 @torch.inference_mode()
@@ -119,7 +119,7 @@ def draft_tokens(model: TextModel, drafter: Assistant, exposed: Exposed, produce
     for _ in range(depth):
         logits, hidden = drafter(model.embed(torch.tensor([[token]], device=model.device)), hidden, ctx)
         q = sampler.distribution(logits[0, -1], *history(drafts))
-        token = _draw(q, sampler.generator)
+        token = draw(q, sampler.generator)
         drafts.append(token)
         proposals.append(q)
     return drafts, proposals
@@ -222,7 +222,7 @@ def speculative_generate_step(
             if i < depth:
                 token, is_draft = accept_or_resample(p, proposals[i], drafts[i], sampler.generator)
             else:
-                token, is_draft = _draw(p, sampler.generator), False  # the bonus token
+                token, is_draft = draw(p, sampler.generator), False  # the bonus token
             produced += 1
             accepted += is_draft
             outcome = settle(token, control, stop_ids, params, n_prompt, max_len)

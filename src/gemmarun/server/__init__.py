@@ -49,7 +49,9 @@ Concurrency: one model thread runs continuous batching (`BatchEngine`): up to --
 decode together, one token each per step, and new requests join between steps. Up to --max-queue
 more wait for a slot. A client that disconnects frees its slot at once. A streamed reply's
 headers are sent when its first token is ready, so errors found while the request joins the batch
-still get their status.
+still get their status. A request that decodes alone takes the single-request path; with --draft (a
+gemma4_assistant drafter) it decodes speculatively then (the same tokens when greedy, the same
+distribution when sampling), each request switching speculation off when its rounds do not pay.
 
 Limits (`ServerOptions` field, `gemmarun serve` flag, default), each refused with an OpenAI error:
     body size          max_body_bytes, --max-body-mb 32       413 request_too_large, from Content-Length
@@ -176,15 +178,15 @@ def log_config(level: str) -> dict:
 
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8080, options: ServerOptions | None = None, *,
-          log_level: str = "info") -> None:
-    """Run the server until interrupted (Ctrl-C stops it gracefully)."""
+          log_level: str = "info", drafter=None) -> None:
+    """Run the server until interrupted (Ctrl-C stops it gracefully). `drafter`: see `create_app`."""
     import uvicorn
 
     opts = options or ServerOptions()
     if not is_loopback(host) and not opts.api_key:
         print(f"gemmarun: warning: serving on {host}, reachable from other machines, without --api-key: "
               "anyone who can reach this port can use the model", file=sys.stderr)
-    app = create_app(llm, opts)
+    app = create_app(llm, opts, drafter=drafter)
     shown = f"[{host}]" if ":" in host else host
     print(f"gemmarun: serving {app.state.model_name} on http://{shown}:{port}/ (OpenAI API under /v1)",
           file=sys.stderr)

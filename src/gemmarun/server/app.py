@@ -249,13 +249,14 @@ async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[An
     return box.get("result"), "gone" in box and "result" not in box
 
 
-def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None) -> Starlette:
-    """The ASGI app. `engine` replaces the BatchEngine (tests script one)."""
+def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, drafter=None) -> Starlette:
+    """The ASGI app. `engine` replaces the BatchEngine (tests script one); `drafter` (a loaded
+    gemma4_assistant) makes a request that decodes alone speculative."""
     opts = options or ServerOptions()
     path = llm.info.path
     name = opts.model_name or (path.stem if path.suffix == ".gguf" else path.name)
     scheduler = Scheduler(llm, max_batch=opts.max_batch, max_queue=opts.max_queue, context=opts.context,
-                          engine=engine)
+                          engine=engine, drafter=drafter)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
     limits = opts.media_limits
     # Media is decoded a few requests at a time, so a burst of large images or long audio cannot
