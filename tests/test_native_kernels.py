@@ -188,6 +188,22 @@ def test_kernel_is_exact_for_its_rounded_activations(qtype: T, int8_activations:
 
 
 @needs_kernel
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q5_1, T.Q4_K], ids=lambda t: t.name)
+def test_each_activation_row_gets_the_same_bits_as_alone(qtype: T):
+    """Several activation rows (batched decode, speculative verification) share each pass over the
+    codes, eight, four or two at a time: every output row is still the bits that row gets alone,
+    whatever the batch size and the row's place in it."""
+    rows, cols = 40, 512
+    layer = QuantLinear.from_raw(torch.from_numpy(make_raw(qtype, rows, cols, 9)), qtype, rows, cols)
+    gemv = native_group_gemv()
+    args = (layer.data, layer.scale, layer.bias, layer.group_size, float(layer.code_min), layer.nibbles, False)
+    x = torch.randn(16, cols, generator=torch.Generator().manual_seed(4))
+    alone = torch.cat([gemv(x[i : i + 1], *args) for i in range(16)])
+    for m in (2, 3, 4, 7, 8, 11, 16):
+        assert torch.equal(gemv(x[:m], *args), alone[:m]), m
+
+
+@needs_kernel
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.Q8_0, T.Q6_K, T.Q5_0], ids=lambda t: t.name)
 def test_bfloat16_decode_within_bfloat16_tolerance(qtype: T, tiles_forbidden):
     rows, cols = 64, 512
