@@ -1,5 +1,5 @@
 """Aggregate decode throughput of the server on the real Gemma 3 270M: 8 concurrent clients
-against 1. Continuous batching must make the 8 together clearly faster (1.5x) than one alone.
+against 1. Continuous batching must make the 8 together clearly faster (1.3x) than one alone.
 
 Run directly to print the numbers:  python tests/server/test_server_throughput.py
 """
@@ -67,9 +67,12 @@ def test_eight_clients_beat_one(capsys):
               "best of 2:\n"
               + report(rates))
     # One client alone got ~4x faster with the native decode kernel (it reads each weight once a
-    # token either way), so batching now saves the per-token overhead and little else: measured
-    # 1.9x-2.1x on this 2-vCPU machine; 1.5x still says the batch engine pays.
-    assert rates[8] > 1.5 * rates[1]
+    # token either way), and faster again once a lone request took the native whole-token step
+    # (batching.BatchEngine._decode_alone): there the 270M's weights can stay in this machine's
+    # 300 MiB L3, while eight rows are compute-bound (int16 activations). Measured here: 1.49x-1.96x
+    # by the hour (the lone client at 65-103 tok/s, eight at 122-154), 1.9x-2.1x before the
+    # whole-token step. 1.3x still fails an engine that decodes its requests one after another.
+    assert rates[8] > 1.3 * rates[1]
 
 
 if __name__ == "__main__":
