@@ -503,14 +503,24 @@ def test_stacked_projections_give_the_same_bits_in_one_call(monkeypatch):
 
 
 def _own_mapping(t: torch.Tensor) -> bool:
-    """Whether `t`'s memory starts an anonymous mapping of /proc/self/maps (not malloc's heap)."""
+    """Whether `t`'s memory is a mapping of its own: page-aligned in an anonymous region of
+    /proc/self/maps (the kernel may merge it with a neighbour), not in malloc's heap, and not one of
+    malloc's own mapped chunks (those start after a chunk header, never on a page boundary). The
+    garbage collector stays off while the list is read: a collection in the middle unmapped earlier
+    tests' buffers and the read then missed regions."""
+    import gc
+
     ptr = t.untyped_storage().data_ptr()
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            lo, hi = (int(a, 16) for a in fields[0].split("-"))
-            if lo <= ptr < hi:
-                return ptr == lo and len(fields) == 5  # no path: anonymous
+    gc.disable()
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    finally:
+        gc.enable()
+    for line in lines:
+        fields = line.split()
+        lo, hi = (int(a, 16) for a in fields[0].split("-"))
+        if lo <= ptr < hi:
+            return ptr % 4096 == 0 and len(fields) == 5  # no path: anonymous, not [heap]
     return False
 
 

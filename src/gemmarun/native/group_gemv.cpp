@@ -229,10 +229,12 @@ struct DotInt8 {
   }
 
 #ifdef GEMMARUN_AVX512
-  // Activation rows m0 .. m0 + N - 1 at once: each 32-code step is loaded and widened once for all
-  // of them (batched decode was compute-bound: the 262k-row head took ~5x a single row's time at
-  // eight rows). Per row the same operations in the same order as operator()'s AVX-512 loop, so
-  // each output is the same bits as alone.
+  // Activation rows m0 .. m0 + N - 1 at once, 32 codes a step (one group of 32, or two of 16: lanes
+  // 0-7 and 8-15): each step is loaded and widened once for all of them (batched decode was
+  // compute-bound: the 262k-row head took ~5x a single row's time at eight rows). Each row gets the
+  // same operations in the same order as operator()'s AVX-512 loop, so each output is the same bits
+  // as alone. operator() keeps its own copy of the loop: one row through several<1> was 8 % slower
+  // (same-process A/B, 2048x640 and 65536x640 Q8_0).
   static bool several_ok(const Problem& p) { return p.C % 32 == 0; }
   template <int N>
   void several(const Problem& p, const uint8_t* row_bytes_ptr, int64_t m0, const float* __restrict sc,
@@ -413,6 +415,24 @@ constexpr int64_t kPrefetchRows = 4;
 
 // The problem's fields are copied to locals: through the struct, every store to y forced them to
 // be reloaded.
+// Weight row r times activation rows 0, 1, ... eight, four, two at a time (Dot::several); returns
+// how many it did (the rest go one by one).
+template <typename Dot>
+int64_t rows_together(const Dot& dot, const Problem& p, const uint8_t* row, int64_t r, const float* sc,
+                      const float* bi) {
+  float acc[8];
+  int64_t m = 0;
+  auto store = [&](int n_rows) {
+    for (int n = 0; n < n_rows; ++n)
+      p.y[(m + n) * p.R + r] = p.offset ? acc[n] + offset_term(p, m + n, sc, bi) : acc[n];
+    m += n_rows;
+  };
+  while (m + 8 <= p.M) { dot.template several<8>(p, row, m, sc, acc); store(8); }
+  if (m + 4 <= p.M) { dot.template several<4>(p, row, m, sc, acc); store(4); }
+  if (m + 2 <= p.M) { dot.template several<2>(p, row, m, sc, acc); store(2); }
+  return m;
+}
+
 template <typename Dot>
 void rows(const Problem& p, int64_t r0, int64_t r1) {
   const Dot dot{};
@@ -432,17 +452,8 @@ void rows(const Problem& p, int64_t r0, int64_t r1) {
     const float* sc = row_floats(p, p.scale, r, sc_buf.data());
     const float* bi = row_floats(p, p.bias, r, bi_buf.data());
     int64_t m = 0;
-    if constexpr (requires { Dot::several_ok(p); }) {  // up to eight activation rows per pass over the codes
-      if (Dot::several_ok(p)) {
-        float acc[8];
-        auto store = [&](int n_rows) {
-          for (int n = 0; n < n_rows; ++n) y[(m + n) * R + r] = p.offset ? acc[n] + offset_term(p, m + n, sc, bi) : acc[n];
-          m += n_rows;
-        };
-        for (; m + 8 <= M; ) { dot.template several<8>(p, row, m, sc, acc); store(8); }
-        if (m + 4 <= M) { dot.template several<4>(p, row, m, sc, acc); store(4); }
-        if (m + 2 <= M) { dot.template several<2>(p, row, m, sc, acc); store(2); }
-      }
+    if constexpr (requires { Dot::several_ok(p); }) {
+      if (M > 1 && Dot::several_ok(p)) m = rows_together(dot, p, row, r, sc, bi);
     }
     for (; m < M; ++m) {
       float acc = dot(p, row, m, sc);
