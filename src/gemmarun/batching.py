@@ -28,7 +28,15 @@ from .llm import LLM, Prompt
 from .model.assistant import Assistant, check_pairing
 from .model.text import Exposed
 from .sampling import Sampler, SamplingParams
-from .speculative import SpeculationConfig, SpeculationStats, accept_or_resample, draft_tokens, draw
+from .speculative import (
+    SpeculationConfig,
+    SpeculationStats,
+    accept_or_resample,
+    draft_depth,
+    draft_tokens,
+    draw,
+    window_verdict,
+)
 
 
 @dataclass(frozen=True)
@@ -185,9 +193,7 @@ class BatchEngine:
         spec, cfg = r.speculation, self.speculation
         depth = 0
         if spec is not None and spec.on:
-            # Drafts must fit the cache and leave room for the bonus token within max_tokens.
-            depth = min(cfg.num_draft, r.max_len - 1 - r.position,
-                        r.params.max_tokens - len(r.control.generated) - 1)
+            depth = draft_depth(cfg, r.max_len, r.position, r.params, len(r.control.generated))
         if depth < 1 or r.exposed is None or spec.probes < cfg.probe_steps:
             began = time.perf_counter()
             events = self._decode_alone(r)
@@ -239,12 +245,9 @@ class BatchEngine:
         seconds = time.perf_counter() - began
         for counters in (spec.stats, spec.window):
             counters.record_round(depth, accepted, produced, seconds)
-        cfg = self.speculation
-        if cfg.check_every is not None and spec.window.rounds >= cfg.check_every:
-            plain_step = spec.stats.plain_seconds / spec.stats.plain_steps if spec.stats.plain_steps else None
-            if not spec.window.pays(cfg, plain_step):
-                spec.on = False
-                spec.stats.fell_back_at = len(control.generated)
+        verdict = window_verdict(spec.stats, spec.window, self.speculation, len(control.generated))
+        if verdict is not None:
+            spec.on = verdict
             spec.window = SpeculationStats()
         return events
 

@@ -86,6 +86,25 @@ class SpeculationStats:
         return True
 
 
+def draft_depth(config: SpeculationConfig, max_len: int, position: int, params: SamplingParams, generated: int) -> int:
+    """Drafts a round may make after the newest token (at `position`, `generated` tokens so far):
+    they must fit the cache and leave room for the bonus token within max_tokens."""
+    return min(config.num_draft, max_len - 1 - position, params.max_tokens - generated - 1)
+
+
+def window_verdict(stats: SpeculationStats, window: SpeculationStats, config: SpeculationConfig,
+                   generated: int) -> bool | None:
+    """None while `window` holds fewer than `config.check_every` rounds; then whether speculation
+    goes on (the caller starts a new window). A fall-back is recorded in `stats`."""
+    if config.check_every is None or window.rounds < config.check_every:
+        return None
+    plain_step = stats.plain_seconds / stats.plain_steps if stats.plain_steps else None
+    if window.pays(config, plain_step):
+        return True
+    stats.fell_back_at = generated
+    return False
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """A token from `probs`; a one-hot (greedy) distribution decides without drawing."""
     if int((probs > 0).sum()) == 1:
@@ -202,8 +221,7 @@ def speculative_generate_step(
             pending = None
         position = n_prompt + len(control.generated) - 1  # the newest token's, not yet in the cache
         newest = control.generated[-1]
-        # Drafts must fit the cache and leave room for the bonus token within max_tokens.
-        depth = min(k, max_len - 1 - position, params.max_tokens - len(control.generated) - 1)
+        depth = draft_depth(speculation, max_len, position, params, len(control.generated))
         if not speculating or probes < speculation.probe_steps or depth < 1:
             if speculating and probes > 0:
                 plain_began = time.perf_counter()
@@ -241,11 +259,9 @@ def speculative_generate_step(
         for counters in (stats, window):
             counters.record_round(depth, accepted, produced, seconds)
         yield from released  # after the clock stopped: the caller's time is not the round's
-        if speculation.check_every is not None and window.rounds >= speculation.check_every:
-            plain_step = stats.plain_seconds / stats.plain_steps if stats.plain_steps else None
-            if not window.pays(speculation, plain_step):
-                speculating = False
-                stats.fell_back_at = len(control.generated)
+        verdict = window_verdict(stats, window, speculation, len(control.generated))
+        if verdict is not None:
+            speculating = verdict
             window = SpeculationStats()
     yield from control.flush()
     return reason
