@@ -143,8 +143,8 @@ def _weight_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
     were not resident, but every later allocation placed in them faulted pages back in: a 512-token
     E2B prefill grew RSS by ~100 MiB more than it ever held at once."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or nbytes < _OWN_MAPPING_BYTES:
-        return torch.empty(shape, dtype=dtype, device=device)
+    if device.type != "cpu" or nbytes < _OWN_MAPPING_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
+        return torch.empty(shape, dtype=dtype, device=device)  # (Windows has no MAP_PRIVATE: the heap)
     mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # not shared with a forked child
     return torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).view(shape)
 
