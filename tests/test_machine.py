@@ -23,6 +23,22 @@ def test_describe_names_cpu_cores_threads_and_ram():
     assert f"{machine.physical_cores()} cores" in line
 
 
+def test_last_level_cache_from_sysfs(tmp_path):
+    for name, level, kind, size in (("index0", 1, "Data", "48K"), ("index1", 1, "Instruction", "32K"),
+                                    ("index2", 2, "Unified", "2048K"), ("index3", 3, "Unified", "307200K")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(f"{level}\n")
+        (tmp_path / name / "type").write_text(f"{kind}\n")
+        (tmp_path / name / "size").write_text(f"{size}\n")
+    assert machine.last_level_cache(tmp_path) == (3, 300 * 2**20)
+    (tmp_path / "index3" / "size").write_text("garbage\n")
+    assert machine.last_level_cache(tmp_path) == (2, 2 * 2**20)  # an unreadable entry is skipped
+    assert machine.last_level_cache(tmp_path / "missing") is None
+    cache = machine.last_level_cache()
+    if cache is not None:
+        assert f"MiB L{cache[0]}" in machine.describe(1)
+
+
 def test_set_threads(monkeypatch):
     before = torch.get_num_threads()
     try:

@@ -57,10 +57,39 @@ def ram_gib() -> float:
         return float("nan")
 
 
+_CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def last_level_cache(root: Path = _CACHE_SYSFS) -> tuple[int, int] | None:
+    """(level, bytes) of the largest-level data cache cpu0 sees, from Linux's sysfs, or None. It
+    matters to decode: weights that fit it are read several times faster than from memory, so a
+    small model's speed moves with what other tenants of a shared cache do."""
+    best = None
+    for index in sorted(root.glob("index*")) if root.is_dir() else ():
+        try:
+            level = int((index / "level").read_text())
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or not size:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        try:
+            nbytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except ValueError:
+            continue
+        if best is None or level > best[0]:
+            best = (level, nbytes)
+    return best
+
+
 def describe(threads: int) -> str:
-    """One line for benchmark records: CPU, cores, threads used, RAM, torch."""
+    """One line for benchmark records: CPU, cores, threads used, RAM, last-level cache, torch."""
+    cache = last_level_cache()
+    llc = f", {cache[1] / 2**20:g} MiB L{cache[0]}" if cache else ""
     return (f"{cpu_model()}, {physical_cores()} cores ({os.cpu_count()} logical), {threads} threads used, "
-            f"{ram_gib():.1f} GiB RAM, torch {torch.__version__}")
+            f"{ram_gib():.1f} GiB RAM{llc}, torch {torch.__version__}")
 
 
 def set_threads(requested: int | None) -> None:
