@@ -1,11 +1,13 @@
 """Continuous batching gives each request exactly what it gets alone."""
 
 import pytest
+from test_speculative import N_NEW, N_PROMPT, OracleDrafter, _prompt, random_drafter
 
 import gemmarun
 from gemmarun.batching import BatchEngine
 from gemmarun.llm import Prompt
 from gemmarun.sampling import SamplingParams
+from gemmarun.speculative import SpeculationConfig
 
 
 @pytest.mark.parametrize("family", ["e2b", "31b", "26b"])
@@ -113,12 +115,6 @@ def test_loop_guard_and_grammar_in_the_batch_equal_one_request_alone(tiny_models
 # -- speculative decoding in the engine (a request decoding alone) ---------------------------------
 
 
-def _speculation_helpers():
-    from test_speculative import N_NEW, N_PROMPT, OracleDrafter, _prompt, random_drafter
-
-    return N_NEW, N_PROMPT, OracleDrafter, _prompt, random_drafter
-
-
 def _request(engine, request_id):
     return next(r for r in engine.active if r.id == request_id)
 
@@ -127,9 +123,6 @@ def _request(engine, request_id):
 def test_speculation_alone_and_batching_together_give_the_plain_greedy_tokens(tiny_models, family):
     """Request A speculates while alone (partial acceptance: rollbacks mid-round), decodes in the
     batch while B is there, then speculates again: both get exactly their plain greedy tokens."""
-    from gemmarun.speculative import SpeculationConfig
-
-    N_NEW, N_PROMPT, OracleDrafter, _prompt, random_drafter = _speculation_helpers()
     llm = gemmarun.load(tiny_models(family)[0], dtype="float32", device="cpu")
     prompts = [_prompt(N_PROMPT, seed=5), _prompt(N_PROMPT, seed=6)]
     params = [SamplingParams(max_tokens=N_NEW, ignore_eos=True), SamplingParams(max_tokens=6, ignore_eos=True)]
@@ -157,9 +150,6 @@ def test_speculation_alone_and_batching_together_give_the_plain_greedy_tokens(ti
 
 
 def test_speculation_in_the_engine_falls_back_per_request(tiny_models):
-    from gemmarun.speculative import SpeculationConfig
-
-    N_NEW, N_PROMPT, OracleDrafter, _prompt, random_drafter = _speculation_helpers()
     llm = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu")
     prompt = _prompt(N_PROMPT, seed=11)
     plain = llm.generate_ids(prompt, max_new_tokens=N_NEW, ignore_eos=True)
@@ -186,9 +176,8 @@ def test_engine_rounds_are_those_of_the_single_request_path(tiny_models, monkeyp
     sampling (the same draws from the request's seeded generator)."""
     import gemmarun.batching as batching
     import gemmarun.speculative as speculative
-    from gemmarun.speculative import SpeculationConfig, speculative_generate_step
+    from gemmarun.speculative import speculative_generate_step
 
-    N_NEW, N_PROMPT, _, _prompt, random_drafter = _speculation_helpers()
     llm = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu")
     prompt = _prompt(N_PROMPT, seed=9)
     params = SamplingParams(max_tokens=N_NEW, ignore_eos=True, **({"temperature": 1.0, "seed": 4} if sampled else {}))
