@@ -87,3 +87,24 @@ def test_chunked_prefill_equals_one_shot(loaded, family, chunk):
         a = llm.model(torch.tensor([[nxt]]), torch.tensor([len(ids)]), cache, last_only=True)
         b = llm.model(torch.tensor([[nxt]]), torch.tensor([len(ids)]), ref_cache, last_only=True)
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,shared", [("e2b", 4), ("e4b", 5), ("31b", 0), ("gemma3", 0)])
+def test_last_only_prefill_runs_the_kv_shared_tail_for_the_last_position(loaded, family, shared):
+    """The tail layers write no cache, so a prefill wanting one position's logits needs them for
+    that position only (the reference does the same); the logits stay those of a full forward."""
+    llm, _ = loaded(family)
+    model = llm.model
+    n_layers = llm.config.num_layers
+    assert model.shared_tail_start == n_layers - shared
+    ids = _prompt(SEQ, seed=4)
+    rows: dict[int, list[int]] = {}
+    hooks = [layer.mlp.register_forward_hook(lambda mod, args, out, i=i: rows.setdefault(i, []).append(args[0].shape[1]))
+             for i, layer in enumerate(model.layers)]
+    try:
+        last = prefill(model, torch.tensor(ids), make_cache(llm.config, len(ids)), chunk_size=len(ids))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert rows == {i: [SEQ if i < n_layers - shared else 1] for i in range(n_layers)}
+    np.testing.assert_allclose(last.numpy(), llm.logits(ids)[-1], rtol=0, atol=1e-5)

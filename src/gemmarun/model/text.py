@@ -172,6 +172,10 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, spec) for spec in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = rotary_tables(cfg.layers)
+        # The KV-shared tail (spec 3.6): from this layer on no layer writes the cache, so a prefill
+        # that wants the last position's logits computes these layers for that position alone.
+        self.shared_tail_start = next(
+            (i for i in range(cfg.num_layers) if not any(s.owns_kv for s in cfg.layers[i:])), cfg.num_layers)
         self._decode_plan = None  # the native plan of the layers: None not built yet, False none
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
@@ -237,6 +241,12 @@ class TextModel(nn.Module):
         else:
             shared: SharedKV | list[SharedKV] = [{} for _ in cache] if isinstance(cache, list) else {}
             for i, layer in enumerate(self.layers):
+                if last_only and i == self.shared_tail_start and x.shape[1] > 1:
+                    # Nothing after this point reads the other positions: they write no keys or
+                    # values. E2B's last 20 layers (its double-wide MLPs) go from T rows to one.
+                    x, positions = x[:, -1:], positions[-1:]
+                    rope = {name: (cos[-1:], sin[-1:]) for name, (cos, sin) in rope.items()}
+                    ple = ple[:, -1:] if ple is not None else None
                 lt = layer.spec.layer_type.value
                 layer_ple = ple[:, :, i] if ple is not None else None
                 x = layer(x, layer_ple, positions, rope[lt], self.rotary[lt], cache, shared, vision_blocks)
