@@ -251,6 +251,7 @@ def test_block_kernel_rejects_what_it_cannot_read():
 
 # ---- decode_ops.cpp: the model's small float32 operations, against their torch formulas ---------
 
+from gemmarun.config import RopeConfig
 from gemmarun.masks import visible
 from gemmarun.model import attention as attention_module
 from gemmarun.model import layers
@@ -384,6 +385,54 @@ def test_one_query_attention_over_a_long_cache_matches_its_formula(heads, kv, wi
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def _values_as_keys_attention(window, cap, key_weight):
+    """A bare Attention of a K=V layer: what _attend_one_values_as_keys and keys_from_values read."""
+    attn = _bare_attention(window, cap)
+    attn.k_norm = torch.nn.Module()
+    attn.k_norm.weight = torch.nn.Parameter(key_weight, requires_grad=False)
+    return attn
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv", [(4, 1), (8, 2)])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("rotated_fraction", [0.25, 1.0])  # Gemma 4's p-RoPE on full layers; all pairs
+@pytest.mark.parametrize("slots,D", [(12, 32), (700, 256)])
+def test_one_query_attention_of_a_k_eq_v_layer_makes_its_keys_from_the_values(
+        heads, kv, window, cap, rotated_fraction, slots, D, torch_formulas):
+    """The kernel makes each key row from its value row; the same attention as materializing the
+    keys with the torch formula first (empty slots, a rejected draft's position, long caches)."""
+    g = torch.Generator().manual_seed(5)
+    position = slots - 3
+    _, values = _cache(g, kv, slots, D, strided=True)
+    key_pos = torch.arange(slots)
+    key_pos[[1, slots - 1]] = -1
+    key_pos[slots - 2] = position + 1
+    q = torch.randn(1, heads, 1, D, generator=g)
+    rotary = layers.RotaryTable(RopeConfig(theta=10000.0, rotated_fraction=rotated_fraction).inv_freq(D))
+    attn = _values_as_keys_attention(window, cap, 1 + 0.3 * torch.randn(D, generator=g))
+    got = attn._attend_one_values_as_keys(q, values, key_pos, rotary, position)
+    keys = torch_formulas(attn.keys_from_values, values, key_pos, rotary)
+    want = torch_formulas(attn._attend_one, q, keys, values, key_pos, position)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rotating_rows_are_the_rotary_tables_rotating_columns():
+    inv_freq = RopeConfig(theta=1e6, rotated_fraction=0.25).inv_freq(512)
+    rotary = layers.RotaryTable(inv_freq)
+    cos, sin = rotary.rotating(300)
+    assert cos.shape[0] >= 300 and cos.shape[1] == 64 == int((inv_freq != 0).sum())
+    full_cos, full_sin = rotary(torch.arange(cos.shape[0]), torch.float32)
+    torch.testing.assert_close(cos, full_cos[:, :64], rtol=0, atol=0)
+    torch.testing.assert_close(sin, full_sin[:, :64], rtol=0, atol=0)
+    assert torch.equal(full_cos[:, 64:256], torch.ones(cos.shape[0], 192))  # the rest does not rotate
+    assert rotary.rotating(10)[0] is cos  # kept
+    longer = rotary.rotating(cos.shape[0] + 1)[0]
+    assert longer.shape[0] >= 2 * cos.shape[0]
+    torch.testing.assert_close(longer[: cos.shape[0]], cos, rtol=0, atol=0)
+
+
 @needs_kernel
 def test_decode_ops_reject_what_they_cannot_read():
     ops = native_ops()
@@ -395,6 +444,13 @@ def test_decode_ops_reject_what_they_cannot_read():
         ops.attend_one(torch.ones(2, 8), torch.ones(1, 3, 8), torch.ones(1, 3, 8), torch.arange(4), 2, 0, 1.0, 0.0)
     with pytest.raises(RuntimeError, match="head"):
         ops.attend_one(torch.ones(3, 8), torch.ones(2, 3, 8), torch.ones(2, 3, 8), torch.arange(3), 2, 0, 1.0, 0.0)
+    table = torch.ones(2, 2)  # positions 0 and 1 only
+    with pytest.raises(RuntimeError, match="table ends before position 2"):
+        ops.attend_one_values_as_keys(torch.ones(2, 8), torch.ones(1, 3, 8), torch.ones(8), table, table,
+                                      torch.arange(3), 2, 0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="r <= D/2"):
+        ops.attend_one_values_as_keys(torch.ones(2, 8), torch.ones(1, 3, 8), torch.ones(8), torch.ones(4, 5),
+                                      torch.ones(4, 5), torch.arange(3), 2, 0, 1.0, 0.0)
 
 
 @needs_kernel

@@ -13,7 +13,28 @@ from ..quant.linear import project
 from .layers import RMSNorm, RotaryTable, apply_rope, rms_norm, softcap
 
 # Keys/values a layer attended over in this forward, by layer index, for KV-shared consumers.
-SharedKV = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# A K=V layer's entry is a ValuesAsKeys, which unpacks the same way.
+SharedKV = dict[int, "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | ValuesAsKeys"]
+
+
+class ValuesAsKeys:
+    """What a K=V layer (spec 3.4) hands to the readers of its keys and values: unpacks to (keys,
+    values, key positions) like any SharedKV entry, the keys made on first use. The layer's own
+    one-query decode attends without them; a KV-shared layer or a drafter reading them gets them."""
+
+    def __init__(self, attention: "Attention", values: torch.Tensor, key_pos: torch.Tensor, rotary: RotaryTable):
+        self.values, self.key_pos = values, key_pos
+        self._attention, self._rotary = attention, rotary
+        self._keys: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> torch.Tensor:
+        if self._keys is None:
+            self._keys = self._attention.keys_from_values(self.values, self.key_pos, self._rotary)
+        return self._keys
+
+    def __iter__(self):
+        return iter((self.keys, self.values, self.key_pos))
 
 
 class Attention(nn.Module):
@@ -81,22 +102,50 @@ class Attention(nn.Module):
     def _attend_cached(self, q, k, v, positions, rotary, cache, shared: SharedKV, blocks):
         """Store this layer's new keys/values (or read the producer's) and attend."""
         spec = self.spec
+        one_query = q.shape[0] == 1 and q.shape[2] == 1 and blocks is None and q.device.type == "cpu"
         if spec.owns_kv:
             if cache is None:
                 keys, values, key_pos = k, v, positions
             else:
                 keys, values, key_pos = cache.layers[spec.index].update(k, v, positions)
-                if keys is None:  # K=V storage keeps values only: K = RoPE(V * w_k)
-                    k_cos, k_sin = rotary(key_pos, values.dtype)
-                    keys = apply_rope((values.float() * self.k_norm.weight.float()).type_as(values), k_cos, k_sin)
-            shared[spec.index] = (keys, values, key_pos)
+            if keys is None:  # K=V storage keeps values only: K = RoPE(V * w_k), made where needed
+                entry = ValuesAsKeys(self, values, key_pos, rotary)
+                shared[spec.index] = entry
+                if one_query:
+                    out = self._attend_one_values_as_keys(q, values, key_pos, rotary, int(positions[0]))
+                    if out is not None:
+                        return out
+                keys = entry.keys
+            else:
+                shared[spec.index] = (keys, values, key_pos)
         else:
             keys, values, key_pos = shared[spec.kv_source]
-        if q.shape[0] == 1 and q.shape[2] == 1 and blocks is None and q.device.type == "cpu":
+        if one_query:
             return self._attend_one(q, keys, values, key_pos, int(positions[0]))
         # Bidirectional image attention applies to sliding layers only (spec 3.3).
         mask = visible(positions, key_pos, spec.window, blocks if spec.window is not None else None)  # (T, S)
         return self._attend(q, keys, values, mask)
+
+    def keys_from_values(self, values, key_pos, rotary: RotaryTable) -> torch.Tensor:
+        """A K=V layer's keys at `key_pos`: RoPE(values * w_k) (its values are the weightless-normed
+        key projection, so the key norm's weight is all that is left to apply)."""
+        k_cos, k_sin = rotary(key_pos, values.dtype)
+        return apply_rope((values.float() * self.k_norm.weight.float()).type_as(values), k_cos, k_sin)
+
+    def _attend_one_values_as_keys(self, q, values, key_pos, rotary: RotaryTable, position: int):
+        """One decode query of a K=V layer on the CPU without a [kv, S, D] key tensor: the native
+        kernel makes each visible key row from its value row (60 ms a layer at 16k keys spent
+        on making them as tensors, cos/sin included, on the 26B-A4B's full layers). None where
+        it cannot run (no native module, value rows not contiguous)."""
+        ops = native_ops()
+        if ops is None or values.stride(-1) != 1:
+            return None
+        _, n_heads, _, d = q.shape
+        cos, sin = rotary.rotating(position + 1)
+        wide = [t if t.dtype == torch.float32 else t.float() for t in (q[0, :, 0], values[0], self.k_norm.weight)]
+        out = ops.attend_one_values_as_keys(wide[0], wide[1], wide[2], cos, sin, key_pos, position,
+                                            self.spec.window or 0, self.scale, self.logit_softcap or 0.0)
+        return out.view(1, n_heads, 1, d).to(q.dtype)
 
     def _attend(self, q, k, v, mask):
         if self.logit_softcap is None:

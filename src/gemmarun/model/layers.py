@@ -81,6 +81,21 @@ class RotaryTable(nn.Module):
     def __init__(self, inv_freq: torch.Tensor):
         super().__init__()
         self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+        self._rotating: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rotating(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos/sin [>= n, r] of positions 0, 1, ... for the r frequency pairs that rotate
+        (p-RoPE's still pairs come last). A K=V layer makes every visible key from its position at
+        every decode step; these rows are kept between steps, grown by doubling (r = 64 on Gemma 4's
+        full layers: 512 bytes a position)."""
+        table = self._rotating
+        if table is None or table[0].shape[0] < n or table[0].device != self.inv_freq.device:
+            size = max(n, 256, 2 * table[0].shape[0] if table is not None else 0)
+            r = int((self.inv_freq != 0).sum())
+            positions = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)
+            angles = positions[:, None] * self.inv_freq[None, :r]
+            table = self._rotating = (angles.cos(), angles.sin())
+        return table
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (T, D/2)

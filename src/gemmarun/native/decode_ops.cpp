@@ -189,32 +189,33 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 
 // One decode query's attention (attention.Attention._attend_one) over a cache, the mask read from
 // positions (masks.visible without blocks): key j is seen iff 0 <= pos_j <= position and, with a
-// window, pos_j > position - window. q [nH, D]; keys, values [kv, S, D] (rows contiguous);
-// key_positions [S] int64; softcap 0 = none. Returns [nH, D].
+// window, pos_j > position - window. q [nH, D]; values [kv, S, D] (rows contiguous); key_positions
+// [S] int64; softcap 0 = none. Returns [nH, D]. `key_row(g, j, scratch)` gives key row j of KV head
+// g: stored keys, or one made from its value row (K=V layers, below).
 //
 // Each key and value row is read once for all the query heads that share it (grouped-query
 // attention), long caches are split into chunks across threads whose partial softmaxes are merged
 // at the end (as flash-decoding does), and the weights are a vectorized exp: one query head per
 // task re-reading its KV head's rows, with a scalar expf per weight, took 54 us a layer at 600
 // keys on the 270M's shapes, this 32.
-torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
-                         int64_t position, int64_t window, double scale, double softcap) {
-  check_float_cpu(q, "q");
-  check_float_cpu(keys, "keys");
-  check_float_cpu(values, "values");
+namespace {
+
+constexpr int64_t kValueTile = 64;  // value rows per tile: 64-128 KB at head dims 256-512
+
+template <typename KeyRow>
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& values, const torch::Tensor& key_positions,
+                     int64_t position, int64_t window, double scale, double softcap, KeyRow key_row) {
   const torch::Tensor qc = q.contiguous();
   const torch::Tensor kpos = key_positions.contiguous();
-  TORCH_CHECK(qc.dim() == 2 && keys.dim() == 3 && values.sizes() == keys.sizes(), "attend_one: q [nH, D], keys/values [kv, S, D]");
-  TORCH_CHECK(kpos.scalar_type() == torch::kInt64 && kpos.numel() == keys.size(1), "key_positions: [S] int64");
-  const int64_t nH = qc.size(0), D = qc.size(1), kv = keys.size(0), S = keys.size(1);
-  TORCH_CHECK(keys.size(2) == D && kv > 0 && nH % kv == 0, "attend_one: head dims or counts do not match");
-  TORCH_CHECK(keys.stride(2) == 1 && values.stride(2) == 1, "attend_one: key/value rows must be contiguous");
+  TORCH_CHECK(qc.dim() == 2 && values.dim() == 3, "attend_one: q [nH, D], keys/values [kv, S, D]");
+  TORCH_CHECK(kpos.scalar_type() == torch::kInt64 && kpos.numel() == values.size(1), "key_positions: [S] int64");
+  const int64_t nH = qc.size(0), D = qc.size(1), kv = values.size(0), S = values.size(1);
+  TORCH_CHECK(values.size(2) == D && kv > 0 && nH % kv == 0, "attend_one: head dims or counts do not match");
+  TORCH_CHECK(values.stride(2) == 1, "attend_one: key/value rows must be contiguous");
   const float* qp = qc.data_ptr<float>();
-  const float* kp = keys.data_ptr<float>();
   const float* vp = values.data_ptr<float>();
   const int64_t* pos = kpos.data_ptr<int64_t>();
-  const int64_t groups = nH / kv, k_head = keys.stride(0), k_row = keys.stride(1);
-  const int64_t v_head = values.stride(0), v_row = values.stride(1);
+  const int64_t groups = nH / kv, v_head = values.stride(0), v_row = values.stride(1);
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // Chunks per KV head: enough tasks for the threads, none shorter than 64 keys.
@@ -225,7 +226,7 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor valu
   const int64_t part = D + 2;
   std::vector<float> partial(kv * chunks * groups * part, 0.f);
   at::parallel_for(0, kv * chunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(groups * chunk_len);
+    std::vector<float> scores(groups * chunk_len), scratch(D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / chunks, j0 = (t % chunks) * chunk_len, j1 = std::min(S, j0 + chunk_len);
       const float* qg = qp + g * groups * D;
@@ -234,7 +235,7 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor valu
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t p = pos[j];
         const bool seen = p >= 0 && p <= position && !(window > 0 && p <= position - window);
-        const float* kj = kp + g * k_head + j * k_row;
+        const float* kj = seen ? key_row(g, j, scratch.data()) : nullptr;
         for (int64_t h = 0; h < groups; ++h) {
           float s = neg_inf;
           if (seen) {
@@ -248,9 +249,18 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor valu
       for (int64_t h = 0; h < groups; ++h) {
         float* oh = out + h * part;
         if (oh[0] == neg_inf) continue;  // nothing visible in this chunk
-        float* w = scores.data() + h * chunk_len;
-        oh[1] = softmax_weights(w, j1 - j0, oh[0]);
-        weighted_rows(w, vp + g * v_head + j0 * v_row, v_row, j1 - j0, oh + 2, D);
+        oh[1] = softmax_weights(scores.data() + h * chunk_len, j1 - j0, oh[0]);
+      }
+      // The weighted values, a tile of rows at a time for all the heads of the group: the rows
+      // the first head reads from memory are in L2 for the others (each head reading the whole
+      // chunk read a long cache `groups` times over from memory). Same sums in the same order.
+      for (int64_t a = j0; a < j1; a += kValueTile) {
+        const int64_t n = std::min(j1 - a, kValueTile);
+        for (int64_t h = 0; h < groups; ++h) {
+          float* oh = out + h * part;
+          if (oh[0] == neg_inf) continue;
+          weighted_rows(scores.data() + h * chunk_len + (a - j0), vp + g * v_head + a * v_row, v_row, n, oh + 2, D);
+        }
       }
     }
   });
@@ -275,6 +285,62 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor valu
     }
   }
   return result;
+}
+
+}  // namespace
+
+torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
+                         int64_t position, int64_t window, double scale, double softcap) {
+  check_float_cpu(q, "q");
+  check_float_cpu(keys, "keys");
+  check_float_cpu(values, "values");
+  TORCH_CHECK(keys.dim() == 3 && keys.sizes() == values.sizes(), "attend_one: q [nH, D], keys/values [kv, S, D]");
+  TORCH_CHECK(keys.stride(2) == 1, "attend_one: key/value rows must be contiguous");
+  const float* kp = keys.data_ptr<float>();
+  const int64_t k_head = keys.stride(0), k_row = keys.stride(1);
+  return attend(q, values, key_positions, position, window, scale, softcap,
+                [=](int64_t g, int64_t j, float*) { return kp + g * k_head + j * k_row; });
+}
+
+// attend_one for a layer that stores values only (K=V, spec 3.4): key j is RoPE(values_j *
+// key_weight) at position pos_j, made row by row as the scores need it instead of as a [kv, S, D]
+// tensor each step (with its cos/sin: 60 ms a layer at 16k keys on the 26B-A4B's full layers).
+// rot_cos/rot_sin [P, r] hold positions 0..P-1 of the r frequency pairs that rotate (pair i is
+// dims i and i + D/2; p-RoPE leaves the others as they are: cos 1, sin 0).
+torch::Tensor attend_one_values_as_keys(torch::Tensor q, torch::Tensor values, torch::Tensor key_weight,
+                                        torch::Tensor rot_cos, torch::Tensor rot_sin, torch::Tensor key_positions,
+                                        int64_t position, int64_t window, double scale, double softcap) {
+  check_float_cpu(q, "q");
+  check_float_cpu(values, "values");
+  check_float_cpu(key_weight, "key_weight");
+  check_float_cpu(rot_cos, "rot_cos");
+  check_float_cpu(rot_sin, "rot_sin");
+  TORCH_CHECK(values.dim() == 3, "attend_one: q [nH, D], keys/values [kv, S, D]");
+  const int64_t D = values.size(2), half = D / 2;
+  const torch::Tensor w = key_weight.contiguous(), c = rot_cos.contiguous(), s = rot_sin.contiguous();
+  TORCH_CHECK(w.numel() == D && D % 2 == 0, "attend_one_values_as_keys: key_weight must have the head dim, even");
+  TORCH_CHECK(c.dim() == 2 && c.sizes() == s.sizes() && c.size(1) <= half,
+              "attend_one_values_as_keys: rot_cos/rot_sin [P, r] with r <= D/2");
+  TORCH_CHECK(c.size(0) > position, "attend_one_values_as_keys: the cos/sin table ends before position ", position);
+  const float* vp = values.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const int64_t r = c.size(1), v_head = values.stride(0), v_row = values.stride(1);
+  const int64_t* pos = key_positions.data_ptr<int64_t>();
+  TORCH_CHECK(key_positions.is_contiguous(), "key_positions: contiguous");
+  return attend(q, values, key_positions, position, window, scale, softcap, [=](int64_t g, int64_t j, float* k) {
+    const float* v = vp + g * v_head + j * v_row;
+    for (int64_t d = 0; d < D; ++d) k[d] = v[d] * wp[d];
+    const float* cr = cp + pos[j] * r;  // seen rows only: 0 <= pos_j <= position < P
+    const float* sr = sp + pos[j] * r;
+    for (int64_t i = 0; i < r; ++i) {  // as rope() does for a rotating pair
+      const float a = k[i], b = k[i + half];
+      k[i] = a * cr[i] - b * sr[i];
+      k[i + half] = b * cr[i] + a * sr[i];
+    }
+    return static_cast<const float*>(k);
+  });
 }
 
 // torch.argmax of a float32 vector: the first index of the largest value, the first NaN if there

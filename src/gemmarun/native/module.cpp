@@ -13,6 +13,9 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, dou
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
                          int64_t position, int64_t window, double scale, double softcap);
+torch::Tensor attend_one_values_as_keys(torch::Tensor q, torch::Tensor values, torch::Tensor key_weight,
+                                        torch::Tensor rot_cos, torch::Tensor rot_sin, torch::Tensor key_positions,
+                                        int64_t position, int64_t window, double scale, double softcap);
 int64_t argmax(torch::Tensor x);
 void bind_decode_step(pybind11::module& m);
 
@@ -23,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32");
   m.def("rope", &rope, "rotate-half RoPE of [B, T, H, D] with per-position cos/sin");
   m.def("attend_one", &attend_one, "one decode query's attention over a cache");
+  m.def("attend_one_values_as_keys", &attend_one_values_as_keys,
+        "attend_one for a K=V layer: keys made from the stored values row by row");
   m.def("argmax", &argmax, "torch.argmax of a float32 vector, vectorized");
   bind_decode_step(m);
 }
