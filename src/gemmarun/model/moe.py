@@ -46,6 +46,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x (N, H); weights/index (N, K). Reads only the experts some token selected."""
+        if x.shape[0] == 1:  # decode: no grouping to do; the same sums, in the same (expert) order
+            chosen = sorted(zip(index[0].tolist(), range(index.shape[1])))
+            out = torch.zeros_like(x)
+            for e, slot in chosen:
+                out.add_((self.expert(e, x) * weights[0, slot]).to(out.dtype))
+            return out
         out = torch.zeros_like(x)
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
