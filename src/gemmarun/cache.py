@@ -50,9 +50,10 @@ class FullKV:
         self.end = max(self.end, position + 1)
         return position, self.end
 
-    def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(keys, values, slot positions), where keys are stored (not K=V)."""
-        return None if self.keys is None else (self.keys, self.values, self._positions)
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, slot positions); keys an empty tensor on K=V layers (values only)."""
+        keys = torch.empty(0, dtype=self.values.dtype) if self.keys is None else self.keys
+        return keys, self.values, self._positions
 
     def truncate(self, length: int) -> None:
         """Forget positions >= `length`."""
@@ -156,13 +157,14 @@ class KVCache:
 
     def storage(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None:
         """Per layer (keys, values, slot positions) for the native decode step, empty tensors for
-        KV-shared layers; None where it cannot write this cache (K=V layers, batch > 1)."""
+        KV-shared layers (and empty keys on K=V layers); None where it cannot write this cache
+        (batch > 1)."""
         if self._storage is None:
             empty = torch.empty(0)
             keys, values, positions = [], [], []
             for layer in self.layers:
                 held = (empty, empty, empty) if layer is None else layer.storage()
-                if held is None or (layer is not None and held[0].shape[0] != 1):
+                if layer is not None and held[1].shape[0] != 1:
                     self._storage = False
                     return None
                 for out, t in zip((keys, values, positions), held):

@@ -14,8 +14,8 @@ from reference_models import WINDOW
 
 pytestmark = pytest.mark.skipif(native_ops() is None, reason="native kernels unavailable")
 
-FUSED = ["e2b", "e4b", "gemma3"]  # dense, keys stored beside values
-MODULE_PATH = ["31b", "26b"]  # K=V full layers (and the 26B's MoE)
+FUSED = ["e2b", "e4b", "31b", "gemma3"]  # dense; the 31B's full layers store values only (K=V)
+MODULE_PATH = ["26b"]  # MoE
 PROMPT = [2] + list(range(20, 20 + WINDOW + 3))  # the sliding rings already wrapped
 STEPS = 2 * WINDOW + 5  # and wrap again while decoding
 

@@ -6,9 +6,9 @@ and gate/up as `project` multiplies them) and its attention's shape. The native 
 the same kernels in the same order, so a token's logits are the same bits either way
 (tests/model/test_fused_decode.py), without the ~40 Python-level dispatches a layer costs.
 
-A model qualifies when it computes in float32 on the CPU and every layer is dense (no MoE), keeps
-its keys beside its values (no K=V storage) and has only matrices the native kernel or
-`at::linear` multiplies. Anything else keeps the module path.
+A model qualifies when it computes in float32 on the CPU, every layer is dense (no MoE), no
+KV-shared layer reads a K=V layer's cache (no released config has both), and it has only matrices
+the native kernel or `at::linear` multiplies. Anything else keeps the module path.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def build_decode_plan(model: nn.Module):
     layers = []
     for layer in model.layers:
         spec, attn = layer.spec, layer.self_attn
-        if spec.moe or (spec.owns_kv and spec.k_eq_v) or attn.eps != eps:
+        if spec.moe or attn.eps != eps or (not spec.owns_kv and cfg.layers[spec.kv_source].k_eq_v):
             return None
         norms = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                  "post_feedforward_layernorm"]
@@ -100,6 +100,7 @@ def build_decode_plan(model: nn.Module):
         d.kv_source = -1 if spec.owns_kv else spec.kv_source
         d.rope_type = types.index(spec.layer_type.value)
         d.v_norm = attn.has_v_norm
+        d.k_eq_v = spec.owns_kv and spec.k_eq_v
         layers.append(d)
     plan = ops.DecodePlan()
     plan.layers = layers

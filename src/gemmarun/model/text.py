@@ -19,6 +19,9 @@ from .layers import MLP, RMSNorm, RotaryTable, gelu_tanh, softcap
 from .moe import Experts, Router
 
 
+_EMPTY = torch.empty(0)
+
+
 class TokenEmbedding(nn.Module):
     """The main token table, also the tied output head. A quantized table offers the same
     two methods (`lookup`, `matmul_transposed`)."""
@@ -177,6 +180,7 @@ class TextModel(nn.Module):
         self.shared_tail_start = next(
             (i for i in range(cfg.num_layers) if not any(s.owns_kv for s in cfg.layers[i:])), cfg.num_layers)
         self._decode_plan = None  # the native plan of the layers: None not built yet, False none
+        self._values_as_keys_types = {s.layer_type.value for s in cfg.layers if s.owns_kv and s.k_eq_v}
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self._decode_plan = None  # it holds the tensors as they were before a move or a cast
@@ -201,7 +205,11 @@ class TextModel(nn.Module):
         slots, lengths = cache.advance(position)
         cos = [rope[name][0] for name in self.rotary]
         sin = [rope[name][1] for name in self.rotary]
-        return self._decode_plan.step(x, ple, cos, sin, position, *storage, slots, lengths)
+        # K=V layers make their keys from the rotating pairs' cos/sin of every cached position
+        rotating = [table.rotating(position + 1) if name in self._values_as_keys_types else (_EMPTY, _EMPTY)
+                    for name, table in self.rotary.items()]
+        return self._decode_plan.step(x, ple, cos, sin, [c for c, _ in rotating], [s for _, s in rotating],
+                                      position, *storage, slots, lengths)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -5,7 +5,7 @@
 // Why: the kernels of a decode step take ~8 ms on the 270M; the Python around them (module calls,
 // views, cache writes, ~40 dispatches a layer) took another 4-5 ms. Here the same work costs a
 // C++ call per operation. model/fused_decode.py decides when a model qualifies (float32 compute,
-// dense MLPs, keys stored beside values) and builds the plan; the Python path stays the reference.
+// dense MLPs) and builds the plan; the Python path stays the reference.
 
 #include <torch/extension.h>
 
@@ -18,6 +18,9 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, dou
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
                          int64_t position, int64_t window, double scale, double softcap);
+torch::Tensor attend_one_values_as_keys(torch::Tensor q, torch::Tensor values, torch::Tensor key_weight,
+                                        torch::Tensor rot_cos, torch::Tensor rot_sin, torch::Tensor key_positions,
+                                        int64_t position, int64_t window, double scale, double softcap);
 
 // A weight matrix as decode multiplies it: gemmarun's repacked codes through group_gemv (as
 // QuantLinear.matmul_t does for one row), or a float32 weight through at::linear (nn.Linear).
@@ -59,7 +62,7 @@ struct DecodeProjection {
 
 struct DecodeLayer {
   torch::Tensor input_layernorm, post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm;
-  DecodeProjection qkv;  // q, then k and v where the layer owns its keys and values
+  DecodeProjection qkv;  // q, then k and v where the layer owns its keys and values (K=V: k only)
   torch::Tensor q_norm, k_norm;
   DecodeMatrix o_proj;
   DecodeProjection gate_up;
@@ -73,6 +76,7 @@ struct DecodeLayer {
   int64_t kv_source = -1;  // -1: owns its keys and values, else the layer it reads them from
   int64_t rope_type = 0;   // index into the per-type cos/sin
   bool v_norm = false;
+  bool k_eq_v = false;  // stores values only; keys are RoPE(values * k_norm), made by the attention
 };
 
 struct DecodePlan {
@@ -80,11 +84,14 @@ struct DecodePlan {
   double eps = 1e-6, attention_scale = 1.0, attn_softcap = 0.0;
 
   // x [1, 1, H]: the embedded token at `position`. ple [1, 1, L, P] or undefined. cos/sin [1, D]
-  // per layer type. keys/values [1, kv, slots, D] and key_positions [slots] per layer (empty for
-  // KV-shared ones); the new token goes to slot[i] and attention reads the first length[i] slots
+  // per layer type; rot_cos/rot_sin per layer type: the rotating pairs' table of positions 0..
+  // (RotaryTable.rotating) where a K=V layer has that type, else empty. keys/values
+  // [1, kv, slots, D] and key_positions [slots] per layer (empty for KV-shared ones, keys empty on
+  // K=V layers); the new token goes to slot[i] and attention reads the first length[i] slots
   // (the cache's bookkeeping, advanced by the caller). Returns x after the last layer.
   torch::Tensor step(torch::Tensor x, c10::optional<torch::Tensor> ple, const std::vector<torch::Tensor>& cos,
-                     const std::vector<torch::Tensor>& sin, int64_t position, const std::vector<torch::Tensor>& keys,
+                     const std::vector<torch::Tensor>& sin, const std::vector<torch::Tensor>& rot_cos,
+                     const std::vector<torch::Tensor>& rot_sin, int64_t position, const std::vector<torch::Tensor>& keys,
                      const std::vector<torch::Tensor>& values, const std::vector<torch::Tensor>& key_positions,
                      const std::vector<int64_t>& slots, const std::vector<int64_t>& lengths) const {
     const size_t L = layers.size();
@@ -105,14 +112,16 @@ struct DecodePlan {
       torch::Tensor k_seen, v_seen, pos_seen;
       if (layer.kv_source < 0) {
         torch::Tensor k_raw = qkv.at(1).view({1, 1, kv, D});
-        torch::Tensor v_raw = qkv.at(2).view({1, 1, kv, D});
-        torch::Tensor k = rope(rms_norm(k_raw, layer.k_norm, eps).transpose(1, 2), c, s);  // [1, kv, 1, D]
+        torch::Tensor v_raw = layer.k_eq_v ? k_raw : qkv.at(2).view({1, 1, kv, D});
         torch::Tensor v = (layer.v_norm ? rms_norm(v_raw, c10::nullopt, eps) : v_raw).transpose(1, 2);
         const int64_t slot = slots[i], n = lengths[i];
-        keys[i].narrow(2, slot, 1).copy_(k);
+        if (!layer.k_eq_v) {
+          torch::Tensor k = rope(rms_norm(k_raw, layer.k_norm, eps).transpose(1, 2), c, s);  // [1, kv, 1, D]
+          keys[i].narrow(2, slot, 1).copy_(k);
+          k_seen = keys[i].narrow(2, 0, n);
+        }
         values[i].narrow(2, slot, 1).copy_(v);
         key_positions[i].narrow(0, slot, 1).fill_(position);
-        k_seen = keys[i].narrow(2, 0, n);
         v_seen = values[i].narrow(2, 0, n);
         pos_seen = key_positions[i].narrow(0, 0, n);
       } else {
@@ -125,8 +134,13 @@ struct DecodePlan {
       seen_keys[i] = k_seen;
       seen_values[i] = v_seen;
       seen_positions[i] = pos_seen;
-      torch::Tensor attended = attend_one(q.select(0, 0).select(1, 0), k_seen.select(0, 0), v_seen.select(0, 0),
-                                          pos_seen, position, layer.window, attention_scale, attn_softcap);
+      const torch::Tensor q_one = q.select(0, 0).select(1, 0);
+      torch::Tensor attended =
+          layer.k_eq_v ? attend_one_values_as_keys(q_one, v_seen.select(0, 0), layer.k_norm, rot_cos.at(layer.rope_type),
+                                                   rot_sin.at(layer.rope_type), pos_seen, position, layer.window,
+                                                   attention_scale, attn_softcap)
+                       : attend_one(q_one, k_seen.select(0, 0), v_seen.select(0, 0), pos_seen, position, layer.window,
+                                    attention_scale, attn_softcap);
       torch::Tensor h = layer.o_proj(attended.view({1, 1, nH * D}));
       x = x + rms_norm(h, layer.post_attention_layernorm, eps);
 
@@ -187,7 +201,8 @@ void bind_decode_step(pybind11::module& m) {
       .def_readwrite("window", &DecodeLayer::window)
       .def_readwrite("kv_source", &DecodeLayer::kv_source)
       .def_readwrite("rope_type", &DecodeLayer::rope_type)
-      .def_readwrite("v_norm", &DecodeLayer::v_norm);
+      .def_readwrite("v_norm", &DecodeLayer::v_norm)
+      .def_readwrite("k_eq_v", &DecodeLayer::k_eq_v);
   py::class_<DecodePlan>(m, "DecodePlan", py::module_local())
       .def(py::init<>())
       .def_readwrite("layers", &DecodePlan::layers)
