@@ -59,6 +59,8 @@ FAMILIES = {
         use_bidirectional_attention="vision",
     ),
 }
+# The 26B with 8 experts, top 4: enough routed experts that the order they are summed in shows.
+FAMILIES["26b-top4"] = dict(FAMILIES["26b"], num_experts=8, top_k_experts=4)
 
 GEMMA3 = dict(
     COMMON, num_hidden_layers=6, num_key_value_heads=2, layer_types=[S, S, F, S, S, F],

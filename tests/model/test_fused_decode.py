@@ -14,8 +14,9 @@ from reference_models import WINDOW
 
 pytestmark = pytest.mark.skipif(native_ops() is None, reason="native kernels unavailable")
 
-FUSED = ["e2b", "e4b", "31b", "gemma3"]  # dense; the 31B's full layers store values only (K=V)
-MODULE_PATH = ["26b"]  # MoE
+# the 31B's and 26B's full layers store values only (K=V); the 26B's MoE experts are float32
+# (safetensors) or left in the mapped GGUF (q4_0, q8_0)
+FUSED = ["e2b", "e4b", "31b", "26b", "26b-top4", "gemma3"]
 PROMPT = [2] + list(range(20, 20 + WINDOW + 3))  # the sliding rings already wrapped
 STEPS = 2 * WINDOW + 5  # and wrap again while decoding
 
@@ -59,10 +60,7 @@ def _layer_state(layer):
         getattr(layer, "end", None), getattr(layer, "positions", None)
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "q4_0", "q8_0"])
-@pytest.mark.parametrize("family", FUSED)
-def test_native_step_equals_the_modules_bit_for_bit(models, family, fmt):
-    model = models(family, fmt)
+def _assert_native_step_equals_the_modules(model):
     modules, module_cache = _decode(model, fused=False)
     fused, fused_cache = _decode(model, fused=True)
     assert model._decode_plan, "the plan should have been built"
@@ -77,9 +75,36 @@ def test_native_step_equals_the_modules_bit_for_bit(models, family, fmt):
         assert (sa[3] is None) == (sb[3] is None) and (sa[3] is None or torch.equal(sa[3], sb[3]))
 
 
-@pytest.mark.parametrize("family", MODULE_PATH)
-def test_models_it_cannot_take_keep_the_module_path(models, family):
-    model = models(family, "q8_0")
+@pytest.mark.parametrize("fmt", ["safetensors", "q4_0", "q8_0"])
+@pytest.mark.parametrize("family", FUSED)
+def test_native_step_equals_the_modules_bit_for_bit(models, family, fmt):
+    _assert_native_step_equals_the_modules(models(family, fmt))
+
+
+def _load_26b_q8_0(tiny_models, tmp_path):
+    folder, _ = tiny_models("26b")
+    path = tmp_path / "26b-q8_0.gguf"
+    convert(folder, path, "q8_0", progress=False)
+    return gemmarun.load(path, dtype="float32", device="cpu").model
+
+
+def test_repacked_moe_experts_take_the_native_step_too(tiny_models, tmp_path, monkeypatch):
+    """Experts repacked at load (formats the in-place kernel cannot read; forced here) go through
+    the native step as one matrix each."""
+    from gemmarun.quant import experts as quant_experts
+
+    with monkeypatch.context() as m:
+        m.setattr(quant_experts, "native_block_gemv", lambda: None)
+        model = _load_26b_q8_0(tiny_models, tmp_path)
+    assert not model.layers[0].experts.mapped and len(model.layers[0].experts.gate_up) > 0
+    _assert_native_step_equals_the_modules(model)
+
+
+def test_models_it_cannot_take_keep_the_module_path(tiny_models, tmp_path):
+    """A matrix the native kernels cannot multiply (here one switched to the exact reference path)
+    keeps the whole step on the module path."""
+    model = _load_26b_q8_0(tiny_models, tmp_path)
+    model.layers[1].self_attn.o_proj.reference = True
     logits, _ = _decode(model, fused=True)
     assert model._decode_plan is False
     assert torch.isfinite(logits).all()

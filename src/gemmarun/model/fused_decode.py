@@ -6,9 +6,10 @@ and gate/up as `project` multiplies them) and its attention's shape. The native 
 the same kernels in the same order, so a token's logits are the same bits either way
 (tests/model/test_fused_decode.py), without the ~40 Python-level dispatches a layer costs.
 
-A model qualifies when it computes in float32 on the CPU, every layer is dense (no MoE), no
-KV-shared layer reads a K=V layer's cache (no released config has both), and it has only matrices
-the native kernel or `at::linear` multiplies. Anything else keeps the module path.
+A model qualifies when it computes in float32 on the CPU, no KV-shared layer reads a K=V layer's
+cache (no released config has both), and it has only matrices the native kernels or `at::linear`
+multiply: MoE experts left in the mapped GGUF or float ones (repacked experts keep the module
+path). Anything else keeps the module path.
 """
 
 from __future__ import annotations
@@ -17,25 +18,34 @@ import torch
 from torch import nn
 
 from ..native import native_ops
-from ..quant import QuantLinear, stacked
+from ..quant import QuantExperts, QuantLinear, stacked
+from ..quant.experts import FloatLinear
+from .moe import Experts
 
 __all__ = ["build_decode_plan"]
 
 
+def _dense_matrix(ops, weight: torch.Tensor):
+    """A float32 CPU weight through `at::linear`, or None."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return None
+    m = ops.DecodeMatrix()
+    m.dense = weight
+    return m
+
+
 def _matrix(ops, linear: nn.Module):
     """`linear` as the native step multiplies it, or None where it cannot."""
-    m = ops.DecodeMatrix()
     if isinstance(linear, QuantLinear):
         args = None if linear.reference else linear.native_args()
         if args is None:
             return None
+        m = ops.DecodeMatrix()
         m.codes, m.scale, m.bias, m.group, m.code_min, m.nibbles, m.int8_activations = args
-    elif (type(linear) is nn.Linear and linear.bias is None and linear.weight.dtype == torch.float32
-          and linear.weight.device.type == "cpu"):
-        m.dense = linear.weight
-    else:
-        return None
-    return m
+        return m
+    if type(linear) in (nn.Linear, FloatLinear) and getattr(linear, "bias", None) is None:
+        return _dense_matrix(ops, linear.weight)
+    return None
 
 
 def _projection(ops, linears: tuple[nn.Module, ...]):
@@ -48,6 +58,43 @@ def _projection(ops, linears: tuple[nn.Module, ...]):
         return None
     p.calls, p.parts = calls, [sizes for _, sizes in groups]
     return p
+
+
+def _expert_matrix(ops, experts: Experts, leaf: str):
+    """One projection of every expert as the native step multiplies it, or None."""
+    m = ops.DecodeExpertMatrix()
+    if isinstance(experts, QuantExperts):
+        mapped = experts.mapped.get(leaf)
+        if mapped is not None:
+            m.blocks, m.ggml_type, m.rows = mapped.raw, int(mapped.ggml_type), mapped.out_f
+            m.int8_activations = experts.compute_dtype != torch.float32
+            return m
+        matrices = [_matrix(ops, e) for e in (experts.gate_up if leaf == "gate_up_proj" else experts.down)]
+    elif type(experts) is Experts:
+        matrices = [_dense_matrix(ops, w) for w in getattr(experts, leaf).unbind(0)]
+    else:
+        return None
+    if not matrices or any(x is None for x in matrices):
+        return None
+    m.matrices = matrices
+    return m
+
+
+def _experts(ops, layer: nn.Module, eps: float):
+    """A MoE layer's router and routed experts as the native step runs them, or None."""
+    router = layer.router
+    e = ops.DecodeExperts()
+    fields = {"router_proj": _matrix(ops, router.proj), "gate_up": _expert_matrix(ops, layer.experts, "gate_up_proj"),
+              "down": _expert_matrix(ops, layer.experts, "down_proj")}
+    scales = (router.scale, router.per_expert_scale)
+    if (router.eps != eps or any(v is None for v in fields.values())
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in scales)):
+        return None
+    for name, value in fields.items():
+        setattr(e, name, value)
+    e.router_scale, e.per_expert_scale = scales
+    e.router_root_size, e.top_k = router.root_size, router.top_k
+    return e
 
 
 def _norm_weight(norm: nn.Module, eps: float) -> torch.Tensor | None:
@@ -68,7 +115,7 @@ def build_decode_plan(model: nn.Module):
     layers = []
     for layer in model.layers:
         spec, attn = layer.spec, layer.self_attn
-        if spec.moe or attn.eps != eps or (not spec.owns_kv and cfg.layers[spec.kv_source].k_eq_v):
+        if attn.eps != eps or (not spec.owns_kv and cfg.layers[spec.kv_source].k_eq_v):
             return None
         norms = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                  "post_feedforward_layernorm"]
@@ -80,6 +127,10 @@ def build_decode_plan(model: nn.Module):
         fields["gate_up"] = _projection(ops, layer.mlp.input_projections())
         fields["o_proj"] = _matrix(ops, attn.o_proj)
         fields["down_proj"] = _matrix(ops, layer.mlp.down_proj)
+        if spec.moe:
+            fields["experts"] = _experts(ops, layer, eps)
+            for name in ("post_feedforward_layernorm_1", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2"):
+                fields[name] = _norm_weight(getattr(layer, name), eps)
         if layer.has_ple:
             fields["per_layer_input_gate"] = _matrix(ops, layer.per_layer_input_gate)
             fields["per_layer_projection"] = _matrix(ops, layer.per_layer_projection)
@@ -95,6 +146,7 @@ def build_decode_plan(model: nn.Module):
         for name, value in fields.items():
             setattr(d, name, value)
         d.has_ple = layer.has_ple
+        d.moe = spec.moe
         d.num_heads, d.num_kv_heads, d.head_dim = attn.num_heads, spec.num_kv_heads, spec.head_dim
         d.window = spec.window or 0
         d.kv_source = -1 if spec.owns_kv else spec.kv_source

@@ -5,15 +5,18 @@
 // Why: the kernels of a decode step take ~8 ms on the 270M; the Python around them (module calls,
 // views, cache writes, ~40 dispatches a layer) took another 4-5 ms. Here the same work costs a
 // C++ call per operation. model/fused_decode.py decides when a model qualifies (float32 compute,
-// dense MLPs) and builds the plan; the Python path stays the reference.
+// no KV-shared reader of a K=V layer, matrices it can multiply) and builds the plan; the Python path stays the reference.
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                          int64_t group, double code_min, bool nibbles, bool int8_activations);
+torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type, bool int8_activations);
 torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, double eps);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
@@ -60,6 +63,52 @@ struct DecodeProjection {
   }
 };
 
+// One projection of every expert: GGUF block rows left in the mapped file ([experts * rows, bytes],
+// quant/experts.py MappedExpertBlocks, through block_gemv), or one matrix per expert (repacked
+// codes or float32).
+struct DecodeExpertMatrix {
+  torch::Tensor blocks;
+  int64_t ggml_type = -1, rows = 0;
+  bool int8_activations = false;
+  std::vector<DecodeMatrix> matrices;
+
+  // x [1, C] -> expert e's [1, rows]
+  torch::Tensor operator()(int64_t e, const torch::Tensor& x) const {
+    if (!matrices.empty()) return matrices.at(e)(x.view({1, 1, x.size(-1)})).view({1, -1});
+    return block_gemv(x, blocks.narrow(0, e * rows, rows), ggml_type, int8_activations);
+  }
+};
+
+// A MoE block's router and routed experts for one token (model/moe.py Router, Experts' one-token
+// path): the same operations in the same order.
+struct DecodeExperts {
+  DecodeMatrix router_proj;
+  torch::Tensor router_scale, per_expert_scale;  // [H], [E]
+  double router_root_size = 1.0;
+  int64_t top_k = 0;
+  DecodeExpertMatrix gate_up, down;
+
+  // residual, normed: [1, H] (the router reads the residual, the experts its normed copy)
+  torch::Tensor operator()(const torch::Tensor& residual, const torch::Tensor& normed, double eps) const {
+    const torch::Tensor z = rms_norm(residual, c10::nullopt, eps) * router_scale * router_root_size;
+    const torch::Tensor probs = at::softmax(router_proj(z.view({1, 1, -1})).view({1, -1}), -1, torch::kFloat32);
+    auto [top, index] = at::topk(probs, top_k, -1);
+    torch::Tensor weights = top / top.sum(-1, true);
+    weights = weights * per_expert_scale.index({index});
+    std::vector<std::pair<int64_t, int64_t>> chosen;  // (expert, slot), added in expert order
+    const int64_t* ip = index.data_ptr<int64_t>();
+    for (int64_t k = 0; k < top_k; ++k) chosen.emplace_back(ip[k], k);
+    std::sort(chosen.begin(), chosen.end());
+    torch::Tensor out = at::zeros_like(normed);
+    for (const auto& [e, slot] : chosen) {
+      const std::vector<torch::Tensor> halves = gate_up(e, normed).chunk(2, -1);
+      const torch::Tensor y = down(e, at::gelu(halves[0], "tanh") * halves[1]);
+      out.add_(y * weights.select(0, 0).select(0, slot));
+    }
+    return out;
+  }
+};
+
 struct DecodeLayer {
   torch::Tensor input_layernorm, post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm;
   DecodeProjection qkv;  // q, then k and v where the layer owns its keys and values (K=V: k only)
@@ -67,6 +116,9 @@ struct DecodeLayer {
   DecodeMatrix o_proj;
   DecodeProjection gate_up;
   DecodeMatrix down_proj;
+  bool moe = false;  // the dense MLP above runs beside routed experts (26B-A4B)
+  DecodeExperts experts;
+  torch::Tensor post_feedforward_layernorm_1, pre_feedforward_layernorm_2, post_feedforward_layernorm_2;
   bool has_ple = false;
   DecodeMatrix per_layer_input_gate, per_layer_projection;
   torch::Tensor post_per_layer_input_norm;
@@ -147,6 +199,12 @@ struct DecodePlan {
       // Dense MLP: down(gelu(gate) * up).
       const std::vector<torch::Tensor> gate_up = layer.gate_up(rms_norm(x, layer.pre_feedforward_layernorm, eps));
       h = layer.down_proj(at::gelu(gate_up[0], "tanh") * gate_up.at(1));
+      if (layer.moe) {  // DecoderLayer.forward's MoE branch
+        const torch::Tensor flat = x.view({1, x.size(-1)});
+        const torch::Tensor routed = layer.experts(flat, rms_norm(flat, layer.pre_feedforward_layernorm_2, eps), eps);
+        h = rms_norm(h, layer.post_feedforward_layernorm_1, eps) +
+            rms_norm(routed.view(x.sizes()), layer.post_feedforward_layernorm_2, eps);
+      }
       x = x + rms_norm(h, layer.post_feedforward_layernorm, eps);
 
       // Per-layer embedding injection, layer scalar.
@@ -178,6 +236,22 @@ void bind_decode_step(pybind11::module& m) {
       .def(py::init<>())
       .def_readwrite("calls", &DecodeProjection::calls)
       .def_readwrite("parts", &DecodeProjection::parts);
+  py::class_<DecodeExpertMatrix>(m, "DecodeExpertMatrix", py::module_local())
+      .def(py::init<>())
+      .def_readwrite("blocks", &DecodeExpertMatrix::blocks)
+      .def_readwrite("ggml_type", &DecodeExpertMatrix::ggml_type)
+      .def_readwrite("rows", &DecodeExpertMatrix::rows)
+      .def_readwrite("int8_activations", &DecodeExpertMatrix::int8_activations)
+      .def_readwrite("matrices", &DecodeExpertMatrix::matrices);
+  py::class_<DecodeExperts>(m, "DecodeExperts", py::module_local())
+      .def(py::init<>())
+      .def_readwrite("router_proj", &DecodeExperts::router_proj)
+      .def_readwrite("router_scale", &DecodeExperts::router_scale)
+      .def_readwrite("per_expert_scale", &DecodeExperts::per_expert_scale)
+      .def_readwrite("router_root_size", &DecodeExperts::router_root_size)
+      .def_readwrite("top_k", &DecodeExperts::top_k)
+      .def_readwrite("gate_up", &DecodeExperts::gate_up)
+      .def_readwrite("down", &DecodeExperts::down);
   py::class_<DecodeLayer>(m, "DecodeLayer", py::module_local())
       .def(py::init<>())
       .def_readwrite("input_layernorm", &DecodeLayer::input_layernorm)
@@ -190,6 +264,11 @@ void bind_decode_step(pybind11::module& m) {
       .def_readwrite("o_proj", &DecodeLayer::o_proj)
       .def_readwrite("gate_up", &DecodeLayer::gate_up)
       .def_readwrite("down_proj", &DecodeLayer::down_proj)
+      .def_readwrite("moe", &DecodeLayer::moe)
+      .def_readwrite("experts", &DecodeLayer::experts)
+      .def_readwrite("post_feedforward_layernorm_1", &DecodeLayer::post_feedforward_layernorm_1)
+      .def_readwrite("pre_feedforward_layernorm_2", &DecodeLayer::pre_feedforward_layernorm_2)
+      .def_readwrite("post_feedforward_layernorm_2", &DecodeLayer::post_feedforward_layernorm_2)
       .def_readwrite("has_ple", &DecodeLayer::has_ple)
       .def_readwrite("per_layer_input_gate", &DecodeLayer::per_layer_input_gate)
       .def_readwrite("per_layer_projection", &DecodeLayer::per_layer_projection)

@@ -50,7 +50,9 @@ class MappedExpertBlocks:
         return self.raw.numel()
 
 
-class _FloatLinear(nn.Module):
+class FloatLinear(nn.Module):
+    """One expert's projection stored as floats (a GGUF expert tensor whose rows no block fits)."""
+
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -88,7 +90,7 @@ class QuantExperts(Experts):
             raise ValueError(f"expert tensor {leaf} has {E} experts, expected {self.num_experts}")
         target = self.gate_up if leaf == "gate_up_proj" else self.down
         if isinstance(weight, torch.Tensor):
-            target.extend(_FloatLinear(weight[e].to(self.compute_dtype)) for e in range(E))
+            target.extend(FloatLinear(weight[e].to(self.compute_dtype)) for e in range(E))
             return False
         if (keep_mapped and weight.ggml_type in MAPPED_TYPES and in_f % MAPPED_TYPES[weight.ggml_type] == 0
                 and native_block_gemv() is not None):
