@@ -8,8 +8,8 @@ the same kernels in the same order, so a token's logits are the same bits either
 
 A model qualifies when it computes in float32 on the CPU, no KV-shared layer reads a K=V layer's
 cache (no released config has both), and it has only matrices the native kernels or `at::linear`
-multiply: MoE experts left in the mapped GGUF or float ones (repacked experts keep the module
-path). Anything else keeps the module path.
+multiply (MoE experts left in the mapped GGUF, repacked or float, included). Anything else keeps
+the module path.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _expert_matrix(ops, experts: Experts, leaf: str):
             m.blocks, m.ggml_type, m.rows = mapped.raw, int(mapped.ggml_type), mapped.out_f
             m.int8_activations = experts.compute_dtype != torch.float32
             return m
-        matrices = [_matrix(ops, e) for e in (experts.gate_up if leaf == "gate_up_proj" else experts.down)]
+        matrices = [_matrix(ops, e) for e in experts.repacked(leaf)]
     elif type(experts) is Experts:
         matrices = [_dense_matrix(ops, w) for w in getattr(experts, leaf).unbind(0)]
     else:

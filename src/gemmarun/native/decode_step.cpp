@@ -5,7 +5,8 @@
 // Why: the kernels of a decode step take ~8 ms on the 270M; the Python around them (module calls,
 // views, cache writes, ~40 dispatches a layer) took another 4-5 ms. Here the same work costs a
 // C++ call per operation. model/fused_decode.py decides when a model qualifies (float32 compute,
-// no KV-shared reader of a K=V layer, matrices it can multiply) and builds the plan; the Python path stays the reference.
+// no KV-shared reader of a K=V layer, matrices it can multiply) and builds the plan; the Python
+// path stays the reference.
 
 #include <torch/extension.h>
 

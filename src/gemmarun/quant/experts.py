@@ -88,7 +88,7 @@ class QuantExperts(Experts):
         E, out_f, in_f = weight.shape
         if E != self.num_experts:
             raise ValueError(f"expert tensor {leaf} has {E} experts, expected {self.num_experts}")
-        target = self.gate_up if leaf == "gate_up_proj" else self.down
+        target = self.repacked(leaf)
         if isinstance(weight, torch.Tensor):
             target.extend(FloatLinear(weight[e].to(self.compute_dtype)) for e in range(E))
             return False
@@ -101,11 +101,15 @@ class QuantExperts(Experts):
                       for e in range(E))
         return False
 
+    def repacked(self, leaf: str) -> nn.ModuleList:
+        """One projection's per-expert modules (empty where its blocks stay mapped)."""
+        return self.gate_up if leaf == "gate_up_proj" else self.down
+
     def _project(self, leaf: str, e: int, x: torch.Tensor) -> torch.Tensor:
         mapped = self.mapped.get(leaf)
         if mapped is not None:
             return mapped.matmul(e, x, self.compute_dtype)
-        return (self.gate_up if leaf == "gate_up_proj" else self.down)[e](x)
+        return self.repacked(leaf)[e](x)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self._project("gate_up_proj", e, x).chunk(2, dim=-1)
