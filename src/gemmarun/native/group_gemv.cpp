@@ -653,6 +653,37 @@ inline Acc q6_k_block(const uint8_t* blk, const int16_t* xq, const float* xd, Ac
   return acc;
 }
 
+#ifdef GEMMARUN_AVX2
+// 32 bits -> 32 bytes, byte j 0xFF where bit j is set: each byte gets its bit's byte of `bits`
+// (a shuffle within 128-bit lanes; both lanes hold all four bytes), then tests its own bit.
+inline __m256i bit_bytes(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int32_t>(bits)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);  // byte k of each 8: 1 << k
+  return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
+
+// The 32 codes of a Q5_0 block, vectorized: its fifth bits took a scalar shift and mask per code
+// (0.8 GB/s on a 26B-A4B expert's 704-wide down projection, 26 ns a block).
+inline Acc q5_0_block(const uint8_t* blk, const int16_t* xq, float xd, Acc acc) {
+  const float d = half_at(blk);
+  uint32_t qh;
+  std::memcpy(&qh, blk + 2, 4);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 6));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  // bytes 0-15: the low nibbles (codes 0-15), 16-31: the high nibbles (codes 16-31)
+  const __m256i nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
+  const __m256i fifth = _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10));
+  const __m256i codes = _mm256_sub_epi8(_mm256_or_si256(nibbles, fifth), _mm256_set1_epi8(16));  // -16..15
+  const __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes));
+  const __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1));
+  const __m256i p = _mm256_add_epi32(
+      _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
+      _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd), acc);
+}
+#else
 inline Acc q5_0_block(const uint8_t* blk, const int16_t* xq, float xd, Acc acc) {
   const float d = half_at(blk);
   uint32_t qh;
@@ -666,6 +697,7 @@ inline Acc q5_0_block(const uint8_t* blk, const int16_t* xq, float xd, Acc acc) 
   acc = fma16(q, xq, d * xd, acc);
   return fma16(q + 16, xq + 16, d * xd, acc);
 }
+#endif
 
 void unpacked_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
   const int64_t block = p.block, nb = p.C / block, type_size = p.type_size;
