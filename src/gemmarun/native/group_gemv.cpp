@@ -500,6 +500,8 @@ struct BlockProblem {
   int64_t block, type_size;  // weights and bytes per block (set once, by block_gemv)
   const int16_t* xq;      // int16 activations, or
   const int8_t* xq8;      // int8 activations (per 32: x ~= xq * xscale)
+  const uint8_t* xlo;     // or null: xq split into bytes (Q4_K's byte multiply-adds, AVX-512 VNNI)
+  const int8_t* xhi;
   const float* xscale;    // [M, C/32]
   const float* xsum;      // [M, C/32] sums of the rounded x
   float* y;               // [M, R]
@@ -633,6 +635,42 @@ inline Acc q4_k_block(const uint8_t* blk, const int16_t* xq, const float* xd, co
   return acc;
 }
 
+#ifdef GEMMARUN_AVX512
+// One Q4_K super-block without unpacking to int16: each 32-byte chunk's nibbles (32 low, then 32
+// high: weights 64c..64c+63 in order) times the int16 activations' two bytes, a vpdpbusd each,
+// scaled per 32 weights in the lanes (0-7: the low nibbles' sub-block, 8-15: the high ones'). The
+// unpacked path read 11-12 GB/s, compute-bound.
+inline __m512 q4_k_block_vnni(const uint8_t* blk, const uint8_t* xlo, const int8_t* xhi, const float* xd,
+                              const float* xs, __m512 acc, __m256& offset) {
+  // The eight 6-bit scales and mins, four bytes at a time (scale_j, min_j for j < 4 are the low
+  // 6 bits of bytes j and j + 4; for j >= 4 a nibble of byte j + 4 and the top 2 bits of bytes
+  // j - 4 and j): a scalar unpack per sub-block cost as much as the products.
+  uint32_t w[3];
+  std::memcpy(w, blk + 4, 12);
+  const uint32_t six = 0x3F3F3F3F, four = 0x0F0F0F0F, two = 0x03030303;
+  const uint32_t scales[2] = {w[0] & six, (w[2] & four) | (((w[0] >> 6) & two) << 4)};
+  const uint32_t mins[2] = {w[1] & six, ((w[2] >> 4) & four) | (((w[1] >> 6) & two) << 4)};
+  const __m256 to_float_scales = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales))));
+  const __m256 to_float_mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mins))));
+  alignas(32) float f[8];
+  _mm256_store_ps(f, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(half_at(blk)), to_float_scales), _mm256_loadu_ps(xd)));
+  offset = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(half_at(blk + 2)), to_float_mins), _mm256_loadu_ps(xs), offset);
+  const uint8_t* qs = blk + 16;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int c = 0; c < 4; ++c) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + c * 32));
+    const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, mask)),
+                                             _mm256_and_si256(_mm256_srli_epi16(b, 4), mask), 1);
+    const __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xlo + c * 64), codes);
+    const __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xhi + c * 64));
+    const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+    const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(f[2 * c]), _mm256_set1_ps(f[2 * c + 1]), 1);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+  }
+  return acc;
+}
+#endif
+
 inline Acc q6_k_block(const uint8_t* blk, const int16_t* xq, const float* xd, Acc acc) {
   const uint8_t* ql = blk;
   const uint8_t* qh = blk + 128;
@@ -709,6 +747,20 @@ void unpacked_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
       const float* xs = p.xsum + m * (p.C / 32);
       Acc acc = acc_zero();
       float offset = 0.f;
+#ifdef GEMMARUN_AVX512
+      if (p.type == kQ4_K && p.xlo != nullptr) {
+        __m512 acc_v = _mm512_setzero_ps();
+        __m256 offset_v = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+          const uint8_t* blk = row + b * type_size;
+          if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
+          acc_v = q4_k_block_vnni(blk, p.xlo + m * p.C + b * 256, p.xhi + m * p.C + b * 256, xd + b * 8, xs + b * 8,
+                                  acc_v, offset_v);
+        }
+        p.y[m * p.R + r] = _mm512_reduce_add_ps(acc_v) - hsum(offset_v);
+        continue;
+      }
+#endif
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = row + b * type_size;
         if (p.type == kQ4_K) acc = q4_k_block(blk, x + b * 256, xd + b * 8, xs + b * 8, acc, offset);
@@ -792,7 +844,10 @@ torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_typ
 #ifdef GEMMARUN_AVX2
   q8 = int8_activations && !unpacked;
 #endif
-  const Activations acts(x.data_ptr<float>(), M, C, 32, q8);  // per 32 whatever the block size
+  Activations acts(x.data_ptr<float>(), M, C, 32, q8);  // per 32 whatever the block size
+#ifdef GEMMARUN_AVX512
+  if (ggml_type == kQ4_K) acts.split_bytes();  // q4_k_block_vnni's byte multiply-adds
+#endif
   acts.into(p);
   torch::Tensor y = torch::empty({M, R}, x.options());
   p.y = y.data_ptr<float>();
