@@ -585,7 +585,8 @@ void block_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
 // are 32 weights, the high nibbles the next 32); w = d * scale * code - dmin * min. Q6_K: 128
 // bytes of low nibbles, 64 bytes of 2-bit highs, sixteen int8 scales (one per 16 weights), float16
 // d; w = d * scale * (code - 32). Each super-block is unpacked to int16 codes in a small buffer
-// (L1), then multiplied like the other formats. Q5_0 (where Q4_K_M falls back for rows that are
+// (L1), then multiplied like the other formats (Q4_K with AVX-512 VNNI is not: its nibbles multiply
+// the activations' bytes directly, q4_k_block_vnni). Q5_0 (where Q4_K_M falls back for rows that are
 // not a multiple of 256: a 26B-A4B's 704-wide expert down projection) is a float16 d, 32 high
 // bits and 16 bytes of nibbles, w = d * (code - 16). The activations stay int16 (per 32 values).
 
