@@ -503,7 +503,8 @@ def test_moe_experts_read_in_place_match_repacked_experts(qtype: T):
     experts give (the model-level check with GGUF files covers Q4_0/Q8_0: gguf-py cannot write
     K-quants)."""
     from gemmarun.loading.build import QuantizedTensor
-    from gemmarun.quant.experts import QuantExperts
+    from gemmarun.native import native_block_gemv
+    from gemmarun.quant.experts import IN_PLACE_MAX_ROWS, QuantExperts
 
     E, out_f, in_f = 3, 16, 512
     raw = torch.from_numpy(make_raw(qtype, E * out_f, in_f, seed=int(qtype) + 31))
@@ -516,8 +517,13 @@ def test_moe_experts_read_in_place_match_repacked_experts(qtype: T):
     for e in range(E):
         a, b = in_place._project("down_proj", e, x), repacked._project("down_proj", e, x)
         assert rel_err(a, b) < 1e-4
+    # the 32 rows a 512-token prefill chunk routes to one of 128 experts on average (top 8): in place
+    chunk = torch.randn(32, in_f, generator=torch.Generator().manual_seed(6))
+    blocks = raw.view(E * out_f, -1)[out_f : 2 * out_f]
+    assert torch.equal(in_place._project("down_proj", 1, chunk), native_block_gemv()(chunk, blocks, int(qtype), False))
+    # more: this expert dequantized once, exactly
     w = torch.from_numpy(reference(raw.numpy(), qtype).reshape(E, out_f, in_f).copy())
-    big = torch.randn(ql.NATIVE_MAX_ROWS + 1, in_f)  # a prefill-sized batch dequantizes one expert
+    big = torch.randn(IN_PLACE_MAX_ROWS + 1, in_f)
     assert rel_err(in_place._project("down_proj", 1, big), big @ w[1].T) < 1e-6
 
 
