@@ -326,9 +326,10 @@ torch::Tensor attend_one_values_as_keys(torch::Tensor q, torch::Tensor values, t
   const float* wp = w.data_ptr<float>();
   const float* cp = c.data_ptr<float>();
   const float* sp = s.data_ptr<float>();
+  TORCH_CHECK(key_positions.scalar_type() == torch::kInt64 && key_positions.is_contiguous(),
+              "key_positions: [S] int64, contiguous");
   const int64_t r = c.size(1), v_head = values.stride(0), v_row = values.stride(1);
   const int64_t* pos = key_positions.data_ptr<int64_t>();
-  TORCH_CHECK(key_positions.is_contiguous(), "key_positions: contiguous");
   return attend(q, values, key_positions, position, window, scale, softcap, [=](int64_t g, int64_t j, float* k) {
     const float* v = vp + g * v_head + j * v_row;
     for (int64_t d = 0; d < D; ++d) k[d] = v[d] * wp[d];
