@@ -586,7 +586,7 @@ void block_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
 // bytes of low nibbles, 64 bytes of 2-bit highs, sixteen int8 scales (one per 16 weights), float16
 // d; w = d * scale * (code - 32). Each super-block is unpacked to int16 codes in a small buffer
 // (L1), then multiplied like the other formats (Q4_K with AVX-512 VNNI is not: its nibbles multiply
-// the activations' bytes directly, q4_k_block_vnni). Q5_0 (where Q4_K_M falls back for rows that are
+// the activations' bytes directly, q4_k_rows_vnni). Q5_0 (where Q4_K_M falls back for rows that are
 // not a multiple of 256: a 26B-A4B's 704-wide expert down projection) is a float16 d, 32 high
 // bits and 16 bytes of nibbles, w = d * (code - 16). The activations stay int16 (per 32 values).
 
@@ -637,38 +637,64 @@ inline Acc q4_k_block(const uint8_t* blk, const int16_t* xq, const float* xd, co
 }
 
 #ifdef GEMMARUN_AVX512
-// One Q4_K super-block without unpacking to int16: each 32-byte chunk's nibbles (32 low, then 32
-// high: weights 64c..64c+63 in order) times the int16 activations' two bytes, a vpdpbusd each,
-// scaled per 32 weights in the lanes (0-7: the low nibbles' sub-block, 8-15: the high ones'). The
-// unpacked path read 11-12 GB/s, compute-bound.
-inline __m512 q4_k_block_vnni(const uint8_t* blk, const uint8_t* xlo, const int8_t* xhi, const float* xd,
-                              const float* xs, __m512 acc, __m256& offset) {
-  // The eight 6-bit scales and mins, four bytes at a time (scale_j, min_j for j < 4 are the low
-  // 6 bits of bytes j and j + 4; for j >= 4 a nibble of byte j + 4 and the top 2 bits of bytes
-  // j - 4 and j): a scalar unpack per sub-block cost as much as the products.
-  uint32_t w[3];
-  std::memcpy(w, blk + 4, 12);
-  const uint32_t six = 0x3F3F3F3F, four = 0x0F0F0F0F, two = 0x03030303;
-  const uint32_t scales[2] = {w[0] & six, (w[2] & four) | (((w[0] >> 6) & two) << 4)};
-  const uint32_t mins[2] = {w[1] & six, ((w[2] >> 4) & four) | (((w[1] >> 6) & two) << 4)};
-  const __m256 to_float_scales = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales))));
-  const __m256 to_float_mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mins))));
-  alignas(32) float f[8];
-  _mm256_store_ps(f, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(half_at(blk)), to_float_scales), _mm256_loadu_ps(xd)));
-  offset = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(half_at(blk + 2)), to_float_mins), _mm256_loadu_ps(xs), offset);
-  const uint8_t* qs = blk + 16;
+// Q4_K rows without unpacking to int16, all activation rows at once: each super-block's 32-byte
+// chunks of nibbles (32 low, then 32 high: weights 64c..64c+63 in order) multiply the int16
+// activations' two bytes, a vpdpbusd each, scaled per 32 weights in the lanes (0-7: the low
+// nibbles' sub-block, 8-15: the high ones'). A super-block's codes and its eight 6-bit scales and
+// mins are unpacked once for every row (the unpacked path read 11-12 GB/s, compute-bound).
+void q4_k_rows_vnni(const BlockProblem& p, int64_t r0, int64_t r1) {
+  const int64_t nb = p.C / 256, M = p.M, groups = p.C / 32;
+  std::vector<__m512> acc(M);
+  std::vector<__m256> offset(M);
   const __m256i mask = _mm256_set1_epi8(0x0F);
-  for (int c = 0; c < 4; ++c) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + c * 32));
-    const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, mask)),
-                                             _mm256_and_si256(_mm256_srli_epi16(b, 4), mask), 1);
-    const __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xlo + c * 64), codes);
-    const __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xhi + c * 64));
-    const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
-    const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(f[2 * c]), _mm256_set1_ps(f[2 * c + 1]), 1);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+  __m512i pair[4];  // chunk c's lanes: 0-7 take sub-block 2c's scale, 8-15 sub-block 2c + 1's
+  for (int c = 0; c < 4; ++c)
+    pair[c] = _mm512_inserti64x4(_mm512_set1_epi32(2 * c), _mm256_set1_epi32(2 * c + 1), 1);
+  const uint32_t six = 0x3F3F3F3F, four = 0x0F0F0F0F, two = 0x03030303;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.blocks + r * p.row_bytes;
+    for (int64_t m = 0; m < M; ++m) {
+      acc[m] = _mm512_setzero_ps();
+      offset[m] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * 144;
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
+      // The scales and mins four bytes at a time (scale_j, min_j for j < 4 are the low 6 bits of
+      // bytes j and j + 4; for j >= 4 a nibble of byte j + 4 and the top 2 bits of bytes j - 4 and
+      // j): a scalar unpack per sub-block cost as much as the products.
+      uint32_t w[3];
+      std::memcpy(w, blk + 4, 12);
+      const uint32_t scales[2] = {w[0] & six, (w[2] & four) | (((w[0] >> 6) & two) << 4)};
+      const uint32_t mins[2] = {w[1] & six, ((w[2] >> 4) & four) | (((w[1] >> 6) & two) << 4)};
+      auto widen = [](const uint32_t* bytes) {
+        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
+      };
+      const __m256 d_scale = _mm256_mul_ps(_mm256_set1_ps(half_at(blk)), widen(scales));
+      const __m256 dmin_min = _mm256_mul_ps(_mm256_set1_ps(half_at(blk + 2)), widen(mins));
+      __m512i codes[4];
+      for (int c = 0; c < 4; ++c) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + c * 32));
+        codes[c] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, mask)),
+                                      _mm256_and_si256(_mm256_srli_epi16(q, 4), mask), 1);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xd = p.xscale + m * groups + b * 8;
+        const float* xs = p.xsum + m * groups + b * 8;
+        const uint8_t* xlo = p.xlo + m * p.C + b * 256;
+        const int8_t* xhi = p.xhi + m * p.C + b * 256;
+        const __m512 f = _mm512_castps256_ps512(_mm256_mul_ps(d_scale, _mm256_loadu_ps(xd)));
+        offset[m] = _mm256_fmadd_ps(dmin_min, _mm256_loadu_ps(xs), offset[m]);
+        for (int c = 0; c < 4; ++c) {
+          const __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xlo + c * 64), codes[c]);
+          const __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[c], _mm512_loadu_si512(xhi + c * 64));
+          const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pair[c], f), acc[m]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) p.y[m * p.R + r] = _mm512_reduce_add_ps(acc[m]) - hsum(offset[m]);
   }
-  return acc;
 }
 #endif
 
@@ -748,20 +774,6 @@ void unpacked_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
       const float* xs = p.xsum + m * (p.C / 32);
       Acc acc = acc_zero();
       float offset = 0.f;
-#ifdef GEMMARUN_AVX512
-      if (p.type == kQ4_K && p.xlo != nullptr) {
-        __m512 acc_v = _mm512_setzero_ps();
-        __m256 offset_v = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nb; ++b) {
-          const uint8_t* blk = row + b * type_size;
-          if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
-          acc_v = q4_k_block_vnni(blk, p.xlo + m * p.C + b * 256, p.xhi + m * p.C + b * 256, xd + b * 8, xs + b * 8,
-                                  acc_v, offset_v);
-        }
-        p.y[m * p.R + r] = _mm512_reduce_add_ps(acc_v) - hsum(offset_v);
-        continue;
-      }
-#endif
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = row + b * type_size;
         if (p.type == kQ4_K) acc = q4_k_block(blk, x + b * 256, xd + b * 8, xs + b * 8, acc, offset);
@@ -847,12 +859,15 @@ torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_typ
 #endif
   Activations acts(x.data_ptr<float>(), M, C, 32, q8);  // per 32 whatever the block size
 #ifdef GEMMARUN_AVX512
-  if (ggml_type == kQ4_K) acts.split_bytes();  // q4_k_block_vnni's byte multiply-adds
+  if (ggml_type == kQ4_K) acts.split_bytes();  // q4_k_rows_vnni's byte multiply-adds
 #endif
   acts.into(p);
   torch::Tensor y = torch::empty({M, R}, x.options());
   p.y = y.data_ptr<float>();
   at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) {
+#ifdef GEMMARUN_AVX512
+    if (ggml_type == kQ4_K) return q4_k_rows_vnni(p, r0, r1);
+#endif
     if (unpacked) unpacked_rows(p, r0, r1); else block_rows(p, r0, r1);
   });
   return y;
