@@ -579,6 +579,53 @@ void block_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
 }
 
 
+#ifdef GEMMARUN_AVX2
+// Q4_0/Q8_0 rows times several int16 activation rows (MoE prefill, batched decode): each block's
+// codes are widened to int16 once for all of them, where block_rows widened them for every row.
+// Per row the same operations in the same order as block_rows: the same bits. Same process, 4-64
+// rows: Q8_0 1408x2816 1.4-1.7x, Q4_0 2816x704 1.1-1.4x, Q4_0 1408x2816 1.15x at 4 rows and level
+// from 16 (its activation rows no longer stay in L1 across a weight row).
+void block_rows_together(const BlockProblem& p, int64_t r0, int64_t r1) {
+  const int64_t nb = p.C / 32, type_size = p.type_size, M = p.M;
+  std::vector<__m256> acc(M);
+  std::vector<float> offset(M);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.blocks + r * p.row_bytes;
+    for (int64_t m = 0; m < M; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      offset[m] = 0.f;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * type_size;
+#ifdef GEMMARUN_AVX512
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
+#endif
+      const float d = half_at(blk);
+      const uint8_t* qs = blk + 2;
+      __m256i c0, c1;  // codes 0-15 and 16-31 as int16
+      if (p.type == kQ4_0) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+        c0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
+        c1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+      } else {
+        c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+        c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)));
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const int16_t* x = p.xq + m * p.C + b * 32;
+        if (p.type == kQ4_0) offset[m] += d * p.xsum[m * nb + b];
+        const __m256i a = _mm256_add_epi32(
+            _mm256_madd_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+            _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(d * p.xscale[m * nb + b]), acc[m]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) p.y[m * p.R + r] = (0.f + hsum(acc[m])) - 8.f * offset[m];
+  }
+}
+#endif
+
 // ---- Q4_K, Q6_K and Q5_0 blocks read in place (llama.cpp's Q4_K_M experts) ---------------------
 // A super-block holds 256 weights. Q4_K: float16 d and dmin, 12 bytes packing eight 6-bit scales
 // and eight 6-bit mins (one per 32 weights), 128 bytes of nibbles (each 32 bytes: the low nibbles
@@ -867,6 +914,10 @@ torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_typ
   at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) {
 #ifdef GEMMARUN_AVX512
     if (ggml_type == kQ4_K) return q4_k_rows_vnni(p, r0, r1);
+#endif
+#ifdef GEMMARUN_AVX2
+    // from 4 rows (2 rows: 8 % slower than one at a time, same process)
+    if (!unpacked && M >= 4 && !q8) return block_rows_together(p, r0, r1);
 #endif
     if (unpacked) unpacked_rows(p, r0, r1); else block_rows(p, r0, r1);
   });
