@@ -168,6 +168,20 @@ constexpr int64_t kPrefetchBytes = 3072;
 // count of two iterations cost as much as the arithmetic).
 
 // int8 codes, int16 activations
+#ifdef GEMMARUN_AVX512
+// The factors of the 32 codes at column k (weight scale times activation scale): one group of 32,
+// or two of 16 (lanes 0-7 and 8-15). Shared by the one-row and several-rows int8 loops.
+template <int GROUP>
+inline __m512 step_factors(const float* sc, const float* xd, int64_t k) {
+  if constexpr (GROUP == 32) {
+    return _mm512_set1_ps(sc[k / 32] * xd[k / 32]);
+  } else {
+    const int64_t g = k / 16;
+    return _mm512_insertf32x8(_mm512_set1_ps(sc[g] * xd[g]), _mm256_set1_ps(sc[g + 1] * xd[g + 1]), 1);
+  }
+}
+#endif
+
 template <int GROUP>
 struct DotInt8 {
   static int64_t row_bytes(const Problem& p) { return p.C; }
@@ -190,14 +204,7 @@ struct DotInt8 {
         _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetchBytes), _MM_HINT_T0);
         const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
         const __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x + k));
-        __m512 f;
-        if constexpr (GROUP == 32) {
-          f = _mm512_set1_ps(sc[k / 32] * xd[k / 32]);
-        } else {
-          const int64_t g = k / 16;
-          f = _mm512_insertf32x8(_mm512_set1_ps(sc[g] * xd[g]), _mm256_set1_ps(sc[g + 1] * xd[g + 1]), 1);
-        }
-        acc_v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, acc_v);
+        acc_v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), step_factors<GROUP>(sc, xd, k), acc_v);
       }
       return _mm512_reduce_add_ps(acc_v);
     }
@@ -251,15 +258,7 @@ struct DotInt8 {
 #pragma GCC unroll 8
       for (int n = 0; n < N; ++n) {
         const __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x + n * p.C + k));
-        const float* xdn = xd + n * p.groups;
-        __m512 f;
-        if constexpr (GROUP == 32) {
-          f = _mm512_set1_ps(sc[k / 32] * xdn[k / 32]);
-        } else {
-          const int64_t g = k / 16;
-          f = _mm512_insertf32x8(_mm512_set1_ps(sc[g] * xdn[g]), _mm256_set1_ps(sc[g + 1] * xdn[g + 1]), 1);
-        }
-        acc_v[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, acc_v[n]);
+        acc_v[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), step_factors<GROUP>(sc, xd + n * p.groups, k), acc_v[n]);
       }
     }
 #pragma GCC unroll 8
