@@ -1,10 +1,13 @@
-"""Time the native kernel that reads MoE experts' GGUF blocks in place (`block_gemv`), per format.
+"""Time the native kernels that read MoE experts' GGUF blocks in place, per format.
 
 The 26B-A4B's experts stay in the memory-mapped GGUF; a decode token multiplies 8 of 128 experts'
 gate/up (1408 x 2816) and down (2816 x 704) projections per layer. This times one expert at a
 time, cycling through 64 of them so the blocks come from memory, as in a decode step, for the
 formats llama.cpp files use for them (Q4_K gate/up and Q5_0 down in Q4_K_M files; Q4_0; Q8_0).
-Random block bytes (the timing does not depend on the values), 2 threads.
+Prefill routes a few dozen tokens to each expert: 32 rows are timed with `block_gemv` (int16
+activations) and, for Q4_0/Q5_0/Q8_0, `block_gemm` (blocks dequantized in registers, what
+prefill uses above 16 rows). Random block bytes (the timing does not depend on the values), 2
+threads.
 
     python scripts/expert_blocks.py
 """
@@ -16,11 +19,12 @@ import time
 import numpy as np
 import torch
 
-from gemmarun.native import native_block_gemv
+from gemmarun.native import native_block_gemm, native_block_gemv
 
 # ggml type: (name, weights per block, bytes per block, byte offsets of float16 scales in a block)
 FORMATS = {2: ("Q4_0", 32, 18, (0,)), 6: ("Q5_0", 32, 22, (0,)), 8: ("Q8_0", 32, 34, (0,)),
            12: ("Q4_K", 256, 144, (0, 2)), 14: ("Q6_K", 256, 210, (208,))}
+IN_REGISTERS = (2, 6, 8)  # block_gemm's formats
 SHAPES = {"gate/up 1408x2816": (1408, 2816), "down 2816x704": (2816, 704)}
 EXPERTS = 64
 
@@ -35,24 +39,27 @@ def random_blocks(ggml_type: int, rows: int, cols: int) -> torch.Tensor:
 
 def main() -> None:
     torch.set_num_threads(2)
-    gemv = native_block_gemv()
-    if gemv is None:
+    gemv, gemm = native_block_gemv(), native_block_gemm()
+    if gemv is None or gemm is None:
         raise SystemExit("the native kernels are unavailable (no C++ compiler?)")
     for label, (rows, cols) in SHAPES.items():
         for ggml_type, (name, per_block, _, _) in FORMATS.items():
             if cols % per_block:
                 continue
             blocks = random_blocks(ggml_type, rows * EXPERTS, cols)
-            for m in (1, 4):
+            runs = [("block_gemv", m, lambda x, b: gemv(x, b, ggml_type, False)) for m in (1, 4, 32)]
+            if ggml_type in IN_REGISTERS:
+                runs.append(("block_gemm", 32, lambda x, b: gemm(x, b, ggml_type)))
+            for kernel, m, run in runs:
                 x = torch.randn(m, cols)
                 best = float("inf")
                 for _ in range(3):
                     t = time.perf_counter()
                     for e in range(EXPERTS):
-                        gemv(x, blocks[e * rows : (e + 1) * rows], ggml_type, False)
+                        run(x, blocks[e * rows : (e + 1) * rows])
                     best = min(best, (time.perf_counter() - t) / EXPERTS)
                 nbytes = blocks[:rows].numel()
-                print(f"{label:18} {name:5} {m} row{'s' if m > 1 else ' '}: {best * 1e6:7.1f} us "
+                print(f"{label:18} {name:5} {kernel} {m:2} row{'s' if m > 1 else ' '}: {best * 1e6:7.1f} us "
                       f"({nbytes / best / 1e9:5.1f} GB/s)")
 
 

@@ -237,6 +237,32 @@ def test_blocks_read_in_place_are_exact_for_their_rounded_activations(qtype: T, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0], ids=lambda t: t.name)
+def test_blocks_dequantized_in_registers_take_the_activations_as_they_are(qtype: T):
+    """block_gemm (MoE prefill): float32 weights made from each block, float32 activations
+    unrounded, so the result is x @ W.T up to float32 summation; every activation row gets the
+    same bits in any batch (its chain of FMAs does not depend on the tile it falls in)."""
+    from gemmarun.native import native_block_gemm
+
+    gemm = native_block_gemm()
+    rows, cols = 37, 768  # rows: not a multiple of any weight-row tile
+    raw = torch.from_numpy(make_raw(qtype, rows, cols, seed=int(qtype) + 3))
+    w_ref = torch.from_numpy(reference(raw.numpy(), qtype).reshape(rows, cols).copy()).double()
+    x = torch.randn(19, cols, generator=torch.Generator().manual_seed(12))
+    y = gemm(x, raw, int(qtype))
+    assert rel_err(y.double(), x.double() @ w_ref.T) < 1e-6
+    for m in (1, 2, 3, 8, 13):  # tiles of 8, 4, 2 and 1 activation rows
+        assert torch.equal(gemm(x[:m], raw, int(qtype)), y[:m]), m
+    assert torch.equal(gemm(x[5:6], raw, int(qtype)), y[5:6])
+    # one expert of many: a row slice reads its own rows only
+    assert torch.equal(gemm(x, raw[8:24], int(qtype)), y[:, 8:24])
+    with pytest.raises(RuntimeError, match="Q4_0, Q8_0 and Q5_0"):
+        gemm(x[:, :256], torch.zeros(2, 144, dtype=torch.uint8), int(T.Q4_K))
+    with pytest.raises(RuntimeError, match="do not match"):
+        gemm(x, raw[:, :-1], int(qtype))
+
+
+@needs_kernel
 def test_block_kernel_rejects_what_it_cannot_read():
     from gemmarun.native import native_block_gemv
 
@@ -503,8 +529,9 @@ def test_moe_experts_read_in_place_match_repacked_experts(qtype: T):
     experts give (the model-level check with GGUF files covers Q4_0/Q8_0: gguf-py cannot write
     K-quants)."""
     from gemmarun.loading.build import QuantizedTensor
-    from gemmarun.native import native_block_gemv
-    from gemmarun.quant.experts import IN_PLACE_MAX_ROWS, QuantExperts
+    from gemmarun.native import native_block_gemm, native_block_gemv
+    from gemmarun.quant.experts import FLOAT_BLOCK_MAX_ROWS, FLOAT_BLOCK_TYPES, IN_PLACE_MAX_ROWS, QuantExperts
+    from gemmarun.quant.linear import NATIVE_MAX_ROWS
 
     E, out_f, in_f = 3, 16, 512
     raw = torch.from_numpy(make_raw(qtype, E * out_f, in_f, seed=int(qtype) + 31))
@@ -517,14 +544,22 @@ def test_moe_experts_read_in_place_match_repacked_experts(qtype: T):
     for e in range(E):
         a, b = in_place._project("down_proj", e, x), repacked._project("down_proj", e, x)
         assert rel_err(a, b) < 1e-4
-    # the 32 rows a 512-token prefill chunk routes to one of 128 experts on average (top 8): in place
+    # the 32 rows a 512-token prefill chunk routes to one of 128 experts on average (top 8): in place,
+    # Q4_0/Q8_0/Q5_0 dequantized in registers, the K-quants with int16 activations
     chunk = torch.randn(32, in_f, generator=torch.Generator().manual_seed(6))
     blocks = raw.view(E * out_f, -1)[out_f : 2 * out_f]
-    assert torch.equal(in_place._project("down_proj", 1, chunk), native_block_gemv()(chunk, blocks, int(qtype), False))
+    in_registers = qtype in FLOAT_BLOCK_TYPES
+    kernel = native_block_gemm() if in_registers else native_block_gemv()
+    expected = kernel(chunk, blocks, int(qtype)) if in_registers else kernel(chunk, blocks, int(qtype), False)
+    assert torch.equal(in_place._project("down_proj", 1, chunk), expected)
+    # up to NATIVE_MAX_ROWS rows: the bits each row gets alone (decode, a batch, a verification)
+    few = chunk[:NATIVE_MAX_ROWS]
+    alone = torch.cat([in_place._project("down_proj", 1, few[i : i + 1]) for i in range(NATIVE_MAX_ROWS)])
+    assert torch.equal(in_place._project("down_proj", 1, few), alone)
     # more: this expert dequantized once, exactly
     w = torch.from_numpy(reference(raw.numpy(), qtype).reshape(E, out_f, in_f).copy())
-    big = torch.randn(IN_PLACE_MAX_ROWS + 1, in_f)
-    assert rel_err(in_place._project("down_proj", 1, big), big @ w[1].T) < 1e-6
+    big = torch.randn((FLOAT_BLOCK_MAX_ROWS if in_registers else IN_PLACE_MAX_ROWS) + 1, in_f)
+    assert torch.equal(in_place._project("down_proj", 1, big), big @ w[1].T)
 
 
 def _linears(types, cols=512, rows=(64, 16, 16), seed=0):
