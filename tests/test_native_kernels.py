@@ -237,6 +237,24 @@ def test_blocks_read_in_place_are_exact_for_their_rounded_activations(qtype: T, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_block_rows_get_the_bits_they_get_alone(qtype: T):
+    """block_gemv with several activation rows (a batch, a speculative verification, a short
+    prefill's tokens routed to one expert) gives each row the bits of a decode step's one row:
+    two rows to a register, an odd last row, groups of 16."""
+    from gemmarun.native import native_block_gemv
+
+    gemv = native_block_gemv()
+    rows, cols = 40, 512
+    raw = torch.from_numpy(make_raw(qtype, rows, cols, seed=int(qtype) + 13))
+    x = torch.randn(20, cols, generator=torch.Generator().manual_seed(8))
+    alone = torch.cat([gemv(x[i : i + 1], raw, int(qtype), False) for i in range(20)])
+    for m in (2, 3, 4, 7, 16, 17, 20):
+        assert torch.equal(gemv(x[:m], raw, int(qtype), False), alone[:m]), m
+    assert torch.equal(gemv(x[3:12], raw, int(qtype), False), alone[3:12])
+
+
+@needs_kernel
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0], ids=lambda t: t.name)
 def test_blocks_dequantized_in_registers_take_the_activations_as_they_are(qtype: T):
     """block_gemm (MoE prefill): float32 weights made from each block, float32 activations
