@@ -576,7 +576,7 @@ def test_moe_experts_read_in_place_match_repacked_experts(qtype: T):
     assert torch.equal(in_place._project("down_proj", 1, few), alone)
     # more: this expert dequantized once, exactly
     w = torch.from_numpy(reference(raw.numpy(), qtype).reshape(E, out_f, in_f).copy())
-    big = torch.randn((FLOAT_BLOCK_MAX_ROWS if in_registers else IN_PLACE_MAX_ROWS) + 1, in_f)
+    big = torch.randn((FLOAT_BLOCK_MAX_ROWS if in_registers else IN_PLACE_MAX_ROWS[qtype]) + 1, in_f)
     assert torch.equal(in_place._project("down_proj", 1, big), big @ w[1].T)
 
 

@@ -25,20 +25,23 @@ MAPPED_TYPES = {GGMLQuantizationType.Q4_0: 32, GGMLQuantizationType.Q8_0: 32, GG
                 GGMLQuantizationType.Q4_K: 256, GGMLQuantizationType.Q6_K: 256}
 
 
-# Rows of activations (tokens routed to one expert) up to which its blocks are read in place; more
-# dequantize the expert once for a float32 GEMM. Measured crossover (2 threads, one expert from
-# memory): Q4_0 1408x2816 in place 6.8 ms at 64 rows against 6.5 dequantized, 3.5 vs 6.6 at 32;
-# Q4_K and Q5_0 alike. (At the repacked matrices' limit of 16, a 256-token 26B-A4B prefill took
-# 21.8 s; with 64, 14.3 s.)
-IN_PLACE_MAX_ROWS = 64
-# Q4_0/Q8_0/Q5_0 blocks under float32 compute, from NATIVE_MAX_ROWS + 1 rows (up to that many a
-# row gets the bits it gets alone: decode, a batch, a speculative verification), are dequantized in
-# registers for the float32 activations as they are (block_gemm): 1.2-1.4x block_gemv on the gate/up
-# projections at 32 rows (level on down), a random 26B-A4B's 512-token prefill 15.15 -> 14.12 s;
-# and still ahead of dequantizing the expert at 128 rows (Q4_0 1408x2816 4.6 vs 6.7 ms; 24 vs 9 ms
-# at 256, when the activations no longer fit in L2).
+# Up to NATIVE_MAX_ROWS rows of activations (tokens routed to one expert) block_gemv reads the blocks
+# in place with the activations rounded as QuantLinear rounds them, so that a row gets the bits it
+# gets alone (decode, a batch, a speculative verification). Beyond, Q4_0/Q8_0/Q5_0 blocks under
+# float32 compute are dequantized in registers for the activations as they are (block_gemm:
+# 1.2-1.4x block_gemv on the gate/up projections at 32 rows, level on down; a random 26B-A4B's
+# 512-token prefill 15.15 -> 14.12 s), and the other kernels go on. Each reads in place up to the
+# rows where dequantizing the expert once for a float32 GEMM takes over (2 threads, one 1408x2816
+# expert from memory, 2026-12-06):
 FLOAT_BLOCK_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0)
-FLOAT_BLOCK_MAX_ROWS = 128
+FLOAT_BLOCK_MAX_ROWS = 128  # Q4_0: 4.6 vs 6.7 ms at 128 rows, 24 vs 9 ms at 256 (x no longer fits in L2)
+IN_PLACE_MAX_ROWS = {  # block_gemv
+    GGMLQuantizationType.Q4_K: 128,  # 5.4 vs 8.1 ms at 128, 16.3 vs 10.3 at 256
+    GGMLQuantizationType.Q6_K: 32,  # 5.6 vs 5.8 ms at 32, 11.1 vs 6.5 at 64 (unpacked row by row)
+    GGMLQuantizationType.Q5_0: 128,  # int16 rows in pairs, bfloat16 compute too: 2.7 vs 8.8 ms at 64
+    GGMLQuantizationType.Q4_0: 64,  # int8 activations (bfloat16 compute): 6.3 vs 5.7 ms at 64
+    GGMLQuantizationType.Q8_0: 32,  # int8 activations: 2.4 vs 2.9 ms at 32, 4.7 vs 3.4 at 64
+}
 
 
 class MappedExpertBlocks:
@@ -60,7 +63,7 @@ class MappedExpertBlocks:
         if (gemm is not None and compute_dtype == torch.float32 and self.ggml_type in FLOAT_BLOCK_TYPES
                 and NATIVE_MAX_ROWS < n <= FLOAT_BLOCK_MAX_ROWS):
             y = gemm(x2, rows, int(self.ggml_type))
-        elif gemv is not None and n <= IN_PLACE_MAX_ROWS:
+        elif gemv is not None and n <= IN_PLACE_MAX_ROWS[self.ggml_type]:
             y = gemv(x2, rows, int(self.ggml_type), compute_dtype != torch.float32)
         else:
             y = x2 @ dequantize(rows, self.ggml_type, (self.out_f, self.in_f)).T
