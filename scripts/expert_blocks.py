@@ -2,7 +2,8 @@
 
 The 26B-A4B's experts stay in the memory-mapped GGUF; a decode token multiplies 8 of 128 experts'
 gate/up (1408 x 2816) and down (2816 x 704) projections per layer. This times one expert at a
-time, cycling through 64 of them so the blocks come from memory, as in a decode step, for the
+time, cycling through 160 of them (more than a 300 MiB L3 holds) so the blocks come from memory, as
+in a decode step, for the
 formats llama.cpp files use for them (Q4_K gate/up and Q5_0 down in Q4_K_M files; Q4_0; Q8_0).
 Prefill routes a few dozen tokens to each expert: 32 rows are timed with `block_gemv` (int16
 activations) and, for Q4_0/Q5_0/Q8_0, `block_gemm` (blocks dequantized in registers, what
@@ -26,7 +27,7 @@ FORMATS = {2: ("Q4_0", 32, 18, (0,)), 6: ("Q5_0", 32, 22, (0,)), 8: ("Q8_0", 32,
            12: ("Q4_K", 256, 144, (0, 2)), 14: ("Q6_K", 256, 210, (208,))}
 IN_REGISTERS = (2, 6, 8)  # block_gemm's formats
 SHAPES = {"gate/up 1408x2816": (1408, 2816), "down 2816x704": (2816, 704)}
-EXPERTS = 64
+EXPERTS = 160
 
 
 def random_blocks(ggml_type: int, rows: int, cols: int) -> torch.Tensor:

@@ -656,9 +656,9 @@ inline __m256i q5_0_codes(const uint8_t* blk) {
 // runs one lane per row). The activations are laid out once per call so that a block of two rows
 // is two loads: per block and row pair a multiply-add, a VNNI dot, a conversion, a scale and an
 // FMA, where block_rows_together took twice as many 8-lane operations per row. Same process, 2
-// threads, one expert from memory, block_rows / block_rows_together -> these: Q4_0 1408x2816 at
-// 2 rows 207 -> 147 us, 4 rows 366 -> 203, 16 rows 1193 -> 818; Q5_0 2816x704 (block_rows
-// unpacked it row by row) 16 rows 1190 -> 301 us; Q8_0 2816x704 8 rows 250 -> 150 us.
+// threads, experts one at a time (240 of them: from memory), block_rows / block_rows_together ->
+// these: Q4_0 1408x2816 at 2 rows 219 -> 160 us, 4 rows 388 -> 210, 16 rows 1299 -> 889; Q5_0
+// 2816x704 (unpacked row by row before) 16 rows 1358 -> 319 us; Q8_0 2816x704 8 rows 316 -> 195 us.
 struct PairedActivations {
   int64_t pairs, nb;
   std::vector<int16_t> x;   // [pairs, nb, 2 halves, 2 rows, 16]: a half-block of both rows
@@ -920,9 +920,9 @@ inline Acc q5_0_block(const uint8_t* blk, const int16_t* xq, float xd, Acc acc) 
 // row's result does not depend on the rows batched with it (but differs from block_gemv's, whose
 // activations are rounded: quant/experts.py keeps block_gemv up to the rows a row must match its
 // decode bits in). Tiles of 2 weight rows x 8 activation rows beat 4 x 4 and 1 x 16 from 8 rows
-// on. Same process, 2 threads, one expert from memory, against block_gemv's paired int16 rows:
-// 1408x2816 at 32 rows Q4_0 1665 -> 1182 us, Q8_0 1641 -> 1178, Q5_0 1634 -> 1332; level on
-// 2816x704 (0.9-1.1x); and without AVX-512 (no paired rows) 1.3-2.3x block_rows_together.
+// on. Same process, 2 threads, experts one at a time from memory, against block_gemv's paired
+// int16 rows: 1408x2816 at 32 rows Q4_0 1828 -> 1236 us, Q8_0 1805 -> 1225, Q5_0 1702 -> 1342;
+// 0.8-1.1x on 2816x704; and 1.7-2.4x the AVX2 loop block_rows_together (Q4_0/Q8_0, 32 rows).
 
 // The 32 codes of a block as signed bytes (q0: codes 0-15, q1: 16-31) and its scale.
 inline float block_codes(const uint8_t* blk, int64_t type, int8_t* q) {
@@ -1063,6 +1063,11 @@ void unpacked_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
       float offset = 0.f;
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = row + b * type_size;
+#ifdef GEMMARUN_AVX512
+        if (m == 0)  // a cache line ahead for each one this block spans
+          for (int64_t k = 0; k < type_size; k += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(blk + k + kPrefetchBytes), _MM_HINT_T0);
+#endif
         if (p.type == kQ4_K) acc = q4_k_block(blk, x + b * 256, xd + b * 8, xs + b * 8, acc, offset);
         else if (p.type == kQ6_K) acc = q6_k_block(blk, x + b * 256, xd + b * 8, acc);
         else acc = q5_0_block(blk, x + b * 32, xd[b], acc);

@@ -29,18 +29,18 @@ MAPPED_TYPES = {GGMLQuantizationType.Q4_0: 32, GGMLQuantizationType.Q8_0: 32, GG
 # in place with the activations rounded as QuantLinear rounds them, so that a row gets the bits it
 # gets alone (decode, a batch, a speculative verification). Beyond, Q4_0/Q8_0/Q5_0 blocks under
 # float32 compute are dequantized in registers for the activations as they are (block_gemm:
-# 1.2-1.4x block_gemv on the gate/up projections at 32 rows, level on down; a random 26B-A4B's
+# 1.3-1.5x block_gemv on the gate/up projections at 32 rows, 0.8-1.1x on down; a random 26B-A4B's
 # 512-token prefill 15.15 -> 14.12 s), and the other kernels go on. Each reads in place up to the
-# rows where dequantizing the expert once for a float32 GEMM takes over (2 threads, one 1408x2816
-# expert from memory, 2026-12-06):
+# rows where dequantizing the expert once for a float32 GEMM takes over (2 threads, 1408x2816
+# experts one at a time, 130 of them so they come from memory, 2026-12-06):
 FLOAT_BLOCK_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q5_0)
-FLOAT_BLOCK_MAX_ROWS = 128  # Q4_0: 4.6 vs 6.7 ms at 128 rows, 24 vs 9 ms at 256 (x no longer fits in L2)
+FLOAT_BLOCK_MAX_ROWS = 128  # Q4_0: 7.5 vs 8.7 ms at 128 rows, 23 vs 11 at 256 (x no longer fits in L2)
 IN_PLACE_MAX_ROWS = {  # block_gemv
-    GGMLQuantizationType.Q4_K: 128,  # 5.4 vs 8.1 ms at 128, 16.3 vs 10.3 at 256
-    GGMLQuantizationType.Q6_K: 32,  # 5.6 vs 5.8 ms at 32, 11.1 vs 6.5 at 64 (unpacked row by row)
-    GGMLQuantizationType.Q5_0: 128,  # int16 rows in pairs, bfloat16 compute too: 2.7 vs 8.8 ms at 64
-    GGMLQuantizationType.Q4_0: 64,  # int8 activations (bfloat16 compute): 6.3 vs 5.7 ms at 64
-    GGMLQuantizationType.Q8_0: 32,  # int8 activations: 2.4 vs 2.9 ms at 32, 4.7 vs 3.4 at 64
+    GGMLQuantizationType.Q4_K: 128,  # 6.8 vs 9.5 ms at 128, 17.2 vs 12.7 at 256
+    GGMLQuantizationType.Q6_K: 32,  # 7.1 vs 7.3 ms at 32, 12.3 vs 8.0 at 64 (unpacked row by row)
+    GGMLQuantizationType.Q5_0: 128,  # int16 rows in pairs, bfloat16 compute too: 8.2 vs 12.4 ms at 128
+    GGMLQuantizationType.Q4_0: 48,  # int8 activations (bfloat16 compute): level at 48, 6.5-8.7 vs 6.4-6.8 at 64
+    GGMLQuantizationType.Q8_0: 32,  # int8 activations: 2.8-3.1 vs 3.5-3.7 ms at 32
 }
 
 
