@@ -579,53 +579,6 @@ void block_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
 
 
 #ifdef GEMMARUN_AVX2
-// Q4_0/Q8_0 rows times several int16 activation rows (MoE prefill, batched decode): each block's
-// codes are widened to int16 once for all of them, where block_rows widened them for every row.
-// Per row the same operations in the same order as block_rows: the same bits. Same process, 4-64
-// rows: Q8_0 1408x2816 1.4-1.7x, Q4_0 2816x704 1.1-1.4x, Q4_0 1408x2816 1.15x at 4 rows and level
-// from 16 (its activation rows no longer stay in L1 across a weight row).
-void block_rows_together(const BlockProblem& p, int64_t r0, int64_t r1) {
-  const int64_t nb = p.C / 32, type_size = p.type_size, M = p.M;
-  std::vector<__m256> acc(M);
-  std::vector<float> offset(M);
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = p.blocks + r * p.row_bytes;
-    for (int64_t m = 0; m < M; ++m) {
-      acc[m] = _mm256_setzero_ps();
-      offset[m] = 0.f;
-    }
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* blk = row + b * type_size;
-#ifdef GEMMARUN_AVX512
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
-#endif
-      const float d = half_at(blk);
-      const uint8_t* qs = blk + 2;
-      __m256i c0, c1;  // codes 0-15 and 16-31 as int16
-      if (p.type == kQ4_0) {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-        c0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
-        c1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
-      } else {
-        c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
-        c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)));
-      }
-      for (int64_t m = 0; m < M; ++m) {
-        const int16_t* x = p.xq + m * p.C + b * 32;
-        if (p.type == kQ4_0) offset[m] += d * p.xsum[m * nb + b];
-        const __m256i a = _mm256_add_epi32(
-            _mm256_madd_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-            _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(d * p.xscale[m * nb + b]), acc[m]);
-      }
-    }
-    for (int64_t m = 0; m < M; ++m) p.y[m * p.R + r] = (0.f + hsum(acc[m])) - 8.f * offset[m];
-  }
-}
-#endif
-
-#ifdef GEMMARUN_AVX2
 // 32 bits -> 32 bytes, byte j 0xFF where bit j is set: each byte gets its bit's byte of `bits`
 // (a shuffle within 128-bit lanes; both lanes hold all four bytes), then tests its own bit.
 inline __m256i bit_bytes(uint32_t bits) {
@@ -647,7 +600,64 @@ inline __m256i q5_0_codes(const uint8_t* blk) {
   const __m256i fifth = _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10));
   return _mm256_sub_epi8(_mm256_or_si256(nibbles, fifth), _mm256_set1_epi8(16));
 }
+
+// Codes 0-15 and 16-31 of a Q4_0 (unsigned, 0..15: the -8 is the offset term's), Q8_0 or Q5_0
+// (-16..15) block as int16, for the several-rows int16 loops.
+inline void int16_codes(const uint8_t* blk, int64_t type, __m256i& c0, __m256i& c1) {
+  if (type == kQ4_0) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    c0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
+    c1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+  } else if (type == kQ8_0) {
+    c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
+    c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
+  } else {  // Q5_0, as q5_0_block makes them
+    const __m256i codes = q5_0_codes(blk);
+    c0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes));
+    c1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1));
+  }
+}
 #endif
+
+#ifdef GEMMARUN_AVX2
+// Q4_0/Q8_0 rows times several int16 activation rows (MoE prefill, batched decode): each block's
+// codes are widened to int16 once for all of them, where block_rows widened them for every row.
+// Per row the same operations in the same order as block_rows: the same bits. Same process, 4-64
+// rows: Q8_0 1408x2816 1.4-1.7x, Q4_0 2816x704 1.1-1.4x, Q4_0 1408x2816 1.15x at 4 rows and level
+// from 16 (its activation rows no longer stay in L1 across a weight row).
+void block_rows_together(const BlockProblem& p, int64_t r0, int64_t r1) {
+  const int64_t nb = p.C / 32, type_size = p.type_size, M = p.M;
+  std::vector<__m256> acc(M);
+  std::vector<float> offset(M);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.blocks + r * p.row_bytes;
+    for (int64_t m = 0; m < M; ++m) {
+      acc[m] = _mm256_setzero_ps();
+      offset[m] = 0.f;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * type_size;
+#ifdef GEMMARUN_AVX512
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
+#endif
+      const float d = half_at(blk);
+      __m256i c0, c1;
+      int16_codes(blk, p.type, c0, c1);
+      for (int64_t m = 0; m < M; ++m) {
+        const int16_t* x = p.xq + m * p.C + b * 32;
+        if (p.type == kQ4_0) offset[m] += d * p.xsum[m * nb + b];
+        const __m256i a = _mm256_add_epi32(
+            _mm256_madd_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+            _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(d * p.xscale[m * nb + b]), acc[m]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) p.y[m * p.R + r] = (0.f + hsum(acc[m])) - 8.f * offset[m];
+  }
+}
+#endif
+
 
 #ifdef GEMMARUN_AVX512
 // The same products two activation rows to a register: lanes 0-7 are row 2q's eight int32 sums
@@ -684,7 +694,6 @@ struct PairedActivations {
 template <int P>
 void block_rows_paired(const BlockProblem& p, const PairedActivations& a, int64_t m0, int64_t rows, int64_t r0, int64_t r1) {
   const int64_t nb = a.nb, type_size = p.type_size;
-  const __m128i mask = _mm_set1_epi8(0x0F);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.blocks + r * p.row_bytes;
     __m512 acc[P];
@@ -695,20 +704,9 @@ void block_rows_paired(const BlockProblem& p, const PairedActivations& a, int64_
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
       const float dw = half_at(blk);
       const __m512 d = _mm512_set1_ps(dw);
-      __m256i c0, c1;  // codes 0-15 and 16-31 as int16
-      if (p.type == kQ4_0) {
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-        c0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
-        c1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
-        offset = _mm512_add_ps(offset, _mm512_mul_ps(d, _mm512_loadu_ps(a.sums.data() + b * 16)));
-      } else if (p.type == kQ8_0) {
-        c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
-        c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
-      } else {  // Q5_0, as q5_0_block makes them
-        const __m256i codes = q5_0_codes(blk);
-        c0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes));
-        c1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1));
-      }
+      __m256i c0, c1;
+      int16_codes(blk, p.type, c0, c1);
+      if (p.type == kQ4_0) offset = _mm512_add_ps(offset, _mm512_mul_ps(d, _mm512_loadu_ps(a.sums.data() + b * 16)));
       const __m512i w0 = _mm512_broadcast_i64x4(c0), w1 = _mm512_broadcast_i64x4(c1);
 #pragma GCC unroll 8
       for (int q = 0; q < P; ++q) {
@@ -1077,6 +1075,24 @@ void unpacked_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
   }
 }
 
+// The problem for x @ W.T with W as GGUF block rows of `ggml_type` (one the caller reads), checked,
+// and its output y [M, R] (the activations are the caller's to set).
+BlockProblem block_problem(const torch::Tensor& x, const torch::Tensor& blocks, int64_t ggml_type, torch::Tensor& y) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: float32 [M, C]");
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == torch::kUInt8 && blocks.stride(1) == 1, "blocks: [R, bytes] uint8 rows");
+  BlockProblem p{};
+  p.type = ggml_type;
+  p.block = ggml_type == kQ4_K || ggml_type == kQ6_K ? 256 : 32;
+  p.type_size = ggml_type == kQ4_0 ? 18 : ggml_type == kQ8_0 ? 34 : ggml_type == kQ5_0 ? 22 : ggml_type == kQ4_K ? 144 : 210;
+  p.M = x.size(0); p.C = x.size(1); p.R = blocks.size(0);
+  TORCH_CHECK(p.C % p.block == 0 && blocks.size(1) == p.C / p.block * p.type_size, "blocks do not match x");
+  p.blocks = blocks.data_ptr<uint8_t>();
+  p.row_bytes = blocks.stride(0);
+  y = torch::empty({p.M, p.R}, x.options());
+  p.y = y.data_ptr<float>();
+  return p;
+}
+
 }  // namespace
 
 // x: [M, C] float32; codes: [R, C] int8 or [R, C/2] uint8 nibbles; scale, bias: [R, C/group] float32 or float16;
@@ -1130,21 +1146,13 @@ torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
 // x: [M, C] float32 (C a multiple of 32, of 256 for K-quants); blocks: [R, row_bytes] uint8 rows of
 // Q4_0, Q8_0, Q5_0, Q4_K or Q6_K blocks.
 torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type, bool int8_activations) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x: float32 [M, C]");
-  x = x.contiguous();
-  const bool unpacked = ggml_type == kQ4_K || ggml_type == kQ6_K || ggml_type == kQ5_0;  // int16 activations only
-  TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0 || unpacked,
+  TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0 || ggml_type == kQ5_0 || ggml_type == kQ4_K || ggml_type == kQ6_K,
               "block_gemv reads Q4_0, Q8_0, Q5_0, Q4_K and Q6_K blocks only");
-  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == torch::kUInt8 && blocks.stride(1) == 1, "blocks: [R, bytes] uint8 rows");
-  const int64_t M = x.size(0), C = x.size(1), R = blocks.size(0);
-  const int64_t block = ggml_type == kQ4_K || ggml_type == kQ6_K ? 256 : 32;
-  const int64_t type_size = ggml_type == kQ4_0 ? 18 : ggml_type == kQ8_0 ? 34 : ggml_type == kQ5_0 ? 22
-                            : ggml_type == kQ4_K ? 144 : 210;
-  TORCH_CHECK(C % block == 0 && blocks.size(1) == C / block * type_size, "blocks do not match x");
-  BlockProblem p{};
-  p.blocks = blocks.data_ptr<uint8_t>();
-  p.R = R; p.C = C; p.M = M; p.row_bytes = blocks.stride(0); p.type = ggml_type;
-  p.block = block; p.type_size = type_size;
+  x = x.contiguous();
+  torch::Tensor y;
+  BlockProblem p = block_problem(x, blocks, ggml_type, y);
+  const int64_t M = p.M, C = p.C, R = p.R;
+  const bool unpacked = ggml_type == kQ4_K || ggml_type == kQ6_K || ggml_type == kQ5_0;  // int16 activations only
   bool q8 = false;
 #ifdef GEMMARUN_AVX2
   q8 = int8_activations && !unpacked;
@@ -1154,10 +1162,8 @@ torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_typ
   if (ggml_type == kQ4_K) acts.split_bytes();  // q4_k_rows_vnni's byte multiply-adds
 #endif
   acts.into(p);
-  torch::Tensor y = torch::empty({M, R}, x.options());
-  p.y = y.data_ptr<float>();
 #ifdef GEMMARUN_AVX512
-  if ((ggml_type == kQ4_0 || ggml_type == kQ8_0 || ggml_type == kQ5_0) && !q8 && M >= 2) {  // int16: two rows to a register
+  if (p.block == 32 && !q8 && M >= 2) {  // Q4_0/Q8_0/Q5_0, int16: two rows to a register
     for (int64_t m0 = 0; m0 < M; m0 += 16) {
       const int64_t rows = std::min<int64_t>(16, M - m0);
       const PairedActivations a(p, m0, rows);
@@ -1182,20 +1188,11 @@ torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_typ
 // x: [M, C] float32 (C a multiple of 32); blocks: [R, row_bytes] uint8 rows of Q4_0, Q8_0 or Q5_0
 // blocks. The activations are used as they are (float_block_rows).
 torch::Tensor block_gemm(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x: float32 [M, C]");
-  x = x.contiguous();
   TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0 || ggml_type == kQ5_0, "block_gemm reads Q4_0, Q8_0 and Q5_0 blocks only");
-  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == torch::kUInt8 && blocks.stride(1) == 1, "blocks: [R, bytes] uint8 rows");
-  const int64_t M = x.size(0), C = x.size(1), R = blocks.size(0);
-  const int64_t type_size = ggml_type == kQ4_0 ? 18 : ggml_type == kQ8_0 ? 34 : 22;
-  TORCH_CHECK(C % 32 == 0 && blocks.size(1) == C / 32 * type_size, "blocks do not match x");
-  BlockProblem p{};
-  p.blocks = blocks.data_ptr<uint8_t>();
-  p.R = R; p.C = C; p.M = M; p.row_bytes = blocks.stride(0); p.type = ggml_type;
-  p.block = 32; p.type_size = type_size;
-  torch::Tensor y = torch::empty({M, R}, x.options());
-  p.y = y.data_ptr<float>();
+  x = x.contiguous();
+  torch::Tensor y;
+  const BlockProblem p = block_problem(x, blocks, ggml_type, y);
   const float* xf = x.data_ptr<float>();
-  at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) { float_block_rows(p, xf, r0, r1); });
+  at::parallel_for(0, p.R, 256, [&](int64_t r0, int64_t r1) { float_block_rows(p, xf, r0, r1); });
   return y;
 }
