@@ -22,9 +22,10 @@ from gemmarun.quant import formats as fm
 F16_FIELDS: dict[T, tuple[int, ...]] = {
     T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
     T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+    T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.MXFP4: (),  # MXFP4's exponent byte is finite whatever it holds
 }
 # Types gguf-py can quantize (the others are covered with random block bytes only).
-QUANTIZABLE = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
+QUANTIZABLE = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4)
 REQUIRED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
@@ -83,6 +84,7 @@ def test_registry_covers_required_types():
 
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
 @pytest.mark.parametrize("scale", [0.02, None], ids=["normal-scales", "any-finite-scales"])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # gguf-py on MXFP4's 2^127 scales
 def test_random_blocks_bit_exact(qtype: T, scale: float | None):
     rng = np.random.default_rng(int(qtype) * 7 + (scale is None))
     rows, cols = 6, 512

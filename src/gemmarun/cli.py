@@ -438,10 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(func=cmd_serve)
 
+    from .loading.convert import TYPES as CONVERT_TYPES
+
     p = sub.add_parser("convert", help="write a HF folder as GGUF")
     p.add_argument("source")
     p.add_argument("output")
-    p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], default="f16")
+    p.add_argument("--type", choices=list(CONVERT_TYPES), default="f16")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_convert)
     return parser

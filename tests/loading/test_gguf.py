@@ -14,7 +14,7 @@ from gemmarun.loading.convert import convert
 from gemmarun.loading.gguf_file import GGUFFile
 
 GEMMA4 = ["e2b", "e4b", "31b", "26b"]
-TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "mxfp4"]
 IDS = [2, 17, 33, 49, 65, 81, 97, 113, 129, 145, 161, 177, 193, 209, 225, 241, 30]
 
 

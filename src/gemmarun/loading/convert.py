@@ -34,6 +34,7 @@ TYPES = {
     "bf16": GGMLQuantizationType.BF16,
     "q8_0": GGMLQuantizationType.Q8_0,
     "q4_0": GGMLQuantizationType.Q4_0,
+    "mxfp4": GGMLQuantizationType.MXFP4,  # 4-bit E2M1 values with a power-of-two scale per 32
 }
 # Printed specials in Gemma 4 GGUFs (spec 10.1); other added specials are CONTROL.
 _GEMMA4_USER_DEFINED = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",

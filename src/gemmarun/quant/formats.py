@@ -290,6 +290,59 @@ class Q6_K(BlockFormat, ggml_type=GGMLQuantizationType.Q6_K):
         return Decoded(q, d * _f32(scales), None)
 
 
+# ------------------------------------------ codebook formats (a 4-bit index into 16 int8 values)
+# The code is a table value, not the index: still ``w = code * scale`` per 32 weights, with codes
+# spanning more than 16 values (kept as int8).
+
+_IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 values, doubled
+
+
+def _table_codes(nibbles: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
+    table = torch.tensor(values, dtype=torch.int8, device=nibbles.device)
+    return table[nibbles.long()]
+
+
+class IQ4_NL(BlockFormat, ggml_type=GGMLQuantizationType.IQ4_NL):
+    group_size, code_min, code_max = 32, -127, 113
+
+    @classmethod
+    def decode_blocks(cls, blocks: torch.Tensor) -> Decoded:
+        return Decoded(_table_codes(_nibbles(blocks[:, 2:], 16), _IQ4_VALUES), _f16(blocks[:, 0:2]), None)
+
+
+class IQ4_XS(BlockFormat, ggml_type=GGMLQuantizationType.IQ4_XS):
+    """256 weights: float16 d, eight 6-bit scales (low 4 bits in 4 bytes, high 2 in a uint16),
+    then 32-weight runs of IQ4_NL nibbles; w = d * (scale - 32) * value."""
+
+    group_size, code_min, code_max = 32, -127, 113
+
+    @classmethod
+    def decode_blocks(cls, blocks: torch.Tensor) -> Decoded:
+        n = blocks.shape[0]
+        d = _f16(blocks[:, 0:2])
+        high = blocks[:, 2:4].to(torch.int32)
+        high = (high[:, 0] | (high[:, 1] << 8)).view(n, 1) >> (2 * torch.arange(8, device=blocks.device))
+        low = blocks[:, 4:8].reshape(n, 4, 1) >> _shifts((0, 4), (1, 1, 2), blocks)
+        sc = (low.reshape(n, 8) & 0x0F).to(torch.int32) | ((high & 0x03) << 4)
+        codes = _table_codes(_nibbles(blocks[:, 8:], 16), _IQ4_VALUES)
+        return Decoded(codes, d * _f32(sc - 32), None)
+
+
+class MXFP4(BlockFormat, ggml_type=GGMLQuantizationType.MXFP4):
+    """32 weights: an E8M0 exponent byte e and 16 bytes of E2M1 nibbles; w = 2^(e-128) * value
+    (values doubled, so the scale is half the exponent's power of two, as ggml's
+    e8m0_to_fp32_half: e < 2 gives the float32 subnormals 2^-128 and 2^-127)."""
+
+    group_size, code_min, code_max = 32, -12, 12
+
+    @classmethod
+    def decode_blocks(cls, blocks: torch.Tensor) -> Decoded:
+        e = blocks[:, 0:1].to(torch.int32)
+        bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)
+        return Decoded(_table_codes(_nibbles(blocks[:, 1:], 16), _MXFP4_VALUES), bits.view(torch.float32), None)
+
+
 # ------------------------------------------------------------------------------ module API
 
 SUPPORTED_TYPE_NAMES: tuple[str, ...] = tuple(t.name for t in FORMATS)

@@ -5,11 +5,13 @@ Storage (repacked once at load from the GGUF bytes, never expanded to a float ma
 * formats whose codes span at most 16 values (Q4_0, Q4_1, Q4_K, Q2_K, Q3_K): 4-bit nibbles,
   ``[rows, cols // 2]`` uint8, plus per-group ``scale`` (and ``bias``);
 * 5/6/8-bit formats (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0): int8 codes ``[rows, cols]`` plus the same
-  per-group ``scale`` / ``bias``;
+  per-group ``scale`` / ``bias``; so are the 4-bit codebook formats (IQ4_NL, IQ4_XS, MXFP4), whose
+  codes are the table's int8 values (twice their file's bytes, for the int8 kernels);
 * F32 / F16 / BF16: the float tensor as stored in the file.
 
-Scales are float16 where the format stores them so (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: exact), float32
-for the K-quants (a float16 super-scale times a 4-6 bit sub-scale).  That is 0.56-0.75
+Scales are float16 where the format stores them so (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL: exact), float32
+for the K-quants and IQ4_XS (a float16 super-scale times a 4-6 bit sub-scale) and MXFP4 (powers of
+two from 2^-128, beyond float16).  That is 0.56-0.75
 bytes/weight for the 4-bit formats, 1.06-1.25 for the others (4 for f32).
 
 Which kernel runs (measured on this project's 2-core AVX2 CPU, 262144x640 Q8_0 head at batch 1):
@@ -99,7 +101,7 @@ _NIBBLE_MASK = 0x0F0F0F0F
 # Formats whose block scale (and min) are float16 in the file: kept as float16, exactly, which
 # is 1/16 byte less per weight to hold and to read each token (Q4_0: 0.5625 instead of 0.625).
 _HALF_SCALE_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
-                               GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0})
+                               GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0, GGMLQuantizationType.IQ4_NL})
 # Rows of activations up to which a CPU matmul goes to the native kernel (decode, speculative
 # verification, batched decode); larger batches are compute-bound and go to tiles + GEMM.
 NATIVE_MAX_ROWS = 16
