@@ -4,9 +4,10 @@ The 26B-A4B's experts stay in the memory-mapped GGUF; a decode token multiplies 
 gate/up (1408 x 2816) and down (2816 x 704) projections per layer. This times one expert at a
 time, cycling through 160 of them (more than a 300 MiB L3 holds) so the blocks come from memory, as
 in a decode step, for the
-formats llama.cpp files use for them (Q4_K gate/up and Q5_0 down in Q4_K_M files; Q4_0; Q8_0).
+formats llama.cpp files use for them (Q4_K gate/up and Q5_0 down in Q4_K_M files; Q4_0; Q8_0;
+MXFP4 in MXFP4_MOE files; IQ4_NL).
 Prefill routes a few dozen tokens to each expert: 32 rows are timed with `block_gemv` (int16
-activations) and, for Q4_0/Q5_0/Q8_0, `block_gemm` (blocks dequantized in registers, what
+activations) and, for the 32-weight blocks, `block_gemm` (blocks dequantized in registers, what
 prefill uses above 16 rows). Random block bytes (the timing does not depend on the values), 2
 threads.
 
@@ -24,8 +25,10 @@ from gemmarun.native import native_block_gemm, native_block_gemv
 
 # ggml type: (name, weights per block, bytes per block, byte offsets of float16 scales in a block)
 FORMATS = {2: ("Q4_0", 32, 18, (0,)), 6: ("Q5_0", 32, 22, (0,)), 8: ("Q8_0", 32, 34, (0,)),
+           20: ("IQ4_NL", 32, 18, (0,)), 39: ("MXFP4", 32, 17, ()),
            12: ("Q4_K", 256, 144, (0, 2)), 14: ("Q6_K", 256, 210, (208,))}
-IN_REGISTERS = (2, 6, 8)  # block_gemm's formats
+IN_REGISTERS = (2, 6, 8, 20, 39)  # block_gemm's formats
+MXFP4_EXPONENT = 122  # its scale byte: 2^-6, weights of everyday size
 SHAPES = {"gate/up 1408x2816": (1408, 2816), "down 2816x704": (2816, 704)}
 EXPERTS = 160
 
@@ -35,6 +38,8 @@ def random_blocks(ggml_type: int, rows: int, cols: int) -> torch.Tensor:
     blocks = np.random.default_rng(0).integers(0, 256, (rows * (cols // per_block), nbytes), dtype=np.uint8)
     for offset in scales:  # finite scales
         blocks[:, offset : offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    if ggml_type == 39:
+        blocks[:, 0] = MXFP4_EXPONENT
     return torch.from_numpy(blocks.reshape(rows, -1))
 
 

@@ -122,6 +122,7 @@ def test_gguf_config_equals_hf_config(converted, family):
 
 
 def test_quantized_gguf_keeps_weights_quantized(converted):
+    from gemmarun.native import native_block_gemv
     from gemmarun.quant import QuantEmbedding, QuantExperts, QuantLinear
 
     _, path = converted("26b", "q8_0")
@@ -129,6 +130,10 @@ def test_quantized_gguf_keeps_weights_quantized(converted):
     assert isinstance(model.embed_tokens, QuantEmbedding)
     assert isinstance(model.layers[0].self_attn.q_proj, QuantLinear)
     assert isinstance(model.layers[0].experts, QuantExperts)
+    if native_block_gemv() is not None:  # MXFP4 experts (llama.cpp's MXFP4_MOE files) stay in the file
+        _, path = converted("26b", "mxfp4")
+        experts = gemmarun.load(path, device="cpu").model.layers[0].experts
+        assert "gate_up_proj" in experts.mapped and len(experts.gate_up) == 0  # (down: F16 at this width)
     _, path = converted("e4b", "q8_0")  # PLE rows of 12 x 8 = 96 values: whole Q8_0 blocks
     model = gemmarun.load(path, device="cpu").model
     assert model.ple.table_type is not None and model.ple.table.dtype == torch.uint8  # PLE rows stay blocks

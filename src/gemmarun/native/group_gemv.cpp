@@ -481,7 +481,15 @@ void run_rows(const Problem& p, bool nibbles) {
 // A Q4_0 block is a float16 scale d and 16 bytes: byte j holds codes j (low nibble) and j + 16
 // (high), w = (code - 8) * d. A Q8_0 block is d and 32 int8 codes, w = code * d.
 
-constexpr int64_t kQ4_0 = 2, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14;  // GGMLQuantizationType values
+constexpr int64_t kQ4_0 = 2, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14, kIQ4_NL = 20, kMXFP4 = 39;  // GGMLQuantizationType
+
+// The codebook formats: a block's 16 bytes of nibbles index 16 int8 values (ggml's tables), after
+// a float16 scale (IQ4_NL) or an E8M0 exponent byte (MXFP4: 2^(e-128), the values being doubled).
+alignas(16) constexpr int8_t kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+alignas(16) constexpr int8_t kMXFP4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+inline bool is_codebook(int64_t type) { return type == kIQ4_NL || type == kMXFP4; }
+inline const int8_t* codebook(int64_t type) { return type == kMXFP4 ? kMXFP4Values : kIQ4Values; }
+inline int64_t codebook_nibbles(int64_t type) { return type == kMXFP4 ? 1 : 2; }  // byte offset
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
@@ -491,6 +499,16 @@ inline float half_at(const uint8_t* p) {
 #else
   return c10::detail::fp16_ieee_to_fp32_value(bits);
 #endif
+}
+
+// A 32-weight block's scale: its float16 d, or MXFP4's exponent as ggml_e8m0_to_fp32_half (e < 2:
+// the float32 subnormals 2^-128 and 2^-127).
+inline float block_scale(const uint8_t* blk, int64_t type) {
+  if (type != kMXFP4) return half_at(blk);
+  const uint32_t e = blk[0], bits = e < 2 ? 0x00200000u << e : (e - 1) << 23;
+  float d;
+  std::memcpy(&d, &bits, 4);
+  return d;
 }
 
 struct BlockProblem {
@@ -601,8 +619,18 @@ inline __m256i q5_0_codes(const uint8_t* blk) {
   return _mm256_sub_epi8(_mm256_or_si256(nibbles, fifth), _mm256_set1_epi8(16));
 }
 
-// Codes 0-15 and 16-31 of a Q4_0 (unsigned, 0..15: the -8 is the offset term's), Q8_0 or Q5_0
-// (-16..15) block as int16, for the several-rows int16 loops.
+// The 32 codes of a Q5_0 (-16..15), IQ4_NL or MXFP4 (their table's values) block as signed bytes.
+inline __m256i signed_codes(const uint8_t* blk, int64_t type) {
+  if (type == kQ5_0) return q5_0_codes(blk);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + codebook_nibbles(type)));
+  const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(codebook(type)));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(raw, 4), m4)),
+                          _mm_shuffle_epi8(table, _mm_and_si128(raw, m4)));
+}
+
+// Codes 0-15 and 16-31 of a Q4_0 (unsigned, 0..15: the -8 is the offset term's), Q8_0 or
+// signed_codes block as int16, for the several-rows int16 loops.
 inline void int16_codes(const uint8_t* blk, int64_t type, __m256i& c0, __m256i& c1) {
   if (type == kQ4_0) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
@@ -612,8 +640,8 @@ inline void int16_codes(const uint8_t* blk, int64_t type, __m256i& c0, __m256i& 
   } else if (type == kQ8_0) {
     c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
     c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
-  } else {  // Q5_0, as q5_0_block makes them
-    const __m256i codes = q5_0_codes(blk);
+  } else {  // as signed_block makes them
+    const __m256i codes = signed_codes(blk, type);
     c0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes));
     c1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1));
   }
@@ -702,7 +730,7 @@ void block_rows_paired(const BlockProblem& p, const PairedActivations& a, int64_
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * type_size;
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
-      const float dw = half_at(blk);
+      const float dw = block_scale(blk, p.type);
       const __m512 d = _mm512_set1_ps(dw);
       __m256i c0, c1;
       int16_codes(blk, p.type, c0, c1);
@@ -881,31 +909,17 @@ inline Acc q6_k_block(const uint8_t* blk, const int16_t* xq, const float* xd, Ac
 }
 
 #ifdef GEMMARUN_AVX2
-// The 32 codes of a Q5_0 block, vectorized: its fifth bits took a scalar shift and mask per code
-// (0.8 GB/s on a 26B-A4B expert's 704-wide down projection, 26 ns a block).
-inline Acc q5_0_block(const uint8_t* blk, const int16_t* xq, float xd, Acc acc) {
-  const float d = half_at(blk);
-  const __m256i codes = q5_0_codes(blk);
+// A Q5_0, IQ4_NL or MXFP4 block times one row, vectorized (Q5_0's fifth bits had taken a scalar
+// shift and mask per code: 0.8 GB/s on a 26B-A4B expert's 704-wide down projection).
+inline Acc signed_block(const uint8_t* blk, int64_t type, const int16_t* xq, float xd, Acc acc) {
+  const float d = block_scale(blk, type);
+  const __m256i codes = signed_codes(blk, type);
   const __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes));
   const __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1));
   const __m256i p = _mm256_add_epi32(
       _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
       _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd), acc);
-}
-#else
-inline Acc q5_0_block(const uint8_t* blk, const int16_t* xq, float xd, Acc acc) {
-  const float d = half_at(blk);
-  uint32_t qh;
-  std::memcpy(&qh, blk + 2, 4);
-  const uint8_t* qs = blk + 6;
-  alignas(32) int16_t q[32];
-  for (int j = 0; j < 16; ++j) {
-    q[j] = static_cast<int16_t>(((qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16);
-    q[j + 16] = static_cast<int16_t>(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
-  }
-  acc = fma16(q, xq, d * xd, acc);
-  return fma16(q + 16, xq + 16, d * xd, acc);
 }
 #endif
 
@@ -924,8 +938,14 @@ inline Acc q5_0_block(const uint8_t* blk, const int16_t* xq, float xd, Acc acc) 
 
 // The 32 codes of a block as signed bytes (q0: codes 0-15, q1: 16-31) and its scale.
 inline float block_codes(const uint8_t* blk, int64_t type, int8_t* q) {
-  const float d = half_at(blk);
-  if (type == kQ8_0) {
+  const float d = block_scale(blk, type);
+  if (is_codebook(type)) {
+    const uint8_t* qs = blk + codebook_nibbles(type);
+    for (int j = 0; j < 16; ++j) {
+      q[j] = codebook(type)[qs[j] & 0x0F];
+      q[j + 16] = codebook(type)[qs[j] >> 4];
+    }
+  } else if (type == kQ8_0) {
     std::memcpy(q, blk + 2, 32);
   } else if (type == kQ4_0) {
     for (int j = 0; j < 16; ++j) {
@@ -943,10 +963,21 @@ inline float block_codes(const uint8_t* blk, int64_t type, int8_t* q) {
   return d;
 }
 
+#ifndef GEMMARUN_AVX2
+inline Acc signed_block(const uint8_t* blk, int64_t type, const int16_t* xq, float xd, Acc acc) {
+  int8_t codes[32];
+  const float d = block_codes(blk, type, codes);
+  alignas(32) int16_t q[32];
+  for (int k = 0; k < 32; ++k) q[k] = codes[k];
+  acc = fma16(q, xq, d * xd, acc);
+  return fma16(q + 16, xq + 16, d * xd, acc);
+}
+#endif
+
 #ifdef GEMMARUN_AVX2
 // Vectorized: codes 0-15 and 16-31 as two registers of signed bytes.
 inline float block_codes(const uint8_t* blk, int64_t type, __m128i& q0, __m128i& q1) {
-  const float d = half_at(blk);
+  const float d = block_scale(blk, type);
   const __m128i m4 = _mm_set1_epi8(0x0F);
   if (type == kQ8_0) {
     q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
@@ -955,8 +986,8 @@ inline float block_codes(const uint8_t* blk, int64_t type, __m128i& q0, __m128i&
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
     q0 = _mm_sub_epi8(_mm_and_si128(raw, m4), _mm_set1_epi8(8));
     q1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_set1_epi8(8));
-  } else {  // Q5_0
-    const __m256i codes = q5_0_codes(blk);
+  } else {  // Q5_0, IQ4_NL, MXFP4
+    const __m256i codes = signed_codes(blk, type);
     q0 = _mm256_castsi256_si128(codes);
     q1 = _mm256_extracti128_si256(codes, 1);
   }
@@ -1068,7 +1099,7 @@ void unpacked_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
 #endif
         if (p.type == kQ4_K) acc = q4_k_block(blk, x + b * 256, xd + b * 8, xs + b * 8, acc, offset);
         else if (p.type == kQ6_K) acc = q6_k_block(blk, x + b * 256, xd + b * 8, acc);
-        else acc = q5_0_block(blk, x + b * 32, xd[b], acc);
+        else acc = signed_block(blk, p.type, x + b * 32, xd[b], acc);
       }
       p.y[m * p.R + r] = acc_sum(acc) - offset;
     }
@@ -1083,7 +1114,8 @@ BlockProblem block_problem(const torch::Tensor& x, const torch::Tensor& blocks, 
   BlockProblem p{};
   p.type = ggml_type;
   p.block = ggml_type == kQ4_K || ggml_type == kQ6_K ? 256 : 32;
-  p.type_size = ggml_type == kQ4_0 ? 18 : ggml_type == kQ8_0 ? 34 : ggml_type == kQ5_0 ? 22 : ggml_type == kQ4_K ? 144 : 210;
+  p.type_size = ggml_type == kQ4_0 || ggml_type == kIQ4_NL ? 18 : ggml_type == kQ8_0 ? 34 : ggml_type == kQ5_0 ? 22
+                : ggml_type == kMXFP4 ? 17 : ggml_type == kQ4_K ? 144 : 210;
   p.M = x.size(0); p.C = x.size(1); p.R = blocks.size(0);
   TORCH_CHECK(p.C % p.block == 0 && blocks.size(1) == p.C / p.block * p.type_size, "blocks do not match x");
   p.blocks = blocks.data_ptr<uint8_t>();
@@ -1146,13 +1178,14 @@ torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
 // x: [M, C] float32 (C a multiple of 32, of 256 for K-quants); blocks: [R, row_bytes] uint8 rows of
 // Q4_0, Q8_0, Q5_0, Q4_K or Q6_K blocks.
 torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type, bool int8_activations) {
-  TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0 || ggml_type == kQ5_0 || ggml_type == kQ4_K || ggml_type == kQ6_K,
-              "block_gemv reads Q4_0, Q8_0, Q5_0, Q4_K and Q6_K blocks only");
+  TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0 || ggml_type == kQ5_0 || is_codebook(ggml_type) ||
+              ggml_type == kQ4_K || ggml_type == kQ6_K,
+              "block_gemv reads Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4, Q4_K and Q6_K blocks only");
   x = x.contiguous();
   torch::Tensor y;
   BlockProblem p = block_problem(x, blocks, ggml_type, y);
   const int64_t M = p.M, C = p.C, R = p.R;
-  const bool unpacked = ggml_type == kQ4_K || ggml_type == kQ6_K || ggml_type == kQ5_0;  // int16 activations only
+  const bool unpacked = !(ggml_type == kQ4_0 || ggml_type == kQ8_0);  // int16 activations only
   bool q8 = false;
 #ifdef GEMMARUN_AVX2
   q8 = int8_activations && !unpacked;
@@ -1188,7 +1221,8 @@ torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_typ
 // x: [M, C] float32 (C a multiple of 32); blocks: [R, row_bytes] uint8 rows of Q4_0, Q8_0 or Q5_0
 // blocks. The activations are used as they are (float_block_rows).
 torch::Tensor block_gemm(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type) {
-  TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0 || ggml_type == kQ5_0, "block_gemm reads Q4_0, Q8_0 and Q5_0 blocks only");
+  TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0 || ggml_type == kQ5_0 || is_codebook(ggml_type),
+              "block_gemm reads Q4_0, Q8_0, Q5_0, IQ4_NL and MXFP4 blocks only");
   x = x.contiguous();
   torch::Tensor y;
   const BlockProblem p = block_problem(x, blocks, ggml_type, y);
