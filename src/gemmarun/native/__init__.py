@@ -6,9 +6,9 @@
   path dequantizes tiles to float32 and then multiplies, touching every weight three times.
   ``group_gemv`` reads gemmarun's repacked codes once, with the activations rounded to int16 per
   group (int8 under bfloat16 compute) so that the inner loop is integer multiply-adds;
-  ``block_gemv`` does the same on GGUF Q4_0/Q8_0/Q5_0/Q4_K/Q6_K blocks where they lie in the
-  memory-mapped file (MoE experts); ``block_gemm`` multiplies many float32 activation rows by
-  Q4_0/Q8_0/Q5_0 blocks dequantized in registers (MoE prefill).
+  ``block_gemv`` does the same on GGUF Q4_0/Q8_0/Q5_0/IQ4_NL/MXFP4/Q4_K/Q6_K blocks where they
+  lie in the memory-mapped file (MoE experts); ``block_gemm`` multiplies many float32 activation
+  rows by 32-weight blocks dequantized in registers (MoE prefill).
 * ``dequant.cpp``: prefill's exact float32 weight tiles for the GEMM, in one pass over the codes
   instead of the five or six torch operations of the formula (bit-identical to it).
 * ``decode_ops.cpp``: a decode step's small float32 operations (RMSNorm, RoPE, one query's
@@ -106,15 +106,15 @@ def native_group_gemv() -> Callable | None:
 
 
 def native_block_gemv() -> Callable | None:
-    """``block_gemv(x, blocks, ggml_type, int8_activations) -> y`` for GGUF Q4_0/Q8_0/Q5_0/Q4_K/Q6_K
-    block rows read in place, or None."""
+    """``block_gemv(x, blocks, ggml_type, int8_activations) -> y`` for GGUF
+    Q4_0/Q8_0/Q5_0/IQ4_NL/MXFP4/Q4_K/Q6_K block rows read in place, or None."""
     module = _module()
     return None if module is None else module.block_gemv
 
 
 def native_block_gemm() -> Callable | None:
-    """``block_gemm(x, blocks, ggml_type) -> y`` for GGUF Q4_0/Q8_0/Q5_0 block rows read in place,
-    float32 activations as they are, or None."""
+    """``block_gemm(x, blocks, ggml_type) -> y`` for GGUF Q4_0/Q8_0/Q5_0/IQ4_NL/MXFP4 block rows
+    read in place, float32 activations as they are, or None."""
     module = _module()
     return None if module is None else module.block_gemm
 

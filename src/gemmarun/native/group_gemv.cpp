@@ -923,7 +923,7 @@ inline Acc signed_block(const uint8_t* blk, int64_t type, const int16_t* xq, flo
 }
 #endif
 
-// ---- float32 compute: 32-weight blocks (Q4_0, Q8_0, Q5_0) dequantized in registers -----------
+// ---- float32 compute: 32-weight blocks (Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4) dequantized in registers
 // Each block's codes become float32 weights (code * d: exact) and multiply the float32 activations
 // with fused multiply-adds: no rounding of the activations, and per activation row two FMAs per
 // block where the int16 path took a widening, two multiply-adds, a conversion and a scaled FMA.
@@ -1176,7 +1176,7 @@ torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
 }
 
 // x: [M, C] float32 (C a multiple of 32, of 256 for K-quants); blocks: [R, row_bytes] uint8 rows of
-// Q4_0, Q8_0, Q5_0, Q4_K or Q6_K blocks.
+// Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4, Q4_K or Q6_K blocks.
 torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type, bool int8_activations) {
   TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0 || ggml_type == kQ5_0 || is_codebook(ggml_type) ||
               ggml_type == kQ4_K || ggml_type == kQ6_K,
@@ -1218,8 +1218,8 @@ torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_typ
   return y;
 }
 
-// x: [M, C] float32 (C a multiple of 32); blocks: [R, row_bytes] uint8 rows of Q4_0, Q8_0 or Q5_0
-// blocks. The activations are used as they are (float_block_rows).
+// x: [M, C] float32 (C a multiple of 32); blocks: [R, row_bytes] uint8 rows of Q4_0, Q8_0, Q5_0,
+// IQ4_NL or MXFP4 blocks. The activations are used as they are (float_block_rows).
 torch::Tensor block_gemm(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type) {
   TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0 || ggml_type == kQ5_0 || is_codebook(ggml_type),
               "block_gemm reads Q4_0, Q8_0, Q5_0, IQ4_NL and MXFP4 blocks only");

@@ -1,10 +1,11 @@
 """MoE experts kept quantized, so a token's cost is reading only its selected experts' blocks.
 
 Two layouts. On the CPU, Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4, Q4_K and Q6_K expert tensors (what
-llama.cpp's Q4_0, Q8_0, Q4_K_M and MXFP4_MOE files hold) stay where they are, in the memory-mapped GGUF file, and the native kernel reads
-the selected experts' blocks in place: the 128 experts of a 26B-A4B (13 GB at Q4_0) never become
-process memory, the OS pages in what routing touches and can drop it again. Otherwise (other formats, CUDA, no compiler) every expert is repacked at
-load into a QuantLinear per projection, like any other weight."""
+llama.cpp's Q4_0, Q8_0, Q4_K_M and MXFP4_MOE files hold) stay where they are, in the memory-mapped
+GGUF file, and the native kernel reads the selected experts' blocks in place: the 128 experts of a
+26B-A4B (13 GB at Q4_0) never become process memory, the OS pages in what routing touches and can
+drop it again. Otherwise (other formats, CUDA, no compiler) every expert is repacked at load into a
+QuantLinear per projection, like any other weight."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ IN_PLACE_MAX_ROWS = {  # block_gemv
     GGMLQuantizationType.Q4_K: 128,  # 6.8 vs 9.5 ms at 128, 17.2 vs 12.7 at 256
     GGMLQuantizationType.Q6_K: 32,  # 7.1 vs 7.3 ms at 32, 12.3 vs 8.0 at 64 (unpacked row by row)
     GGMLQuantizationType.Q5_0: 128,  # int16 rows in pairs, bfloat16 compute too: 8.2 vs 12.4 ms at 128
-    GGMLQuantizationType.IQ4_NL: 128,  # the same loops, codes from a table
+    GGMLQuantizationType.IQ4_NL: 128,  # Q5_0's loops, codes from a table (not measured apart)
     GGMLQuantizationType.MXFP4: 128,
     GGMLQuantizationType.Q4_0: 48,  # int8 activations (bfloat16 compute): level at 48, 6.5-8.7 vs 6.4-6.8 at 64
     GGMLQuantizationType.Q8_0: 32,  # int8 activations: 2.8-3.1 vs 3.5-3.7 ms at 32
