@@ -216,7 +216,7 @@ def test_bfloat16_decode_within_bfloat16_tolerance(qtype: T, tiles_forbidden):
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.IQ4_NL, T.MXFP4, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.IQ4_NL, T.MXFP4, T.Q4_K, T.Q6_K, T.IQ4_XS], ids=lambda t: t.name)
 @pytest.mark.parametrize("int8_activations", [False, True], ids=["int16", "int8"])
 def test_blocks_read_in_place_are_exact_for_their_rounded_activations(qtype: T, int8_activations: bool):
     """GGUF block rows read as they lie in the file (the mapped MoE experts' path). The K-quant
@@ -237,7 +237,7 @@ def test_blocks_read_in_place_are_exact_for_their_rounded_activations(qtype: T, 
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.IQ4_NL, T.MXFP4, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.IQ4_NL, T.MXFP4, T.Q4_K, T.Q6_K, T.IQ4_XS], ids=lambda t: t.name)
 def test_block_rows_get_the_bits_they_get_alone(qtype: T):
     """block_gemv with several activation rows (a batch, a speculative verification, a short
     prefill's tokens routed to one expert) gives each row the bits of a decode step's one row:
@@ -285,7 +285,7 @@ def test_block_kernel_rejects_what_it_cannot_read():
     from gemmarun.native import native_block_gemv
 
     x = torch.randn(1, 64)
-    with pytest.raises(RuntimeError, match="Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4, Q4_K and Q6_K"):
+    with pytest.raises(RuntimeError, match="Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4, Q4_K, Q6_K and IQ4_XS"):
         native_block_gemv()(x, torch.zeros(2, 36, dtype=torch.uint8), int(T.Q4_1), False)
     with pytest.raises(RuntimeError, match="do not match"):
         native_block_gemv()(x, torch.zeros(2, 35, dtype=torch.uint8), int(T.Q4_0), False)
@@ -541,7 +541,7 @@ def test_a_quantized_matrix_with_its_kernel_bound_pickles_and_copies(tmp_path):
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.IQ4_NL, T.MXFP4, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.IQ4_NL, T.MXFP4, T.Q4_K, T.Q6_K, T.IQ4_XS], ids=lambda t: t.name)
 def test_moe_experts_read_in_place_match_repacked_experts(qtype: T):
     """QuantExperts keeps mapped blocks of these types where they lie and gives what repacked
     experts give (the model-level check with GGUF files covers Q4_0/Q8_0: gguf-py cannot write

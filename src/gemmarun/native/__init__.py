@@ -6,8 +6,8 @@
   path dequantizes tiles to float32 and then multiplies, touching every weight three times.
   ``group_gemv`` reads gemmarun's repacked codes once, with the activations rounded to int16 per
   group (int8 under bfloat16 compute) so that the inner loop is integer multiply-adds;
-  ``block_gemv`` does the same on GGUF Q4_0/Q8_0/Q5_0/IQ4_NL/MXFP4/Q4_K/Q6_K blocks where they
-  lie in the memory-mapped file (MoE experts); ``block_gemm`` multiplies many float32 activation
+  ``block_gemv`` does the same on GGUF Q4_0/Q8_0/Q5_0/IQ4_NL/MXFP4/Q4_K/Q6_K/IQ4_XS blocks where
+  they lie in the memory-mapped file (MoE experts); ``block_gemm`` multiplies many float32 activation
   rows by 32-weight blocks dequantized in registers (MoE prefill).
 * ``dequant.cpp``: prefill's exact float32 weight tiles for the GEMM, in one pass over the codes
   instead of the five or six torch operations of the formula (bit-identical to it).
@@ -107,7 +107,7 @@ def native_group_gemv() -> Callable | None:
 
 def native_block_gemv() -> Callable | None:
     """``block_gemv(x, blocks, ggml_type, int8_activations) -> y`` for GGUF
-    Q4_0/Q8_0/Q5_0/IQ4_NL/MXFP4/Q4_K/Q6_K block rows read in place, or None."""
+    Q4_0/Q8_0/Q5_0/IQ4_NL/MXFP4/Q4_K/Q6_K/IQ4_XS block rows read in place, or None."""
     module = _module()
     return None if module is None else module.block_gemv
 

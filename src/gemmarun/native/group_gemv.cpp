@@ -481,10 +481,11 @@ void run_rows(const Problem& p, bool nibbles) {
 // A Q4_0 block is a float16 scale d and 16 bytes: byte j holds codes j (low nibble) and j + 16
 // (high), w = (code - 8) * d. A Q8_0 block is d and 32 int8 codes, w = code * d.
 
-constexpr int64_t kQ4_0 = 2, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14, kIQ4_NL = 20, kMXFP4 = 39;  // GGMLQuantizationType
+constexpr int64_t kQ4_0 = 2, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kMXFP4 = 39;  // GGML types
 
 // The codebook formats: a block's 16 bytes of nibbles index 16 int8 values (ggml's tables), after
-// a float16 scale (IQ4_NL) or an E8M0 exponent byte (MXFP4: 2^(e-128), the values being doubled).
+// a float16 scale (IQ4_NL) or an E8M0 exponent byte (MXFP4: 2^(e-128), the values being doubled);
+// IQ4_XS holds eight such 32-weight runs of IQ4_NL nibbles under one float16 d and 6-bit scales.
 alignas(16) constexpr int8_t kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 alignas(16) constexpr int8_t kMXFP4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 inline bool is_codebook(int64_t type) { return type == kIQ4_NL || type == kMXFP4; }
@@ -619,14 +620,18 @@ inline __m256i q5_0_codes(const uint8_t* blk) {
   return _mm256_sub_epi8(_mm256_or_si256(nibbles, fifth), _mm256_set1_epi8(16));
 }
 
-// The 32 codes of a Q5_0 (-16..15), IQ4_NL or MXFP4 (their table's values) block as signed bytes.
-inline __m256i signed_codes(const uint8_t* blk, int64_t type) {
-  if (type == kQ5_0) return q5_0_codes(blk);
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + codebook_nibbles(type)));
-  const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(codebook(type)));
+// 16 bytes of nibbles (low: weights 0-15, high: 16-31) as the 32 table values they index.
+inline __m256i table_codes(const uint8_t* nibbles, const int8_t* values) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles));
+  const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(values));
   const __m128i m4 = _mm_set1_epi8(0x0F);
   return _mm256_set_m128i(_mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(raw, 4), m4)),
                           _mm_shuffle_epi8(table, _mm_and_si128(raw, m4)));
+}
+
+// The 32 codes of a Q5_0 (-16..15), IQ4_NL or MXFP4 (their table's values) block as signed bytes.
+inline __m256i signed_codes(const uint8_t* blk, int64_t type) {
+  return type == kQ5_0 ? q5_0_codes(blk) : table_codes(blk + codebook_nibbles(type), codebook(type));
 }
 
 // Codes 0-15 and 16-31 of a Q4_0 (unsigned, 0..15: the -8 is the offset term's), Q8_0 or
@@ -908,6 +913,40 @@ inline Acc q6_k_block(const uint8_t* blk, const int16_t* xq, const float* xd, Ac
   return acc;
 }
 
+// The scale of run j of an IQ4_XS super-block: d * (6-bit scale - 32), as formats.py forms it.
+inline float iq4_xs_scale(const uint8_t* blk, int j) {
+  uint16_t high;
+  std::memcpy(&high, blk + 2, 2);
+  const int ls = ((blk[4 + j / 2] >> (4 * (j % 2))) & 0x0F) | (((high >> (2 * j)) & 0x03) << 4);
+  return half_at(blk) * float(ls - 32);
+}
+
+// An IQ4_XS super-block times one row: each 32-weight run's table codes, scaled by its own scale.
+inline Acc iq4_xs_block(const uint8_t* blk, const int16_t* xq, const float* xd, Acc acc) {
+  for (int j = 0; j < 8; ++j) {
+    const float s = iq4_xs_scale(blk, j) * xd[j];
+    const uint8_t* qs = blk + 8 + 16 * j;
+#ifdef GEMMARUN_AVX2
+    const __m256i codes = table_codes(qs, kIQ4Values);
+    const __m256i p = _mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes)),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j))),
+        _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1)),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j + 16))));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
+#else
+    alignas(32) int16_t q[32];
+    for (int k = 0; k < 16; ++k) {
+      q[k] = kIQ4Values[qs[k] & 0x0F];
+      q[k + 16] = kIQ4Values[qs[k] >> 4];
+    }
+    acc = fma16(q, xq + 32 * j, s, acc);
+    acc = fma16(q + 16, xq + 32 * j + 16, s, acc);
+#endif
+  }
+  return acc;
+}
+
 #ifdef GEMMARUN_AVX2
 // A Q5_0, IQ4_NL or MXFP4 block times one row, vectorized (Q5_0's fifth bits had taken a scalar
 // shift and mask per code: 0.8 GB/s on a 26B-A4B expert's 704-wide down projection).
@@ -1099,6 +1138,7 @@ void unpacked_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
 #endif
         if (p.type == kQ4_K) acc = q4_k_block(blk, x + b * 256, xd + b * 8, xs + b * 8, acc, offset);
         else if (p.type == kQ6_K) acc = q6_k_block(blk, x + b * 256, xd + b * 8, acc);
+        else if (p.type == kIQ4_XS) acc = iq4_xs_block(blk, x + b * 256, xd + b * 8, acc);
         else acc = signed_block(blk, p.type, x + b * 32, xd[b], acc);
       }
       p.y[m * p.R + r] = acc_sum(acc) - offset;
@@ -1113,9 +1153,9 @@ BlockProblem block_problem(const torch::Tensor& x, const torch::Tensor& blocks, 
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == torch::kUInt8 && blocks.stride(1) == 1, "blocks: [R, bytes] uint8 rows");
   BlockProblem p{};
   p.type = ggml_type;
-  p.block = ggml_type == kQ4_K || ggml_type == kQ6_K ? 256 : 32;
+  p.block = ggml_type == kQ4_K || ggml_type == kQ6_K || ggml_type == kIQ4_XS ? 256 : 32;
   p.type_size = ggml_type == kQ4_0 || ggml_type == kIQ4_NL ? 18 : ggml_type == kQ8_0 ? 34 : ggml_type == kQ5_0 ? 22
-                : ggml_type == kMXFP4 ? 17 : ggml_type == kQ4_K ? 144 : 210;
+                : ggml_type == kMXFP4 ? 17 : ggml_type == kIQ4_XS ? 136 : ggml_type == kQ4_K ? 144 : 210;
   p.M = x.size(0); p.C = x.size(1); p.R = blocks.size(0);
   TORCH_CHECK(p.C % p.block == 0 && blocks.size(1) == p.C / p.block * p.type_size, "blocks do not match x");
   p.blocks = blocks.data_ptr<uint8_t>();
@@ -1176,11 +1216,11 @@ torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor sca
 }
 
 // x: [M, C] float32 (C a multiple of 32, of 256 for K-quants); blocks: [R, row_bytes] uint8 rows of
-// Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4, Q4_K or Q6_K blocks.
+// Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4, Q4_K, Q6_K or IQ4_XS blocks.
 torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type, bool int8_activations) {
   TORCH_CHECK(ggml_type == kQ4_0 || ggml_type == kQ8_0 || ggml_type == kQ5_0 || is_codebook(ggml_type) ||
-              ggml_type == kQ4_K || ggml_type == kQ6_K,
-              "block_gemv reads Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4, Q4_K and Q6_K blocks only");
+              ggml_type == kQ4_K || ggml_type == kQ6_K || ggml_type == kIQ4_XS,
+              "block_gemv reads Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4, Q4_K, Q6_K and IQ4_XS blocks only");
   x = x.contiguous();
   torch::Tensor y;
   BlockProblem p = block_problem(x, blocks, ggml_type, y);

@@ -22,7 +22,7 @@ void bind_decode_step(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_gemv", &group_gemv, "x @ W.T for group-quantized W, read as stored");
-  m.def("block_gemv", &block_gemv, "x @ W.T for W given as GGUF Q4_0/Q8_0/Q5_0/IQ4_NL/MXFP4/Q4_K/Q6_K block rows");
+  m.def("block_gemv", &block_gemv, "x @ W.T for W given as GGUF Q4_0/Q8_0/Q5_0/IQ4_NL/MXFP4/Q4_K/Q6_K/IQ4_XS block rows");
   m.def("block_gemm", &block_gemm, "x @ W.T for W given as GGUF Q4_0/Q8_0/Q5_0/IQ4_NL/MXFP4 block rows, float32 activations as they are");
   m.def("dequantize_tile", &dequantize_tile, "exact float32 rows of group-quantized codes, in place");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, float32");

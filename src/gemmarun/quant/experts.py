@@ -1,7 +1,7 @@
 """MoE experts kept quantized, so a token's cost is reading only its selected experts' blocks.
 
-Two layouts. On the CPU, Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4, Q4_K and Q6_K expert tensors (what
-llama.cpp's Q4_0, Q8_0, Q4_K_M and MXFP4_MOE files hold) stay where they are, in the memory-mapped
+Two layouts. On the CPU, Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4, Q4_K, Q6_K and IQ4_XS expert tensors (what
+llama.cpp's Q4_0, Q8_0, Q4_K_M, IQ4_XS and MXFP4_MOE files hold) stay where they are, in the memory-mapped
 GGUF file, and the native kernel reads the selected experts' blocks in place: the 128 experts of a
 26B-A4B (13 GB at Q4_0) never become process memory, the OS pages in what routing touches and can
 drop it again. Otherwise (other formats, CUDA, no compiler) every expert is repacked at load into a
@@ -24,7 +24,7 @@ from .linear import NATIVE_MAX_ROWS, QuantLinear
 # GGUF block types the native kernel reads in place, and the weights per block of each
 MAPPED_TYPES = {GGMLQuantizationType.Q4_0: 32, GGMLQuantizationType.Q8_0: 32, GGMLQuantizationType.Q5_0: 32,
                 GGMLQuantizationType.IQ4_NL: 32, GGMLQuantizationType.MXFP4: 32,
-                GGMLQuantizationType.Q4_K: 256, GGMLQuantizationType.Q6_K: 256}
+                GGMLQuantizationType.Q4_K: 256, GGMLQuantizationType.Q6_K: 256, GGMLQuantizationType.IQ4_XS: 256}
 
 
 # Up to NATIVE_MAX_ROWS rows of activations (tokens routed to one expert) block_gemv reads the blocks
@@ -41,6 +41,7 @@ FLOAT_BLOCK_MAX_ROWS = 128  # Q4_0: 7.5 vs 8.7 ms at 128 rows, 23 vs 11 at 256 (
 IN_PLACE_MAX_ROWS = {  # block_gemv
     GGMLQuantizationType.Q4_K: 128,  # 6.8 vs 9.5 ms at 128, 17.2 vs 12.7 at 256
     GGMLQuantizationType.Q6_K: 32,  # 7.1 vs 7.3 ms at 32, 12.3 vs 8.0 at 64 (unpacked row by row)
+    GGMLQuantizationType.IQ4_XS: 32,  # row by row too
     GGMLQuantizationType.Q5_0: 128,  # int16 rows in pairs, bfloat16 compute too: 8.2 vs 12.4 ms at 128
     GGMLQuantizationType.IQ4_NL: 128,  # Q5_0's loops, codes from a table (not measured apart)
     GGMLQuantizationType.MXFP4: 128,
