@@ -540,6 +540,14 @@ def test_a_quantized_matrix_with_its_kernel_bound_pickles_and_copies(tmp_path):
     assert not torch.equal(twin(x), y)
 
 
+def test_every_in_place_format_has_a_row_limit_that_keeps_decode_bits():
+    from gemmarun.quant.experts import IN_PLACE_MAX_ROWS, MAPPED_TYPES
+    from gemmarun.quant.linear import NATIVE_MAX_ROWS
+
+    assert set(IN_PLACE_MAX_ROWS) == set(MAPPED_TYPES)
+    assert min(IN_PLACE_MAX_ROWS.values()) >= NATIVE_MAX_ROWS
+
+
 @needs_kernel
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.IQ4_NL, T.MXFP4, T.Q4_K, T.Q6_K, T.IQ4_XS], ids=lambda t: t.name)
 def test_moe_experts_read_in_place_match_repacked_experts(qtype: T):
