@@ -15,8 +15,10 @@ from test_quant_linear import make_raw, rel_err
 from gemmarun.native import kernel_status, native_group_gemv
 from gemmarun.quant import FORMATS, QuantEmbedding, QuantLinear
 from gemmarun.quant import linear as ql
+from gemmarun.quant.experts import FLOAT_BLOCK_TYPES, MAPPED_TYPES
 
 QUANT_TYPES = [t for t, f in FORMATS.items() if not f.is_float]
+IN_PLACE_TYPES = list(MAPPED_TYPES)  # the MoE experts' formats the block kernels read where they lie
 # Activations are rounded to int16 per group of 16/32 (error <= 2^-16 of the group's largest
 # value): measured 1e-5 to 3e-5 relative; the weights' own quantization error is ~1e-2.
 NATIVE_RTOL = 1e-4
@@ -216,7 +218,7 @@ def test_bfloat16_decode_within_bfloat16_tolerance(qtype: T, tiles_forbidden):
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.IQ4_NL, T.MXFP4, T.Q4_K, T.Q6_K, T.IQ4_XS], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", IN_PLACE_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("int8_activations", [False, True], ids=["int16", "int8"])
 def test_blocks_read_in_place_are_exact_for_their_rounded_activations(qtype: T, int8_activations: bool):
     """GGUF block rows read as they lie in the file (the mapped MoE experts' path). The K-quant
@@ -237,7 +239,7 @@ def test_blocks_read_in_place_are_exact_for_their_rounded_activations(qtype: T, 
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.IQ4_NL, T.MXFP4, T.Q4_K, T.Q6_K, T.IQ4_XS], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", IN_PLACE_TYPES, ids=lambda t: t.name)
 def test_block_rows_get_the_bits_they_get_alone(qtype: T):
     """block_gemv with several activation rows (a batch, a speculative verification, a short
     prefill's tokens routed to one expert) gives each row the bits of a decode step's one row:
@@ -255,7 +257,7 @@ def test_block_rows_get_the_bits_they_get_alone(qtype: T):
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.IQ4_NL, T.MXFP4], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", FLOAT_BLOCK_TYPES, ids=lambda t: t.name)
 def test_blocks_dequantized_in_registers_take_the_activations_as_they_are(qtype: T):
     """block_gemm (MoE prefill): float32 weights made from each block, float32 activations
     unrounded, so the result is x @ W.T up to float32 summation; every activation row gets the
@@ -541,7 +543,7 @@ def test_a_quantized_matrix_with_its_kernel_bound_pickles_and_copies(tmp_path):
 
 
 def test_every_in_place_format_has_a_row_limit_that_keeps_decode_bits():
-    from gemmarun.quant.experts import IN_PLACE_MAX_ROWS, MAPPED_TYPES
+    from gemmarun.quant.experts import IN_PLACE_MAX_ROWS
     from gemmarun.quant.linear import NATIVE_MAX_ROWS
 
     assert set(IN_PLACE_MAX_ROWS) == set(MAPPED_TYPES)
@@ -549,14 +551,14 @@ def test_every_in_place_format_has_a_row_limit_that_keeps_decode_bits():
 
 
 @needs_kernel
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q5_0, T.IQ4_NL, T.MXFP4, T.Q4_K, T.Q6_K, T.IQ4_XS], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", IN_PLACE_TYPES, ids=lambda t: t.name)
 def test_moe_experts_read_in_place_match_repacked_experts(qtype: T):
     """QuantExperts keeps mapped blocks of these types where they lie and gives what repacked
-    experts give (the model-level check with GGUF files covers Q4_0/Q8_0: gguf-py cannot write
-    K-quants)."""
+    experts give (the model-level check with GGUF files covers Q4_0/Q8_0/MXFP4: gguf-py cannot
+    write K-quants or IQ4)."""
     from gemmarun.loading.build import QuantizedTensor
     from gemmarun.native import native_block_gemm, native_block_gemv
-    from gemmarun.quant.experts import FLOAT_BLOCK_MAX_ROWS, FLOAT_BLOCK_TYPES, IN_PLACE_MAX_ROWS, QuantExperts
+    from gemmarun.quant.experts import FLOAT_BLOCK_MAX_ROWS, IN_PLACE_MAX_ROWS, QuantExperts
     from gemmarun.quant.linear import NATIVE_MAX_ROWS
 
     E, out_f, in_f = 3, 16, 512
@@ -571,7 +573,7 @@ def test_moe_experts_read_in_place_match_repacked_experts(qtype: T):
         a, b = in_place._project("down_proj", e, x), repacked._project("down_proj", e, x)
         assert rel_err(a, b) < 1e-4
     # the 32 rows a 512-token prefill chunk routes to one of 128 experts on average (top 8): in place,
-    # Q4_0/Q8_0/Q5_0 dequantized in registers, the K-quants with int16 activations
+    # 32-weight blocks dequantized in registers, 256-weight ones (K-quants, IQ4_XS) with int16 activations
     chunk = torch.randn(32, in_f, generator=torch.Generator().manual_seed(6))
     blocks = raw.view(E * out_f, -1)[out_f : 2 * out_f]
     in_registers = qtype in FLOAT_BLOCK_TYPES
