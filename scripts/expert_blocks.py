@@ -20,14 +20,15 @@ import time
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gemmarun.native import native_block_gemm, native_block_gemv
 
 # ggml type: (name, weights per block, bytes per block, byte offsets of float16 scales in a block)
-FORMATS = {2: ("Q4_0", 32, 18, (0,)), 6: ("Q5_0", 32, 22, (0,)), 8: ("Q8_0", 32, 34, (0,)),
-           20: ("IQ4_NL", 32, 18, (0,)), 39: ("MXFP4", 32, 17, ()),
-           12: ("Q4_K", 256, 144, (0, 2)), 14: ("Q6_K", 256, 210, (208,))}
-IN_REGISTERS = (2, 6, 8, 20, 39)  # block_gemm's formats
+_SCALES = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "IQ4_NL": (0,), "MXFP4": (), "Q4_K": (0, 2), "Q6_K": (208,)}
+FORMATS = {int(GGMLQuantizationType[name]): (name, *GGML_QUANT_SIZES[GGMLQuantizationType[name]], scales)
+           for name, scales in _SCALES.items()}
+IN_REGISTERS = (2, 6, 8, 20, 39)  # block_gemm's formats (Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4)
 MXFP4_EXPONENT = 122  # its scale byte: 2^-6, weights of everyday size
 SHAPES = {"gate/up 1408x2816": (1408, 2816), "down 2816x704": (2816, 704)}
 EXPERTS = 160
@@ -38,7 +39,7 @@ def random_blocks(ggml_type: int, rows: int, cols: int) -> torch.Tensor:
     blocks = np.random.default_rng(0).integers(0, 256, (rows * (cols // per_block), nbytes), dtype=np.uint8)
     for offset in scales:  # finite scales
         blocks[:, offset : offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    if ggml_type == 39:
+    if ggml_type == GGMLQuantizationType.MXFP4:
         blocks[:, 0] = MXFP4_EXPONENT
     return torch.from_numpy(blocks.reshape(rows, -1))
 
