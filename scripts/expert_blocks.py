@@ -23,12 +23,13 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gemmarun.native import native_block_gemm, native_block_gemv
+from gemmarun.quant.experts import FLOAT_BLOCK_TYPES
 
 # ggml type: (name, weights per block, bytes per block, byte offsets of float16 scales in a block)
 _SCALES = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "IQ4_NL": (0,), "MXFP4": (), "Q4_K": (0, 2), "Q6_K": (208,)}
 FORMATS = {int(GGMLQuantizationType[name]): (name, *GGML_QUANT_SIZES[GGMLQuantizationType[name]], scales)
            for name, scales in _SCALES.items()}
-IN_REGISTERS = (2, 6, 8, 20, 39)  # block_gemm's formats (Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4)
+IN_REGISTERS = {int(t) for t in FLOAT_BLOCK_TYPES}  # block_gemm's formats
 MXFP4_EXPONENT = 122  # its scale byte: 2^-6, weights of everyday size
 SHAPES = {"gate/up 1408x2816": (1408, 2816), "down 2816x704": (2816, 704)}
 EXPERTS = 160
