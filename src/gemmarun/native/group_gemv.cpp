@@ -25,7 +25,8 @@
 // AVX-512 with VNNI (Intel since Ice Lake, AMD since Zen 4): one instruction multiplies 32 int16
 // pairs and accumulates, where AVX2 needs a widening, a 16-wide multiply-add and an add for half of
 // them. The 5/6/8-bit layers of a float32 decode were compute-bound at 16-22 GB/s without it.
-#if defined(GEMMARUN_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(GEMMARUN_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__)
 #define GEMMARUN_AVX512 1
 #endif
 
@@ -608,30 +609,41 @@ inline __m256i bit_bytes(uint32_t bits) {
   return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
 }
 
-// The 32 codes of a Q5_0 block as signed bytes (-16..15), in order.
-inline __m256i q5_0_codes(const uint8_t* blk) {
-  uint32_t qh;
-  std::memcpy(&qh, blk + 2, 4);
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 6));
-  const __m128i m4 = _mm_set1_epi8(0x0F);
-  // bytes 0-15: the low nibbles (codes 0-15), 16-31: the high nibbles (codes 16-31)
-  const __m256i nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
-  const __m256i fifth = _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10));
-  return _mm256_sub_epi8(_mm256_or_si256(nibbles, fifth), _mm256_set1_epi8(16));
-}
-
-// 16 bytes of nibbles (low: weights 0-15, high: 16-31) as the 32 table values they index.
-inline __m256i table_codes(const uint8_t* nibbles, const int8_t* values) {
+// 16 bytes of nibbles (low: weights 0-15, high: 16-31) as the table values they index, codes 0-15
+// in q0 and 16-31 in q1 (each half stays in its own 128-bit register: the int16 widening takes
+// halves, so a 256-bit register would only be split again).
+inline void table_codes(const uint8_t* nibbles, const int8_t* values, __m128i& q0, __m128i& q1) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles));
   const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(values));
   const __m128i m4 = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(raw, 4), m4)),
-                          _mm_shuffle_epi8(table, _mm_and_si128(raw, m4)));
+  q0 = _mm_shuffle_epi8(table, _mm_and_si128(raw, m4));
+  q1 = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(raw, 4), m4));
+}
+
+// The 32 codes of a Q5_0 block as signed bytes (-16..15), codes 0-15 in q0 and 16-31 in q1.
+// A code is its nibble plus 16 times its fifth bit, minus 16: the nibble where the bit is set,
+// the nibble - 16 where it is clear. AVX-512 takes the bits as a mask (a masked subtract);
+// AVX2 spreads them to bytes.
+inline void q5_0_codes(const uint8_t* blk, __m128i& q0, __m128i& q1) {
+  uint32_t qh;
+  std::memcpy(&qh, blk + 2, 4);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 6));
+  const __m128i m4 = _mm_set1_epi8(0x0F), sixteen = _mm_set1_epi8(16);
+  const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+#ifdef GEMMARUN_AVX512
+  q0 = _mm_mask_sub_epi8(lo, static_cast<__mmask16>(~qh), lo, sixteen);
+  q1 = _mm_mask_sub_epi8(hi, static_cast<__mmask16>(~qh >> 16), hi, sixteen);
+#else
+  const __m256i fifth = _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10));
+  q0 = _mm_sub_epi8(_mm_or_si128(lo, _mm256_castsi256_si128(fifth)), sixteen);
+  q1 = _mm_sub_epi8(_mm_or_si128(hi, _mm256_extracti128_si256(fifth, 1)), sixteen);
+#endif
 }
 
 // The 32 codes of a Q5_0 (-16..15), IQ4_NL or MXFP4 (their table's values) block as signed bytes.
-inline __m256i signed_codes(const uint8_t* blk, int64_t type) {
-  return type == kQ5_0 ? q5_0_codes(blk) : table_codes(blk + codebook_nibbles(type), codebook(type));
+inline void signed_codes(const uint8_t* blk, int64_t type, __m128i& q0, __m128i& q1) {
+  if (type == kQ5_0) q5_0_codes(blk, q0, q1);
+  else table_codes(blk + codebook_nibbles(type), codebook(type), q0, q1);
 }
 
 // Codes 0-15 and 16-31 of a Q4_0 (unsigned, 0..15: the -8 is the offset term's), Q8_0 or
@@ -646,9 +658,10 @@ inline void int16_codes(const uint8_t* blk, int64_t type, __m256i& c0, __m256i& 
     c0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
     c1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
   } else {  // as signed_block makes them
-    const __m256i codes = signed_codes(blk, type);
-    c0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes));
-    c1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1));
+    __m128i q0, q1;
+    signed_codes(blk, type, q0, q1);
+    c0 = _mm256_cvtepi8_epi16(q0);
+    c1 = _mm256_cvtepi8_epi16(q1);
   }
 }
 #endif
@@ -927,11 +940,12 @@ inline Acc iq4_xs_block(const uint8_t* blk, const int16_t* xq, const float* xd, 
     const float s = iq4_xs_scale(blk, j) * xd[j];
     const uint8_t* qs = blk + 8 + 16 * j;
 #ifdef GEMMARUN_AVX2
-    const __m256i codes = table_codes(qs, kIQ4Values);
+    __m128i q0, q1;
+    table_codes(qs, kIQ4Values, q0, q1);
     const __m256i p = _mm256_add_epi32(
-        _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes)),
+        _mm256_madd_epi16(_mm256_cvtepi8_epi16(q0),
                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j))),
-        _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1)),
+        _mm256_madd_epi16(_mm256_cvtepi8_epi16(q1),
                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j + 16))));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
 #else
@@ -952,9 +966,10 @@ inline Acc iq4_xs_block(const uint8_t* blk, const int16_t* xq, const float* xd, 
 // shift and mask per code: 0.8 GB/s on a 26B-A4B expert's 704-wide down projection).
 inline Acc signed_block(const uint8_t* blk, int64_t type, const int16_t* xq, float xd, Acc acc) {
   const float d = block_scale(blk, type);
-  const __m256i codes = signed_codes(blk, type);
-  const __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(codes));
-  const __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(codes, 1));
+  __m128i q0, q1;
+  signed_codes(blk, type, q0, q1);
+  const __m256i lo = _mm256_cvtepi8_epi16(q0);
+  const __m256i hi = _mm256_cvtepi8_epi16(q1);
   const __m256i p = _mm256_add_epi32(
       _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
       _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
@@ -1026,9 +1041,7 @@ inline float block_codes(const uint8_t* blk, int64_t type, __m128i& q0, __m128i&
     q0 = _mm_sub_epi8(_mm_and_si128(raw, m4), _mm_set1_epi8(8));
     q1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_set1_epi8(8));
   } else {  // Q5_0, IQ4_NL, MXFP4
-    const __m256i codes = signed_codes(blk, type);
-    q0 = _mm256_castsi256_si128(codes);
-    q1 = _mm256_extracti128_si256(codes, 1);
+    signed_codes(blk, type, q0, q1);
   }
   return d;
 }
