@@ -5,7 +5,7 @@ gate/up (1408 x 2816) and down (2816 x 704) projections per layer. This times on
 time, cycling through 160 of them (more than a 300 MiB L3 holds) so the blocks come from memory, as
 in a decode step, for the
 formats llama.cpp files use for them (Q4_K gate/up and Q5_0 down in Q4_K_M files; Q4_0; Q8_0;
-MXFP4 in MXFP4_MOE files; IQ4_NL).
+MXFP4 in MXFP4_MOE files; IQ4_NL; Q6_K and IQ4_XS in those files).
 Prefill routes a few dozen tokens to each expert: 32 rows are timed with `block_gemv` (int16
 activations) and, for the 32-weight blocks, `block_gemm` (blocks dequantized in registers, what
 prefill uses above 16 rows). Random block bytes (the timing does not depend on the values), 2
@@ -26,7 +26,8 @@ from gemmarun.native import native_block_gemm, native_block_gemv
 from gemmarun.quant.experts import FLOAT_BLOCK_TYPES
 
 # ggml type: (name, weights per block, bytes per block, byte offsets of float16 scales in a block)
-_SCALES = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "IQ4_NL": (0,), "MXFP4": (), "Q4_K": (0, 2), "Q6_K": (208,)}
+_SCALES = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "IQ4_NL": (0,), "MXFP4": (), "Q4_K": (0, 2), "Q6_K": (208,),
+           "IQ4_XS": (0,)}
 FORMATS = {int(GGMLQuantizationType[name]): (name, *GGML_QUANT_SIZES[GGMLQuantizationType[name]], scales)
            for name, scales in _SCALES.items()}
 IN_REGISTERS = {int(t) for t in FLOAT_BLOCK_TYPES}  # block_gemm's formats

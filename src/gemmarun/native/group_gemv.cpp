@@ -667,10 +667,11 @@ inline void int16_codes(const uint8_t* blk, int64_t type, __m256i& c0, __m256i& 
 #endif
 
 #ifdef GEMMARUN_AVX2
-// Q4_0/Q8_0 rows times several int16 activation rows (MoE prefill, batched decode): each block's
-// codes are widened to int16 once for all of them, where block_rows widened them for every row.
-// Per row the same operations in the same order as block_rows: the same bits. Same process, 4-64
-// rows: Q8_0 1408x2816 1.4-1.7x, Q4_0 2816x704 1.1-1.4x, Q4_0 1408x2816 1.15x at 4 rows and level
+// 32-weight block rows (Q4_0, Q8_0, Q5_0, IQ4_NL, MXFP4) times several int16 activation rows (MoE
+// prefill, batched decode): each block's codes are widened to int16 once for all of them, where
+// block_rows (signed_block for the last three) widened them for every row. Per row the same
+// operations in the same order: the same bits. Same process, 4-64
+// rows, Q4_0/Q8_0: Q8_0 1408x2816 1.4-1.7x, Q4_0 2816x704 1.1-1.4x, Q4_0 1408x2816 1.15x at 4 rows and level
 // from 16 (its activation rows no longer stay in L1 across a weight row).
 void block_rows_together(const BlockProblem& p, int64_t r0, int64_t r1) {
   const int64_t nb = p.C / 32, type_size = p.type_size, M = p.M;
@@ -687,7 +688,7 @@ void block_rows_together(const BlockProblem& p, int64_t r0, int64_t r1) {
 #ifdef GEMMARUN_AVX512
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes), _MM_HINT_T0);
 #endif
-      const float d = half_at(blk);
+      const float d = block_scale(blk, p.type);
       __m256i c0, c1;
       int16_codes(blk, p.type, c0, c1);
       for (int64_t m = 0; m < M; ++m) {
@@ -906,12 +907,12 @@ void q4_k_rows_vnni(const BlockProblem& p, int64_t r0, int64_t r1) {
 }
 #endif
 
-inline Acc q6_k_block(const uint8_t* blk, const int16_t* xq, const float* xd, Acc acc) {
+// A Q6_K super-block's 256 codes as int16 (code - 32) and its sixteen factors d * scale.
+inline void q6_k_unpack(const uint8_t* blk, int16_t* q, float* f) {
   const uint8_t* ql = blk;
   const uint8_t* qh = blk + 128;
   const int8_t* scales = reinterpret_cast<const int8_t*>(blk + 192);
   const float d = half_at(blk + 208);
-  alignas(32) int16_t q[256];
   // weights h*128 + s*32 + j: low nibble of ql[h*64 + (s&1)*32 + j] (high nibble for s >= 2),
   // high bits from qh[h*32 + j] >> 2s; constant shifts per (h, s) so the j loop vectorizes
   for (int h = 0; h < 2; ++h)
@@ -922,8 +923,20 @@ inline Acc q6_k_block(const uint8_t* blk, const int16_t* xq, const float* xd, Ac
         const int hi = (qh[h * 32 + j] >> (2 * s)) & 0x03;
         q[h * 128 + s * 32 + j] = static_cast<int16_t>((lo | (hi << 4)) - 32);
       }
-  for (int k = 0; k < 16; ++k) acc = fma16(q + k * 16, xq + k * 16, d * float(scales[k]) * xd[k / 2], acc);
+  for (int k = 0; k < 16; ++k) f[k] = d * float(scales[k]);
+}
+
+// Unpacked Q6_K codes times one row: a 16-bit multiply-add per 16 weights.
+inline Acc q6_k_dot(const int16_t* q, const float* f, const int16_t* xq, const float* xd, Acc acc) {
+  for (int k = 0; k < 16; ++k) acc = fma16(q + k * 16, xq + k * 16, f[k] * xd[k / 2], acc);
   return acc;
+}
+
+inline Acc q6_k_block(const uint8_t* blk, const int16_t* xq, const float* xd, Acc acc) {
+  alignas(32) int16_t q[256];
+  float f[16];
+  q6_k_unpack(blk, q, f);
+  return q6_k_dot(q, f, xq, xd, acc);
 }
 
 // The scale of run j of an IQ4_XS super-block: d * (6-bit scale - 32), as formats.py forms it.
@@ -960,6 +973,55 @@ inline Acc iq4_xs_block(const uint8_t* blk, const int16_t* xq, const float* xd, 
   }
   return acc;
 }
+
+#ifdef GEMMARUN_AVX2
+// Q6_K or IQ4_XS rows times several activation rows (MoE prefill, batched decode): each
+// super-block is unpacked once (int16 codes and float factors) for all of them, where
+// unpacked_rows unpacked it for every row. Per row the same operations in the same order as
+// q6_k_block / iq4_xs_block: the same bits.
+void super_block_rows_together(const BlockProblem& p, int64_t r0, int64_t r1) {
+  const int64_t nb = p.C / 256, M = p.M;
+  std::vector<Acc> acc(M);
+  alignas(32) int16_t q[256];
+  float f[16];
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.blocks + r * p.row_bytes;
+    for (int64_t m = 0; m < M; ++m) acc[m] = acc_zero();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * p.type_size;
+#ifdef GEMMARUN_AVX512
+      for (int64_t k = 0; k < p.type_size; k += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(blk + k + kPrefetchBytes), _MM_HINT_T0);
+#endif
+      if (p.type == kQ6_K) {
+        q6_k_unpack(blk, q, f);
+        for (int64_t m = 0; m < M; ++m) acc[m] = q6_k_dot(q, f, p.xq + m * p.C + b * 256, p.xscale + m * (p.C / 32) + b * 8, acc[m]);
+      } else {  // IQ4_XS: eight 32-weight runs, one scale each
+        for (int j = 0; j < 8; ++j) {
+          __m128i q0, q1;
+          table_codes(blk + 8 + 16 * j, kIQ4Values, q0, q1);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(q + 32 * j), _mm256_cvtepi8_epi16(q0));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(q + 32 * j + 16), _mm256_cvtepi8_epi16(q1));
+          f[j] = iq4_xs_scale(blk, j);
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          const int16_t* x = p.xq + m * p.C + b * 256;
+          const float* xd = p.xscale + m * (p.C / 32) + b * 8;
+          for (int j = 0; j < 8; ++j) {
+            const __m256i s = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32 * j)),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * j))),
+                _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32 * j + 16)),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * j + 16))));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(f[j] * xd[j]), acc[m]);
+          }
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) p.y[m * p.R + r] = acc_sum(acc[m]);
+  }
+}
+#endif
 
 #ifdef GEMMARUN_AVX2
 // A Q5_0, IQ4_NL or MXFP4 block times one row, vectorized (Q5_0's fifth bits had taken a scalar
@@ -1264,7 +1326,8 @@ torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_typ
 #endif
 #ifdef GEMMARUN_AVX2
     // from 4 rows (2 rows: 8 % slower than one at a time, same process)
-    if (!unpacked && M >= 4 && !q8) return block_rows_together(p, r0, r1);
+    if (p.block == 32 && M >= 4 && !q8) return block_rows_together(p, r0, r1);
+    if ((ggml_type == kQ6_K || ggml_type == kIQ4_XS) && M >= 2) return super_block_rows_together(p, r0, r1);
 #endif
     if (unpacked) unpacked_rows(p, r0, r1); else block_rows(p, r0, r1);
   });
