@@ -176,3 +176,23 @@ def test_ple_rows_are_read_from_the_file(tiny_models, tmp_path):
     short.write_bytes(bytes(10))
     with pytest.raises(OSError, match="short read of table row 1"):
         FileRows(short, 0, 4, 8).read(torch.tensor([1]))
+
+
+def test_gemma3_bfloat16_checkpoint_norms_keep_one_plus_w_exact(tiny_models, tmp_path):
+    """Gemma 3's norms multiply by 1 + w, formed in float32 by the reference: a bfloat16 checkpoint
+    (as the released ones are) must not have 1 + w rounded back to bfloat16 (logits moved ~2 %)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = tiny_models("gemma3")
+    dst = _edit_tensors(folder, tmp_path, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    ref = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+    ids = [2, 30, 40, 50, 60, 70]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].numpy()
+    ours = gemmarun.load(dst, dtype="float32", device="cpu").logits(ids)
+    assert np.abs(ours - expected).max() / np.abs(expected).max() < 1e-5
+    bf = gemmarun.load(dst, dtype="bfloat16", device="cpu")
+    assert bf.model.dtype == torch.bfloat16
+    stored = load_file(dst / "model.safetensors")["model.layers.0.input_layernorm.weight"]
+    norm = bf.model.layers[0].input_layernorm.weight
+    assert norm.dtype == torch.float32 and torch.equal(norm, stored.float() + 1.0)

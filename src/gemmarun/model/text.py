@@ -213,8 +213,8 @@ class TextModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (the final norm is always a float parameter in it)."""
-        return self.norm.weight.dtype
+        """The compute dtype: the token table's (norm weights stay float32, as the norm computes)."""
+        return self.embed_tokens.dtype
 
     @property
     def device(self) -> torch.device:

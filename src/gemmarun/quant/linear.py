@@ -188,6 +188,11 @@ class _QuantMatrix(torch.nn.Module):
         self._native = None  # the native kernel, False where it cannot run, None: not looked up
         self.stack: RowStack | None = None  # set by stack_rows: this matrix's rows live in a stacked one
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype it computes in (its buffers keep the stored codes and scales)."""
+        return self.compute_dtype
+
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_native"] = None  # a closure over this module's buffers: made again where it lands
