@@ -293,6 +293,8 @@ def test_block_kernel_rejects_what_it_cannot_read():
         native_block_gemv()(x, torch.zeros(2, 35, dtype=torch.uint8), int(T.Q4_0), False)
     with pytest.raises(RuntimeError, match="do not match"):  # K-quant rows come in 256s
         native_block_gemv()(x, torch.zeros(2, 36, dtype=torch.uint8), int(T.Q4_K), False)
+    with pytest.raises(RuntimeError, match="CPU tensors only"):  # never a device pointer read on the CPU
+        native_block_gemv()(x.to("meta"), torch.zeros(2, 36, dtype=torch.uint8), int(T.Q4_0), False)
 
 
 # ---- decode_ops.cpp: the model's small float32 operations, against their torch formulas ---------

@@ -134,6 +134,11 @@ def greedy_ids(model, cfg, ids: Sequence[int], n: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def run_bench(llm, load_s: float, prompt_ids: Sequence[int], decode_tokens: int,
               sanity_ids: Sequence[int] = (), sanity_tokens: int = SANITY_TOKENS) -> BenchResult:
@@ -143,8 +148,10 @@ def run_bench(llm, load_s: float, prompt_ids: Sequence[int], decode_tokens: int,
     max_len = n_prompt + decode_tokens + 1
     prefill(model, ids[:WARMUP_TOKENS], make_cache(cfg, max_len, dtype=model.dtype, device=model.device))
     cache = make_cache(cfg, max_len, dtype=model.dtype, device=model.device)
+    _synchronize(model.device)
     t0 = time.perf_counter()
     logits = prefill(model, ids, cache)
+    _synchronize(model.device)  # a GPU may still be running the prefill's last kernels
     t1 = time.perf_counter()
     token = greedy_token(logits)
     t_first = time.perf_counter()

@@ -40,11 +40,11 @@ def _cache_bytes(cache) -> int | None:
 
 @torch.inference_mode()
 def _transformers_greedy(model, ids, n: int) -> tuple[list[int], object]:
-    out = model(torch.tensor([list(ids)]), use_cache=True, logits_to_keep=1)
+    out = model(torch.tensor([list(ids)], device=model.device), use_cache=True, logits_to_keep=1)
     tokens = [int(out.logits[0, -1].argmax())]
     cache = out.past_key_values
     while len(tokens) < n:
-        out = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+        out = model(torch.tensor([[tokens[-1]]], device=model.device), past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens, cache

@@ -1225,6 +1225,7 @@ void unpacked_rows(const BlockProblem& p, int64_t r0, int64_t r1) {
 // and its output y [M, R] (the activations are the caller's to set).
 BlockProblem block_problem(const torch::Tensor& x, const torch::Tensor& blocks, int64_t ggml_type, torch::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: float32 [M, C]");
+  TORCH_CHECK(x.device().is_cpu() && blocks.device().is_cpu(), "block kernels: CPU tensors only");
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == torch::kUInt8 && blocks.stride(1) == 1, "blocks: [R, bytes] uint8 rows");
   BlockProblem p{};
   p.type = ggml_type;

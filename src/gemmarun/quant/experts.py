@@ -62,7 +62,10 @@ class MappedExpertBlocks:
     def matmul(self, e: int, x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
         """``x @ W_e.T``: read in place (up to NATIVE_MAX_ROWS rows with the activations rounded
         as QuantLinear rounds them, more as they are where the format allows), or, for many rows,
-        this expert dequantized once, exactly."""
+        this expert dequantized once, exactly. The blocks stay in host memory: activations from
+        another device (a CPU-loaded model moved there) are multiplied on the CPU and sent back."""
+        if x.device.type != "cpu":
+            return self.matmul(e, x.cpu(), compute_dtype).to(x.device)
         rows = self.raw[e * self.out_f : (e + 1) * self.out_f]
         x2 = x.reshape(-1, self.in_f).float().contiguous()
         n = x2.shape[0]
