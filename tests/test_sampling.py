@@ -62,8 +62,23 @@ def test_greedy_ignores_seed_and_sampling_follows_distribution():
     assert [a(logits, none, none) for _ in range(50)] == [b(logits, none, none) for _ in range(50)]
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=1.0),
-                                 dict(top_k=-1), dict(max_tokens=-1), dict(repetition_penalty=0)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("inf")), dict(top_p=0),
+                                 dict(top_p=1.5), dict(min_p=1.0), dict(top_k=-1), dict(max_tokens=-1),
+                                 dict(repetition_penalty=0), dict(repetition_penalty=1e-300),
+                                 dict(repetition_penalty=1e30), dict(presence_penalty=-1e39),
+                                 dict(presence_penalty=2.5)])
 def test_invalid_params_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-6])
+def test_a_vanishing_temperature_is_greedy(temperature):
+    """logits / 1e-38 overflow float32 (a draw from NaN probabilities raised): such a temperature
+    is the argmax."""
+    p = SamplingParams(temperature=temperature, seed=0)
+    assert p.temperature == 0.0
+    logits = torch.tensor([30.0, 29.0, -5.0, 31.0])
+    none = torch.tensor([], dtype=torch.long)
+    assert Sampler(p)(logits, none, none) == 3
+    assert SamplingParams(temperature=1e-4).temperature == 1e-4

@@ -3,9 +3,17 @@ processors built from them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+# Below this temperature sampling is greedy (vLLM's rule too): logits / 1e-38 overflow float32,
+# and no draw at such a temperature differs from the argmax anyway.
+GREEDY_BELOW = 1e-5
+# Penalties past these would push logits beyond float32 (presence: OpenAI's own range).
+MAX_PRESENCE_PENALTY = 2.0
+REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 
 
 @dataclass(frozen=True)
@@ -23,17 +31,22 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        low, high = REPETITION_PENALTY_RANGE
         checks = [
             (self.max_tokens >= 0, "max_tokens must be >= 0"),
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 <= self.temperature < math.inf, "temperature must be >= 0 and finite"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (low <= self.repetition_penalty <= high, f"repetition_penalty must be in [{low:g}, {high:g}]"),
+            (abs(self.presence_penalty) <= MAX_PRESENCE_PENALTY,
+             f"presence_penalty must be in [-{MAX_PRESENCE_PENALTY:g}, {MAX_PRESENCE_PENALTY:g}]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor, p: SamplingParams):
