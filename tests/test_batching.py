@@ -5,6 +5,8 @@ from test_speculative import N_NEW, N_PROMPT, OracleDrafter, _prompt, random_dra
 
 import gemmarun
 from gemmarun.batching import BatchEngine
+from gemmarun.constrain import GrammarError
+from gemmarun.control import OutputControl
 from gemmarun.llm import Prompt
 from gemmarun.sampling import SamplingParams
 from gemmarun.speculative import SpeculationConfig
@@ -203,3 +205,39 @@ def test_engine_rounds_are_those_of_the_single_request_path(tiny_models, monkeyp
         got += [ev.token for ev in engine.step() if ev.token is not None]
     assert got == alone
     assert len(drafted[0]) > 3 and drafted[1] == drafted[0]
+
+
+class _FailingControl(OutputControl):
+    """An output control whose mask raises at its `after`-th token, as a grammar that cannot go on does."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def mask(self, logits):
+        if len(self.generated) == self.after:
+            raise GrammarError("the grammar allows no token here (no text can satisfy it)")
+        return super().mask(logits)
+
+
+@pytest.mark.parametrize("after", [0, 3])  # at admission (prefill's token), and mid-batch
+def test_a_request_that_fails_ends_alone_and_the_others_go_on(tiny_models, after):
+    folder, _ = tiny_models("e2b")
+    llm = gemmarun.load(folder, device="cpu")
+    engine = BatchEngine(llm, max_batch=4)
+    prompts = [[2, 30, 31, 32], [2, 40, 41], [2, 50, 51, 52, 53]]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    ids = [engine.add(Prompt(p), params, control=_FailingControl(after) if i == 1 else None)
+           for i, p in enumerate(prompts)]
+    out = {i: [] for i in ids}
+    errors = {}
+    while engine.busy:
+        for ev in engine.step():
+            if ev.token is not None:
+                out[ev.request_id].append(ev.token)
+            if ev.finish_reason == "error":
+                errors[ev.request_id] = ev.error
+    assert list(errors) == [ids[1]] and isinstance(errors[ids[1]], GrammarError)
+    assert len(out[ids[1]]) <= after
+    for i in (0, 2):
+        assert out[ids[i]] == llm.generate_ids(prompts[i], max_new_tokens=8, ignore_eos=True)

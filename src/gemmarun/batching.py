@@ -45,9 +45,10 @@ class Event:
 
     request_id: int
     token: int | None  # None when the request finished without a new token (stop id, cancel)
-    finish_reason: str | None = None  # "stop", "length", "loop", "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "loop", "cancelled", "error"
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    error: Exception | None = None  # with "error": what ended this request (the others go on)
 
 
 @dataclass
@@ -125,13 +126,24 @@ class BatchEngine:
         events: list[Event] = []
         running = [r for r in self.active if r.last is not None]
         if len(running) == 1:
-            events += self._advance_alone(running[0])
+            events += self._guarded(running[0], self._advance_alone, running[0])
         elif running:
             events += self._decode(running)
         while self.waiting and len(self.active) < self.max_batch:
             r = self.waiting.pop(0)
-            events += self._admit(r)
+            events += self._guarded(r, self._admit, r)
         return events
+
+    def _guarded(self, r: _Request, work, *args) -> list[Event]:
+        """`work`'s events, or, where it raises (a grammar that cannot go on, a prompt's own
+        problem), this request's end with the error: the batch's other requests go on."""
+        try:
+            return work(*args)
+        except Exception as e:  # noqa: BLE001 - handed to this request's caller
+            if r in self.active:
+                self.active.remove(r)
+            r.cache = None
+            return [Event(r.id, None, "error", error=e)]
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -173,7 +185,7 @@ class BatchEngine:
         for r, row in zip(rows, logits):
             r.position += 1
             r.exposed = None  # a batched forward exposes nothing to draft from
-            events += self._sample(r, row)
+            events += self._guarded(r, self._sample, r, row)
         return events
 
     @torch.inference_mode()

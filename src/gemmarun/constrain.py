@@ -137,6 +137,9 @@ class GrammarState:
         self.matcher = LLMatcher(ll_tokenizer(tokenizer, vocab_size, eos_ids), grammar.source)
         if self.matcher.is_error():
             raise GrammarError(f"grammar does not compile: {self.matcher.get_error().splitlines()[0]}")
+        self.matcher.compute_bitmask()  # a grammar that no text satisfies fails here, before generating
+        if self.matcher.is_error():
+            raise GrammarError(f"no text satisfies the grammar ({self.matcher.get_error().splitlines()[0]})")
         self.vocab_size = vocab_size
         self.opens_with, self.start_after = opens_with, start_after
         self.active = opens_with is None
@@ -148,11 +151,15 @@ class GrammarState:
         if not self.active and not self.first:
             return logits  # inside the thinking channel: free
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        if self.matcher.is_error():  # e.g. a recursion the parser gave up on: no mask to trust
+            raise GrammarError(f"the grammar cannot go on: {self.matcher.get_error().splitlines()[0]}")
         allowed = np.unpackbits(bits, bitorder="little").view(np.bool_)  # bit i of byte b: token 8b+i
         n = logits.shape[-1]
         allowed = allowed[:n].copy() if allowed.size >= n else np.pad(allowed, (0, n - allowed.size))
         if not self.active:  # first token: the grammar's first token, or open the thinking channel
             allowed[self.opens_with] = True
+        if not allowed.any():
+            raise GrammarError("the grammar allows no token here (no text can satisfy it)")
         return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
 
     def advance(self, token: int) -> None:

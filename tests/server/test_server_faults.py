@@ -14,6 +14,8 @@ import httpx
 import pytest
 from serverkit import running, status_of_raw_upload, wait_for
 
+from gemmarun.batching import BatchEngine
+from gemmarun.constrain import GrammarError
 from gemmarun.server import ServerOptions, create_app, uvicorn_settings
 
 CHAT = "/v1/chat/completions"
@@ -91,6 +93,34 @@ def test_clients_leaving_mid_stream_free_their_slots_and_the_others_finish(tiny_
         assert wait_for(lambda: not engine.active and not engine.waiting and r.scheduler.in_flight == 0, 30)
         assert r.scheduler.cancelled == 2  # each 120-token request stopped when its client left
         assert wait_for(lambda: r.app.state.open_requests.n == 0, 5)  # its finally runs after the reply is out
+
+
+class _OneFails(BatchEngine):
+    """A request whose prompt holds `marker` fails at its fourth token, as a grammar that cannot go
+    on does (GrammarError): the engine ends it alone."""
+
+    marker: int
+
+    def _sample(self, r, logits, chosen=None):
+        if self.marker in r.prompt.ids and len(r.control.generated) == 3:
+            raise GrammarError("the grammar allows no token here (no text can satisfy it)")
+        return super()._sample(r, logits, chosen)
+
+
+def test_a_request_that_fails_gets_its_error_alone(tiny_llm):
+    engine = _OneFails(tiny_llm, max_batch=4)
+    engine.marker = tiny_llm.tokenizer.encode("9", add_bos=False)[-1]  # in request 99's prompt only
+    with _serve(tiny_llm, ServerOptions(max_batch=4), engine=engine) as r:
+        alone = [httpx.post(r.url + CHAT, json=_body(i, 12, False), timeout=120).json() for i in range(2)]
+
+        async def main():
+            async with httpx.AsyncClient(timeout=300) as client:
+                replies = [client.post(r.url + CHAT, json=_body(i, 12, False)) for i in range(2)]
+                return await asyncio.gather(client.post(r.url + CHAT, json=_body(99, 12, False)), *replies)
+
+        failed, *others = asyncio.run(main())
+        assert failed.status_code == 400 and "no text can satisfy it" in failed.json()["error"]["message"]
+        assert [o.json()["choices"][0]["message"] for o in others] == [a["choices"][0]["message"] for a in alone]
 
 
 def test_a_body_that_stalls_is_timed_out_and_others_are_served(tiny_llm):

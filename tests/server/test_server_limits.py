@@ -167,12 +167,28 @@ def test_max_tokens_limit(strict):
     assert 1 <= unset["usage"]["completion_tokens"] <= 8
 
 
+def test_max_tokens_past_the_context_and_sampling_values_past_float32(defaults):
+    """Without --max-tokens-limit the context (1024 here) is the limit; a temperature too small
+    for float32 is greedy (it made a NaN draw that failed the whole batch), penalties that
+    overflow the logits are a 400."""
+    err = error_of(chat(defaults, [{"role": "user", "content": "hi"}], max_tokens=1025), 400)
+    assert err["param"] == "max_tokens" and "at most 1024" in err["message"]
+    resp = httpx.post(defaults.url + "/v1/completions", json={"model": "mm", "prompt": "hi " * 1100}, timeout=60)
+    assert error_of(resp, 400)["param"] == "prompt"
+    greedy = chat(defaults, [{"role": "user", "content": "hi"}], max_tokens=4)
+    tiny = chat(defaults, [{"role": "user", "content": "hi"}], max_tokens=4, temperature=1e-38)
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+    for field, value in (("presence_penalty", -1e39), ("repetition_penalty", 1e-300)):
+        err = error_of(chat(defaults, [{"role": "user", "content": "hi"}], temperature=1.0, **{field: value}), 400)
+        assert err["param"] == field
+
+
 def test_requests_past_capacity_get_429_before_their_body_is_read(tiny_llm):
     options = ServerOptions(max_batch=1, max_queue=0)
     with running(create_app(tiny_llm, options, engine=SlowEngine(tiny_llm, max_batch=1, delay=0.05)),
                  **uvicorn_settings(options)) as r:
         release = threading.Event()
-        body = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 500,
+        body = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 240,
                 "temperature": 0, "stream": True, "ignore_eos": True}
 
         def hold():

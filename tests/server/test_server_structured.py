@@ -8,9 +8,13 @@ import torch
 from serverkit import running
 
 import gemmarun
+from gemmarun.batching import Event
+from gemmarun.constrain import Grammar
 from gemmarun.llm import Prompt
 from gemmarun.sampling import SamplingParams
 from gemmarun.server import ServerOptions, create_app
+from gemmarun.server.generation import Generation
+from gemmarun.server.protocol import Envelope
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
@@ -56,6 +60,34 @@ def test_json_object_and_bad_formats(server):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=4, response_format=fmt)
         assert e.value.body["param"] == param and "\n" not in e.value.body["message"]
+
+
+def test_a_schema_no_text_satisfies_is_a_400(server):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/a",
+                                                                          "$defs": {"a": {"$ref": "#/$defs/a"}}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=4, response_format=fmt)
+    assert e.value.body["param"] == "response_format.json_schema.schema"
+    assert "no text satisfies the grammar" in e.value.body["message"]
+
+
+def test_a_loop_cut_inside_the_grammar_ends_with_length(tiny_models):
+    """The loop guard ending a reply mid-object leaves JSON that does not parse: "length", as
+    max_tokens would (clients treat "stop" as complete); outside a grammar it is a "stop"."""
+    folder, _ = tiny_models("gemma3")
+    llm = gemmarun.load(folder, device="cpu")
+    opening = llm.tokenizer.encode('{"a', add_bos=False)
+    for grammar, reason in ((Grammar.any_json(), "length"), (None, "stop")):
+        state = grammar and llm.grammar_state(grammar, SamplingParams())
+        control = llm.output_control(state, "stop")
+        gen = Generation(llm, Envelope("chatcmpl-1", "tiny", "chat.completion.chunk"), Prompt([2]), SamplingParams(),
+                         control=control)
+        for token in opening:
+            control.push(token)
+            gen.feed(Event(1, token))
+        gen.feed(Event(1, None, "loop"))
+        assert gen.finish_reason == reason and gen.stop_reason == "loop"
 
 
 def test_the_loop_guard_is_on_in_the_server(tiny_models):

@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..constrain import GrammarError
 from ..generate import ContextOverflow
 from ..llm import LLM, Prompt
 from ..processing.image import MAX_PIXELS
@@ -267,14 +268,16 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
     async def read_json(request: Request) -> dict:
         return parse_json(await request.body())
 
-    def fit(prompt: Prompt, params, given: bool):
+    def fit(prompt: Prompt, params, given: bool, param: str = "messages"):
+        """The request's params with max_tokens checked (given) or capped (defaulted); `param`
+        names the prompt's field in errors."""
         n = len(prompt.ids)
         if n >= scheduler.context:
             raise bad(f"this model's maximum context length is {scheduler.context} tokens; the prompt has {n} "
-                      "tokens", "messages", "context_length_exceeded")
-        if given and opts.max_tokens_limit is not None and params.max_tokens > opts.max_tokens_limit:
-            raise bad(f"max_tokens is too large: {params.max_tokens}; this server allows at most "
-                      f"{opts.max_tokens_limit}", "max_tokens")
+                      "tokens", param, "context_length_exceeded")
+        limit = scheduler.context if opts.max_tokens_limit is None else opts.max_tokens_limit
+        if given and params.max_tokens > limit:
+            raise bad(f"max_tokens is too large: {params.max_tokens}; this server allows at most {limit}", "max_tokens")
         cap = scheduler.context - n if opts.max_tokens_limit is None else opts.max_tokens_limit
         return params if given else replace(params, max_tokens=min(params.max_tokens, cap))
 
@@ -324,8 +327,11 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
 
         prompt = await build_off_loop(build, inputs.has_media(req.messages))
         # the grammar's tokenizer view is built on first use (seconds for a 262k vocabulary): off the loop
-        grammar = req.grammar and await anyio.to_thread.run_sync(
-            lambda: llm.grammar_state(req.grammar, req.params, thinking=req.thinking))
+        try:
+            grammar = req.grammar and await anyio.to_thread.run_sync(
+                lambda: llm.grammar_state(req.grammar, req.params, thinking=req.thinking))
+        except GrammarError as e:  # a schema no text satisfies
+            raise bad(str(e), "response_format.json_schema.schema") from None
         gen = Generation.chat(llm, Envelope(new_id("chatcmpl"), name, "chat.completion.chunk"), prompt,
                               fit(prompt, req.params, req.max_tokens_given), req,
                               llm.output_control(grammar, opts.loop_guard))
@@ -334,13 +340,16 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
     async def completions(request: Request) -> Response:
         req = parse_completion(await read_json(request), 16, opts.sampling)
         if isinstance(req.prompt, str):
-            prompt = await anyio.to_thread.run_sync(lambda: llm.build_prompt(req.prompt))
+            try:
+                prompt = await anyio.to_thread.run_sync(lambda: llm.build_prompt(req.prompt))
+            except ValueError as e:  # e.g. a lone surrogate
+                raise bad(_one_line(e), "prompt") from None
         else:
             if not all(0 <= i < llm.config.vocab_size for i in req.prompt):
                 raise bad(f"prompt token ids must be in [0, {llm.config.vocab_size})", "prompt")
             prompt = Prompt(list(req.prompt))
         gen = Generation.completion(llm, Envelope(new_id("cmpl"), name, "text_completion"), prompt,
-                                    fit(prompt, req.params, req.max_tokens_given), req,
+                                    fit(prompt, req.params, req.max_tokens_given, "prompt"), req,
                                     llm.output_control(loop_guard=opts.loop_guard))
         return await run(request, gen, req.stream, lambda g: JSONResponse(g.completion_response()))
 

@@ -66,6 +66,8 @@ class Generation:
             if ev.finish_reason == "loop":  # not one of OpenAI's finish reasons: said in stop_reason
                 self.stop_reason = "loop"
             reason = "stop" if stopped_early or ev.finish_reason in ("stop", "cancelled", "loop") else ev.finish_reason
+            if ev.finish_reason == "loop" and self._grammar_unfinished():
+                reason = "length"  # cut inside the structure: it does not parse, as with max_tokens
             self.finish_reason = "tool_calls" if self.reply.calls else reason
         self._offset = self._chars  # where this delta's text starts (completions' text_offset)
         self._chars += len(delta.content)
@@ -74,6 +76,9 @@ class Generation:
         if self.logprobs is not None:
             self.logprobs += entries
         return delta, entries
+
+    def _grammar_unfinished(self) -> bool:
+        return self.control is not None and self.control.grammar is not None and not self.control.grammar_done
 
     def _entry(self, ev: Event) -> dict:
         tok = self.llm.tokenizer

@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..batching import BatchEngine, Event
+from ..constrain import GrammarError
 from ..control import OutputControl
 from ..llm import LLM, Prompt
 from ..sampling import SamplingParams
@@ -35,6 +36,13 @@ class EngineFailed(RuntimeError):
     def __init__(self, message: str, status: int = 500) -> None:
         super().__init__(message)
         self.status = status
+
+
+def request_failed(error: Exception) -> EngineFailed:
+    """One request's failure in the engine: 400 where its own input cannot go on (a grammar no
+    token can continue, a bad value), 500 otherwise."""
+    status = 400 if isinstance(error, (GrammarError, ValueError)) else 500
+    return EngineFailed(f"generation failed: {' '.join(str(error).split()) or type(error).__name__}", status)
 
 
 @dataclass(eq=False)
@@ -176,6 +184,9 @@ class Scheduler:
                 continue
             if ev.finish_reason:
                 del self._jobs[ev.request_id]
+            if ev.error is not None:  # this request failed alone: its error, not its events
+                self._post(job, request_failed(ev.error))
+                continue
             by_job[job].append(ev)
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for job, evs in by_job.items():
