@@ -133,3 +133,31 @@ def test_absurd_layer_counts_are_refused_before_the_layer_plan(layers):
     raw.pop("layer_types")
     with pytest.raises(ConfigError, match="num_hidden_layers"):
         text_config_from_hf(raw)
+
+
+def test_gemma3_multimodal_configs_take_the_reference_text_defaults():
+    """google/gemma-3-4b-it's config.json names a few text keys; transformers' Gemma3TextConfig
+    fills the rest (it failed to load: no vocab_size)."""
+    from transformers import Gemma3Config
+
+    raw = {"model_type": "gemma3", "eos_token_id": [1, 106],
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024}}
+    ours = text_config_from_hf(raw)
+    ref = Gemma3Config(**raw).text_config
+    assert (ours.vocab_size, ours.num_heads, ours.num_kv_heads, ours.head_dim, ours.sliding_window) == (
+        ref.vocab_size, ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim, ref.sliding_window)
+    assert ours.attention_scale == ref.query_pre_attn_scalar**-0.5 and ours.rope_full.factor == 8.0
+    bare = text_config_from_hf({"model_type": "gemma3_text", "vocab_size": 256, "hidden_size": 64,
+                                "intermediate_size": 96, "num_hidden_layers": 6, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "head_dim": 16})
+    assert bare.sliding_window == 4096 and bare.attention_scale == 256**-0.5  # not 512, not head_dim
+
+
+def test_gemma3_attention_softcap_is_not_applied_as_in_the_reference():
+    """Gemma 3's attention in transformers (and llama.cpp) ignores attn_logit_softcapping."""
+    raw = {"model_type": "gemma3_text", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
+           "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+           "attn_logit_softcapping": 2.0}
+    assert text_config_from_hf(raw).attn_logit_softcap is None

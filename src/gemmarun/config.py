@@ -306,10 +306,22 @@ def _full_layer_overrides(tc: dict[str, Any], layer_types: tuple[LayerType, ...]
     return next(iter(seen))
 
 
+# transformers' Gemma3TextConfig defaults: Gemma 3's multimodal checkpoints (gemma-3-4b-it and up)
+# name only a few text keys and rely on these for the rest.
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
+    "sliding_window": 4096, "rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "rope_theta": 1e6,
+    "rope_local_base_freq": 1e4,
+}
+
+
 def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
     """Parse a HF `config.json` dict. Values that would change the math and that we do not
     implement raise `ConfigError` naming the key."""
     tc, family = _text_section(raw)
+    if family == "gemma3":
+        tc = {**GEMMA3_TEXT_DEFAULTS, **tc}
     unknown = sorted(k for k in tc if k not in _INERT_KEYS and not k.startswith("_"))
     if unknown:
         # Unknown keys are reported, never silently honoured or dropped.
@@ -383,10 +395,11 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         pad_id=int(tc.get("pad_token_id") or 0),
     )
     if family == "gemma3":
+        # attn_logit_softcapping stays unused: Gemma 3's attention in the reference (and llama.cpp)
+        # never applies it, whatever the config says.
         return TextConfig(
             **common,
-            attn_logit_softcap=tc.get("attn_logit_softcapping"),
-            attention_scale=float(tc.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+            attention_scale=float(tc["query_pre_attn_scalar"]) ** -0.5,
             has_v_norm=False,
         )
     global_head_dim, global_kv_heads = _full_layer_overrides(tc, layer_types)
@@ -626,13 +639,11 @@ def text_config_from_gguf(
         scale_dim = hidden // num_heads if n == 62 else head_dim
         if scale_dim < 1:
             raise ConfigError(f"{arch}.embedding_length={hidden} is smaller than attention.head_count={num_heads}")
-        softcap = get("attn_logit_softcapping", None)
-        return TextConfig(
+        return TextConfig(  # no attention softcap: llama.cpp's gemma3 graph has none (see the HF parse)
             **common,
             head_dim=head_dim,
             rope_full=RopeConfig(theta=number("rope.freq_base", 1e6), factor=factor),
             rope_sliding=RopeConfig(theta=number("rope.freq_base_swa", 1e4)),
-            attn_logit_softcap=None if softcap is None else number("attn_logit_softcapping", 0.0),
             attention_scale=scale_dim**-0.5,
             has_v_norm=False,
         )

@@ -501,3 +501,22 @@ def test_moe_experts_stay_in_the_mapped_file_on_cpu(converted, monkeypatch, type
                for m in repacked.model.modules() if isinstance(m, QuantExperts))
     a, b = mapped.logits(IDS), repacked.logits(IDS)
     assert np.abs(a - b).max() / np.abs(b).max() < 2e-4
+
+
+def test_convert_refuses_a_rope_factor_gguf_cannot_carry(tiny_models, tmp_path):
+    """GGUF holds a rope factor only as Gemma 3's linear scaling: a Gemma 4 factor was dropped."""
+    import json
+    import shutil
+
+    from gemmarun.loading import LoadError
+    from gemmarun.loading.convert import convert
+
+    folder, _ = tiny_models("e2b")
+    dst = tmp_path / "m"
+    shutil.copytree(folder, dst)
+    raw = json.loads((dst / "config.json").read_text())
+    text = raw.get("text_config", raw)
+    text["rope_parameters"]["full_attention"]["factor"] = 4.0
+    (dst / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(LoadError, match="rope factor on gemma4's full layers"):
+        convert(dst, tmp_path / "m.gguf", "f32", progress=False)

@@ -45,6 +45,10 @@ def write_config_metadata(w: GGUFWriter, cfg: TextConfig) -> None:
     """The `<arch>.*` keys `config.text_config_from_gguf` reads back into the same TextConfig."""
     a = cfg.family
     n = cfg.num_layers
+    # GGUF carries a rope factor only as Gemma 3's linear scaling of its full layers
+    if cfg.rope_sliding.factor != 1.0 or (a == "gemma4" and cfg.rope_full.factor != 1.0):
+        layers = "sliding" if cfg.rope_sliding.factor != 1.0 else "full"
+        raise LoadError(f"convert: a rope factor on {a}'s {layers} layers cannot be expressed in GGUF")
     w.add_uint32(f"{a}.context_length", cfg.max_position_embeddings)
     w.add_uint32(f"{a}.embedding_length", cfg.hidden_size)
     w.add_uint32(f"{a}.block_count", n)
