@@ -78,12 +78,15 @@ def test_multi_turn_strips_reasoning_from_model_turns():
         {"role": "user", "content": "Another?"},
         {"role": "model", "content": [{"type": "text", "text": "<|channel>thought\nx<channel|>5"}]},
         {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "<|channel>thought\ncut off by max_tokens"},  # never closed
+        {"role": "user", "content": "Again"},
     ]
     assert render_gemma4(messages, enable_thinking=True) == (
         "<bos><|turn>system\n<|think|><turn|>\n"
         "<|turn>user\nName a prime.<turn|>\n<|turn>model\n3<turn|>\n"
         "<|turn>user\nAnother?<turn|>\n<|turn>model\n5<turn|>\n"
-        "<|turn>user\nThanks<turn|>\n<|turn>model\n"
+        "<|turn>user\nThanks<turn|>\n<|turn>model\n<turn|>\n"
+        "<|turn>user\nAgain<turn|>\n<|turn>model\n"
     )
 
 
@@ -588,3 +591,14 @@ def test_our_gemma4_renderer_agrees_with_a_template_of_its_rules():
                                                                    {"type": "text", "text": "ok"}]}]
     plain = [{k: v for k, v in m.items() if k != "metadata"} for m in messages]
     assert render_template(GEMMA_LIKE, plain) == render_gemma4(plain)
+
+
+def test_templates_that_scan_the_earlier_messages_render_long_chats():
+    """The published Gemma 4 template looks back over the earlier messages for every message
+    (~n^2/2 loop steps): an 800-message chat must render, while a loop over nothing stays capped."""
+    template = ("{% for m in messages %}{% for earlier in messages[:loop.index0] %}{% if earlier.role == 'tool' %}"
+                "x{% endif %}{% endfor %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(800)]
+    assert render_template(template, messages).count("\n") == 800
+    with pytest.raises(ChatTemplateError, match="loop iterations"):
+        render_template("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", messages[:2])

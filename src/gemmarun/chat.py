@@ -28,7 +28,10 @@ from jinja2.visitor import NodeTransformer
 
 MAX_OUTPUT_CHARS = 4_000_000  # the rendered prompt, and any single string a template builds
 MAX_BUILT_CHARS = 8 * MAX_OUTPUT_CHARS  # all strings a render builds, summed
-MAX_STEPS = 100_000  # loop iterations + macro calls per render (a macro call costs ~20 us)
+# Loop iterations + macro calls per render (a macro call costs ~20 us): this many, plus the
+# square of the number of messages (the published Gemma 4 template scans the earlier messages
+# for every message: ~0.5 n^2 steps, so a flat 100k refused chats of 450 messages).
+MAX_STEPS = 100_000
 MAX_SECONDS = 5.0
 MAX_NESTING = 100  # levels of lists/dicts in messages and tools: far past any real tool schema
 ROLES = frozenset({"system", "developer", "user", "assistant", "model", "tool"})
@@ -130,10 +133,11 @@ class _LimitError(Exception):
 
 
 class _Budget:
-    __slots__ = ("steps", "chars", "deadline")
+    __slots__ = ("steps", "max_steps", "chars", "deadline")
 
-    def __init__(self) -> None:
+    def __init__(self, messages: int = 0) -> None:
         self.steps, self.chars, self.deadline = 0, 0, time.monotonic() + MAX_SECONDS
+        self.max_steps = MAX_STEPS + messages * messages
 
 
 _BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("gemmarun_chat_budget")
@@ -180,8 +184,8 @@ def _charge(value: Any) -> Any:
 def _step(context: Any, value: Any = None) -> Any:
     budget = _BUDGET.get()
     budget.steps += 1
-    if budget.steps > MAX_STEPS:
-        raise _LimitError(f"template ran more than {MAX_STEPS} loop iterations and macro calls")
+    if budget.steps > budget.max_steps:
+        raise _LimitError(f"template ran more than {budget.max_steps} loop iterations and macro calls")
     if budget.steps % 256 == 0 and time.monotonic() > budget.deadline:
         raise _LimitError(f"template ran longer than {MAX_SECONDS}s")
     return value
@@ -466,7 +470,7 @@ def render_template(
     if clash:
         raise ChatTemplateError(f"extra may not set {sorted(clash)}")
     _environment()  # fails on an unsafe jinja2
-    token = _BUDGET.set(_Budget())
+    token = _BUDGET.set(_Budget(len(chat)))
     try:
         out, n = [], 0
         compiled = _compile(template)
@@ -509,7 +513,7 @@ def format_tool_value(v: Any) -> str:
 _G4_MEDIA = {"image": "<|image|>", "image_url": "<|image|>", "audio": "<|audio|>",
              "input_audio": "<|audio|>", "video": "<|video|>"}
 _G3_MEDIA = {"image": "<start_of_image>", "image_url": "<start_of_image>"}
-_CHANNEL_RE = re.compile(r"<\|channel>.*?<channel\|>", re.S)
+_CHANNEL_RE = re.compile(r"<\|channel>.*?(?:<channel\|>|\Z)", re.S)  # a reply cut mid-thought: to the end
 
 
 def _content(message: dict, media: dict[str, str], model: str) -> str:
