@@ -96,7 +96,11 @@ def test_split_clips_is_consecutive_and_lossless():
     assert [len(c) for c in clips] == [MAX_CLIP_SAMPLES, MAX_CLIP_SAMPLES, 1234]
     np.testing.assert_array_equal(np.concatenate(clips), wave)
     assert all(np.shares_memory(c, wave) for c in clips)  # views, no copies
-    assert len(split_clips(wave[:100])) == 1 and split_clips(wave[:0]) == []
+    assert len(split_clips(wave[:200])) == 1 and split_clips(wave[:0]) == []
+    # a tail too short for one mel frame (<= 160 samples) gives no soft token: no empty clip
+    assert [len(c) for c in split_clips(wave[: MAX_CLIP_SAMPLES + 160])] == [MAX_CLIP_SAMPLES]
+    assert [len(c) for c in split_clips(wave[: MAX_CLIP_SAMPLES + 161])] == [MAX_CLIP_SAMPLES, 161]
+    assert split_clips(wave[:100]) == []
 
 
 # --------------------------------------------------------------------------------------------

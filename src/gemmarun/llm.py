@@ -16,7 +16,7 @@ from .config import TextConfig
 from .control import NUMBER_CHARS, OutputControl, make_loop_guard
 from .generate import generate_step
 from .loopguard import LoopGuardConfig
-from .model.multimodal import AUDIO, IMAGE, VIDEO, Encoders, MediaTokens, merge
+from .model.multimodal import AUDIO, IMAGE, TEXT, VIDEO, Encoders, MediaTokens, merge, token_types
 from .model.unified import UnifiedEncoders
 from .model.text import TextModel
 from .sampling import SamplingParams
@@ -133,8 +133,8 @@ class LLM:
         from .processing.prompt import PreparedAudio, PreparedImage
 
         ids = torch.tensor(prompt.ids, device=self.model.device)
-        if not prompt.media:
-            return ids, None, None
+        if not prompt.media and (self.encoders is None or not (token_types(ids, self.media_tokens) != TEXT).any()):
+            return ids, None, None  # (placeholders without their media: merge names the mismatch)
         soft: dict[int, list[torch.Tensor]] = {IMAGE: [], VIDEO: [], AUDIO: []}
         for item in prompt.media:
             kind = IMAGE if isinstance(item, PreparedImage) else AUDIO if isinstance(item, PreparedAudio) else VIDEO
@@ -145,6 +145,7 @@ class LLM:
                      draft: Draft | None = None, **sampling: Any) -> list[int]:
         """The new token ids (the prompt is not repeated), using the KV cache."""
         self._check_ids(prompt_ids)
+        self._inputs(Prompt(list(prompt_ids)))  # media placeholders (no media here): merge names them
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, **sampling)
         return list(self.token_stream(list(prompt_ids), params, draft=draft))
 

@@ -241,3 +241,14 @@ def test_text_only_model_refuses_media_clearly(tiny_models, media):
     llm = gemmarun.load(folder, device="cpu")
     with pytest.raises(ValueError, match="text only"):
         llm.encode_image(media / "a.png")
+
+
+def test_placeholders_without_their_media_are_a_clear_error(pair):
+    """A text prompt holding an image or audio placeholder id (typed, or given as ids) has no soft
+    tokens for it: it was embedded as the placeholder's own row; now the mismatch is named."""
+    llm, _ = pair("e2b")
+    tok = llm.media_tokens
+    for placeholder, name in ((tok.image, "image"), (tok.audio, "audio")):
+        with pytest.raises(ValueError, match=f"1 {name} soft-token positions but the {name} inputs give 0"):
+            llm.generate_ids([2, 40, placeholder, 41], max_new_tokens=1)
+    assert len(llm.generate_ids([2, 40, 41], max_new_tokens=2)) == 2

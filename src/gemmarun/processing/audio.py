@@ -179,11 +179,13 @@ def split_clips(wave: np.ndarray) -> list[np.ndarray]:
     """Consecutive clips of at most MAX_CLIP_SAMPLES (views, no copies).
 
     The reference feature extractor truncates at 30 s; we split instead so nothing is dropped.
-    A final clip shorter than 161 samples (~10 ms) yields no mel frame and so no soft token.
+    A final clip shorter than 161 samples (~10 ms) yields no mel frame and so no soft token: it
+    is left out (it would be an empty <|audio><audio|> block in the prompt).
     """
     if wave.ndim != 1:
         raise ValueError(f"split_clips expects a 1-D waveform, got shape {tuple(wave.shape)}")
-    return [wave[i : i + MAX_CLIP_SAMPLES] for i in range(0, len(wave), MAX_CLIP_SAMPLES)]
+    clips = [wave[i : i + MAX_CLIP_SAMPLES] for i in range(0, len(wave), MAX_CLIP_SAMPLES)]
+    return [clip for clip in clips if num_audio_soft_tokens(len(clip))]
 
 
 # --------------------------------------------------------------------------------------------

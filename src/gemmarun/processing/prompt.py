@@ -111,7 +111,7 @@ def prepare(kind: str, source: Any, image_tokens: int) -> Prepared:
     if kind == "audio":
         clips = split_clips(load_audio(source))
         if not clips:
-            raise ValueError(f"{_label(source)}: the audio is empty")
+            raise ValueError(f"{_label(source)}: the audio is empty (or under 10 ms: no audio token)")
         return PreparedAudio(tuple(clips))
     if kind == "video":
         frames, times = sample_video(source)
