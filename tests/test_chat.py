@@ -125,8 +125,8 @@ def test_tool_declaration_call_and_response():
     prompt = render_gemma4(messages, tools=[WEATHER_TOOL])
     declaration = (
         f"<|tool>declaration:get_weather{{description:{Q}Current weather{Q},"
-        f"parameters:{{properties:{{city:{{type:{Q}string{Q}}}}},required:[{Q}city{Q}],"
-        f"type:{Q}object{Q}}}}}<tool|>"
+        f"parameters:{{properties:{{city:{{type:{Q}STRING{Q}}}}},required:[{Q}city{Q}],"
+        f"type:{Q}OBJECT{Q}}}}}<tool|>"
     )
     assert prompt == (
         f"<bos><|turn>system\n{declaration}<turn|>\n"
@@ -602,3 +602,7 @@ def test_templates_that_scan_the_earlier_messages_render_long_chats():
     assert render_template(template, messages).count("\n") == 800
     with pytest.raises(ChatTemplateError, match="loop iterations"):
         render_template("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", messages[:2])
+
+
+def test_tool_values_sort_their_keys_ignoring_case_as_dictsort_does():
+    assert format_tool_value({"Zip": 1, "apple": 2, "b": {"B": 1, "a": 2}}) == "{apple:2,b:{a:2,B:1},Zip:1}"

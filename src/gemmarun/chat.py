@@ -503,8 +503,8 @@ def format_tool_value(v: Any) -> str:
         return {True: "true", False: "false", None: "null"}[v]
     if isinstance(v, (int, float)):
         return json.dumps(v)
-    if isinstance(v, Mapping):
-        return "{" + ",".join(f"{k}:{format_tool_value(v[k])}" for k in sorted(v, key=str)) + "}"
+    if isinstance(v, Mapping):  # sorted as Jinja's dictsort sorts: ignoring case, ties as given
+        return "{" + ",".join(f"{k}:{format_tool_value(v[k])}" for k in sorted(v, key=lambda k: str(k).lower())) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(map(format_tool_value, v)) + "]"
     raise ChatTemplateError(f"cannot write a {type(v).__name__} as a tool value")
@@ -549,7 +549,19 @@ def _declaration(tool: Any) -> str:
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise ChatTemplateError("each tool must be {type: function, function: {name, ...}}")
     body = {k: fn[k] for k in ("description", "parameters") if fn.get(k) is not None}
+    if "parameters" in body:
+        body["parameters"] = _upper_types(body["parameters"])
     return f"<|tool>declaration:{fn['name']}{format_tool_value(body)}<tool|>"
+
+
+def _upper_types(schema: Any) -> Any:
+    """A parameters schema with its `type` names upper-cased (STRING, OBJECT), as the published
+    Gemma 4 templates write declarations."""
+    if isinstance(schema, Mapping):
+        return {k: v.upper() if k == "type" and isinstance(v, str) else _upper_types(v) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_upper_types(v) for v in schema]
+    return schema
 
 
 def render_gemma4(
@@ -563,7 +575,8 @@ def render_gemma4(
     """Gemma 4 prompt from the spec's rules (§9.2), for checkpoints that ship no template.
 
     Where revisions differ we pick: `<|think|>` with no newline, bare media placeholders, no
-    re-emitted reasoning. A model turn with tool calls stays open; the tool responses follow in
+    re-emitted reasoning. As every published revision does, declarations upper-case their
+    parameter types and keys sort ignoring case. A model turn with tool calls stays open; the tool responses follow in
     it and the next assistant message continues it (as the model does after `<|tool_response>`).
     """
     msgs = _validate(messages)
