@@ -85,3 +85,33 @@ def test_threads_default_to_physical_cores_and_can_be_set(tiny_models, capsys, m
         assert "--threads must be at least 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["serve", "--port", "70000"], "must be a TCP port"),
+    (["serve", "--context", "0"], "must be at least 1"),
+    (["serve", "--max-image-mp", "inf"], "positive finite number"),
+    (["inspect", "x", "--context", "-5"], "must be at least 1"),
+    (["run", "x", "hi", "--seed", "99999999999999999999999"], "seed must fit in 64 bits"),
+    (["run", "x", "hi", "--threads", "100000"], "--threads 100000 is more than this machine can run"),
+])
+def test_nonsense_flags_are_one_line_errors(tiny_models, capsys, args, fragment):
+    """(A port past 65535 and infinite megapixels had been tracebacks, --threads 100000 a crash,
+    --context 0 silently the default.)"""
+    folder, _ = tiny_models("gemma3")
+    args = [str(folder) if a == "x" else a for a in args]
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # argparse's errors come after its usage lines, as always
+    assert fragment in last and ("error: argument" in last or len(err.strip().splitlines()) == 1)
+
+
+def test_chat_with_stdin_closed_ends_at_once(tiny_models, monkeypatch):
+    folder, _ = tiny_models("gemma3")
+    monkeypatch.setattr(sys, "stdin", None)
+    assert main(["chat", str(folder)]) == 0

@@ -9,6 +9,30 @@ from collections.abc import Callable
 from .sampling import SamplingParams
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (context lengths, where 0 had silently meant the default)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _port(text: str) -> int:
+    n = int(text)
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), got {n}")
+    return n
+
+
+def _positive_number(text: str) -> float:
+    import math
+
+    x = float(text)
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return x
+
+
 def _add_model_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -134,6 +158,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
+    if sys.stdin is None:  # started with stdin closed: nothing to read, as at end of input
+        return 0
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -366,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="layer plan, parameters, KV cache, tensors, warnings")
     p.add_argument("model", nargs="?", default=None)
-    p.add_argument("--context", type=int, default=None, help="context length for the KV-cache size")
+    p.add_argument("--context", type=_at_least_one, default=None, help="context length for the KV-cache size")
     p.add_argument("--no-tensors", action="store_true", help="omit the tensor table")
     _add_model_options(p)
     p.set_defaults(func=cmd_inspect)
@@ -411,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, with a chat page at /")
     p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=_port, default=8080)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GEMMARUN_API_KEY, else none)")
     p.add_argument("--allow-local-files", action="store_true",
@@ -419,17 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="model id to report (default: the file or folder name)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a batch slot; more get 429")
-    p.add_argument("--context", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--context", type=_at_least_one, default=None, help="context length (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=4096, help="reply length when a request sets none")
     p.add_argument("--max-body-mb", type=int, default=32, help="request body limit in MiB (413 past it)")
     p.add_argument("--max-tokens-limit", type=int, default=None,
                    help="the most max_tokens a request may ask for (400 past it; default: the context)")
-    p.add_argument("--max-image-mp", type=float, default=50,
+    p.add_argument("--max-image-mp", type=_positive_number, default=50,
                    help="megapixels per image, checked from its header before decoding (400 past it)")
-    p.add_argument("--max-audio-seconds", type=float, default=600,
+    p.add_argument("--max-audio-seconds", type=_positive_number, default=600,
                    help="seconds of audio per request, all parts together (400 past it)")
-    p.add_argument("--body-timeout", type=float, default=60, help="seconds to receive a request body (408 past it)")
-    p.add_argument("--header-timeout", type=float, default=30,
+    p.add_argument("--body-timeout", type=_positive_number, default=60, help="seconds to receive a request body (408 past it)")
+    p.add_argument("--header-timeout", type=_positive_number, default=30,
                    help="seconds a connection may go without sending a complete request head (then closed)")
     p.add_argument("--max-connections", type=int, default=512, help="open connections, idle ones included (503 past it)")
     p.add_argument("--log-prompts", action="store_true", help="log prompt and reply text (never logged otherwise)")

@@ -426,15 +426,21 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
 def load_hf_config(folder: str | Path) -> TextConfig:
     path = Path(folder) / "config.json"
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no config.json in the model folder") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, not {type(raw).__name__}")
     try:
         return text_config_from_hf(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except KeyError as e:
         raise ConfigError(f"{path}: required key {e.args[0]!r} is missing") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # a value of the wrong type
+        raise ConfigError(f"{path}: malformed config ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,8 +661,8 @@ def text_config_from_gguf(
         raise ConfigError(f"{arch}.attention.shared_kv_layers={shared} is not below block_count={n}")
     ple_dim = integer("embedding_length_per_layer_input", 0, minimum=0)
     k_eq_v = f"blk.{first_full}.attn_v.weight" not in tensor_shapes and first_full < n - shared
-    if rope_freqs is not None:
-        rotated = sum(1 for f in rope_freqs if f == 1.0)
+    if rope_freqs is not None:  # p-RoPE as llama.cpp writes it: 1.0 for the pairs that rotate, then 1e30
+        rotated = next((i for i, f in enumerate(rope_freqs) if f != 1.0), len(rope_freqs))
         fraction = 2 * rotated / global_head_dim
     else:
         fraction = 0.25
@@ -683,4 +689,8 @@ def text_config_from_gguf(
     derived = [spec.mlp_dim for spec in cfg.layers]
     if derived != ffn:
         raise ConfigError(f"{arch}.feed_forward_length {ffn} does not match the layer plan {derived}")
+    if rope_freqs is not None and (len(rope_freqs) != global_head_dim // 2
+                                   or not all(f >= 1e29 for f in rope_freqs[rotated:])):
+        raise ConfigError(f"rope_freqs.weight must be {global_head_dim // 2} values, 1.0 for the pairs that rotate "
+                          "then 1e30 (p-RoPE); other frequency factors are not supported")
     return cfg

@@ -213,11 +213,20 @@ class Tokenizer:
     def from_hf_folder(cls, path: str | Path) -> Tokenizer:
         """Load `tokenizer.json`; specials and add_bos from `tokenizer_config.json` if present."""
         folder = Path(path)
-        backend = _HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            backend = _HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
+            raise ValueError(f"{folder / 'tokenizer.json'}: not a tokenizer ({' '.join(str(e).split())[:200]})") from None
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
             if (folder / name).is_file():
-                config.update(json.loads((folder / name).read_text(encoding="utf-8")))
+                try:
+                    data = json.loads((folder / name).read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{folder / name}: not valid JSON ({e})") from None
+                if not isinstance(data, dict):
+                    raise ValueError(f"{folder / name}: must hold a JSON object, not {type(data).__name__}")
+                config.update(data)
 
         def lookup(key: str, default: str) -> int | None:
             name = _token_content(config.get(key)) or default

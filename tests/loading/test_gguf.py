@@ -520,3 +520,19 @@ def test_convert_refuses_a_rope_factor_gguf_cannot_carry(tiny_models, tmp_path):
     (dst / "config.json").write_text(json.dumps(raw))
     with pytest.raises(LoadError, match="rope factor on gemma4's full layers"):
         convert(dst, tmp_path / "m.gguf", "f32", progress=False)
+
+
+def test_rope_freqs_other_than_p_rope_are_refused(converted):
+    """Only llama.cpp's p-RoPE form (1.0 for the rotating pairs, then 1e30) is read; a wrong length,
+    zeros or NaN had loaded silently with the wrong rotation."""
+    from gemmarun.config import ConfigError, text_config_from_gguf
+    from gemmarun.loading.gguf_file import GGUFFile
+
+    _, path = converted("e2b", "f32")
+    f = GGUFFile(path)
+    shapes = {name: info.shape for name, info in f.tensors.items()}
+    good = f.array("rope_freqs.weight").astype(np.float32).tolist()
+    assert text_config_from_gguf(f.metadata, shapes, good).rope_full.rotated_fraction == 0.25
+    for bad in (good[:3], [0.0] * len(good), [float("nan")] * len(good), good[:-1] + [2.0]):
+        with pytest.raises(ConfigError, match="rope_freqs.weight must be"):
+            text_config_from_gguf(f.metadata, shapes, bad)

@@ -196,3 +196,63 @@ def test_gemma3_bfloat16_checkpoint_norms_keep_one_plus_w_exact(tiny_models, tmp
     stored = load_file(dst / "model.safetensors")["model.layers.0.input_layernorm.weight"]
     norm = bf.model.layers[0].input_layernorm.weight
     assert norm.dtype == torch.float32 and torch.equal(norm, stored.float() + 1.0)
+
+
+def test_convert_never_writes_over_its_own_source(tiny_models, tmp_path):
+    """The writer truncates its output while the source is mapped: over model.safetensors it
+    crashed (bus error) and destroyed the checkpoint."""
+    from gemmarun.loading.convert import convert
+
+    dst = _copy(tiny_models("gemma3")[0], tmp_path)
+    before = (dst / "model.safetensors").read_bytes()
+    for victim in ("model.safetensors", "config.json", "tokenizer.json"):
+        with pytest.raises(LoadError, match="is one of the source folder's files"):
+            convert(dst, dst / victim, "f16", progress=False)
+    assert (dst / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("config.json", "[]", "must hold a JSON object"),
+    ("config.json", "CFG:model_type=\"gemma3\",text_config=\"x\"", "malformed config"),
+    ("config.json", "CFG:sliding_window_pattern=0,layer_types=null", "malformed config"),
+    ("config.json", "CFG:vocab_size=[256]", "malformed config"),
+    ("tokenizer.json", "{}", "not a tokenizer"),
+    ("tokenizer.json", "not json", "not a tokenizer"),
+    ("tokenizer_config.json", "[]", "must hold a JSON object"),
+    ("tokenizer_config.json", '{"chat_template": 5}', "chat_template must be"),
+    ("model.safetensors.index.json", "[]", "corrupt shard index"),
+    ("model.safetensors.index.json", '{"weight_map": {"a": 5}}', "corrupt shard index"),
+])
+def test_malformed_json_files_are_one_line_errors(tiny_models, tmp_path, name, text, fragment):
+    dst = _copy(tiny_models("gemma3")[0], tmp_path)
+    if text.startswith("CFG:"):  # edit config.json's text section
+        raw = json.loads((dst / "config.json").read_text())
+        section = raw.get("text_config", raw)
+        for item in text[4:].split(","):
+            key, value = item.split("=")
+            section[key] = json.loads(value)
+        text = json.dumps(raw)
+    (dst / name).write_text(text)
+    with pytest.raises(ValueError, match=fragment) as e:
+        gemmarun.load(dst, device="cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_integer_weights_and_a_tokenizer_past_the_table_are_refused(tiny_models, tmp_path):
+    folder, _ = tiny_models("gemma3")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    dst = _edit_tensors(folder, tmp_path, lambda t: t.update({q: t[q].to(torch.int32)}))
+    with pytest.raises(LoadError, match="holds int32 values, not floats"):
+        gemmarun.load(dst, device="cpu")
+    raw = json.loads((folder / "config.json").read_text())
+    small = tmp_path / "small"
+    shutil.copytree(folder, small)
+    section = raw.get("text_config", raw)
+    embed = "model.embed_tokens.weight"
+    section["vocab_size"] = 16
+    (small / "config.json").write_text(json.dumps(raw))
+    tensors = load_file(small / "model.safetensors")
+    tensors[embed] = tensors[embed][:16].contiguous()
+    save_file(tensors, small / "model.safetensors")
+    with pytest.raises(ValueError, match="tokens but the token table only 16 rows"):
+        gemmarun.load(small, device="cpu")

@@ -156,6 +156,8 @@ def build_text_model(
     for name, t in state.items():
         if name in quantized:
             continue
+        if not t.is_floating_point():
+            raise LoadError(f"tensor {name} holds {str(t.dtype).removeprefix('torch.')} values, not floats")
         if is_norm_weight(name):  # the norm computes in float32 (and Gemma 3's 1 + w is exact there)
             t = t.float()
         elif t.is_floating_point() and t.dtype != dtype:

@@ -199,6 +199,9 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
         raise LoadError(f"convert: --type {type_name!r} is not supported ({', '.join(TYPES)})")
     if not folder.is_dir():
         raise LoadError(f"convert: {folder} is not a HF model folder")
+    if output.exists() and any(output.samefile(f) for f in folder.iterdir()):
+        # the writer truncates its output while the source's tensors are still mapped from it
+        raise LoadError(f"convert: the output {output} is one of the source folder's files")
     cfg = load_hf_config(folder)
     state, _ignored = map_hf_names(read_folder(folder), cfg)
     if cfg.family == "gemma3":

@@ -24,15 +24,22 @@ def read_chat_template(folder: Path) -> str | None:
     """The checkpoint's template: chat_template.jinja, else tokenizer_config.json's field."""
     jinja = folder / "chat_template.jinja"
     if jinja.exists():
-        return jinja.read_text()
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise LoadError(f"{jinja}: not UTF-8 text ({e})") from None
     config = folder / "tokenizer_config.json"
     if config.exists():
         try:
-            template = json.loads(config.read_text()).get("chat_template")
-        except json.JSONDecodeError as e:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LoadError(f"{config}: not valid JSON ({e})") from None
+        template = data.get("chat_template") if isinstance(data, dict) else None
         if isinstance(template, list):  # named templates: use "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if template is not None and not isinstance(template, str):
+            raise LoadError(f"{config}: chat_template must be a string or a list of named templates")
         return template
     return None
 

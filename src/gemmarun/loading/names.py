@@ -96,7 +96,7 @@ def sanitize_gemma3(state: dict[str, torch.Tensor], cfg: TextConfig) -> dict[str
     checkpoint's dtype it moved the logits by ~2 %."""
     out = {}
     for name, t in state.items():
-        out[name] = t.float() + 1.0 if is_norm_weight(name) else t
+        out[name] = t.float() + 1.0 if is_norm_weight(name) and t.is_floating_point() else t
     for i in range(cfg.num_layers):
         out.setdefault(f"layers.{i}.layer_scalar", torch.ones(1))
     return out
