@@ -134,8 +134,31 @@ def test_a_run_on_number_is_closed(tiny_models):
         assert len(text) <= len('{"n": }') + MAX_NUMBER_DIGITS and isinstance(value, (int, float)), (seed, text)
 
 
+def test_digits_inside_a_json_string_are_not_a_number(tiny_models):
+    """The run-on-number cap is for numbers: a string of digits (a serial number) is data, and
+    was closed after MAX_NUMBER_DIGITS characters."""
+    import torch
+
+    from gemmarun.control import MAX_NUMBER_DIGITS
+
+    folder, _ = tiny_models("e2b")
+    llm = gemmarun.load(folder, device="cpu")
+    schema = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}
+    digits = [llm.tokenizer.encode(str(d), add_bos=False)[0] for d in range(10)]
+    favour = torch.zeros(llm.config.vocab_size)
+    favour[digits] = 50.0
+    control = llm.output_control(llm.grammar_state(Grammar.json_schema(schema), None), "off")
+    for t in llm.tokenizer.encode('{"s": "', add_bos=False):
+        control.push(t)
+    for i in range(2 * MAX_NUMBER_DIGITS):
+        control.push(int(torch.argmax(control.mask(favour + (torch.arange(llm.config.vocab_size) == digits[i % 10])))))
+    text = llm.tokenizer.decode(control.generated)
+    assert text == '{"s": "' + "".join(str(i % 10) for i in range(2 * MAX_NUMBER_DIGITS)), text
+
+
 def test_with_thinking_the_grammar_starts_after_the_channel_closes(tiny_models):
-    """Forced through the thinking channel: inside it nothing is masked; after `<channel|>` the
+    """Forced through the thinking channel: inside it nothing is masked but the end of the turn
+    (the answer must still come: ending there gave "stop" and no JSON); after `<channel|>` the
     answer is constrained; a reply that skips thinking is constrained from its first token."""
     import torch
 
@@ -155,7 +178,7 @@ def test_with_thinking_the_grammar_starts_after_the_channel_closes(tiny_models):
     state.advance(opens)
     thought = llm.tokenizer.encode("thought\nlet me see", add_bos=False)
     for t in thought:
-        assert len(allowed(state)) == llm.config.vocab_size  # thinking is free
+        assert set(allowed(state)) == set(range(llm.config.vocab_size)) - set(state.eos_ids)  # free, no end
         state.advance(t)
     state.advance(closes)
     answer = llm.tokenizer.encode('{"ok": true}', add_bos=False)

@@ -198,3 +198,34 @@ def test_speed_report(capsys):
         report.append(f"{name}: {(time.perf_counter() - began) / total * 1e6:.2f} µs/token ({total} tokens)")
     with capsys.disabled():
         print("\nLoopGuard " + "; ".join(report))
+
+
+def test_a_rollback_behind_what_was_sent_keeps_the_guard_in_step():
+    """A loop whose first copy had already been sent is cut where the sent tokens end. The guard
+    had first cut its history to one copy and could not get the rest back: it then ran 15 tokens
+    short of the output, and a later loop was cut at the wrong place, deleting tokens that never
+    repeated."""
+    from gemmarun.control import OutputControl, Verdict
+
+    def model(generated, bans):  # a prefix, a period-20 loop until banned, 40 distinct tokens, then 500s
+        n = len(generated)
+        if n < 10:
+            return 100 + n
+        if any(t >= 300 for t in generated):
+            last = generated[-1]
+            return last + 1 if 300 <= last < 339 else (777 if 500 in bans else 500)
+        token = 200 + (n - 10) % 20
+        return 300 if token in bans else token
+
+    control = OutputControl(guard=LoopGuard(LoopGuardConfig(policy="recover")),
+                            piece=lambda t: " " + "".join(chr(97 + int(d)) for d in str(t)))
+    out = []
+    for _ in range(400):
+        verdict = control.push(model(control.generated, control.guard.banned_at(len(control.generated))))
+        if verdict is Verdict.LOOP_STOP or len(control.generated) >= 300:
+            break
+        assert len(control.guard) == len(control.generated)
+        if verdict is None:
+            out += control.release()
+    out += control.flush()
+    assert [t for t in out if 300 <= t < 340] == list(range(300, 340))

@@ -82,3 +82,10 @@ def test_a_vanishing_temperature_is_greedy(temperature):
     none = torch.tensor([], dtype=torch.long)
     assert Sampler(p)(logits, none, none) == 3
     assert SamplingParams(temperature=1e-4).temperature == 1e-4
+
+
+def test_one_stop_string_is_not_its_characters():
+    """stop="Paris" had stopped at any of P, a, r, i, s (OpenAI and vLLM take a plain string)."""
+    assert SamplingParams(stop="Paris").stop == ("Paris",)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert SamplingParams(stop_token_ids=[1, 2]).stop_token_ids == (1, 2)

@@ -140,6 +140,7 @@ class GrammarState:
         self.matcher.compute_bitmask()  # a grammar that no text satisfies fails here, before generating
         if self.matcher.is_error():
             raise GrammarError(f"no text satisfies the grammar ({self.matcher.get_error().splitlines()[0]})")
+        self.kind = grammar.kind
         self.vocab_size = vocab_size
         self.opens_with, self.start_after = opens_with, start_after
         self.active = opens_with is None
@@ -148,8 +149,9 @@ class GrammarState:
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits with every token the grammar forbids at -inf."""
-        if not self.active and not self.first:
-            return logits  # inside the thinking channel: free
+        if not self.active and not self.first:  # inside the thinking channel: free, but the answer
+            ends = torch.tensor([i for i in self.eos_ids if i < logits.shape[-1]], device=logits.device)
+            return logits.index_fill(-1, ends, float("-inf"))  # must still come: no end of turn here
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         if self.matcher.is_error():  # e.g. a recursion the parser gave up on: no mask to trust
             raise GrammarError(f"the grammar cannot go on: {self.matcher.get_error().splitlines()[0]}")

@@ -65,6 +65,9 @@ class OutputControl:
         self.number_ids: dict[int, int] = dict.fromkeys(number_ids, 1)
         self.delay = holdback if guard is not None else 0
         self.generated: list[int] = []
+        # JSON only: after each generated token, whether the answer is inside a string (and just
+        # after a backslash there): digits in a string are data (a serial number), not a number
+        self._json_string: list[tuple[bool, bool]] = []
         self.emitted = 0  # generated tokens already released
         self.loop: LoopEvent | None = None  # the last loop seen (stop or recovered)
 
@@ -76,12 +79,29 @@ class OutputControl:
                 logits[list(banned)] = float("-inf")
         if self.grammar is not None:
             logits = self.grammar.mask(logits)
-            if self.number_ids and self._number_run() >= MAX_NUMBER_DIGITS:
+            if self.number_ids and not self._in_json_string() and self._number_run() >= MAX_NUMBER_DIGITS:
                 capped = logits.clone()
                 capped[sorted(self.number_ids)] = float("-inf")
                 if torch.isfinite(capped).any():  # after "1e" the grammar wants a digit: allow it
                     logits = capped
         return logits
+
+    def _in_json_string(self) -> bool:
+        return bool(self._json_string) and self._json_string[-1][0]
+
+    def _track_json_string(self, token: int) -> None:
+        """The string state after `token`, from its text, while a JSON grammar is active."""
+        inside, escaped = self._json_string[-1] if self._json_string else (False, False)
+        grammar = self.grammar
+        if grammar is not None and grammar.kind == "json_schema" and grammar.active and self.piece is not None:
+            for ch in self.piece(token):
+                if escaped:
+                    escaped = False
+                elif inside and ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    inside = not inside
+        self._json_string.append((inside, escaped))
 
     def _number_run(self) -> int:
         """Characters of the number at the end of the output (0 when it does not end in one)."""
@@ -108,6 +128,7 @@ class OutputControl:
     def push(self, token: int) -> Verdict | None:
         if self.grammar is not None:
             self.grammar.advance(token)
+            self._track_json_string(token)
         self.generated.append(token)
         guard = self.guard
         event = guard.push(token, self.piece(token) if self.piece else "") if guard is not None else None
@@ -116,16 +137,15 @@ class OutputControl:
         self.loop = event
         if not guard.can_recover():
             del self.generated[max(self.emitted, event.start + event.period):]  # one copy of what repeated
+            del self._json_string[len(self.generated):]
             return Verdict.LOOP_STOP
-        keep = guard.rollback(event)
-        if keep < self.emitted:  # part of the loop already left: cut what has not
-            guard.truncate(self.emitted)
-            if self.emitted < len(self.generated):
-                guard.ban(self.emitted, self.generated[self.emitted])
-            keep = self.emitted
+        # where part of the loop already left, cut what has not (the guard's history stays whole
+        # until it is cut once: cutting to one copy first, then back up, lost tokens it still held)
+        keep = guard.rollback(event, keep_at_least=self.emitted)
         if self.grammar is not None:
             self.grammar.rollback(len(self.generated) - keep)
         del self.generated[keep:]
+        del self._json_string[keep:]
         return Verdict.ROLLBACK
 
     def release(self) -> list[int]:

@@ -230,10 +230,11 @@ class LoopGuard:
     def can_recover(self) -> bool:
         return self.config.policy == "recover" and self.recoveries < self.config.max_recoveries
 
-    def rollback(self, event: LoopEvent) -> int:
+    def rollback(self, event: LoopEvent, keep_at_least: int = 0) -> int:
         """Cut the history to one copy of the loop and ban the token that began the second copy
-        at that position. Returns the number of generated tokens to keep."""
-        keep = min(event.start + event.period, len(self._ids))
+        at that position. An engine that has already sent `keep_at_least` tokens cuts there
+        instead, banning the token that followed them. Returns the number of tokens to keep."""
+        keep = min(max(event.start + event.period, keep_at_least), len(self._ids))
         banned = self._ids[keep] if keep < len(self._ids) else None
         self.truncate(keep)
         if banned is not None:
@@ -253,11 +254,6 @@ class LoopGuard:
                 self._pieces.append(piece)
             else:
                 self.push(t, piece)
-
-    def ban(self, position: int, token: int) -> None:
-        """Forbid `token` at generated position `position` (an engine that could not roll back
-        as far as `rollback` asked bans the loop's continuation where it can cut instead)."""
-        self._bans.setdefault(position, set()).add(token)
 
     def banned_at(self, position: int) -> set[int]:
         """Token ids the engine must not sample at generated position `position`."""

@@ -48,6 +48,10 @@ class SamplingParams:
                 raise ValueError(message)
         if self.temperature < GREEDY_BELOW:
             object.__setattr__(self, "temperature", 0.0)
+        if isinstance(self.stop, str):  # one stop string, as OpenAI accepts it (not its characters)
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor, p: SamplingParams):
