@@ -53,6 +53,11 @@ def prefill(model: TextModel, ids: torch.Tensor, cache: KVCache, start: int = 0,
     marks image blocks for bidirectional attention; `expose` receives the last chunk's final
     hidden state and K/V (speculative drafting). Returns the float32 logits (V,) of the last
     position."""
+    rows = model.config.vocab_size
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < rows:  # a tokenizer that does not match
+        bad = int(ids.max()) if int(ids.max()) >= rows else int(ids.min())
+        raise ValueError(f"token id {bad} is outside the model's token table ({rows} rows): "
+                         "does the tokenizer belong to this model?")
     logits = None
     for lo, hi in _chunks(ids.numel(), chunk_size, vision_blocks):
         positions = torch.arange(start + lo, start + hi, device=ids.device)

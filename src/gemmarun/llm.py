@@ -52,9 +52,6 @@ class LLM:
 
     def __init__(self, model: TextModel, tokenizer: Tokenizer, info: ModelInfo,
                  encoders: Encoders | UnifiedEncoders | None = None):
-        if len(tokenizer) > model.config.vocab_size:  # ids past the table would fail mid-generation
-            raise ValueError(f"{info.path}: the tokenizer has {len(tokenizer)} tokens but the token table only "
-                             f"{model.config.vocab_size} rows")
         self.model = model
         self.config: TextConfig = model.config
         self.tokenizer = tokenizer

@@ -238,7 +238,7 @@ def test_malformed_json_files_are_one_line_errors(tiny_models, tmp_path, name, t
     assert "\n" not in str(e.value)
 
 
-def test_integer_weights_and_a_tokenizer_past_the_table_are_refused(tiny_models, tmp_path):
+def test_integer_weights_are_refused_and_ids_past_the_table_are_a_clear_error(tiny_models, tmp_path):
     folder, _ = tiny_models("gemma3")
     q = "model.layers.0.self_attn.q_proj.weight"
     dst = _edit_tensors(folder, tmp_path, lambda t: t.update({q: t[q].to(torch.int32)}))
@@ -254,5 +254,6 @@ def test_integer_weights_and_a_tokenizer_past_the_table_are_refused(tiny_models,
     tensors = load_file(small / "model.safetensors")
     tensors[embed] = tensors[embed][:16].contiguous()
     save_file(tensors, small / "model.safetensors")
-    with pytest.raises(ValueError, match="tokens but the token table only 16 rows"):
-        gemmarun.load(small, device="cpu")
+    llm = gemmarun.load(small, device="cpu")  # (the tokenizer has more ids than the table has rows)
+    with pytest.raises(ValueError, match=r"outside the model's token table \(16 rows\)"):
+        llm.generate("hello world", max_tokens=2)  # an IndexError deep in the embedding before
