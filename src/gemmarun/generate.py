@@ -5,7 +5,7 @@ Everything textual (detokenising, stop strings, chat) is a wrapper around `gener
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 
 import torch
 
@@ -44,6 +44,16 @@ def _chunks(n: int, chunk_size: int, blocks: torch.Tensor | None) -> list[tuple[
     return bounds
 
 
+def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> None:
+    """Every id a row of the token table, or one line naming one that is not (an id past the table
+    failed deep in the embedding lookup)."""
+    if len(ids) == 0:
+        return
+    low, high = (int(ids.min()), int(ids.max())) if isinstance(ids, torch.Tensor) else (int(min(ids)), int(max(ids)))
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token id {high if high >= vocab_size else low} is outside the vocabulary of {vocab_size}")
+
+
 @torch.inference_mode()
 def prefill(model: TextModel, ids: torch.Tensor, cache: KVCache, start: int = 0, chunk_size: int = PREFILL_CHUNK,
             embeds: torch.Tensor | None = None, vision_blocks: torch.Tensor | None = None,
@@ -53,11 +63,7 @@ def prefill(model: TextModel, ids: torch.Tensor, cache: KVCache, start: int = 0,
     marks image blocks for bidirectional attention; `expose` receives the last chunk's final
     hidden state and K/V (speculative drafting). Returns the float32 logits (V,) of the last
     position."""
-    rows = model.config.vocab_size
-    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < rows:  # a tokenizer that does not match
-        bad = int(ids.max()) if int(ids.max()) >= rows else int(ids.min())
-        raise ValueError(f"token id {bad} is outside the model's token table ({rows} rows): "
-                         "does the tokenizer belong to this model?")
+    check_token_ids(ids, model.config.vocab_size)  # (a tokenizer with more ids than the table)
     logits = None
     for lo, hi in _chunks(ids.numel(), chunk_size, vision_blocks):
         positions = torch.arange(start + lo, start + hi, device=ids.device)

@@ -14,7 +14,7 @@ import torch
 from . import chat
 from .config import TextConfig
 from .control import NUMBER_CHARS, OutputControl, make_loop_guard
-from .generate import generate_step
+from .generate import check_token_ids, generate_step
 from .loopguard import LoopGuardConfig
 from .model.multimodal import AUDIO, IMAGE, TEXT, VIDEO, Encoders, MediaTokens, merge, token_types
 from .model.unified import UnifiedEncoders
@@ -306,9 +306,7 @@ class LLM:
         return reason
 
     def _check_ids(self, ids: list[int]) -> None:
-        bad = [i for i in ids if not 0 <= int(i) < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
+        check_token_ids(ids, self.config.vocab_size)
 
 
 

@@ -52,6 +52,9 @@ def test_completions_equal_the_single_request_runtime(server, tiny_llm):
     stream = server.client().completions.create(model="tiny", prompt="hello world", max_tokens=12, temperature=0,
                                                 stream=True, extra_body={"ignore_eos": True})
     assert "".join(c.choices[0].text for c in stream if c.choices) == expected
+    with pytest.raises(openai.BadRequestError) as e:  # token ids past the vocabulary
+        server.client().completions.create(model="tiny", prompt=[2, 5, tiny_llm.config.vocab_size], max_tokens=2)
+    assert e.value.body["param"] == "prompt" and "outside the vocabulary" in e.value.body["message"]
 
 
 def test_logprobs_and_seeded_sampling(server):

@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from ..constrain import GrammarError
-from ..generate import ContextOverflow
+from ..generate import ContextOverflow, check_token_ids
 from ..llm import LLM, Prompt
 from ..processing.image import MAX_PIXELS
 from . import inputs
@@ -345,8 +345,10 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
             except ValueError as e:  # e.g. a lone surrogate
                 raise bad(_one_line(e), "prompt") from None
         else:
-            if not all(0 <= i < llm.config.vocab_size for i in req.prompt):
-                raise bad(f"prompt token ids must be in [0, {llm.config.vocab_size})", "prompt")
+            try:
+                check_token_ids(req.prompt, llm.config.vocab_size)
+            except ValueError as e:
+                raise bad(str(e), "prompt") from None
             prompt = Prompt(list(req.prompt))
         gen = Generation.completion(llm, Envelope(new_id("cmpl"), name, "text_completion"), prompt,
                                     fit(prompt, req.params, req.max_tokens_given, "prompt"), req,
