@@ -423,16 +423,23 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
     )
 
 
+def read_json_object(path: Path, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """A JSON file that holds an object (config.json, tokenizer_config.json, a shard index), or
+    `error` with one line naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
 def load_hf_config(folder: str | Path) -> TextConfig:
     path = Path(folder) / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no config.json in the model folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must hold a JSON object, not {type(raw).__name__}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no config.json in the model folder")
+    raw = read_json_object(path)
     try:
         return text_config_from_hf(raw)
     except ConfigError as e:

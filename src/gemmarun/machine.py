@@ -103,5 +103,6 @@ def set_threads(requested: int | None) -> None:
         raise ValueError(f"--threads must be at least 1, got {threads}")
     limit = 4 * (os.cpu_count() or 1)  # torch's thread pool crashes far past the machine's threads
     if threads > limit:
-        raise ValueError(f"--threads {threads} is more than this machine can run ({limit}: 4x its {os.cpu_count()} logical CPUs)")
+        raise ValueError(f"--threads {threads} is more than this machine can run "
+                         f"({limit}: 4x its {os.cpu_count()} logical CPUs)")
     torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ Both back ends end up as a `tokenizers.Tokenizer` shaped exactly like transforme
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE
+
+from .config import read_json_object
 
 __all__ = ["Tokenizer", "IncrementalDecoder", "derive_merges", "END_OF_TURN_TOKENS"]
 
@@ -220,13 +221,7 @@ class Tokenizer:
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
             if (folder / name).is_file():
-                try:
-                    data = json.loads((folder / name).read_text(encoding="utf-8"))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ValueError(f"{folder / name}: not valid JSON ({e})") from None
-                if not isinstance(data, dict):
-                    raise ValueError(f"{folder / name}: must hold a JSON object, not {type(data).__name__}")
-                config.update(data)
+                config.update(read_json_object(folder / name, ValueError))
 
         def lookup(key: str, default: str) -> int | None:
             name = _token_content(config.get(key)) or default

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ..config import AssistantConfig, ConfigError, assistant_config_from_hf
+from ..config import AssistantConfig, ConfigError, assistant_config_from_hf, read_json_object
 from ..model.assistant import Assistant
 from . import resolve_device, resolve_dtype
 from .build import _problems
@@ -18,12 +17,9 @@ from .safetensors import read_folder
 
 def load_assistant_config(folder: Path) -> AssistantConfig:
     path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoadError(f"{path}: a drafter is a folder with a config.json") from None
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path}: not valid JSON ({e})") from None
+    if not path.is_file():
+        raise LoadError(f"{path}: a drafter is a folder with a config.json")
+    raw = read_json_object(path, LoadError)
     try:
         return assistant_config_from_hf(raw)
     except KeyError as e:

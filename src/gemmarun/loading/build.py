@@ -132,8 +132,9 @@ def build_text_model(
     """Assign `state` (gemmarun names) to a fresh model without materialising random weights.
 
     Float tensors are cast to `dtype` (a copy only when the dtype differs; otherwise they stay
-    views of the memory-mapped file), except norm weights, which stay float32 as the norm computes. Quantized tensors replace their module with a quantized
-    one that keeps the blocks. The PLE table is kept as stored, on the CPU.
+    views of the memory-mapped file), except norm weights, which stay float32 as the norm
+    computes. Quantized tensors replace their module with a quantized one that keeps the blocks.
+    The PLE table is kept as stored, on the CPU.
     """
     with torch.device("meta"):
         model = TextModel(cfg)
@@ -160,7 +161,7 @@ def build_text_model(
             raise LoadError(f"tensor {name} holds {str(t.dtype).removeprefix('torch.')} values, not floats")
         if is_norm_weight(name):  # the norm computes in float32 (and Gemma 3's 1 + w is exact there)
             t = t.float()
-        elif t.is_floating_point() and t.dtype != dtype:
+        elif t.dtype != dtype:
             t = t.to(dtype)
         owner_name, _, leaf = name.rpartition(".")
         if owner_name in swapped and isinstance(model.get_submodule(owner_name), QuantExperts):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ..config import load_hf_config
+from ..config import load_hf_config, read_json_object
 from ..llm import LLM, ModelInfo
 from ..model.multimodal import multimodal_config_from_hf
 from ..model.unified import unified_config_from_hf
@@ -30,11 +29,7 @@ def read_chat_template(folder: Path) -> str | None:
             raise LoadError(f"{jinja}: not UTF-8 text ({e})") from None
     config = folder / "tokenizer_config.json"
     if config.exists():
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LoadError(f"{config}: not valid JSON ({e})") from None
-        template = data.get("chat_template") if isinstance(data, dict) else None
+        template = read_json_object(config, LoadError).get("chat_template")
         if isinstance(template, list):  # named templates: use "default"
             template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
                             None)
@@ -56,7 +51,7 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LL
         state = sanitize_gemma3(state, cfg)
     model = build_text_model(cfg, state, dtype=dtype, device=device)
     encoders = None
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_json_object(folder / "config.json")  # (load_hf_config has read it already)
     mm_cfg = multimodal_config_from_hf(raw) or unified_config_from_hf(raw)
     if mm_cfg is not None:
         encoders = build_encoders(mm_cfg, cfg, map_hf_tower_names(tensors), dtype=dtype, device=device)

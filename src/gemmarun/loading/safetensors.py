@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import read_json_object
 from .errors import LoadError
 from .file_rows import read_bytes, register_mapping
 
@@ -90,10 +91,7 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
     """Tensors of a HF model folder: `model.safetensors` or a sharded index."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise LoadError(f"{index}: corrupt shard index ({e})") from None
+        weight_map = read_json_object(index, LoadError).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise LoadError(f"{index}: corrupt shard index (weight_map must map tensor names to file names)")
         tensors: dict[str, torch.Tensor] = {}
