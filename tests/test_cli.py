@@ -115,3 +115,14 @@ def test_chat_with_stdin_closed_ends_at_once(tiny_models, monkeypatch):
     folder, _ = tiny_models("gemma3")
     monkeypatch.setattr(sys, "stdin", None)
     assert main(["chat", str(folder)]) == 0
+
+
+def test_chat_goes_on_after_a_message_past_the_context(tiny_models):
+    """One message that does not fit (the tiny model's context is 256) is dropped with one line;
+    the session answers the next, and the exit status says a message failed."""
+    folder, _ = tiny_models("e2b")
+    code, out, err = _run(["chat", str(folder), "--max-tokens", "4"], stdin="hi\n" + "hello " * 300 + "\nthere\n")
+    assert code == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "message dropped" in errors[0]
+    assert len(out.splitlines()) >= 2  # the first and the third message were answered

@@ -9,6 +9,11 @@ from collections.abc import Callable
 from .sampling import SamplingParams
 
 
+def _first_line(e: BaseException) -> str:
+    """An error as one line: every expected failure has a one-line message."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _at_least_one(text: str) -> int:
     """An argparse type: an integer >= 1 (context lengths, where 0 had silently meant the default)."""
     n = int(text)
@@ -163,12 +168,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    failed = False  # a message the session could not answer (it goes on; the exit status says so)
     while True:
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line or line.strip() == "/exit":
-            return 0
+            return 1 if failed else 0
         text = line.strip()
         if not text:
             continue
@@ -176,8 +182,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": text})
-        reply = _stream_to_stdout(llm, llm.build_prompt(messages, enable_thinking=args.think), params, args,
-                                  thinking=args.think, draft=draft)
+        try:
+            reply = _stream_to_stdout(llm, llm.build_prompt(messages, enable_thinking=args.think), params, args,
+                                      thinking=args.think, draft=draft)
+        except ValueError as e:  # e.g. the conversation no longer fits the context: this message only
+            messages.pop()
+            failed = True
+            print(f"gemmarun: error: {_first_line(e)} (message dropped; /reset starts over)", file=sys.stderr)
+            continue
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -492,8 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         # Every expected failure (bad file, bad config, bad input) is a ValueError subclass with
         # a one-line message; the rest are reported the same way rather than as a traceback.
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"gemmarun: error: {message}", file=sys.stderr)
+        print(f"gemmarun: error: {_first_line(e)}", file=sys.stderr)
         return 1
 
 
