@@ -664,6 +664,16 @@ inline void int16_codes(const uint8_t* blk, int64_t type, __m256i& c0, __m256i& 
     c1 = _mm256_cvtepi8_epi16(q1);
   }
 }
+
+// acc + s * (c . x) over one 32-weight block whose codes are int16 halves c0 (0-15), c1 (16-31):
+// both halves' multiply-adds summed as integers, then one scaled FMA into 8 float lanes. The
+// blocks' loops (one row, several rows, IQ4_XS runs) all take this, so their bits agree.
+inline __m256 block32_fma(__m256i c0, __m256i c1, const int16_t* x, float s, __m256 acc) {
+  const __m256i p = _mm256_add_epi32(
+      _mm256_madd_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+      _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
+}
 #endif
 
 #ifdef GEMMARUN_AVX2
@@ -694,10 +704,7 @@ void block_rows_together(const BlockProblem& p, int64_t r0, int64_t r1) {
       for (int64_t m = 0; m < M; ++m) {
         const int16_t* x = p.xq + m * p.C + b * 32;
         if (p.type == kQ4_0) offset[m] += d * p.xsum[m * nb + b];
-        const __m256i a = _mm256_add_epi32(
-            _mm256_madd_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-            _mm256_madd_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(d * p.xscale[m * nb + b]), acc[m]);
+        acc[m] = block32_fma(c0, c1, x, d * p.xscale[m * nb + b], acc[m]);
       }
     }
     for (int64_t m = 0; m < M; ++m) p.y[m * p.R + r] = (0.f + hsum(acc[m])) - 8.f * offset[m];
@@ -955,12 +962,7 @@ inline Acc iq4_xs_block(const uint8_t* blk, const int16_t* xq, const float* xd, 
 #ifdef GEMMARUN_AVX2
     __m128i q0, q1;
     table_codes(qs, kIQ4Values, q0, q1);
-    const __m256i p = _mm256_add_epi32(
-        _mm256_madd_epi16(_mm256_cvtepi8_epi16(q0),
-                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j))),
-        _mm256_madd_epi16(_mm256_cvtepi8_epi16(q1),
-                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j + 16))));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc);
+    acc = block32_fma(_mm256_cvtepi8_epi16(q0), _mm256_cvtepi8_epi16(q1), xq + 32 * j, s, acc);
 #else
     alignas(32) int16_t q[32];
     for (int k = 0; k < 16; ++k) {
@@ -1007,14 +1009,10 @@ void super_block_rows_together(const BlockProblem& p, int64_t r0, int64_t r1) {
         for (int64_t m = 0; m < M; ++m) {
           const int16_t* x = p.xq + m * p.C + b * 256;
           const float* xd = p.xscale + m * (p.C / 32) + b * 8;
-          for (int j = 0; j < 8; ++j) {
-            const __m256i s = _mm256_add_epi32(
-                _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32 * j)),
-                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * j))),
-                _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32 * j + 16)),
-                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * j + 16))));
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(f[j] * xd[j]), acc[m]);
-          }
+          for (int j = 0; j < 8; ++j)
+            acc[m] = block32_fma(_mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32 * j)),
+                           _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32 * j + 16)), x + 32 * j,
+                           f[j] * xd[j], acc[m]);
         }
       }
     }
@@ -1030,12 +1028,7 @@ inline Acc signed_block(const uint8_t* blk, int64_t type, const int16_t* xq, flo
   const float d = block_scale(blk, type);
   __m128i q0, q1;
   signed_codes(blk, type, q0, q1);
-  const __m256i lo = _mm256_cvtepi8_epi16(q0);
-  const __m256i hi = _mm256_cvtepi8_epi16(q1);
-  const __m256i p = _mm256_add_epi32(
-      _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
-      _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd), acc);
+  return block32_fma(_mm256_cvtepi8_epi16(q0), _mm256_cvtepi8_epi16(q1), xq, d * xd, acc);
 }
 #endif
 
