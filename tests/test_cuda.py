@@ -2,13 +2,17 @@
 to GPU memory (only the rows a step gathers do). Skipped where torch sees no CUDA device; the
 device-handling code these tests guard also runs on the CPU in every other test."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from reference_models import config_dict
 
 import gemmarun
+from gemmarun.cache import make_cache
 from gemmarun.config import text_config_from_hf
+from gemmarun.generate import prefill
 from gemmarun.loading.random_weights import write_random_gguf
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -84,3 +88,28 @@ def test_bfloat16_default_on_cuda_runs(tiny_models):
     assert np.isfinite(ours).all()
     # bfloat16 on the CPU is 0.09 off float32 on this tiny model: rounding, not a wrong formula
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 0.2
+
+
+@pytest.mark.parametrize("family", ["gemma3", "31b"])
+def test_a_decode_step_waits_on_the_gpu_at_most_once(tiny_models, family):
+    """The positions come to the host once a forward (the caches place keys by them); no layer
+    reads a device tensor after that, so the CPU keeps queueing kernels while the GPU runs."""
+    folder, _ = tiny_models(family)
+    llm = gemmarun.load(folder, dtype="float32", device="cuda")
+    model = llm.model
+    ids = _prompt(8, seed=5)
+    cache = make_cache(llm.config, 16, dtype=model.dtype, device="cuda")
+    with torch.inference_mode():
+        prefill(model, torch.tensor(ids, device="cuda"), cache)  # the first forward's one-time lookups
+        token = torch.tensor([[ids[0]]], device="cuda")
+        position = torch.tensor([len(ids)], device="cuda")
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(token, position, cache, last_only=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, syncs

@@ -27,18 +27,17 @@ class FullKV:
         self.end = 0  # one past the highest position written
         self._positions = slot_positions  # arange(max_len): slot i holds position i (shared by the layers)
 
-    def update(self, k, v, positions):
-        """Store (B, kv, T, D) keys/values at `positions`; return everything visible so far as
-        (keys or None when keys are rebuilt from values, values, key positions)."""
-        last = int(positions[-1])
-        if last >= self.max_len:
-            raise ValueError(f"position {last} is past the cache length {self.max_len}")
-        # One token (decode) writes a slice: a tensor-indexed write costs several dispatches more.
-        where = slice(last, last + 1) if positions.numel() == 1 else positions
+    def update(self, k, v, positions, first: int):
+        """Store (B, kv, T, D) keys/values at positions `first`.. (`positions` on the device, unused:
+        slot i holds position i); return everything visible so far as (keys or None when keys are
+        rebuilt from values, values, key positions)."""
+        end = first + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"position {end - 1} is past the cache length {self.max_len}")
         if self.keys is not None:
-            self.keys[:, :, where] = k
-        self.values[:, :, where] = v
-        self.end = max(self.end, last + 1)
+            self.keys[:, :, first:end] = k
+        self.values[:, :, first:end] = v
+        self.end = max(self.end, end)
         keys = None if self.keys is None else self.keys[:, :, : self.end]
         return keys, self.values[:, :, : self.end], self._positions[: self.end]
 
@@ -76,10 +75,13 @@ class SlidingKV:
         # (a 200-token chat on a 1024-slot ring reads 200 keys a sliding layer, not 1024).
         self.used = 0
 
-    def update(self, k, v, positions):
+    def update(self, k, v, positions, first: int):
+        """Store (B, kv, T, D) keys/values at `positions` (on the device; `first` is positions[0]
+        on the host); return what this forward's queries attend over."""
+        last = first + positions.numel() - 1
         if positions.numel() == 1:
             # One new token only evicts position p - window, which it cannot see anyway.
-            self._write(k, v, positions)
+            self._write(k, v, positions, last)
             u = self.used
             return self.keys[:, :, :u], self.values[:, :, :u], self.positions[:u]
         # A chunk's first queries still need the keys it is about to evict: attend over the
@@ -89,11 +91,11 @@ class SlidingKV:
         values = torch.cat((self.values[:, :, :u], v), dim=2)
         key_positions = torch.cat((self.positions[:u], positions))
         n = min(self.size, positions.numel())
-        self._write(k[:, :, -n:], v[:, :, -n:], positions[-n:])
+        self._write(k[:, :, -n:], v[:, :, -n:], positions[-n:], last)
         return keys, values, key_positions
 
-    def _write(self, k, v, positions):
-        last = int(positions[-1])  # positions ascend: slots below min(last + 1, size) hold them all
+    def _write(self, k, v, positions, last: int):
+        # positions ascend to `last`: slots below min(last + 1, size) hold them all
         self.used = max(self.used, min(last + 1, self.size))
         if positions.numel() == 1:  # decode: slices, not tensor-indexed writes (fewer dispatches)
             slot = last % self.size
@@ -132,6 +134,7 @@ class KVCache:
         self.config = config
         self.max_len = max_len
         self._storage = None  # storage(): built on first use; False where the native step cannot write it
+        self._first = 0  # the first position the current forward writes (`begin`)
         self.layers: list[FullKV | SlidingKV | None] = []
         slot_positions = torch.arange(max_len, device=device)
         for spec in config.layers:
@@ -144,6 +147,21 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers if layer is not None)
+
+    def begin(self, positions: list[int]) -> None:
+        """Announce, as host ints, the positions this forward writes (consecutive). The layers then
+        place their keys without reading a device tensor: on a GPU each such read waits for every
+        queued kernel (a sync per layer and token)."""
+        first = positions[0]
+        if positions[-1] - first != len(positions) - 1:
+            raise ValueError(f"a forward writes consecutive positions, not {positions[0]}..{positions[-1]} "
+                             f"in {len(positions)} tokens")
+        self._first = first
+
+    def write(self, index: int, k, v, positions):
+        """Layer `index` stores its new keys/values at the positions `begin` announced (`positions`:
+        the same, on the device); returns what its queries attend over."""
+        return self.layers[index].update(k, v, positions, self._first)
 
     def advance(self, position: int) -> tuple[list[int], list[int]]:
         """Book one decode token at `position` in every layer that stores keys and values (the

@@ -107,7 +107,7 @@ class Attention(nn.Module):
             if cache is None:
                 keys, values, key_pos = k, v, positions
             else:
-                keys, values, key_pos = cache.layers[spec.index].update(k, v, positions)
+                keys, values, key_pos = cache.write(spec.index, k, v, positions)
             if keys is None:  # K=V storage keeps values only: K = RoPE(V * w_k), made where needed
                 entry = ValuesAsKeys(self, values, key_pos, rotary)
                 shared[spec.index] = entry

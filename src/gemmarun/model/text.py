@@ -237,6 +237,12 @@ class TextModel(nn.Module):
         vision_blocks: torch.Tensor | None = None,  # (N,) block id per absolute position, -1 = none
         expose: Exposed | None = None,  # filled with the final hidden states and the layers' K/V
     ) -> torch.Tensor:
+        # The caches get the positions as host ints, read once here: no layer then waits on a GPU.
+        if isinstance(cache, list):  # batched decode: row b writes positions[b]
+            for row_cache, position in zip(cache, positions.tolist()):
+                row_cache.begin([position])
+        elif cache is not None:
+            cache.begin(positions.tolist())
         x = self.embed(ids) if embeds is None else embeds
         ple = self.ple(ids, x) if self.ple is not None else None
         rope = {name: table(positions, x.dtype) for name, table in self.rotary.items()}
