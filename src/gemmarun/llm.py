@@ -121,9 +121,14 @@ class LLM:
             encode = self.encoders.audio if kind == "audio" else self.encoders.images
             return encode(values.to(device, self.model.dtype), where.to(device))
         if isinstance(item, PreparedAudio):
-            features, mask = batch_features(list(item.clips))
-            return self.encoders.audio(torch.from_numpy(features).to(device, self.model.dtype),
-                                       torch.from_numpy(mask).to(device))
+            # One 30 s clip at a time: the tower's activations take ~140 MiB a clip (float32),
+            # and an hour of audio is 120 clips.
+            soft = []
+            for clip in item.clips:
+                features, mask = batch_features([clip])
+                soft += self.encoders.audio(torch.from_numpy(features).to(device, self.model.dtype),
+                                            torch.from_numpy(mask).to(device))
+            return soft
         frames = [item.inputs] if isinstance(item, PreparedImage) else list(item.frames)
         pixels, positions = stack_inputs(frames)
         return self.encoders.images(pixels.to(device, self.model.dtype), positions.to(device))

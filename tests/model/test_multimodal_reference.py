@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import gemmarun
-from gemmarun.processing.audio import batch_features, load_audio, num_audio_soft_tokens
+from gemmarun.processing.audio import batch_features, load_audio, num_audio_soft_tokens, split_clips
 from gemmarun.processing.image import load_image, preprocess_image, stack_inputs
 from reference_models import COMMON, FAMILIES, _randomize
 from tiny_tokenizer import MEDIA_IDS, write_tiny_tokenizer
@@ -147,6 +147,30 @@ def test_audio_soft_tokens_match_reference(pair, media):
     with torch.no_grad():
         out = ref.model.get_audio_features(torch.from_numpy(feats), torch.from_numpy(mask))
         theirs = out.pooler_output[out.attention_mask].numpy()
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
+
+
+def test_long_audio_goes_through_the_tower_one_clip_at_a_time(pair, tmp_path):
+    """Each 30 s clip is a tower call of its own (at the released size its activations take ~140
+    MiB a clip), and its soft tokens are the reference's for that clip alone."""
+    llm, ref = pair("e2b")
+    wave = (0.1 * np.random.default_rng(3).standard_normal(16000 * 62)).astype(np.float32)
+    sf.write(tmp_path / "long.wav", wave, 16000)
+    batches = []
+    hook = llm.encoders.audio_tower.register_forward_pre_hook(lambda mod, args: batches.append(args[0].shape[0]))
+    try:
+        ours = llm.encode_audio(tmp_path / "long.wav")
+    finally:
+        hook.remove()
+    assert batches == [1, 1, 1]
+    expected = []
+    for clip in split_clips(load_audio(tmp_path / "long.wav")):
+        feats, mask = batch_features([clip])
+        with torch.no_grad():
+            out = ref.model.get_audio_features(torch.from_numpy(feats), torch.from_numpy(mask))
+        expected.append(out.pooler_output[out.attention_mask].numpy())
+    theirs = np.concatenate(expected)
+    assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
 
 
