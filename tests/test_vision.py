@@ -3,6 +3,7 @@ image loading from real formats, and video sampling with PyAV."""
 
 from __future__ import annotations
 
+import base64
 import builtins
 import functools
 import io
@@ -341,6 +342,10 @@ def test_load_errors(tmp_path):
     empty.write_bytes(b"")
     one_line_error(empty, str(empty), "empty")
     one_line_error(tmp_path / "missing.png", "missing.png", "no such file")
+    # a name the OS refuses (a data URL taken for a path, say): one line, the name cut short
+    with pytest.raises(ImageInputError, match="cannot read") as e:
+        load_image("data:image/png;base64," + "A" * 5000)
+    assert len(str(e.value)) < 300
     huge = tmp_path / "huge.png"
     huge.write_bytes(_png_header(12000, 10000))  # 120 MP: under Pillow's own error threshold
     one_line_error(huge, str(huge), "megapixel")
@@ -437,3 +442,43 @@ def test_video_short_and_errors(tmp_path):
     bad.write_text("no video here")
     with pytest.raises(ImageInputError, match="bad.mp4"):
         sample_video(bad)
+
+
+@pytest.mark.parametrize("header_says", [True, False])
+def test_video_frames_are_held_to_the_image_pixel_cap(tmp_path, monkeypatch, header_says):
+    """32 frames are held at once before resizing: a frame over the image cap is refused, from
+    the stream's header before decoding, else from the first decoded frame."""
+    pytest.importorskip("av")
+    import gemmarun.processing.image as image_module
+
+    path = tmp_path / "v.mp4"
+    _write_video(path, frames=3, fps=10, h=48, w=64)
+    monkeypatch.setattr(image_module, "MAX_PIXELS", 48 * 64 - 1)
+    if not header_says:  # a stream whose header gives no size: the decoded frame is checked
+        monkeypatch.setattr(image_module, "_check_frame", _check_only_decoded(image_module._check_frame))
+    with pytest.raises(ImageInputError, match=r"v.mp4: video frames are 64x48 .*megapixel limit"):
+        sample_video(path)
+
+
+def _check_only_decoded(check):
+    calls = []
+
+    def wrapped(width, height, name):
+        calls.append((width, height))
+        if len(calls) > 1:  # the first call is the header's
+            check(width, height, name)
+
+    return wrapped
+
+
+def test_media_parts_take_data_urls_in_the_python_api():
+    """transformers' chat form {"type": "image", "url": "data:..."}: the bytes, not a path."""
+    from gemmarun.processing.prompt import part_source
+
+    png = _saved(_noise_image(8, 8), "PNG")
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    for part in ({"type": "image", "url": url}, {"type": "image", "image": url},
+                 {"type": "image_url", "image_url": {"url": url}}):
+        assert part_source(part) == png
+    assert part_source({"type": "image", "path": "file:///tmp/a.png"}) == "/tmp/a.png"
+    assert load_image(part_source({"type": "image", "url": url})).size == (8, 8)

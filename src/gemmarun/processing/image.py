@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .files import media_file
+
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 MAX_PIXELS = 100_000_000  # decoded-size cap: a 100 MP RGB image is already 300 MB in memory
 VIDEO_FPS_FALLBACK = 24.0  # what the reference assumes when a container reports no frame rate
@@ -97,15 +99,7 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
             raise ImageInputError(f"{name}: empty input (0 bytes)")
         fp: io.BytesIO | Path = io.BytesIO(data)
     elif isinstance(source, (str, Path)):
-        path = Path(source)
-        name = str(path)
-        if not path.exists():
-            raise ImageInputError(f"{name}: no such file")
-        if not path.is_file():
-            raise ImageInputError(f"{name}: not a regular file")
-        if path.stat().st_size == 0:
-            raise ImageInputError(f"{name}: empty file (0 bytes)")
-        fp = path
+        fp, name, _ = media_file(source, ImageInputError)
     else:
         raise TypeError(f"load_image: expected a path, bytes or PIL image, got {type(source).__name__}")
 
@@ -237,13 +231,11 @@ def sample_video(path: str | Path, num_frames: int = 32) -> tuple[list[Image.Ima
         import av
     except ImportError:
         raise VideoInputError(f"{path}: video input needs PyAV (pip install av)") from None
-    name = str(path)
-    if not Path(path).is_file():
-        raise VideoInputError(f"{name}: no such file")
+    path, name, _ = media_file(path, VideoInputError)
     if num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
     try:
-        container = av.open(name)
+        container = av.open(str(path))
     except Exception as e:  # noqa: BLE001 - FFmpeg errors become one line
         raise VideoInputError(f"{name}: cannot open video ({_one_line(e)})") from None
     try:
@@ -251,6 +243,7 @@ def sample_video(path: str | Path, num_frames: int = 32) -> tuple[list[Image.Ima
             if not container.streams.video:
                 raise VideoInputError(f"{name}: no video stream")
             stream = container.streams.video[0]
+            _check_frame(stream.codec_context.width, stream.codec_context.height, name)  # before decoding
             rate = stream.average_rate
             fps = float(rate) if rate else VIDEO_FPS_FALLBACK
             total = int(stream.frames or 0)
@@ -260,11 +253,11 @@ def sample_video(path: str | Path, num_frames: int = 32) -> tuple[list[Image.Ima
             if total <= 0:
                 raise VideoInputError(f"{name}: video has no frames")
             indices = sample_indices(total, num_frames)
-            frames, decoded = _decode_at(container, stream, indices)
+            frames, decoded = _decode_at(container, stream, indices, name)
             if len(frames) < len(indices):  # header over-counted: resample over what exists
                 container.seek(0)
                 indices = sample_indices(decoded, num_frames)
-                frames, _ = _decode_at(container, stream, indices)
+                frames, _ = _decode_at(container, stream, indices, name)
             if not frames:
                 raise VideoInputError(f"{name}: no decodable frames")
     except VideoInputError:
@@ -274,12 +267,20 @@ def sample_video(path: str | Path, num_frames: int = 32) -> tuple[list[Image.Ima
     return frames, [i / fps for i in indices[: len(frames)]]
 
 
-def _decode_at(container, stream, indices: list[int]) -> tuple[list[Image.Image], int]:
+def _check_frame(width: int, height: int, name: str) -> None:
+    """A video frame is held whole like an image (32 of them at once): the same pixel cap."""
+    if width * height > MAX_PIXELS:
+        raise VideoInputError(f"{name}: video frames are {width}x{height} ({width * height / 1e6:.0f} megapixels), "
+                              f"over the {MAX_PIXELS // 1_000_000}-megapixel limit")
+
+
+def _decode_at(container, stream, indices: list[int], name: str) -> tuple[list[Image.Image], int]:
     """Frames at `indices` (sorted) in decode order, and how many frames were decoded."""
     wanted, frames, count = set(indices), [], 0
     for i, frame in enumerate(container.decode(stream)):
         count = i + 1
         if i in wanted:
+            _check_frame(frame.width, frame.height, name)  # the header may not say (or lie)
             frames.append(Image.fromarray(frame.to_ndarray(format="rgb24"), "RGB"))
         if i >= indices[-1]:
             break

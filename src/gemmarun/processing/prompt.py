@@ -61,6 +61,11 @@ def _data_url(url: str) -> bytes:
         raise ValueError("media data URL is not valid base64") from None
 
 
+def _source_of(url: str) -> bytes | str:
+    """A base64 data: URL's bytes, or a path (file:// dropped)."""
+    return _data_url(url) if url.startswith("data:") else url.removeprefix("file://")
+
+
 def part_source(part: dict[str, Any]) -> Any:
     """Where a content part's media is: a path, bytes or a PIL image."""
     kind = part["type"]
@@ -68,7 +73,7 @@ def part_source(part: dict[str, Any]) -> Any:
         url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else part.get("image_url")
         if not isinstance(url, str):
             raise ValueError("image_url part has no url")
-        return _data_url(url) if url.startswith("data:") else url.removeprefix("file://")
+        return _source_of(url)
     if kind == "input_audio":
         data = part.get("input_audio", {}).get("data")
         if not isinstance(data, str):
@@ -79,7 +84,7 @@ def part_source(part: dict[str, Any]) -> Any:
             raise ValueError("input_audio data is not valid base64") from None
     for key in (kind, "path", "url", "data"):
         if part.get(key) is not None:
-            return part[key]
+            return _source_of(part[key]) if isinstance(part[key], str) else part[key]
     raise ValueError(f"{kind} part names no {kind} (give '{kind}': path, bytes or image)")
 
 
