@@ -285,7 +285,8 @@ FORMATS = [
     ("ogg-opus-48k", "OGG", "OPUS", 48_000, 1),
     ("mp3-44k", "MP3", "MPEG_LAYER_III", 44_100, 1),
 ]
-EXT = {"WAV": "wav", "FLAC": "flac", "OGG": "ogg", "MP3": "mp3"}
+EXT = {"WAV": "wav", "FLAC": "flac", "OGG": "ogg", "MP3": "mp3", "W64": "w64", "RF64": "wav", "AIFF": "aiff",
+       "AU": "au"}
 
 
 def _soundfile():
@@ -387,6 +388,28 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(AudioInputError):
         load_audio(b"")
 
+    # a name the OS refuses (a data URL taken for a path, say): one line, the name cut short
+    with pytest.raises(AudioInputError, match="cannot read") as e:
+        load_audio("data:audio/wav;base64," + "A" * 5000)
+    _assert_one_line(e, "data:audio/wav")
+    assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("rate,seconds", [(44_100, 0.05), (22_050, 0.1), (12_345, 0.2), (48_000, 1.0)])
+def test_resampled_length_and_samples_are_the_references(tmp_path, rate, seconds):
+    """transformers pads soxr's output (or cuts it) to ceil(n * 16000 / rate) samples, as librosa
+    does; the streamed resampler's own length is often one short, one soft token fewer at times."""
+    sf = _soundfile()
+    from transformers.audio_utils import _load_audio_soundfile
+
+    path = tmp_path / "tone.wav"
+    rng = np.random.default_rng(rate)
+    for n in range(int(rate * seconds), int(rate * seconds) + 6):
+        sf.write(str(path), (0.3 * rng.standard_normal(n)).astype(np.float32), rate, subtype="FLOAT")
+        ours, theirs = load_audio(path), _load_audio_soundfile(str(path), SR)
+        assert len(ours) == len(theirs) == -(-n * SR // rate)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+
 
 @pytest.mark.parametrize(
     "container,subtype,rate",
@@ -396,6 +419,10 @@ def test_bad_inputs(tmp_path):
         ("OGG", "VORBIS", 44_100),
         ("OGG", "OPUS", 48_000),
         ("MP3", "MPEG_LAYER_III", 44_100),
+        ("W64", "PCM_16", 44_100),
+        ("RF64", "PCM_16", 44_100),
+        ("AIFF", "PCM_16", 44_100),
+        ("AU", "PCM_16", 44_100),
     ],
 )
 @pytest.mark.parametrize("keep", [0.5, 0.9])

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import media_file
+
 SAMPLE_RATE = 16_000
 MAX_CLIP_SAMPLES = 480_000  # 30 s: the feature extractor's max_length; longer audio is split
 MAX_AUDIO_SECONDS = 2 * 60 * 60  # longest input load_audio accepts (2 h = 460 MB at 16 kHz)
@@ -35,8 +37,13 @@ MEL_FLOOR = 1e-3
 PAD_TO_MULTIPLE = 128  # the feature extractor's pad_to_multiple_of
 
 _BLOCK_FRAMES = 1 << 16  # decode block (frames at the file's own rate)
-# libsndfile logs "data : <declared> (should be <available>)" for a WAV whose data chunk is cut.
-_WAV_SHORT_DATA = re.compile(r"^\s*data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# libsndfile decodes a container cut short as shorter audio; its log keeps the declared size of
+# the chunk holding the samples: "<chunk> : <declared> (should be <available>)" (W64 names its
+# whole-file chunk, its data line does not say), and for RF64 its 'ds64' frame count.
+_CUT_CHUNK = {"WAV": "data", "WAVEX": "data", "W64": "riff", "AIFF": "SSND", "AU": "Data Size"}
+_SHORT_CHUNK = {fmt: re.compile(rf"^\s*{chunk}\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+                for fmt, chunk in _CUT_CHUNK.items()}
+_SHORT_RF64 = re.compile(r"Calculated frame count (\d+) does not match value from 'ds64' chunk of (\d+)")
 _OGG_TAIL = 70_000  # bytes read from the end: more than one maximal Ogg page (65,307 bytes)
 
 
@@ -66,13 +73,7 @@ def load_audio(source: str | Path | bytes, target_rate: int = SAMPLE_RATE) -> np
         handle: object = io.BytesIO(data)
         tail = data[-_OGG_TAIL:]
     else:
-        path = Path(source)
-        label = str(path)
-        if not path.is_file():
-            raise AudioInputError(f"{label}: no such file")
-        size = path.stat().st_size
-        if size == 0:
-            raise AudioInputError(f"{label}: file is empty (0 bytes)")
+        path, label, size = media_file(source, AudioInputError)
         handle = str(path)
         with open(path, "rb") as raw:
             raw.seek(max(0, size - _OGG_TAIL))
@@ -103,7 +104,7 @@ def _decode(f, label: str, target_rate: int) -> np.ndarray:
         raise AudioInputError(
             f"{label}: {declared / rate:.0f} s of audio exceeds the {MAX_AUDIO_SECONDS} s maximum"
         )
-    _check_wav_data_chunk(f, label)
+    _check_container_length(f, label)
     resampler = (
         None if rate == target_rate else soxr.ResampleStream(rate, target_rate, 1, "float32", "HQ")
     )
@@ -135,6 +136,13 @@ def _decode(f, label: str, target_rate: int) -> np.ndarray:
             break
     if decoded == 0 or filled == 0:
         raise AudioInputError(f"{label}: contains no audio samples")
+    if resampler is not None:  # the reference's length (librosa's): zero-padded or cut to ceil(n * target / rate)
+        want = math.ceil(decoded * target_rate / rate)
+        if want > len(out):
+            out = np.concatenate((out[:filled], np.zeros(want - filled, dtype=np.float32)))
+        else:
+            out[filled:want] = 0
+        filled = want
     # MP3 lengths come from a Xing/LAME tag or a bitrate estimate: allow 2% and two MPEG frames.
     slack = max(2 * 1152, declared // 50) if f.format == "MP3" else 0
     if declared - decoded > slack:
@@ -144,18 +152,23 @@ def _decode(f, label: str, target_rate: int) -> np.ndarray:
     return out[:filled] if filled > 0.9 * len(out) else out[:filled].copy()
 
 
-def _check_wav_data_chunk(f, label: str) -> None:
-    """libsndfile silently shortens a WAV whose data chunk runs past the end of the file; its log
-    keeps the declared size. Streamed WAVs declare 0 or 0xFFFFFFFF bytes and are fine."""
-    if f.format not in ("WAV", "WAVEX", "RF64", "W64"):
+def _check_container_length(f, label: str) -> None:
+    """libsndfile silently shortens a WAV/W64/RF64/AIFF/AU file whose sample data runs past the end
+    of the file; its log keeps the declared size. Streamed files declare 0 or 0xFFFFFFFF bytes and
+    are fine."""
+    if f.format == "RF64":
+        m = _SHORT_RF64.search(f.extra_info)
+        if m is not None and int(m.group(2)) > int(m.group(1)):
+            raise AudioInputError(f"{label}: truncated (header declares {m.group(2)} frames, file has {m.group(1)})")
         return
-    m = _WAV_SHORT_DATA.search(f.extra_info)
+    pattern = _SHORT_CHUNK.get(f.format)
+    m = pattern.search(f.extra_info) if pattern is not None else None
     if m is None:
         return
     declared, available = int(m.group(1)), int(m.group(2))
     if 0 < declared < 0xFFFFFFF0 and declared > available:
         raise AudioInputError(
-            f"{label}: truncated (data chunk declares {declared} bytes, file has {available})"
+            f"{label}: truncated ({_CUT_CHUNK[f.format]} chunk declares {declared} bytes, file has {available})"
         )
 
 
