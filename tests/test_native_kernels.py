@@ -119,6 +119,52 @@ def test_native_edge_values(tiles_forbidden):
     assert torch.equal(layer(torch.zeros(1, cols)), torch.zeros(1, rows))
 
 
+def _faulty_activations(cols: int) -> torch.Tensor:
+    """Rows: a NaN, an inf, a -inf in one group each; then a group of values near 1e-36 (whose
+    rounding scale overflows a float) beside ordinary ones, and all values near 1e-36."""
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(3))
+    x[0, 40], x[1, 7], x[2, cols - 1] = float("nan"), float("inf"), float("-inf")
+    x[3, :32] *= 1e-36
+    x[4] *= 1e-36
+    return x
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_nan_and_inf_activations_stay_non_finite(qtype: T, tiles_forbidden):
+    """A NaN or inf in the input made finite, plausible outputs (NaN, left out of the group's
+    maximum, rounded to an ordinary code): a fault upstream then went unseen. Now every output it
+    enters is NaN (the exact one is NaN or infinite); tiny groups stay exact for their rounding."""
+    rows, cols = 16, 256
+    raw = make_raw(qtype, rows, cols, seed=int(qtype) + 31)
+    w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy()).double()
+    layer = QuantLinear.from_raw(torch.from_numpy(raw), qtype, rows, cols, torch.float32)
+    x = _faulty_activations(cols)
+    y = layer(x)
+    exact = x.double() @ w_ref.T
+    assert not torch.isfinite(exact[:3]).any()
+    assert torch.isnan(y[:3]).all()
+    assert rel_err(y[3], exact[3]) < NATIVE_RTOL
+    assert rel_err(y[4], exact[4]) < 1e-2  # outputs near 1e-36: float32 subnormals keep ~16 bits
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", IN_PLACE_TYPES, ids=lambda t: t.name)
+def test_nan_and_inf_activations_stay_non_finite_in_place(qtype: T):
+    from gemmarun.native import native_block_gemv
+
+    rows, cols = 16, 256
+    raw = make_raw(qtype, rows, cols, seed=int(qtype) + 37)
+    w_ref = torch.from_numpy(reference(raw, qtype).reshape(rows, cols).copy()).double()
+    x = _faulty_activations(cols)
+    for int8 in (False, True):
+        y = native_block_gemv()(x, torch.from_numpy(raw), int(qtype), int8).double()
+        assert torch.isnan(y[:3]).all()
+        exact = x.double() @ w_ref.T
+        assert rel_err(y[3], exact[3]) < (1e-2 if int8 else NATIVE_RTOL)
+        assert rel_err(y[4], exact[4]) < 1e-2  # outputs near 1e-36: float32 subnormals keep ~16 bits
+
+
 @needs_kernel
 def test_bfloat16_decode_reads_codes_and_lookups_round_once(tiles_forbidden):
     """bfloat16 compute: decode goes through the kernel (codes kept, nothing repacked) and a

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -62,15 +63,30 @@ struct Problem {
 // Activations to int16, one scale per group (max |x| -> 32767): relative error <= 2^-16 of the
 // group's largest value, far below any weight quantization's, and it lets a 16-wide integer
 // multiply-add do the work of sixteen float conversions and FMAs.
+// A group holding NaN or inf gets a NaN scale (codes 0), so every product it enters is NaN, as
+// the exact one is NaN or infinite: a fault upstream shows instead of becoming plausible logits.
 template <typename Q, int QMAX>
 void quantize_x(const float* x, int64_t n, int64_t group, Q* xq, float* xscale, float* xsum) {
   for (int64_t g0 = 0, g = 0; g0 < n; g0 += group, ++g) {
     float amax = 0.f;
-    for (int64_t k = g0; k < g0 + group; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float d = amax / QMAX, inv = amax > 0.f ? QMAX / amax : 0.f;
+    bool finite = true;
+    for (int64_t k = g0; k < g0 + group; ++k) {
+      const float a = std::fabs(x[k]);
+      finite &= a <= std::numeric_limits<float>::max();  // false for NaN and inf
+      amax = std::max(amax, a);
+    }
+    if (!finite) {
+      std::fill(xq + g0, xq + g0 + group, Q(0));
+      xscale[g] = xsum[g] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float d = amax / QMAX;
+    // Below ~1e-34, QMAX / amax overflows a float: such a group is scaled in double.
+    const double inv = amax > 0.f ? QMAX / double(amax) : 0.0;
+    const float inv_f = float(inv);
     int32_t sum = 0;  // of the rounded values: the offset term then uses the same x as the codes
     for (int64_t k = g0; k < g0 + group; ++k) {
-      xq[k] = static_cast<Q>(std::nearbyint(x[k] * inv));
+      xq[k] = static_cast<Q>(std::isinf(inv_f) ? std::nearbyint(double(x[k]) * inv) : std::nearbyint(x[k] * inv_f));
       sum += xq[k];
     }
     xscale[g] = d;
