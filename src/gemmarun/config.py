@@ -423,13 +423,20 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
     )
 
 
+def json_problem(e: ValueError | RecursionError) -> str:
+    """What json.loads objected to, in one line."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(e).split())[:200]
+
+
 def read_json_object(path: Path, error: type[ValueError] = ConfigError) -> dict[str, Any]:
     """A JSON file that holds an object (config.json, tokenizer_config.json, a shard index), or
     `error` with one line naming the file and what is wrong with it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8, over-long integer or too deep nesting
+        raise error(f"{path}: not valid JSON ({json_problem(e)})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: must hold a JSON object, not {type(data).__name__}")
     return data

@@ -109,6 +109,11 @@ def test_unknown_extra_tensor_is_an_error_but_shared_kv_is_ignored(tiny_models, 
     dst2 = _edit_tensors(folder, tmp_path / "b", lambda t: t.update({"model.layers.0.bogus.weight": torch.zeros(2)}))
     with pytest.raises(LoadError, match="unexpected tensors: layers.0.bogus.weight"):
         gemmarun.load(dst2, device="cpu")
+    # keys of a layer the config does not have (a config that does not fit the weights)
+    dst3 = _edit_tensors(folder, tmp_path / "c", lambda t: t.update({
+        "model.layers.99.self_attn.k_proj.weight": torch.zeros(16, 64)}))
+    with pytest.raises(LoadError, match="unexpected tensors: layers.99.self_attn.k_proj.weight"):
+        gemmarun.load(dst3, device="cpu")
 
 
 def test_truncated_and_corrupt_files(tiny_models, tmp_path):
@@ -222,6 +227,12 @@ def test_convert_never_writes_over_its_own_source(tiny_models, tmp_path):
     ("tokenizer_config.json", '{"chat_template": 5}', "chat_template must be"),
     ("model.safetensors.index.json", "[]", "must hold a JSON object"),
     ("model.safetensors.index.json", '{"weight_map": {"a": 5}}', "corrupt shard index"),
+    ("model.safetensors.index.json", '{"weight_map": {"a": ""}}', "shard '' is missing"),
+    ("config.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("config.json", '{"vocab_size": ' + "1" * 5000 + "}", "not valid JSON"),
+    ("model.safetensors", "HEADER:" + '{"a":' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ("model.safetensors", "HEADER:" + '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, ' + "1" * 5000 + "]}}",
+     "corrupt safetensors header"),
 ])
 def test_malformed_json_files_are_one_line_errors(tiny_models, tmp_path, name, text, fragment):
     dst = _copy(tiny_models("gemma3")[0], tmp_path)
@@ -232,7 +243,11 @@ def test_malformed_json_files_are_one_line_errors(tiny_models, tmp_path, name, t
             key, value = item.split("=")
             section[key] = json.loads(value)
         text = json.dumps(raw)
-    (dst / name).write_text(text)
+    if text.startswith("HEADER:"):  # a safetensors file with this header
+        header = text[7:].encode()
+        (dst / name).write_bytes(len(header).to_bytes(8, "little") + header)
+    else:
+        (dst / name).write_text(text)
     with pytest.raises(ValueError, match=fragment) as e:
         gemmarun.load(dst, device="cpu")
     assert "\n" not in str(e.value)

@@ -51,7 +51,7 @@ def map_hf_names(
             continue
         short = name[len(prefix) :]
         m = _SHARED_KV.match(short)
-        if m and not cfg.layers[int(m.group(1))].owns_kv:
+        if m and int(m.group(1)) < cfg.num_layers and not cfg.layers[int(m.group(1))].owns_kv:  # past: unexpected
             ignored[name] = "KV-shared layer: it reads its producer layer's keys and values"
             continue
         state[HF_RENAMES.get(short, short)] = tensor

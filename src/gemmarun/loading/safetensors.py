@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import read_json_object
+from ..config import json_problem, read_json_object
 from .errors import LoadError
 from .file_rows import read_bytes, register_mapping
 
@@ -43,8 +43,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raise LoadError(f"{path}: header length {header_len} runs past the end of the file")
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LoadError(f"{path}: corrupt safetensors header ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise LoadError(f"{path}: corrupt safetensors header ({json_problem(e)})") from None
     if not isinstance(header, dict):
         raise LoadError(f"{path}: corrupt safetensors header (not an object)")
     data = np.memmap(path, dtype=np.uint8, mode="c")
@@ -97,8 +97,8 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = folder / shard
-            if not shard_path.exists():
-                raise LoadError(f"{index}: shard {shard} is missing")
+            if not shard_path.is_file():
+                raise LoadError(f"{index}: shard {shard!r} is missing (or not a file)")
             tensors.update(read_safetensors(shard_path))
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
