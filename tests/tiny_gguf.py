@@ -58,10 +58,11 @@ def _set(w: GGUFWriter, key: str, value: Any) -> None:
 
 
 def tiny_gguf(family: str, qtype: GGMLQuantizationType = GGMLQuantizationType.F16,
-              metadata: dict[str, Any] | None = None, rename: dict[str, str] | None = None) -> bytes:
+              metadata: dict[str, Any] | None = None, rename: dict[str, str] | None = None,
+              extra: dict[str, tuple[tuple[int, ...], GGMLQuantizationType]] | None = None) -> bytes:
     """A loadable GGUF of a tiny `family` model: norms F32, matrices `qtype` where rows allow.
-    `metadata` overrides keys (None drops one) and `rename` renames tensors, to break one
-    detail of a good file."""
+    `metadata` overrides keys (None drops one), `rename` renames tensors and `extra` adds zero
+    tensors (shape, type), to break one detail of a good file."""
     cfg = tiny_config(family, 32 if qtype == GGMLQuantizationType.Q8_0 else 8)
     state = TextModel(cfg).state_dict()
     plan = []
@@ -75,6 +76,7 @@ def tiny_gguf(family: str, qtype: GGMLQuantizationType = GGMLQuantizationType.F1
         kind = qtype if quantizable else GGMLQuantizationType.F32
         plan.append((gemmarun_to_gguf(name), np.zeros(shape, np.float32), kind))
     plan = [((rename or {}).get(name, name), arr, kind) for name, arr, kind in plan]
+    plan += [(name, np.zeros(shape, np.float32), kind) for name, (shape, kind) in (extra or {}).items()]
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "tiny.gguf"
         w = GGUFWriter(path, family)

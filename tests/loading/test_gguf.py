@@ -376,6 +376,16 @@ def _hostile_cases():
             tiny_gguf("gemma3", metadata={"tokenizer.ggml.unknown_token_id": None, "tokenizer.ggml.tokens": [
                 "<nope>" if t == "<unk>" else t for t in tiny_vocab("gemma3").tokens]}),
             "neither an unknown token (<unk>) nor a byte piece for every byte"),
+        "a tensor name twice": (
+            tiny_gguf("gemma3").replace(b"blk.0.attn_q.weight", b"blk.0.attn_k.weight", 1),
+            "tensor 'blk.0.attn_k.weight' appears twice"),
+        "a metadata key twice": (
+            tiny_gguf("gemma3").replace(b"gemma3.context_length", b"gemma3.rope.freq_base", 1),
+            "metadata key 'gemma3.rope.freq_base' appears twice"),
+        "a chat template that is a number": (
+            tiny_gguf("gemma3", metadata={"tokenizer.chat_template": 5}), "tokenizer.chat_template is int"),
+        "a head untied from the token table": (
+            tiny_gguf("gemma3", extra={"output.weight": ((16, 8), Q.F32)}), "output.weight is a head untied"),
         "a norm stored as I32 (same size as F32)": (  # UnsupportedQuantType, a ValueError but no LoadError
             _patch_tensor(tiny_gguf("gemma3"), "blk.0.attn_norm.weight", type_id=int(Q.I32)), "cannot decode"),
         "token id that is a list": (
@@ -387,7 +397,9 @@ def test_tiny_gguf_files_load(tmp_path):
     from gguf import GGMLQuantizationType as Q
     from tiny_gguf import tiny_gguf
 
-    for i, data in enumerate([tiny_gguf("gemma3"), tiny_gguf("gemma4"), tiny_gguf("gemma4", Q.Q8_0)]):
+    # an output.weight with the token table's very bytes is the tied head written twice
+    same_head = tiny_gguf("gemma3", extra={"output.weight": ((16, 8), Q.F16)})
+    for i, data in enumerate([tiny_gguf("gemma3"), tiny_gguf("gemma4"), tiny_gguf("gemma4", Q.Q8_0), same_head]):
         path = tmp_path / f"{i}.gguf"
         path.write_bytes(data)
         llm = gemmarun.load(path, device="cpu")

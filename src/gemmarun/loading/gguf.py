@@ -65,7 +65,10 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
     except ValueError as e:
         raise LoadError(f"{path}: {e}") from None
     template = f.metadata.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise LoadError(f"{path}: tokenizer.chat_template is {type(template).__name__}, not a template string")
     f.drop_metadata("tokenizer.ggml.")
+    _check_head_is_tied(f)
     state: dict[str, torch.Tensor | QuantizedTensor] = {}
     unknown = []
     for name, info in f.tensors.items():
@@ -88,6 +91,20 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
     table = [(i.name, i.type_name, i.shape, i.nbytes) for i in f.tensors.values()]
     info = ModelInfo(path=path, format="gguf", chat_template=template, tensors=table)
     return LLM(model, tokenizer, info)
+
+
+def _check_head_is_tied(f: GGUFFile) -> None:
+    """Gemma ties its output head to the token table. A file with its own `output.weight` (which
+    llama.cpp would multiply by) is refused unless it holds the same bytes as the table."""
+    head, table = f.tensors.get("output.weight"), f.tensors.get("token_embd.weight")
+    if head is None:
+        return
+    same = (table is not None and (head.ggml_type, head.shape) == (table.ggml_type, table.shape)
+            and np.array_equal(f.raw(head.name), f.raw(table.name)))
+    f.release(head.name)
+    if not same:
+        raise LoadError(f"{f.path}: output.weight is a head untied from token_embd.weight; "
+                        "Gemma ties them and gemmarun does not support an untied head")
 
 
 def scan_nonfinite(path: Path, max_report: int = 5) -> list[str]:

@@ -120,6 +120,8 @@ class GGUFFile:
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._string()
+            if key in self.metadata:  # which one a reader takes is arbitrary (gguf-py refuses it too)
+                raise LoadError(f"{self.path}: metadata key {key[:80]!r} appears twice")
             self.metadata[key] = self._value(self._scalar(4))
         infos = []
         for _ in range(n_tensors):
@@ -155,6 +157,8 @@ class GGUFFile:
                 raise LoadError(
                     f"{self.path}: tensor {name!r} data runs past the end of the file (truncated download?)"
                 )
+            if name in self.tensors:
+                raise LoadError(f"{self.path}: tensor {name!r} appears twice")
             self.tensors[name] = TensorInfo(name, qtype, tuple(reversed(dims)), start, nbytes)
 
     def drop_metadata(self, prefix: str) -> None:

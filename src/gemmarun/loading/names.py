@@ -140,7 +140,7 @@ GGUF_GLOBAL_NAMES = {
 }
 GGUF_IGNORED = {
     "rope_freqs.weight": "p-RoPE frequency divisors; derived from the config (spec 3.5)",
-    "output.weight": "the head is tied to token_embd",
+    "output.weight": "the head is tied to token_embd (load refuses one that differs)",
 }
 _GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(.+)$")
 
