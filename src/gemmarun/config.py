@@ -568,6 +568,12 @@ def _per_layer(value: Any, n: int, key: str) -> list:
     return [value] * n
 
 
+def gemma3_gguf_attention_scale(num_layers: int, hidden: int, num_heads: int, head_dim: int) -> float:
+    """The query scale a Gemma 3 GGUF implies (GGUF has no key for it). llama.cpp: the 27B (62
+    layers) scales by (hidden / heads)^-0.5, every other size by head_dim^-0.5."""
+    return (hidden // num_heads if num_layers == 62 else head_dim) ** -0.5
+
+
 def text_config_from_gguf(
     meta: dict[str, Any],
     tensor_shapes: dict[str, tuple[int, ...]],
@@ -655,16 +661,14 @@ def text_config_from_gguf(
         if scaling not in (None, "none", "linear"):
             raise ConfigError(f"{arch}.rope.scaling.type={_shown(scaling)} is not supported (linear)")
         factor = number("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
-        # llama.cpp: Gemma 3 27B (62 layers) scales queries by (hidden/heads)^-0.5, others head_dim^-0.5.
-        scale_dim = hidden // num_heads if n == 62 else head_dim
-        if scale_dim < 1:
+        if hidden // num_heads < 1:
             raise ConfigError(f"{arch}.embedding_length={hidden} is smaller than attention.head_count={num_heads}")
         return TextConfig(  # no attention softcap: llama.cpp's gemma3 graph has none (see the HF parse)
             **common,
             head_dim=head_dim,
             rope_full=RopeConfig(theta=number("rope.freq_base", 1e6), factor=factor),
             rope_sliding=RopeConfig(theta=number("rope.freq_base_swa", 1e4)),
-            attention_scale=scale_dim**-0.5,
+            attention_scale=gemma3_gguf_attention_scale(n, hidden, num_heads, head_dim),
             has_v_norm=False,
         )
 

@@ -548,3 +548,31 @@ def test_rope_freqs_other_than_p_rope_are_refused(converted):
     for bad in (good[:3], [0.0] * len(good), [float("nan")] * len(good), good[:-1] + [2.0]):
         with pytest.raises(ConfigError, match="rope_freqs.weight must be"):
             text_config_from_gguf(f.metadata, shapes, bad)
+
+
+def test_convert_writes_gemma3_27b_whose_query_scale_gguf_implies(tmp_path):
+    """Gemma 3 27B scales queries by (hidden / heads)^-0.5, not head_dim^-0.5; GGUF has no key
+    for it, but readers derive it from the 62 layers (llama.cpp's rule). convert had refused it."""
+    import dataclasses
+
+    from gguf import GGUFWriter
+
+    from gemmarun.config import text_config_from_gguf, text_config_from_hf
+    from gemmarun.loading import LoadError
+    from gemmarun.loading.convert import write_config_metadata
+
+    cfg = text_config_from_hf({
+        "model_type": "gemma3_text", "hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 62,
+        "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 168,
+        "sliding_window": 1024, "sliding_window_pattern": 6, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "vocab_size": 262208, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 131072})
+    assert cfg.attention_scale == pytest.approx(168**-0.5)
+    w = GGUFWriter(tmp_path / "27b.gguf", "gemma3")
+    write_config_metadata(w, cfg)
+    written = {key: field.value for key, field in w.kv_data[0].items()}
+    shapes = {"token_embd.weight": (262208, 5376), **{f"blk.{i}.attn_norm.weight": (5376,) for i in range(62)}}
+    back = text_config_from_gguf(written, shapes)
+    assert back.attention_scale == pytest.approx(cfg.attention_scale, rel=1e-12)
+    with pytest.raises(LoadError, match="query scale 0.5 cannot be expressed in GGUF"):
+        write_config_metadata(GGUFWriter(tmp_path / "other.gguf", "gemma3"), dataclasses.replace(cfg, attention_scale=0.5))

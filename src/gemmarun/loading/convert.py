@@ -21,7 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
 
-from ..config import LayerType, TextConfig, load_hf_config
+from ..config import LayerType, TextConfig, gemma3_gguf_attention_scale, load_hf_config
 from ..tokenizer import Tokenizer
 from .errors import LoadError
 from .hf import read_chat_template
@@ -60,8 +60,10 @@ def write_config_metadata(w: GGUFWriter, cfg: TextConfig) -> None:
     if cfg.final_logit_softcap:
         w.add_float32(f"{a}.final_logit_softcapping", cfg.final_logit_softcap)
     if a == "gemma3":
-        if abs(cfg.attention_scale - cfg.head_dim**-0.5) > 1e-9:
-            raise LoadError("convert: Gemma 3 query_pre_attn_scalar != head_dim cannot be expressed in GGUF")
+        implied = gemma3_gguf_attention_scale(n, cfg.hidden_size, cfg.num_heads, cfg.head_dim)
+        if abs(cfg.attention_scale - implied) > 1e-9:
+            raise LoadError(f"convert: Gemma 3 query scale {cfg.attention_scale:.6g} cannot be expressed in GGUF "
+                            f"(readers derive {implied:.6g} from its shape)")
         if cfg.attn_logit_softcap:
             w.add_float32(f"{a}.attn_logit_softcapping", cfg.attn_logit_softcap)
         if cfg.rope_full.factor != 1.0:
