@@ -36,7 +36,7 @@ from gguf import (
 )
 
 from ..config import ConfigError, TextConfig, load_hf_config, text_config_from_hf
-from ..quant.formats import Q4_0, Q4_K, Q8_0, BlockFormat
+from ..quant.formats import _MXFP4_VALUES, MXFP4, Q4_0, Q4_K, Q8_0, BlockFormat
 from ..tokenizer import SPACE
 from .convert import TYPES as CONVERT_TYPES
 from .convert import (
@@ -59,7 +59,7 @@ CHUNK_BYTES = 8 << 20  # encoded bytes generated per step
 CONFIGS_JSON = Path(__file__).resolve().parents[4] / "shared" / "spec" / "gemma4-configs.json"
 SHORT_NAMES = ("e2b", "e4b", "31b", "26b-a4b")
 _BLOCK_FORMATS: dict[GGMLQuantizationType, type[BlockFormat]] = {
-    f.ggml_type: f for f in (Q4_0, Q8_0, Q4_K)
+    f.ggml_type: f for f in (Q4_0, Q8_0, Q4_K, MXFP4)
 }
 _KQ_SUBSCALES = (32, 63)  # Q4_K's 6-bit sub-block scales are drawn from this range
 
@@ -242,6 +242,15 @@ def _blocks(fmt: type[BlockFormat], rng: np.random.Generator, n: int, std: float
         d = _signed_scales(rng, n, std / np.sqrt((var + mean**2) * _SCALE_MEAN_SQUARE))
         out[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(n, 2)
         out[:, 2:] = _random_bytes(rng, n * (fmt.type_size - 2)).reshape(n, -1)
+        return out
+    if fmt is MXFP4:  # exponent byte, then 32 nibbles indexing the E2M1 table (mean 0)
+        # scales are powers of two 2^(e-128): e or e+1 per block, mixed so the mean square is std^2
+        target = std**2 / float(np.mean(np.square(_MXFP4_VALUES)))
+        low = int(np.floor(np.log2(target) / 2))  # 4^low <= target < 4^(low+1)
+        p_high = (target / 4.0**low - 1) / 3
+        e = 128 + low + (rng.uniform(0.0, 1.0, n) < p_high)
+        out[:, 0] = e.astype(np.uint8)
+        out[:, 1:] = _random_bytes(rng, n * 16).reshape(n, 16)
         return out
     raise LoadError(f"random weights: no block generator for {fmt.ggml_type.name}")
 
