@@ -20,6 +20,19 @@ def test_run_streams_text(tiny_models, capsys):
     assert capsys.readouterr().out.endswith("\n")
 
 
+def test_run_takes_options_between_the_model_and_the_prompt(tiny_models, capsys):
+    folder, _ = tiny_models("gemma3")
+    assert main(["run", str(folder), "hello there", "--raw", "--max-tokens", "6"]) == 0
+    expected = capsys.readouterr().out
+    assert main(["run", str(folder), "--raw", "--max-tokens", "6", "hello there"]) == 0
+    assert capsys.readouterr().out == expected
+    assert main(["run", "--raw", str(folder), "--max-tokens", "6", "hello there"]) == 0
+    assert capsys.readouterr().out == expected
+    with pytest.raises(SystemExit):
+        main(["run", str(folder), "hello", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
 def test_run_raw_and_seeded_sampling_is_reproducible(tiny_models, capsys):
     folder, _ = tiny_models("gemma3")
     args = ["run", str(folder), "hello", "--raw", "--max-tokens", "8", "--temperature", "0.8", "--seed", "3"]

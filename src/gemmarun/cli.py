@@ -488,7 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "words", None), list) and not any(a.startswith("-") for a in extra):
+        args.words += extra  # options between the model and the prompt: `run MODEL --max-tokens 9 "hi"`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         if hasattr(args, "threads") and func is not cmd_bench:  # bench sets each runtime's own
