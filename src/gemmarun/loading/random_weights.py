@@ -36,7 +36,7 @@ from gguf import (
 )
 
 from ..config import ConfigError, TextConfig, load_hf_config, text_config_from_hf
-from ..quant.formats import _MXFP4_VALUES, MXFP4, Q4_0, Q4_K, Q8_0, BlockFormat
+from ..quant.formats import MXFP4, MXFP4_VALUES, Q4_0, Q4_K, Q8_0, BlockFormat
 from ..tokenizer import SPACE
 from .convert import TYPES as CONVERT_TYPES
 from .convert import (
@@ -245,7 +245,7 @@ def _blocks(fmt: type[BlockFormat], rng: np.random.Generator, n: int, std: float
         return out
     if fmt is MXFP4:  # exponent byte, then 32 nibbles indexing the E2M1 table (mean 0)
         # scales are powers of two 2^(e-128): e or e+1 per block, mixed so the mean square is std^2
-        target = std**2 / float(np.mean(np.square(_MXFP4_VALUES)))
+        target = std**2 / float(np.mean(np.square(MXFP4_VALUES)))
         low = int(np.floor(np.log2(target) / 2))  # 4^low <= target < 4^(low+1)
         p_high = (target / 4.0**low - 1) / 3
         e = 128 + low + (rng.uniform(0.0, 1.0, n) < p_high)

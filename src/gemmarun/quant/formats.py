@@ -295,7 +295,7 @@ class Q6_K(BlockFormat, ggml_type=GGMLQuantizationType.Q6_K):
 # spanning more than 16 values (kept as int8).
 
 _IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-_MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 values, doubled
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 values, doubled
 
 
 def _table_codes(nibbles: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
@@ -340,7 +340,7 @@ class MXFP4(BlockFormat, ggml_type=GGMLQuantizationType.MXFP4):
     def decode_blocks(cls, blocks: torch.Tensor) -> Decoded:
         e = blocks[:, 0:1].to(torch.int32)
         bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)
-        return Decoded(_table_codes(_nibbles(blocks[:, 1:], 16), _MXFP4_VALUES), bits.view(torch.float32), None)
+        return Decoded(_table_codes(_nibbles(blocks[:, 1:], 16), MXFP4_VALUES), bits.view(torch.float32), None)
 
 
 # ------------------------------------------------------------------------------ module API
