@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gemmarun.sampling import Sampler, SamplingParams, apply_penalties, filter_logits
+from gemmarun.sampling import NonFiniteLogits, Sampler, SamplingParams, apply_penalties, filter_logits, greedy_token
 
 
 def _probs(logits, **kw):
@@ -89,3 +89,30 @@ def test_one_stop_string_is_not_its_characters():
     assert SamplingParams(stop="Paris").stop == ("Paris",)
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
     assert SamplingParams(stop_token_ids=[1, 2]).stop_token_ids == (1, 2)
+
+
+@pytest.mark.parametrize("where", [0, 7, 99])
+def test_nan_logits_are_a_fault_not_a_token(where):
+    """argmax counts NaN as the largest and multinomial refuses NaN with torch's own words: one
+    named error instead, greedy or sampled (an inf logit makes every probability NaN too)."""
+    logits = torch.randn(100)
+    logits[where] = float("nan")
+    with pytest.raises(NonFiniteLogits, match="logits hold NaN"):
+        greedy_token(logits)
+    with pytest.raises(NonFiniteLogits):
+        greedy_token(logits.double())  # torch's argmax path
+    seen = torch.tensor([], dtype=torch.long)
+    for bad in (float("nan"), float("inf")):
+        logits[where] = bad
+        with pytest.raises(NonFiniteLogits):
+            Sampler(SamplingParams(temperature=0.8, seed=1))(logits, seen, seen)
+
+
+def test_a_model_with_a_nan_weight_fails_its_generation_in_one_line(tiny_models):
+    import gemmarun
+
+    llm = gemmarun.load(tiny_models("gemma3")[0], device="cpu")
+    with torch.no_grad():
+        llm.model.layers[0].mlp.down_proj.weight[3, 5] = float("nan")
+    with pytest.raises(NonFiniteLogits):
+        llm.generate_ids([2, 40, 41], max_new_tokens=4)

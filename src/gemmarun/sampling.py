@@ -16,6 +16,15 @@ MAX_PRESENCE_PENALTY = 2.0
 REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model's logits hold NaN (or inf, which makes the probabilities NaN): corrupt weights
+    or an overflow upstream. No token can be chosen; a fault, not a bad request."""
+
+    def __init__(self) -> None:
+        super().__init__("the model's logits hold NaN or inf (corrupt weights, or activations past "
+                         "float32's range): no token can be chosen")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -114,17 +123,26 @@ class Sampler:
             probs = torch.zeros_like(logits)
             probs[greedy_token(logits)] = 1.0
             return probs
-        return torch.softmax(filter_logits(logits, self.params), dim=-1)
+        probs = torch.softmax(filter_logits(logits, self.params), dim=-1)
+        if math.isnan(probs[0]):  # one NaN or inf logit makes every probability NaN
+            raise NonFiniteLogits()
+        return probs
 
 
 def greedy_token(logits: torch.Tensor) -> int:
     """`int(torch.argmax(logits))` for a 1-D vector, through the native kernel for float32 on the
     CPU: torch's CPU argmax is a scalar loop, 0.4 ms over a 262k vocabulary, a few percent of a
-    small model's decode token."""
+    small model's decode token. NaN logits raise NonFiniteLogits (argmax would pick the first NaN,
+    and a generation would go on as if nothing were wrong)."""
+    token = None
     if logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 1 and logits.numel():
         from .native import native_ops
 
         ops = native_ops()
         if ops is not None:
-            return ops.argmax(logits)
-    return int(torch.argmax(logits))
+            token = ops.argmax(logits)
+    if token is None:
+        token = int(torch.argmax(logits))
+    if math.isnan(logits[token]):  # argmax counts NaN as the largest: one NaN is enough to land here
+        raise NonFiniteLogits()
+    return token
