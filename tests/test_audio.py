@@ -223,6 +223,14 @@ def test_tower_matches_reference_batch(reference_audio):
     _assert_close(_ours(ours, ours_embed, f1, m1)[0], got[1])
 
 
+def test_tower_matches_reference_with_a_large_eps():
+    """The reference builds the feed-forward and conformer-layer norms without eps (always 1e-6)
+    and the others with the config's: a config eps far from 1e-6 tells them apart."""
+    tower, embed, ours, ours_embed = _build_pair(rms_norm_eps=0.5)
+    feats, mask = batch_features([_noise(0.9, 31)])
+    _assert_close(_ours(ours, ours_embed, feats, mask)[0], _reference_soft_tokens(tower, embed, feats, mask)[0])
+
+
 def test_tower_matches_reference_other_chunking():
     """Non-released chunking (block 5, 7-frame left context, 2-frame right context) still
     matches: the blocked attention is ported literally, not specialised to 12/13/0."""

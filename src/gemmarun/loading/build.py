@@ -91,7 +91,7 @@ def build_encoders(mm_cfg, text_cfg: TextConfig, state: dict[str, torch.Tensor],
 
     cls = UnifiedEncoders if isinstance(mm_cfg, UnifiedConfig) else Encoders
     with torch.device("meta"):
-        encoders = cls(mm_cfg, text_cfg.hidden_size, text_cfg.rms_norm_eps)
+        encoders = cls(mm_cfg, text_cfg.hidden_size)
     problems = _problems(encoders.state_dict(), state)
     if problems:
         raise LoadError("encoders: " + "; ".join(problems))

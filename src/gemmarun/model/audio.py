@@ -24,6 +24,12 @@ from .layers import ClippableLinear, RMSNorm, rms_norm
 NUM_MEL_BINS = 128
 
 
+# The reference builds the feed-forward and conformer-layer norms without an eps argument, so
+# they take its RMSNorm default whatever the config says (the subsampling and light-conv norms and
+# the projection's take the config's).
+DEFAULT_NORM_EPS = 1e-6
+
+
 @dataclass(frozen=True)
 class AudioConfig:
     hidden_size: int = 1024
@@ -202,8 +208,8 @@ class FeedForward(nn.Module):
         h, clipped = cfg.hidden_size, cfg.use_clipped_linears
         self.ffw_layer_1 = ClippableLinear(h, 4 * h, clipped)
         self.ffw_layer_2 = ClippableLinear(4 * h, h, clipped)
-        self.pre_layer_norm = RMSNorm(h, cfg.rms_norm_eps)
-        self.post_layer_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.pre_layer_norm = RMSNorm(h, DEFAULT_NORM_EPS)
+        self.post_layer_norm = RMSNorm(h, DEFAULT_NORM_EPS)
         self.gradient_clipping = cfg.gradient_clipping
         self.residual_weight = cfg.residual_weight
 
@@ -357,9 +363,9 @@ class ConformerLayer(nn.Module):
         self.feed_forward2 = FeedForward(cfg)
         self.self_attn = AudioAttention(cfg)
         self.lconv1d = LightConv1d(cfg)
-        self.norm_pre_attn = RMSNorm(h, cfg.rms_norm_eps)
-        self.norm_post_attn = RMSNorm(h, cfg.rms_norm_eps)
-        self.norm_out = RMSNorm(h, cfg.rms_norm_eps)
+        self.norm_pre_attn = RMSNorm(h, DEFAULT_NORM_EPS)
+        self.norm_post_attn = RMSNorm(h, DEFAULT_NORM_EPS)
+        self.norm_out = RMSNorm(h, DEFAULT_NORM_EPS)
         self.gradient_clipping = cfg.gradient_clipping
 
     def forward(

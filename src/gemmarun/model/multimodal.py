@@ -78,13 +78,15 @@ def multimodal_config_from_hf(raw: dict[str, Any]) -> MultimodalConfig | None:
 class Encoders(nn.Module):
     """Vision and audio towers with their projections into the text space."""
 
-    def __init__(self, cfg: MultimodalConfig, text_hidden: int, eps: float):
+    def __init__(self, cfg: MultimodalConfig, text_hidden: int):
         super().__init__()
         self.cfg = cfg
-        self.vision_tower = VisionTower(cfg.vision) if cfg.vision else None
-        self.embed_vision = MultimodalEmbedder(cfg.vision.hidden_size, text_hidden, eps) if cfg.vision else None
-        self.audio_tower = AudioTower(cfg.audio) if cfg.audio else None
-        self.embed_audio = AudioEmbedder(cfg.audio.output_proj_dims, text_hidden, eps) if cfg.audio else None
+        vc, ac = cfg.vision, cfg.audio
+        # each projection's norm takes its own tower's eps, as the reference's embedders do
+        self.vision_tower = VisionTower(vc) if vc else None
+        self.embed_vision = MultimodalEmbedder(vc.hidden_size, text_hidden, vc.rms_norm_eps) if vc else None
+        self.audio_tower = AudioTower(ac) if ac else None
+        self.embed_audio = AudioEmbedder(ac.output_proj_dims, text_hidden, ac.rms_norm_eps) if ac else None
 
     @torch.inference_mode()
     def images(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:

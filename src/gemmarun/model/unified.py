@@ -189,8 +189,8 @@ class UnifiedEncoders(nn.Module):
     conversion_mapping: `vision_embedder.*` -> `embed_vision.*`, `embed_vision.embedding_projection`
     -> `embed_vision.multimodal_embedder.embedding_projection`): loading stays an identity map."""
 
-    def __init__(self, cfg: UnifiedConfig, text_hidden: int, eps: float | None = None):
-        super().__init__()  # `eps` (the text eps) is unused: each embedder has its own config eps
+    def __init__(self, cfg: UnifiedConfig, text_hidden: int):
+        super().__init__()
         self.cfg = cfg
         vc = cfg.vision
         self.vision_embedder = UnifiedPatchEmbedder(vc) if vc else None
