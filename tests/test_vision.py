@@ -481,4 +481,7 @@ def test_media_parts_take_data_urls_in_the_python_api():
                  {"type": "image_url", "image_url": {"url": url}}):
         assert part_source(part) == png
     assert part_source({"type": "image", "path": "file:///tmp/a.png"}) == "/tmp/a.png"
+    for bad in ("UklGRg==", None, {"format": "wav"}):  # the data must sit in an object
+        with pytest.raises(ValueError, match="input_audio part has no base64 data"):
+            part_source({"type": "input_audio", "input_audio": bad})
     assert load_image(part_source({"type": "image", "url": url})).size == (8, 8)

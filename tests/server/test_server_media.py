@@ -175,3 +175,20 @@ def test_transcription_needs_an_audio_model(tiny_llm):
         with pytest.raises(openai.BadRequestError) as e:
             r.client().audio.transcriptions.create(model="m", file=("speech.wav", wav_bytes()))
         assert "text only" in str(e.value)
+
+
+def test_health_lists_the_media_a_model_can_project():
+    """Both kinds of encoders (Gemma 4's towers, gemma4_unified's projections) have embed_vision
+    and embed_audio, None where the checkpoint has none; the unified ones have no `*_tower`,
+    which had counted as present."""
+    from types import SimpleNamespace
+
+    from gemmarun.server.inputs import modalities
+
+    def model(vision, audio):
+        return SimpleNamespace(encoders=SimpleNamespace(embed_vision=vision, embed_audio=audio))
+
+    assert modalities(SimpleNamespace(encoders=None)) == ["text"]
+    assert modalities(model(object(), None)) == ["text", "image"]
+    assert modalities(model(None, object())) == ["text", "audio"]
+    assert modalities(model(object(), object())) == ["text", "image", "audio"]

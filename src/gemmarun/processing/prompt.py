@@ -75,9 +75,10 @@ def part_source(part: dict[str, Any]) -> Any:
             raise ValueError("image_url part has no url")
         return _source_of(url)
     if kind == "input_audio":
-        data = part.get("input_audio", {}).get("data")
+        spec = part.get("input_audio")
+        data = spec.get("data") if isinstance(spec, dict) else None
         if not isinstance(data, str):
-            raise ValueError("input_audio part has no base64 data")
+            raise ValueError("input_audio part has no base64 data (want {'input_audio': {'data': ..., 'format': ...}})")
         try:
             return base64.b64decode(data, validate=True)
         except ValueError:

@@ -214,11 +214,12 @@ def prepare_messages(messages: list, allow_local_files: bool, limits: MediaLimit
 
 
 def modalities(llm: LLM) -> list[str]:
-    """The inputs the loaded model takes: text, and image / audio when it has those towers."""
+    """The inputs the loaded model takes: text, and image / audio when it can project them into
+    the text space (both kinds of encoders have `embed_vision` / `embed_audio`, None if absent)."""
     if llm.encoders is None:
         return ["text"]
-    towers = (("image", "vision_tower"), ("audio", "audio_tower"))
-    return ["text"] + [kind for kind, tower in towers if getattr(llm.encoders, tower, True) is not None]
+    projections = (("image", llm.encoders.embed_vision), ("audio", llm.encoders.embed_audio))
+    return ["text"] + [kind for kind, projection in projections if projection is not None]
 
 
 def build_prompt(llm: LLM, messages: list[dict], *, thinking: bool, tools: list | None,
