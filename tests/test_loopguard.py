@@ -229,3 +229,36 @@ def test_a_rollback_behind_what_was_sent_keeps_the_guard_in_step():
             out += control.release()
     out += control.flush()
     assert [t for t in out if 300 <= t < 340] == list(range(300, 340))
+
+
+class _OnlyAllows:
+    """A grammar stand-in that allows only `ids` next."""
+
+    def __init__(self, *ids: int):
+        self.ids = list(ids)
+
+    def mask(self, logits):
+        import torch
+
+        out = torch.full_like(logits, float("-inf"))
+        out[self.ids] = logits[self.ids]
+        return out
+
+
+def test_a_ban_never_removes_the_only_token_the_grammar_allows():
+    """Recovering inside a fixed-size array, the guard banned the "," that the grammar required
+    (every logit -inf: a GrammarError when greedy, NaN probabilities when sampled). The grammar
+    wins there; where it leaves a choice the ban still applies."""
+    import torch
+
+    from gemmarun.control import OutputControl
+
+    guard = LoopGuard()
+    guard._bans[0] = {5}  # what a rollback to position 0 leaves
+    logits = torch.randn(10)
+    forced = OutputControl(grammar=_OnlyAllows(5), guard=guard).mask(logits)
+    assert torch.isfinite(forced).nonzero().flatten().tolist() == [5]
+    choice = OutputControl(grammar=_OnlyAllows(5, 7), guard=guard).mask(logits)
+    assert torch.isfinite(choice).nonzero().flatten().tolist() == [7]
+    free = OutputControl(guard=guard).mask(logits)
+    assert not torch.isfinite(free[5]) and torch.isfinite(free).sum() == 9

@@ -52,6 +52,13 @@ def make_loop_guard(config: LoopGuardConfig | str | None, constrained: bool) -> 
     return LoopGuard(config)
 
 
+def _remove_if_choice_remains(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """`logits` with `ids` set to -inf, unless that would leave no token at all."""
+    removed = logits.clone()
+    removed[ids] = float("-inf")
+    return removed if torch.isfinite(removed).any() else logits
+
+
 class OutputControl:
     """Per-generation state: the generated tokens, how many have left, grammar and loop guard."""
 
@@ -72,18 +79,17 @@ class OutputControl:
         self.loop: LoopEvent | None = None  # the last loop seen (stop or recovered)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.guard is not None:
-            banned = self.guard.banned_at(len(self.generated))
-            if banned:
-                logits = logits.clone()
-                logits[list(banned)] = float("-inf")
+        """The grammar's mask, then the number cap and the loop guard's bans where they leave a
+        token to choose: where the grammar allows only what they would remove (the "," between
+        two rows of a fixed-size array), the grammar wins and the guard may cut again later."""
         if self.grammar is not None:
             logits = self.grammar.mask(logits)
             if self.number_ids and not self._in_json_string() and self._number_run() >= MAX_NUMBER_DIGITS:
-                capped = logits.clone()
-                capped[sorted(self.number_ids)] = float("-inf")
-                if torch.isfinite(capped).any():  # after "1e" the grammar wants a digit: allow it
-                    logits = capped
+                logits = _remove_if_choice_remains(logits, sorted(self.number_ids))  # after "1e": a digit
+        if self.guard is not None:
+            banned = self.guard.banned_at(len(self.generated))
+            if banned:
+                logits = _remove_if_choice_remains(logits, list(banned))
         return logits
 
     def _in_json_string(self) -> bool:
