@@ -17,6 +17,13 @@ def test_svg_check_repair_and_render(tmp_path, capsys):
     assert "fixed:" in capsys.readouterr().out
     assert main(["svg", "check", str(fixed)]) == 0
     assert png.stat().st_size > 0
+    # what no repair settles and keeps the file from parsing is an exit status of 1
+    hopeless = tmp_path / "ns.svg"
+    hopeless.write_text('<svg xmlns="http://www.w3.org/2000/svg" xmlns:a="http://www.w3.org/1999/xlink" '
+                        'xmlns:b="http://www.w3.org/1999/xlink" viewBox="0 0 9 9"><use a:href="#r" b:href="#r"/>'
+                        '<rect id="r" width="1" height="1"/></svg>')
+    assert main(["svg", "repair", str(hopeless), "-o", str(tmp_path / "out.svg")]) == 1
+    assert "still does not parse" in capsys.readouterr().err
 
 
 def test_run_with_json_schema(tiny_models, tmp_path, capsys):

@@ -209,6 +209,8 @@ def cmd_svg_check(args: argparse.Namespace) -> int:
 def _repair_and_render(text: str, out: str, png: str | None, label: str) -> int:
     from pathlib import Path
 
+    from xml.etree import ElementTree as ET
+
     from .svg import render_png, repair_svg
 
     fixed = repair_svg(text)
@@ -218,6 +220,11 @@ def _repair_and_render(text: str, out: str, png: str | None, label: str) -> int:
         print(f"{label}:{p.line}:{p.column}: left: {p.kind}: {p.message}")
     Path(out).write_text(fixed.svg)
     print(f"wrote {out}")
+    try:
+        ET.fromstring(fixed.svg)
+    except ET.ParseError as e:  # what is left keeps it from parsing: say so in the exit status
+        print(f"{label}: the repaired SVG still does not parse as XML ({e})", file=sys.stderr)
+        return 1
     if png:
         render_png(fixed.svg, png)
         print(f"rendered {png}")

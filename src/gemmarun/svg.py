@@ -14,6 +14,7 @@ import html.entities
 import re
 import subprocess
 from bisect import bisect_right
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -209,6 +210,7 @@ def check_svg(text: str) -> list[Problem]:
     found: list[tuple[int, str, str]] = []
     mask: list[tuple[int, int]] = []  # spans blanked before expat runs, so it reports the rest
     stack: list[tuple[_Tok, set[str]]] = []  # open elements with the namespace prefixes in scope
+    open_names: Counter[str] = Counter()  # of the stack, so a deep document is not quadratic
     root: _Tok | None = None
     ids: set[str] = set()
     refs: list[tuple[int, str]] = []
@@ -240,18 +242,21 @@ def check_svg(text: str) -> list[Problem]:
             _element_issues(tok, scope, entities, found, mask, ids, refs)
             if not tok.self_closing:
                 stack.append((tok, scope))
+                open_names[tok.name] += 1
         elif tok.kind == "end":
             if tok.junk:
                 found.append((tok.junk[0], "malformed-tag", f"</{tok.name}> contains extra characters"))
                 mask += [(k, k + 1) for k in tok.junk]
-            if tok.name not in [t.name for t, _ in stack]:
+            if not open_names[tok.name]:
                 found.append((tok.start, "stray-end-tag", f"</{tok.name}> closes nothing"))
                 continue
             while stack[-1][0].name != tok.name:
                 t = stack.pop()[0]
+                open_names[t.name] -= 1
                 found.append((t.start, "unclosed-tag",
                               f"<{t.name}> is never closed (before </{tok.name}>)"))
             stack.pop()
+            open_names[tok.name] -= 1
     found += [(t.start, "unclosed-tag", f"<{t.name}> is never closed") for t, _ in stack]
     if root is None:
         found.append((0, "root-not-svg", "no <svg> element"))
@@ -369,9 +374,11 @@ def _expat_problem(text: str, mask: list[tuple[int, int]], problems: list[Proble
 # ----------------------------------------------------------------------------- extract
 
 def extract_svg(answer: str) -> str | None:
-    """The SVG in a model answer: the last complete one, else the first cut-off one.
+    """The SVG in a model answer: the last complete one that draws something, else the last
+    complete one, else the first cut-off one.
 
-    A model often drafts, then corrects: the last complete SVG is its final word. Markdown code
+    A model often drafts, then corrects: the last complete SVG is its final word; but prose that
+    names the element ("everything between `<svg>` and `</svg>`") is no drawing. Markdown code
     fences bound the search, so a cut-off SVG in a fence does not swallow the prose after it.
     """
     marks = list(_FENCE.finditer(answer))
@@ -393,7 +400,8 @@ def extract_svg(answer: str) -> str | None:
         else:
             complete.append(answer[m.start():end])
             pos = end
-    return complete[-1] if complete else truncated
+    drawings = [c for c in complete if any(t.kind == "start" for t in _tokenize(c)[1:])]
+    return (drawings or complete or [truncated])[-1]
 
 
 def _svg_end(s: str, at: int, limit: int) -> int | None:
@@ -432,18 +440,29 @@ def repair_svg(text: str) -> Repair:
     return Repair(out, changes, check_svg(out))
 
 
+def _xml_char(cp: int) -> bool:
+    """Whether XML 1.0 allows the code point at all (NUL, most C0 controls, surrogates do not)."""
+    return cp in (0x9, 0xA, 0xD) or 0x20 <= cp <= 0xD7FF or 0xE000 <= cp <= 0xFFFD or 0x10000 <= cp <= 0x10FFFF
+
+
+_NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def _escape(piece: str, entities: set[str]) -> str:
-    """Bare '&' -> &amp;, HTML entities -> character references, bare '<' -> &lt;."""
+    """Bare '&' -> &amp;, HTML entities -> character references, bare '<' -> &lt;, "]]>" ->
+    "]]&gt;"; characters XML forbids (written or as references) are dropped."""
     def entity(m: re.Match) -> str:
-        name = m.group(1)
-        if m.group(0) == "&":
+        name, ref = m.group(1), m.group(0)
+        if ref == "&":
             return "&amp;"
         if name and name not in _PREDEFINED and name not in entities:
             cp = html.entities.name2codepoint.get(name)
-            return f"&#{cp};" if cp else "&amp;" + m.group(0)[1:]
-        return m.group(0)
+            return f"&#{cp};" if cp else "&amp;" + ref[1:]
+        if ref.startswith("&#") and not _xml_char(int(ref[3:-1], 16) if ref[2] in "xX" else int(ref[2:-1])):
+            return ""
+        return ref
 
-    return _ENTITY.sub(entity, piece).replace("<", "&lt;")
+    return _NOT_XML_CHAR.sub("", _ENTITY.sub(entity, piece).replace("<", "&lt;").replace("]]>", "]]&gt;"))
 
 
 def _no_external_urls(v: str) -> str:
@@ -461,6 +480,7 @@ def _rebuild(src: str, changes: list[str]) -> str:
                if a.name[:6] == "xmlns:" and a.value is not None}
     out: list[str] = []
     stack: list[tuple[str, int]] = []
+    open_names: Counter[str] = Counter()  # of the stack
     root_seen = root_done = False
     skip, skip_name = 0, ""  # inside a dropped element
     for tok in toks:
@@ -488,6 +508,14 @@ def _rebuild(src: str, changes: list[str]) -> str:
                 fixed = _no_external_urls(fixed)
                 changes.append(f"replaced an external url() by none in <style> at line {line}")
             out.append(fixed)
+        elif tok.kind == "comment" and ("--" in raw[4:-3] or raw[4:-3].endswith("-")):
+            body = re.sub(r"-(?=-)", "- ", raw[4:-3])  # XML forbids "--" inside a comment
+            out.append(f"<!--{body}{' ' if body.endswith('-') else ''}-->")
+            changes.append(f"split a '--' inside the comment at line {line}")
+        elif (tok.kind == "decl" or (tok.kind == "pi" and re.match(r"<\?xml[\s?]", raw, re.I))) \
+                and (root_seen or "".join(out).strip()):
+            what = "DOCTYPE" if tok.kind == "decl" else "XML declaration"
+            changes.append(f"removed a {what} that is not at the start, at line {line}")
         elif tok.kind == "start" and tok.name in ("script", "foreignObject"):
             changes.append(f"removed the <{tok.name}> element at line {line}")
             skip, skip_name = int(not tok.self_closing), tok.name
@@ -497,17 +525,20 @@ def _rebuild(src: str, changes: list[str]) -> str:
             out.append(_fix_tag(tok, src, line, entities, changes, undeclared))
             if not tok.self_closing:
                 stack.append((tok.name, line))
+                open_names[tok.name] += 1
             root_done = root_done or (is_root and tok.self_closing)
         elif tok.kind == "end":
-            if tok.name not in [n for n, _ in stack]:
+            if not open_names[tok.name]:
                 changes.append(f"removed the stray </{tok.name}> at line {line}")
                 continue
             while stack[-1][0] != tok.name:
                 name, opened = stack.pop()
+                open_names[name] -= 1
                 out.append(f"</{name}>")
                 changes.append(f"closed <{name}> (opened at line {opened}) "
                                f"before </{tok.name}> at line {line}")
             stack.pop()
+            open_names[tok.name] -= 1
             if tok.junk:
                 changes.append(f"removed junk inside </{tok.name}> at line {line}")
             out.append(f"</{tok.name}>" if tok.junk else raw)
