@@ -106,6 +106,9 @@ class Grammar:
 
     @staticmethod
     def svg() -> "Grammar":
+        """SVG's structure: known elements, closed tags, quoted values, escaped text. An attribute
+        written twice is not excluded (uniqueness is no context-free rule): `svg.repair_svg` of
+        the output settles that, as `gemmarun svg draw` does."""
         return Grammar.lark(_svg_lark())
 
 
