@@ -43,7 +43,8 @@ class LoopGuardConfig:
     low-information when no text is pushed.
     "line": the same non-blank line (trailing whitespace stripped; indentation kept, so closing
     braces of nested code differ) `line_repeats` times in a row, blank lines in between ignored;
-    lines with digits (matrix rows, zero-filled tables) need `data_line_repeats`.
+    lines with digits (matrix rows, zero-filled tables) need `data_line_repeats`, lines without
+    words (rules, empty table rows, board rows, ASCII art) `lowinfo_line_repeats`.
 
     policy: "stop" ends generation at the event; "recover" rolls back and bans (see
     `LoopGuard.rollback`), at most `max_recoveries` times, then stops; "off" disables the guard.
@@ -60,13 +61,15 @@ class LoopGuardConfig:
     lowinfo_min_tokens: int = 512
     line_repeats: int = 8
     data_line_repeats: int = 32
+    lowinfo_line_repeats: int = 16
     max_recoveries: int = 3
     lowinfo_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if self.policy not in ("stop", "recover", "off"):
             raise ValueError(f"policy must be 'stop', 'recover' or 'off', not {self.policy!r}")
-        for name in ("token_repeats", "ngram_repeats", "span_repeats", "line_repeats", "data_line_repeats"):
+        for name in ("token_repeats", "ngram_repeats", "span_repeats", "line_repeats", "data_line_repeats",
+                     "lowinfo_line_repeats"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2")
         if not 2 <= self.ngram_max_period <= self.max_period:
@@ -220,7 +223,9 @@ class LoopGuard:
                 self._line_starts.append(start)
         else:
             self._last_line, self._line_count, self._line_starts = key, 1, [start]
-        need = self.config.data_line_repeats if any(c.isdigit() for c in key) else self.config.line_repeats
+        c = self.config
+        need = (c.data_line_repeats if any(ch.isdigit() for ch in key)
+                else c.line_repeats if _wordy(key) else c.lowinfo_line_repeats)
         if self._line_count < need:
             return None
         first, second = self._line_starts
