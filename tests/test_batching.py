@@ -241,3 +241,24 @@ def test_a_request_that_fails_ends_alone_and_the_others_go_on(tiny_models, after
     assert len(out[ids[1]]) <= after
     for i in (0, 2):
         assert out[ids[i]] == llm.generate_ids(prompts[i], max_new_tokens=8, ignore_eos=True)
+
+
+def test_the_engine_times_plain_steps_as_plain_decoding_runs(tiny_models):
+    """As in speculative_generate_step: of the plain steps before the first round, only the last
+    exposes its states (the drafter reads them); the timed ones take the plain path."""
+    from test_speculative import one_token_exposures
+
+    llm = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu")
+    config = SpeculationConfig(num_draft=2, check_every=None, compare_speed=True, probe_steps=4)
+    engine = BatchEngine(llm, max_batch=2, drafter=random_drafter("e2b"), speculation=config)
+    seen, hook = one_token_exposures(llm.model)
+    try:
+        a = engine.add(Prompt(_prompt(N_PROMPT, seed=12)), SamplingParams(max_tokens=12, ignore_eos=True))
+        engine.step()
+        spec = _request(engine, a).speculation
+        while engine.busy:
+            engine.step()
+    finally:
+        hook.remove()
+    assert seen[:4] == [False, False, False, True]
+    assert spec.stats.plain_steps == 2 and spec.stats.rounds > 0

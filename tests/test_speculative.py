@@ -358,3 +358,34 @@ def test_llm_and_cli_take_a_draft_folder(tiny_models, monkeypatch, tmp_path, cap
     assert main(args + ["--draft", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("gemmarun: error:") and "missing" in err and len(err.splitlines()) == 1
+
+
+def one_token_exposures(model) -> tuple[list, object]:
+    """Records, for each one-token forward of `model`, whether it exposed its states (a hook)."""
+    seen: list[bool] = []
+
+    def hook(module, args, kwargs):
+        if args[0].shape == (1, 1):
+            seen.append(kwargs.get("expose") is not None)
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_the_plain_steps_timed_for_the_speed_check_run_as_plain_decoding(targets):
+    """Every probe step had exposed its states for the drafter, which on the CPU forgoes the
+    native whole-token step (~3x slower): rounds were compared with a plain speed plain decoding
+    never has, and a drafter that lost to it stayed on. Only the step before a round exposes now;
+    the timed ones (between the untimed first and that one) do not."""
+    target = targets("e2b")
+    config = SpeculationConfig(num_draft=2, check_every=None, compare_speed=True, probe_steps=4)
+    assert [config.probe(n) for n in range(5)] == [
+        (False, False), (True, False), (True, False), (False, True), (False, True)]
+    stats = SpeculationStats()
+    seen, hook = one_token_exposures(target)
+    try:
+        list(speculative_generate_step(target, random_drafter("e2b"), _prompt(N_PROMPT, seed=3),
+                                       SamplingParams(max_tokens=12), speculation=config, stats=stats))
+    finally:
+        hook.remove()
+    assert seen[:4] == [False, False, False, True]
+    assert stats.plain_steps == 2 and stats.rounds > 0

@@ -74,7 +74,7 @@ class _Speculation:
     """One request's speculative decoding: on until its rounds stop paying (speculative.py)."""
 
     on: bool = True
-    probes: int = 0  # plain steps taken alone while on; all but the first are timed
+    probes: int = 0  # plain steps taken alone while on (SpeculationConfig.probe says which are timed)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     window: SpeculationStats = field(default_factory=SpeculationStats)  # rounds since the last check
 
@@ -189,11 +189,11 @@ class BatchEngine:
         return events
 
     @torch.inference_mode()
-    def _decode_alone(self, r: _Request) -> list[Event]:
+    def _decode_alone(self, r: _Request, expose: bool = False) -> list[Event]:
         """One token of a request decoding alone: its own cache, so the native whole-token step
-        runs where it applies; with a drafter the forward is exposed to draft from next."""
+        runs where it applies; `expose`: the forward is exposed to draft from next."""
         model = self.llm.model
-        r.exposed = Exposed() if r.speculation is not None and r.speculation.on else None
+        r.exposed = Exposed() if expose else None
         tokens = torch.tensor([[r.last]], device=model.device)
         positions = torch.tensor([r.position], device=model.device)
         logits = model(tokens, positions, r.cache, last_only=True, expose=r.exposed)[0, -1].float()
@@ -207,12 +207,14 @@ class BatchEngine:
         if spec is not None and spec.on:
             depth = draft_depth(cfg, r.max_len, r.position, r.params, len(r.control.generated))
         if depth < 1 or r.exposed is None or spec.probes < cfg.probe_steps:
+            on = spec is not None and spec.on
+            timed, exposed = cfg.probe(spec.probes) if on else (False, False)
             began = time.perf_counter()
-            events = self._decode_alone(r)
-            if spec is not None and spec.on:
-                if spec.probes > 0:  # the first plain step pays for warming up: not timed
-                    spec.stats.plain_steps += 1
-                    spec.stats.plain_seconds += time.perf_counter() - began
+            events = self._decode_alone(r, expose=exposed)
+            if timed:
+                spec.stats.plain_steps += 1
+                spec.stats.plain_seconds += time.perf_counter() - began
+            if on:
                 spec.probes += 1
             return events
         return self._speculate(r, depth)

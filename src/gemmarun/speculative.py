@@ -40,7 +40,7 @@ class SpeculationConfig:
     check_every: int | None = 8  # rounds per fall-back check; None never falls back
     min_acceptance: float = 0.0  # fall back when a window's acceptance rate is at or below this
     compare_speed: bool = True  # also fall back when a token costs more than a plain decode step
-    probe_steps: int = 3  # plain decode steps before the first round; all but the first are timed
+    probe_steps: int = 4  # plain decode steps before the first round (see `probe`)
 
     def __post_init__(self) -> None:
         if self.num_draft < 1:
@@ -49,8 +49,16 @@ class SpeculationConfig:
             raise ValueError("check_every must be >= 1 (or None)")
         if not 0 <= self.min_acceptance < 1:
             raise ValueError("min_acceptance must be in [0, 1)")
-        if self.probe_steps < 0 or (self.compare_speed and self.probe_steps < 2):
-            raise ValueError("probe_steps must be >= 2 when compare_speed is on (the first step is not timed)")
+        if self.probe_steps < 0 or (self.compare_speed and self.probe_steps < 3):
+            raise ValueError("probe_steps must be >= 3 when compare_speed is on (the first and last are not timed)")
+
+    def probe(self, probes: int) -> tuple[bool, bool]:
+        """(timed, exposed) for a plain step taken while speculation is on, after `probes` such
+        steps. The first pays for warming up; the one before a round exposes what the drafter
+        reads (on the CPU that forgoes the native whole-token step, so it is ~3x slower than
+        plain decoding); the steps between are timed as plain decoding really runs."""
+        exposed = probes >= self.probe_steps - 1
+        return 0 < probes and not exposed, exposed
 
 
 @dataclass
@@ -223,10 +231,11 @@ def speculative_generate_step(
         newest = control.generated[-1]
         depth = draft_depth(speculation, max_len, position, params, len(control.generated))
         if not speculating or probes < speculation.probe_steps or depth < 1:
-            if speculating and probes > 0:
+            timed, exposing = speculation.probe(probes) if speculating else (False, False)
+            if timed:
                 plain_began = time.perf_counter()
             probes += speculating
-            exposed = Exposed() if speculating else None
+            exposed = Exposed() if exposing else None
             pending = forward([newest], position, exposed)[-1]
             continue
 
