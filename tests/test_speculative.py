@@ -342,6 +342,35 @@ def test_drafter_that_cannot_read_the_target_is_refused(targets, tmp_path):
         load_assistant(tmp_path)
 
 
+def test_a_corrupt_drafter_is_refused_at_load(monkeypatch, tmp_path):
+    """A token ordering past the vocabulary loaded, then failed every generation (the server's
+    every request a 500); a null backbone size was a TypeError traceback; integer weights were
+    cast and failed at the first draft with a dtype message."""
+    from safetensors.torch import load_file, save_file
+
+    from gemmarun.loading import LoadError
+
+    _hf_drafter(monkeypatch, ordered=True).save_pretrained(tmp_path / "good")
+    weights = load_file(tmp_path / "good" / "model.safetensors")
+    ordering = next(name for name in weights if name.endswith("token_ordering"))
+    matrix = next(name for name, t in weights.items() if t.dim() == 2)
+    cases = {
+        "ordering": ({ordering: weights[ordering] + 1000}, None, "token_ordering is not an ordering of the 256"),
+        "repeated": ({ordering: torch.zeros_like(weights[ordering])}, None, "token_ordering is not an ordering"),
+        "integer": ({matrix: weights[matrix].long()}, None, "holds torch.int64, not floating point"),
+        "null size": ({}, {"backbone_hidden_size": None}, "malformed config"),
+    }
+    for label, (tensors, config, message) in cases.items():
+        folder = tmp_path / label
+        folder.mkdir()
+        save_file({**weights, **tensors}, folder / "model.safetensors")
+        raw = json.loads((tmp_path / "good" / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**raw, **(config or {})}))
+        with pytest.raises((LoadError, ConfigError), match=message) as e:
+            load_assistant(folder)
+        assert "\n" not in str(e.value), label
+
+
 def test_llm_and_cli_take_a_draft_folder(tiny_models, monkeypatch, tmp_path, capsys):
     from gemmarun.cli import main
 

@@ -24,6 +24,10 @@ def load_assistant_config(folder: Path) -> AssistantConfig:
         return assistant_config_from_hf(raw)
     except KeyError as e:
         raise ConfigError(f"{path}: required key {e.args[0]!r} is missing") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # a value of the wrong type
+        raise ConfigError(f"{path}: malformed config ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def build_assistant(cfg: AssistantConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
@@ -32,12 +36,26 @@ def build_assistant(cfg: AssistantConfig, state: dict[str, torch.Tensor], *, dty
     misshapen tensors are reported together."""
     with torch.device("meta"):
         model = Assistant(cfg)
-    problems = _problems(model.state_dict(), state)
+    expected = model.state_dict()
+    problems = _problems(expected, state)
+    problems += [f"{name} holds {t.dtype}, not floating point" for name, t in state.items()
+                 if name in expected and expected[name].is_floating_point() and not t.is_floating_point()]
+    problems += [f"{name} is not an ordering of the {t.numel()} token ids" for name, t in state.items()
+                 if name.endswith("token_ordering") and name in expected and not _is_permutation(t)]
     if problems:
         raise LoadError("drafter: " + "; ".join(problems))
     state = {name: t.to(dtype) if t.is_floating_point() else t.long() for name, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
+
+
+def _is_permutation(ordering: torch.Tensor) -> bool:
+    """Whether the centroid head's token ordering holds every id 0..n-1 once (it indexes the
+    logits with them: an id past the vocabulary failed every generation, not the load)."""
+    if ordering.is_floating_point() or ordering.dim() != 1:
+        return False
+    ids = ordering.long()
+    return bool(((ids >= 0) & (ids < ids.numel())).all()) and torch.bincount(ids, minlength=ids.numel()).max() <= 1
 
 
 def load_assistant(path: str | Path, *, dtype=None, device=None) -> Assistant:
