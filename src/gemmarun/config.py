@@ -446,6 +446,11 @@ def load_hf_config(folder: str | Path) -> TextConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: no config.json in the model folder")
+    return text_config_from_file(path)
+
+
+def text_config_from_file(path: Path) -> TextConfig:
+    """A HF config.json's text config; every problem a one-line ConfigError naming the file."""
     raw = read_json_object(path)
     try:
         return text_config_from_hf(raw)

@@ -208,6 +208,12 @@ def test_config_json_path_resolves(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config_dict("31b")))
     cfg, _ = resolve_config(tmp_path / "config.json")
     assert cfg == resolve_config(tmp_path)[0] == tiny("31b")
+    # the model folders' reader: a list, or a value of the wrong type, is one line, not a traceback
+    for text, message in (("[1, 2]", "must hold a JSON object"),
+                          (json.dumps({**config_dict("31b"), "vocab_size": [256]}), "malformed config")):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            resolve_config(tmp_path / "bad.json")
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch):
@@ -220,4 +226,5 @@ def test_bad_arguments_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(rw.shutil, "disk_usage", lambda _: type("U", (), {"free": 1000})())
     with pytest.raises(LoadError, match="only 0.00 GB is free"):
         write_random_gguf(tiny("e2b"), tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.partial"))
     assert not list(tmp_path.iterdir())

@@ -35,7 +35,7 @@ from gguf import (
     TokenType,
 )
 
-from ..config import ConfigError, TextConfig, load_hf_config, text_config_from_hf
+from ..config import ConfigError, TextConfig, load_hf_config, text_config_from_file, text_config_from_hf
 from ..quant.formats import MXFP4, MXFP4_VALUES, Q4_0, Q4_K, Q8_0, BlockFormat
 from ..tokenizer import SPACE
 from .convert import TYPES as CONVERT_TYPES
@@ -77,14 +77,7 @@ def resolve_config(config: TextConfig | str | Path) -> tuple[TextConfig, str]:
     if path.is_dir():
         return load_hf_config(path), path.name
     if path.is_file():
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not a JSON config ({e})") from None
-        try:
-            return text_config_from_hf(raw), path.parent.name or path.stem
-        except KeyError as e:
-            raise ConfigError(f"{path}: required key {e.args[0]!r} is missing") from None
+        return text_config_from_file(path), path.parent.name or path.stem
     key, raw = released_config(text)
     return text_config_from_hf(raw), key.removeprefix("google/")
 
@@ -334,7 +327,7 @@ def write_random_gguf(config: TextConfig | str | Path, out: str | Path, qtype: s
 
     `config`: a TextConfig, a released checkpoint's name (`e2b`, `26b-a4b`, ...), or a HF
     config.json (or its folder). `twin`: write the MoE config's dense `active_twin` instead.
-    Returns `out`, written via `<out>.partial` and renamed when done; `progress` reports on a
+    Returns `out`, written via `<out>.<pid>.partial` and renamed when done; `progress` reports on a
     terminal's stderr.
     """
     if qtype not in TYPES:
@@ -351,26 +344,27 @@ def write_random_gguf(config: TextConfig | str | Path, out: str | Path, qtype: s
     if total + (64 << 20) > free:
         raise LoadError(f"random weights: {out} needs {total / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free")
 
-    partial = out.with_name(out.name + ".partial")
-    # Header, metadata and tensor infos through gguf-py (sizes follow from shapes); the data is
-    # then appended chunk by chunk, since GGUFWriter writes each tensor as one array.
-    w = GGUFWriter(partial, cfg.family)
-    w.add_name(f"{name} (random weights)")
-    w.add_description(f"random {qtype} weights in the shapes of {name}, seed {seed}: for speed and memory "
-                      "measurements only, not a trained model (gemmarun.loading.random_weights)")
-    w.add_file_type(int(ggml_type))
-    write_config_metadata(w, cfg)
-    write_vocab(w, cfg.family, synthetic_vocab(cfg))
-    for t in plan:
-        w.add_tensor_info(t.name, list(t.shape), np.float32, t.nbytes, raw_dtype=t.ggml_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
-
+    # This process's own partial file: two writers of one file (two benches at once) each write
+    # theirs whole, and the rename that lands last leaves the same bytes.
+    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
     align = GGUF_DEFAULT_ALIGNMENT
     start, done, show = time.time(), 0, progress and sys.stderr.isatty()
+    # Header, metadata and tensor infos through gguf-py (sizes follow from shapes); the data is
+    # then appended chunk by chunk, since GGUFWriter writes each tensor as one array.
     try:
+        w = GGUFWriter(partial, cfg.family)
+        w.add_name(f"{name} (random weights)")
+        w.add_description(f"random {qtype} weights in the shapes of {name}, seed {seed}: for speed and memory "
+                          "measurements only, not a trained model (gemmarun.loading.random_weights)")
+        w.add_file_type(int(ggml_type))
+        write_config_metadata(w, cfg)
+        write_vocab(w, cfg.family, synthetic_vocab(cfg))
+        for t in plan:
+            w.add_tensor_info(t.name, list(t.shape), np.float32, t.nbytes, raw_dtype=t.ggml_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
         with open(partial, "r+b") as f:
             f.seek(0, os.SEEK_END)
             f.write(b"\0" * (-f.tell() % align))
