@@ -122,6 +122,12 @@ def test_a_runtime_killed_by_a_signal_says_which():
         bench.run_worker(Runtime("crash", (sys.executable, "-c", crash)), _workload(Path("m.gguf")))
     assert str(e.value).startswith("killed by SIGILL (illegal instruction")
     assert bench.signal_name(9).startswith("SIGKILL") and bench.signal_name(1000) == "signal 1000"
+    # an abort on a logged assertion keeps the assertion (it is the reason)
+    abort = ("import os, sys; print('ggml.c:123: GGML_ASSERT(n <= 512) failed', file=sys.stderr); "
+             "print('stack: ...', file=sys.stderr); sys.stderr.flush(); os.abort()")
+    with pytest.raises(bench.RuntimeFailed) as e:
+        bench.run_worker(Runtime("abort", (sys.executable, "-c", abort)), _workload(Path("m.gguf")))
+    assert str(e.value) == "killed by SIGABRT: ggml.c:123: GGML_ASSERT(n <= 512) failed"
 
 
 def test_medians_and_ratios_arithmetic():
@@ -189,7 +195,7 @@ def test_record_replaces_the_same_setup_and_keeps_what_follows(tmp_path):
     text = path.read_text()
     assert "old numbers" not in text and "new numbers" in text
     assert text.count("### model x (cpu)\n") == 1  # the #### line went with the replaced section
-    assert text.endswith("new numbers\n\n## Part B\n\nkept\n")
+    assert text.endswith(f"new numbers\n{bench.SECTION_END}\n\n## Part B\n\nkept\n")
     bench.record(path, "model x (cpu) vs llama.cpp and transformers", "### model x (cpu) vs llama.cpp and "
                  "transformers\n\ncompare 1\n")
     bench.record(path, "model x (cpu) vs llama.cpp and transformers", "### model x (cpu) vs llama.cpp and "
@@ -197,7 +203,24 @@ def test_record_replaces_the_same_setup_and_keeps_what_follows(tmp_path):
     text = path.read_text()
     assert "compare 1" not in text and text.count("compare 2") == 1 and "new numbers" in text and "kept" in text
     bench.record(tmp_path / "new.md", "s", "### s\n\nfirst\n")
-    assert (tmp_path / "new.md").read_text() == "# Benchmarks\n\n### s\n\nfirst\n"
+    assert (tmp_path / "new.md").read_text() == f"# Benchmarks\n\n### s\n\nfirst\n{bench.SECTION_END}\n"
+
+
+def test_record_keeps_prose_after_a_section_and_ignores_fenced_examples(tmp_path):
+    """Prose written after a recorded section went with it on the next run; a heading quoted in a
+    fenced example was taken for the section (eating the fence); a new setup landed inside
+    whatever `##` part ended the file; a full disk left the file cut mid-line."""
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\n## Speed\n\n```\n### a\n```\n\n")
+    bench.record(path, "a", "### a\n\nfirst a\n")
+    path.write_text(path.read_text() + "\nWhat a's numbers mean.\n\n## Output guards\n\nguards\n")
+    bench.record(path, "a", "### a\n\nsecond a\n")
+    bench.record(path, "b", "### b\n\nfirst b\n")
+    assert path.read_text() == (
+        "# Benchmarks\n\n## Speed\n\n```\n### a\n```\n\n"
+        f"### a\n\nsecond a\n{bench.SECTION_END}\n\n### b\n\nfirst b\n{bench.SECTION_END}\n"
+        "\nWhat a's numbers mean.\n\n## Output guards\n\nguards\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["benchmarks.md"]  # written whole, then moved in place
 
 
 def test_read_bandwidth_is_measured_with_the_thread_count():
@@ -252,7 +275,8 @@ def test_cli_bench_random_weights_writes_the_machine_line_and_command(tiny_model
     assert "threads: 1" in err and "round 1/1 gemmarun" in err and "writing random weights" in err
     assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".gguf"]  # no .partial left
     text = out.read_text()
-    assert text.count("### ") == 1 and "q8_0 (gemma3, dtype auto, device cpu)\n" in text
+    # not the default workload: its own setup, so it never replaces the full figures
+    assert text.count("### ") == 1 and "q8_0 (gemma3, dtype auto, device cpu), 8/2 tokens, 1 threads\n" in text
     assert "--quant q8_0 --threads 1 --prompt-tokens 8 --decode-tokens 2 --write" in text
     assert "1 threads used" in text and "GiB RAM" in text and "torch " in text and "- date: " in text
     assert "decode bound" in text and "| gemmarun 0.1.0 |" in text
@@ -261,6 +285,7 @@ def test_cli_bench_random_weights_writes_the_machine_line_and_command(tiny_model
 @pytest.mark.parametrize("args, message", [
     (["--compare", "--device", "meta"], "--compare runs every runtime on the CPU"),
     (["--threads", "0"], "--threads must be at least 1"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
     (["--decode-tokens", "0"], "must be at least 1"),
     (["--prompt-tokens", "100000"], "do not fit the model's context"),
 ])
@@ -350,3 +375,22 @@ def test_a_worker_reports_its_own_peak_not_its_parents():
     )
     out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout
     assert 10 < float(out) < 1536
+
+
+def test_the_llama_cpp_worker_reports_its_own_peak_rss():
+    """It read ru_maxrss, which a child inherits from its parent through fork and exec: the
+    table published the bench parent's 531 MiB for llama.cpp's 373. It reads VmHWM now, as the
+    other workers do (the same function)."""
+    import subprocess
+    import sys
+
+    from gemmarun import bench, bench_llama_cpp
+
+    assert bench.peak_rss_mib is bench_llama_cpp.peak_rss_mib
+    ballast = bytearray(400 << 20)  # the parent's peak: 400 MiB more than the child will ever hold
+    ballast[::4096] = b"\1" * len(ballast[::4096])
+    script = bench_llama_cpp.__file__
+    out = subprocess.run([sys.executable, "-c", f"import runpy; print(runpy.run_path({script!r})['peak_rss_mib']())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert float(out) < 200, out
+    del ballast

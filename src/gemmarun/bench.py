@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import re
-import resource
 import signal
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .bench_llama_cpp import peak_rss_mib  # torch-free: the llama.cpp worker script reads it too
 from .cache import make_cache
 from .config import ConfigError
 from .generate import decode_step, prefill
@@ -96,20 +96,6 @@ class Workload:
         data["prompt_ids"] = tuple(data["prompt_ids"])
         data["sanity_ids"] = tuple(data["sanity_ids"])
         return cls(**data)
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory. Linux's VmHWM, where there is one: ru_maxrss carries
-    over the RSS of the parent at fork time through exec, so a worker started by a big parent
-    reported the parent's peak (18 GiB for a 0.5 GiB run after writing a 4.5 GB checkpoint)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def random_prompt_ids(vocab_size: int, n: int) -> tuple[int, ...]:
@@ -388,8 +374,10 @@ def run_worker(runtime: Runtime, workload: Workload, timeout_s: float = 3600) ->
     except OSError as e:
         raise RuntimeFailed(f"could not start ({e})") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode < 0:  # killed: its last stderr line is whatever it logged before, not why
-        raise RuntimeFailed(f"killed by {signal_name(-proc.returncode)}")
+    if proc.returncode < 0:  # killed: its last stderr line is whatever it logged before, not why,
+        # unless it aborted on an assertion it logged (llama.cpp's GGML_ASSERT)
+        said = [line.strip() for line in proc.stderr.splitlines() if re.search(r"assert|error", line, re.I)]
+        raise RuntimeFailed(f"killed by {signal_name(-proc.returncode)}" + (f": {said[-1][:300]}" if said else ""))
     if proc.returncode != 0 or not lines:
         errors = [line for line in proc.stderr.splitlines() if line.strip()]
         raise RuntimeFailed(errors[-1].strip() if errors else f"exit status {proc.returncode}, no result")
@@ -551,18 +539,39 @@ def sanity_prompt_label(rep: Report) -> str:
 
 
 _HEADING = re.compile(r"^#{1,3} ", re.MULTILINE)
+_FENCE_LINE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
+SECTION_END = "<!-- end of a gemmarun bench section -->"
+
+
+def _outside_fences(text: str, matches: Iterable[re.Match]) -> list[re.Match]:
+    """The matches that are not inside a fenced code block (an example heading is no heading)."""
+    fences = [m.start() for m in _FENCE_LINE.finditer(text)]
+    return [m for m in matches if sum(f < m.start() for f in fences) % 2 == 0]
 
 
 def record(path: Path, setup: str, section: str) -> None:
-    """Insert or replace the `### setup` section of the benchmarks file. A section runs to the next
-    heading of level 1-3, so a replaced section never swallows the `##` part after it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    section = section.rstrip("\n") + "\n"
-    match = re.search(rf"^### {re.escape(setup)}[ \t]*$", text, re.MULTILINE)
-    if match:
-        following = _HEADING.search(text, match.end())
-        rest = text[following.start():] if following else ""
-        text = text[: match.start()] + section + ("\n" + rest if rest else "")
+    """Insert or replace the `### setup` section of the benchmarks file. A section ends at its
+    SECTION_END mark (older ones at the next heading of level 1-3), so prose written after it and
+    the `##` part after it stay; a new setup goes after the last recorded section. The file is
+    replaced whole, never left half written."""
+    text = path.read_text() if path.exists() and path.stat().st_size else "# Benchmarks\n\n"
+    section = section.rstrip("\n") + "\n" + SECTION_END + "\n"
+    headings = _outside_fences(text, re.finditer(rf"^### {re.escape(setup)}[ \t]*$", text, re.MULTILINE))
+    if headings:
+        at = headings[0].start()
+        mark = text.find(SECTION_END, at)
+        following = next(iter(_outside_fences(text, _HEADING.finditer(text, headings[0].end()))), None)
+        if mark >= 0 and (following is None or mark < following.start()):
+            end = mark + len(SECTION_END) + (text[mark + len(SECTION_END):].startswith("\n"))
+            text = text[:at] + section + text[end:]
+        else:
+            rest = text[following.start():] if following else ""
+            text = text[:at] + section + ("\n" + rest if rest else "")
+    elif (last := text.rfind(SECTION_END)) >= 0:
+        end = last + len(SECTION_END) + 1
+        text = text[:end] + "\n" + section + text[end:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)

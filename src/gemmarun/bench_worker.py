@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = RUNNERS[argv[0]](workload)
     except Exception as e:  # noqa: BLE001 - any failure is this runtime's one-line report to the parent
-        message = str(e).splitlines()[0] if str(e) else ""
+        message = " ".join(str(e).split())[:500]  # the whole reason on one line (pydantic's is on its second)
         print(f"{type(e).__name__}: {message}", file=sys.stderr)
         return 1
     print(RESULT_PREFIX + result.to_json(), flush=True)

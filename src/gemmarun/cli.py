@@ -325,9 +325,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise bench.BenchError("give a MODEL or --random-weights CONFIG, not both")
     if args.prompt_tokens < 1 or args.decode_tokens < 1:
         raise bench.BenchError("--prompt-tokens and --decode-tokens must be at least 1")
-    device = resolve_device(args.device)
-    if args.compare and device.type != "cpu":
+    if args.compare and args.device not in (None, "cpu"):
         raise bench.BenchError("--compare runs every runtime on the CPU; drop --device or pass --device cpu")
+    device = resolve_device("cpu" if args.compare else args.device)  # a CUDA machine included
+    if args.rounds is not None and args.rounds < 1:
+        raise bench.BenchError(f"--rounds must be at least 1, got {args.rounds}")
     threads = args.threads if args.threads is not None else machine.physical_cores()
     if threads < 1:
         raise bench.BenchError(f"--threads must be at least 1, got {threads}")
@@ -353,7 +355,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               dtype=args.dtype, device=str(device))
     print(f"threads: {threads}" + (" (physical cores)" if args.threads is None else ""), file=sys.stderr)
     runtimes = bench.compare_runtimes() if args.compare else [bench.gemmarun_runtime()]
-    rounds = args.rounds or (3 if args.compare else 1)
+    rounds = args.rounds if args.rounds is not None else (3 if args.compare else 1)
     runs = bench.run_rounds(workload, runtimes, rounds, progress=lambda line: print(line, file=sys.stderr))
     bandwidth = decode_bytes = None
     if device.type == "cpu":
@@ -362,6 +364,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     setup = f"{label} ({cfg.family}, dtype {args.dtype}, device {device.type})"
     if args.compare:
         setup += " vs llama.cpp and transformers"
+    if (args.prompt_tokens, args.decode_tokens) != (512, 128) or threads != machine.physical_cores():
+        # another workload is another setup: a quick run must not replace the full figures
+        setup += f", {args.prompt_tokens}/{args.decode_tokens} tokens, {threads} threads"
     report = bench.Report(setup, _bench_command(args, threads), threads, rounds, workload, runs,
                           bandwidth, decode_bytes, facts.tokenizer)
     section = bench.format_report(report)
