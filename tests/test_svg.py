@@ -247,6 +247,8 @@ def test_extract_prefers_a_drawing_over_prose_naming_the_element():
     answer = f"Here:\n```svg\n{drawing}\n```\nEverything between `<svg>` and `</svg>` is the drawing.\n"
     assert extract_svg(answer) == drawing
     assert extract_svg("just `<svg>` and `</svg>`") == "<svg>` and `</svg>"  # no drawing at all: as before
+    declared = f'<?xml version="1.0"?>\n{drawing}\nor, declared but empty: <?xml version="1.0"?>\n<svg></svg>'
+    assert extract_svg(declared) == f'<?xml version="1.0"?>\n{drawing}'
 
 
 H = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10">'

@@ -208,7 +208,6 @@ def cmd_svg_check(args: argparse.Namespace) -> int:
 
 def _repair_and_render(text: str, out: str, png: str | None, label: str) -> int:
     from pathlib import Path
-
     from xml.etree import ElementTree as ET
 
     from .svg import render_png, repair_svg

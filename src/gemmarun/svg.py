@@ -400,7 +400,7 @@ def extract_svg(answer: str) -> str | None:
         else:
             complete.append(answer[m.start():end])
             pos = end
-    drawings = [c for c in complete if any(t.kind == "start" for t in _tokenize(c)[1:])]
+    drawings = [c for c in complete if sum(t.kind == "start" for t in _tokenize(c)) > 1]  # <svg> and more
     return (drawings or complete or [truncated])[-1]
 
 
@@ -440,12 +440,12 @@ def repair_svg(text: str) -> Repair:
     return Repair(out, changes, check_svg(out))
 
 
+_NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")  # XML 1.0's Char
+
+
 def _xml_char(cp: int) -> bool:
     """Whether XML 1.0 allows the code point at all (NUL, most C0 controls, surrogates do not)."""
-    return cp in (0x9, 0xA, 0xD) or 0x20 <= cp <= 0xD7FF or 0xE000 <= cp <= 0xFFFD or 0x10000 <= cp <= 0x10FFFF
-
-
-_NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+    return cp <= 0x10FFFF and not _NOT_XML_CHAR.match(chr(cp))
 
 
 def _escape(piece: str, entities: set[str]) -> str:
