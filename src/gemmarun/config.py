@@ -10,8 +10,9 @@ import enum
 import json
 import math
 from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -449,11 +450,20 @@ def load_hf_config(folder: str | Path) -> TextConfig:
     return text_config_from_file(path)
 
 
+_Parsed = TypeVar("_Parsed")
+
+
 def text_config_from_file(path: Path) -> TextConfig:
     """A HF config.json's text config; every problem a one-line ConfigError naming the file."""
+    return config_from_file(path, text_config_from_hf)
+
+
+def config_from_file(path: Path, parse: Callable[[dict[str, Any]], _Parsed]) -> _Parsed:
+    """`parse` of a JSON config file; every problem in it a one-line ConfigError naming the file
+    (a missing key, a value of the wrong type)."""
     raw = read_json_object(path)
     try:
-        return text_config_from_hf(raw)
+        return parse(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     except KeyError as e:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import AssistantConfig, ConfigError, assistant_config_from_hf, read_json_object
+from ..config import AssistantConfig, assistant_config_from_hf, config_from_file
 from ..model.assistant import Assistant
 from . import resolve_device, resolve_dtype
 from .build import _problems
@@ -19,15 +19,7 @@ def load_assistant_config(folder: Path) -> AssistantConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise LoadError(f"{path}: a drafter is a folder with a config.json")
-    raw = read_json_object(path, LoadError)
-    try:
-        return assistant_config_from_hf(raw)
-    except KeyError as e:
-        raise ConfigError(f"{path}: required key {e.args[0]!r} is missing") from None
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # a value of the wrong type
-        raise ConfigError(f"{path}: malformed config ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    return config_from_file(path, assistant_config_from_hf)
 
 
 def build_assistant(cfg: AssistantConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
