@@ -7,6 +7,7 @@ Both back ends end up as a `tokenizers.Tokenizer` shaped exactly like transforme
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,12 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text for `ids`; with skip_special, control tokens (`control_ids`) are dropped."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    @functools.cached_property
+    def longest_piece(self) -> int:
+        """Characters of the longest vocabulary entry: a text of n characters is at least
+        n / longest_piece tokens (a check that needs no tokenizing)."""
+        return max(1, max(map(len, self._tok.get_vocab(with_added_tokens=True))))
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

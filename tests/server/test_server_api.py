@@ -189,6 +189,23 @@ def test_context_overflow(server):
     assert e.value.code == "context_length_exceeded"
 
 
+def test_text_past_the_context_is_refused_before_it_is_tokenized(server):
+    """Tokenizing holds the GIL: a 30 MiB message stalled every stream and /health for ~20 s just
+    to learn it did not fit. Text longer than the context's tokens times the longest vocabulary
+    entry cannot fit; media's base64 is not text and does not count."""
+    huge = "hello " * 400_000
+    for create, kwargs in ((server.client().chat.completions.create, {"messages": [{"role": "user", "content": huge}]}),
+                           (server.client().completions.create, {"prompt": huge})):
+        with pytest.raises(openai.BadRequestError) as e:
+            create(model="tiny", **kwargs)
+        assert e.value.code == "context_length_exceeded" and "has at least" in str(e.value)
+    image = "data:image/png;base64," + "A" * 2_000_000
+    with pytest.raises(openai.BadRequestError) as e:  # its own error, not the text's
+        server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": image}}]}])
+    assert e.value.code != "context_length_exceeded"
+
+
 def test_unknown_route_and_method(server):
     _is_openai_error(httpx.get(server.url + "/v1/nope"), 404)
     _is_openai_error(httpx.get(server.url + "/v1/chat/completions"), 405)

@@ -314,11 +314,20 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
             close(f"failed: {type(e).__name__}")
             raise
 
+    def check_length(text: Any, param: str) -> None:
+        """Refuse text that cannot fit before tokenizing it: tokenizing holds the GIL, so a 30 MiB
+        message had stalled every stream and /health for ~20 s to learn it was too long."""
+        fewest = -(-inputs.text_chars(text) // llm.tokenizer.longest_piece)
+        if fewest >= scheduler.context:
+            raise bad(f"this model's maximum context length is {scheduler.context} tokens; the prompt has at least "
+                      f"{fewest} tokens", param, "context_length_exceeded")
+
     async def build_off_loop(build: Callable[[], Prompt], has_media: bool) -> Prompt:
         return await anyio.to_thread.run_sync(build, limiter=media_slots if has_media else None)
 
     async def chat(request: Request) -> Response:
         req = parse_chat(await read_json(request), opts.default_max_tokens, opts.sampling)
+        check_length(req.messages, "messages")
 
         def build() -> Prompt:
             messages = inputs.prepare_messages(req.messages, opts.allow_local_files, limits)
@@ -340,6 +349,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
     async def completions(request: Request) -> Response:
         req = parse_completion(await read_json(request), 16, opts.sampling)
         if isinstance(req.prompt, str):
+            check_length(req.prompt, "prompt")
             try:
                 prompt = await anyio.to_thread.run_sync(lambda: llm.build_prompt(req.prompt))
             except ValueError as e:  # e.g. a lone surrogate

@@ -194,6 +194,22 @@ def has_media(messages: Any) -> bool:
         for m in messages)
 
 
+def text_chars(messages: Any) -> int:
+    """Characters of the messages' text content (a string, or its "text" parts; not media, whose
+    base64 is no prompt text): what the prompt holds at least, before any of it is tokenized."""
+    if isinstance(messages, str):  # a completions prompt
+        return len(messages)
+    total = 0
+    for m in messages if isinstance(messages, list) else ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p["text"]) for p in content
+                         if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+    return total
+
+
 def prepare_messages(messages: list, allow_local_files: bool, limits: MediaLimits | None = None) -> list[dict]:
     """Checked messages in the shape the chat renderers take; media parts carry their bytes (or a
     path) as {"type": "image", "image": ...} / {"type": "audio", "audio": ...}. With `limits`,
