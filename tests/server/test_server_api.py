@@ -189,6 +189,17 @@ def test_context_overflow(server):
     assert e.value.code == "context_length_exceeded"
 
 
+@pytest.mark.parametrize("max_tokens", [None, 5, 256])
+def test_prompt_and_reply_never_pass_the_context(server, max_tokens):
+    """With max_tokens given, the engines sampled one more token from the last position's
+    logits: a 254-token prompt got 3 tokens of a 256-token context (without it, 2)."""
+    extra = {} if max_tokens is None else {"max_tokens": max_tokens}
+    for n in (254, 255):
+        r = server.client().completions.create(model="tiny", prompt=[5] * n, extra_body={"ignore_eos": True},
+                                               temperature=0, **extra)
+        assert r.usage.prompt_tokens == n and r.usage.total_tokens == 256 and r.choices[0].finish_reason == "length"
+
+
 def test_text_past_the_context_is_refused_before_it_is_tokenized(server):
     """Tokenizing holds the GIL: a 30 MiB message stalled every stream and /health for ~20 s just
     to learn it did not fit. Text longer than the context's tokens times the longest vocabulary
