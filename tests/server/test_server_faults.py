@@ -139,6 +139,16 @@ def test_a_body_that_stalls_is_timed_out_and_others_are_served(tiny_llm):
         stalled.close()
         assert wait_for(lambda: r.app.state.open_requests.n == 0)
 
+        # the same for an audio upload (multipart: its parser's errors had swallowed the timeout)
+        upload = _connect(r.url)
+        upload.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000\r\n\r\n"
+                       b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF')
+        head, _, body = _read_reply(upload, 10).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), head
+        upload.close()
+        assert wait_for(lambda: r.app.state.open_requests.n == 0)
+
         # half a body, then the client hangs up: nothing waits for the rest
         quitter = _connect(r.url)
         quitter.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"mess")

@@ -371,7 +371,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
     async def transcriptions(request: Request) -> Response:
         try:
             form = await request.form(max_files=1, max_fields=16)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyTimeout):  # the request guard's 413 / 408 (with Connection: close)
             raise
         except Exception as e:  # noqa: BLE001 - python-multipart's parse errors
             raise bad(f"the request is not valid multipart/form-data ({' '.join(str(e).split())})") from None
