@@ -224,3 +224,17 @@ def status_of_raw_upload(url, headers: list[str], chunks, limit_seconds=30) -> t
         pass
     sock.close()
     return int(answer.split(b" ", 2)[1]), sent
+
+
+def capture_serve(monkeypatch, into: list) -> None:
+    """`serve` hands its uvicorn.Config to `into` instead of running a server."""
+    import gemmarun.server
+
+    class Captured:
+        def __init__(self, config):
+            self.config = config
+
+        def run(self):
+            into.append(self.config)
+
+    monkeypatch.setattr(gemmarun.server, "_server_that_stops_the_model_first", lambda base, scheduler: Captured)

@@ -247,14 +247,14 @@ def test_serve_flags_set_the_limits(monkeypatch, tiny_llm):
 
 
 def test_serve_runs_uvicorn_with_the_limits_and_the_request_log(monkeypatch, tiny_llm):
-    import uvicorn
+    from serverkit import capture_serve
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     from gemmarun.server import serve
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    capture_serve(monkeypatch, calls)
     serve(tiny_llm, "127.0.0.1", 8123, ServerOptions(max_connections=77, header_timeout=9), log_level="warning")
-    kw = calls[0]
-    assert kw["limit_concurrency"] == 77 and issubclass(kw["http"], H11Protocol)
-    assert kw["log_config"]["loggers"]["gemmarun"]["level"] == "WARNING"
+    config = calls[0]
+    assert config.limit_concurrency == 77 and issubclass(config.http, H11Protocol)
+    assert config.log_config["loggers"]["gemmarun"]["level"] == "WARNING"

@@ -90,6 +90,7 @@ class Scheduler:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}  # model thread only
         self._thread: threading.Thread | None = None
+        self._stopped = False  # stop() ran: the model thread is gone (or going)
 
     @property
     def context(self) -> int:
@@ -102,13 +103,17 @@ class Scheduler:
                 self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """End every request in flight (503) and the model thread; later submits get a 503."""
+        self._stopped = True
         thread = self._thread
-        if thread is not None:
+        if thread is not None and thread.is_alive():
             self._commands.put(("stop", None))
             thread.join(timeout)
 
     def submit(self, prompt: Prompt, params: SamplingParams, top_logprobs: int | None = None,
                control: OutputControl | None = None) -> Job:
+        if self._stopped:
+            raise EngineFailed("the server is shutting down", 503)
         self.start()
         with self._lock:
             if self.in_flight >= self.capacity:
