@@ -262,3 +262,51 @@ def test_a_ban_never_removes_the_only_token_the_grammar_allows():
     assert torch.isfinite(choice).nonzero().flatten().tolist() == [7]
     free = OutputControl(guard=guard).mask(logits)
     assert not torch.isfinite(free[5]) and torch.isfinite(free).sum() == 9
+
+
+class _Scripted:
+    """A grammar stand-in that allows only the script's next token (a fixed-size structure)."""
+
+    kind, active, eos_ids, finished = "regex", True, (), False
+
+    def __init__(self, script: list[int], choices: int = 1):
+        self.script, self.choices, self.at = script, choices, 0
+
+    def mask(self, logits):
+        import torch
+
+        out = torch.full_like(logits, float("-inf"))
+        allowed = [self.script[self.at]] + [90 + k for k in range(self.choices - 1)]
+        out[allowed] = logits[allowed]
+        return out
+
+    def advance(self, token: int) -> None:
+        self.at += 1
+
+    def rollback(self, n: int) -> None:
+        self.at -= n
+
+
+@pytest.mark.parametrize("forced", [True, False])
+def test_a_repetition_the_grammar_demands_is_not_cut_again(forced):
+    """A fixed-size JSON array of zeros looks like a loop. Where the rollback finds the grammar
+    allowing only the banned token, the repetition is the structure's: it had been cut three
+    times over, then stopped (finish "length", JSON that does not parse). Where the grammar
+    leaves a choice, the loop is still cut."""
+    import torch
+
+    from gemmarun.control import OutputControl, Verdict
+
+    script = [1, 2, 3, 4] * 50
+    control = OutputControl(grammar=_Scripted(script, choices=1 if forced else 2), guard=LoopGuard())
+    verdicts = []
+    while len(control.generated) < len(script) and Verdict.LOOP_STOP not in verdicts:
+        logits = control.mask(torch.zeros(100))
+        finite = torch.isfinite(logits).nonzero().flatten().tolist()
+        token = script[len(control.generated)] if script[len(control.generated)] in finite else finite[0]
+        verdicts.append(control.push(token))
+    if forced:
+        assert verdicts.count(Verdict.ROLLBACK) == 1 and Verdict.LOOP_STOP not in verdicts
+        assert control.generated == script
+    else:
+        assert verdicts.count(Verdict.ROLLBACK) >= 1 and control.generated != script

@@ -53,7 +53,8 @@ def make_loop_guard(config: LoopGuardConfig | str | None, constrained: bool) -> 
 
 
 def _remove_if_choice_remains(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    """`logits` with `ids` set to -inf, unless that would leave no token at all."""
+    """`logits` with `ids` set to -inf, unless that would leave no token at all (then `logits`
+    itself comes back)."""
     removed = logits.clone()
     removed[ids] = float("-inf")
     return removed if torch.isfinite(removed).any() else logits
@@ -77,6 +78,9 @@ class OutputControl:
         self._json_string: list[tuple[bool, bool]] = []
         self.emitted = 0  # generated tokens already released
         self.loop: LoopEvent | None = None  # the last loop seen (stop or recovered)
+        # Loops starting at or before this index are the grammar's own (a fixed-size array of
+        # zeros): a rollback there found only the banned token allowed, so they are not cut again.
+        self._structural = -1
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """The grammar's mask, then the number cap and the loop guard's bans where they leave a
@@ -89,7 +93,10 @@ class OutputControl:
         if self.guard is not None:
             banned = self.guard.banned_at(len(self.generated))
             if banned:
-                logits = _remove_if_choice_remains(logits, list(banned))
+                kept = _remove_if_choice_remains(logits, list(banned))
+                if kept is logits and self.loop is not None:  # the grammar demands the repetition
+                    self._structural = max(self._structural, self.loop.start)
+                logits = kept
         return logits
 
     def _in_json_string(self) -> bool:
@@ -138,7 +145,7 @@ class OutputControl:
         self.generated.append(token)
         guard = self.guard
         event = guard.push(token, self.piece(token) if self.piece else "") if guard is not None else None
-        if event is None:
+        if event is None or event.start <= self._structural:
             return None
         self.loop = event
         if not guard.can_recover():
@@ -148,6 +155,8 @@ class OutputControl:
         # where part of the loop already left, cut what has not (the guard's history stays whole
         # until it is cut once: cutting to one copy first, then back up, lost tokens it still held)
         keep = guard.rollback(event, keep_at_least=self.emitted)
+        if keep <= self._structural:  # cut before the repetition the grammar demanded: judge it anew
+            self._structural = -1
         if self.grammar is not None:
             self.grammar.rollback(len(self.generated) - keep)
         del self.generated[keep:]
