@@ -268,13 +268,16 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
     async def read_json(request: Request) -> dict:
         return parse_json(await request.body())
 
+    def past_context(tokens: str, param: str) -> ApiError:
+        return bad(f"this model's maximum context length is {scheduler.context} tokens; the prompt has {tokens} "
+                   "tokens", param, "context_length_exceeded")
+
     def fit(prompt: Prompt, params, given: bool, param: str = "messages"):
         """The request's params with max_tokens checked (given) or capped (defaulted); `param`
         names the prompt's field in errors."""
         n = len(prompt.ids)
         if n >= scheduler.context:
-            raise bad(f"this model's maximum context length is {scheduler.context} tokens; the prompt has {n} "
-                      "tokens", param, "context_length_exceeded")
+            raise past_context(f"{n}", param)
         limit = scheduler.context if opts.max_tokens_limit is None else opts.max_tokens_limit
         if given and params.max_tokens > limit:
             raise bad(f"max_tokens is too large: {params.max_tokens}; this server allows at most {limit}", "max_tokens")
@@ -322,8 +325,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
         message had stalled every stream and /health for ~20 s to learn it was too long."""
         fewest = -(-inputs.text_chars(text) // llm.tokenizer.longest_piece)
         if fewest >= scheduler.context:
-            raise bad(f"this model's maximum context length is {scheduler.context} tokens; the prompt has at least "
-                      f"{fewest} tokens", param, "context_length_exceeded")
+            raise past_context(f"at least {fewest}", param)
 
     async def build_off_loop(build: Callable[[], Prompt], has_media: bool) -> Prompt:
         return await anyio.to_thread.run_sync(build, limiter=media_slots if has_media else None)
