@@ -161,3 +161,25 @@ def test_gemma3_attention_softcap_is_not_applied_as_in_the_reference():
            "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
            "attn_logit_softcapping": 2.0}
     assert text_config_from_hf(raw).attn_logit_softcap is None
+
+
+def test_a_null_sliding_window_is_refused_where_a_layer_slides():
+    """null had become Gemma 4's 512 silently, on Gemma 3 too (whose default is 4096); the
+    reference fails on it. A model without sliding layers never reads the window."""
+    with pytest.raises(ConfigError, match="sliding_window=null, but the model has sliding_attention layers"):
+        text_config_from_hf(_minimal(sliding_window=None))
+    with pytest.raises(ConfigError, match="sliding_window=null"):
+        text_config_from_hf({"model_type": "gemma3_text", "vocab_size": 256, "hidden_size": 64, "sliding_window": None,
+                             "intermediate_size": 96, "num_hidden_layers": 6, "num_attention_heads": 4,
+                             "num_key_value_heads": 2, "head_dim": 16})
+    full_only = text_config_from_hf(_minimal(sliding_window=None, layer_types=["full_attention"] * 2))
+    assert all(spec.window is None for spec in full_only.layers)
+    assert text_config_from_hf(_minimal(sliding_window=7)).sliding_window == 7
+
+
+@pytest.mark.parametrize("pattern", [0, -2, "6", None, [True], [1, 0]])
+def test_hf_sliding_window_pattern_must_be_a_period(pattern):
+    raw = _minimal(sliding_window_pattern=pattern)
+    raw.pop("layer_types")
+    with pytest.raises(ConfigError, match="sliding_window_pattern"):
+        text_config_from_hf(raw)

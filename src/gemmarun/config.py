@@ -317,6 +317,16 @@ GEMMA3_TEXT_DEFAULTS = {
 }
 
 
+def _sliding_window(window: Any, layer_types: tuple[LayerType, ...]) -> int:
+    """null is refused where a layer slides (the reference fails on it too); a model without
+    sliding layers never reads the window."""
+    if window is None:
+        if LayerType.SLIDING in layer_types:
+            raise ConfigError("sliding_window=null, but the model has sliding_attention layers")
+        return 512
+    return int(window)
+
+
 def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
     """Parse a HF `config.json` dict. Values that would change the math and that we do not
     implement raise `ConfigError` naming the key."""
@@ -354,10 +364,8 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         except KeyError as e:
             raise ConfigError(f"layer_types: unknown layer type {e.args[0]!r}") from None
     else:
-        pattern = int(tc.get("sliding_window_pattern", 6))
-        layer_types = tuple(
-            LayerType.FULL if (i + 1) % pattern == 0 else LayerType.SLIDING for i in range(num_layers)
-        )
+        pattern = tc.get("sliding_window_pattern", 6)
+        layer_types = layer_types_from_pattern(pattern, num_layers, "sliding_window_pattern")
 
     rope = tc.get("rope_parameters")
     if isinstance(rope, dict) and ("full_attention" in rope or "sliding_attention" in rope):
@@ -385,7 +393,7 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         head_dim=head_dim,
         intermediate_size=int(tc["intermediate_size"]),
         layer_types=layer_types,
-        sliding_window=int(tc.get("sliding_window") or 512),
+        sliding_window=_sliding_window(tc.get("sliding_window", 512), layer_types),
         rope_sliding=rope_sliding,
         rope_full=rope_full,
         rms_norm_eps=float(tc.get("rms_norm_eps", 1e-6)),
@@ -575,6 +583,17 @@ def _gguf_float(value: Any, key: str) -> float:
     return float(value)
 
 
+def layer_types_from_pattern(pattern: Any, n: int, key: str) -> tuple[LayerType, ...]:
+    """A sliding-window pattern as checkpoints write it: an integer P means every P-th layer is
+    full and the rest sliding (HF's `sliding_window_pattern`, llama.cpp's swa pattern); a list
+    says per layer whether it slides (GGUF); a single true/false holds for every layer."""
+    if isinstance(pattern, bool) or (isinstance(pattern, list) and all(isinstance(s, bool) for s in pattern)):
+        return tuple(LayerType.SLIDING if s else LayerType.FULL for s in _per_layer(pattern, n, key))
+    if isinstance(pattern, int) and 1 <= pattern <= MAX_SIZE:
+        return tuple(LayerType.FULL if (i + 1) % pattern == 0 else LayerType.SLIDING for i in range(n))
+    raise ConfigError(f"{key}={_shown(pattern)} must be a positive integer period or one true/false per layer")
+
+
 def _per_layer(value: Any, n: int, key: str) -> list:
     if isinstance(value, list):
         if len(value) != n:
@@ -639,11 +658,8 @@ def text_config_from_gguf(
         raise ConfigError(f"{arch}.block_count={n} but the file holds only {len(tensor_shapes)} tensors")
     vocab = rows("token_embd.weight")
     hidden = integer("embedding_length")
-    pattern = get("attention.sliding_window_pattern", None)
-    if pattern is not None:
-        layer_types = tuple(LayerType.SLIDING if s else LayerType.FULL for s in _per_layer(pattern, n, "sliding_window_pattern"))
-    else:
-        layer_types = tuple(LayerType.FULL if (i + 1) % 6 == 0 else LayerType.SLIDING for i in range(n))
+    layer_types = layer_types_from_pattern(get("attention.sliding_window_pattern", 6), n,
+                                           f"{arch}.attention.sliding_window_pattern")
     kv_heads = per_layer_ints("attention.head_count_kv")
     ffn = per_layer_ints("feed_forward_length")
     num_heads = per_layer_ints("attention.head_count")[0]
@@ -672,10 +688,12 @@ def text_config_from_gguf(
     )
     if arch == "gemma3":
         head_dim = integer("attention.key_length", max(hidden // num_heads, 1))
-        scaling = get("rope.scaling.type", None)
-        if scaling not in (None, "none", "linear"):
+        scaling = get("rope.scaling.type", "linear")  # llama.cpp's default when the key is absent
+        if scaling not in ("none", "linear"):
             raise ConfigError(f"{arch}.rope.scaling.type={_shown(scaling)} is not supported (linear)")
-        factor = number("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
+        # llama.cpp: the factor's old key is rope.scale_linear; 0 or absent means unscaled
+        factor = number("rope.scaling.factor", number("rope.scale_linear", 0.0)) if scaling == "linear" else 0.0
+        factor = factor or 1.0
         if hidden // num_heads < 1:
             raise ConfigError(f"{arch}.embedding_length={hidden} is smaller than attention.head_count={num_heads}")
         return TextConfig(  # no attention softcap: llama.cpp's gemma3 graph has none (see the HF parse)

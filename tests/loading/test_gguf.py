@@ -576,3 +576,76 @@ def test_convert_writes_gemma3_27b_whose_query_scale_gguf_implies(tmp_path):
     assert back.attention_scale == pytest.approx(cfg.attention_scale, rel=1e-12)
     with pytest.raises(LoadError, match="query scale 0.5 cannot be expressed in GGUF"):
         write_config_metadata(GGUFWriter(tmp_path / "other.gguf", "gemma3"), dataclasses.replace(cfg, attention_scale=0.5))
+
+
+def _gemma3_metadata(tmp_path, **hf):
+    """(config, the GGUF metadata convert writes for it, tensor shapes) for a small Gemma 3."""
+    from gguf import GGUFWriter
+
+    from gemmarun.config import text_config_from_hf
+    from gemmarun.loading.convert import write_config_metadata
+
+    cfg = text_config_from_hf({
+        "model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 12,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+        "sliding_window": 8, "vocab_size": 256, "rope_scaling": {"rope_type": "linear", "factor": 8.0}, **hf})
+    w = GGUFWriter(tmp_path / "g3.gguf", "gemma3")
+    write_config_metadata(w, cfg)
+    written = {key: field.value for key, field in w.kv_data[0].items()}
+    shapes = {"token_embd.weight": (256, 64), **{f"blk.{i}.attn_norm.weight": (64,) for i in range(12)}}
+    return cfg, written, shapes
+
+
+def test_gemma3_gguf_rope_factor_reads_as_llama_cpp_does(tmp_path):
+    """llama.cpp takes a missing rope.scaling.type as linear and falls back to the old
+    rope.scale_linear key; a factor without its type key had been dropped (the 4B-27B's global
+    layers then ran unscaled: logits off by ~1.3 on a tiny model)."""
+    from gemmarun.config import ConfigError, text_config_from_gguf
+
+    cfg, meta, shapes = _gemma3_metadata(tmp_path)
+    assert text_config_from_gguf(meta, shapes).rope_full == cfg.rope_full
+    untyped = {k: v for k, v in meta.items() if k != "gemma3.rope.scaling.type"}
+    assert text_config_from_gguf(untyped, shapes).rope_full.factor == 8.0
+    old_key = {k: v for k, v in untyped.items() if k != "gemma3.rope.scaling.factor"} | {"gemma3.rope.scale_linear": 8.0}
+    assert text_config_from_gguf(old_key, shapes).rope_full.factor == 8.0
+    assert text_config_from_gguf(untyped | {"gemma3.rope.scaling.factor": 0.0}, shapes).rope_full.factor == 1.0
+    assert text_config_from_gguf(meta | {"gemma3.rope.scaling.type": "none"}, shapes).rope_full.factor == 1.0
+    with pytest.raises(ConfigError, match="rope.scaling.type='yarn' is not supported"):
+        text_config_from_gguf(meta | {"gemma3.rope.scaling.type": "yarn"}, shapes)
+
+
+def test_a_sliding_window_pattern_is_a_period_or_one_flag_per_layer(tmp_path):
+    """An integer pattern had been read as one truthy flag for every layer: all sliding."""
+    from gemmarun.config import ConfigError, LayerType, text_config_from_gguf
+
+    cfg, meta, shapes = _gemma3_metadata(tmp_path)
+    key = "gemma3.attention.sliding_window_pattern"
+    assert meta[key] == [t is LayerType.SLIDING for t in cfg.layer_types] and cfg.layer_types[5] is LayerType.FULL
+    assert text_config_from_gguf(meta | {key: 6}, shapes).layer_types == cfg.layer_types
+    assert text_config_from_gguf(meta | {key: 4}, shapes).layer_types[3::4] == (LayerType.FULL,) * 3
+    assert set(text_config_from_gguf(meta | {key: True}, shapes).layer_types) == {LayerType.SLIDING}
+    no_key = {k: v for k, v in meta.items() if k != key}
+    assert text_config_from_gguf(no_key, shapes).layer_types == cfg.layer_types  # llama.cpp's fixed 5:1
+    for bad in (0, -6, "6", 6.0, [1] * 12, [True] * 11, None):
+        with pytest.raises(ConfigError, match="sliding_window_pattern"):
+            text_config_from_gguf(meta | {key: bad}, shapes)
+
+
+def test_convert_keeps_the_second_end_id(tiny_models, tmp_path):
+    """config.json's eos_token_id [1, 106] is GGUF's eos plus eot; the 106 had been dropped."""
+    import json
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models("gemma3")[0], src)
+    raw = json.loads((src / "config.json").read_text())
+    raw["eos_token_id"] = [1, 6]
+    (src / "config.json").write_text(json.dumps(raw))
+    out = convert(src, tmp_path / "out.gguf", "f32", progress=False)
+    meta = GGUFFile(out).metadata
+    assert (meta["tokenizer.ggml.eos_token_id"], meta["tokenizer.ggml.eot_token_id"]) == (1, 6)
+    assert gemmarun.load(out).config.eos_ids == (1, 6)
+    raw["eos_token_id"] = [1, 6, 7]
+    (src / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(LoadError, match=r"end ids \[1, 6, 7\] do not fit"):
+        convert(src, tmp_path / "three.gguf", "f32", progress=False)

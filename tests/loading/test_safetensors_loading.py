@@ -219,7 +219,7 @@ def test_convert_never_writes_over_its_own_source(tiny_models, tmp_path):
 @pytest.mark.parametrize("name, text, fragment", [
     ("config.json", "[]", "must hold a JSON object"),
     ("config.json", "CFG:model_type=\"gemma3\",text_config=\"x\"", "malformed config"),
-    ("config.json", "CFG:sliding_window_pattern=0,layer_types=null", "malformed config"),
+    ("config.json", "CFG:sliding_window_pattern=0,layer_types=null", "sliding_window_pattern=0 must be a positive integer"),
     ("config.json", "CFG:vocab_size=[256]", "malformed config"),
     ("tokenizer.json", "{}", "not a tokenizer"),
     ("tokenizer.json", "not json", "not a tokenizer"),
