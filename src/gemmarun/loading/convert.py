@@ -152,8 +152,13 @@ def _hf_vocab(folder: Path, cfg: TextConfig) -> Vocab:
         else:
             types[t["id"]] = int(TokenType.USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    # config.json's end ids (e.g. [1, 106]): GGUF holds an eos and one eot, and readers join them again
+    extra_ends = [e for e in dict.fromkeys(cfg.eos_ids) if e != tok.eos_id]
+    if len(extra_ends) > 1:
+        raise LoadError(f"convert: end ids {list(cfg.eos_ids)} do not fit GGUF's eos ({tok.eos_id}) and one eot")
     return Vocab(tokens, types, merges, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                 unk_id=tok.unk_id, chat_template=read_chat_template(folder))
+                 unk_id=tok.unk_id, eot_id=extra_ends[0] if extra_ends else None,
+                 chat_template=read_chat_template(folder))
 
 
 def stays_f32(gguf_name: str, shape: tuple[int, ...]) -> bool:
