@@ -99,6 +99,8 @@ class LLM:
         from .processing.prompt import prepare
 
         if self.encoders is None:
+            if self.config.family == "gemma3":  # a Gemma 3 folder may ship a vision tower: it is not read
+                raise ValueError(f"Gemma 3 runs as text only in gemmarun; it cannot take {kind} input")
             raise ValueError(f"this model takes text only; it cannot take {kind} input")
         budget = image_tokens or self.encoders.cfg.image_soft_tokens
         if isinstance(self.encoders, UnifiedEncoders):
