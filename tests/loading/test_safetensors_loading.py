@@ -225,6 +225,8 @@ def test_convert_never_writes_over_its_own_source(tiny_models, tmp_path):
     ("tokenizer.json", "not json", "not a tokenizer"),
     ("tokenizer_config.json", "[]", "must hold a JSON object"),
     ("tokenizer_config.json", '{"chat_template": 5}', "chat_template must be"),
+    ("chat_template.json", "[]", "must hold a JSON object"),
+    ("chat_template.json", '{"chat_template": 5}', "chat_template must be"),
     ("model.safetensors.index.json", "[]", "must hold a JSON object"),
     ("model.safetensors.index.json", '{"weight_map": {"a": 5}}', "corrupt shard index"),
     ("model.safetensors.index.json", '{"weight_map": {"a": ""}}', "shard '' is missing"),
@@ -272,3 +274,20 @@ def test_integer_weights_are_refused_and_ids_past_the_table_are_a_clear_error(ti
     llm = gemmarun.load(small, device="cpu")  # (the tokenizer has more ids than the table has rows)
     with pytest.raises(ValueError, match="outside the vocabulary of 16"):
         llm.generate("hello world", max_tokens=2)  # an IndexError deep in the embedding before
+
+
+def test_the_chat_template_is_found_where_transformers_looks(tmp_path):
+    """chat_template.jinja, else chat_template.json (Gemma 3's multimodal repos), else
+    tokenizer_config.json; chat_template.json had not been read."""
+    from gemmarun.loading.hf import read_chat_template
+
+    assert read_chat_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "from tokenizer_config"}))
+    assert read_chat_template(tmp_path) == "from tokenizer_config"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "from chat_template.json"}))
+    assert read_chat_template(tmp_path) == "from chat_template.json"
+    (tmp_path / "chat_template.jinja").write_text("from the jinja file")
+    assert read_chat_template(tmp_path) == "from the jinja file"
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"processor_class": "Gemma3Processor"}))
+    assert read_chat_template(tmp_path) == "from tokenizer_config"

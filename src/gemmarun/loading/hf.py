@@ -20,22 +20,26 @@ _TYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16
 
 
 def read_chat_template(folder: Path) -> str | None:
-    """The checkpoint's template: chat_template.jinja, else tokenizer_config.json's field."""
+    """The checkpoint's template, in transformers' order: chat_template.jinja, else the field of
+    chat_template.json (the processor's file, which Gemma 3's multimodal repos ship), else
+    tokenizer_config.json's."""
     jinja = folder / "chat_template.jinja"
     if jinja.exists():
         try:
             return jinja.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise LoadError(f"{jinja}: not UTF-8 text ({e})") from None
-    config = folder / "tokenizer_config.json"
-    if config.exists():
+    for config in (folder / "chat_template.json", folder / "tokenizer_config.json"):
+        if not config.exists():
+            continue
         template = read_json_object(config, LoadError).get("chat_template")
         if isinstance(template, list):  # named templates: use "default"
             template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
                             None)
         if template is not None and not isinstance(template, str):
             raise LoadError(f"{config}: chat_template must be a string or a list of named templates")
-        return template
+        if template is not None:
+            return template
     return None
 
 
