@@ -56,10 +56,17 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--loop-guard", choices=["recover", "stop", "off"], default="recover",
-                   help="catch degenerate repetition: roll back and resample (default), stop, or off")
+    p.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=[],
+                   help="also stop at this token id (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-turn tokens (benchmarks)")
+    _add_loop_guard_option(p)
     p.add_argument("--json-schema", metavar="FILE", default=None, help="constrain the answer to this JSON Schema")
     p.add_argument("--regex", default=None, help="constrain the answer to this regular expression")
+
+
+def _add_loop_guard_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loop-guard", choices=["recover", "stop", "off"], default="recover",
+                   help="catch degenerate repetition: roll back and resample (default), stop, or off")
 
 
 def _add_draft_option(p: argparse.ArgumentParser, note: str = "") -> None:
@@ -77,6 +84,7 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, seed=args.seed, stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos,
     )
 
 
@@ -274,7 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
         max_image_pixels=round(args.max_image_mp * 1_000_000), max_audio_seconds=args.max_audio_seconds,
         body_timeout=args.body_timeout, header_timeout=args.header_timeout, max_connections=args.max_connections,
-        log_prompts=args.log_prompts,
+        log_prompts=args.log_prompts, loop_guard=args.loop_guard,
     )
     serve(llm, args.host, args.port, options, log_level=args.log_level, drafter=_draft(llm, args))
     return 0
@@ -378,8 +386,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other gemmarun error (argparse prints the whole usage
+    first); subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemmarun", description="Run Gemma 4 and Gemma 3 models locally.")
+    parser = _Parser(prog="gemmarun", description="Run Gemma 4 and Gemma 3 models locally.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="one prompt, streamed to the terminal")
@@ -483,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=512, help="open connections, idle ones included (503 past it)")
     p.add_argument("--log-prompts", action="store_true", help="log prompt and reply text (never logged otherwise)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_loop_guard_option(p)
     _add_draft_option(p, "; the server drafts for a request while it decodes alone")
     _add_model_options(p)
     p.set_defaults(func=cmd_serve)

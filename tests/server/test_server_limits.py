@@ -235,9 +235,10 @@ def test_serve_flags_set_the_limits(monkeypatch, tiny_llm):
     args = cli.build_parser().parse_args([
         "serve", "--max-body-mb", "8", "--max-queue", "5", "--max-tokens-limit", "100", "--max-image-mp", "12.5",
         "--max-audio-seconds", "30", "--body-timeout", "20", "--header-timeout", "7", "--max-connections", "64",
-        "--log-prompts"])
+        "--log-prompts", "--loop-guard", "stop"])
     assert args.func(args) == 0
     o = seen["o"]
+    assert o.loop_guard == "stop"  # (serve had no --loop-guard, though the README showed it)
     assert (o.max_body_bytes, o.max_queue, o.max_tokens_limit, o.max_image_pixels, o.max_audio_seconds) == (
         8 * 2**20, 5, 100, 12_500_000, 30.0)
     assert (o.body_timeout, o.header_timeout, o.max_connections, o.log_prompts) == (20.0, 7.0, 64, True)

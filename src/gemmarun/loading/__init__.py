@@ -14,9 +14,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's message lists a dozen backends
+        raise LoadError(f"device {device!r} is not a device (cpu, cuda, cuda:1 ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise LoadError(f"device {str(device)!r} is not supported (cpu, cuda, cuda:1 ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LoadError("device 'cuda' was asked for but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise LoadError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
