@@ -191,3 +191,12 @@ def test_with_thinking_the_grammar_starts_after_the_channel_closes(tiny_models):
     direct = llm.grammar_state(Grammar.json_schema(schema), None, thinking=True)
     direct.advance(answer[0])  # no thinking: this token is already the answer
     assert len(allowed(direct)) < 100
+
+
+def test_a_bad_regex_error_keeps_the_parsers_reason():
+    """llguidance puts the reason lines below its first; the one-line error had ended at
+    'regex parse error:'."""
+    from gemmarun.constrain import Grammar, GrammarError
+
+    with pytest.raises(GrammarError, match=r'^invalid regex: .*"a\(b".*regex parse error: unclosed group$'):
+        Grammar.regex("a(b")

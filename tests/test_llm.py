@@ -72,3 +72,30 @@ def test_bad_ids_and_params(llm):
         llm.logits([2, 999])
     with pytest.raises(ValueError, match="top_p"):
         llm.generate_ids([2, 5], top_p=0.0)
+
+
+def test_wrong_argument_types_are_named(llm):
+    """Each had failed somewhere inside (an AttributeError, torch's messages, 'int' object is not
+    iterable), or been silently truncated (float ids)."""
+    cases = [
+        (lambda: llm.generate("hi", grammar="{}"), "grammar must be a gemmarun.Grammar"),
+        (lambda: llm.generate("hi", max_tokens=2.5), "max_tokens must be an integer, not 2.5"),
+        (lambda: llm.generate("hi", top_k=2.5), "top_k must be an integer"),
+        (lambda: llm.generate("hi", seed=1.5), "seed must be an integer"),
+        (lambda: llm.generate("hi", temperature="hot"), "temperature must be a number, not 'hot'"),
+        (lambda: llm.generate("hi", stop_token_ids=[1.0]), "stop_token_ids must be integers"),
+        (lambda: llm.generate(123), "a prompt is a string or a list of chat messages, not int"),
+        (lambda: llm.logits("hello"), "token ids must be a sequence of integers, not str"),
+        (lambda: llm.logits([2.0, 3.5]), r"token ids must be integers, not float \(2.0\)"),
+        (lambda: llm.generate_ids([2, True]), "token ids must be integers, not bool"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TypeError, match=message):
+            call()
+    with pytest.raises(ValueError, match="stop_token_ids: token id 256 is outside the vocabulary of 256"):
+        llm.generate("hi", stop_token_ids=[256])
+    with pytest.raises(ValueError, match="token id -1 is negative"):
+        llm.tokenizer.decode([5, -1])
+    assert llm.logits(np.array([2, 20])).shape == (2, 256)  # numpy integers are ids
+    assert llm.generate_ids([2, 5], max_new_tokens=np.int64(2), ignore_eos=True) == llm.generate_ids(
+        [2, 5], max_new_tokens=2, ignore_eos=True)

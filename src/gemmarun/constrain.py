@@ -60,7 +60,8 @@ class GrammarError(ValueError):
 
 @dataclass(frozen=True)
 class Grammar:
-    """A compiled constraint: `kind` is json_schema, json (any JSON object), regex, lark or svg."""
+    """A compiled constraint: `kind` is how it was given (json_schema, regex or lark; any_json is a
+    json_schema, svg a lark grammar), `source` what llguidance runs."""
 
     kind: str
     source: str  # the llguidance grammar
@@ -113,8 +114,12 @@ class Grammar:
 
 
 def _first_line(error) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    """llguidance's first line, with the reason its regex parser states lines below it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    reason = next((line for line in lines[1:] if line.startswith("error:")), None)
+    return f"{lines[0]} {reason.removeprefix('error:').strip()}" if reason else lines[0]
 
 
 @lru_cache(maxsize=4)

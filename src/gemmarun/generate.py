@@ -6,6 +6,7 @@ Everything textual (detokenising, stop strings, chat) is a wrapper around `gener
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from numbers import Integral
 
 import torch
 
@@ -47,9 +48,19 @@ def _chunks(n: int, chunk_size: int, blocks: torch.Tensor | None) -> list[tuple[
 def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> None:
     """Every id a row of the token table, or one line naming one that is not (an id past the table
     failed deep in the embedding lookup)."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+        raise TypeError(f"token ids must be a sequence of integers, not {type(ids).__name__}")
     if len(ids) == 0:
         return
-    low, high = (int(ids.min()), int(ids.max())) if isinstance(ids, torch.Tensor) else (int(min(ids)), int(max(ids)))
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"token ids must be integers, not {ids.dtype}")
+        low, high = int(ids.min()), int(ids.max())
+    else:
+        odd = next((i for i in ids if type(i) is not int and (isinstance(i, bool) or not isinstance(i, Integral))), None)
+        if odd is not None:  # a float had been truncated, a string failed inside min()
+            raise TypeError(f"token ids must be integers, not {type(odd).__name__} ({odd!r:.40})")
+        low, high = int(min(ids)), int(max(ids))
     if low < 0 or high >= vocab_size:
         raise ValueError(f"token id {high if high >= vocab_size else low} is outside the vocabulary of {vocab_size}")
 

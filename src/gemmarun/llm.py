@@ -13,6 +13,7 @@ import torch
 
 from . import chat
 from .config import TextConfig
+from .constrain import Grammar
 from .control import NUMBER_CHARS, OutputControl, make_loop_guard
 from .generate import check_token_ids, generate_step
 from .loopguard import LoopGuardConfig
@@ -84,8 +85,9 @@ class LLM:
     def media_tokens(self) -> MediaTokens:
         return self.encoders.cfg.tokens if self.encoders is not None else MediaTokens()
 
-    def encode_image(self, source, max_soft_tokens: int = 280) -> np.ndarray:
-        """Projected soft tokens of one image: [n_soft_tokens, hidden]."""
+    def encode_image(self, source, max_soft_tokens: int | None = None) -> np.ndarray:
+        """Projected soft tokens of one image: [n_soft_tokens, hidden]; the budget is the model's
+        own (as in prompts) unless given."""
         item = self._prepare("image", source, max_soft_tokens)
         return self._soft(item)[0].float().cpu().numpy()
 
@@ -102,7 +104,7 @@ class LLM:
             if self.config.family == "gemma3":  # a Gemma 3 folder may ship a vision tower: it is not read
                 raise ValueError(f"Gemma 3 runs as text only in gemmarun; it cannot take {kind} input")
             raise ValueError(f"this model takes text only; it cannot take {kind} input")
-        budget = image_tokens or self.encoders.cfg.image_soft_tokens
+        budget = self.encoders.cfg.image_soft_tokens if image_tokens is None else image_tokens
         if isinstance(self.encoders, UnifiedEncoders):
             from .processing.unified import prepare_unified
 
@@ -197,6 +199,9 @@ class LLM:
         in the CLI and server) catches degenerate repetition inside the engine; `draft` decodes
         speculatively (see `token_stream`)."""
         params = SamplingParams(**sampling) if sampling else SamplingParams()
+        if grammar is not None and not isinstance(grammar, Grammar):
+            raise TypeError(f"grammar must be a gemmarun.Grammar (Grammar.json_schema, regex, lark or svg), "
+                            f"not {type(grammar).__name__}")
         prompt_ = self.build_prompt(prompt, enable_thinking=enable_thinking, image_tokens=image_tokens)
         state = self.grammar_state(grammar, params, thinking=enable_thinking) if grammar is not None else None
         yield from self.stream_prompt(prompt_, params, grammar=state, loop_guard=loop_guard, draft=draft)
@@ -229,6 +234,8 @@ class LLM:
                      image_tokens: int | None = None, tools: list | None = None) -> Prompt:
         if isinstance(prompt, str):
             return Prompt(self.tokenizer.encode(prompt, add_bos=True))
+        if not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"a prompt is a string or a list of chat messages, not {type(prompt).__name__}")
         from .processing.prompt import collect_media, expand
 
         messages, media = collect_media(prompt)
@@ -262,6 +269,10 @@ class LLM:
         return self.info.chat_template is not None
 
     def stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        try:
+            check_token_ids(params.stop_token_ids, self.config.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"stop_token_ids: {e}") from None
         if params.ignore_eos:
             return frozenset(params.stop_token_ids)
         return frozenset(self.config.eos_ids) | frozenset(self.tokenizer.eos_ids) | frozenset(params.stop_token_ids)

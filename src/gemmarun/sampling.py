@@ -4,6 +4,7 @@ processors built from them."""
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,20 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("max_tokens", "top_k", "seed"):
+            value = getattr(self, name)
+            if not (value is None and name == "seed") and (isinstance(value, bool) or not isinstance(value, Integral)):
+                raise TypeError(f"{name} must be an integer, not {value!r:.40}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise TypeError(f"{name} must be a number, not {value!r:.40}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be true or false, not {self.ignore_eos!r:.40}")
+        ids = self.stop_token_ids if isinstance(self.stop_token_ids, (str, bytes)) else tuple(self.stop_token_ids)
+        if isinstance(ids, (str, bytes)) or any(isinstance(i, bool) or not isinstance(i, Integral) for i in ids):
+            raise TypeError(f"stop_token_ids must be integers, not {ids!r:.40}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
         low, high = REPETITION_PENALTY_RANGE
         checks = [
             (self.max_tokens >= 0, "max_tokens must be >= 0"),
@@ -60,7 +75,6 @@ class SamplingParams:
         if isinstance(self.stop, str):  # one stop string, as OpenAI accepts it (not its characters)
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor, p: SamplingParams):

@@ -139,6 +139,8 @@ def test_image_soft_tokens_match_reference(pair, media, family):
         theirs = ref.model.get_image_features(pix, pos).pooler_output[0].numpy()
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
+    # unset, the budget is the model's own, as in prompts (it had been a fixed 280)
+    assert np.array_equal(llm.encode_image(media / "a.png"), ours)
 
 
 def test_audio_soft_tokens_match_reference(pair, media):
