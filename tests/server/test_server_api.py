@@ -83,6 +83,34 @@ def test_stop_string_cuts_the_answer(server):
     assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
 
 
+def test_stop_token_ids_end_the_reply(tiny_llm):
+    """vLLM's stop_token_ids: documented as shared with the CLI and API, but the server had
+    ignored it."""
+    with running(create_app(tiny_llm, ServerOptions(model_name="tiny", loop_guard="off"))) as server:
+        client = server.client()
+        kw = {"model": "tiny", "prompt": "hello", "max_tokens": 12, "temperature": 0}
+        ids = tiny_llm.generate_ids(tiny_llm.encode_prompt("hello"), max_new_tokens=12, ignore_eos=True)
+        stop_at = ids[4]
+        cut = client.completions.create(**kw, extra_body={"ignore_eos": True, "stop_token_ids": [stop_at]}).choices[0]
+        expected = tiny_llm.generate("hello", max_tokens=12, ignore_eos=True, stop_token_ids=[stop_at])
+        assert cut.text == expected and cut.finish_reason == "stop" and cut.text != tiny_llm.generate(
+            "hello", max_tokens=12, ignore_eos=True)
+        for value, fragment in [([tiny_llm.config.vocab_size], "outside the vocabulary"), ([-1], "integers >= 0"),
+                                ("5", "must be"), ([1.5], "integers >= 0"), (list(range(300)), "at most 256")]:
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(**kw, extra_body={"stop_token_ids": value})
+            assert e.value.body["param"] == "stop_token_ids" and fragment in e.value.body["message"]
+
+
+def test_an_unset_max_tokens_is_the_servers_default_for_completions_too(tiny_llm):
+    """`serve --max-tokens 7` had left completions at OpenAI's 16."""
+    with running(create_app(tiny_llm, ServerOptions(model_name="tiny", default_max_tokens=7))) as r:
+        body = {"model": "tiny", "prompt": "hello", "temperature": 0, "ignore_eos": True}
+        assert httpx.post(r.url + "/v1/completions", json=body).json()["usage"]["completion_tokens"] == 7
+        chat = {"model": "tiny", "messages": HELLO, "temperature": 0, "ignore_eos": True}
+        assert httpx.post(r.url + "/v1/chat/completions", json=chat).json()["usage"]["completion_tokens"] == 7
+
+
 def test_models_and_health(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["tiny"]

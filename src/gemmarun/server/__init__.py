@@ -16,11 +16,13 @@ or m4a (WebM/MP4 - what browsers record - is decoded with PyAV). Sampling: tempe
 seed, stop (string or list, cuts the answer), max_tokens / max_completion_tokens, presence_penalty,
 logprobs / top_logprobs (at most 20; completions: logprobs 0-5), stream_options.include_usage.
 Fields a request leaves out take temperature 1.0, top_p 0.95, top_k 64 (the Gemma cards'), and
-max_tokens 4096 for chat (16 for completions, as OpenAI), never past the context.
+max_tokens from --max-tokens (4096; completions too, as vLLM and llama.cpp's server do, not
+OpenAI's 16), never past the context.
 
 Extensions (extra JSON fields; with the openai client pass them in `extra_body`):
     top_k, min_p, repetition_penalty   more sampling controls (0 / 0.0 / 1.0 turn them off)
     ignore_eos                         keep generating past end-of-turn (benchmarks)
+    stop_token_ids: [id, ...]          token ids that end the reply too (at most 256, in the vocabulary)
     thinking: true|false               Gemma 4 thinking; also `reasoning_effort` ("none" = off,
                                        "minimal"/"low"/"medium"/"high" = on; Gemma has no levels)
                                        and `chat_template_kwargs: {"enable_thinking": ...}`
@@ -56,7 +58,8 @@ still get their status. A request that decodes alone takes the single-request pa
 gemma4_assistant drafter) it decodes speculatively then (the same tokens when greedy, the same
 distribution when sampling), each request switching speculation off when its rounds do not pay.
 
-Limits (`ServerOptions` field, `gemmarun serve` flag, default), each refused with an OpenAI error:
+Limits (`ServerOptions` field, `gemmarun serve` flag, default), each refused with an OpenAI error
+(but the connection limit: uvicorn answers it in plain text before any request is read):
     body size          max_body_bytes, --max-body-mb 32       413 request_too_large, from Content-Length
                                                               or while reading: never buffered past it
     body time          body_timeout, --body-timeout 60 s      408 request_timeout (a stalled upload)

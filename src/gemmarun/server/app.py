@@ -55,7 +55,7 @@ class ServerOptions:
     max_batch: int = 8  # requests decoded together
     max_queue: int = 64  # requests waiting for a batch slot; more get 429
     context: int | None = None  # default: the model's
-    default_max_tokens: int = 4096  # chat and transcription, when a request gives none (completions: 16)
+    default_max_tokens: int = 4096  # when a request gives none
     max_tokens_limit: int | None = None  # the most a request may ask for (400 past it); None: the context
     max_image_pixels: int = 50_000_000  # width x height of each image, checked from its header
     max_audio_seconds: float = 600.0  # all of one request's audio together
@@ -278,6 +278,10 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
         n = len(prompt.ids)
         if n >= scheduler.context:
             raise past_context(f"{n}", param)
+        try:
+            llm.stop_ids(params)  # stop_token_ids inside the vocabulary
+        except ValueError as e:
+            raise bad(str(e), "stop_token_ids") from None
         limit = scheduler.context if opts.max_tokens_limit is None else opts.max_tokens_limit
         if given and params.max_tokens > limit:
             raise bad(f"max_tokens is too large: {params.max_tokens}; this server allows at most {limit}", "max_tokens")
@@ -352,7 +356,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
         return await run(request, gen, req.stream, lambda g: JSONResponse(g.chat_response()))
 
     async def completions(request: Request) -> Response:
-        req = parse_completion(await read_json(request), 16, opts.sampling)
+        req = parse_completion(await read_json(request), opts.default_max_tokens, opts.sampling)
         if isinstance(req.prompt, str):
             check_length(req.prompt, "prompt")
             try:

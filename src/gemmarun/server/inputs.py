@@ -105,7 +105,7 @@ def check_image_pixels(source: bytes | str, limit: int, param: str) -> None:
         except Exception:  # noqa: BLE001 - not an image, a missing file...: reported when decoded
             return
     if width * height > limit:
-        raise bad(f"the image is {width}x{height} ({width * height / 1e6:.1f} megapixels), over this server's "
+        raise bad(f"the image is {width}x{height} ({width * height / 1e6:.3g} megapixels), over this server's "
                   f"{limit / 1e6:g}-megapixel limit", param, "image_too_large")
 
 

@@ -16,6 +16,7 @@ from ..processing.image import SOFT_TOKEN_BUDGETS
 from ..sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 256
 MAX_TOP_LOGPROBS = 20
 REASONING_EFFORTS = {"none": False, "minimal": True, "low": True, "medium": True, "high": True}
 
@@ -75,6 +76,15 @@ def _get(data: dict, key: str, kind: type | tuple, default: Any = None) -> Any:
     return value
 
 
+def _stop_token_ids(data: dict) -> tuple[int, ...]:
+    """vLLM's extension: token ids that end the reply too (checked against the vocabulary later)."""
+    ids = _get(data, "stop_token_ids", list, [])
+    if len(ids) > MAX_STOP_TOKEN_IDS or not all(type(i) is int and i >= 0 for i in ids):
+        raise bad(f"'stop_token_ids' must be a list of at most {MAX_STOP_TOKEN_IDS} token ids (integers >= 0)",
+                  "stop_token_ids")
+    return tuple(ids)
+
+
 def _stop(data: dict) -> tuple[str, ...]:
     stop = data.get("stop")
     if stop is None:
@@ -129,6 +139,7 @@ def sampling_params(data: dict, default_max_tokens: int, defaults: dict | None =
         "presence_penalty": _get(data, "presence_penalty", float, d["presence_penalty"]),
         "seed": _get(data, "seed", int),
         "stop": _stop(data),
+        "stop_token_ids": _stop_token_ids(data),
         "ignore_eos": _get(data, "ignore_eos", bool, False),
     }
     try:
