@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import AssistantConfig, ConfigError, LayerType, TextConfig
 from .attention import SharedKV
-from .layers import RMSNorm, softcap
+from .layers import RMSNorm
 from .text import DecoderLayer, TokenEmbedding, rotary_tables
 
 
@@ -135,5 +135,6 @@ class Assistant(nn.Module):
             logits = self.masked_embedding(x.flatten(0, 1), self.embed_tokens).view(*x.shape[:2], -1)
         else:
             logits = self.embed_tokens.matmul_transposed(x)
-        cap = self.config.text.final_logit_softcap
-        return (softcap(logits, cap) if cap else logits), self.post_projection(x)
+        # no softcap, whatever the text config says: the reference's drafter never applies one
+        # (the released drafters' configs say null)
+        return logits, self.post_projection(x)
