@@ -107,3 +107,19 @@ def test_byte_tokens_are_joined_into_characters(tok):
     stream = ReplyStream(tok)
     pieces = [stream.push(i).content for i in ids] + [stream.finish().content]
     assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_special_token_inside_a_characters_bytes_does_not_cut_it(tok, chat):
+    """Specials print nothing, and as in `decode(skip_special=True)` and the Python API's stream
+    they do not end a byte run; the server had flushed it, turning 'ß' into two U+FFFD."""
+    from gemmarun.tokenizer import IncrementalDecoder
+
+    ids = tok.encode("ß!", add_bos=False)
+    first_byte = next(k for k, i in enumerate(ids) if tok.is_byte_token(i))
+    special = next(i for i in sorted(tok.control_ids) if tok.token_to_id("<|channel>") != i)
+    ids.insert(first_byte + 1, special)
+    stream = ReplyStream(tok, chat=chat)
+    text = "".join([stream.push(i).content for i in ids] + [stream.finish().content])
+    api = IncrementalDecoder(tok)
+    assert text == "ß!" == tok.decode(ids, skip_special=True) == "".join(map(api.push, ids)) + api.flush()

@@ -26,6 +26,7 @@ _MARKERS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, RESPONSE_OPEN, QUOTE
             "<|image>", "<|image|>", "<image|>", "<|audio>", "<|audio|>", "<audio|>", "<|video|>",
             "<start_of_image>", "<end_of_image>", "<bos>", "<eos>", "<pad>", "<mask>")
 _LABEL = "thought\n"
+_SWITCHES = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, RESPONSE_OPEN, QUOTE)  # markers that move text
 
 
 @dataclass
@@ -112,10 +113,11 @@ class ReplyStream:
         if self.done:
             return delta
         marker = self._marker.get(token) if self.chat else None
-        if token in self._drop:
+        if marker in _SWITCHES:  # the text before it is settled: it may move what follows
             self._text(self._decoder.flush(), delta)
-            if marker is not None:
-                self._marker_token(marker, delta)
+            self._marker_token(marker, delta)
+        elif token in self._drop:
+            pass  # a special prints nothing and, as in decode, does not cut a character's bytes
         else:
             self._text(self._decoder.push(token), delta)
         self.last_channel = self.state
