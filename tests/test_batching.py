@@ -1,6 +1,7 @@
 """Continuous batching gives each request exactly what it gets alone."""
 
 import pytest
+from reference_models import LOOPING_SEED, seeded_prompt
 from test_speculative import N_NEW, N_PROMPT, OracleDrafter, _prompt, random_drafter
 
 import gemmarun
@@ -72,7 +73,7 @@ def _run(engine, requests):
 
 
 def test_loop_guard_and_grammar_in_the_batch_equal_one_request_alone(tiny_models):
-    """The tiny Gemma 3 model loops greedily from the seed-0 prompt (tests/test_cli_output_guards.py):
+    """The tiny Gemma 3 model loops greedily from the LOOPING_SEED prompt (tests/reference_models.py):
     in a batch beside a grammar-constrained and a plain request, the guard stops or recovers it
     exactly as the single-request engine does."""
     import json
@@ -84,7 +85,7 @@ def test_loop_guard_and_grammar_in_the_batch_equal_one_request_alone(tiny_models
 
     folder, _ = tiny_models("gemma3")
     llm = gemmarun.load(folder, device="cpu")
-    looping = [2] + torch.randint(20, 250, (6,), generator=torch.Generator().manual_seed(0)).tolist()
+    looping = seeded_prompt(LOOPING_SEED)
     params = SamplingParams(max_tokens=150, ignore_eos=True)
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["n"], "additionalProperties": False}

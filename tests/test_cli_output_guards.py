@@ -2,6 +2,8 @@
 
 import json
 
+from reference_models import CLEAN_SEED, LOOPING_SEED, seeded_prompt
+
 from gemmarun.cli import main
 
 
@@ -36,15 +38,9 @@ def test_run_with_json_schema(tiny_models, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) in ({"ok": True}, {"ok": False})
 
 
-def _prompt(seed):
-    import torch
-
-    return [2] + torch.randint(20, 250, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 def test_loop_guard_on_a_model_that_truly_loops(tiny_models):
-    """The tiny Gemma 3 model collapses into one repeated token under greedy decoding from the
-    seed-0 prompt (found by search); from the seed-1 prompt it does not."""
+    """The tiny Gemma 3 model collapses into a loop under greedy decoding from the LOOPING_SEED
+    prompt; from the CLEAN_SEED prompt it does not."""
     import gemmarun
     from gemmarun.llm import Prompt
     from gemmarun.loopguard import LoopGuard, LoopGuardConfig
@@ -53,7 +49,7 @@ def test_loop_guard_on_a_model_that_truly_loops(tiny_models):
     folder, _ = tiny_models("gemma3")
     llm = gemmarun.load(folder, device="cpu")
     params = SamplingParams(max_tokens=150, ignore_eos=True)
-    looping, clean = _prompt(0), _prompt(1)
+    looping, clean = seeded_prompt(LOOPING_SEED), seeded_prompt(CLEAN_SEED)
     free = llm.generate_ids(looping, max_new_tokens=150, ignore_eos=True)
     assert max(free.count(t) for t in set(free)) > 30  # a real loop without the guard
 

@@ -5,6 +5,7 @@ import json
 import openai
 import pytest
 import torch
+from reference_models import LOOPING_SEED, seeded_prompt
 from serverkit import running
 
 import gemmarun
@@ -91,11 +92,11 @@ def test_a_loop_cut_inside_the_grammar_ends_with_length(tiny_models):
 
 
 def test_the_loop_guard_is_on_in_the_server(tiny_models):
-    """The tiny Gemma 3 model loops greedily from this prompt (tests/test_cli_output_guards.py):
+    """The tiny Gemma 3 model loops greedily from the LOOPING_SEED prompt (tests/reference_models.py):
     the server recovers by default, and with --loop-guard stop ends with stop_reason "loop"."""
     folder, _ = tiny_models("gemma3")
     llm = gemmarun.load(folder, device="cpu")
-    looping = [2] + torch.randint(20, 250, (6,), generator=torch.Generator().manual_seed(0)).tolist()
+    looping = seeded_prompt(LOOPING_SEED)
     params = SamplingParams(max_tokens=150, ignore_eos=True)
     for policy in ("recover", "stop"):
         alone = llm.stream_prompt(Prompt(looping), params, loop_guard=policy)
