@@ -1,6 +1,7 @@
 """Continuous batching gives each request exactly what it gets alone."""
 
 import pytest
+import torch
 from reference_models import LOOPING_SEED, seeded_prompt
 from test_speculative import N_NEW, N_PROMPT, OracleDrafter, _prompt, random_drafter
 
@@ -51,7 +52,11 @@ def test_cancel_frees_the_slot_and_logprobs(tiny_models):
     b = engine.add(Prompt([2, 40, 41]), SamplingParams(max_tokens=3, ignore_eos=True))
     ev = engine.step()
     assert [e.request_id for e in ev] == [a] and len(ev[0].top_logprobs) == 3
-    assert ev[0].logprob == pytest.approx(ev[0].top_logprobs[0][1]) or ev[0].logprob <= ev[0].top_logprobs[0][1]
+    expected = torch.log_softmax(torch.from_numpy(llm.logits([2, 30, 31])[-1]), -1)  # greedy: the top token
+    best = torch.topk(expected, 3)
+    assert ev[0].token == int(best.indices[0]) and ev[0].logprob == pytest.approx(float(best.values[0]), abs=1e-4)
+    assert [i for i, _ in ev[0].top_logprobs] == best.indices.tolist()
+    assert [lp for _, lp in ev[0].top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
     assert engine.cancel(a) and not engine.active
     got = []
     while engine.busy:

@@ -60,6 +60,7 @@ def test_loop_guard_on_a_model_that_truly_loops(tiny_models):
 
     recovered = llm.stream_prompt(Prompt(looping), params, loop_guard=LoopGuardConfig(policy="recover"))
     text = "".join(recovered)
+    assert recovered.finish_reason == "length" and len(text) > len(stopped_text)  # it went on, unlike stop
     ids = llm.tokenizer.encode(text, add_bos=False)
     guard = LoopGuard(LoopGuardConfig(policy="stop"))
     assert all(guard.push(t, llm.tokenizer.decode([t])) is None for t in ids), "recovered output still loops"

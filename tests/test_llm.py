@@ -59,7 +59,8 @@ def test_stop_strings_cut_text(llm):
 def test_chat_messages_render_the_gemma4_turn_format(llm):
     text = llm.render_chat([{"role": "user", "content": "hi"}])
     assert text.startswith("<bos><|turn>user\nhi<turn|>\n<|turn>model\n")
-    assert llm.generate([{"role": "user", "content": "hi"}], max_tokens=4) is not None
+    ids = llm.generate_ids(llm.encode_prompt([{"role": "user", "content": "hi"}]), max_new_tokens=4)
+    assert llm.generate([{"role": "user", "content": "hi"}], max_tokens=4) == llm.tokenizer.decode(ids, skip_special=True)
 
 
 def test_prompt_past_the_context_is_a_clear_error(llm):
@@ -99,3 +100,22 @@ def test_wrong_argument_types_are_named(llm):
     assert llm.logits(np.array([2, 20])).shape == (2, 256)  # numpy integers are ids
     assert llm.generate_ids([2, 5], max_new_tokens=np.int64(2), ignore_eos=True) == llm.generate_ids(
         [2, 5], max_new_tokens=2, ignore_eos=True)
+
+
+def test_the_repetition_penalty_counts_the_prompts_tokens(llm):
+    """'seen' is prompt and reply (as in transformers): a prompt whose greedy next token is one of
+    its own ids gets another token under a strong penalty from the first step on."""
+    import torch
+
+    from gemmarun.sampling import SamplingParams, apply_penalties
+
+    def greedy_after(prompt, seen):
+        last = torch.from_numpy(llm.logits(prompt)[-1])
+        none = torch.tensor([], dtype=torch.long)
+        return int(torch.argmax(apply_penalties(last, torch.tensor(seen), none, SamplingParams(repetition_penalty=1e3))))
+
+    prompts = ([2, *torch.randint(5, 250, (6,), generator=torch.Generator().manual_seed(s)).tolist()] for s in range(200))
+    prompt = next(p for p in prompts if int(np.argmax(llm.logits(p)[-1])) in p)  # its own id comes next
+    expected = greedy_after(prompt, prompt)
+    assert expected != int(np.argmax(llm.logits(prompt)[-1]))
+    assert llm.generate_ids(prompt, max_new_tokens=1, ignore_eos=True, repetition_penalty=1e3) == [expected]

@@ -37,6 +37,16 @@ def test_temperature_sharpens_and_flattens():
     assert hot[0].item() == pytest.approx(1 / (1 + math.exp(-0.5)), rel=1e-6)
 
 
+def test_temperature_comes_before_the_filters():
+    """As in transformers and vLLM: top-p and min-p see the tempered distribution. At temperature 2,
+    [.5, .3, .15, .05] becomes [.38, .29, .21, .12], so top-p 0.7 keeps three tokens (two
+    untempered) and min-p 0.5 keeps three (two untempered)."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).tolist()
+    assert (_probs(logits, top_p=0.7, temperature=2.0) > 0).tolist() == [True, True, True, False]
+    assert (_probs(logits, min_p=0.5, temperature=2.0) > 0).tolist() == [True, True, True, False]
+    assert (_probs(logits, min_p=0.5) > 0).tolist() == [True, True, False, False]
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
     logits = torch.tensor([2.0, -2.0, 1.0])
     out = apply_penalties(logits, torch.tensor([0, 1, 1]), torch.tensor([], dtype=torch.long),
@@ -68,7 +78,7 @@ def test_greedy_ignores_seed_and_sampling_follows_distribution():
                                  dict(repetition_penalty=1e30), dict(presence_penalty=-1e39),
                                  dict(presence_penalty=2.5)])
 def test_invalid_params_are_rejected(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"^{next(iter(bad))} must "):
         SamplingParams(**bad)
 
 

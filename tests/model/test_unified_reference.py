@@ -392,12 +392,8 @@ def test_full_logits_match_reference_forward_with_whole_blocks(unified, media, m
 
 
 def test_load_and_logits_through_gemmarun(unified, media):
-    """End to end through `gemmarun.load` and `LLM.logits`; skipped until the integration
-    (config.py, hf.py, build.py, llm.py) is applied."""
-    try:
-        text_cfg = text_config_from_hf(unified.raw)
-    except ConfigError:
-        pytest.skip("gemma4_unified is not wired into config.py / hf.py / llm.py yet")
+    """End to end through `gemmarun.load` and `LLM.logits`."""
+    text_cfg = text_config_from_hf(unified.raw)
     assert text_cfg == unified.model.config  # per_layer_config read as the released global keys
     llm = gemmarun.load(unified.folder, device="cpu")
     assert isinstance(llm.encoders, UnifiedEncoders)
