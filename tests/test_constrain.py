@@ -200,3 +200,34 @@ def test_a_bad_regex_error_keeps_the_parsers_reason():
 
     with pytest.raises(GrammarError, match=r'^invalid regex: .*"a\(b".*regex parse error: unclosed group$'):
         Grammar.regex("a(b")
+
+
+def _accepts(llm, grammar: Grammar, text: str) -> bool:
+    """Whether `text`, fed token by token, is a complete sentence of `grammar`."""
+    from gemmarun.constrain import GrammarError
+    from gemmarun.sampling import SamplingParams
+
+    state = llm.grammar_state(grammar, SamplingParams())
+    try:
+        for token in llm.tokenizer.encode(text, add_bos=False):
+            state.advance(token)
+    except GrammarError:
+        return False
+    return state.matcher.is_accepting()
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 8 8"><g><rect width="2"/></g></svg>', True),
+    ('<svg><circle r="1"></circle><!-- a note --><text>a &amp; b</text></svg>', True),
+    ("<svg><g></rect></svg>", False),  # a closing tag must close its own element
+    ("<svg><g></svg>", False),  # unclosed
+    ("<svg><rect/></svg><svg></svg>", False),  # one root
+    ("<svg><blink/></svg>", False),  # not an SVG element
+    ("<svg><rect width=2/></svg>", False),  # unquoted value
+    ("<svg><text>a < b</text></svg>", False),  # unescaped text
+    ("<svg><rect/>", False),  # not finished
+])
+def test_the_svg_grammar_accepts_structure_and_refuses_broken_markup(tiny, text, ok):
+    """On fixed strings: sampled output from a tiny model is mostly `<svg/>` and never showed
+    that any closing tag could close any element."""
+    assert _accepts(tiny, Grammar.svg(), text) is ok
