@@ -649,3 +649,40 @@ def test_convert_keeps_the_second_end_id(tiny_models, tmp_path):
     (src / "config.json").write_text(json.dumps(raw))
     with pytest.raises(LoadError, match=r"end ids \[1, 6, 7\] do not fit"):
         convert(src, tmp_path / "three.gguf", "f32", progress=False)
+
+
+# Names gguf-py 0.19's table does not hold: llama.cpp's converter writes them itself (spec 10.1).
+_NOT_IN_GGUF_PY = {"router.scale": "ffn_gate_inp.scale", "router.per_expert_scale": "ffn_down_exps.scale"}
+
+
+@pytest.mark.parametrize("family", ["e2b", "26b", "31b", "gemma3"])
+def test_gguf_names_are_llama_cpps(tiny_models, family):
+    """Every checkpoint tensor's GGUF name, ours against gguf-py's own table (an independent
+    source): test GGUFs are written by our converter, so a consistent swap of two names (say
+    post_ffw_norm_1 and _2) had survived every round trip."""
+    import re
+
+    from gguf import MODEL_ARCH, get_tensor_name_map
+    from safetensors.torch import load_file
+
+    from gemmarun.config import load_hf_config
+    from gemmarun.loading.names import gemmarun_to_gguf, map_hf_names
+
+    folder, _ = tiny_models(family)
+    cfg = load_hf_config(folder)
+    table = get_tensor_name_map(MODEL_ARCH.GEMMA3 if family == "gemma3" else MODEL_ARCH.GEMMA4, cfg.num_layers)
+    checked = 0
+    for hf_name, tensor in load_file(folder / "model.safetensors").items():
+        state, _ = map_hf_names({hf_name: tensor}, cfg)
+        if not state:
+            continue  # ignored (tied head, KV-shared layers' K/V)
+        (ours,) = state
+        theirs = table.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if theirs is None:
+            block, short = re.match(r"model\.layers\.(\d+)\.(.+)$", hf_name).groups()
+            theirs = f"blk.{block}.{_NOT_IN_GGUF_PY[short]}"
+        elif not hf_name.endswith((".weight", ".bias")):
+            theirs += ".weight"  # (gguf-py names suffix-less parameters bare; GGUF files add .weight)
+        assert gemmarun_to_gguf(ours) == theirs, hf_name
+        checked += 1
+    assert checked > 60
