@@ -105,18 +105,19 @@ def config_dict(family: str) -> dict:
     return {**COMMON, **FAMILIES[family], "model_type": "gemma4_text"}
 
 
-def build_reference(family: str, folder: Path | None = None, seed: int = 0):
-    """Build the transformers model for `family` (float32, eval); save it to `folder` if given."""
+def build_reference(family: str, folder: Path | None = None, seed: int = 0, **overrides):
+    """Build the transformers model for `family` (float32, eval), its config keys changed by
+    `overrides`; save it to `folder` if given."""
     torch.manual_seed(seed)
     if family == "gemma3":
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-        cfg = Gemma3TextConfig(**{k: v for k, v in GEMMA3.items()})
+        cfg = Gemma3TextConfig(**{**GEMMA3, **overrides})
         model = Gemma3ForCausalLM(cfg)
     else:
         from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
-        cfg = Gemma4TextConfig(**{**COMMON, **FAMILIES[family]})
+        cfg = Gemma4TextConfig(**{**COMMON, **FAMILIES[family], **overrides})
         model = Gemma4ForCausalLM(cfg)
     model = model.float().eval()
     _randomize(model, family == "gemma3")

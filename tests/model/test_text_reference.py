@@ -42,6 +42,22 @@ def test_logits_match_reference(loaded, family):
     assert rel <= 1e-4, f"max rel err {rel:.2e}; first values ours {ours[0, :4]} ref {theirs[0, :4]}"
 
 
+def test_gemma3_scales_queries_by_query_pre_attn_scalar(tmp_path):
+    """Not by head_dim: the tiny Gemma 3 sets both to 16 (GGUF can express no other), so its
+    reference comparison could not tell them apart."""
+    from reference_models import build_reference
+    from tiny_tokenizer import write_tiny_tokenizer
+
+    ref = build_reference("gemma3", tmp_path, query_pre_attn_scalar=24)
+    write_tiny_tokenizer(tmp_path, "gemma3")
+    llm = gemmarun.load(tmp_path, dtype="float32", device="cpu")
+    assert llm.config.attention_scale == 24**-0.5 != llm.config.head_dim**-0.5
+    ids = _prompt(SEQ)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(llm.logits(ids) - theirs).max() / np.abs(theirs).max() <= 1e-4
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_reference(loaded, family):
     llm, ref = loaded(family)
