@@ -112,6 +112,7 @@ def test_threads_default_to_physical_cores_and_can_be_set(tiny_models, capsys, m
     (["run", "x", "hi", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
     (["run", "x", "hi", "--device", "gpu"], "device 'gpu' is not a device (cpu, cuda, cuda:1 ...)"),
     (["convert", "x", "out.gguf", "--type", "q5_0"], "argument --type: invalid choice: 'q5_0'"),
+    (["bench", "--random-weights", "e2b", "--quant", "q5_0"], "argument --quant: invalid choice: 'q5_0'"),
     (["run", "x", "hi", "--stop-token-id", "999999"], "stop_token_ids: token id 999999 is outside the vocabulary"),
 ])
 def test_nonsense_flags_are_one_line_errors(tiny_models, capsys, args, fragment):

@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think", action="store_true", help="enable Gemma 4 thinking")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--audio", action="append", default=[], help="audio file: wav, flac, ogg/opus, mp3 (repeatable)")
-    p.add_argument("--video", action="append", default=[], help="video file (32 frames sampled)")
+    p.add_argument("--video", action="append", default=[], help="video file (32 frames sampled; repeatable)")
     p.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
                    help="soft-token budget per image (default: the model's, 280)")
     _add_sampling_options(p)
@@ -448,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every runtime (default: physical cores)")
     p.add_argument("--random-weights", metavar="CONFIG", default=None,
                    help="bench a random-weights GGUF of this config (a name like e2b, or a config.json), cached")
-    p.add_argument("--quant", default="q4_0", help="quantization of the --random-weights file (default: q4_0)")
+    from .loading.random_weights import TYPES as RANDOM_TYPES
+
+    p.add_argument("--quant", default="q4_0", choices=list(RANDOM_TYPES),
+                   help="quantization of the --random-weights file (default: q4_0)")
     p.add_argument("--twin", action="store_true",
                    help="with --random-weights MOE: its dense twin with the same active parameters instead")
     _add_model_options(p, threads=False)
@@ -510,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("output")
     p.add_argument("--type", choices=list(CONVERT_TYPES), default="f16")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_convert)
     return parser
 
