@@ -691,8 +691,8 @@ def text_config_from_gguf(
         scaling = get("rope.scaling.type", "linear")  # llama.cpp's default when the key is absent
         if scaling not in ("none", "linear"):
             raise ConfigError(f"{arch}.rope.scaling.type={_shown(scaling)} is not supported (linear)")
-        # llama.cpp: the factor's old key is rope.scale_linear; 0 or absent means unscaled
-        factor = number("rope.scaling.factor", number("rope.scale_linear", 0.0)) if scaling == "linear" else 0.0
+        # llama.cpp reads the factor's old key, rope.scale_linear, too, and takes 0 as unscaled
+        factor = number("rope.scaling.factor", number("rope.scale_linear", 1.0)) if scaling == "linear" else 1.0
         factor = factor or 1.0
         if hidden // num_heads < 1:
             raise ConfigError(f"{arch}.embedding_length={hidden} is smaller than attention.head_count={num_heads}")
