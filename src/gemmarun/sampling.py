@@ -4,8 +4,8 @@ processors built from them."""
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 
@@ -51,9 +51,9 @@ class SamplingParams:
                 raise TypeError(f"{name} must be a number, not {value!r:.40}")
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be true or false, not {self.ignore_eos!r:.40}")
-        ids = self.stop_token_ids if isinstance(self.stop_token_ids, (str, bytes)) else tuple(self.stop_token_ids)
-        if isinstance(ids, (str, bytes)) or any(isinstance(i, bool) or not isinstance(i, Integral) for i in ids):
-            raise TypeError(f"stop_token_ids must be integers, not {ids!r:.40}")
+        ids = None if isinstance(self.stop_token_ids, (str, bytes)) else tuple(self.stop_token_ids)
+        if ids is None or any(isinstance(i, bool) or not isinstance(i, Integral) for i in ids):
+            raise TypeError(f"stop_token_ids must be integers, not {self.stop_token_ids!r:.40}")
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
         low, high = REPETITION_PENALTY_RANGE
         checks = [

@@ -20,13 +20,13 @@ THINK_OPEN, THINK_CLOSE = "<|channel>", "<channel|>"
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
 RESPONSE_OPEN = "<|tool_response>"  # the model expects a tool result: the reply is over
 QUOTE = '<|"|>'
+_SWITCHES = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, RESPONSE_OPEN, QUOTE)  # markers that move text
 # Printed in real vocabularies but never text; dropped wherever they appear.
-_MARKERS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, RESPONSE_OPEN, QUOTE, "<tool_response|>",
+_MARKERS = (*_SWITCHES, "<tool_response|>",
             "<|tool>", "<tool|>", "<|turn>", "<turn|>", "<|think|>", "<start_of_turn>", "<end_of_turn>",
             "<|image>", "<|image|>", "<image|>", "<|audio>", "<|audio|>", "<audio|>", "<|video|>",
             "<start_of_image>", "<end_of_image>", "<bos>", "<eos>", "<pad>", "<mask>")
 _LABEL = "thought\n"
-_SWITCHES = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, RESPONSE_OPEN, QUOTE)  # markers that move text
 
 
 @dataclass
