@@ -18,10 +18,13 @@ from tokenizers.models import BPE
 
 from .config import read_json_object
 
-__all__ = ["Tokenizer", "IncrementalDecoder", "derive_merges", "END_OF_TURN_TOKENS"]
+__all__ = ["Tokenizer", "IncrementalDecoder", "derive_merges", "END_OF_TURN_TOKENS", "END_OF_REPLY_TOKENS"]
 
 SPACE = "\u2581"  # SentencePiece's visible space "▁"
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<turn|>")  # Gemma 3, Gemma 4
+# Where a reply ends besides EOS: the turn ends, and Gemma 4's <|tool_response>, which it writes
+# after its tool calls to wait for their results (spec 9.2: stop on it).
+END_OF_REPLY_TOKENS = (*END_OF_TURN_TOKENS, "<|tool_response>")
 
 # llama.cpp token types (`tokenizer.ggml.token_type`).
 _TYPE_CONTROL, _TYPE_USER_DEFINED = 3, 4
@@ -112,9 +115,9 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         # What the model's files ask for; `encode` still takes an explicit `add_bos`.
         self.add_bos_default = add_bos_default
-        turn_ends = [backend.token_to_id(name) for name in END_OF_TURN_TOKENS]
+        reply_ends = [backend.token_to_id(name) for name in END_OF_REPLY_TOKENS]
         eos: list[int] = []
-        for i in (eos_id, *turn_ends, *extra_eos_ids):
+        for i in (eos_id, *reply_ends, *extra_eos_ids):
             if i is not None and i not in eos:
                 eos.append(i)
         self.eos_ids: tuple[int, ...] = tuple(eos)

@@ -107,3 +107,35 @@ def test_tools_need_gemma4(tiny_models):
         with pytest.raises(openai.BadRequestError) as e:
             r.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
         assert e.value.param == "tools"
+
+
+def test_generation_stops_at_tool_response(tmp_path, monkeypatch):
+    """Gemma 4 writes <|tool_response> after its calls to wait for their results (spec 9.2: stop
+    on it). It was not a stop token: the engines went on (64 more tokens behind the server's loop
+    guard) and the Python API returned a made-up tool result."""
+    from reference_models import build_reference
+    from serverkit import write_printed_tokenizer
+
+    from gemmarun import sampling
+    from gemmarun.batching import BatchEngine
+    from gemmarun.llm import Prompt
+    from gemmarun.sampling import SamplingParams
+
+    build_reference("e2b", tmp_path, vocab_size=272, vocab_size_per_layer_input=272)  # the markers' ids
+    write_printed_tokenizer(tmp_path)
+    printed_llm = gemmarun.load(tmp_path, device="cpu")
+    tok = printed_llm.tokenizer
+    reply = tok.encode(f"Let me check.{CALL}<|tool_response>response:get_weather{{temp:21}}<tool_response|>Hot.",
+                       add_bos=False)
+    waits = reply.index(tok.token_to_id("<|tool_response>"))
+    monkeypatch.setattr(sampling.Sampler, "__call__", lambda self, logits, seen, generated: reply[len(generated)])
+    prompt = printed_llm.encode_prompt([{"role": "user", "content": "Weather?"}])
+    params = SamplingParams(max_tokens=len(reply), temperature=1.0)
+    assert printed_llm.generate_ids(prompt, max_new_tokens=len(reply), temperature=1.0) == reply[:waits]
+    engine = BatchEngine(printed_llm, max_batch=2)
+    rid = engine.add(Prompt(prompt), params)
+    events = []
+    while engine.busy:
+        events += [e for e in engine.step() if e.request_id == rid]
+    assert [e.token for e in events if e.token is not None] == reply[:waits]
+    assert events[-1].finish_reason == "stop"
