@@ -291,6 +291,19 @@ def test_malformed_tool_call_stays_in_content(body):
     assert parse_reply(text) == Reply(f"Before <|tool_call>{body}<tool_call|> after", None, [])
 
 
+@pytest.mark.parametrize("body, arguments", [
+    (f"call:f{{city:{Q}Paris{Q}, days:2}}", {"city": "Paris", "days": 2}),  # had given the key " days"
+    ("call:f{ a : 1 }", {"a": 1}),
+    ("call:f{\n  a: 1,\n  b: [1, 2 ],\n  c: { d: true }\n}", {"a": 1, "b": [1, 2], "c": {"d": True}}),
+    ('call:f{"a":1,"b c":null}', {"a": 1, "b c": None}),  # JSON-quoted keys, unquoted (had kept the quotes)
+    ("call:f{ }", {}),
+])
+def test_tool_call_arguments_tolerate_whitespace(body, arguments):
+    """The template writes no spaces, but a model may: they had corrupted keys or made the call
+    malformed (left in the content)."""
+    assert parse_reply(f"<|tool_call>{body}<tool_call|>") == Reply("", None, [ToolCall("f", arguments)])
+
+
 # ------------------------------------------------------------------------------ Gemma 3
 
 

@@ -668,8 +668,17 @@ class _Malformed(Exception):
     pass
 
 
+def _skip_space(s: str, i: int) -> int:
+    while i < len(s) and s[i].isspace():
+        i += 1
+    return i
+
+
 def _parse_value(s: str, i: int) -> tuple[Any, int]:
-    """Inverse of format_tool_value, reading from s[i:]; returns (value, end)."""
+    """Inverse of format_tool_value, reading from s[i:]; returns (value, end). Whitespace around
+    keys, values and separators is allowed (`{city: "Paris", days: 2}`), and a key may be a JSON
+    string."""
+    i = _skip_space(s, i)
     if s.startswith(_Q, i):
         end = s.find(_Q, i + len(_Q))
         if end < 0:
@@ -678,7 +687,7 @@ def _parse_value(s: str, i: int) -> tuple[Any, int]:
     if s.startswith(("{", "["), i):
         close = "}" if s[i] == "{" else "]"
         out: Any = {} if close == "}" else []
-        i += 1
+        i = _skip_space(s, i + 1)
         while not (s.startswith(close, i) and not out):  # `{}` / `[]` leave at once
             if close == "]":
                 item, i = _parse_value(s, i)
@@ -686,17 +695,19 @@ def _parse_value(s: str, i: int) -> tuple[Any, int]:
             else:
                 key_match = None if s.startswith(_Q, i) else _KEY_RE.match(s, i)
                 if key_match:
-                    key, i = key_match.group(0), key_match.end()
+                    key, i = _bare_key(key_match.group(0)), key_match.end()
                 else:
                     key, i = _parse_value(s, i)  # a quoted key, else raises
+                i = _skip_space(s, i)
                 if not isinstance(key, str) or not s.startswith(":", i):
                     raise _Malformed
                 out[key], i = _parse_value(s, i + 1)
+            i = _skip_space(s, i)
             if s.startswith(close, i):
                 break
             if not s.startswith(",", i):
                 raise _Malformed
-            i += 1
+            i = _skip_space(s, i + 1)
         return out, i + 1
     for word, value in (("true", True), ("false", False), ("null", None)):
         if s.startswith(word, i):
@@ -705,6 +716,19 @@ def _parse_value(s: str, i: int) -> tuple[Any, int]:
     if not number:
         raise _Malformed
     return json.loads(number.group(0)), number.end()
+
+
+def _bare_key(text: str) -> str:
+    """A key as written before its colon: trimmed, and unquoted when it is a JSON string."""
+    key = text.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        try:
+            key = json.loads(key)
+        except ValueError:
+            raise _Malformed from None
+    if not key:
+        raise _Malformed
+    return key
 
 
 def _parse_call(body: str) -> ToolCall | None:
