@@ -659,7 +659,8 @@ def render_gemma3(messages: list[dict], *, add_generation_prompt: bool = True) -
 _THOUGHT_RE = re.compile(r"<\|channel>(?:thought\n)?(.*?)(?:<channel\|>|\Z)", re.S)
 _CALL_RE = re.compile(r"<\|tool_call>(.*?)<tool_call\|>", re.S)
 _TAIL_RE = re.compile(r"(?:\s*(?:<turn\|>|<eos>|<\|tool_response>))+\s*\Z")
-_CALL_HEAD_RE = re.compile(r"\s*call:([\w.\-]+)(?=\{)")
+TOOL_NAME = re.compile(r"[\w.\-]{1,64}")  # what a call's name may be (requests check tools against it)
+_CALL_HEAD_RE = re.compile(rf"\s*call:({TOOL_NAME.pattern})(?=\{{)")
 _KEY_RE = re.compile(r"[^:{}\[\],<]+")
 _NUM_RE = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
 

@@ -109,3 +109,35 @@ def test_odd_roles_and_deep_tool_arguments_are_400():
     call = {"function": {"name": "f", "arguments": "[" * 5000}}  # json raised RecursionError
     e = _error(prepare_messages, [{"role": "assistant", "content": None, "tool_calls": [call]}], False)
     assert e.param == "messages[0].tool_calls[0].function.arguments"
+
+
+def _tool(name="get_weather", **function):
+    return {"type": "function", "function": {"name": name, **function}}
+
+
+@pytest.mark.parametrize("fields, param, fragment", [
+    ({"tools": [_tool("bad name{")]}, "tools[0].function.name", "must be 1-64 letters"),
+    ({"tools": [_tool("x" * 65)]}, "tools[0].function.name", "must be 1-64 letters"),
+    ({"tools": [_tool(), _tool()]}, "tools[1].function.name", "given twice"),
+    ({"tools": [_tool(parameters="notadict")]}, "tools[0].function.parameters", "JSON Schema object"),
+    ({"tools": [_tool(parameters={"type": "object", "properties": []})]}, "tools[0].function.parameters",
+     "JSON Schema object"),
+    ({"tools": [_tool()], "parallel_tool_calls": False}, "parallel_tool_calls", "not supported"),
+    ({"functions": [{"name": "f"}]}, "functions", "use 'tools'"),
+    ({"function_call": "auto"}, "function_call", "use 'tools'"),
+    ({"tools": [_tool()], "response_format": {"type": "json_object"}}, "response_format", "exclude tool calls"),
+])
+def test_tool_requests_that_cannot_be_honoured_are_400(fields, param, fragment):
+    """Each had been accepted and then ignored or broken: a name the reply parser cannot read
+    back, duplicate or malformed declarations, parallel_tool_calls=false with two calls returned,
+    legacy functions never shown to the model, a JSON grammar that made calls impossible."""
+    e = _error(_chat, **fields)
+    assert e.status == 400 and e.param == param and fragment in e.message
+
+
+def test_good_tool_requests_pass():
+    tools = [_tool("get_weather", parameters={"type": "object", "properties": {"city": {"type": "string"}}}),
+             _tool("ns.lookup-v2"), _tool("x" * 64)]
+    assert [t["function"]["name"] for t in _chat(tools=tools, parallel_tool_calls=True).tools] == \
+           ["get_weather", "ns.lookup-v2", "x" * 64]
+    assert _chat(tools=[_tool()], response_format={"type": "text"}).tools

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..chat import TOOL_NAME
 from ..constrain import Grammar, GrammarError
 from ..processing.image import SOFT_TOKEN_BUDGETS
 from ..sampling import SamplingParams
@@ -199,12 +200,19 @@ def _thinking(data: dict) -> bool:
 
 
 def _tools(data: dict) -> list[dict] | None:
+    for legacy in ("functions", "function_call"):
+        if data.get(legacy) is not None:
+            raise bad(f"'{legacy}' (OpenAI's deprecated form) is not supported: use 'tools'", legacy)
+    if data.get("parallel_tool_calls") is False:
+        raise bad("parallel_tool_calls=false is not supported: Gemma may call several tools in one reply",
+                  "parallel_tool_calls")
     tools = _get(data, "tools", list)
     choice = data.get("tool_choice")
     if choice not in (None, "auto", "none"):
         raise bad("tool_choice must be 'auto' or 'none' (forcing a call is not supported)", "tool_choice")
     if not tools or choice == "none":
         return None
+    names = set()
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
@@ -212,6 +220,16 @@ def _tools(data: dict) -> list[dict] | None:
                       f"tools[{i}]")
         if tool.get("type", "function") != "function":
             raise bad(f"tool type {tool.get('type')!r} is not supported (only 'function')", f"tools[{i}].type")
+        if not TOOL_NAME.fullmatch(fn["name"]):  # the reply parser reads no other name back
+            raise bad(f"tool name {fn['name'][:40]!r} must be 1-64 letters, digits, '_', '.' or '-'",
+                      f"tools[{i}].function.name")
+        if fn["name"] in names:
+            raise bad(f"tool name {fn['name']!r} is given twice", f"tools[{i}].function.name")
+        names.add(fn["name"])
+        params = fn.get("parameters")
+        if params is not None and not (isinstance(params, dict) and isinstance(params.get("properties", {}), dict)):
+            raise bad("parameters must be a JSON Schema object (its 'properties' an object)",
+                      f"tools[{i}].function.parameters")
     return tools
 
 
@@ -255,8 +273,11 @@ def parse_chat(data: dict, default_max_tokens: int, defaults: dict | None = None
     image_tokens = _get(data, "image_tokens", int)
     if image_tokens is not None and image_tokens not in SOFT_TOKEN_BUDGETS:
         raise bad(f"image_tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}", "image_tokens")
-    return ChatRequest(messages, params, given, stream, usage, top, _thinking(data), _tools(data), image_tokens,
-                       grammar)
+    tools = _tools(data)
+    if tools and grammar is not None:
+        raise bad("response_format with tools is not supported: the answer's grammar would exclude tool calls",
+                  "response_format")
+    return ChatRequest(messages, params, given, stream, usage, top, _thinking(data), tools, image_tokens, grammar)
 
 
 def parse_completion(data: dict, default_max_tokens: int, defaults: dict | None = None) -> CompletionRequest:
