@@ -190,11 +190,13 @@ class LLM:
         return "".join(self.stream(prompt, **sampling))
 
     def stream(self, prompt: str | Messages, *, enable_thinking: bool = False, image_tokens: int | None = None,
-               grammar=None, loop_guard: LoopGuardConfig | str | None = None, draft: Draft | None = None,
-               **sampling: Any) -> Iterator[str]:
+               tools: list | None = None, grammar=None, loop_guard: LoopGuardConfig | str | None = None,
+               draft: Draft | None = None, **sampling: Any) -> Iterator[str]:
         """Yield UTF-8-safe text pieces. A string is continued as raw text (BOS prepended); a
         list of messages (text, image, audio and video parts) is rendered with the model's chat
-        template. `grammar` (a `constrain.Grammar`) constrains the answer (after any thinking);
+        template, with `tools` (OpenAI-style function declarations) declared to the model; the
+        reply's calls come back in its text (`chat.parse_reply` splits them out).
+        `grammar` (a `constrain.Grammar`) constrains the answer (after any thinking);
         `loop_guard` ("recover", "stop" or a LoopGuardConfig; off by default here, on by default
         in the CLI and server) catches degenerate repetition inside the engine; `draft` decodes
         speculatively (see `token_stream`)."""
@@ -202,7 +204,9 @@ class LLM:
         if grammar is not None and not isinstance(grammar, Grammar):
             raise TypeError(f"grammar must be a gemmarun.Grammar (Grammar.json_schema, regex, lark or svg), "
                             f"not {type(grammar).__name__}")
-        prompt_ = self.build_prompt(prompt, enable_thinking=enable_thinking, image_tokens=image_tokens)
+        if tools is not None and isinstance(prompt, str):
+            raise ValueError("tools are declared in a chat: give a list of messages, not a string")
+        prompt_ = self.build_prompt(prompt, enable_thinking=enable_thinking, image_tokens=image_tokens, tools=tools)
         state = self.grammar_state(grammar, params, thinking=enable_thinking) if grammar is not None else None
         yield from self.stream_prompt(prompt_, params, grammar=state, loop_guard=loop_guard, draft=draft)
 
@@ -234,6 +238,7 @@ class LLM:
                      image_tokens: int | None = None, tools: list | None = None) -> Prompt:
         if isinstance(prompt, str):
             return Prompt(self.tokenizer.encode(prompt, add_bos=True))
+        self.check_tools(tools)
         if not isinstance(prompt, (list, tuple)):
             raise TypeError(f"a prompt is a string or a list of chat messages, not {type(prompt).__name__}")
         from .processing.prompt import collect_media, expand
@@ -252,6 +257,11 @@ class LLM:
         if built.media:
             raise ValueError("this prompt has media parts: use build_prompt()")
         return built.ids
+
+    def check_tools(self, tools: list | None) -> None:
+        """Tools are declared in Gemma 4's chat format only (Gemma 3 has none)."""
+        if tools and self.config.family != "gemma4":
+            raise ValueError("tools need a Gemma 4 model")
 
     def render_chat(self, messages: Messages, *, enable_thinking: bool = False, tools=None,
                     add_generation_prompt: bool = True) -> str:

@@ -139,3 +139,32 @@ def test_generation_stops_at_tool_response(tmp_path, monkeypatch):
         events += [e for e in engine.step() if e.request_id == rid]
     assert [e.token for e in events if e.token is not None] == reply[:waits]
     assert events[-1].finish_reason == "stop"
+
+
+def test_the_python_api_declares_tools_and_parse_reply_reads_the_calls(tmp_path, monkeypatch):
+    """generate(messages, tools=...) had failed ('SamplingParams got an unexpected keyword
+    argument tools'); the declarations now reach the prompt and parse_reply reads the call."""
+    from reference_models import build_reference
+    from serverkit import write_printed_tokenizer
+
+    from gemmarun import sampling
+    from gemmarun.chat import ToolCall, parse_reply
+
+    build_reference("e2b", tmp_path, vocab_size=272, vocab_size_per_layer_input=272, max_position_embeddings=1024)
+    write_printed_tokenizer(tmp_path)
+    llm = gemmarun.load(tmp_path, device="cpu")
+    reply = llm.tokenizer.encode(f"Let me check.{CALL}<|tool_response>", add_bos=False)
+    prompts = []
+
+    def forced(self, logits, seen, generated):
+        prompts.append(seen[: len(seen) - len(generated)])
+        return reply[len(generated)]
+
+    monkeypatch.setattr(sampling.Sampler, "__call__", forced)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    text = llm.generate(messages, tools=TOOLS, max_tokens=len(reply), temperature=1.0)
+    assert "<|tool>declaration:get_weather{" in llm.tokenizer.decode(prompts[0].tolist())
+    parsed = parse_reply(text)
+    assert parsed.content == "Let me check." and parsed.tool_calls == [ToolCall("get_weather", {"city": "Paris", "days": 2})]
+    with pytest.raises(ValueError, match="tools are declared in a chat"):
+        llm.generate("raw text", tools=TOOLS)

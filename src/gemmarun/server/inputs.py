@@ -243,8 +243,10 @@ def build_prompt(llm: LLM, messages: list[dict], *, thinking: bool, tools: list 
     """`LLM.build_prompt`, after the checks that must fail this request alone (400) rather than
     the model thread's whole batch; then the decoded audio's length against `max_audio_seconds`
     (a header may under-declare it)."""
-    if tools and llm.config.family != "gemma4":
-        raise bad("tools need a Gemma 4 model", "tools")
+    try:
+        llm.check_tools(tools)
+    except ValueError as e:
+        raise bad(str(e), "tools") from None
     kinds = {part.get("type") for m in messages if isinstance(m.get("content"), list)
              for part in m["content"] if isinstance(part, dict)}
     have = modalities(llm)
