@@ -52,6 +52,9 @@ def test_inspect_reports_layers_params_and_cache(tiny_models, capsys):
     assert "per token" in out and "at 1000 tokens" in out
     assert "memory-mapped" in out
     assert "model.layers.0.self_attn.q_proj.weight" in out
+    assert "warning    --context 1000 is past the model's 256 positions" in out  # (had been silent)
+    assert main(["inspect", str(folder), "--context", "256", "--no-tensors"]) == 0
+    assert "past the model's" not in capsys.readouterr().out
 
 
 def test_chat_reads_turns_from_stdin(tiny_models):

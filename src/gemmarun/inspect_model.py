@@ -75,7 +75,9 @@ def describe(llm: LLM, context: int, show_tensors: bool = True) -> Iterator[str]
     yield f"           {owners} layers store KV ({full} full, {owners - full} sliding rings); {cfg.num_layers - owners} shared"
     mapped, resident = memory_tiers(llm)
     yield f"memory     {_human(resident)} resident weights, {_human(mapped)} memory-mapped (read on demand)"
-    for warning in warnings(llm):
+    past = [f"--context {context} is past the model's {cfg.max_position_embeddings} positions: it cannot run "
+            "that long"] if context > cfg.max_position_embeddings else []
+    for warning in past + warnings(llm):
         yield f"warning    {warning}"
     if show_tensors:
         yield ""
