@@ -619,3 +619,19 @@ def test_templates_that_scan_the_earlier_messages_render_long_chats():
 
 def test_tool_values_sort_their_keys_ignoring_case_as_dictsort_does():
     assert format_tool_value({"Zip": 1, "apple": 2, "b": {"B": 1, "a": 2}}) == "{apple:2,b:{a:2,B:1},Zip:1}"
+
+
+def test_declarations_upper_case_only_schema_types():
+    """A `type` key inside a default or an example is data, not a schema type: it had been
+    upper-cased too. Subschemas (properties, items, anyOf, $defs) are."""
+    tool = {"type": "function", "function": {"name": "park", "parameters": {
+        "type": "object",
+        "properties": {"vehicle": {"type": "object", "default": {"type": "car"}, "examples": [{"type": "bus"}]},
+                       "tags": {"type": "array", "items": {"type": "string"}},
+                       "size": {"anyOf": [{"type": "integer"}, {"$ref": "#/$defs/label"}]}},
+        "$defs": {"label": {"type": "string", "enum": ["type"]}}}}}
+    text = render_gemma4([{"role": "user", "content": "hi"}], tools=[tool])
+    assert f"default:{{type:{Q}car{Q}}}" in text and f"type:{Q}bus{Q}" in text
+    for upper in ("OBJECT", "ARRAY", "INTEGER", "STRING"):
+        assert f"type:{Q}{upper}{Q}" in text
+    assert f"type:{Q}CAR{Q}" not in text and f"type:{Q}BUS{Q}" not in text

@@ -554,14 +554,30 @@ def _declaration(tool: Any) -> str:
     return f"<|tool>declaration:{fn['name']}{format_tool_value(body)}<tool|>"
 
 
+_SUBSCHEMA = ("items", "additionalProperties", "not")  # keys whose value is one schema
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")  # ... a list of schemas
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")  # ... a map to schemas
+
+
 def _upper_types(schema: Any) -> Any:
     """A parameters schema with its `type` names upper-cased (STRING, OBJECT), as the published
-    Gemma 4 templates write declarations."""
-    if isinstance(schema, Mapping):
-        return {k: v.upper() if k == "type" and isinstance(v, str) else _upper_types(v) for k, v in schema.items()}
-    if isinstance(schema, list):
-        return [_upper_types(v) for v in schema]
-    return schema
+    Gemma 4 templates write declarations: the schema's own and its subschemas', not a `type` key
+    inside a default, an example or an enum value."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("type"), str):
+        out["type"] = out["type"].upper()
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), Mapping):
+            out[key] = _upper_types(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_upper_types(v) for v in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: _upper_types(v) for name, v in out[key].items()}
+    return out
 
 
 def render_gemma4(
