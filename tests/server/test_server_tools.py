@@ -109,26 +109,47 @@ def test_tools_need_gemma4(tiny_models):
         assert e.value.param == "tools"
 
 
-def test_generation_stops_at_tool_response(tmp_path, monkeypatch):
-    """Gemma 4 writes <|tool_response> after its calls to wait for their results (spec 9.2: stop
-    on it). It was not a stop token: the engines went on (64 more tokens behind the server's loop
-    guard) and the Python API returned a made-up tool result."""
+@pytest.fixture(scope="module")
+def marker_llm(tmp_path_factory):
+    """The tiny E2B with the printed tokenizer and embedding rows for its markers' ids (up to 271),
+    so the engines can really generate them; room for a tool declaration in the context."""
     from reference_models import build_reference
     from serverkit import write_printed_tokenizer
 
+    folder = tmp_path_factory.mktemp("marker-llm")
+    build_reference("e2b", folder, vocab_size=272, vocab_size_per_layer_input=272, max_position_embeddings=1024)
+    write_printed_tokenizer(folder)
+    return gemmarun.load(folder, device="cpu")
+
+
+def _forced(monkeypatch, reply: list[int]) -> list:
+    """Every sampled token is the next of `reply`; returns the list that collects each step's prompt."""
     from gemmarun import sampling
+
+    prompts = []
+
+    def forced(self, logits, seen, generated):
+        prompts.append(seen[: len(seen) - len(generated)])
+        return reply[len(generated)]
+
+    monkeypatch.setattr(sampling.Sampler, "__call__", forced)
+    return prompts
+
+
+def test_generation_stops_at_tool_response(marker_llm, monkeypatch):
+    """Gemma 4 writes <|tool_response> after its calls to wait for their results (spec 9.2: stop
+    on it). It was not a stop token: the engines went on (64 more tokens behind the server's loop
+    guard) and the Python API returned a made-up tool result."""
     from gemmarun.batching import BatchEngine
     from gemmarun.llm import Prompt
     from gemmarun.sampling import SamplingParams
 
-    build_reference("e2b", tmp_path, vocab_size=272, vocab_size_per_layer_input=272)  # the markers' ids
-    write_printed_tokenizer(tmp_path)
-    printed_llm = gemmarun.load(tmp_path, device="cpu")
+    printed_llm = marker_llm
     tok = printed_llm.tokenizer
     reply = tok.encode(f"Let me check.{CALL}<|tool_response>response:get_weather{{temp:21}}<tool_response|>Hot.",
                        add_bos=False)
     waits = reply.index(tok.token_to_id("<|tool_response>"))
-    monkeypatch.setattr(sampling.Sampler, "__call__", lambda self, logits, seen, generated: reply[len(generated)])
+    _forced(monkeypatch, reply)
     prompt = printed_llm.encode_prompt([{"role": "user", "content": "Weather?"}])
     params = SamplingParams(max_tokens=len(reply), temperature=1.0)
     assert printed_llm.generate_ids(prompt, max_new_tokens=len(reply), temperature=1.0) == reply[:waits]
@@ -141,26 +162,14 @@ def test_generation_stops_at_tool_response(tmp_path, monkeypatch):
     assert events[-1].finish_reason == "stop"
 
 
-def test_the_python_api_declares_tools_and_parse_reply_reads_the_calls(tmp_path, monkeypatch):
+def test_the_python_api_declares_tools_and_parse_reply_reads_the_calls(marker_llm, monkeypatch):
     """generate(messages, tools=...) had failed ('SamplingParams got an unexpected keyword
     argument tools'); the declarations now reach the prompt and parse_reply reads the call."""
-    from reference_models import build_reference
-    from serverkit import write_printed_tokenizer
-
-    from gemmarun import sampling
     from gemmarun.chat import ToolCall, parse_reply
 
-    build_reference("e2b", tmp_path, vocab_size=272, vocab_size_per_layer_input=272, max_position_embeddings=1024)
-    write_printed_tokenizer(tmp_path)
-    llm = gemmarun.load(tmp_path, device="cpu")
+    llm = marker_llm
     reply = llm.tokenizer.encode(f"Let me check.{CALL}<|tool_response>", add_bos=False)
-    prompts = []
-
-    def forced(self, logits, seen, generated):
-        prompts.append(seen[: len(seen) - len(generated)])
-        return reply[len(generated)]
-
-    monkeypatch.setattr(sampling.Sampler, "__call__", forced)
+    prompts = _forced(monkeypatch, reply)
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     text = llm.generate(messages, tools=TOOLS, max_tokens=len(reply), temperature=1.0)
     assert "<|tool>declaration:get_weather{" in llm.tokenizer.decode(prompts[0].tolist())
