@@ -26,6 +26,41 @@ def test_svg_check_repair_and_render(tmp_path, capsys):
                         '<rect id="r" width="1" height="1"/></svg>')
     assert main(["svg", "repair", str(hopeless), "-o", str(tmp_path / "out.svg")]) == 1
     assert "still does not parse" in capsys.readouterr().err
+    assert not (tmp_path / "out.svg").exists()  # not written: -o may name the input
+
+
+CLEAN = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 9 9"><title>caf\u00e9</title>'
+         '<rect width="1" height="1"/></svg>')
+
+
+def test_svg_files_are_read_and_written_in_their_own_encoding(tmp_path, capsys):
+    """Read as UTF-8 with replacement, a valid UTF-16 SVG repaired onto itself had become an
+    empty file, Latin-1 accents U+FFFD, and a BOM 'stray text'."""
+    cases = {
+        "utf16.svg": CLEAN.encode("utf-16"),
+        "latin1.svg": ('<?xml version="1.0" encoding="ISO-8859-1"?>' + CLEAN).encode("latin-1"),
+        "bom.svg": CLEAN.encode("utf-8-sig"),
+        "plain.svg": CLEAN.encode(),
+    }
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert main(["svg", "check", str(path)]) == 0, name
+        assert main(["svg", "repair", str(path), "-o", str(path)]) == 0, name
+        assert path.read_bytes() == data, name  # clean input comes back byte for byte
+    capsys.readouterr()
+    bad = tmp_path / "bad.svg"
+    bad.write_bytes(CLEAN.encode("latin-1"))  # Latin-1 without a declaration: not UTF-8
+    assert main(["svg", "check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "not utf-8 text: byte" in err and len(err.strip().splitlines()) == 1
+
+
+def test_svg_repair_fails_when_the_result_is_no_clean_svg(tmp_path, capsys):
+    page = tmp_path / "page.svg"
+    page.write_text('<html><body>no drawing</body></html>')
+    assert main(["svg", "repair", str(page), "-o", str(tmp_path / "out.svg")]) == 1  # it had said 0
+    assert ": left: " in capsys.readouterr().out
 
 
 def test_run_with_json_schema(tiny_models, tmp_path, capsys):

@@ -204,9 +204,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_svg_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .svg import check_svg
+    from .svg import check_svg, decode_svg_file
 
-    problems = check_svg(Path(args.file).read_text(errors="replace"))
+    problems = check_svg(decode_svg_file(Path(args.file).read_bytes())[0])
     for p in problems:
         print(f"{args.file}:{p.line}:{p.column}: {p.kind}: {p.message}")
     if not problems:
@@ -214,7 +214,9 @@ def cmd_svg_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _repair_and_render(text: str, out: str, png: str | None, label: str) -> int:
+def _repair_and_render(text: str, out: str, png: str | None, label: str, encoding: str = "utf-8") -> int:
+    """Exit status 0 for a clean SVG; 1 when problems are left (written) or it still does not
+    parse (not written: `-o` may name the input)."""
     from pathlib import Path
     from xml.etree import ElementTree as ET
 
@@ -225,23 +227,26 @@ def _repair_and_render(text: str, out: str, png: str | None, label: str) -> int:
         print(f"{label}: fixed: {change}")
     for p in fixed.problems_left:
         print(f"{label}:{p.line}:{p.column}: left: {p.kind}: {p.message}")
-    Path(out).write_text(fixed.svg)
-    print(f"wrote {out}")
     try:
         ET.fromstring(fixed.svg)
-    except ET.ParseError as e:  # what is left keeps it from parsing: say so in the exit status
-        print(f"{label}: the repaired SVG still does not parse as XML ({e})", file=sys.stderr)
+    except ET.ParseError as e:
+        print(f"{label}: the repaired SVG still does not parse as XML ({e}); {out} not written", file=sys.stderr)
         return 1
+    Path(out).write_bytes(fixed.svg.encode(encoding, errors="xmlcharrefreplace"))
+    print(f"wrote {out}")
     if png:
         render_png(fixed.svg, png)
         print(f"rendered {png}")
-    return 0
+    return 1 if fixed.problems_left else 0
 
 
 def cmd_svg_repair(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    return _repair_and_render(Path(args.file).read_text(errors="replace"), args.output, args.png, args.file)
+    from .svg import decode_svg_file
+
+    text, encoding = decode_svg_file(Path(args.file).read_bytes())
+    return _repair_and_render(text, args.output, args.png, args.file, encoding)
 
 
 def cmd_svg_draw(args: argparse.Namespace) -> int:

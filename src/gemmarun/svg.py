@@ -373,6 +373,28 @@ def _expat_problem(text: str, mask: list[tuple[int, int]], problems: list[Proble
 
 # ----------------------------------------------------------------------------- extract
 
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+_XML_ENCODING = re.compile(rb"""\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z][A-Za-z0-9._-]*)["']""")
+
+
+def decode_svg_file(data: bytes) -> tuple[str, str]:
+    """(text, encoding) of an SVG file as XML reads it: a byte-order mark, else the XML
+    declaration's encoding, else UTF-8. Writing the text back in that encoding keeps a clean
+    file byte-identical (reading it as UTF-8 with replacement had turned a UTF-16 file into no
+    SVG at all and Latin-1 accents into U+FFFD)."""
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), None)
+    if encoding is None:
+        declared = _XML_ENCODING.match(data)
+        encoding = declared.group(1).decode("ascii") if declared else "utf-8"
+    try:
+        return data.decode(encoding), encoding
+    except LookupError:
+        raise ValueError(f"the XML declaration names an unknown encoding {encoding!r}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not {encoding} text: byte {e.start} ({data[e.start:e.start + 1]!r}) "
+                         "(an XML file that is not UTF-8 must declare its encoding)") from None
+
+
 def extract_svg(answer: str) -> str | None:
     """The SVG in a model answer: the last complete one that draws something, else the last
     complete one, else the first cut-off one.
