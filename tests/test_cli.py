@@ -182,3 +182,52 @@ def test_a_gemma3_folder_with_a_vision_tower_says_it_runs_as_text(tiny_models, t
     assert code == 1 and err.strip() == "gemmarun: error: Gemma 3 runs as text only in gemmarun; it cannot take image input"
     assert main(["inspect", str(folder), "--no-tensors"]) == 0
     assert "the vision tower's weights are not read: Gemma 3 runs as text only in gemmarun" in capsys.readouterr().out
+
+
+def test_chat_commands_interrupts_and_options(tiny_models, monkeypatch, capsys):
+    """Ctrl-C stops an answer and keeps the session (it had ended it, conversation lost); /help
+    and unknown /commands are not sent to the model (a path is); bad options fail at the start,
+    not at every message."""
+    import io
+
+    from gemmarun import cli
+
+    folder, _ = tiny_models("gemma3")
+    capsys.readouterr()
+    sent = []
+    real = cli._stream_to_stdout
+
+    def stream(llm, prompt, params, args, **kw):
+        sent.append(llm.tokenizer.decode(prompt.ids))
+        if len(sent) == 1:
+            raise KeyboardInterrupt
+        return real(llm, prompt, params, args, **kw)
+
+    monkeypatch.setattr(cli, "_stream_to_stdout", stream)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\n/help\n/frobnicate now\n/etc/hosts says what?\nsecond\n/bye\n"))
+    assert main(["chat", str(folder), "--max-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "answer stopped (message dropped)" in err and "unknown command /frobnicate" in err
+    assert err.count("/reset starts over") == 2  # /help and the unknown command
+    assert len(sent) == 3 and "/etc/hosts says what?" in sent[1]
+    assert "first" not in sent[2] and "/etc/hosts" in sent[2] and "second" in sent[2]  # the stopped turn is gone
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    assert main(["chat", str(folder), "--regex", "("]) == 1
+    assert "invalid regex" in capsys.readouterr().err and len(sent) == 3  # refused before any message
+
+
+def test_run_says_where_it_stopped_and_what_it_ignored(tiny_models, capsys):
+    folder, _ = tiny_models("gemma3")
+    capsys.readouterr()
+    assert main(["run", str(folder), "hi", "--raw", "--max-tokens", "3", "--ignore-eos", "--think"]) == 0
+    err = capsys.readouterr().err
+    assert "stopped at 3 tokens (--max-tokens)" in err  # a cut answer had exited silently
+    assert "--think is ignored: Gemma 3 has no thinking mode" in err
+    with pytest.raises(SystemExit):
+        main(["run", str(folder), "hi", "--json-schema", "s.json", "--regex", "a"])  # the regex was ignored
+    assert "not allowed with argument" in capsys.readouterr().err
+    from gemmarun.cli import build_parser
+
+    args = build_parser().parse_args(["svg", "draw", "a cat", "-o", "cat.svg"])  # the embedded model, as elsewhere
+    assert (args.model, args.subject) == (None, "a cat")
+    assert build_parser().parse_args(["transcribe", "m", "a.wav"]).max_tokens == 4096

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 
@@ -60,8 +61,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
                    help="also stop at this token id (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-turn tokens (benchmarks)")
     _add_loop_guard_option(p)
-    p.add_argument("--json-schema", metavar="FILE", default=None, help="constrain the answer to this JSON Schema")
-    p.add_argument("--regex", default=None, help="constrain the answer to this regular expression")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE", default=None, help="constrain the answer to this JSON Schema")
+    constraint.add_argument("--regex", default=None, help="constrain the answer to this regular expression")
 
 
 def _add_loop_guard_option(p: argparse.ArgumentParser) -> None:
@@ -129,7 +131,14 @@ def _stream_to_stdout(llm, prompt, params: SamplingParams, args: argparse.Namesp
     sys.stdout.flush()
     if stream.finish_reason == "loop":
         print("gemmarun: stopped: the output started repeating itself (loop guard)", file=sys.stderr)
+    elif stream.finish_reason == "length":
+        print(f"gemmarun: stopped at {params.max_tokens} tokens (--max-tokens) or the context's end", file=sys.stderr)
     return "".join(pieces)
+
+
+def _note_thinking(llm, args: argparse.Namespace) -> None:
+    if args.think and llm.config.family != "gemma4":
+        print("gemmarun: note: --think is ignored: Gemma 3 has no thinking mode", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -140,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         raise ValueError("usage: gemmarun run [MODEL] PROMPT")
     llm = _load(model, args)
+    _note_thinking(llm, args)
     has_media = bool(args.image or args.audio or args.video)
     use_chat = has_media or (not args.raw and (llm.has_chat_template or llm.config.family == "gemma4"))
     source = [_user_message(text, args.image, args.audio, args.video)] if use_chat else text
@@ -164,10 +174,15 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_COMMANDS = "/reset starts over, /exit (or /bye, Ctrl-D) quits, /help lists these; Ctrl-C stops an answer"
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     llm = _load(args.model, args)
     draft = _draft(llm, args)  # loaded once for the whole conversation
     params = _sampling(args)
+    _grammar(args), llm.stop_ids(params)  # bad options fail here, not at every message
+    _note_thinking(llm, args)
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -175,19 +190,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
-        print("Type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+        print(f"Type a message; {CHAT_COMMANDS}.", file=sys.stderr)
     failed = False  # a message the session could not answer (it goes on; the exit status says so)
     while True:
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
-            return 1 if failed else 0
         text = line.strip()
+        command = text.split()[0] if re.match(r"/[A-Za-z?]+(\s|$)", text) else None  # not "/etc/hosts ..."
+        if not line or command in ("/exit", "/bye"):
+            return 1 if failed else 0
         if not text:
             continue
-        if text == "/reset":
+        if command == "/reset":
             messages = messages[:1] if args.system else []
+            continue
+        if command is not None:
+            if command not in ("/help", "/?"):
+                print(f"gemmarun: unknown command {command}", file=sys.stderr)
+            print(CHAT_COMMANDS, file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
         try:
@@ -197,6 +218,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.pop()
             failed = True
             print(f"gemmarun: error: {_first_line(e)} (message dropped; /reset starts over)", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session (as Ollama's)
+            messages.pop()
+            print("\ngemmarun: answer stopped (message dropped)", file=sys.stderr)
             continue
         messages.append({"role": "assistant", "content": reply})
 
@@ -423,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio")
     _add_sampling_options(p)
     _add_model_options(p)
-    p.set_defaults(func=cmd_transcribe)
+    p.set_defaults(func=cmd_transcribe, max_tokens=4096)  # minutes of speech: 256 would cut them
 
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     p.add_argument("model", nargs="?", default=None)
@@ -473,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--png", default=None, help="also render the result to this PNG")
     q.set_defaults(func=cmd_svg_repair)
     q = svg_sub.add_parser("draw", help="prompt a model for an SVG, then extract, check, repair, render")
-    q.add_argument("model")
+    q.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
     q.add_argument("subject", help='e.g. "a pelican riding a bicycle"')
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--png", default=None)
