@@ -255,6 +255,7 @@ def test_cli_run_with_image_and_audio_and_transcribe(pair, media, capsys, tmp_pa
                  str(media / "tone.wav"), "--image-tokens", "70", "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.endswith("\n")
     assert main(["transcribe", folder, str(media / "tone.wav"), "--max-tokens", "4"]) == 0
+    assert "stopped at 4 tokens" in capsys.readouterr().err  # (the notice of a cut answer)
     bad = tmp_path / "notes.wav"
     bad.write_text("this is not audio")
     assert main(["transcribe", folder, str(bad)]) == 1
