@@ -231,3 +231,14 @@ def test_run_says_where_it_stopped_and_what_it_ignored(tiny_models, capsys):
     args = build_parser().parse_args(["svg", "draw", "a cat", "-o", "cat.svg"])  # the embedded model, as elsewhere
     assert (args.model, args.subject) == (None, "a cat")
     assert build_parser().parse_args(["transcribe", "m", "a.wav"]).max_tokens == 4096
+
+
+def test_chat_drops_the_oldest_exchanges_when_the_context_fills(tiny_models):
+    """Once the history filled the tiny model's 256 positions, every later message had been
+    refused until /reset cleared everything."""
+    folder, _ = tiny_models("gemma3")
+    turns = "".join(f"message {i} " + "word " * 30 + "\n" for i in range(8))
+    code, out, err = _run(["chat", str(folder), "--system", "Be brief.", "--max-tokens", "8"], stdin=turns)
+    assert code == 0 and "error" not in err, err
+    assert "oldest messages left the history to fit the context" in err
+    assert out.count("\n") >= 8  # every message answered (each answer ends its line)

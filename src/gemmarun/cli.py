@@ -174,6 +174,24 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fitted_prompt(llm, messages: list[dict], args: argparse.Namespace, params: SamplingParams):
+    """The conversation's prompt. When it leaves no room for an answer (max_tokens, or a quarter of
+    the context if less), its oldest exchanges leave the history, the system prompt stays, as in
+    Ollama's and llama.cpp's chats; a last message too long alone fails as before."""
+    keep = 1 if messages[0]["role"] == "system" else 0
+    context = llm.config.max_position_embeddings
+    dropped = 0
+    while True:
+        prompt = llm.build_prompt(messages, enable_thinking=args.think)
+        if context - len(prompt.ids) >= min(params.max_tokens, context // 4) or len(messages) - keep <= 1:
+            if dropped:
+                print(f"gemmarun: note: the {dropped} oldest messages left the history to fit the context",
+                      file=sys.stderr)
+            return prompt
+        del messages[keep:keep + 2]  # the oldest question and its answer
+        dropped += 2
+
+
 CHAT_COMMANDS = "/reset starts over, /exit (or /bye, Ctrl-D) quits, /help lists these; Ctrl-C stops an answer"
 
 
@@ -212,8 +230,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": text})
         try:
-            reply = _stream_to_stdout(llm, llm.build_prompt(messages, enable_thinking=args.think), params, args,
-                                      thinking=args.think, draft=draft)
+            prompt = _fitted_prompt(llm, messages, args, params)
+            reply = _stream_to_stdout(llm, prompt, params, args, thinking=args.think, draft=draft)
         except ValueError as e:  # e.g. the conversation no longer fits the context: this message only
             messages.pop()
             failed = True
