@@ -120,13 +120,30 @@ def _stream_to_stdout(llm, prompt, params: SamplingParams, args: argparse.Namesp
 
     grammar = _grammar(args)
     state = llm.grammar_state(grammar, params, thinking=thinking) if grammar is not None else None
-    stream = llm.stream_prompt(prompt, params, grammar=state, loop_guard=LoopGuardConfig(policy=args.loop_guard),
-                               draft=draft)
+    guard = LoopGuardConfig(policy=args.loop_guard)
     pieces = []
-    for piece in stream:
-        pieces.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    if thinking and llm.config.family == "gemma4":  # the reasoning to stderr (dim), the answer alone to stdout
+        stream = llm.stream_reply(prompt, params, grammar=state, loop_guard=guard, draft=draft)
+        thinking_open = False
+        for delta in stream:
+            if delta.reasoning:
+                dim = sys.stderr.isatty()
+                print(f"\033[2m{delta.reasoning}\033[0m" if dim else delta.reasoning, end="", file=sys.stderr, flush=True)
+                thinking_open = True
+            if delta.content and thinking_open:  # the reasoning's line ends where the answer begins
+                print("", file=sys.stderr, flush=True)
+                thinking_open = False
+            pieces.append(delta.content)
+            sys.stdout.write(delta.content)
+            sys.stdout.flush()
+        if thinking_open:
+            print("", file=sys.stderr)
+    else:
+        stream = llm.stream_prompt(prompt, params, grammar=state, loop_guard=guard, draft=draft)
+        for piece in stream:
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
     if stream.finish_reason == "loop":

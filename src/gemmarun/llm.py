@@ -296,6 +296,30 @@ class LLM:
         ends ("stop", "length" or "loop")."""
         return TextStream(self._stream_pieces(prompt, params, grammar, loop_guard, draft))
 
+    def stream_reply(self, prompt: Prompt, params: SamplingParams, grammar=None,
+                     loop_guard: LoopGuardConfig | str | None = None, draft: Draft | None = None,
+                     tools: bool = False) -> "TextStream":
+        """A chat reply as `reply.Delta`s: the answer, Gemma 4's reasoning and (with `tools`) its
+        tool calls apart, as the server sends them; the iterator's `finish_reason` as in
+        `stream_prompt`."""
+        return TextStream(self._reply_deltas(prompt, params, grammar, loop_guard, draft, tools))
+
+    def _reply_deltas(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft, tools: bool):
+        from .reply import ReplyStream
+
+        text_ids, embeds, blocks = self._inputs(prompt)
+        reply = ReplyStream(self.tokenizer, stop=params.stop, tools=tools)
+        tokens = self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,
+                                   control=self.output_control(grammar, loop_guard), draft=draft)
+        while not reply.done:  # a stop string or the tool-response marker ends it early
+            try:
+                yield reply.push(next(tokens))
+            except StopIteration as done:
+                yield reply.finish()
+                return done.value
+        yield reply.finish()
+        return "stop"
+
     def _stream_pieces(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft):
         text_ids, embeds, blocks = self._inputs(prompt)
         decoder = IncrementalDecoder(self.tokenizer)

@@ -5,7 +5,7 @@ import pytest
 from serverkit import write_printed_tokenizer
 
 from gemmarun.chat import parse_reply
-from gemmarun.server.reply import ReplyStream
+from gemmarun.reply import ReplyStream
 from gemmarun.tokenizer import Tokenizer
 
 

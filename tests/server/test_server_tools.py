@@ -177,3 +177,24 @@ def test_the_python_api_declares_tools_and_parse_reply_reads_the_calls(marker_ll
     assert parsed.content == "Let me check." and parsed.tool_calls == [ToolCall("get_weather", {"city": "Paris", "days": 2})]
     with pytest.raises(ValueError, match="tools are declared in a chat"):
         llm.generate("raw text", tools=TOOLS)
+
+
+def test_cli_thinking_goes_to_stderr_and_the_answer_alone_to_stdout(marker_llm, monkeypatch, capsys):
+    """`run --think` printed the thought and the answer run together on stdout (the channel
+    markers dropped), and chat fed the thought back as part of the answer."""
+    from gemmarun.cli import main
+    from gemmarun.sampling import SamplingParams
+
+    reply = marker_llm.tokenizer.encode("<|channel>thought\nThe user says hi.<channel|>Hello there!<turn|>",
+                                        add_bos=False)
+    _forced(monkeypatch, reply)
+    capsys.readouterr()
+    assert main(["run", str(marker_llm.info.path), "hi", "--think", "--temperature", "1",
+                 "--max-tokens", str(len(reply))]) == 0
+    out, err = capsys.readouterr()
+    assert out == "Hello there!\n"
+    assert "The user says hi." in err and "Hello" not in err
+    deltas = list(marker_llm.stream_reply(marker_llm.build_prompt([{"role": "user", "content": "hi"}]),
+                                          SamplingParams(max_tokens=len(reply), temperature=1.0)))
+    assert "".join(d.reasoning for d in deltas) == "The user says hi."
+    assert "".join(d.content for d in deltas) == "Hello there!"

@@ -10,7 +10,7 @@ from ..control import OutputControl
 from ..llm import LLM, Prompt
 from ..sampling import SamplingParams
 from . import protocol as p
-from .reply import Delta, ReplyStream
+from ..reply import Delta, ReplyStream
 from .scheduler import Job
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..chat import ToolCall, _parse_call
-from ..tokenizer import IncrementalDecoder, Tokenizer
+from .chat import ToolCall, _parse_call
+from .tokenizer import IncrementalDecoder, Tokenizer
 
 THINK_OPEN, THINK_CLOSE = "<|channel>", "<channel|>"
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
