@@ -124,10 +124,9 @@ def _stream_to_stdout(llm, prompt, params: SamplingParams, args: argparse.Namesp
     pieces = []
     if thinking and llm.config.family == "gemma4":  # the reasoning to stderr (dim), the answer alone to stdout
         stream = llm.stream_reply(prompt, params, grammar=state, loop_guard=guard, draft=draft)
-        thinking_open = False
+        thinking_open, dim = False, sys.stderr.isatty()
         for delta in stream:
             if delta.reasoning:
-                dim = sys.stderr.isatty()
                 print(f"\033[2m{delta.reasoning}\033[0m" if dim else delta.reasoning, end="", file=sys.stderr, flush=True)
                 thinking_open = True
             if delta.content and thinking_open:  # the reasoning's line ends where the answer begins
@@ -216,7 +215,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     llm = _load(args.model, args)
     draft = _draft(llm, args)  # loaded once for the whole conversation
     params = _sampling(args)
-    _grammar(args), llm.stop_ids(params)  # bad options fail here, not at every message
+    _grammar(args)  # a bad schema, regex or stop id fails here, not at every message
+    llm.stop_ids(params)
     _note_thinking(llm, args)
     messages: list[dict] = []
     if args.system:
