@@ -204,8 +204,6 @@ class LLM:
         if grammar is not None and not isinstance(grammar, Grammar):
             raise TypeError(f"grammar must be a gemmarun.Grammar (Grammar.json_schema, regex, lark or svg), "
                             f"not {type(grammar).__name__}")
-        if tools is not None and isinstance(prompt, str):
-            raise ValueError("tools are declared in a chat: give a list of messages, not a string")
         prompt_ = self.build_prompt(prompt, enable_thinking=enable_thinking, image_tokens=image_tokens, tools=tools)
         state = self.grammar_state(grammar, params, thinking=enable_thinking) if grammar is not None else None
         yield from self.stream_prompt(prompt_, params, grammar=state, loop_guard=loop_guard, draft=draft)
@@ -237,6 +235,8 @@ class LLM:
     def build_prompt(self, prompt: str | Messages, *, enable_thinking: bool = False,
                      image_tokens: int | None = None, tools: list | None = None) -> Prompt:
         if isinstance(prompt, str):
+            if tools is not None:
+                raise ValueError("tools are declared in a chat: give a list of messages, not a string")
             return Prompt(self.tokenizer.encode(prompt, add_bos=True))
         self.check_tools(tools)
         if not isinstance(prompt, (list, tuple)):
@@ -317,6 +317,7 @@ class LLM:
             except StopIteration as done:
                 yield reply.finish()
                 return done.value
+        tokens.close()
         yield reply.finish()
         return "stop"
 
