@@ -242,3 +242,21 @@ def test_chat_drops_the_oldest_exchanges_when_the_context_fills(tiny_models):
     assert code == 0 and "error" not in err, err
     assert "oldest messages left the history to fit the context" in err
     assert out.count("\n") >= 8  # every message answered (each answer ends its line)
+
+
+def test_chat_takes_a_message_of_several_lines_between_triple_quotes(tiny_models, monkeypatch, capsys):
+    """A pasted paragraph had become one message per line."""
+    import io
+
+    from gemmarun import cli
+
+    folder, _ = tiny_models("gemma3")
+    sent = []
+    monkeypatch.setattr(cli, "_stream_to_stdout", lambda llm, prompt, params, args, **kw:
+                        sent.append(llm.tokenizer.decode(prompt.ids)) or "ok")
+    monkeypatch.setattr(sys, "stdin", io.StringIO('"""first line\n\nsecond line\nthird"""\none more\n"""unclosed\ntail'))
+    assert main(["chat", str(folder)]) == 0
+    assert len(sent) == 3
+    assert "first line\n\nsecond line\nthird<end_of_turn>" in sent[0]
+    assert sent[1].endswith("one more<end_of_turn>\n<start_of_turn>model\n")
+    assert "unclosed\ntail<end_of_turn>" in sent[2]

@@ -208,7 +208,22 @@ def _fitted_prompt(llm, messages: list[dict], args: argparse.Namespace, params: 
         dropped += 2
 
 
-CHAT_COMMANDS = "/reset starts over, /exit (or /bye, Ctrl-D) quits, /help lists these; Ctrl-C stops an answer"
+CHAT_COMMANDS = ('/reset starts over, /exit (or /bye, Ctrl-D) quits, /help lists these; Ctrl-C stops an answer; '
+                 '""" opens and closes a message of several lines')
+
+
+def _read_message(first: str) -> str:
+    """One chat message: the line, or, when it starts with three double quotes, every line up to
+    one that ends with them (as in Ollama's chat), the quotes left out."""
+    if not first.lstrip().startswith('"""'):
+        return first.strip()
+    lines = [first.lstrip()[3:]]
+    while not lines[-1].rstrip().endswith('"""'):
+        line = sys.stdin.readline()
+        if not line:  # end of input before the closing quotes: what was written is the message
+            return "".join(lines).strip()
+        lines.append(line)
+    return "".join(lines).rstrip()[:-3].strip()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -231,7 +246,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
-        text = line.strip()
+        text = _read_message(line)
         command = text.split()[0] if re.match(r"/[A-Za-z?]+(\s|$)", text) else None  # not "/etc/hosts ..."
         if not line or command in ("/exit", "/bye"):
             return 1 if failed else 0
