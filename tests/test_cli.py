@@ -260,3 +260,34 @@ def test_chat_takes_a_message_of_several_lines_between_triple_quotes(tiny_models
     assert "first line\n\nsecond line\nthird<end_of_turn>" in sent[0]
     assert sent[1].endswith("one more<end_of_turn>\n<start_of_turn>model\n")
     assert "unclosed\ntail<end_of_turn>" in sent[2]
+
+
+def test_chat_on_a_terminal_reads_with_line_editing(tiny_models, monkeypatch, capsys):
+    """On a terminal the chat reads through input() (readline: arrow keys and a history; the Up
+    arrow had reached the model as ESC [ A), continuation lines prompted with '... '."""
+    import builtins
+
+    from gemmarun import cli
+
+    folder, _ = tiny_models("gemma3")
+    typed = iter(['"""one', 'two"""', "/bye"])
+    prompts, sent = [], []
+
+    def fake_input(prompt=""):
+        prompts.append(prompt)
+        return next(typed)
+
+    class Tty:
+        def isatty(self):
+            return True
+
+        def readline(self):
+            raise AssertionError("a terminal is read through input()")
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    monkeypatch.setattr(sys, "stdin", Tty())
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(cli, "_stream_to_stdout", lambda llm, prompt, params, args, **kw:
+                        sent.append(llm.tokenizer.decode(prompt.ids)) or "ok")
+    assert main(["chat", str(folder)]) == 0
+    assert prompts == [">>> ", "... ", ">>> "] and len(sent) == 1 and "one\ntwo<end_of_turn>" in sent[0]

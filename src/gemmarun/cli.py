@@ -212,14 +212,32 @@ CHAT_COMMANDS = ('/reset starts over, /exit (or /bye, Ctrl-D) quits, /help lists
                  '""" opens and closes a message of several lines')
 
 
-def _read_message(first: str) -> str:
+def _read_line(prompt: str | None) -> str:
+    """A line of stdin with its newline ("" at its end). `prompt` (interactive use) is shown on
+    stderr, or by input() with line editing and history where stdin and stdout are terminals."""
+    if prompt is None:
+        return sys.stdin.readline()
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        try:
+            import readline  # noqa: F401  (loaded, it gives input() arrow keys and a history)
+        except ImportError:
+            pass
+        try:
+            return input(prompt) + "\n"
+        except EOFError:
+            return ""
+    print(prompt, end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline()
+
+
+def _read_message(first: str, more: str | None = None) -> str:
     """One chat message: the line, or, when it starts with three double quotes, every line up to
-    one that ends with them (as in Ollama's chat), the quotes left out."""
+    one that ends with them (as in Ollama's chat), the quotes left out; `more` prompts for them."""
     if not first.lstrip().startswith('"""'):
         return first.strip()
     lines = [first.lstrip()[3:]]
     while not lines[-1].rstrip().endswith('"""'):
-        line = sys.stdin.readline()
+        line = _read_line(more)
         if not line:  # end of input before the closing quotes: what was written is the message
             return "".join(lines).strip()
         lines.append(line)
@@ -243,10 +261,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"Type a message; {CHAT_COMMANDS}.", file=sys.stderr)
     failed = False  # a message the session could not answer (it goes on; the exit status says so)
     while True:
-        if interactive:
-            print(">>> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        text = _read_message(line)
+        line = _read_line(">>> " if interactive else None)
+        text = _read_message(line, "... " if interactive else None)
         command = text.split()[0] if re.match(r"/[A-Za-z?]+(\s|$)", text) else None  # not "/etc/hosts ..."
         if not line or command in ("/exit", "/bye"):
             return 1 if failed else 0
