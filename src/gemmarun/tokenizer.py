@@ -264,8 +264,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text for `ids`; with skip_special, control tokens (`control_ids`) are dropped."""
         ids = list(ids)
-        if ids and min(ids) < 0:  # (the Rust side raised OverflowError)
-            raise ValueError(f"token id {min(ids)} is negative")
+        lowest = min(ids, default=0)
+        if lowest < 0:  # (the Rust side raised OverflowError)
+            raise ValueError(f"token id {lowest} is negative")
         return self._tok.decode(ids, skip_special_tokens=skip_special)
 
     @functools.cached_property
