@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from tiny_tokenizer import MEDIA_IDS, write_tiny_tokenizer
+
 WINDOW = 4
 S, F = "sliding_attention", "full_attention"
 
@@ -142,3 +144,71 @@ LOOPING_SEED, CLEAN_SEED = 11, 1
 def seeded_prompt(seed: int) -> list[int]:
     """BOS and six random ids of the tiny vocabulary."""
     return [2] + torch.randint(20, 250, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# Each tower's eps differs from the text's (1e-6): the projections into the text space take their
+# tower's, and the audio tower's feed-forward and layer norms the reference's default whatever.
+TOWER_VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "num_key_value_heads": 2, "head_dim": 16, "position_embedding_size": 256, "rms_norm_eps": 0.5}
+TOWER_AUDIO = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "subsampling_conv_channels": [128, 8], "conv_kernel_size": 5, "output_proj_dims": 48, "use_clipped_linears": True, "rms_norm_eps": 5e-2}
+IMAGE_BUDGET = 70
+
+
+def _randomize_towers(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not any(k in name for k in ("vision_tower", "audio_tower", "embed_vision", "embed_audio")):
+                continue
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.3 + 0.1)
+            elif "norm" in name and p.ndim == 1:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("per_dim_scale"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif "position_embedding_table" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+        for name, b in model.named_buffers():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("input_min", "output_min"):
+                b.fill_(-float(1.0 + torch.rand((), generator=g)))
+            elif leaf in ("input_max", "output_max"):
+                b.fill_(float(1.0 + torch.rand((), generator=g)))
+            elif leaf == "std_bias":
+                b.copy_(torch.randn(b.shape, generator=g))
+            elif leaf == "std_scale":
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+
+
+def build_multimodal(family: str, folder: Path, tower_eps: float | None = None):
+    """A tiny Gemma4ForConditionalGeneration (E2B-like: clipped vision + audio; 31B-like: standardised
+    vision) saved to `folder` with its tokenizer. `tower_eps` replaces both towers' eps (an mmproj
+    GGUF cannot carry them)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = {**COMMON, **FAMILIES[family], "max_position_embeddings": 1024}
+    e_like = family == "e2b"
+    vision = {**TOWER_VISION, "use_clipped_linears": e_like, "standardize": not e_like}
+    audio = dict(TOWER_AUDIO)
+    if tower_eps is not None:
+        vision["rms_norm_eps"] = audio["rms_norm_eps"] = tower_eps
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=audio if e_like else None,
+                       vision_soft_tokens_per_image=IMAGE_BUDGET, **MEDIA_IDS)
+    model = Gemma4ForConditionalGeneration(cfg).float().eval()
+    _randomize(model.model.language_model, gemma3=False)
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight.mul_(1.0)
+    _randomize_towers(model)
+    model.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    for key in ("global_head_dim", "num_global_key_value_heads"):
+        if key in FAMILIES[family]:
+            saved["text_config"][key] = FAMILIES[family][key]
+    saved["text_config"].pop("per_layer_config", None)
+    (folder / "config.json").write_text(json.dumps(saved, indent=2))
+    write_tiny_tokenizer(folder, "gemma4")
+    return model

@@ -2,8 +2,6 @@
 on tiny random models: E2B-like (PLE, KV sharing, clipped vision, audio) and 31B-like (K=V,
 bidirectional image attention on sliding layers, standardised vision)."""
 
-import json
-
 import numpy as np
 import pytest
 import soundfile as sf
@@ -13,69 +11,8 @@ from PIL import Image
 import gemmarun
 from gemmarun.processing.audio import batch_features, load_audio, num_audio_soft_tokens, split_clips
 from gemmarun.processing.image import load_image, preprocess_image, stack_inputs
-from reference_models import COMMON, FAMILIES, _randomize
-from tiny_tokenizer import MEDIA_IDS, write_tiny_tokenizer
-
-# Each tower's eps differs from the text's (1e-6): the projections into the text space take their
-# tower's, and the audio tower's feed-forward and layer norms the reference's default whatever.
-VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
-          "num_key_value_heads": 2, "head_dim": 16, "position_embedding_size": 256, "rms_norm_eps": 0.5}
-AUDIO = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "subsampling_conv_channels": [128, 8],
-         "conv_kernel_size": 5, "output_proj_dims": 48, "use_clipped_linears": True, "rms_norm_eps": 5e-2}
-BUDGET = 70
-
-
-def _randomize_towers(model: torch.nn.Module) -> None:
-    g = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not any(k in name for k in ("vision_tower", "audio_tower", "embed_vision", "embed_audio")):
-                continue
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.copy_(torch.rand(p.shape, generator=g) * 0.3 + 0.1)
-            elif "norm" in name and p.ndim == 1:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif name.endswith("per_dim_scale"):
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif "position_embedding_table" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
-        for name, b in model.named_buffers():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("input_min", "output_min"):
-                b.fill_(-float(1.0 + torch.rand((), generator=g)))
-            elif leaf in ("input_max", "output_max"):
-                b.fill_(float(1.0 + torch.rand((), generator=g)))
-            elif leaf == "std_bias":
-                b.copy_(torch.randn(b.shape, generator=g))
-            elif leaf == "std_scale":
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-
-
-def _build(family: str, folder):
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
-
-    torch.manual_seed(0)
-    text = {**COMMON, **FAMILIES[family], "max_position_embeddings": 1024}
-    e_like = family == "e2b"
-    vision = {**VISION, "use_clipped_linears": e_like, "standardize": not e_like}
-    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=AUDIO if e_like else None,
-                       vision_soft_tokens_per_image=BUDGET, **MEDIA_IDS)
-    model = Gemma4ForConditionalGeneration(cfg).float().eval()
-    _randomize(model.model.language_model, gemma3=False)
-    with torch.no_grad():
-        model.model.language_model.embed_tokens.weight.mul_(1.0)
-    _randomize_towers(model)
-    model.save_pretrained(folder)
-    saved = json.loads((folder / "config.json").read_text())
-    for key in ("global_head_dim", "num_global_key_value_heads"):
-        if key in FAMILIES[family]:
-            saved["text_config"][key] = FAMILIES[family][key]
-    saved["text_config"].pop("per_layer_config", None)
-    (folder / "config.json").write_text(json.dumps(saved, indent=2))
-    write_tiny_tokenizer(folder, "gemma4")
-    return model
+from reference_models import IMAGE_BUDGET as BUDGET
+from reference_models import build_multimodal
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +33,7 @@ def pair(tmp_path_factory):
     def get(family):
         if family not in cache:
             folder = tmp_path_factory.mktemp(f"mm-{family}")
-            ref = _build(family, folder)
+            ref = build_multimodal(family, folder)
             cache[family] = (gemmarun.load(folder, device="cpu"), ref)
         return cache[family]
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 from serverkit import running, write_printed_tokenizer
 
 import gemmarun
 from gemmarun.server import ServerOptions, create_app
-
-TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +20,10 @@ def tiny_llm(tiny_models):
 @pytest.fixture(scope="session")
 def mm_llm(tmp_path_factory):
     """A tiny Gemma 4 E2B-like model with vision and audio towers (context 1024)."""
-    spec = importlib.util.spec_from_file_location("_mm_reference", TESTS / "model" / "test_multimodal_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from reference_models import build_multimodal
+
     folder = tmp_path_factory.mktemp("server-mm")
-    module._build("e2b", folder)
+    build_multimodal("e2b", folder)
     return gemmarun.load(folder, device="cpu")
 
 
