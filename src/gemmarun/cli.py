@@ -39,9 +39,12 @@ def _positive_number(text: str) -> float:
     return x
 
 
-def _add_model_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
+def _add_model_options(p: argparse.ArgumentParser, threads: bool = True, mmproj: bool = True) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    if mmproj:
+        p.add_argument("--mmproj", metavar="FILE", default=None,
+                       help="llama.cpp's multimodal projector GGUF: images and audio with a GGUF text model")
     if threads:
         p.add_argument("--threads", type=int, default=None,
                        help="CPU threads (default: $OMP_NUM_THREADS, else the physical cores)")
@@ -93,7 +96,7 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _load(model: str | None, args: argparse.Namespace):
     from .loading import load
 
-    return load(model, dtype=args.dtype, device=args.device)
+    return load(model, dtype=args.dtype, device=args.device, mmproj=getattr(args, "mmproj", None))
 
 
 def _user_message(text: str, images: list[str], audios: list[str], videos: list[str]) -> dict:
@@ -550,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization of the --random-weights file (default: q4_0)")
     p.add_argument("--twin", action="store_true",
                    help="with --random-weights MOE: its dense twin with the same active parameters instead")
-    _add_model_options(p, threads=False)
+    _add_model_options(p, threads=False, mmproj=False)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("svg", help="check, repair, or draw SVG with a model")

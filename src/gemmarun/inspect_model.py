@@ -66,6 +66,10 @@ def describe(llm: LLM, context: int, show_tensors: bool = True) -> Iterator[str]
     yield ""
     counts = parameter_counts(cfg)
     yield "parameters " + ", ".join(f"{k} {_count(v)}" for k, v in counts.items())
+    if llm.encoders is not None:
+        towers = [(name, sum(p.numel() for p in module.parameters()))
+                  for name, module in llm.encoders.named_children() if module is not None]
+        yield "encoders   " + ", ".join(f"{name} {_count(n)}" for name, n in towers)
     elt = 4 if llm.model.dtype.itemsize == 4 else llm.model.dtype.itemsize
     per_token = kv_bytes_per_token(cfg, elt)
     yield (f"kv cache   {_human(per_token)} per token beyond the window (dtype {str(llm.model.dtype).removeprefix('torch.')}); "

@@ -103,6 +103,9 @@ class LLM:
         if self.encoders is None:
             if self.config.family == "gemma3":  # a Gemma 3 folder may ship a vision tower: it is not read
                 raise ValueError(f"Gemma 3 runs as text only in gemmarun; it cannot take {kind} input")
+            if self.info.format == "gguf":
+                raise ValueError(f"this GGUF holds the text model only; for {kind} input give llama.cpp's multimodal "
+                                 "projector GGUF beside it (--mmproj FILE, or load(..., mmproj=FILE))")
             raise ValueError(f"this model takes text only; it cannot take {kind} input")
         budget = self.encoders.cfg.image_soft_tokens if image_tokens is None else image_tokens
         if isinstance(self.encoders, UnifiedEncoders):

@@ -40,11 +40,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def load(path: str | Path | None = None, *, dtype=None, device=None, reference: bool = False):
+def load(path: str | Path | None = None, *, dtype=None, device=None, reference: bool = False,
+         mmproj: str | Path | None = None):
     """Load a model: a HF folder or a .gguf file; no path loads the embedded Gemma 3 270M.
 
     `reference=True` (GGUF) dequantizes weights exactly to float32 instead of keeping them
-    quantized: slower and larger, used to check the fast path.
+    quantized: slower and larger, used to check the fast path. `mmproj` adds llama.cpp's
+    multimodal projector GGUF (Gemma 4's vision and audio towers) to a GGUF text model.
     """
     if path is None:
         from .default import default_model_path
@@ -55,7 +57,11 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
     torch_dtype = resolve_dtype(dtype, device)
     if not path.exists():
         raise LoadError(f"{path}: no such file or folder")
+    if mmproj is not None and not Path(mmproj).is_file():
+        raise LoadError(f"{mmproj}: no such mmproj file")
     if path.is_dir():
+        if mmproj is not None:
+            raise LoadError(f"{path}: a model folder holds its own towers; an mmproj goes with a GGUF text model")
         from .hf import load_hf_folder
 
         return load_hf_folder(path, torch_dtype, device)
@@ -64,7 +70,8 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
     if magic == b"GGUF":
         from .gguf import load_gguf
 
-        return load_gguf(path, torch_dtype, device, reference=reference)
+        return load_gguf(path, torch_dtype, device, reference=reference,
+                         mmproj=Path(mmproj) if mmproj is not None else None)
     raise LoadError(f"{path}: not a model folder or a GGUF file (magic {magic!r})")
 
 

@@ -52,8 +52,12 @@ def read_gguf_config(f: GGUFFile):
     return text_config_from_gguf(f.metadata, shapes, rope_freqs)
 
 
-def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: bool = False) -> LLM:
+def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: bool = False,
+              mmproj: Path | None = None) -> LLM:
     f = GGUFFile(path)
+    if f.metadata.get("general.architecture") == "clip":
+        raise LoadError(f"{path}: a multimodal projector (mmproj) GGUF, not a text model: load the text model's "
+                        "GGUF and give this file as its mmproj (--mmproj)")
     try:
         cfg = read_gguf_config(f)
     except ConfigError as e:
@@ -88,9 +92,14 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
         for i in range(cfg.num_layers):  # gemma3 GGUF norms already hold 1 + w; no layer scalar
             state.setdefault(f"layers.{i}.layer_scalar", torch.ones(1))
     model = build_text_model(cfg, state, dtype=dtype, device=device)
+    encoders = None
+    if mmproj is not None:
+        from .mmproj import load_mmproj
+
+        encoders = load_mmproj(mmproj, cfg, tokenizer, dtype=dtype, device=device)
     table = [(i.name, i.type_name, i.shape, i.nbytes) for i in f.tensors.values()]
     info = ModelInfo(path=path, format="gguf", chat_template=template, tensors=table)
-    return LLM(model, tokenizer, info)
+    return LLM(model, tokenizer, info, encoders)
 
 
 def _check_head_is_tied(f: GGUFFile) -> None:

@@ -155,6 +155,94 @@ def gguf_to_gemmarun(name: str) -> str | None:
     return None
 
 
+# llama.cpp's multimodal projector GGUF (mmproj, spec 10.2) -> gemmarun `Encoders` names. A block
+# key (`v.blk.N.<key>`, `a.blk.N.<key>`) names a module: its `.weight` is the module's weight, or
+# `linear.weight` for a clippable linear (MMPROJ_CLIPPABLE), whose clip bounds keep their suffixes
+# (`.input_min`, `.input_max`, `.output_min`, `.output_max`).
+MMPROJ_VISION_BLOCK = {
+    "ln1": "input_layernorm",
+    "attn_post_norm": "post_attention_layernorm",
+    "ln2": "pre_feedforward_layernorm",
+    "ffn_post_norm": "post_feedforward_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_out": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+MMPROJ_AUDIO_BLOCK = {
+    "ffn_norm": "feed_forward1.pre_layer_norm",
+    "ffn_up": "feed_forward1.ffw_layer_1",
+    "ffn_down": "feed_forward1.ffw_layer_2",
+    "ffn_post_norm": "feed_forward1.post_layer_norm",
+    "attn_pre_norm": "norm_pre_attn",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_out": "self_attn.post",
+    "attn_k_rel": "self_attn.relative_k_proj",
+    "per_dim_scale": "self_attn.per_dim_scale",  # a parameter, not a module: no `.weight` (and softplus applied)
+    "attn_post_norm": "norm_post_attn",
+    "conv_norm": "lconv1d.pre_layer_norm",
+    "conv_pw1": "lconv1d.linear_start",
+    "conv_dw": "lconv1d.depthwise_conv1d",
+    "norm_conv": "lconv1d.conv_norm",
+    "conv_pw2": "lconv1d.linear_end",
+    "ffn_norm_1": "feed_forward2.pre_layer_norm",
+    "ffn_up_1": "feed_forward2.ffw_layer_1",
+    "ffn_down_1": "feed_forward2.ffw_layer_2",
+    "ffn_post_norm_1": "feed_forward2.post_layer_norm",
+    "ln2": "norm_out",
+}
+MMPROJ_CLIPPABLE = frozenset({
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.post",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "feed_forward1.ffw_layer_1", "feed_forward1.ffw_layer_2",
+    "feed_forward2.ffw_layer_1", "feed_forward2.ffw_layer_2", "lconv1d.linear_start", "lconv1d.linear_end",
+})
+MMPROJ_BLOCKS = {"v": ("vision_tower.encoder.layers", MMPROJ_VISION_BLOCK), "a": ("audio_tower.layers", MMPROJ_AUDIO_BLOCK)}
+MMPROJ_GLOBAL_NAMES = {
+    "v.patch_embd.weight": "vision_tower.patch_embedder.input_proj.weight",
+    "v.position_embd.weight": "vision_tower.patch_embedder.position_embedding_table",
+    "v.std_bias": "vision_tower.std_bias",
+    "v.std_scale": "vision_tower.std_scale",
+    "mm.input_projection.weight": "embed_vision.embedding_projection.weight",
+    "a.conv1d.0.weight": "audio_tower.subsample_conv_projection.layer0.conv.weight",
+    "a.conv1d.0.norm.weight": "audio_tower.subsample_conv_projection.layer0.norm.weight",
+    "a.conv1d.1.weight": "audio_tower.subsample_conv_projection.layer1.conv.weight",
+    "a.conv1d.1.norm.weight": "audio_tower.subsample_conv_projection.layer1.norm.weight",
+    "a.input_projection.weight": "audio_tower.subsample_conv_projection.input_proj_linear.weight",
+    "a.pre_encode.out.weight": "audio_tower.output_proj.weight",
+    "a.pre_encode.out.bias": "audio_tower.output_proj.bias",
+    "mm.a.input_projection.weight": "embed_audio.embedding_projection.weight",
+}
+_MMPROJ_BLOCK = re.compile(r"([va])\.blk\.(\d+)\.([a-z_0-9]+)\.(weight|input_min|input_max|output_min|output_max)$")
+
+
+def mmproj_to_gemmarun(name: str) -> str | None:
+    """The gemmarun `Encoders` name of an mmproj GGUF tensor, or None if unknown."""
+    if name in MMPROJ_GLOBAL_NAMES:
+        return MMPROJ_GLOBAL_NAMES[name]
+    m = _MMPROJ_BLOCK.match(name)
+    if m is None:
+        return None
+    tower, index, key, suffix = m.groups()
+    prefix, table = MMPROJ_BLOCKS[tower]
+    module = table.get(key)
+    if module is None:
+        return None
+    if module in MMPROJ_CLIPPABLE:
+        return f"{prefix}.{index}.{module}.{'linear.weight' if suffix == 'weight' else suffix}"
+    if suffix != "weight":
+        return None  # clip bounds on a module that has none
+    if key == "per_dim_scale":
+        return f"{prefix}.{index}.{module}"
+    return f"{prefix}.{index}.{module}.weight"
+
+
 def gemmarun_to_gguf(name: str) -> str:
     """Inverse of `gguf_to_gemmarun` (used by `convert`)."""
     for gguf_name, ours in GGUF_GLOBAL_NAMES.items():

@@ -1,0 +1,172 @@
+"""GGUFs as llama.cpp's own converter writes them (what users download), against transformers 5.23:
+Gemma 4 text models, and the multimodal projector (mmproj) that brings the vision and audio towers
+beside a GGUF text model."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+import gemmarun
+from gemmarun.cli import main
+from gemmarun.loading import LoadError
+from gemmarun.processing.image import load_image, preprocess_image, stack_inputs
+from llama_cpp_converter import convert, converter_source
+from reference_models import IMAGE_BUDGET, build_multimodal, build_reference, seeded_prompt
+from tiny_tokenizer import SPECIALS, write_tiny_tokenizer
+
+# The mmproj cannot carry the towers' eps (llama.cpp fixes 1e-6, as every checkpoint has).
+TOWER_EPS = 1e-6
+# What the released checkpoints' processor config says; llama.cpp's converter requires one.
+PREPROCESSOR = {"image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "patch_size": 16,
+                "max_soft_tokens": 280, "pooling_kernel_size": 3}
+
+
+def _list_specials(folder):
+    """Name every special token in tokenizer_config.json, as the released tokenizers do: llama.cpp's
+    converter types only the tokens transformers lists as special CONTROL, the rest NORMAL (then
+    "<|turn>" in a prompt is plain text, to llama.cpp as to gemmarun)."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["extra_special_tokens"] = {**{f"special_{i}": t for i, t in enumerate(SPECIALS[4:])},
+                                      **config["extra_special_tokens"]}
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    try:
+        return converter_source()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(d / "a.png")
+    t = np.arange(int(1.3 * 16000)) / 16000
+    sf.write(d / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    return d
+
+
+@pytest.fixture(scope="module")
+def converted(llama_cpp, tmp_path_factory):
+    """family -> (HF folder, transformers model, text GGUF, mmproj GGUF) from llama.cpp's converter."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"lcpp-{family}")
+            ref = build_multimodal(family, folder, tower_eps=TOWER_EPS)
+            _list_specials(folder)
+            (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+            text = convert(folder, folder / "text-f32.gguf")
+            mmproj = convert(folder, folder / "mmproj-f32.gguf", mmproj=True)
+            cache[family] = (folder, ref, text, mmproj)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["e2b", "31b", "26b"])
+def test_text_gguf_from_llama_cpp_matches_reference(llama_cpp, tmp_path, family):
+    ref = build_reference(family, tmp_path)
+    write_tiny_tokenizer(tmp_path, "gemma4")
+    llm = gemmarun.load(convert(tmp_path, tmp_path / "model.gguf"), dtype="float32")
+    ids = seeded_prompt(3)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0].numpy()
+    ours = llm.logits(ids)
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-5
+    assert llm.tokenizer.encode("hello world", add_bos=False) == gemmarun.load(tmp_path).tokenizer.encode(
+        "hello world", add_bos=False)
+
+
+@pytest.mark.parametrize("family", ["e2b", "31b"])
+def test_mmproj_image_soft_tokens_match_reference(converted, media, family):
+    folder, ref, text, mmproj = converted(family)
+    llm = gemmarun.load(text, mmproj=mmproj, dtype="float32")
+    ours = llm.encode_image(media / "a.png", max_soft_tokens=IMAGE_BUDGET)
+    pix, pos = stack_inputs([preprocess_image(load_image(media / "a.png"), IMAGE_BUDGET)])
+    with torch.no_grad():
+        theirs = ref.model.get_image_features(pix, pos).pooler_output[0].numpy()
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-5
+
+
+def test_mmproj_prompt_with_image_and_audio_equals_the_folder(converted, media):
+    """The whole model, text GGUF + mmproj, gives the folder's logits (the folder's are checked
+    against transformers in tests/model/test_multimodal_reference.py)."""
+    folder, _, text, mmproj = converted("e2b")
+    from_gguf = gemmarun.load(text, mmproj=mmproj, dtype="float32")
+    from_folder = gemmarun.load(folder, dtype="float32")
+    assert from_gguf.media_tokens == from_folder.media_tokens
+    message = [{"role": "user", "content": [{"type": "image", "image": str(media / "a.png")},
+                                            {"type": "audio", "audio": str(media / "tone.wav")},
+                                            {"type": "text", "text": "hello"}]}]
+    prompt = from_folder.build_prompt(message, image_tokens=IMAGE_BUDGET)
+    assert from_gguf.build_prompt(message, image_tokens=IMAGE_BUDGET).ids == prompt.ids
+    assert len(prompt.media) == 2
+    paths = [media / "a.png", media / "tone.wav"]
+    want = from_folder.logits(prompt.ids, images=paths[:1], audios=paths[1:], image_tokens=IMAGE_BUDGET)
+    got = from_gguf.logits(prompt.ids, images=paths[:1], audios=paths[1:], image_tokens=IMAGE_BUDGET)
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+    audio = from_gguf.encode_audio(media / "tone.wav")
+    assert np.abs(audio - from_folder.encode_audio(media / "tone.wav")).max() <= 1e-5 * np.abs(audio).max()
+
+
+@pytest.mark.parametrize("outtype, tolerance", [("f16", 2e-3), ("q8_0", 6e-2)])
+def test_mmproj_in_lower_precision_stays_close(converted, media, outtype, tolerance):
+    """The mmproj files users download are mostly f16 (llama.cpp keeps convolutions and position
+    tables f32): their soft tokens are the f32 file's within the weights' rounding."""
+    folder, _, text, mmproj = converted("e2b")
+    exact = gemmarun.load(text, mmproj=mmproj, dtype="float32")
+    low = gemmarun.load(text, mmproj=convert(folder, folder / f"mmproj-{outtype}.gguf", outtype, mmproj=True),
+                        dtype="float32")
+    for encode, source in ((lambda m: m.encode_image(media / "a.png", IMAGE_BUDGET), "image"),
+                           (lambda m: m.encode_audio(media / "tone.wav"), "audio")):
+        want, got = encode(exact), encode(low)
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        assert 0 < rel <= tolerance, f"{source}: {rel:.2e}"
+
+
+def test_cli_run_takes_an_image_with_mmproj(converted, media, capsys):
+    folder, _, text, mmproj = converted("e2b")
+    args = ["--image", str(media / "a.png"), "--image-tokens", "70", "--max-tokens", "6", "--loop-guard", "off"]
+    assert main(["run", str(folder), "describe", *args]) == 0
+    from_folder = capsys.readouterr().out
+    assert main(["run", str(text), "describe", "--mmproj", str(mmproj), *args]) == 0
+    assert capsys.readouterr().out == from_folder
+    assert main(["run", str(text), "describe", *args]) == 1
+    assert "--mmproj" in capsys.readouterr().err
+    assert main(["inspect", str(text), "--mmproj", str(mmproj), "--no-tensors"]) == 0
+    assert "encoders   vision_tower 0.1 M, embed_vision 0.0 M, audio_tower 0.1 M" in capsys.readouterr().out
+
+
+def test_mmproj_misuse_is_a_one_line_error(converted, tmp_path):
+    folder, _, text, mmproj = converted("31b")
+    with pytest.raises(LoadError, match="multimodal projector .mmproj. GGUF, not a text model"):
+        gemmarun.load(mmproj)
+    with pytest.raises(LoadError, match="a model folder holds its own towers"):
+        gemmarun.load(folder, mmproj=mmproj)
+    with pytest.raises(LoadError, match="not 'clip': not a multimodal projector"):
+        gemmarun.load(text, mmproj=text)
+    with pytest.raises(LoadError, match="no such mmproj file"):
+        gemmarun.load(text, mmproj=tmp_path / "missing.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(LoadError, match="not a GGUF file"):
+        gemmarun.load(text, mmproj=tmp_path / "junk.gguf")
+
+
+def test_mmproj_from_another_checkpoint_is_refused(converted, tmp_path):
+    _, _, _, mmproj = converted("31b")
+    build_reference("31b", tmp_path, hidden_size=32)
+    write_tiny_tokenizer(tmp_path, "gemma4")
+    text = convert(tmp_path, tmp_path / "narrow.gguf")
+    with pytest.raises(LoadError, match="vision tokens are 64 wide, the text model's embeddings 32"):
+        gemmarun.load(text, mmproj=mmproj)
