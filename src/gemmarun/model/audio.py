@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
+from ..processing.audio import NUM_MEL_BINS  # the features' width: the feature extractor's to set
 from .layers import ClippableLinear, RMSNorm, rms_norm
-
-NUM_MEL_BINS = 128
 
 
 # The reference builds the feed-forward and conformer-layer norms without an eps argument, so
