@@ -160,6 +160,11 @@ class GGUFFile:
             if name in self.tensors:
                 raise LoadError(f"{self.path}: tensor {name!r} appears twice")
             self.tensors[name] = TensorInfo(name, qtype, tuple(reversed(dims)), start, nbytes)
+        # The header is parsed into Python objects: its pages (a 262k-token vocabulary is ~9 MiB)
+        # would otherwise stay resident in the mapping as long as the model lives.
+        header_pages = self._pos // mmap.PAGESIZE * mmap.PAGESIZE
+        if header_pages and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, 0, header_pages)
 
     def drop_metadata(self, prefix: str) -> None:
         """Forget the metadata under `prefix` once it is consumed: the tokenizer's 262k-entry
