@@ -73,7 +73,7 @@ def converted(llama_cpp, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", ["e2b", "31b", "26b"])
+@pytest.mark.parametrize("family", ["e2b", "e4b", "31b", "26b"])
 def test_text_gguf_from_llama_cpp_matches_reference(llama_cpp, tmp_path, family):
     ref = build_reference(family, tmp_path)
     write_tiny_tokenizer(tmp_path, "gemma4")
