@@ -76,7 +76,7 @@ def _add_loop_guard_option(p: argparse.ArgumentParser) -> None:
 
 def _add_draft_option(p: argparse.ArgumentParser, note: str = "") -> None:
     p.add_argument("--draft", metavar="PATH", default=None,
-                   help="gemma4_assistant drafter folder: speculative decoding (the same tokens when greedy, "
+                   help="gemma4_assistant drafter (a folder, or llama.cpp's GGUF of it): speculative decoding (the same tokens when greedy, "
                         "the same distribution when sampling; switches itself off when it does not pay" + note + ")")
 
 

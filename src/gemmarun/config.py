@@ -563,6 +563,7 @@ def assistant_config_from_hf(raw: dict[str, Any]) -> AssistantConfig:
 # --------------------------------------------------------------------------------------------
 
 GGUF_ARCHITECTURES = ("gemma4", "gemma3")
+GGUF_ASSISTANT_ARCHITECTURE = "gemma4-assistant"  # llama.cpp's name for a gemma4_assistant drafter
 
 
 def _shown(value: Any) -> str:
@@ -745,3 +746,27 @@ def text_config_from_gguf(
         raise ConfigError(f"rope_freqs.weight must be {global_head_dim // 2} values, 1.0 for the pairs that rotate "
                           "then 1e30 (p-RoPE); other frequency factors are not supported")
     return cfg
+
+
+def assistant_config_from_gguf(
+    meta: dict[str, Any],
+    tensor_shapes: dict[str, tuple[int, ...]],
+    rope_freqs: list[float] | None = None,
+) -> AssistantConfig:
+    """A drafter as llama.cpp's converter writes it (`gemma4-assistant`): its keys are a Gemma 4
+    text model's, read as the HF path reads `text_config` (no KV sharing of its own: every layer
+    reads the target's). The converter drops the centroid head, so the drafter's head is the full
+    tied one (slower drafts, the same output: speculation never changes what is accepted)."""
+    arch = meta.get("general.architecture")
+    if arch != GGUF_ASSISTANT_ARCHITECTURE:
+        raise ConfigError(f"general.architecture={_shown(arch)} is not a drafter ({GGUF_ASSISTANT_ARCHITECTURE})")
+    prefix = f"{arch}."
+    as_text = {(f"gemma4.{k[len(prefix):]}" if k.startswith(prefix) else k): v for k, v in meta.items()}
+    # (K=V, which the text parse reads off the absent attn_v, is inert in a drafter, whose layers
+    # project no keys or values; it keeps the full layers' KV-head count from the file)
+    as_text.update({"general.architecture": "gemma4", "gemma4.attention.shared_kv_layers": 0})
+    backbone = meta.get(f"{prefix}embedding_length_out")
+    if backbone is None:
+        raise ConfigError(f"GGUF metadata key '{prefix}embedding_length_out' (the target's hidden size) is missing")
+    return AssistantConfig(text=text_config_from_gguf(as_text, tensor_shapes, rope_freqs),
+                           backbone_hidden_size=_gguf_int(backbone, f"{prefix}embedding_length_out"))

@@ -176,8 +176,8 @@ class LLM:
                                          embeds=embeds, vision_blocks=vision_blocks, control=control)
 
     def load_draft(self, draft: Draft) -> Assistant:
-        """A drafter for this model, checked against it: a folder is loaded onto the model's device
-        and dtype (load it once and pass the result when generating repeatedly)."""
+        """A drafter for this model, checked against it: a folder or GGUF is loaded onto the model's
+        device and dtype (load it once and pass the result when generating repeatedly)."""
         from .model.assistant import Assistant, check_pairing
 
         if not isinstance(draft, Assistant):

@@ -170,3 +170,42 @@ def test_mmproj_from_another_checkpoint_is_refused(converted, tmp_path):
     text = convert(tmp_path, tmp_path / "narrow.gguf")
     with pytest.raises(LoadError, match="vision tokens are 64 wide, the text model's embeddings 32"):
         gemmarun.load(text, mmproj=mmproj)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_drafter_gguf_from_llama_cpp(llama_cpp, tiny_models, monkeypatch, tmp_path, ordered):
+    """llama.cpp's GGUF of a gemma4_assistant drafter drafts as the folder does; its converter drops
+    the centroid head, so an ordered drafter's GGUF drafts from the full tied head. Either way a
+    greedy answer with it is the plain one."""
+    from test_speculative import _hf_drafter
+
+    from gemmarun.config import LayerType
+    from gemmarun.loading.assistant import load_assistant
+
+    _hf_drafter(monkeypatch, ordered).save_pretrained(tmp_path)
+    write_tiny_tokenizer(tmp_path, "gemma4")
+    path = convert(tmp_path, tmp_path / "drafter.gguf")
+    folder = load_assistant(tmp_path, dtype="float32", device="cpu")
+    gguf = load_assistant(path, dtype="float32", device="cpu")
+    assert gguf.config.use_ordered_embeddings is False and folder.config.use_ordered_embeddings is ordered
+    folder.masked_embedding = None  # the full head, as the GGUF has it
+    g = torch.Generator().manual_seed(4)
+    n = 10
+    kv = {7: (torch.randn(1, 1, n, 16, generator=g), torch.randn(1, 1, n, 16, generator=g), torch.arange(n)),
+          9: (torch.randn(1, 1, n, 32, generator=g), torch.randn(1, 1, n, 32, generator=g), torch.arange(n))}
+    embed, hidden = torch.randn(1, 1, 64, generator=g), torch.randn(1, 1, 64, generator=g)
+    producers = {LayerType.SLIDING: 7, LayerType.FULL: 9}
+    with torch.no_grad():
+        want = folder(embed, hidden, folder.context(kv, producers, n))
+        got = gguf(embed, hidden, gguf.context(kv, producers, n))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    target = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu")
+    prompt = seeded_prompt(5)
+    assert target.generate_ids(prompt, max_new_tokens=12, draft=path) == target.generate_ids(prompt, max_new_tokens=12)
+    if not ordered:
+        from gemmarun.loading.convert import convert as gemmarun_convert
+
+        text = gemmarun_convert(tiny_models("e2b")[0], tmp_path / "text.gguf", "f32", progress=False)
+        with pytest.raises(LoadError, match="general.architecture='gemma4' is not a drafter .gemma4-assistant."):
+            load_assistant(text)

@@ -1,4 +1,5 @@
-"""Load a `gemma4_assistant` drafter folder (config.json + safetensors), checked strictly."""
+"""Load a `gemma4_assistant` drafter, checked strictly: a HF folder (config.json + safetensors) or
+llama.cpp's GGUF of it (`gemma4-assistant`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import AssistantConfig, assistant_config_from_hf, config_from_file
+from ..config import AssistantConfig, ConfigError, assistant_config_from_gguf, assistant_config_from_hf, config_from_file
 from ..model.assistant import Assistant
 from . import resolve_device, resolve_dtype
 from .build import _problems
 from .errors import LoadError
-from .names import map_assistant_names
+from .names import GGUF_ASSISTANT_NAMES, GGUF_IGNORED, gguf_to_gemmarun, map_assistant_names
 from .safetensors import read_folder
 
 
@@ -51,11 +52,44 @@ def _is_permutation(ordering: torch.Tensor) -> bool:
 
 
 def load_assistant(path: str | Path, *, dtype=None, device=None) -> Assistant:
-    """A drafter from a HF `gemma4_assistant` folder; dtype and device resolve as `load`'s do."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise LoadError(f"{folder}: a drafter is a folder with config.json and safetensors")
+    """A drafter from a HF `gemma4_assistant` folder or its GGUF; dtype and device resolve as
+    `load`'s do."""
+    path = Path(path)
     device = resolve_device(device)
-    cfg = load_assistant_config(folder)
-    state, _ignored = map_assistant_names(read_folder(folder))
+    if path.is_file() and _is_gguf(path):
+        cfg, state = _read_gguf(path)
+    elif path.is_dir():
+        cfg = load_assistant_config(path)
+        state, _ignored = map_assistant_names(read_folder(path))
+    else:
+        raise LoadError(f"{path}: a drafter is a folder with config.json and safetensors, or its GGUF")
     return build_assistant(cfg, state, dtype=resolve_dtype(dtype, device), device=device)
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _read_gguf(path: Path) -> tuple[AssistantConfig, dict[str, torch.Tensor]]:
+    """llama.cpp's drafter GGUF: text names plus the two projections, every tensor dequantized
+    exactly (the drafter is small next to its target)."""
+    from .gguf import _tensor, read_rope_freqs
+    from .gguf_file import GGUFFile
+
+    f = GGUFFile(path)
+    try:
+        cfg = assistant_config_from_gguf(f.metadata, {n: i.shape for n, i in f.tensors.items()}, read_rope_freqs(f))
+    except ConfigError as e:
+        raise LoadError(f"{path}: {e}") from None
+    state, unknown = {}, []
+    for name, info in f.tensors.items():
+        ours = GGUF_ASSISTANT_NAMES.get(name) or gguf_to_gemmarun(name)
+        if ours is None:
+            if name not in GGUF_IGNORED:
+                unknown.append(name)
+            continue
+        state[ours] = _tensor(f, info, True, ours).float()
+    if unknown:
+        raise LoadError(f"{path}: unknown tensors: {', '.join(unknown[:8])}")
+    return cfg, state

@@ -44,12 +44,16 @@ def _tensor(f: GGUFFile, info: TensorInfo, reference: bool, name: str) -> torch.
     return q.dequantize() if reference else q
 
 
+def read_rope_freqs(f: GGUFFile) -> list[float] | None:
+    """llama.cpp's p-RoPE divisors (`rope_freqs`), if the file has them."""
+    if "rope_freqs.weight" not in f.tensors:
+        return None
+    return f.array("rope_freqs.weight").astype(np.float32).tolist()
+
+
 def read_gguf_config(f: GGUFFile):
     shapes = {name: info.shape for name, info in f.tensors.items()}
-    rope_freqs = None
-    if "rope_freqs.weight" in f.tensors:
-        rope_freqs = f.array("rope_freqs.weight").astype(np.float32).tolist()
-    return text_config_from_gguf(f.metadata, shapes, rope_freqs)
+    return text_config_from_gguf(f.metadata, shapes, read_rope_freqs(f))
 
 
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: bool = False,

@@ -143,6 +143,11 @@ GGUF_IGNORED = {
     "output.weight": "the head is tied to token_embd (load refuses one that differs)",
 }
 _GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(.+)$")
+# A drafter GGUF (`gemma4-assistant`): the text names above plus its two projections.
+GGUF_ASSISTANT_NAMES = {
+    "nextn.pre_projection.weight": "pre_projection.weight",
+    "nextn.post_projection.weight": "post_projection.weight",
+}
 
 
 def gguf_to_gemmarun(name: str) -> str | None:
