@@ -212,3 +212,12 @@ def build_multimodal(family: str, folder: Path, tower_eps: float | None = None):
     (folder / "config.json").write_text(json.dumps(saved, indent=2))
     write_tiny_tokenizer(folder, "gemma4")
     return model
+
+
+def reference_image_tokens(ref, image_path, budget: int = IMAGE_BUDGET):
+    """transformers' projected soft tokens for one image file (its PIL processor's inputs)."""
+    from gemmarun.processing.image import load_image, preprocess_image, stack_inputs
+
+    pix, pos = stack_inputs([preprocess_image(load_image(image_path), budget)])
+    with torch.no_grad():
+        return ref.model.get_image_features(pix, pos).pooler_output[0].numpy()

@@ -13,9 +13,8 @@ from PIL import Image
 import gemmarun
 from gemmarun.cli import main
 from gemmarun.loading import LoadError
-from gemmarun.processing.image import load_image, preprocess_image, stack_inputs
 from llama_cpp_converter import convert, converter_source
-from reference_models import IMAGE_BUDGET, build_multimodal, build_reference, seeded_prompt
+from reference_models import IMAGE_BUDGET, build_multimodal, build_reference, reference_image_tokens, seeded_prompt
 from tiny_tokenizer import SPECIALS, write_tiny_tokenizer
 
 # The mmproj cannot carry the towers' eps (llama.cpp fixes 1e-6, as every checkpoint has).
@@ -92,9 +91,7 @@ def test_mmproj_image_soft_tokens_match_reference(converted, media, family):
     folder, ref, text, mmproj = converted(family)
     llm = gemmarun.load(text, mmproj=mmproj, dtype="float32")
     ours = llm.encode_image(media / "a.png", max_soft_tokens=IMAGE_BUDGET)
-    pix, pos = stack_inputs([preprocess_image(load_image(media / "a.png"), IMAGE_BUDGET)])
-    with torch.no_grad():
-        theirs = ref.model.get_image_features(pix, pos).pooler_output[0].numpy()
+    theirs = reference_image_tokens(ref, media / "a.png")
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-5
 
