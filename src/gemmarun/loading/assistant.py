@@ -74,7 +74,7 @@ def _is_gguf(path: Path) -> bool:
 def _read_gguf(path: Path) -> tuple[AssistantConfig, dict[str, torch.Tensor]]:
     """llama.cpp's drafter GGUF: text names plus the two projections, every tensor dequantized
     exactly (the drafter is small next to its target)."""
-    from .gguf import _tensor, read_rope_freqs
+    from .gguf import read_rope_freqs, read_tensor
     from .gguf_file import GGUFFile
 
     f = GGUFFile(path)
@@ -89,7 +89,7 @@ def _read_gguf(path: Path) -> tuple[AssistantConfig, dict[str, torch.Tensor]]:
             if name not in GGUF_IGNORED:
                 unknown.append(name)
             continue
-        state[ours] = _tensor(f, info, True, ours).float()
+        state[ours] = read_tensor(f, info, True).float()
     if unknown:
         raise LoadError(f"{path}: unknown tensors: {', '.join(unknown[:8])}")
     return cfg, state

@@ -26,7 +26,9 @@ FLOAT_TYPES = {
 }
 
 
-def _tensor(f: GGUFFile, info: TensorInfo, reference: bool, name: str) -> torch.Tensor | QuantizedTensor:
+def read_tensor(f: GGUFFile, info: TensorInfo, reference: bool) -> torch.Tensor | QuantizedTensor:
+    """One tensor of the file: a vector read into memory, a float matrix as a view of the mapping,
+    a quantized one kept quantized (with `reference`, dequantized exactly to float32)."""
     if info.ggml_type in FLOAT_TYPES and len(info.shape) <= 1:  # a vector: read, not mapped (file_rows.py)
         return torch.from_numpy(f.read(info.name)).view(FLOAT_TYPES[info.ggml_type]).view(info.shape)
     raw = torch.from_numpy(f.raw(info.name))
@@ -89,7 +91,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
         layer = int(m.group(1)) if m else cfg.num_layers
         if layer < cfg.num_layers and not cfg.layers[layer].owns_kv:
             continue  # KV-shared layer: reads its producer's keys and values (past the last layer: unexpected)
-        state[ours] = _tensor(f, info, reference, ours)
+        state[ours] = read_tensor(f, info, reference)
     if unknown:
         raise LoadError(f"{path}: unknown tensors: {', '.join(unknown[:8])}")
     if cfg.family == "gemma3":

@@ -22,7 +22,7 @@ from ..model.vision import VisionConfig
 from ..tokenizer import Tokenizer
 from .build import build_encoders
 from .errors import LoadError
-from .gguf import _tensor
+from .gguf import read_tensor
 from .gguf_file import GGUFFile
 from .names import mmproj_to_gemmarun
 
@@ -57,7 +57,7 @@ def load_mmproj(path: Path, text_cfg: TextConfig, tokenizer: Tokenizer, *, dtype
         if ours is None:
             unknown.append(name)
             continue
-        state[ours] = sanitize(ours, _tensor(f, info, True, ours).float())
+        state[ours] = sanitize(ours, read_tensor(f, info, True).float())
     if unknown:
         raise LoadError(f"{path}: tensors that are not Gemma 4 vision or audio: {', '.join(unknown[:8])}")
     try:
