@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think", action="store_true")
     _add_sampling_options(p)
     _add_draft_option(p)
-    _add_model_options(p)
+    _add_model_options(p, mmproj=False)  # chat sends text only
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="layer plan, parameters, KV cache, tensors, warnings")
@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--png", default=None)
     _add_sampling_options(q)
-    _add_model_options(q)
+    _add_model_options(q, mmproj=False)
     q.set_defaults(func=cmd_svg_draw, max_tokens=1024)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, with a chat page at /")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from pathlib import Path
@@ -571,14 +572,14 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _gguf_int(value: Any, key: str, minimum: int = 1) -> int:
+def gguf_int(value: Any, key: str, minimum: int = 1) -> int:
     """An integer metadata value; GGUF stores these as integers, so anything else is corrupt."""
     if type(value) is not int or value < minimum:
         raise ConfigError(f"GGUF metadata {key}={_shown(value)} is not an integer >= {minimum}")
     return value
 
 
-def _gguf_float(value: Any, key: str) -> float:
+def gguf_float(value: Any, key: str) -> float:
     if type(value) not in (int, float) or not math.isfinite(value):
         raise ConfigError(f"GGUF metadata {key}={_shown(value)} is not a finite number")
     return float(value)
@@ -635,16 +636,16 @@ def text_config_from_gguf(
         return default
 
     def integer(key: str, default: Any = KeyError, minimum: int = 1) -> int:
-        return _gguf_int(get(key, default), f"{arch}.{key}", minimum)
+        return gguf_int(get(key, default), f"{arch}.{key}", minimum)
 
     def number(key: str, default: float) -> float:
-        return _gguf_float(get(key, default), f"{arch}.{key}")
+        return gguf_float(get(key, default), f"{arch}.{key}")
 
     def per_layer_ints(key: str) -> list[int]:
-        return [_gguf_int(v, f"{arch}.{key}") for v in _per_layer(get(key), n, key)]
+        return [gguf_int(v, f"{arch}.{key}") for v in _per_layer(get(key), n, key)]
 
     def token_id(key: str, default: int) -> int:
-        return _gguf_int(meta.get(f"tokenizer.ggml.{key}", default), f"tokenizer.ggml.{key}", 0)
+        return gguf_int(meta.get(f"tokenizer.ggml.{key}", default), f"tokenizer.ggml.{key}", 0)
 
     def rows(tensor: str) -> int:
         shape = tensor_shapes.get(tensor)
@@ -768,5 +769,8 @@ def assistant_config_from_gguf(
     backbone = meta.get(f"{prefix}embedding_length_out")
     if backbone is None:
         raise ConfigError(f"GGUF metadata key '{prefix}embedding_length_out' (the target's hidden size) is missing")
-    return AssistantConfig(text=text_config_from_gguf(as_text, tensor_shapes, rope_freqs),
-                           backbone_hidden_size=_gguf_int(backbone, f"{prefix}embedding_length_out"))
+    try:
+        text = text_config_from_gguf(as_text, tensor_shapes, rope_freqs)
+    except ConfigError as e:  # its messages name the file's own keys
+        raise ConfigError(re.sub(r"\bgemma4\.", prefix, str(e))) from None
+    return AssistantConfig(text=text, backbone_hidden_size=gguf_int(backbone, f"{prefix}embedding_length_out"))

@@ -143,6 +143,9 @@ def test_cli_run_takes_an_image_with_mmproj(converted, media, capsys):
     assert "--mmproj" in capsys.readouterr().err
     assert main(["inspect", str(text), "--mmproj", str(mmproj), "--no-tensors"]) == 0
     assert "encoders   vision_tower 0.1 M, embed_vision 0.0 M, audio_tower 0.1 M" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # chat sends text only: it does not offer towers it cannot use
+        main(["chat", str(text), "--mmproj", str(mmproj)])
+    assert "unrecognized arguments: --mmproj" in capsys.readouterr().err
 
 
 def test_mmproj_misuse_is_a_one_line_error(converted, tmp_path):
@@ -206,3 +209,86 @@ def test_drafter_gguf_from_llama_cpp(llama_cpp, tiny_models, monkeypatch, tmp_pa
         text = gemmarun_convert(tiny_models("e2b")[0], tmp_path / "text.gguf", "f32", progress=False)
         with pytest.raises(LoadError, match="general.architecture='gemma4' is not a drafter .gemma4-assistant."):
             load_assistant(text)
+        from gguf import GGUFValueType
+
+        no_heads = _rewrite(path, tmp_path / "no-heads.gguf",
+                            meta={"gemma4-assistant.attention.head_count": (0, GGUFValueType.UINT32)})
+        with pytest.raises(LoadError, match="gemma4-assistant.attention.head_count=0 is not an integer"):
+            load_assistant(no_heads)  # the file's own key (the text parser reads it as gemma4.*)
+
+
+def _rewrite(src, dst, meta=None, drop=(), tensors=None):
+    """A copy of an F32 GGUF with metadata set ({key: (value, GGUFValueType)}), tensors dropped or
+    replaced ({name: array})."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(src)
+    fields = {k: (f.contents(), f.types[0], f.types[-1]) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    fields.update({k: (v, t, None) for k, (v, t) in (meta or {}).items()})
+    w = GGUFWriter(str(dst), fields.pop("general.architecture")[0])
+    for key, (value, vtype, sub) in fields.items():
+        w.add_key_value(key, value, vtype, sub_type=sub if vtype == GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        if t.name not in drop:
+            data = np.array(t.data).reshape([int(n) for n in reversed(t.shape)])
+            w.add_tensor(t.name, (tensors or {}).get(t.name, data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def _hostile_mmproj_cases():
+    from gguf import GGUFValueType as T
+
+    u32 = T.UINT32
+    return {
+        "no audio heads": (dict(meta={"clip.audio.attention.head_count": (0, u32)}),
+                           "clip.audio.attention.head_count=0 is not an integer >= 1"),
+        "audio heads past the width": (dict(meta={"clip.audio.attention.head_count": (64, u32)}),
+                                       "head_count=64 heads of 16 .a.blk.0.per_dim_scale. do not make"),
+        "a billion blocks": (dict(meta={"clip.vision.block_count": (10**9, u32)}),
+                             "block_count=1000000000 but the file holds 2 vision blocks"),
+        "negative patch": (dict(meta={"clip.vision.patch_size": (-16, T.INT32)}),
+                           "clip.vision.patch_size=-16 is not an integer >= 1"),
+        "negative eps": (dict(meta={"clip.vision.attention.layer_norm_epsilon": (-1.0, T.FLOAT32)}),
+                         "layer_norm_epsilon=-1.0 must be positive"),
+        "no pooling": (dict(meta={"clip.vision.projector.scale_factor": (0, u32)}),
+                       "scale_factor=0 is not an integer >= 1"),
+        "vision flag off": (dict(meta={"clip.has_vision_encoder": (False, T.BOOL)}),
+                            "clip.has_vision_encoder is False but the file holds vision tensors"),
+        "flat patch kernel": (dict(tensors={"v.patch_embd.weight": np.ones((32, 768), np.float32)}),
+                              r"v.patch_embd.weight has shape \[32, 768\], expected \[hidden, 3, patch, patch\]"),
+        "negative per_dim_scale": (dict(tensors={"a.blk.0.per_dim_scale.weight": -np.ones(16, np.float32)}),
+                                   "a.blk.0.per_dim_scale.weight holds values that are not positive"),
+        "one clip bound missing": (dict(drop=("v.blk.0.attn_q.input_max",)),
+                                   "missing tensors: vision_tower.encoder.layers.0.self_attn.q_proj.input_max"),
+    }
+
+
+def test_hostile_mmproj_files_are_one_line_errors_before_any_weight_is_read(converted, tmp_path, monkeypatch):
+    """Each had been a traceback, a hang (a billion blocks built before any check), a torch message
+    naming no tensor, or a load that failed only at generation; and each came after the whole text
+    model was read. Now the header's checks run first."""
+    import gemmarun.loading.gguf as gguf_loader
+
+    _, _, text, mmproj = converted("e2b")
+    built = []
+    real_build = gguf_loader.build_text_model
+    monkeypatch.setattr(gguf_loader, "build_text_model", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    for label, (edit, message) in _hostile_mmproj_cases().items():
+        case = _rewrite(mmproj, tmp_path / f"{label.replace(' ', '-')}.gguf", **edit)
+        with pytest.raises(LoadError, match=message) as e:
+            gemmarun.load(text, mmproj=case)
+        assert "\n" not in str(e.value) and str(case) in str(e.value), label
+    bad_header = _rewrite(mmproj, tmp_path / "gemma3-projector.gguf",
+                          meta={"clip.vision.projector_type": ("gemma3", __import__("gguf").GGUFValueType.STRING)})
+    built.clear()
+    with pytest.raises(LoadError, match="its vision projector is 'gemma3'"):
+        gemmarun.load(text, mmproj=bad_header)
+    assert not built, "the text model was read before the mmproj's header was checked"
+    with pytest.raises(LoadError, match="a folder, not an mmproj GGUF file"):
+        gemmarun.load(text, mmproj=tmp_path)
+    with pytest.raises(LoadError, match="'': no such mmproj file"):
+        gemmarun.load(text, mmproj="")

@@ -57,8 +57,8 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
     torch_dtype = resolve_dtype(dtype, device)
     if not path.exists():
         raise LoadError(f"{path}: no such file or folder")
-    if mmproj is not None and not Path(mmproj).is_file():
-        raise LoadError(f"{mmproj}: no such mmproj file")
+    if mmproj is not None and (str(mmproj) in ("", ".") or not Path(mmproj).exists()):
+        raise LoadError(f"{str(mmproj)!r}: no such mmproj file")
     if path.is_dir():
         if mmproj is not None:
             raise LoadError(f"{path}: a model folder holds its own towers; an mmproj goes with a GGUF text model")

@@ -63,7 +63,10 @@ def load_assistant(path: str | Path, *, dtype=None, device=None) -> Assistant:
         state, _ignored = map_assistant_names(read_folder(path))
     else:
         raise LoadError(f"{path}: a drafter is a folder with config.json and safetensors, or its GGUF")
-    return build_assistant(cfg, state, dtype=resolve_dtype(dtype, device), device=device)
+    try:
+        return build_assistant(cfg, state, dtype=resolve_dtype(dtype, device), device=device)
+    except LoadError as e:
+        raise LoadError(f"{path}: {e}") from None
 
 
 def _is_gguf(path: Path) -> bool:

@@ -50,6 +50,9 @@ class GGUFFile:
         self.path = Path(path)
         with open(self.path, "rb") as f:
             size = self.path.stat().st_size
+            magic = f.read(4)
+            if len(magic) == 4 and magic != b"GGUF":
+                raise LoadError(f"{self.path}: not a GGUF file (magic {magic!r})")
             if size < 24:
                 raise LoadError(f"{self.path}: truncated GGUF file ({size} bytes)")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
