@@ -177,6 +177,25 @@ def test_speculation_in_the_engine_falls_back_per_request(tiny_models):
     assert spec.stats.fell_back_at == 1 + 1 + 2  # the prefill's token, one probe step, two rejected rounds
 
 
+def test_a_drafter_with_nan_logits_does_not_end_the_engines_requests(tiny_models):
+    """The server's rounds stop drafting at a drafter's NaN logits, as the single-request path does."""
+    llm = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu")
+    prompt = _prompt(N_PROMPT, seed=12)
+    plain = llm.generate_ids(prompt, max_new_tokens=8, ignore_eos=True)
+    broken = random_drafter("e2b")
+    with torch.no_grad():
+        broken.norm.weight.fill_(float("nan"))
+    config = SpeculationConfig(num_draft=3, check_every=None, compare_speed=False, probe_steps=0)
+    engine = BatchEngine(llm, max_batch=2, drafter=broken, speculation=config)
+    a = engine.add(Prompt(prompt), SamplingParams(max_tokens=8, ignore_eos=True))
+    events = engine.step()
+    spec = _request(engine, a).speculation
+    while engine.busy:
+        events += engine.step()
+    assert [ev.token for ev in events if ev.token is not None] == plain
+    assert spec.stats.rounds > 0 and spec.stats.drafted == 0
+
+
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
 def test_engine_rounds_are_those_of_the_single_request_path(tiny_models, monkeypatch, sampled):
     """Alone, a request's rounds draft from the same hidden states and K/V, verify and settle as

@@ -418,3 +418,20 @@ def test_the_plain_steps_timed_for_the_speed_check_run_as_plain_decoding(targets
         hook.remove()
     assert seen[:4] == [False, False, False, True]
     assert stats.plain_steps == 2 and stats.rounds > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_drafter_with_nan_logits_costs_speed_not_the_answer(targets, temperature):
+    """Its NaN logits ended the generation with the target's "logits hold NaN" error; a drafter
+    may only ever change the speed."""
+    target = targets("e2b")
+    broken = random_drafter("e2b")
+    with torch.no_grad():
+        broken.norm.weight.fill_(float("nan"))
+    params = SamplingParams(max_tokens=10, temperature=temperature, seed=3)
+    prompt = _prompt(N_PROMPT, seed=4)
+    config = SpeculationConfig(num_draft=2, check_every=None, compare_speed=False, probe_steps=0)
+    stats = SpeculationStats()
+    with_broken = list(speculative_generate_step(target, broken, prompt, params, speculation=config, stats=stats))
+    assert with_broken == list(generate_step(target, prompt, params))
+    assert stats.rounds > 0 and stats.drafted == 0

@@ -234,6 +234,7 @@ class BatchEngine:
 
         drafts, proposals = draft_tokens(model, self.drafter, r.exposed, self._producers, r.last, position, depth,
                                          r.sampler, history)
+        depth = len(drafts)  # fewer where the drafter's logits were not finite
         verified = Exposed()
         ids = torch.tensor([[r.last, *drafts]], device=model.device)
         positions = torch.arange(position, position + depth + 1, device=model.device)

@@ -31,7 +31,7 @@ from .control import OutputControl
 from .generate import PREFILL_CHUNK, ROLLBACK, cache_length, prefill, settle
 from .model.assistant import Assistant, check_pairing
 from .model.text import Exposed, TextModel
-from .sampling import Sampler, SamplingParams, greedy_token
+from .sampling import NonFiniteLogits, Sampler, SamplingParams, greedy_token
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,10 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, generator: 
 @torch.inference_mode()
 def draft_tokens(model: TextModel, drafter: Assistant, exposed: Exposed, producers, newest: int, position: int,
                  depth: int, sampler: Sampler, history) -> tuple[list[int], list[torch.Tensor]]:
-    """`depth` drafted tokens after `newest` (at `position`, not in the target's cache) and the
-    distribution each was drawn from. `exposed`: the target forward that produced `newest`."""
+    """Up to `depth` drafted tokens after `newest` (at `position`, not in the target's cache) and
+    the distribution each was drawn from. `exposed`: the target forward that produced `newest`.
+    Drafting stops where the drafter's logits are not finite: a broken drafter costs speed (its
+    rounds accept nothing and switch it off), never the target's output."""
     ctx = drafter.context(exposed.kv, producers, position)
     hidden = exposed.hidden[:, -1:]
     token = newest
@@ -145,7 +147,10 @@ def draft_tokens(model: TextModel, drafter: Assistant, exposed: Exposed, produce
     proposals: list[torch.Tensor] = []
     for _ in range(depth):
         logits, hidden = drafter(model.embed(torch.tensor([[token]], device=model.device)), hidden, ctx)
-        q = sampler.distribution(logits[0, -1], *history(drafts))
+        try:
+            q = sampler.distribution(logits[0, -1], *history(drafts))
+        except NonFiniteLogits:
+            break
         token = draw(q, sampler.generator)
         drafts.append(token)
         proposals.append(q)
@@ -241,6 +246,7 @@ def speculative_generate_step(
 
         began = time.perf_counter()
         drafts, proposals = draft_tokens(model, drafter, exposed, producers, newest, position, depth, sampler, history)
+        depth = len(drafts)
         verified = Exposed()
         target_logits = forward([newest, *drafts], position, verified)  # (depth + 1, V)
         produced, accepted, released = 0, 0, []
