@@ -94,3 +94,15 @@ def tiny_gguf(family: str, qtype: GGMLQuantizationType = GGMLQuantizationType.F1
             w.write_tensor_data(raw)
         w.close()
         return path.read_bytes()
+
+
+def resident_kib(path) -> int:
+    """KiB of `path`'s mappings resident in this process (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total

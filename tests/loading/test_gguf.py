@@ -688,22 +688,11 @@ def test_gguf_names_are_llama_cpps(tiny_models, family):
     assert checked > 60
 
 
-def _resident_kib(path) -> int:
-    """KiB of `path`'s mappings resident in this process (/proc/self/smaps)."""
-    total, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
-            inside = len(fields) >= 6 and fields[5] == str(path)
-        elif inside and fields[0] == "Rss:":
-            total += int(fields[1])
-    return total
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
 def test_the_parsed_header_leaves_no_pages_resident(tmp_path):
     """A header is parsed into Python objects; its pages (a real vocabulary's ~9 MiB) are given back."""
     from gguf import GGUFWriter
+    from tiny_gguf import resident_kib
 
     path = tmp_path / "big-header.gguf"
     w = GGUFWriter(str(path), "gemma4")
@@ -715,5 +704,5 @@ def test_the_parsed_header_leaves_no_pages_resident(tmp_path):
     w.close()
     f = GGUFFile(path)
     assert len(f.metadata["tokenizer.ggml.tokens"]) == 100_000
-    assert _resident_kib(path) <= 8  # at most the page the header shares with the first tensor
+    assert resident_kib(path) <= 8  # at most the page the header shares with the first tensor
     assert np.array_equal(f.array("token_embd.weight"), np.ones((4, 32), dtype=np.float32))
