@@ -211,8 +211,9 @@ def _fitted_prompt(llm, messages: list[dict], args: argparse.Namespace, params: 
         dropped += 2
 
 
-CHAT_COMMANDS = ('/reset starts over, /exit (or /bye, Ctrl-D) quits, /help lists these; Ctrl-C stops an answer; '
-                 '""" opens and closes a message of several lines')
+CHAT_COMMANDS = ('/image FILE and /audio FILE go with your next message, /reset starts over, /exit (or /bye, '
+                 'Ctrl-D) quits, /help lists these; Ctrl-C stops an answer; """ opens and closes a message of several lines')
+MEDIA_COMMANDS = {"/image": "image", "/audio": "audio"}
 
 
 def _read_line(prompt: str | None) -> str:
@@ -263,6 +264,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if interactive:
         print(f"Type a message; {CHAT_COMMANDS}.", file=sys.stderr)
     failed = False  # a message the session could not answer (it goes on; the exit status says so)
+    attached: list[dict] = []  # media parts for the next message (/image, /audio)
     while True:
         line = _read_line(">>> " if interactive else None)
         text = _read_message(line, "... " if interactive else None)
@@ -273,13 +275,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if command == "/reset":
             messages = messages[:1] if args.system else []
+            attached = []
+            continue
+        if command in MEDIA_COMMANDS:
+            part = _media_part(llm, MEDIA_COMMANDS[command], text[len(command):])
+            if part is not None:
+                attached.append(part)
             continue
         if command is not None:
             if command not in ("/help", "/?"):
                 print(f"gemmarun: unknown command {command}", file=sys.stderr)
             print(CHAT_COMMANDS, file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": text})
+        messages.append({"role": "user", "content": attached + [{"type": "text", "text": text}] if attached else text})
+        attached = []  # sent with this message (or dropped with it)
         try:
             prompt = _fitted_prompt(llm, messages, args, params)
             reply = _stream_to_stdout(llm, prompt, params, args, thinking=args.think, draft=draft)
@@ -293,6 +302,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("\ngemmarun: answer stopped (message dropped)", file=sys.stderr)
             continue
         messages.append({"role": "assistant", "content": reply})
+
+
+def _media_part(llm, kind: str, argument: str) -> dict | None:
+    """A chat message part for `/image FILE` or `/audio FILE` (a dragged-in path may come quoted),
+    or None after saying on stderr why the model or the file cannot give one."""
+    from pathlib import Path
+
+    path = argument.strip()
+    if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":
+        path = path[1:-1]
+    try:
+        if not path:
+            raise ValueError(f"/{kind} takes a file: /{kind} FILE")
+        llm.check_media(kind)
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such file")
+    except ValueError as e:
+        print(f"gemmarun: error: {_first_line(e)}", file=sys.stderr)
+        return None
+    print(f"gemmarun: {path} goes with your next message", file=sys.stderr)
+    return {"type": kind, kind: path}
 
 
 def cmd_svg_check(args: argparse.Namespace) -> int:
@@ -525,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think", action="store_true")
     _add_sampling_options(p)
     _add_draft_option(p)
-    _add_model_options(p, mmproj=False)  # chat sends text only
+    _add_model_options(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="layer plan, parameters, KV cache, tensors, warnings")

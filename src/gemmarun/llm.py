@@ -97,9 +97,9 @@ class LLM:
         item = self._prepare("audio", source, None)
         return torch.cat(self._soft(item)).float().cpu().numpy()
 
-    def _prepare(self, kind: str, source, image_tokens: int | None):
-        from .processing.prompt import prepare
-
+    def check_media(self, kind: str) -> None:
+        """ValueError, saying why, unless this model takes `kind` ("image", "video" or "audio")
+        input; nothing is read."""
         if self.encoders is None:
             if self.config.family == "gemma3":  # a Gemma 3 folder may ship a vision tower: it is not read
                 raise ValueError(f"Gemma 3 runs as text only in gemmarun; it cannot take {kind} input")
@@ -107,6 +107,15 @@ class LLM:
                 raise ValueError(f"this GGUF holds the text model only; for {kind} input give llama.cpp's multimodal "
                                  "projector GGUF beside it (--mmproj FILE, or load(..., mmproj=FILE))")
             raise ValueError(f"this model takes text only; it cannot take {kind} input")
+        if kind == "audio" and self.encoders.embed_audio is None:
+            raise ValueError("this model has no audio tower: it cannot take audio")
+        if kind != "audio" and self.encoders.embed_vision is None:
+            raise ValueError("this model has no vision tower: it cannot take images or video")
+
+    def _prepare(self, kind: str, source, image_tokens: int | None):
+        from .processing.prompt import prepare
+
+        self.check_media(kind)
         budget = self.encoders.cfg.image_soft_tokens if image_tokens is None else image_tokens
         if isinstance(self.encoders, UnifiedEncoders):
             from .processing.unified import prepare_unified

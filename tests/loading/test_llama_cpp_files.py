@@ -147,9 +147,34 @@ def test_cli_run_takes_an_image_with_mmproj(converted, media, capsys):
     assert "--mmproj" in capsys.readouterr().err
     assert main(["inspect", str(text), "--mmproj", str(mmproj), "--no-tensors"]) == 0
     assert "encoders   vision_tower 0.1 M, embed_vision 0.0 M, audio_tower 0.1 M" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # chat sends text only: it does not offer towers it cannot use
-        main(["chat", str(text), "--mmproj", str(mmproj)])
-    assert "unrecognized arguments: --mmproj" in capsys.readouterr().err
+
+
+
+def test_chat_attaches_images_and_audio_with_commands(converted, media, monkeypatch, capsys):
+    """/image FILE and /audio FILE go with the next message (as llama.cpp's mtmd chat takes them):
+    the answer is run's for the same parts; a model without the tower, a missing file or no file
+    is said at once and the message goes on as text."""
+    import io
+    import sys
+
+    _, _, text, mmproj = converted("e2b")
+    options = ["--max-tokens", "6", "--loop-guard", "off"]
+    image, audio = media / "a.png", media / "tone.wav"
+    assert main(["run", str(text), "describe", "--mmproj", str(mmproj), "--image", str(image), "--audio", str(audio),
+                 *options]) == 0
+    from_run = capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image '{image}'\n/audio {audio}\ndescribe\n"))
+    assert main(["chat", str(text), "--mmproj", str(mmproj), *options]) == 0
+    out = capsys.readouterr()
+    assert out.out == from_run and f"{image} goes with your next message" in out.err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {image}\n/image\n/audio nowhere.wav\nhello\n"))
+    assert main(["chat", str(text), *options]) == 0
+    err = capsys.readouterr().err
+    assert "this GGUF holds the text model only" in err and "/image takes a file" in err
+    assert "nowhere.wav: no such file" not in err  # the model's lack is said first
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/audio nowhere.wav\nhello\n"))
+    assert main(["chat", str(text), "--mmproj", str(mmproj), *options]) == 0
+    assert "nowhere.wav: no such file" in capsys.readouterr().err
 
 
 def test_mmproj_misuse_is_a_one_line_error(converted, tmp_path):
