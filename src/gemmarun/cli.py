@@ -211,9 +211,9 @@ def _fitted_prompt(llm, messages: list[dict], args: argparse.Namespace, params: 
         dropped += 2
 
 
-CHAT_COMMANDS = ('/image FILE and /audio FILE go with your next message, /reset starts over, /exit (or /bye, '
+CHAT_COMMANDS = ('/image, /audio or /video FILE goes with your next message, /reset starts over, /exit (or /bye, '
                  'Ctrl-D) quits, /help lists these; Ctrl-C stops an answer; """ opens and closes a message of several lines')
-MEDIA_COMMANDS = {"/image": "image", "/audio": "audio"}
+MEDIA_COMMANDS = {"/image": "image", "/audio": "audio", "/video": "video"}
 
 
 def _read_line(prompt: str | None) -> str:
@@ -305,8 +305,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _media_part(llm, kind: str, argument: str) -> dict | None:
-    """A chat message part for `/image FILE` or `/audio FILE` (a dragged-in path may come quoted),
-    or None after saying on stderr why the model or the file cannot give one."""
+    """A chat message part for `/image FILE`, `/audio FILE` or `/video FILE` (a dragged-in path may
+    come quoted), or None after saying on stderr why the model or the file cannot give one."""
     from pathlib import Path
 
     path = argument.strip()
