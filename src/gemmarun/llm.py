@@ -104,8 +104,10 @@ class LLM:
             if self.config.family == "gemma3":  # a Gemma 3 folder may ship a vision tower: it is not read
                 raise ValueError(f"Gemma 3 runs as text only in gemmarun; it cannot take {kind} input")
             if self.info.format == "gguf":
+                beside = sorted(self.info.path.parent.glob("*mmproj*.gguf"))
+                hint = f" ({beside[0]} is beside it)" if beside else ""
                 raise ValueError(f"this GGUF holds the text model only; for {kind} input give llama.cpp's multimodal "
-                                 "projector GGUF beside it (--mmproj FILE, or load(..., mmproj=FILE))")
+                                 f"projector GGUF with it (--mmproj FILE, or load(..., mmproj=FILE)){hint}")
             raise ValueError(f"this model takes text only; it cannot take {kind} input")
         if kind == "audio" and self.encoders.embed_audio is None:
             raise ValueError("this model has no audio tower: it cannot take audio")

@@ -3,6 +3,7 @@ Gemma 4 text models, and the multimodal projector (mmproj) that brings the visio
 beside a GGUF text model."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -144,7 +145,9 @@ def test_cli_run_takes_an_image_with_mmproj(converted, media, capsys):
     assert main(["run", str(text), "describe", "--mmproj", str(mmproj), *args]) == 0
     assert capsys.readouterr().out == from_folder
     assert main(["run", str(text), "describe", *args]) == 1
-    assert "--mmproj" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert re.search(rf"--mmproj FILE, or load\(\.\.\., mmproj=FILE\)\) \({re.escape(str(mmproj.parent))}/mmproj-\S+\.gguf "
+                     r"is beside it\)", err), err
     assert main(["inspect", str(text), "--mmproj", str(mmproj), "--no-tensors"]) == 0
     assert "encoders   vision_tower 0.1 M, embed_vision 0.0 M, audio_tower 0.1 M" in capsys.readouterr().out
 
