@@ -76,8 +76,9 @@ def _add_loop_guard_option(p: argparse.ArgumentParser) -> None:
 
 def _add_draft_option(p: argparse.ArgumentParser, note: str = "") -> None:
     p.add_argument("--draft", metavar="PATH", default=None,
-                   help="gemma4_assistant drafter (a folder, or llama.cpp's GGUF of it): speculative decoding (the same tokens when greedy, "
-                        "the same distribution when sampling; switches itself off when it does not pay" + note + ")")
+                   help="gemma4_assistant drafter (a folder, or llama.cpp's GGUF of it): speculative decoding "
+                        "(the same tokens when greedy, the same distribution when sampling; switches itself off "
+                        "when it does not pay" + note + ")")
 
 
 def _draft(llm, args: argparse.Namespace):
@@ -264,7 +265,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if interactive:
         print(f"Type a message; {CHAT_COMMANDS}.", file=sys.stderr)
     failed = False  # a message the session could not answer (it goes on; the exit status says so)
-    attached: list[dict] = []  # media parts for the next message (/image, /audio)
+    attached: list[dict] = []  # media parts for the next message (/image, /audio, /video)
     while True:
         line = _read_line(">>> " if interactive else None)
         text = _read_message(line, "... " if interactive else None)

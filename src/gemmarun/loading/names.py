@@ -190,7 +190,7 @@ MMPROJ_AUDIO_BLOCK = {
     "attn_v": "self_attn.v_proj",
     "attn_out": "self_attn.post",
     "attn_k_rel": "self_attn.relative_k_proj",
-    "per_dim_scale": "self_attn.per_dim_scale",  # a parameter, not a module: no `.weight` (and softplus applied)
+    "per_dim_scale": "self_attn.per_dim_scale",  # a parameter, not a module (stored after softplus: see mmproj.sanitize)
     "attn_post_norm": "norm_post_attn",
     "conv_norm": "lconv1d.pre_layer_norm",
     "conv_pw1": "lconv1d.linear_start",
