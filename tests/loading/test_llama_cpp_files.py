@@ -21,7 +21,7 @@ from tiny_tokenizer import SPECIALS, write_tiny_tokenizer
 
 # The mmproj cannot carry the towers' eps (llama.cpp fixes 1e-6, as every checkpoint has).
 TOWER_EPS = 1e-6
-# What the released checkpoints' processor config says; llama.cpp's converter requires one.
+# Gemma 4's image processor values (spec 4.1: no mean/std normalisation); llama.cpp's converter needs the file.
 PREPROCESSOR = {"image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "patch_size": 16,
                 "max_soft_tokens": 280, "pooling_kernel_size": 3}
 
