@@ -28,6 +28,27 @@ def tiny_models(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def llama_cpp_multimodal(tmp_path_factory):
+    """family -> (HF folder, transformers model, text GGUF, mmproj GGUF), the GGUFs from llama.cpp's
+    own converter (skipped where it cannot be fetched)."""
+    from llama_cpp_converter import convert_multimodal, converter_source
+
+    try:
+        converter_source()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"lcpp-{family}")
+            cache[family] = (folder, *convert_multimodal(family, folder))
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

@@ -8,6 +8,7 @@ checkout instead.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,3 +63,34 @@ def convert(folder: Path, out: Path, outtype: str = "f32", mmproj: bool = False)
     if done.returncode:
         raise AssertionError(f"convert_hf_to_gguf.py failed:\n{done.stderr[-3000:]}")
     return out
+
+
+# The mmproj cannot carry the towers' eps (llama.cpp fixes 1e-6, as every checkpoint has).
+TOWER_EPS = 1e-6
+# Gemma 4's image processor values (spec 4.1: no mean/std normalisation); llama.cpp's converter needs the file.
+PREPROCESSOR = {"image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "patch_size": 16,
+                "max_soft_tokens": 280, "pooling_kernel_size": 3}
+
+
+def list_specials(folder: Path) -> None:
+    """Name every special token in tokenizer_config.json, as the released tokenizers do: llama.cpp's
+    converter types only the tokens transformers lists as special CONTROL, the rest NORMAL (then
+    "<|turn>" in a prompt is plain text, to llama.cpp as to gemmarun)."""
+    from tiny_tokenizer import SPECIALS
+
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["extra_special_tokens"] = {**{f"special_{i}": t for i, t in enumerate(SPECIALS[4:])},
+                                      **config["extra_special_tokens"]}
+    path.write_text(json.dumps(config))
+
+
+def convert_multimodal(family: str, folder: Path):
+    """A tiny multimodal model in `folder` and llama.cpp's GGUFs of it: (transformers model, text
+    GGUF, mmproj GGUF)."""
+    from reference_models import build_multimodal
+
+    ref = build_multimodal(family, folder, tower_eps=TOWER_EPS)
+    list_specials(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    return ref, convert(folder, folder / "text-f32.gguf"), convert(folder, folder / "mmproj-f32.gguf", mmproj=True)

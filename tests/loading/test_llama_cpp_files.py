@@ -2,7 +2,6 @@
 Gemma 4 text models, and the multimodal projector (mmproj) that brings the vision and audio towers
 beside a GGUF text model."""
 
-import json
 import re
 
 import numpy as np
@@ -15,26 +14,9 @@ import gemmarun
 from gemmarun.cli import main
 from gemmarun.loading import LoadError
 from llama_cpp_converter import convert, converter_source
-from reference_models import IMAGE_BUDGET, build_multimodal, build_reference, reference_image_tokens, seeded_prompt
+from reference_models import IMAGE_BUDGET, build_reference, reference_image_tokens, seeded_prompt
 from tiny_gguf import resident_kib
-from tiny_tokenizer import SPECIALS, write_tiny_tokenizer
-
-# The mmproj cannot carry the towers' eps (llama.cpp fixes 1e-6, as every checkpoint has).
-TOWER_EPS = 1e-6
-# Gemma 4's image processor values (spec 4.1: no mean/std normalisation); llama.cpp's converter needs the file.
-PREPROCESSOR = {"image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "patch_size": 16,
-                "max_soft_tokens": 280, "pooling_kernel_size": 3}
-
-
-def _list_specials(folder):
-    """Name every special token in tokenizer_config.json, as the released tokenizers do: llama.cpp's
-    converter types only the tokens transformers lists as special CONTROL, the rest NORMAL (then
-    "<|turn>" in a prompt is plain text, to llama.cpp as to gemmarun)."""
-    path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text())
-    config["extra_special_tokens"] = {**{f"special_{i}": t for i, t in enumerate(SPECIALS[4:])},
-                                      **config["extra_special_tokens"]}
-    path.write_text(json.dumps(config))
+from tiny_tokenizer import write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -55,25 +37,6 @@ def media(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def converted(llama_cpp, tmp_path_factory):
-    """family -> (HF folder, transformers model, text GGUF, mmproj GGUF) from llama.cpp's converter."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            folder = tmp_path_factory.mktemp(f"lcpp-{family}")
-            ref = build_multimodal(family, folder, tower_eps=TOWER_EPS)
-            _list_specials(folder)
-            (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
-            text = convert(folder, folder / "text-f32.gguf")
-            mmproj = convert(folder, folder / "mmproj-f32.gguf", mmproj=True)
-            cache[family] = (folder, ref, text, mmproj)
-        return cache[family]
-
-    return get
-
-
 @pytest.mark.parametrize("family", ["e2b", "e4b", "31b", "26b"])
 def test_text_gguf_from_llama_cpp_matches_reference(llama_cpp, tmp_path, family):
     ref = build_reference(family, tmp_path)
@@ -89,8 +52,8 @@ def test_text_gguf_from_llama_cpp_matches_reference(llama_cpp, tmp_path, family)
 
 
 @pytest.mark.parametrize("family", ["e2b", "31b"])
-def test_mmproj_image_soft_tokens_match_reference(converted, media, family):
-    folder, ref, text, mmproj = converted(family)
+def test_mmproj_image_soft_tokens_match_reference(llama_cpp_multimodal, media, family):
+    folder, ref, text, mmproj = llama_cpp_multimodal(family)
     llm = gemmarun.load(text, mmproj=mmproj, dtype="float32")
     ours = llm.encode_image(media / "a.png", max_soft_tokens=IMAGE_BUDGET)
     theirs = reference_image_tokens(ref, media / "a.png")
@@ -98,10 +61,10 @@ def test_mmproj_image_soft_tokens_match_reference(converted, media, family):
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-5
 
 
-def test_mmproj_prompt_with_image_and_audio_equals_the_folder(converted, media):
+def test_mmproj_prompt_with_image_and_audio_equals_the_folder(llama_cpp_multimodal, media):
     """The whole model, text GGUF + mmproj, gives the folder's logits (the folder's are checked
     against transformers in tests/model/test_multimodal_reference.py)."""
-    folder, _, text, mmproj = converted("e2b")
+    folder, _, text, mmproj = llama_cpp_multimodal("e2b")
     from_gguf = gemmarun.load(text, mmproj=mmproj, dtype="float32")
     from_folder = gemmarun.load(folder, dtype="float32")
     assert from_gguf.media_tokens == from_folder.media_tokens
@@ -120,10 +83,10 @@ def test_mmproj_prompt_with_image_and_audio_equals_the_folder(converted, media):
 
 
 @pytest.mark.parametrize("outtype, tolerance", [("f16", 2e-3), ("q8_0", 6e-2)])
-def test_mmproj_in_lower_precision_stays_close(converted, media, outtype, tolerance):
+def test_mmproj_in_lower_precision_stays_close(llama_cpp_multimodal, media, outtype, tolerance):
     """The mmproj files users download are mostly f16 (llama.cpp keeps convolutions and position
     tables f32): their soft tokens are the f32 file's within the weights' rounding."""
-    folder, _, text, mmproj = converted("e2b")
+    folder, _, text, mmproj = llama_cpp_multimodal("e2b")
     exact = gemmarun.load(text, mmproj=mmproj, dtype="float32")
     low_path = convert(folder, folder / f"mmproj-{outtype}.gguf", outtype, mmproj=True)
     low = gemmarun.load(text, mmproj=low_path, dtype="float32")
@@ -137,8 +100,8 @@ def test_mmproj_in_lower_precision_stays_close(converted, media, outtype, tolera
         assert 0 < rel <= tolerance, f"{source}: {rel:.2e}"
 
 
-def test_cli_run_takes_an_image_with_mmproj(converted, media, capsys):
-    folder, _, text, mmproj = converted("e2b")
+def test_cli_run_takes_an_image_with_mmproj(llama_cpp_multimodal, media, capsys):
+    folder, _, text, mmproj = llama_cpp_multimodal("e2b")
     args = ["--image", str(media / "a.png"), "--image-tokens", "70", "--max-tokens", "6", "--loop-guard", "off"]
     assert main(["run", str(folder), "describe", *args]) == 0
     from_folder = capsys.readouterr().out
@@ -153,14 +116,14 @@ def test_cli_run_takes_an_image_with_mmproj(converted, media, capsys):
 
 
 
-def test_chat_attaches_images_and_audio_with_commands(converted, media, monkeypatch, capsys):
+def test_chat_attaches_images_and_audio_with_commands(llama_cpp_multimodal, media, monkeypatch, capsys):
     """/image FILE and /audio FILE go with the next message (as llama.cpp's mtmd chat takes them):
     the answer is run's for the same parts; a model without the tower, a missing file or no file
     is said at once and the message goes on as text."""
     import io
     import sys
 
-    _, _, text, mmproj = converted("e2b")
+    _, _, text, mmproj = llama_cpp_multimodal("e2b")
     options = ["--max-tokens", "6", "--loop-guard", "off"]
     image, audio = media / "a.png", media / "tone.wav"
     assert main(["run", str(text), "describe", "--mmproj", str(mmproj), "--image", str(image), "--audio", str(audio),
@@ -180,8 +143,8 @@ def test_chat_attaches_images_and_audio_with_commands(converted, media, monkeypa
     assert "nowhere.wav: no such file" in capsys.readouterr().err
 
 
-def test_mmproj_misuse_is_a_one_line_error(converted, tmp_path):
-    folder, _, text, mmproj = converted("31b")
+def test_mmproj_misuse_is_a_one_line_error(llama_cpp_multimodal, tmp_path):
+    folder, _, text, mmproj = llama_cpp_multimodal("31b")
     with pytest.raises(LoadError, match="multimodal projector .mmproj. GGUF, not a text model"):
         gemmarun.load(mmproj)
     with pytest.raises(LoadError, match="a model folder holds its own towers"):
@@ -195,8 +158,8 @@ def test_mmproj_misuse_is_a_one_line_error(converted, tmp_path):
         gemmarun.load(text, mmproj=tmp_path / "junk.gguf")
 
 
-def test_mmproj_from_another_checkpoint_is_refused(converted, tmp_path):
-    _, _, _, mmproj = converted("31b")
+def test_mmproj_from_another_checkpoint_is_refused(llama_cpp_multimodal, tmp_path):
+    _, _, _, mmproj = llama_cpp_multimodal("31b")
     build_reference("31b", tmp_path, hidden_size=32)
     write_tiny_tokenizer(tmp_path, "gemma4")
     text = convert(tmp_path, tmp_path / "narrow.gguf")
@@ -299,13 +262,14 @@ def _hostile_mmproj_cases():
     }
 
 
-def test_hostile_mmproj_files_are_one_line_errors_before_any_weight_is_read(converted, tmp_path, monkeypatch):
+def test_hostile_mmproj_files_are_one_line_errors_before_any_weight_is_read(llama_cpp_multimodal, tmp_path,
+                                                                             monkeypatch):
     """Each had been a traceback, a hang (a billion blocks built before any check), a torch message
     naming no tensor, or a load that failed only at generation; and each came after the whole text
     model was read. Now the header's checks run first."""
     import gemmarun.loading.gguf as gguf_loader
 
-    _, _, text, mmproj = converted("e2b")
+    _, _, text, mmproj = llama_cpp_multimodal("e2b")
     built = []
     real_build = gguf_loader.build_text_model
     monkeypatch.setattr(gguf_loader, "build_text_model", lambda *a, **k: built.append(1) or real_build(*a, **k))
@@ -324,3 +288,4 @@ def test_hostile_mmproj_files_are_one_line_errors_before_any_weight_is_read(conv
         gemmarun.load(text, mmproj=tmp_path)
     with pytest.raises(LoadError, match="'': no such mmproj file"):
         gemmarun.load(text, mmproj="")
+

@@ -11,9 +11,9 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from serverkit import b64, png_bytes, running
+from serverkit import b64, capture_serve, png_bytes, running
 
-from gemmarun.cli import TRANSCRIBE_PROMPT
+from gemmarun.cli import TRANSCRIBE_PROMPT, main
 from gemmarun.sampling import SamplingParams
 from gemmarun.server import ServerOptions, create_app
 
@@ -192,3 +192,22 @@ def test_health_lists_the_media_a_model_can_project():
     assert modalities(model(object(), None)) == ["text", "image"]
     assert modalities(model(None, object())) == ["text", "audio"]
     assert modalities(model(object(), object())) == ["text", "image", "audio"]
+
+
+def test_serve_with_mmproj_answers_image_and_audio_parts_as_the_folder(llama_cpp_multimodal, monkeypatch):
+    """`gemmarun serve TEXT.gguf --mmproj MMPROJ.gguf`: OpenAI image_url and input_audio parts get
+    the answer the HF folder's server gives."""
+    folder, _, text, mmproj = llama_cpp_multimodal("e2b")
+    configs = []
+    capture_serve(monkeypatch, configs)
+    for model in ([str(folder)], [str(text), "--mmproj", str(mmproj)]):
+        assert main(["serve", *model, "--device", "cpu", "--dtype", "float32", "--model-name", "m"]) == 0
+    content = [image_part(png_bytes()), audio_part(wav_bytes()), {"type": "text", "text": "What is this?"}]
+    answers = []
+    for config in configs:
+        with running(config.app) as r:
+            reply = r.client().chat.completions.create(
+                model="m", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0,
+                extra_body={"ignore_eos": True, "image_tokens": 70})  # the folder's budget; an mmproj's is 280
+            answers.append((reply.choices[0].message.content, reply.usage.prompt_tokens))
+    assert answers[1] == answers[0] and answers[0][1] > 60  # the soft tokens are in the prompt
