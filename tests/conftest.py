@@ -31,13 +31,10 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_cpp_multimodal(tmp_path_factory):
     """family -> (HF folder, transformers model, text GGUF, mmproj GGUF), the GGUFs from llama.cpp's
-    own converter (skipped where it cannot be fetched)."""
-    from llama_cpp_converter import convert_multimodal, converter_source
+    own converter (see llama_cpp_converter.converter_for_tests)."""
+    from llama_cpp_converter import convert_multimodal, converter_for_tests
 
-    try:
-        converter_source()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    converter_for_tests()
     cache = {}
 
     def get(family: str):

@@ -221,7 +221,7 @@ class BatchEngine:
 
     @torch.inference_mode()
     def _speculate(self, r: _Request, depth: int) -> list[Event]:
-        """One round: `depth` drafts after `r.last`, verified in one forward; each token settled by
+        """One round: up to `depth` drafts after `r.last`, verified in one forward; each token settled by
         `_sample` with the accepted (or resampled, or bonus) token; rejected positions rolled back."""
         model, spec, control = self.llm.model, r.speculation, r.control
         began = time.perf_counter()

@@ -44,7 +44,9 @@ def _add_model_options(p: argparse.ArgumentParser, threads: bool = True, mmproj:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     if mmproj:
         p.add_argument("--mmproj", metavar="FILE", default=None,
-                       help="llama.cpp's multimodal projector GGUF: images and audio with a GGUF text model")
+                       help="llama.cpp's multimodal projector GGUF: images, video and audio with a GGUF text model")
+    else:
+        p.set_defaults(mmproj=None)
     if threads:
         p.add_argument("--threads", type=int, default=None,
                        help="CPU threads (default: $OMP_NUM_THREADS, else the physical cores)")
@@ -97,12 +99,15 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _load(model: str | None, args: argparse.Namespace):
     from .loading import load
 
-    return load(model, dtype=args.dtype, device=args.device, mmproj=getattr(args, "mmproj", None))
+    return load(model, dtype=args.dtype, device=args.device, mmproj=args.mmproj)
 
 
-def _user_message(text: str, images: list[str], audios: list[str], videos: list[str]) -> dict:
-    parts = [{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos] + \
-            [{"type": "audio", "audio": p} for p in audios]
+def _media(kind: str, path: str) -> dict:
+    """A chat message part naming a media file ("image", "video" or "audio")."""
+    return {"type": kind, kind: path}
+
+
+def _user_message(text: str, parts: list[dict]) -> dict:
     return {"role": "user", "content": parts + [{"type": "text", "text": text}] if parts else text}
 
 
@@ -172,7 +177,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _note_thinking(llm, args)
     has_media = bool(args.image or args.audio or args.video)
     use_chat = has_media or (not args.raw and (llm.has_chat_template or llm.config.family == "gemma4"))
-    source = [_user_message(text, args.image, args.audio, args.video)] if use_chat else text
+    parts = [_media("image", p) for p in args.image] + [_media("video", p) for p in args.video] + \
+            [_media("audio", p) for p in args.audio]
+    source = [_user_message(text, parts)] if use_chat else text
     prompt = llm.build_prompt(source, enable_thinking=args.think, image_tokens=args.image_tokens)
     _stream_to_stdout(llm, prompt, _sampling(args), args, thinking=args.think, draft=_draft(llm, args))
     return 0
@@ -189,7 +196,7 @@ TRANSCRIBE_PROMPT = (
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
     llm = _load(args.model, args)
-    prompt = llm.build_prompt([_user_message(TRANSCRIBE_PROMPT, [], [args.audio], [])], enable_thinking=False)
+    prompt = llm.build_prompt([_user_message(TRANSCRIBE_PROMPT, [_media("audio", args.audio)])], enable_thinking=False)
     _stream_to_stdout(llm, prompt, _sampling(args), args)
     return 0
 
@@ -288,7 +295,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(f"gemmarun: unknown command {command}", file=sys.stderr)
             print(CHAT_COMMANDS, file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": attached + [{"type": "text", "text": text}] if attached else text})
+        messages.append(_user_message(text, attached))
         attached = []  # sent with this message (or dropped with it)
         try:
             prompt = _fitted_prompt(llm, messages, args, params)
@@ -323,7 +330,7 @@ def _media_part(llm, kind: str, argument: str) -> dict | None:
         print(f"gemmarun: error: {_first_line(e)}", file=sys.stderr)
         return None
     print(f"gemmarun: {path} goes with your next message", file=sys.stderr)
-    return {"type": kind, kind: path}
+    return _media(kind, path)
 
 
 def cmd_svg_check(args: argparse.Namespace) -> int:
@@ -379,7 +386,7 @@ def cmd_svg_draw(args: argparse.Namespace) -> int:
 
     llm = _load(args.model, args)
     ask = f"Write an SVG image of {args.subject}. Answer with the SVG code only."
-    prompt = llm.build_prompt([_user_message(ask, [], [], [])])
+    prompt = llm.build_prompt([_user_message(ask, [])])
     answer = _stream_to_stdout(llm, prompt, _sampling(args), args)
     svg = extract_svg(answer)
     if svg is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import json
 import math
-import re
 from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from pathlib import Path
@@ -614,6 +613,7 @@ def text_config_from_gguf(
     meta: dict[str, Any],
     tensor_shapes: dict[str, tuple[int, ...]],
     rope_freqs: list[float] | None = None,
+    drafter: bool = False,
 ) -> TextConfig:
     """Map GGUF metadata onto the same TextConfig the HF path builds.
 
@@ -621,11 +621,14 @@ def text_config_from_gguf(
     base 1e4 and attention scale; Gemma 4's p-RoPE fraction comes from the `rope_freqs`
     divisors (1.0 = rotating pair) and K=V from the absence of `attn_v` on full layers, exactly
     as llama.cpp reads them. Every value is type- and range-checked: a corrupt or hostile file
-    is a ConfigError naming the key.
+    is a ConfigError naming the key. `drafter`: a `gemma4-assistant` file, read as Gemma 4 text
+    with no KV sharing of its own (every layer reads the target's).
     """
     arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ConfigError(f"general.architecture={_shown(arch)} is not supported ({', '.join(GGUF_ARCHITECTURES)})")
+    expected = (GGUF_ASSISTANT_ARCHITECTURE,) if drafter else GGUF_ARCHITECTURES
+    if arch not in expected:
+        what = "a drafter" if drafter else "supported"
+        raise ConfigError(f"general.architecture={_shown(arch)} is not {what} ({', '.join(expected)})")
 
     def get(key: str, default: Any = KeyError) -> Any:
         full = f"{arch}.{key}"
@@ -672,7 +675,7 @@ def text_config_from_gguf(
         eos.append(token_id("eot_token_id", 1))
     final_softcap = get("final_logit_softcapping", None)
     common = dict(
-        family=arch,
+        family="gemma4" if drafter else arch,
         vocab_size=vocab,
         hidden_size=hidden,
         num_layers=n,
@@ -709,7 +712,7 @@ def text_config_from_gguf(
 
     head_dim = integer("attention.key_length_swa", get("attention.key_length"))
     global_head_dim = integer("attention.key_length", head_dim)
-    shared = integer("attention.shared_kv_layers", 0, minimum=0)
+    shared = 0 if drafter else integer("attention.shared_kv_layers", 0, minimum=0)
     if shared >= n:
         raise ConfigError(f"{arch}.attention.shared_kv_layers={shared} is not below block_count={n}")
     ple_dim = integer("embedding_length_per_layer_input", 0, minimum=0)
@@ -754,23 +757,13 @@ def assistant_config_from_gguf(
     tensor_shapes: dict[str, tuple[int, ...]],
     rope_freqs: list[float] | None = None,
 ) -> AssistantConfig:
-    """A drafter as llama.cpp's converter writes it (`gemma4-assistant`): its keys are a Gemma 4
-    text model's, read as the HF path reads `text_config` (no KV sharing of its own: every layer
-    reads the target's). The converter drops the centroid head, so the drafter's head is the full
-    tied one (slower drafts, the same output: speculation never changes what is accepted)."""
-    arch = meta.get("general.architecture")
-    if arch != GGUF_ASSISTANT_ARCHITECTURE:
-        raise ConfigError(f"general.architecture={_shown(arch)} is not a drafter ({GGUF_ASSISTANT_ARCHITECTURE})")
-    prefix = f"{arch}."
-    as_text = {(f"gemma4.{k[len(prefix):]}" if k.startswith(prefix) else k): v for k, v in meta.items()}
-    # (K=V, which the text parse reads off the absent attn_v, is inert in a drafter, whose layers
-    # project no keys or values; it keeps the full layers' KV-head count from the file)
-    as_text.update({"general.architecture": "gemma4", "gemma4.attention.shared_kv_layers": 0})
-    backbone = meta.get(f"{prefix}embedding_length_out")
-    if backbone is None:
-        raise ConfigError(f"GGUF metadata key '{prefix}embedding_length_out' (the target's hidden size) is missing")
-    try:
-        text = text_config_from_gguf(as_text, tensor_shapes, rope_freqs)
-    except ConfigError as e:  # its messages name the file's own keys
-        raise ConfigError(re.sub(r"\bgemma4\.", prefix, str(e))) from None
-    return AssistantConfig(text=text, backbone_hidden_size=gguf_int(backbone, f"{prefix}embedding_length_out"))
+    """A drafter as llama.cpp's converter writes it (`gemma4-assistant`): a Gemma 4 text model's
+    keys under its own prefix, plus the target's hidden size. The converter drops the centroid
+    head, so the drafter's head is the full tied one (slower drafts, the same output: speculation
+    never changes what is accepted). K=V, which the text parse reads off the absent attn_v, is
+    inert in a drafter, whose layers project no keys or values."""
+    text = text_config_from_gguf(meta, tensor_shapes, rope_freqs, drafter=True)
+    key = f"{GGUF_ASSISTANT_ARCHITECTURE}.embedding_length_out"
+    if key not in meta:
+        raise ConfigError(f"GGUF metadata key {key!r} (the target's hidden size) is missing")
+    return AssistantConfig(text=text, backbone_hidden_size=gguf_int(meta[key], key))

@@ -67,8 +67,7 @@ def describe(llm: LLM, context: int, show_tensors: bool = True) -> Iterator[str]
     counts = parameter_counts(cfg)
     yield "parameters " + ", ".join(f"{k} {_count(v)}" for k, v in counts.items())
     if llm.encoders is not None:
-        towers = [(name, sum(p.numel() for p in module.parameters()))
-                  for name, module in llm.encoders.named_children() if module is not None]
+        towers = [(name, sum(p.numel() for p in module.parameters())) for name, module in llm.encoders.named_children()]
         yield "encoders   " + ", ".join(f"{name} {_count(n)}" for name, n in towers)
     elt = 4 if llm.model.dtype.itemsize == 4 else llm.model.dtype.itemsize
     per_token = kv_bytes_per_token(cfg, elt)

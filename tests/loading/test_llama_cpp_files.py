@@ -13,7 +13,7 @@ from PIL import Image
 import gemmarun
 from gemmarun.cli import main
 from gemmarun.loading import LoadError
-from llama_cpp_converter import convert, converter_source
+from llama_cpp_converter import convert, converter_for_tests
 from reference_models import IMAGE_BUDGET, build_reference, reference_image_tokens, seeded_prompt
 from tiny_gguf import resident_kib
 from tiny_tokenizer import write_tiny_tokenizer
@@ -21,10 +21,7 @@ from tiny_tokenizer import write_tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    try:
-        return converter_source()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    return converter_for_tests()
 
 
 @pytest.fixture(scope="module")
@@ -209,24 +206,35 @@ def test_drafter_gguf_from_llama_cpp(llama_cpp, tiny_models, monkeypatch, tmp_pa
         no_heads = _rewrite(path, tmp_path / "no-heads.gguf",
                             meta={"gemma4-assistant.attention.head_count": (0, GGUFValueType.UINT32)})
         with pytest.raises(LoadError, match="gemma4-assistant.attention.head_count=0 is not an integer"):
-            load_assistant(no_heads)  # the file's own key (the text parser reads it as gemma4.*)
+            load_assistant(no_heads)  # the file's own key
+        # unused K/V projections load, as from a folder; a head untied from the table does not
+        extra = {"blk.0.attn_k.weight": np.ones((16, 32), np.float32), "output.weight": np.ones((256, 32), np.float32)}
+        with_kv = _rewrite(path, tmp_path / "with-kv.gguf", tensors={"blk.0.attn_k.weight": extra["blk.0.attn_k.weight"]})
+        assert torch.equal(load_assistant(with_kv).post_projection.weight, gguf.post_projection.weight)
+        untied = _rewrite(path, tmp_path / "untied.gguf", tensors={"output.weight": extra["output.weight"]})
+        with pytest.raises(LoadError, match="output.weight is a head untied from token_embd.weight"):
+            load_assistant(untied)
 
 
 def _rewrite(src, dst, meta=None, drop=(), tensors=None):
-    """A copy of an F32 GGUF with metadata set ({key: (value, GGUFValueType)}), tensors dropped or
-    replaced ({name: array})."""
+    """A copy of an F32 GGUF with metadata set ({key: (value, GGUFValueType)} or None to drop it),
+    tensors dropped, replaced or added ({name: array})."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     r = GGUFReader(src)
     fields = {k: (f.contents(), f.types[0], f.types[-1]) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    fields.update({k: (v, t, None) for k, (v, t) in (meta or {}).items()})
+    for key, setting in (meta or {}).items():  # None drops the key
+        fields.pop(key) if setting is None else fields.__setitem__(key, (*setting, None))
     w = GGUFWriter(str(dst), fields.pop("general.architecture")[0])
     for key, (value, vtype, sub) in fields.items():
         w.add_key_value(key, value, vtype, sub_type=sub if vtype == GGUFValueType.ARRAY else None)
+    tensors = dict(tensors or {})
     for t in r.tensors:
         if t.name not in drop:
             data = np.array(t.data).reshape([int(n) for n in reversed(t.shape)])
-            w.add_tensor(t.name, (tensors or {}).get(t.name, data))
+            w.add_tensor(t.name, tensors.pop(t.name, data))
+    for name, data in tensors.items():  # new ones
+        w.add_tensor(name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -259,6 +267,11 @@ def _hostile_mmproj_cases():
                                    "a.blk.0.per_dim_scale.weight holds values that are not positive"),
         "one clip bound missing": (dict(drop=("v.blk.0.attn_q.input_max",)),
                                    "missing tensors: vision_tower.encoder.layers.0.self_attn.q_proj.input_max"),
+        "no head count": (dict(meta={"clip.vision.attention.head_count": None}),
+                          "metadata key 'clip.vision.attention.head_count' is missing"),
+        "no query norm": (dict(drop=("v.blk.0.attn_q_norm.weight",)), "no v.blk.0.attn_q_norm.weight tensor"),
+        "a gemma3 projector": (dict(meta={"clip.vision.projector_type": ("gemma3", T.STRING)}),
+                               "its vision projector is 'gemma3'"),
     }
 
 
@@ -275,15 +288,12 @@ def test_hostile_mmproj_files_are_one_line_errors_before_any_weight_is_read(llam
     monkeypatch.setattr(gguf_loader, "build_text_model", lambda *a, **k: built.append(1) or real_build(*a, **k))
     for label, (edit, message) in _hostile_mmproj_cases().items():
         case = _rewrite(mmproj, tmp_path / f"{label.replace(' ', '-')}.gguf", **edit)
+        built.clear()
         with pytest.raises(LoadError, match=message) as e:
             gemmarun.load(text, mmproj=case)
-        assert "\n" not in str(e.value) and str(case) in str(e.value), label
-    bad_header = _rewrite(mmproj, tmp_path / "gemma3-projector.gguf",
-                          meta={"clip.vision.projector_type": ("gemma3", __import__("gguf").GGUFValueType.STRING)})
-    built.clear()
-    with pytest.raises(LoadError, match="its vision projector is 'gemma3'"):
-        gemmarun.load(text, mmproj=bad_header)
-    assert not built, "the text model was read before the mmproj's header was checked"
+        assert "\n" not in str(e.value) and str(case) in str(e.value) and str(case) + ": " + str(case) not in str(e.value)
+        if label != "negative per_dim_scale":  # (only the tensor's values can tell)
+            assert not built, f"{label}: the text model was read before the mmproj was checked"
     with pytest.raises(LoadError, match="a folder, not an mmproj GGUF file"):
         gemmarun.load(text, mmproj=tmp_path)
     with pytest.raises(LoadError, match="'': no such mmproj file"):

@@ -57,6 +57,7 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
     torch_dtype = resolve_dtype(dtype, device)
     if not path.exists():
         raise LoadError(f"{path}: no such file or folder")
+    # (Path("") is the current folder: an empty --mmproj names no file)
     if mmproj is not None and (str(mmproj) in ("", ".") or not Path(mmproj).exists()):
         raise LoadError(f"{str(mmproj)!r}: no such mmproj file")
     if path.is_dir():
@@ -65,9 +66,10 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
         from .hf import load_hf_folder
 
         return load_hf_folder(path, torch_dtype, device)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
+    from .gguf_file import GGUF_MAGIC, file_magic
+
+    magic = file_magic(path)
+    if magic == GGUF_MAGIC:
         from .gguf import load_gguf
 
         return load_gguf(path, torch_dtype, device, reference=reference,

@@ -12,7 +12,8 @@ from ..model.assistant import Assistant
 from . import resolve_device, resolve_dtype
 from .build import _problems
 from .errors import LoadError
-from .names import GGUF_ASSISTANT_NAMES, GGUF_IGNORED, gguf_to_gemmarun, map_assistant_names
+from .gguf_file import GGUFFile, is_gguf
+from .names import GGUF_ASSISTANT_NAMES, GGUF_IGNORED, gguf_to_gemmarun, is_drafter_kv, map_assistant_names
 from .safetensors import read_folder
 
 
@@ -56,8 +57,8 @@ def load_assistant(path: str | Path, *, dtype=None, device=None) -> Assistant:
     `load`'s do."""
     path = Path(path)
     device = resolve_device(device)
-    if path.is_file() and _is_gguf(path):
-        cfg, state = _read_gguf(path)
+    if path.is_file() and is_gguf(path):
+        cfg, state = _read_gguf(path, resolve_dtype(dtype, device))
     elif path.is_dir():
         cfg = load_assistant_config(path)
         state, _ignored = map_assistant_names(read_folder(path))
@@ -69,30 +70,26 @@ def load_assistant(path: str | Path, *, dtype=None, device=None) -> Assistant:
         raise LoadError(f"{path}: {e}") from None
 
 
-def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
-def _read_gguf(path: Path) -> tuple[AssistantConfig, dict[str, torch.Tensor]]:
-    """llama.cpp's drafter GGUF: text names plus the two projections, every tensor dequantized
-    exactly (the drafter is small next to its target)."""
-    from .gguf import read_rope_freqs, read_tensor
-    from .gguf_file import GGUFFile
+def _read_gguf(path: Path, dtype: torch.dtype) -> tuple[AssistantConfig, dict[str, torch.Tensor]]:
+    """llama.cpp's drafter GGUF: text names plus the two projections, each tensor dequantized
+    exactly and cast to `dtype` one at a time (the tied table is 262k rows)."""
+    from .gguf import check_head_is_tied, read_rope_freqs, read_tensor
 
     f = GGUFFile(path)
     try:
         cfg = assistant_config_from_gguf(f.metadata, {n: i.shape for n, i in f.tensors.items()}, read_rope_freqs(f))
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
+    check_head_is_tied(f)
     state, unknown = {}, []
     for name, info in f.tensors.items():
         ours = GGUF_ASSISTANT_NAMES.get(name) or gguf_to_gemmarun(name)
-        if ours is None:
-            if name not in GGUF_IGNORED:
+        if ours is None or is_drafter_kv(ours):  # unused K/V: as the folder's (names.map_assistant_names)
+            if ours is None and name not in GGUF_IGNORED:
                 unknown.append(name)
             continue
-        state[ours] = read_tensor(f, info, True).float()
+        state[ours] = read_tensor(f, info, True).to(dtype)
+        f.release(name)  # the pages read for the copy leave RSS
     if unknown:
         raise LoadError(f"{path}: unknown tensors: {', '.join(unknown[:8])}")
     return cfg, state

@@ -82,6 +82,13 @@ def _check(cfg: TextConfig, expected: dict[str, torch.Tensor], state: dict[str, 
         raise LoadError("; ".join(problems))
 
 
+def check_encoder_state(encoders: torch.nn.Module, state: dict[str, Tensorish]) -> None:
+    """LoadError unless `state` (real or meta tensors) has exactly the towers' names and shapes."""
+    problems = _problems(encoders.state_dict(), state)
+    if problems:
+        raise LoadError("encoders: " + "; ".join(problems))
+
+
 def build_encoders(mm_cfg, text_cfg: TextConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
                    device: torch.device):
     """The vision/audio towers (gemmarun names = HF names minus `model.`), checked strictly;
@@ -92,9 +99,7 @@ def build_encoders(mm_cfg, text_cfg: TextConfig, state: dict[str, torch.Tensor],
     cls = UnifiedEncoders if isinstance(mm_cfg, UnifiedConfig) else Encoders
     with torch.device("meta"):
         encoders = cls(mm_cfg, text_cfg.hidden_size)
-    problems = _problems(encoders.state_dict(), state)
-    if problems:
-        raise LoadError("encoders: " + "; ".join(problems))
+    check_encoder_state(encoders, state)
     state = {k: (t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t) for k, t in state.items()}
     encoders.load_state_dict(state, strict=True, assign=True)
     return encoders.to(device).eval()

@@ -16,7 +16,7 @@ from ..tokenizer import Tokenizer
 from .build import QuantizedTensor, build_text_model
 from .errors import LoadError
 from .gguf_file import GGUFFile, TensorInfo
-from .names import GGUF_IGNORED, gguf_to_gemmarun
+from .names import GGUF_IGNORED, MMPROJ_ARCHITECTURE, gguf_to_gemmarun
 
 _KV_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.")
 FLOAT_TYPES = {
@@ -61,7 +61,7 @@ def read_gguf_config(f: GGUFFile):
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: bool = False,
               mmproj: Path | None = None) -> LLM:
     f = GGUFFile(path)
-    if f.metadata.get("general.architecture") == "clip":
+    if f.metadata.get("general.architecture") == MMPROJ_ARCHITECTURE:
         raise LoadError(f"{path}: a multimodal projector (mmproj) GGUF, not a text model: load the text model's "
                         "GGUF and give this file as its mmproj (--mmproj)")
     try:
@@ -78,12 +78,12 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
     if template is not None and not isinstance(template, str):
         raise LoadError(f"{path}: tokenizer.chat_template is {type(template).__name__}, not a template string")
     f.drop_metadata("tokenizer.ggml.")
-    _check_head_is_tied(f)
+    check_head_is_tied(f)
     towers = None
     if mmproj is not None:  # its header checked before any weight is read
         from .mmproj import open_mmproj
 
-        towers = open_mmproj(mmproj, cfg)
+        towers = open_mmproj(mmproj, cfg, tokenizer)
     state: dict[str, torch.Tensor | QuantizedTensor] = {}
     unknown = []
     for name, info in f.tensors.items():
@@ -107,13 +107,13 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
     if towers is not None:
         from .mmproj import load_mmproj
 
-        encoders = load_mmproj(towers, cfg, tokenizer, dtype=dtype, device=device)
+        encoders = load_mmproj(towers, cfg, dtype=dtype, device=device)
     table = [(i.name, i.type_name, i.shape, i.nbytes) for i in f.tensors.values()]
     info = ModelInfo(path=path, format="gguf", chat_template=template, tensors=table)
     return LLM(model, tokenizer, info, encoders)
 
 
-def _check_head_is_tied(f: GGUFFile) -> None:
+def check_head_is_tied(f: GGUFFile) -> None:
     """Gemma ties its output head to the token table. A file with its own `output.weight` (which
     llama.cpp would multiply by) is refused unless it holds the same bytes as the table."""
     head, table = f.tensors.get("output.weight"), f.tensors.get("token_embd.weight")

@@ -43,6 +43,19 @@ class TensorInfo:
         return self.ggml_type.name
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def file_magic(path: str | Path) -> bytes:
+    """A file's first four bytes (fewer for a shorter file)."""
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+def is_gguf(path: str | Path) -> bool:
+    return file_magic(path) == GGUF_MAGIC
+
+
 class GGUFFile:
     """Parsed header of a GGUF file plus a private memory map of its bytes."""
 
@@ -51,7 +64,7 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             size = self.path.stat().st_size
             magic = f.read(4)
-            if len(magic) == 4 and magic != b"GGUF":
+            if len(magic) == 4 and magic != GGUF_MAGIC:
                 raise LoadError(f"{self.path}: not a GGUF file (magic {magic!r})")
             if size < 24:
                 raise LoadError(f"{self.path}: truncated GGUF file ({size} bytes)")
@@ -109,9 +122,7 @@ class GGUFFile:
     # -- structure -----------------------------------------------------------------------------
 
     def _parse(self) -> None:
-        if self._map[:4] != b"GGUF":
-            raise LoadError(f"{self.path}: not a GGUF file (magic {bytes(self._map[:4])!r})")
-        self._pos = 4
+        self._pos = 4  # past the magic, checked on opening
         self.version = self._scalar(4)
         if self.version not in (2, 3):
             raise LoadError(f"{self.path}: GGUF version {self.version} is not supported (2, 3)")

@@ -4,16 +4,16 @@ a file of their own, loaded beside a GGUF text model as `llama-server --mmproj` 
 An mmproj carries the towers' weights and a few sizes (`clip.vision.*`, `clip.audio.*`); the rest of
 each tower's config is read off its tensors' shapes, and what neither holds keeps the value every
 released checkpoint uses, which llama.cpp fixes too (vision RoPE base 100, 3x3 pooling, audio
-attention chunks). `sanitize` undoes the converter's three layout changes, so the towers are the
-same modules, with the same weights, as from a HF folder.
+attention chunks, audio eps). `sanitize` undoes the converter's three layout changes, so the towers
+are the same modules, with the same weights, as from a HF folder.
 
-`open_mmproj` checks everything the header can tell before the text model's weights are read (a
-wrong file costs no model load); `load_mmproj` then reads the towers.
+`open_mmproj` settles everything the header and the tensors' shapes can tell (sanitize runs on
+meta tensors), before the text model's weights are read: a wrong file costs no model load.
+`load_mmproj` then reads the towers.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,112 +21,96 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, TextConfig, gguf_float, gguf_int
-from ..model.audio import NUM_MEL_BINS, AudioConfig
+from ..model.audio import AudioConfig
 from ..model.multimodal import Encoders, MediaTokens, MultimodalConfig
 from ..model.vision import VisionConfig
+from ..processing.audio import NUM_MEL_BINS
+from ..processing.prompt import MEDIA_TOKEN_TEXT
 from ..tokenizer import Tokenizer
-from .build import build_encoders
+from .build import build_encoders, check_encoder_state
 from .errors import LoadError
 from .gguf import read_tensor
 from .gguf_file import GGUFFile
-from .names import mmproj_to_gemmarun
+from .names import MMPROJ_ARCHITECTURE, mmproj_block, mmproj_to_gemmarun
 
-VISION_PROJECTOR, AUDIO_PROJECTOR = "gemma4v", "gemma4a"
-TOWERS = {"vision": ("v", VISION_PROJECTOR), "audio": ("a", AUDIO_PROJECTOR)}  # block prefix, projector
-# The placeholder and delimiter strings of spec 6.1, looked up in the text model's vocabulary.
-MEDIA_TOKEN_STRINGS = {"image": "<|image|>", "audio": "<|audio|>", "video": "<|video|>", "boi": "<|image>",
-                       "eoi": "<image|>", "boa": "<|audio>", "eoa": "<audio|>"}
-_BLOCK = re.compile(r"([va])\.blk\.(\d+)\.")
+PROJECTORS = {"vision": "gemma4v", "audio": "gemma4a"}
+# llama.cpp fixes the audio eps at 1e-6 (its converter wrote a wrong one into early files), as every
+# Gemma 4 checkpoint has it; the vision eps is read from the file.
+AUDIO_EPS = 1e-6
 
 
 @dataclass
 class MmprojFile:
-    """An mmproj whose header passed `open_mmproj`: the towers it holds, tensors not yet read."""
+    """An mmproj that passed `open_mmproj`: its towers' config; tensors not yet read."""
 
     file: GGUFFile
-    towers: tuple[str, ...]  # "vision", "audio"
+    config: MultimodalConfig
 
 
-def open_mmproj(path: Path, text_cfg: TextConfig) -> MmprojFile:
-    """The header's checks: a Gemma 4 projector for a Gemma 4 text model, every tensor one gemmarun
-    knows, each tower's flag, tensors and block count in agreement."""
+def open_mmproj(path: Path, text_cfg: TextConfig, tokenizer: Tokenizer) -> MmprojFile:
+    """Every check that needs no tensor data: a Gemma 4 projector for a Gemma 4 text model, each
+    tower's flag, tensors and block count in agreement, the config its metadata and shapes give,
+    and the towers' exact names and shapes."""
     if path.is_dir():
         raise LoadError(f"{path}: a folder, not an mmproj GGUF file")
     f = GGUFFile(path)
     meta = f.metadata
     arch = meta.get("general.architecture")
-    if arch != "clip":
-        raise LoadError(f"{path}: general.architecture is {arch!r}, not 'clip': not a multimodal projector (mmproj) GGUF")
+    if arch != MMPROJ_ARCHITECTURE:
+        raise LoadError(f"{path}: general.architecture is {arch!r}, not {MMPROJ_ARCHITECTURE!r}: not a multimodal "
+                        "projector (mmproj) GGUF")
     if text_cfg.family != "gemma4":
         raise LoadError(f"{path}: an mmproj adds towers to a Gemma 4 text model; this one is {text_cfg.family} "
                         "(Gemma 3 runs as text only in gemmarun)")
     unknown = [name for name in f.tensors if mmproj_to_gemmarun(name) is None]
     if unknown:
         raise LoadError(f"{path}: tensors that are not Gemma 4 vision or audio: {', '.join(unknown[:8])}")
-    towers = []
-    for tower, (prefix, projector) in TOWERS.items():
-        flagged = meta.get(f"clip.has_{tower}_encoder", False)
-        if flagged is not True:
-            if any(_tower_of(name) == tower for name in f.tensors):
-                raise LoadError(f"{path}: clip.has_{tower}_encoder is {flagged!r} but the file holds {tower} tensors")
-            continue
-        kind = meta.get(f"clip.{tower}.projector_type", meta.get("clip.projector_type"))
-        if kind != projector:
-            raise LoadError(f"{path}: its {tower} projector is {kind!r}; gemmarun runs Gemma 4's ({projector!r})")
-        blocks = {int(m.group(2)) for m in map(_BLOCK.match, f.tensors) if m and m.group(1) == prefix}
-        try:
-            count = gguf_int(meta.get(f"clip.{tower}.block_count"), f"clip.{tower}.block_count")
-        except ConfigError as e:
-            raise LoadError(f"{path}: {e}") from None
-        if len(blocks) != count or (blocks and max(blocks) != count - 1):  # (distinct: so exactly 0..count-1)
-            raise LoadError(f"{path}: clip.{tower}.block_count={count} but the file holds "
-                            f"{len(blocks)} {tower} blocks" + (f" (up to {max(blocks)})" if blocks else ""))
-        towers.append(tower)
-    if not towers:
-        raise LoadError(f"{path}: the mmproj has neither a vision nor an audio encoder")
-    return MmprojFile(f, tuple(towers))
-
-
-def _tower_of(name: str) -> str:
-    """Which tower a (known) mmproj tensor belongs to: `a.*` and `mm.a.*` audio, the rest vision."""
-    return "audio" if name.startswith(("a.", "mm.a.")) else "vision"
-
-
-def load_mmproj(mm: MmprojFile, text_cfg: TextConfig, tokenizer: Tokenizer, *, dtype: torch.dtype,
-                device: torch.device) -> Encoders:
-    """The towers of an opened mmproj, in `dtype` (one copy per tensor), checked against the text
-    model they are to feed."""
-    f = mm.file
-    state = {}
     try:
-        for name, info in f.tensors.items():
-            ours = mmproj_to_gemmarun(name)
-            state[ours] = sanitize(ours, read_tensor(f, info, True), name).to(dtype)
-            # the file's pages read for a copy leave RSS (a tensor still viewing them reads them
-            # again from the file when used): an f16 tower in float32 had held both, +930 MiB at E2B's size
-            f.release(name)
-        vision = _vision_config(f.metadata, state) if "vision" in mm.towers else None
-        audio = _audio_config(f.metadata, state) if "audio" in mm.towers else None
-    except KeyError as e:
-        raise LoadError(f"{f.path}: no {e.args[0]} (a Gemma 4 mmproj has it)") from None
+        towers = [tower for tower in PROJECTORS if _has_tower(f, tower)]
+        if not towers:
+            raise ConfigError("the mmproj has neither a vision nor an audio encoder")
+        shapes = {mmproj_to_gemmarun(name): sanitize(mmproj_to_gemmarun(name), torch.empty(info.shape, device="meta"),
+                                                     name)
+                  for name, info in f.tensors.items()}
+        vision = _vision_config(meta, shapes) if "vision" in towers else None
+        audio = _audio_config(meta, shapes) if "audio" in towers else None
     except (ConfigError, ValueError) as e:
-        raise LoadError(f"{f.path}: {e}") from None
+        raise LoadError(f"{path}: {e}") from None
     for tower, key in (("vision", "embed_vision.embedding_projection.weight"),
                        ("audio", "embed_audio.embedding_projection.weight")):
-        weight = state.get(key)
+        weight = shapes.get(key)
         if weight is not None and weight.shape[0] != text_cfg.hidden_size:
-            raise LoadError(f"{f.path}: its {tower} tokens are {weight.shape[0]} wide, the text model's embeddings "
+            raise LoadError(f"{path}: its {tower} tokens are {weight.shape[0]} wide, the text model's embeddings "
                             f"{text_cfg.hidden_size}: the two files are not from the same checkpoint")
-    cfg = MultimodalConfig(vision=vision, audio=audio, tokens=_media_tokens(tokenizer, f.path))
+    cfg = MultimodalConfig(vision=vision, audio=audio, tokens=_media_tokens(tokenizer, path))
+    with torch.device("meta"):
+        towers_on_meta = Encoders(cfg, text_cfg.hidden_size)
     try:
-        return build_encoders(cfg, text_cfg, state, dtype=dtype, device=device)
+        check_encoder_state(towers_on_meta, shapes)
     except LoadError as e:
-        raise LoadError(f"{f.path}: {e}") from None
+        raise LoadError(f"{path}: {e}") from None
+    return MmprojFile(f, cfg)
+
+
+def load_mmproj(mm: MmprojFile, text_cfg: TextConfig, *, dtype: torch.dtype, device: torch.device) -> Encoders:
+    """The towers of an opened mmproj, in `dtype` (one copy per tensor)."""
+    f = mm.file
+    state = {}
+    for name, info in f.tensors.items():
+        ours = mmproj_to_gemmarun(name)
+        try:
+            state[ours] = sanitize(ours, read_tensor(f, info, True), name).to(dtype)
+        except ValueError as e:
+            raise LoadError(e if isinstance(e, LoadError) else f"{f.path}: {e}") from None
+        # the file's pages read for a copy leave RSS (a tensor still viewing them reads them again
+        # from the file when used): an f16 tower in float32 had held both, +930 MiB at E2B's size
+        f.release(name)
+    return build_encoders(mm.config, text_cfg, state, dtype=dtype, device=device)
 
 
 def sanitize(name: str, t: torch.Tensor, gguf_name: str) -> torch.Tensor:
     """A tensor as the HF checkpoint holds it, from llama.cpp's converter's layout (ValueError,
-    naming the file's tensor, where the layout is not that)."""
+    naming the file's tensor, where the layout is not that). Works on meta tensors (shapes only)."""
 
     def need(ok: bool, expected: str) -> None:
         if not ok:
@@ -141,7 +125,7 @@ def sanitize(name: str, t: torch.Tensor, gguf_name: str) -> torch.Tensor:
         # enough (in float64, |error| ~1 ulp after the tower's float32 softplus)
         need(t.dim() == 1, "[head_dim]")
         y = t.double()
-        if not bool(((y > 0) & torch.isfinite(y)).all()):
+        if not y.is_meta and not bool(((y > 0) & torch.isfinite(y)).all()):
             raise ValueError(f"{gguf_name} holds values that are not positive and finite (a softplus output is)")
         return y + torch.log(-torch.expm1(-y))
     if name.endswith("depthwise_conv1d.weight"):
@@ -153,70 +137,111 @@ def sanitize(name: str, t: torch.Tensor, gguf_name: str) -> torch.Tensor:
     return t
 
 
-def _vision_config(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> VisionConfig:
+def _has_tower(f: GGUFFile, tower: str) -> bool:
+    """Whether the file holds this tower, of the kind gemmarun runs, its flag, tensors and block
+    count agreeing (ConfigError where they do not)."""
+    meta = f.metadata
+    flag = meta.get(f"clip.has_{tower}_encoder", False)
+    tensors = [name for name in f.tensors if _tower_of(name) == tower]
+    if flag is not True:
+        if tensors:
+            raise ConfigError(f"clip.has_{tower}_encoder is {flag!r} but the file holds {tower} tensors")
+        return False
+    kind = meta.get(f"clip.{tower}.projector_type", meta.get("clip.projector_type"))
+    if kind != PROJECTORS[tower]:
+        raise ConfigError(f"its {tower} projector is {kind!r}; gemmarun runs Gemma 4's ({PROJECTORS[tower]!r})")
+    blocks = {block for block in map(mmproj_block, tensors) if block is not None}
+    count = _int(meta, f"clip.{tower}.block_count")
+    if len(blocks) != count or (blocks and max(blocks) != count - 1):  # (distinct: so exactly 0..count-1)
+        raise ConfigError(f"clip.{tower}.block_count={count} but the file holds {len(blocks)} {tower} blocks"
+                          + (f" (up to {max(blocks)})" if blocks else ""))
+    return True
+
+
+def _tower_of(name: str) -> str:
+    """The tower a gemmarun name belongs to (`vision_tower`/`embed_vision`: vision)."""
+    return "audio" if "audio" in mmproj_to_gemmarun(name).split(".")[0] else "vision"
+
+
+def _int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = meta.get(key, default)
+    if value is None:
+        raise ConfigError(f"GGUF metadata key {key!r} is missing")
+    return gguf_int(value, key)
+
+
+def _vision_config(meta: dict[str, Any], shapes: dict[str, torch.Tensor]) -> VisionConfig:
     layer = "vision_tower.encoder.layers.0.self_attn."
-    head_dim = state[layer + "q_norm.weight"].shape[0]
+    head_dim = _shape(shapes, layer + "q_norm.weight")[0]
     if head_dim % 4:
         raise ConfigError(f"vision head_dim={head_dim} (v.blk.0.attn_q_norm) must be a multiple of 4 (2-D RoPE)")
     eps = gguf_float(meta.get("clip.vision.attention.layer_norm_epsilon", 1e-6), "clip.vision.attention.layer_norm_epsilon")
     if eps <= 0:
         raise ConfigError(f"clip.vision.attention.layer_norm_epsilon={eps} must be positive")
-    heads = gguf_int(meta.get("clip.vision.attention.head_count"), "clip.vision.attention.head_count")
-    kv_rows = state[layer + "k_proj.linear.weight"].shape[0]
-    if kv_rows % head_dim or heads % max(kv_rows // head_dim, 1) or kv_rows < head_dim:
+    heads = _int(meta, "clip.vision.attention.head_count")
+    kv_rows = _shape(shapes, layer + "k_proj.linear.weight")[0]
+    if kv_rows % head_dim or kv_rows < head_dim or heads % (kv_rows // head_dim):
         raise ConfigError(f"v.blk.0.attn_k's {kv_rows} rows are not key heads of {head_dim} that divide "
                           f"clip.vision.attention.head_count={heads}")
     return VisionConfig(
-        hidden_size=gguf_int(meta.get("clip.vision.embedding_length"), "clip.vision.embedding_length"),
-        intermediate_size=gguf_int(meta.get("clip.vision.feed_forward_length"), "clip.vision.feed_forward_length"),
-        num_layers=gguf_int(meta.get("clip.vision.block_count"), "clip.vision.block_count"),
+        hidden_size=_int(meta, "clip.vision.embedding_length"),
+        intermediate_size=_int(meta, "clip.vision.feed_forward_length"),
+        num_layers=_int(meta, "clip.vision.block_count"),
         num_heads=heads,
         num_kv_heads=kv_rows // head_dim,
         head_dim=head_dim,
         rms_norm_eps=eps,
         rope_theta=100.0,
-        patch_size=gguf_int(meta.get("clip.vision.patch_size"), "clip.vision.patch_size"),
-        pooling_kernel=gguf_int(meta.get("clip.vision.projector.scale_factor", 3), "clip.vision.projector.scale_factor"),
-        position_embedding_size=state["vision_tower.patch_embedder.position_embedding_table"].shape[1],
-        use_clipped_linears=_clipped(state, "vision_tower."),
-        standardize="vision_tower.std_bias" in state,
+        patch_size=_int(meta, "clip.vision.patch_size"),
+        pooling_kernel=_int(meta, "clip.vision.projector.scale_factor", 3),
+        position_embedding_size=_shape(shapes, "vision_tower.patch_embedder.position_embedding_table")[1],
+        use_clipped_linears=_clipped(shapes, "vision_tower."),
+        standardize="vision_tower.std_bias" in shapes,
     )
 
 
-def _audio_config(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> AudioConfig:
-    mel_bins = gguf_int(meta.get("clip.audio.num_mel_bins", NUM_MEL_BINS), "clip.audio.num_mel_bins")
+def _audio_config(meta: dict[str, Any], shapes: dict[str, torch.Tensor]) -> AudioConfig:
+    mel_bins = _int(meta, "clip.audio.num_mel_bins", NUM_MEL_BINS)
     if mel_bins != NUM_MEL_BINS:
         raise ConfigError(f"clip.audio.num_mel_bins={mel_bins}; Gemma 4's audio features have {NUM_MEL_BINS}")
-    hidden = gguf_int(meta.get("clip.audio.embedding_length"), "clip.audio.embedding_length")
-    heads = gguf_int(meta.get("clip.audio.attention.head_count"), "clip.audio.attention.head_count")
-    head_dim = state["audio_tower.layers.0.self_attn.per_dim_scale"].shape[0]
+    hidden = _int(meta, "clip.audio.embedding_length")
+    heads = _int(meta, "clip.audio.attention.head_count")
+    head_dim = _shape(shapes, "audio_tower.layers.0.self_attn.per_dim_scale")[0]
     if heads * head_dim != hidden:
         raise ConfigError(f"clip.audio.attention.head_count={heads} heads of {head_dim} (a.blk.0.per_dim_scale) "
                           f"do not make clip.audio.embedding_length={hidden}")
     conv = "audio_tower.subsample_conv_projection."
     return AudioConfig(
         hidden_size=hidden,
-        num_layers=gguf_int(meta.get("clip.audio.block_count"), "clip.audio.block_count"),
+        num_layers=_int(meta, "clip.audio.block_count"),
         num_heads=heads,
-        subsampling_conv_channels=(state[conv + "layer0.conv.weight"].shape[0],
-                                   state[conv + "layer1.conv.weight"].shape[0]),
-        conv_kernel_size=state["audio_tower.layers.0.lconv1d.depthwise_conv1d.weight"].shape[-1],
-        use_clipped_linears=_clipped(state, "audio_tower."),
-        # llama.cpp fixes the audio eps at 1e-6 too: its converter wrote a wrong one into early files
-        rms_norm_eps=1e-6,
-        output_proj_dims=state["audio_tower.output_proj.weight"].shape[0],
+        subsampling_conv_channels=(_shape(shapes, conv + "layer0.conv.weight")[0],
+                                   _shape(shapes, conv + "layer1.conv.weight")[0]),
+        conv_kernel_size=_shape(shapes, "audio_tower.layers.0.lconv1d.depthwise_conv1d.weight")[-1],
+        use_clipped_linears=_clipped(shapes, "audio_tower."),
+        rms_norm_eps=AUDIO_EPS,
+        output_proj_dims=_shape(shapes, "audio_tower.output_proj.weight")[0],
     )
 
 
-def _clipped(state: dict[str, torch.Tensor], tower: str) -> bool:
+def _shape(shapes: dict[str, torch.Tensor], name: str) -> torch.Size:
+    """A tensor's (sanitized) shape; ConfigError naming the file's tensor when it has none."""
+    if name not in shapes:
+        from .names import gemmarun_to_mmproj
+
+        raise ConfigError(f"no {gemmarun_to_mmproj(name)} tensor (a Gemma 4 mmproj has it)")
+    return shapes[name].shape
+
+
+def _clipped(shapes: dict[str, torch.Tensor], tower: str) -> bool:
     """Whether a tower's linears are clippable: any clip bound says so (then a missing one is named
     as missing, not every other one as unexpected)."""
-    return any(name.startswith(tower) and name.endswith(".input_max") for name in state)
+    return any(name.startswith(tower) and name.endswith(".input_max") for name in shapes)
 
 
 def _media_tokens(tokenizer: Tokenizer, path: Path) -> MediaTokens:
     ids = {}
-    for field, text in MEDIA_TOKEN_STRINGS.items():
+    for field, text in MEDIA_TOKEN_TEXT.items():
         i = tokenizer.token_to_id(text)
         if i is None:
             raise LoadError(f"{path}: the text model's vocabulary has no {text} token, which media prompts need")

@@ -27,6 +27,12 @@ _SHARED_KV = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm
 _NORM_WEIGHT = re.compile(r"(^|\.)[a-z_]*norm[a-z_0-9]*\.weight$")
 
 
+def is_drafter_kv(name: str) -> bool:
+    """A layer's own key/value projection or norm (gemmarun name): a drafter has none in use, every
+    layer reading the target's keys and values."""
+    return _SHARED_KV.match(name) is not None
+
+
 def is_norm_weight(name: str) -> bool:
     """An RMSNorm's weight (gemmarun or HF name)."""
     return _NORM_WEIGHT.search(name) is not None
@@ -72,7 +78,7 @@ def map_assistant_names(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tor
     for name, tensor in tensors.items():
         if name == "lm_head.weight":
             ignored[name] = "the drafter's head is tied to model.embed_tokens"
-        elif name.startswith(ASSISTANT_PREFIX) and _SHARED_KV.match(name[len(ASSISTANT_PREFIX):]):
+        elif name.startswith(ASSISTANT_PREFIX) and is_drafter_kv(name[len(ASSISTANT_PREFIX):]):
             ignored[name] = "drafter layers read the target's keys and values"
         elif name.startswith(ASSISTANT_PREFIX):
             state[name[len(ASSISTANT_PREFIX):]] = tensor
@@ -164,6 +170,7 @@ def gguf_to_gemmarun(name: str) -> str | None:
 # key (`v.blk.N.<key>`, `a.blk.N.<key>`) names a module: its `.weight` is the module's weight, or
 # `linear.weight` for a clippable linear (MMPROJ_CLIPPABLE), whose clip bounds keep their suffixes
 # (`.input_min`, `.input_max`, `.output_min`, `.output_max`).
+MMPROJ_ARCHITECTURE = "clip"  # an mmproj's general.architecture
 MMPROJ_VISION_BLOCK = {
     "ln1": "input_layernorm",
     "attn_post_norm": "post_attention_layernorm",
@@ -224,7 +231,8 @@ MMPROJ_GLOBAL_NAMES = {
     "a.pre_encode.out.bias": "audio_tower.output_proj.bias",
     "mm.a.input_projection.weight": "embed_audio.embedding_projection.weight",
 }
-_MMPROJ_BLOCK = re.compile(r"([va])\.blk\.(\d+)\.([a-z_0-9]+)\.(weight|input_min|input_max|output_min|output_max)$")
+_MMPROJ_SUFFIXES = ("weight", "input_min", "input_max", "output_min", "output_max")
+_MMPROJ_BLOCK = re.compile(rf"([va])\.blk\.(\d+)\.([a-z_0-9]+)\.({'|'.join(_MMPROJ_SUFFIXES)})$")
 
 
 def mmproj_to_gemmarun(name: str) -> str | None:
@@ -246,6 +254,28 @@ def mmproj_to_gemmarun(name: str) -> str | None:
     if key == "per_dim_scale":
         return f"{prefix}.{index}.{module}"
     return f"{prefix}.{index}.{module}.weight"
+
+
+def mmproj_block(name: str) -> int | None:
+    """The block index of a `v.blk.N.*` / `a.blk.N.*` mmproj tensor, else None."""
+    m = _MMPROJ_BLOCK.match(name)
+    return int(m.group(2)) if m else None
+
+
+def gemmarun_to_mmproj(name: str) -> str:
+    """The mmproj tensor name `mmproj_to_gemmarun` maps to `name` (for messages; `name` itself if
+    none does)."""
+    for gguf_name, ours in MMPROJ_GLOBAL_NAMES.items():
+        if ours == name:
+            return gguf_name
+    for tower, (prefix, table) in MMPROJ_BLOCKS.items():
+        m = re.match(rf"{re.escape(prefix)}\.(\d+)\.", name)
+        for key in table if m else ():
+            for suffix in _MMPROJ_SUFFIXES:
+                candidate = f"{tower}.blk.{m.group(1)}.{key}.{suffix}"
+                if mmproj_to_gemmarun(candidate) == name:
+                    return candidate
+    return name
 
 
 def gemmarun_to_gguf(name: str) -> str:

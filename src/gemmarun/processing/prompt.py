@@ -23,7 +23,10 @@ import numpy as np
 from .audio import load_audio, num_audio_soft_tokens, split_clips
 from .image import ImageInputs, load_image, preprocess_image, preprocess_video_frames, sample_video
 
-PLACEHOLDERS = {"<|image|>": "image", "<|audio|>": "audio", "<|video|>": "video"}
+# Spec 6.1's media placeholders and delimiters as text (their ids: model.multimodal.MediaTokens's fields).
+MEDIA_TOKEN_TEXT = {"image": "<|image|>", "audio": "<|audio|>", "video": "<|video|>", "boi": "<|image>",
+                    "eoi": "<image|>", "boa": "<|audio>", "eoa": "<audio|>"}
+PLACEHOLDERS = {MEDIA_TOKEN_TEXT[kind]: kind for kind in ("image", "audio", "video")}
 _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
 _PART_KINDS = {"image": "image", "image_url": "image", "audio": "audio", "input_audio": "audio", "video": "video"}
 
