@@ -57,15 +57,16 @@ def load_assistant(path: str | Path, *, dtype=None, device=None) -> Assistant:
     `load`'s do."""
     path = Path(path)
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     if path.is_file() and is_gguf(path):
-        cfg, state = _read_gguf(path, resolve_dtype(dtype, device))
+        cfg, state = _read_gguf(path, dtype)
     elif path.is_dir():
         cfg = load_assistant_config(path)
         state, _ignored = map_assistant_names(read_folder(path))
     else:
         raise LoadError(f"{path}: a drafter is a folder with config.json and safetensors, or its GGUF")
     try:
-        return build_assistant(cfg, state, dtype=resolve_dtype(dtype, device), device=device)
+        return build_assistant(cfg, state, dtype=dtype, device=device)
     except LoadError as e:
         raise LoadError(f"{path}: {e}") from None
 

@@ -69,9 +69,10 @@ def open_mmproj(path: Path, text_cfg: TextConfig, tokenizer: Tokenizer) -> Mmpro
         towers = [tower for tower in PROJECTORS if _has_tower(f, tower)]
         if not towers:
             raise ConfigError("the mmproj has neither a vision nor an audio encoder")
-        shapes = {mmproj_to_gemmarun(name): sanitize(mmproj_to_gemmarun(name), torch.empty(info.shape, device="meta"),
-                                                     name)
-                  for name, info in f.tensors.items()}
+        shapes = {}  # gemmarun name -> the sanitized tensor's shape, as a meta tensor
+        for name, info in f.tensors.items():
+            ours = mmproj_to_gemmarun(name)
+            shapes[ours] = sanitize(ours, torch.empty(info.shape, device="meta"), name)
         vision = _vision_config(meta, shapes) if "vision" in towers else None
         audio = _audio_config(meta, shapes) if "audio" in towers else None
     except (ConfigError, ValueError) as e:
