@@ -79,11 +79,11 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
         raise LoadError(f"{path}: tokenizer.chat_template is {type(template).__name__}, not a template string")
     f.drop_metadata("tokenizer.ggml.")
     check_head_is_tied(f)
-    towers = None
-    if mmproj is not None:  # its header checked before any weight is read
+    projector = None
+    if mmproj is not None:  # checked before any weight is read
         from .mmproj import open_mmproj
 
-        towers = open_mmproj(mmproj, cfg, tokenizer)
+        projector = open_mmproj(mmproj, cfg, tokenizer)
     state: dict[str, torch.Tensor | QuantizedTensor] = {}
     unknown = []
     for name, info in f.tensors.items():
@@ -104,10 +104,10 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
             state.setdefault(f"layers.{i}.layer_scalar", torch.ones(1))
     model = build_text_model(cfg, state, dtype=dtype, device=device)
     encoders = None
-    if towers is not None:
+    if projector is not None:
         from .mmproj import load_mmproj
 
-        encoders = load_mmproj(towers, cfg, dtype=dtype, device=device)
+        encoders = load_mmproj(projector, cfg, dtype=dtype, device=device)
     table = [(i.name, i.type_name, i.shape, i.nbytes) for i in f.tensors.values()]
     info = ModelInfo(path=path, format="gguf", chat_template=template, tensors=table)
     return LLM(model, tokenizer, info, encoders)

@@ -101,8 +101,10 @@ def load_mmproj(mm: MmprojFile, text_cfg: TextConfig, *, dtype: torch.dtype, dev
         ours = mmproj_to_gemmarun(name)
         try:
             state[ours] = sanitize(ours, read_tensor(f, info, True), name).to(dtype)
+        except LoadError:  # (read_tensor's errors name the file already)
+            raise
         except ValueError as e:
-            raise LoadError(e if isinstance(e, LoadError) else f"{f.path}: {e}") from None
+            raise LoadError(f"{f.path}: {e}") from None
         # the file's pages read for a copy leave RSS (a tensor still viewing them reads them again
         # from the file when used): an f16 tower in float32 had held both, +930 MiB at E2B's size
         f.release(name)
