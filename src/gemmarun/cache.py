@@ -6,6 +6,8 @@
   (keys are rebuilt as RoPE(v * k_norm.weight) on read, spec 3.4), halving their footprint;
 * KV-shared layers: nothing; they read their producer's keys and values.
 
+A cache outlives its generation when prompt caching keeps it (prompt_cache.py): `rolls_back_to`
+says whether it can be cut back to a shorter prefix and `reserve` grows it for a longer one.
 `make_cache` is the only place that decides which layer gets which storage.
 """
 
@@ -58,6 +60,21 @@ class FullKV:
         """Forget positions >= `length`."""
         self.end = min(self.end, length)
 
+    def resize(self, max_len: int, slot_positions: torch.Tensor) -> None:
+        """Room for positions up to `max_len`, no more (the written ones below it copied over)."""
+        if max_len == self.max_len:
+            return
+        end = self.end = min(self.end, max_len)
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            new = torch.zeros((*t.shape[:2], max_len, t.shape[3]), dtype=t.dtype, device=t.device)
+            new[:, :, :end] = t[:, :, :end]
+            return new
+
+        self.keys = None if self.keys is None else grown(self.keys)
+        self.values = grown(self.values)
+        self.max_len, self._positions = max_len, slot_positions
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
@@ -66,6 +83,7 @@ class SlidingKV:
     """Ring buffer of `window + spare` slots; slot = position % size."""
 
     def __init__(self, spec: LayerSpec, batch: int, max_len: int, dtype, device, spare: int = 0):
+        self.window, self.spare = spec.window, spare
         self.size = min(spec.window + spare, max_len)
         shape = (batch, spec.num_kv_heads, self.size, spec.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -123,6 +141,30 @@ class SlidingKV:
         out of every later query's window as long as no more than `spare` were written)."""
         self.positions.masked_fill_(self.positions >= length, -1)
 
+    def holds_window_before(self, length: int) -> bool:
+        """Whether the ring still holds every position a query at `length` sees (the `window`
+        before it): then it can be truncated to `length` and go on from there."""
+        wanted = torch.arange(max(0, length - self.window), length, device=self.positions.device)
+        return bool((self.positions[wanted % self.size] == wanted).all())
+
+    def reserve(self, max_len: int) -> None:
+        """A larger ring where `max_len` had capped it below `window + spare` (each held position
+        moved to its slot in the new ring)."""
+        size = min(self.window + self.spare, max_len)
+        if size <= self.size:
+            return
+        held = (self.positions >= 0).nonzero().flatten()
+        slots = self.positions[held] % size
+        shape = (*self.keys.shape[:2], size, self.keys.shape[3])
+        keys = torch.zeros(shape, dtype=self.keys.dtype, device=self.keys.device)
+        values = torch.zeros(shape, dtype=self.values.dtype, device=self.values.device)
+        keys[:, :, slots] = self.keys[:, :, held]
+        values[:, :, slots] = self.values[:, :, held]
+        positions = torch.full((size,), -1, dtype=torch.long, device=self.positions.device)
+        positions[slots] = self.positions[held]
+        self.keys, self.values, self.positions, self.size = keys, values, positions, size
+        self.used = int(slots.max()) + 1 if held.numel() else 0
+
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
 
@@ -135,6 +177,8 @@ class KVCache:
         self.max_len = max_len
         self._storage = None  # storage(): built on first use; False where the native step cannot write it
         self._first = 0  # the first position the current forward writes (`begin`)
+        # what prompt caching compares before reusing a kept cache
+        self.batch, self.dtype, self.device, self.spare = batch, dtype, device, spare
         self.layers: list[FullKV | SlidingKV | None] = []
         slot_positions = torch.arange(max_len, device=device)
         for spec in config.layers:
@@ -190,11 +234,47 @@ class KVCache:
             self._storage = (keys, values, positions)
         return self._storage or None
 
+    # Caches are filled in inference mode (their tensors may be inference tensors): they are cut
+    # and resized in it too, whoever calls.
+    @torch.inference_mode()
     def truncate(self, length: int) -> None:
-        """Roll back to the first `length` positions (speculative tokens that were rejected)."""
+        """Roll back to the first `length` positions (speculative tokens that were rejected, or a
+        kept prompt's tail that the next prompt does not share)."""
         for layer in self.layers:
             if layer is not None:
                 layer.truncate(length)
+
+    def rolls_back_to(self, length: int) -> bool:
+        """Whether `truncate(length)` leaves a cache that goes on exactly: each sliding ring still
+        holds the window before `length` (a ring overwrites it once more than `spare` positions
+        past it were written)."""
+        return all(layer.holds_window_before(length) for layer in self.layers if isinstance(layer, SlidingKV))
+
+    @torch.inference_mode()
+    def reserve(self, max_len: int) -> None:
+        """Room for `max_len` positions, the held ones kept (a kept cache reused by a longer
+        generation)."""
+        if max_len > self.max_len:
+            self._resize(max_len)
+
+    @torch.inference_mode()
+    def shrink(self, length: int) -> None:
+        """Full layers sized for the first `length` positions only, the rest forgotten (a kept
+        cache holds what it holds, not the generation's whole `max_len`)."""
+        if length < self.max_len:
+            self._resize(length)
+
+    def _resize(self, max_len: int) -> None:
+        slot_positions = torch.arange(max_len, device=self.device)
+        for layer in self.layers:
+            if isinstance(layer, FullKV):
+                layer.resize(max_len, slot_positions)
+            elif layer is not None and max_len > self.max_len:
+                layer.reserve(max_len)
+            elif layer is not None:
+                layer.truncate(max_len)
+        self.max_len = max_len
+        self._storage = None  # the native step's views of the old buffers
 
     def cache_bytes_per_token(self) -> int:
         """Bytes one more token of context adds (full layers; sliding rings are fixed)."""

@@ -6,6 +6,7 @@ Everything textual (detokenising, stop strings, chat) is a wrapper around `gener
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from numbers import Integral
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from .cache import KVCache, make_cache
 from .control import OutputControl, Verdict
 from .model.text import Exposed, TextModel
+from .prompt_cache import Held, PromptCache
 from .sampling import Sampler, SamplingParams
 
 
@@ -32,13 +34,14 @@ def check_prompt_fits(n_prompt: int, context: int) -> None:
         raise ContextOverflow(f"prompt of {n_prompt} tokens does not fit the context of {context} tokens")
 
 
-def _chunks(n: int, chunk_size: int, blocks: torch.Tensor | None) -> list[tuple[int, int]]:
-    """Chunk boundaries; never inside an image block, whose tokens must see each other."""
+def _chunks(n: int, chunk_size: int, blocks: torch.Tensor | None, start: int = 0) -> list[tuple[int, int]]:
+    """Chunk boundaries of `n` ids from position `start`; never inside an image block (`blocks`:
+    per absolute position), whose tokens must see each other."""
     bounds, lo = [], 0
     while lo < n:
         hi = min(lo + chunk_size, n)
         if blocks is not None:
-            while hi < n and blocks[hi] >= 0 and blocks[hi] == blocks[hi - 1]:
+            while hi < n and blocks[start + hi] >= 0 and blocks[start + hi] == blocks[start + hi - 1]:
                 hi += 1
         bounds.append((lo, hi))
         lo = hi
@@ -70,18 +73,69 @@ def prefill(model: TextModel, ids: torch.Tensor, cache: KVCache, start: int = 0,
             embeds: torch.Tensor | None = None, vision_blocks: torch.Tensor | None = None,
             expose: Exposed | None = None) -> torch.Tensor:
     """Run `ids` (T,) through the model in chunks, filling `cache` from position `start`.
-    `embeds` (1, T, H) replaces the token embeddings (multimodal prompts); `vision_blocks` (T,)
-    marks image blocks for bidirectional attention; `expose` receives the last chunk's final
-    hidden state and K/V (speculative drafting). Returns the float32 logits (V,) of the last
-    position."""
+    `embeds` (1, T, H) replaces the token embeddings (multimodal prompts); `vision_blocks` (per
+    absolute position, at least start + T) marks image blocks for bidirectional attention;
+    `expose` receives the last chunk's final hidden state and K/V (speculative drafting).
+    Returns the float32 logits (V,) of the last position."""
     check_token_ids(ids, model.config.vocab_size)  # (a tokenizer with more ids than the table)
     logits = None
-    for lo, hi in _chunks(ids.numel(), chunk_size, vision_blocks):
+    for lo, hi in _chunks(ids.numel(), chunk_size, vision_blocks, start):
         positions = torch.arange(start + lo, start + hi, device=ids.device)
         chunk_embeds = None if embeds is None else embeds[:, lo:hi]
         logits = model(ids[None, lo:hi], positions, cache, embeds=chunk_embeds, last_only=True,
                        vision_blocks=vision_blocks, expose=expose)
     return logits[0, -1].float()
+
+
+def prefill_rest(model: TextModel, cache: KVCache, held: int, ids: torch.Tensor, kept: Sequence[int] = (), *,
+                 chunk_size: int = PREFILL_CHUNK, embeds: torch.Tensor | None = None,
+                 vision_blocks: torch.Tensor | None = None, expose: Exposed | None = None) -> torch.Tensor:
+    """Prefill the prompt `ids` (T,) and then the `kept` generated tokens into `cache`, which
+    holds the first `held` of them already (a kept prompt's, or none); the last one's logits.
+    `embeds` (1, T, H) and `vision_blocks` describe the whole prompt."""
+    n = ids.numel()
+    logits = None
+    if held < n:
+        logits = prefill(model, ids[held:], cache, start=held, chunk_size=chunk_size,
+                         embeds=None if embeds is None else embeds[:, held:], vision_blocks=vision_blocks,
+                         expose=expose)
+    rest = list(kept)[max(0, held - n):]
+    if rest:
+        logits = prefill(model, torch.tensor(rest, device=ids.device), cache, start=max(held, n),
+                         chunk_size=chunk_size, expose=expose)
+    if logits is None:
+        raise ValueError("nothing left to prefill: the cache holds the whole prompt")
+    return logits
+
+
+@dataclass(frozen=True)
+class Caching:
+    """Prompt caching for one generation: the pool it leases its cache from and keeps it in, and
+    what its prompt holds (ids and media, prompt_cache.Held)."""
+
+    pool: PromptCache
+    prompt: Held
+
+    def lease(self, model: TextModel, kept: Sequence[int], max_len: int, spare: int = 0) -> tuple[KVCache, int]:
+        """A cache for the prompt followed by `kept`, and how many of those positions it holds."""
+        return self.pool.lease(model.config, self.prompt.then(kept), max_len, spare=spare, dtype=model.dtype,
+                               device=model.device)
+
+    def keep(self, cache: KVCache, written: list[int]) -> None:
+        """Keep `cache`, which holds `written` (ids, position by position: the prompt's as the
+        model read them, media placeholders as pad ids, then generated ones)."""
+        n = len(self.prompt.ids)
+        ids = self.prompt.ids[: len(written)] + written[n:]  # the placeholders, as prompts are compared
+        self.pool.keep(cache, Held(ids, self.prompt.media, self.prompt.soft_positions))
+
+
+def new_cache(model: TextModel, caching: Caching | None, kept: Sequence[int], max_len: int,
+              spare: int = 0) -> tuple[KVCache, int]:
+    """A cache for a generation's prompt and `kept` tokens: leased where caching is on, else fresh;
+    and how many positions it already holds."""
+    if caching is not None:
+        return caching.lease(model, kept, max_len, spare)
+    return make_cache(model.config, max_len, dtype=model.dtype, device=model.device, spare=spare), 0
 
 
 @torch.inference_mode()
@@ -135,13 +189,16 @@ def generate_step(
     embeds: torch.Tensor | None = None,
     vision_blocks: torch.Tensor | None = None,
     control: OutputControl | None = None,
+    caching: Caching | None = None,
 ) -> Generator[int, None, str]:
     """Yield generated token ids; return the finish reason ("stop", "length", "loop").
 
     Stops at a stop id (not yielded), `max_tokens`, the context end, or a completed grammar.
     `control` carries the grammar and loop guard (see control.py): with a guard, tokens are
     yielded late so that a detected loop can be rolled back before it reaches the caller.
-    The cache is sized for `min(len(prompt) + max_tokens, context)` positions.
+    The cache is sized for `min(len(prompt) + max_tokens, context)` positions; with `caching`
+    it is leased from a prompt cache (only what a kept cache does not hold is prefilled) and
+    kept there when the generation ends.
     """
     max_len = cache_length(model, prompt, params, context)
     device = model.device
@@ -151,25 +208,38 @@ def generate_step(
     control = control or OutputControl()
     if params.max_tokens == 0:
         return "length"
+    cache: KVCache | None = None
+    written: list[int] = []  # the ids at the cache's positions; emptied while a forward is under way
 
-    def start(keep: list[int]) -> tuple[KVCache, torch.Tensor]:
-        cache = make_cache(model.config, max_len, dtype=model.dtype, device=device)
-        logits = prefill(model, ids, cache, chunk_size=chunk_size, embeds=embeds, vision_blocks=vision_blocks)
-        if keep:
-            logits = prefill(model, torch.tensor(keep, device=device), cache, start=len(prompt), chunk_size=chunk_size)
-        return cache, logits
+    def start(keep: list[int]) -> torch.Tensor:
+        nonlocal cache, written
+        if cache is not None and caching is not None:
+            caching.keep(cache, written)  # a rollback: the kept prefix is reused at once
+        cache, held = new_cache(model, caching, keep, max_len)
+        written = []
+        logits = prefill_rest(model, cache, held, ids, keep, chunk_size=chunk_size, embeds=embeds,
+                              vision_blocks=vision_blocks)
+        written = prompt + keep
+        return logits
 
-    cache, logits = start([])
-    while True:
-        gen = torch.tensor(control.generated, dtype=torch.long)
-        token = sampler(control.mask(logits), torch.cat((seen, gen)), gen)
-        outcome = settle(token, control, stop_ids, params, len(prompt), max_len)
-        if outcome == ROLLBACK:
-            cache, logits = start(control.generated)
-            continue
-        yield from control.release()
-        if outcome is not None:
-            break
-        logits = decode_step(model, token, len(prompt) + len(control.generated) - 1, cache)
-    yield from control.flush()
-    return outcome
+    try:
+        logits = start([])
+        while True:
+            gen = torch.tensor(control.generated, dtype=torch.long)
+            token = sampler(control.mask(logits), torch.cat((seen, gen)), gen)
+            outcome = settle(token, control, stop_ids, params, len(prompt), max_len)
+            if outcome == ROLLBACK:
+                logits = start(control.generated)
+                continue
+            yield from control.release()
+            if outcome is not None:
+                break
+            position = len(prompt) + len(control.generated) - 1
+            done, written = written, []
+            logits = decode_step(model, token, position, cache)
+            written = done[:position] + [token]
+        yield from control.flush()
+        return outcome
+    finally:
+        if caching is not None and cache is not None and written:
+            caching.keep(cache, written)

@@ -15,11 +15,12 @@ from . import chat
 from .config import TextConfig
 from .constrain import Grammar
 from .control import NUMBER_CHARS, OutputControl, make_loop_guard
-from .generate import check_token_ids, generate_step
+from .generate import Caching, check_token_ids, generate_step
 from .loopguard import LoopGuardConfig
 from .model.multimodal import AUDIO, IMAGE, TEXT, VIDEO, Encoders, MediaTokens, merge, token_types
 from .model.unified import UnifiedEncoders
 from .model.text import TextModel
+from .prompt_cache import Held, PromptCache
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
 
@@ -58,6 +59,9 @@ class LLM:
         self.tokenizer = tokenizer
         self.info = info
         self.encoders = encoders
+        # The last generation's KV cache, kept so that a prompt starting the same way (the next
+        # turn of a chat) prefills only what is new; PromptCache(0) turns that off.
+        self.prompt_cache = PromptCache(1)
 
     # -- ids ---------------------------------------------------------------------------------
 
@@ -174,17 +178,23 @@ class LLM:
 
     def token_stream(self, ids: list[int], params: SamplingParams, *, embeds: torch.Tensor | None = None,
                      vision_blocks: torch.Tensor | None = None, control: OutputControl | None = None,
-                     draft: Draft | None = None):
+                     draft: Draft | None = None, held: Held | None = None):
         """Generated token ids; the generator returns the finish reason. With `draft` (a
         gemma4_assistant drafter or its folder), decoding is speculative: the same tokens when
-        greedy, the same distribution when sampling."""
+        greedy, the same distribution when sampling. The cache comes from `prompt_cache` (`held`:
+        the prompt's ids with their media placeholders and items, where `ids` has pads there)."""
+        caching = Caching(self.prompt_cache, held or Held(list(ids))) if self.prompt_cache.capacity else None
         if draft is None:
             return generate_step(self.model, ids, params, stop_ids=self.stop_ids(params), embeds=embeds,
-                                 vision_blocks=vision_blocks, control=control)
+                                 vision_blocks=vision_blocks, control=control, caching=caching)
         from .speculative import speculative_generate_step
 
         return speculative_generate_step(self.model, self.load_draft(draft), ids, params, stop_ids=self.stop_ids(params),
-                                         embeds=embeds, vision_blocks=vision_blocks, control=control)
+                                         embeds=embeds, vision_blocks=vision_blocks, control=control, caching=caching)
+
+    def held(self, prompt: Prompt) -> Held:
+        """What prompt caching compares of `prompt`: its ids and its media items' content."""
+        return Held.prompt(prompt.ids, prompt.media, self.media_tokens)
 
     def load_draft(self, draft: Draft) -> Assistant:
         """A drafter for this model, checked against it: a folder or GGUF is loaded onto the model's
@@ -324,7 +334,8 @@ class LLM:
         text_ids, embeds, blocks = self._inputs(prompt)
         reply = ReplyStream(self.tokenizer, stop=params.stop, tools=tools)
         tokens = self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,
-                                   control=self.output_control(grammar, loop_guard), draft=draft)
+                                   control=self.output_control(grammar, loop_guard), draft=draft,
+                                   held=self.held(prompt))
         while not reply.done:  # a stop string or the tool-response marker ends it early
             try:
                 yield reply.push(next(tokens))
@@ -341,7 +352,8 @@ class LLM:
         pending = ""  # text held back because it may be the start of a stop string
         hold = max((len(s) for s in params.stop), default=0)
         tokens = self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,
-                                   control=self.output_control(grammar, loop_guard), draft=draft)
+                                   control=self.output_control(grammar, loop_guard), draft=draft,
+                                   held=self.held(prompt))
         # Stop strings are matched on text, so token-level max_tokens still bounds the work.
         while True:
             try:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import KVCache, make_cache
+from .cache import KVCache
 from .control import OutputControl
-from .generate import PREFILL_CHUNK, ROLLBACK, cache_length, prefill, settle
+from .generate import PREFILL_CHUNK, ROLLBACK, Caching, cache_length, new_cache, prefill_rest, settle
 from .model.assistant import Assistant, check_pairing
 from .model.text import Exposed, TextModel
 from .sampling import NonFiniteLogits, Sampler, SamplingParams, greedy_token
@@ -171,8 +171,10 @@ def speculative_generate_step(
     control: OutputControl | None = None,
     speculation: SpeculationConfig = SpeculationConfig(),
     stats: SpeculationStats | None = None,
+    caching: Caching | None = None,
 ) -> Generator[int, None, str]:
-    """`generate_step`'s contract (yields token ids, returns the finish reason), with drafting.
+    """`generate_step`'s contract (yields token ids, returns the finish reason, prompt caching),
+    with drafting.
 
     The sliding rings get `num_draft + 1` spare slots: k rejected tokens evict nothing a later
     query sees, and the drafter's inclusive window (one key more than the target's) stays whole.
@@ -195,88 +197,102 @@ def speculative_generate_step(
         gen = torch.tensor(control.generated + list(extra), dtype=torch.long)
         return torch.cat((seen, gen)), gen
 
+    cache: KVCache | None = None
+    written: list[int] = []  # the ids at the cache's positions; emptied while a forward is under way
+
     def start(keep: list[int]) -> tuple[KVCache, torch.Tensor, Exposed]:
-        cache = make_cache(model.config, max_len, dtype=model.dtype, device=device, spare=k + 1)
+        nonlocal written
+        if cache is not None and caching is not None:
+            caching.keep(cache, written)  # a rollback: the kept prefix is reused at once
+        fresh, held = new_cache(model, caching, keep, max_len, spare=k + 1)
+        written = []
         exposed = Exposed()
-        logits = prefill(model, ids, cache, chunk_size=chunk_size, embeds=embeds, vision_blocks=vision_blocks,
-                         expose=exposed)
-        if keep:
-            logits = prefill(model, torch.tensor(keep, device=device), cache, start=n_prompt,
-                             chunk_size=chunk_size, expose=exposed)
-        return cache, logits, exposed
+        logits = prefill_rest(model, fresh, held, ids, keep, chunk_size=chunk_size, embeds=embeds,
+                              vision_blocks=vision_blocks, expose=exposed)
+        written = prompt + keep
+        return fresh, logits, exposed
 
     @torch.inference_mode()
     def forward(tokens: list[int], position: int, exposed: Exposed | None) -> torch.Tensor:
+        nonlocal written
+        done, written = written, []
         positions = torch.arange(position, position + len(tokens), device=device)
-        return model(torch.tensor([tokens], device=device), positions, cache, expose=exposed)[0].float()
+        logits = model(torch.tensor([tokens], device=device), positions, cache, expose=exposed)[0].float()
+        written = done[:position] + tokens
+        return logits
 
-    cache, pending, exposed = start([])
-    speculating = True
-    probes = 0  # plain steps taken so far while speculating is on
-    plain_began: float | None = None  # a timed plain step is under way
-    window = SpeculationStats()  # rounds since the last fall-back check
-    reason = None
-    while reason is None:
-        if pending is not None:  # sample the next token from the target's logits, as generate_step does
-            token = sampler(control.mask(pending), *history())
-            if plain_began is not None:
-                stats.plain_steps += 1
-                stats.plain_seconds += time.perf_counter() - plain_began
-                plain_began = None
-            outcome = settle(token, control, stop_ids, params, n_prompt, max_len)
-            if outcome == ROLLBACK:
-                cache, pending, exposed = start(control.generated)
+    try:
+        cache, pending, exposed = start([])
+        speculating = True
+        probes = 0  # plain steps taken so far while speculating is on
+        plain_began: float | None = None  # a timed plain step is under way
+        window = SpeculationStats()  # rounds since the last fall-back check
+        reason = None
+        while reason is None:
+            if pending is not None:  # sample the next token from the target's logits, as generate_step does
+                token = sampler(control.mask(pending), *history())
+                if plain_began is not None:
+                    stats.plain_steps += 1
+                    stats.plain_seconds += time.perf_counter() - plain_began
+                    plain_began = None
+                outcome = settle(token, control, stop_ids, params, n_prompt, max_len)
+                if outcome == ROLLBACK:
+                    cache, pending, exposed = start(control.generated)
+                    continue
+                yield from control.release()
+                if outcome is not None:
+                    reason = outcome
+                    break
+                pending = None
+            position = n_prompt + len(control.generated) - 1  # the newest token's, not yet in the cache
+            newest = control.generated[-1]
+            depth = draft_depth(speculation, max_len, position, params, len(control.generated))
+            if not speculating or probes < speculation.probe_steps or depth < 1:
+                timed, exposing = speculation.probe(probes) if speculating else (False, False)
+                if timed:
+                    plain_began = time.perf_counter()
+                probes += speculating
+                exposed = Exposed() if exposing else None
+                pending = forward([newest], position, exposed)[-1]
                 continue
-            yield from control.release()
-            if outcome is not None:
-                reason = outcome
-                break
-            pending = None
-        position = n_prompt + len(control.generated) - 1  # the newest token's, not yet in the cache
-        newest = control.generated[-1]
-        depth = draft_depth(speculation, max_len, position, params, len(control.generated))
-        if not speculating or probes < speculation.probe_steps or depth < 1:
-            timed, exposing = speculation.probe(probes) if speculating else (False, False)
-            if timed:
-                plain_began = time.perf_counter()
-            probes += speculating
-            exposed = Exposed() if exposing else None
-            pending = forward([newest], position, exposed)[-1]
-            continue
 
-        began = time.perf_counter()
-        drafts, proposals = draft_tokens(model, drafter, exposed, producers, newest, position, depth, sampler, history)
-        depth = len(drafts)
-        verified = Exposed()
-        target_logits = forward([newest, *drafts], position, verified)  # (depth + 1, V)
-        produced, accepted, released = 0, 0, []
-        for i in range(depth + 1):
-            p = sampler.distribution(control.mask(target_logits[i]), *history())
-            if i < depth:
-                token, is_draft = accept_or_resample(p, proposals[i], drafts[i], sampler.generator)
-            else:
-                token, is_draft = draw(p, sampler.generator), False  # the bonus token
-            produced += 1
-            accepted += is_draft
-            outcome = settle(token, control, stop_ids, params, n_prompt, max_len)
-            if outcome == ROLLBACK:
-                cache, pending, exposed = start(control.generated)
-                break
-            released += control.release()
-            if outcome is not None:
-                reason = outcome
-                break
-            if not is_draft:  # a replacement or the bonus: the newest token, not in the cache
-                cache.truncate(position + i + 1)
-                exposed = Exposed(hidden=verified.hidden[:, i : i + 1], kv=verified.kv)
-                break
-        seconds = time.perf_counter() - began
-        for counters in (stats, window):
-            counters.record_round(depth, accepted, produced, seconds)
-        yield from released  # after the clock stopped: the caller's time is not the round's
-        verdict = window_verdict(stats, window, speculation, len(control.generated))
-        if verdict is not None:
-            speculating = verdict
-            window = SpeculationStats()
-    yield from control.flush()
-    return reason
+            began = time.perf_counter()
+            drafts, proposals = draft_tokens(model, drafter, exposed, producers, newest, position, depth, sampler, history)
+            depth = len(drafts)
+            verified = Exposed()
+            target_logits = forward([newest, *drafts], position, verified)  # (depth + 1, V)
+            produced, accepted, released = 0, 0, []
+            for i in range(depth + 1):
+                p = sampler.distribution(control.mask(target_logits[i]), *history())
+                if i < depth:
+                    token, is_draft = accept_or_resample(p, proposals[i], drafts[i], sampler.generator)
+                else:
+                    token, is_draft = draw(p, sampler.generator), False  # the bonus token
+                produced += 1
+                accepted += is_draft
+                outcome = settle(token, control, stop_ids, params, n_prompt, max_len)
+                if outcome == ROLLBACK:
+                    cache, pending, exposed = start(control.generated)
+                    break
+                released += control.release()
+                if outcome is not None:
+                    reason = outcome
+                    break
+                if not is_draft:  # a replacement or the bonus: the newest token, not in the cache
+                    cache.truncate(position + i + 1)
+                    del written[position + i + 1 :]
+                    exposed = Exposed(hidden=verified.hidden[:, i : i + 1], kv=verified.kv)
+                    break
+            seconds = time.perf_counter() - began
+            for counters in (stats, window):
+                counters.record_round(depth, accepted, produced, seconds)
+            yield from released  # after the clock stopped: the caller's time is not the round's
+            verdict = window_verdict(stats, window, speculation, len(control.generated))
+            if verdict is not None:
+                speculating = verdict
+                window = SpeculationStats()
+        yield from control.flush()
+        return reason
+    finally:
+        if caching is not None and cache is not None and written:
+            caching.keep(cache, written)

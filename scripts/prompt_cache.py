@@ -1,0 +1,101 @@
+"""Prompt caching in a chat: time to first token of each turn, caching off and on.
+
+A chat whose first message carries a document (~800 tokens on the real 270M) and two follow-up
+questions, through `LLM.stream_reply` as `gemmarun chat` runs it. With caching off every turn
+prefills the whole conversation; with it on (the default) a turn prefills only what the kept cache
+of the previous one does not hold. Rounds alternate off/on; medians are reported, and the replies
+must be identical both ways (greedy). `--write FILE` records the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import gemmarun
+from gemmarun.prompt_cache import PromptCache
+from gemmarun.sampling import SamplingParams
+
+COLOURS = ("red", "green", "blue", "amber")
+QUESTIONS = ("Summarize the list above in one sentence.", "Which box holds the most marbles?", "And the fewest?")
+
+
+def document(items: int) -> str:
+    return " ".join(f"Item {i}: the {COLOURS[i % 4]} box holds {i * 7 % 13} marbles." for i in range(items))
+
+
+def chat(llm, capacity: int, doc: str, max_tokens: int) -> list[tuple[int, int, float, str]]:
+    """Per turn: prompt tokens, positions found cached, seconds to the first token, the reply."""
+    llm.prompt_cache = PromptCache(capacity)
+    messages, turns = [], []
+    for i, question in enumerate(QUESTIONS):
+        messages.append({"role": "user", "content": f"{doc}\n\n{question}" if i == 0 else question})
+        prompt = llm.build_prompt(messages)
+        began, first, pieces = time.perf_counter(), None, []
+        for delta in llm.stream_reply(prompt, SamplingParams(max_tokens=max_tokens, temperature=0)):
+            if first is None:
+                first = time.perf_counter() - began
+            pieces.append(delta.content)
+        reply = "".join(pieces)
+        messages.append({"role": "assistant", "content": reply})
+        turns.append((len(prompt.ids), llm.prompt_cache.reused, first or 0.0, reply))
+    return turns
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model folder or .gguf (default: the embedded Gemma 3 270M)")
+    parser.add_argument("--items", type=int, default=60, help="items in the document of the first message")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write", metavar="FILE", default=None, help="record the table into this markdown file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    llm = gemmarun.load(args.model)
+    doc = document(args.items)
+    runs: dict[int, list[list[tuple]]] = {0: [], 1: []}
+    for _ in range(args.rounds):
+        for capacity in (0, 1):
+            runs[capacity].append(chat(llm, capacity, doc, args.max_tokens))
+    replies = {tuple(t[3] for t in run) for capacity in runs for run in runs[capacity]}
+    if len(replies) != 1:
+        print("problem: the replies differ with caching on and off", file=sys.stderr)
+        return 1
+    rows = ["| turn | prompt tokens | cached (on) | time to first token, off | on | speed-up |",
+            "|---|---|---|---|---|---|"]
+    for turn in range(len(QUESTIONS)):
+        off = statistics.median(run[turn][2] for run in runs[0])
+        on = statistics.median(run[turn][2] for run in runs[1])
+        n, cached = runs[1][0][turn][:2]
+        rows.append(f"| {turn + 1} | {n} | {cached} | {off * 1000:.0f} ms | {on * 1000:.0f} ms | {off / on:.1f}x |")
+    from gemmarun.machine import describe
+
+    model = args.model or "embedded gemma-3-270m Q4_K_M"
+    setup = f"prompt caching: {model}, a three-turn chat"
+    command = "python scripts/prompt_cache.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    section = "\n".join([
+        f"### {setup}", "",
+        f"- command: `{command}`",
+        f"- machine: {describe(args.threads)}",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- greedy, {args.max_tokens} tokens a reply, median of {args.rounds} alternating rounds; "
+        "the replies are identical with caching off and on",
+        "", *rows, "",
+    ])
+    print(section)
+    if args.write:
+        from gemmarun.bench import record
+
+        record(Path(args.write), setup, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Prompt caching: a kept cache goes on as a fresh prefill of the longer prompt would, reuses only
+what it can (the sliding rings' spare slots, the same media), and is off with PromptCache(0)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference_models import WINDOW
+
+import gemmarun
+from gemmarun.cache import make_cache
+from gemmarun.generate import Caching, generate_step, prefill, prefill_rest
+from gemmarun.model.multimodal import AUDIO, IMAGE
+from gemmarun.prompt_cache import Held, MediaItem, PromptCache, shared_prefix
+from gemmarun.sampling import SamplingParams
+
+FAMILIES = ["e2b", "31b", "26b", "gemma3"]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    loaded = {}
+
+    def get(family):
+        if family not in loaded:
+            loaded[family] = gemmarun.load(tiny_models(family)[0], dtype="float32", device="cpu").model
+        return loaded[family]
+
+    return get
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(20, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _generate(model, prompt, n, pool=None):
+    caching = Caching(pool, Held(prompt)) if pool is not None else None
+    return list(generate_step(model, prompt, SamplingParams(max_tokens=n, ignore_eos=True), caching=caching))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_kept_cache_goes_on_as_a_fresh_prefill(models, family):
+    model = models(family)
+    pool = PromptCache(1)
+    first = _ids(3 * WINDOW + 1, seed=1)
+    reply = _generate(model, first, 2 * WINDOW + 3, pool)  # past the window: the rings wrapped
+    assert len(pool) == 1
+    # the next turn: the reply (its last token was never fed) and new text
+    second = first + reply + _ids(WINDOW + 2, seed=2)
+    max_len = len(second) + 8
+    cache, held = pool.lease(model.config, Held(second), max_len)
+    assert held == len(first) + len(reply) - 1 and len(pool) == 0
+    logits = prefill_rest(model, cache, held, torch.tensor(second))
+    fresh = prefill(model, torch.tensor(second), make_cache(model.config, max_len))
+    assert torch.allclose(logits, fresh, rtol=1e-4, atol=1e-4), (logits - fresh).abs().max()
+    # and token by token, the continuation equals caching off
+    pool = PromptCache(1)
+    _generate(model, first, 2 * WINDOW + 3, pool)
+    assert _generate(model, second, 2 * WINDOW, pool) == _generate(model, second, 2 * WINDOW)
+    assert pool.reused == held
+
+
+@pytest.mark.parametrize("family", ["e2b", "gemma3"])
+def test_a_prompt_that_diverges_further_back_than_the_spare_slots_is_prefilled_whole(models, family):
+    model = models(family)
+    pool = PromptCache(1, spare=2)
+    first = _ids(3 * WINDOW, seed=3)
+    reply = _generate(model, first, 2 * WINDOW, pool)
+    held_len = len(first) + len(reply) - 1
+    for back, reused in ((1, True), (2, True), (4, False)):  # tokens of the kept cache not shared
+        cut = held_len - back
+        prompt = (first + reply)[:cut] + [7, 8, 9]
+        expected = _generate(model, prompt, 6)
+        assert _generate(model, prompt, 6, pool) == expected
+        assert pool.reused == (cut if reused else 0), back
+        pool.clear()
+        _generate(model, first, 2 * WINDOW, pool)
+
+
+def test_a_kept_cache_grows_for_a_longer_generation(models):
+    model = models("e2b")
+    pool = PromptCache(1)
+    first = _ids(3, seed=4)
+    reply = _generate(model, first, 2, pool)  # a 5-position cache: rings capped below the window
+    second = first + reply + _ids(3 * WINDOW, seed=5)
+    assert _generate(model, second, 3 * WINDOW, pool) == _generate(model, second, 3 * WINDOW)
+    assert pool.reused == len(first) + len(reply) - 1
+
+
+def test_the_same_prompt_again_prefills_its_last_token_only(models):
+    model = models("31b")
+    pool = PromptCache(1)
+    prompt = _ids(2 * WINDOW + 3, seed=6)
+    once = _generate(model, prompt, 5, pool)
+    assert _generate(model, prompt, 5, pool) == once
+    assert pool.reused == len(prompt) - 1
+
+
+def test_off_keeps_nothing(models):
+    model = models("e2b")
+    pool = PromptCache(0)
+    prompt = _ids(9, seed=7)
+    _generate(model, prompt, 4, pool)
+    assert len(pool) == 0
+    _generate(model, prompt, 4, pool)
+    assert pool.reused == 0
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
+        PromptCache(-1)
+
+
+def test_the_pool_keeps_the_most_recent_caches(models):
+    model = models("e2b")
+    pool = PromptCache(2)
+    a, b, c = _ids(8, seed=10), _ids(8, seed=11), _ids(8, seed=12)
+    for prompt in (a, b, c):
+        _generate(model, prompt, 3, pool)
+    assert len(pool) == 2
+    _generate(model, a + [5], 2, pool)
+    assert pool.reused == 0  # a's cache made room for c's, and this one's for b's
+    _generate(model, c + [5], 2, pool)
+    assert pool.reused == len(c)
+    _generate(model, b + [5], 2, pool)
+    assert pool.reused == 0
+
+
+def test_a_generation_closed_early_keeps_what_its_cache_holds(models):
+    model = models("e2b")
+    pool = PromptCache(1)
+    prompt = _ids(10, seed=13)
+    steps = generate_step(model, prompt, SamplingParams(max_tokens=20, ignore_eos=True),
+                          caching=Caching(pool, Held(prompt)))
+    taken = [next(steps) for _ in range(4)]
+    steps.close()
+    assert len(pool) == 1
+    follow = prompt + taken + [9]
+    assert _generate(model, follow, 4, pool) == _generate(model, follow, 4)
+    assert pool.reused == len(prompt) + len(taken) - 1
+
+
+# -- media ----------------------------------------------------------------------------------------
+
+
+def _media_prompt(items, positions_of):
+    """Held for ids with `positions_of[kind]` placeholder positions (ids 1 there, 0 elsewhere)."""
+    n = 40
+    ids = [0] * n
+    soft = {}
+    for kind, where in positions_of.items():
+        for p in where:
+            ids[p] = 1
+        soft[kind] = np.asarray(where)
+    return Held(ids, tuple(items), soft)
+
+
+def test_soft_tokens_are_shared_only_where_their_media_item_is_the_same():
+    cat, dog, tone = MediaItem(IMAGE, 3, b"cat"), MediaItem(IMAGE, 3, b"dog"), MediaItem(AUDIO, 2, b"tone")
+    where = {IMAGE: [5, 6, 7, 20, 21, 22], AUDIO: [30, 31]}
+    kept = _media_prompt([cat, dog, tone], where)
+    assert shared_prefix(kept, _media_prompt([cat, dog, tone], where), 39) == 39
+    assert shared_prefix(kept, _media_prompt([cat, cat, tone], where), 39) == 20  # the second image changed
+    assert shared_prefix(kept, _media_prompt([dog, dog, tone], where), 39) == 5
+    assert shared_prefix(kept, _media_prompt([cat, dog, MediaItem(AUDIO, 2, b"x")], where), 39) == 30
+    # text before any media is shared whatever the media
+    assert shared_prefix(Held([0] * 40), _media_prompt([cat, dog, tone], where), 39) == 5
+    assert shared_prefix(kept, Held([0] * 5 + [2] * 35), 39) == 5
+
+
+def test_media_items_digest_their_content(tmp_path):
+    from gemmarun.processing.prompt import prepare
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    a, a_again, b = (MediaItem.of(prepare("image", tmp_path / f, 70)) for f in ("a.png", "a.png", "b.png"))
+    assert a == a_again and a != b and a.kind == IMAGE and a.soft_tokens == b.soft_tokens
+
+
+@pytest.fixture(scope="module")
+def mm_llm(tmp_path_factory):
+    from reference_models import build_multimodal
+
+    folder = tmp_path_factory.mktemp("prompt-cache-mm")
+    build_multimodal("e2b", folder)
+    return gemmarun.load(folder, dtype="float32", device="cpu")
+
+
+def test_a_chat_about_an_image_reuses_its_cache_and_answers_as_without(mm_llm, tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("x", "y"):
+        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    kw = dict(max_tokens=6, ignore_eos=True, image_tokens=70)
+
+    def chat(image, pool):
+        """Two turns about `image`: the replies, and the positions each turn found cached."""
+        mm_llm.prompt_cache = pool
+        turn = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / image)},
+                                             {"type": "text", "text": "what is it"}]}]
+        reply = mm_llm.generate(turn, **kw)
+        reused = pool.reused
+        turn += [{"role": "assistant", "content": reply}, {"role": "user", "content": "and then"}]
+        return reply, mm_llm.generate(turn, **kw), reused, pool.reused
+
+    try:
+        plain = chat("x.png", PromptCache(0))
+        pool = PromptCache(1)
+        cached = chat("x.png", pool)
+        assert cached[:2] == plain[:2]
+        assert cached[2] == 0 and cached[3] > 70  # the second turn: past the image's soft tokens
+        # after a chat about another image of the same size, only the text before it is reused
+        # (spare ring slots enough to cut the kept cache back that far)
+        pool = PromptCache(1, spare=256)
+        chat("y.png", pool)
+        again = chat("x.png", pool)
+        assert again[:2] == plain[:2]
+        assert 0 < again[2] < 10 and again[3] > 70
+    finally:
+        mm_llm.prompt_cache = PromptCache(1)
+
+
+@pytest.mark.parametrize("family", ["e2b", "31b"])
+def test_speculative_decoding_from_a_kept_cache_equals_plain_greedy(models, family):
+    from test_speculative import EXACT, random_drafter
+
+    from gemmarun.speculative import speculative_generate_step
+
+    model, drafter = models(family), random_drafter(family, seed=3)
+    pool = PromptCache(1)
+    params = SamplingParams(max_tokens=2 * WINDOW + 3, ignore_eos=True)
+    first = _ids(2 * WINDOW + 1, seed=20)
+    reply = list(speculative_generate_step(model, drafter, first, params, speculation=EXACT,
+                                           caching=Caching(pool, Held(first))))
+    assert reply == _generate(model, first, 2 * WINDOW + 3)
+    second = first + reply + _ids(WINDOW, seed=21)
+    out = list(speculative_generate_step(model, drafter, second, params, speculation=EXACT,
+                                         caching=Caching(pool, Held(second))))
+    assert pool.reused == len(first) + len(reply) - 1
+    assert out == _generate(model, second, 2 * WINDOW + 3)
+
+
+def test_the_chat_benchmark_script_records_identical_replies_and_the_cached_share(tiny_models, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "prompt_cache.py"
+    spec = importlib.util.spec_from_file_location("prompt_cache_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "bench.md"
+    folder, _ = tiny_models("e2b")
+    assert script.main(["--model", str(folder), "--items", "1", "--max-tokens", "4", "--rounds", "1",
+                        "--write", str(out)]) == 0
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert [int(r[0]) for r in rows] == [1, 2, 3]
+    assert int(rows[0][2]) == 0 and all(0 < int(r[2]) < int(r[1]) for r in rows[1:])
