@@ -6,6 +6,10 @@ row over its own cache. New requests are prefilled when they join; finished or c
 leave at once and free their cache. Greedy output equals running the request alone (up to the
 float summation order of batched matmuls).
 
+A request's cache is leased from the engine's prompt cache (prompt_cache.py) and kept there when
+it finishes or is cancelled: a request that starts as a finished one did (a chat's next turn)
+prefills only the rest.
+
 A request decoding alone takes the single-request path (the native whole-token step where it
 applies) and, with a drafter, speculative rounds (speculative.py): draft k tokens, verify them in
 one forward, settle each as `_sample` settles a sampled token. Each request measures whether its
@@ -21,12 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import KVCache, make_cache
+from .cache import KVCache
 from .control import OutputControl
-from .generate import PREFILL_CHUNK, ROLLBACK, check_prompt_fits, prefill, settle
+from .generate import PREFILL_CHUNK, ROLLBACK, Caching, check_prompt_fits, prefill_rest, settle
 from .llm import LLM, Prompt
 from .model.assistant import Assistant, check_pairing
 from .model.text import Exposed
+from .prompt_cache import PromptCache
 from .sampling import Sampler, SamplingParams
 from .speculative import (
     SpeculationConfig,
@@ -49,6 +54,7 @@ class Event:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
     error: Exception | None = None  # with "error": what ended this request (the others go on)
+    cached_tokens: int | None = None  # prompt positions the request's cache held when it was admitted
 
 
 @dataclass
@@ -61,6 +67,10 @@ class _Request:
     sampler: Sampler
     control: OutputControl
     cache: KVCache | None = None
+    caching: Caching | None = None  # where its cache is leased from and kept
+    written: list[int] = field(default_factory=list)  # the ids at the cache's positions
+    cached_tokens: int | None = None  # prompt positions the cache held at admission
+    leases: int = 0  # caches leased so far (a rollback leases again, maybe the same cache)
     position: int = 0  # where the next token goes
     max_len: int = 0
     scores: list[tuple] = field(default_factory=list)  # (logprob, top) per generated token
@@ -83,8 +93,10 @@ class BatchEngine:
     """Not thread-safe: one model thread calls `add`, `cancel` and `step`."""
 
     def __init__(self, llm: LLM, max_batch: int = 8, context: int | None = None, chunk_size: int = PREFILL_CHUNK,
-                 drafter: Assistant | None = None, speculation: SpeculationConfig = SpeculationConfig()):
+                 drafter: Assistant | None = None, speculation: SpeculationConfig = SpeculationConfig(),
+                 prompt_caches: int = 4):
         self.llm = llm
+        self.prompt_cache = PromptCache(prompt_caches)  # finished requests' caches, for the next prompts
         self.drafter = drafter
         self.speculation = speculation
         self._producers = check_pairing(drafter.config, llm.config) if drafter is not None else None
@@ -109,11 +121,12 @@ class BatchEngine:
         return rid
 
     def cancel(self, request_id: int) -> bool:
-        """Drop a request (its cache is freed now). True if it was known."""
+        """Drop a request (its cache goes to the prompt cache). True if it was known."""
         for pool in (self.waiting, self.active):
             for r in pool:
                 if r.id == request_id:
                     pool.remove(r)
+                    self._keep(r)
                     return True
         return False
 
@@ -158,22 +171,33 @@ class BatchEngine:
         return self._sample(r, self._prefill(r))
 
     def _prefill(self, r: _Request) -> torch.Tensor:
-        """A fresh cache holding the prompt and the kept generated tokens; the next logits."""
+        """A cache holding the prompt and the kept generated tokens (leased: only what it does
+        not hold yet is prefilled); the next logits."""
         llm, model = self.llm, self.llm.model
         text_ids, embeds, blocks = llm._inputs(r.prompt)
         # Speculative rounds may write k + 1 positions that are then rolled back: the sliding rings
         # keep that many spare slots, so no rejected token evicts a key a later query sees.
         spare = self.speculation.num_draft + 1 if r.speculation is not None else 0
-        r.cache = make_cache(llm.config, r.max_len, dtype=model.dtype, device=model.device, spare=spare)
-        r.exposed = Exposed() if r.speculation is not None else None
-        logits = prefill(model, text_ids, r.cache, chunk_size=self.chunk_size, embeds=embeds, vision_blocks=blocks,
-                         expose=r.exposed)
+        if r.caching is None:
+            r.caching = Caching(self.prompt_cache, llm.held(r.prompt))
+        self._keep(r)  # a rollback's cache: its kept prefix is leased again at once
         kept = r.control.generated
-        if kept:
-            logits = prefill(model, torch.tensor(kept, device=model.device), r.cache, start=len(r.prompt.ids),
-                             chunk_size=self.chunk_size, expose=r.exposed)
+        r.cache, held = r.caching.lease(model, kept, r.max_len, spare)
+        r.leases += 1
+        if r.cached_tokens is None:
+            r.cached_tokens = min(held, len(r.prompt.ids))
+        r.exposed = Exposed() if r.speculation is not None else None
+        logits = prefill_rest(model, r.cache, held, text_ids, kept, chunk_size=self.chunk_size, embeds=embeds,
+                              vision_blocks=blocks, expose=r.exposed)
+        r.written = text_ids.tolist() + kept
         r.position = len(r.prompt.ids) + len(kept)
         return logits
+
+    def _keep(self, r: _Request) -> None:
+        """Hand the request's cache to the prompt cache (it holds `r.written`)."""
+        if r.cache is not None and r.caching is not None and r.written:
+            r.caching.keep(r.cache, r.written)
+        r.cache, r.written = None, []
 
     @torch.inference_mode()
     def _decode(self, rows: list[_Request]) -> list[Event]:
@@ -183,6 +207,7 @@ class BatchEngine:
         logits = model(tokens, positions, [r.cache for r in rows], last_only=True)[:, -1].float()
         events = []
         for r, row in zip(rows, logits):
+            r.written[r.position :] = [r.last]
             r.position += 1
             r.exposed = None  # a batched forward exposes nothing to draft from
             events += self._guarded(r, self._sample, r, row)
@@ -197,6 +222,7 @@ class BatchEngine:
         tokens = torch.tensor([[r.last]], device=model.device)
         positions = torch.tensor([r.position], device=model.device)
         logits = model(tokens, positions, r.cache, last_only=True, expose=r.exposed)[0, -1].float()
+        r.written[r.position :] = [r.last]
         r.position += 1
         return self._sample(r, logits)
 
@@ -225,7 +251,7 @@ class BatchEngine:
         `_sample` with the accepted (or resampled, or bonus) token; rejected positions rolled back."""
         model, spec, control = self.llm.model, r.speculation, r.control
         began = time.perf_counter()
-        position, cache = r.position, r.cache
+        position, cache, leases = r.position, r.cache, r.leases
         prompt = torch.tensor(r.prompt.ids, dtype=torch.long)
 
         def history(extra=()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,6 +265,7 @@ class BatchEngine:
         ids = torch.tensor([[r.last, *drafts]], device=model.device)
         positions = torch.arange(position, position + depth + 1, device=model.device)
         logits = model(ids, positions, cache, expose=verified)[0].float()  # (depth + 1, V)
+        r.written[position:] = [r.last, *drafts]
         events: list[Event] = []
         accepted = produced = 0
         for i in range(depth + 1):
@@ -250,10 +277,11 @@ class BatchEngine:
             produced += 1
             accepted += is_draft
             events += self._sample(r, logits[i], chosen=token)
-            if r not in self.active or r.cache is not cache:  # finished, or rolled back and re-prefilled
+            if r not in self.active or r.leases != leases:  # finished, or rolled back and re-prefilled
                 break
             if not is_draft:  # a replacement or the bonus: the newest token, not in the cache
                 cache.truncate(position + i + 1)
+                del r.written[position + i + 1 :]
                 r.position = position + i + 1
                 r.exposed = Exposed(hidden=verified.hidden[:, i : i + 1], kv=verified.kv)
                 break
@@ -300,12 +328,13 @@ class BatchEngine:
 
     def _events(self, r: _Request, tokens: list[int]) -> list[Event]:
         first = r.control.emitted - len(tokens)
-        return [Event(r.id, t, None, *r.scores[first + k]) for k, t in enumerate(tokens)]
+        return [Event(r.id, t, None, *r.scores[first + k], cached_tokens=r.cached_tokens) for k, t in enumerate(tokens)]
 
     def _finish(self, r: _Request, reason: str, score: tuple = (None, ())) -> list[Event]:
         """Leave the batch: what was held back, then an event with the reason (and the stop
         token's scores)."""
         if r in self.active:
             self.active.remove(r)
-        r.cache = None
-        return self._events(r, r.control.flush()) + [Event(r.id, None, reason, *score)]
+        self._keep(r)
+        return self._events(r, r.control.flush()) + [Event(r.id, None, reason, *score,
+                                                           cached_tokens=r.cached_tokens)]

@@ -415,7 +415,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(
         model_name=args.model_name, api_key=args.api_key or os.environ.get("GEMMARUN_API_KEY") or None,
         allow_local_files=args.allow_local_files, max_body_bytes=args.max_body_mb * 1024 * 1024,
-        max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
+        max_batch=args.max_batch, max_queue=args.max_queue, context=args.context, prompt_caches=args.prompt_caches,
         default_max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
         max_image_pixels=round(args.max_image_mp * 1_000_000), max_audio_seconds=args.max_audio_seconds,
         body_timeout=args.body_timeout, header_timeout=args.header_timeout, max_connections=args.max_connections,
@@ -624,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="model id to report (default: the file or folder name)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a batch slot; more get 429")
+    p.add_argument("--prompt-caches", type=int, default=4,
+                   help="finished requests whose KV caches are kept, so a request that starts the same way "
+                        "(a chat's next turn) prefills only the rest (default 4; 0: off)")
     p.add_argument("--context", type=_at_least_one, default=None, help="context length (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=4096, help="reply length when a request sets none")
     p.add_argument("--max-body-mb", type=int, default=32, help="request body limit in MiB (413 past it)")

@@ -219,7 +219,7 @@ def test_requests_past_capacity_get_429_before_their_body_is_read(tiny_llm):
 @pytest.mark.parametrize("field, value", [("max_body_bytes", 0), ("max_batch", 0), ("max_queue", -1),
                                           ("max_image_pixels", MAX_PIXELS + 1), ("max_audio_seconds", 0),
                                           ("body_timeout", 0), ("header_timeout", -1), ("max_connections", 0),
-                                          ("max_tokens_limit", 0)])
+                                          ("max_tokens_limit", 0), ("prompt_caches", -1)])
 def test_server_options_refuse_nonsense(field, value):
     with pytest.raises(ValueError, match=field):
         ServerOptions(**{field: value})

@@ -53,6 +53,7 @@ class ServerOptions:
     allow_local_files: bool = False
     max_body_bytes: int = MAX_BODY_BYTES  # 413 past it
     max_batch: int = 8  # requests decoded together
+    prompt_caches: int = 4  # finished requests' KV caches kept for prompts that start the same way (0: off)
     max_queue: int = 64  # requests waiting for a batch slot; more get 429
     context: int | None = None  # default: the model's
     default_max_tokens: int = 4096  # when a request gives none
@@ -73,8 +74,9 @@ class ServerOptions:
         for name in ("max_audio_seconds", "body_timeout", "header_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServerOptions.{name} must be positive, not {getattr(self, name)}")
-        if self.max_queue < 0:
-            raise ValueError(f"ServerOptions.max_queue must be at least 0, not {self.max_queue}")
+        for name in ("max_queue", "prompt_caches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ServerOptions.{name} must be at least 0, not {getattr(self, name)}")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
             raise ValueError(f"ServerOptions.max_tokens_limit must be at least 1, not {self.max_tokens_limit}")
         if self.max_image_pixels > MAX_PIXELS:
@@ -257,7 +259,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
     path = llm.info.path
     name = opts.model_name or (path.stem if path.suffix == ".gguf" else path.name)
     scheduler = Scheduler(llm, max_batch=opts.max_batch, max_queue=opts.max_queue, context=opts.context,
-                          engine=engine, drafter=drafter)
+                          engine=engine, drafter=drafter, prompt_caches=opts.prompt_caches)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
     limits = opts.media_limits
     # Media is decoded a few requests at a time, so a burst of large images or long audio cannot

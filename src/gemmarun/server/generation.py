@@ -27,6 +27,7 @@ class Generation:
         self.calls: list[dict] = []
         self.logprobs: list[dict] | None = [] if top_logprobs is not None else None
         self.finish_reason: str | None = None
+        self.cached_tokens: int | None = None  # prompt tokens the engine found in a kept cache
         self.stop_reason: str | None = None  # "loop" when the loop guard ended the reply
         self._offset = self._chars = len(echo)
 
@@ -58,6 +59,8 @@ class Generation:
             if self.logprobs is not None and channel == "content" and ev.logprob is not None \
                     and self.reply.is_text(ev.token):
                 entries.append(self._entry(ev))
+        if ev.cached_tokens is not None:
+            self.cached_tokens = ev.cached_tokens
         if ev.finish_reason or self.reply.done:
             stopped_early = self.reply.done
             tail = self.reply.finish()
@@ -118,7 +121,8 @@ class Generation:
     # -- responses ------------------------------------------------------------------------------
 
     def usage(self) -> dict:
-        return p.usage(len(self.prompt.ids), self.tokens, self.reasoning_tokens if self.is_chat else None)
+        return p.usage(len(self.prompt.ids), self.tokens, self.reasoning_tokens if self.is_chat else None,
+                       self.cached_tokens or 0)
 
     def chat_response(self) -> dict:
         env = p.Envelope(self.env.id, self.env.model, "chat.completion", self.env.created)

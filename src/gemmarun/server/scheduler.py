@@ -80,9 +80,9 @@ class Scheduler:
     """`submit` from the event loop; `close` the job when done (or when the client leaves)."""
 
     def __init__(self, llm: LLM, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None,
-                 engine=None, drafter=None) -> None:
+                 engine=None, drafter=None, prompt_caches: int = 4) -> None:
         self.engine = engine if engine is not None else BatchEngine(llm, max_batch=max_batch, context=context,
-                                                                    drafter=drafter)
+                                                                    drafter=drafter, prompt_caches=prompt_caches)
         self.capacity = self.engine.max_batch + max_queue
         self.in_flight = 0  # submitted, not yet closed (event loop side)
         self.cancelled = 0  # requests dropped before they finished: client gone, stop string (model thread)
