@@ -252,3 +252,33 @@ def test_the_chat_benchmark_script_records_identical_replies_and_the_cached_shar
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
     assert [int(r[0]) for r in rows] == [1, 2, 3]
     assert int(rows[0][2]) == 0 and all(0 < int(r[2]) < int(r[1]) for r in rows[1:])
+
+
+def test_media_sent_again_is_not_encoded_again(mm_llm, tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(tmp_path / "z.png")
+    encoded = []
+    real = mm_llm.encoders.images
+    monkeypatch.setattr(mm_llm.encoders, "images", lambda *a: encoded.append(1) or real(*a))
+    turn = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "z.png")},
+                                         {"type": "text", "text": "what is it"}]}]
+    kw = dict(max_tokens=4, ignore_eos=True, image_tokens=70)
+    try:
+        answers = {}
+        for capacity in (0, 1):
+            mm_llm.prompt_cache = PromptCache(capacity)
+            encoded.clear()
+            first = mm_llm.generate(turn, **kw)
+            second = mm_llm.generate(turn + [{"role": "assistant", "content": first},
+                                             {"role": "user", "content": "more"}], **kw)
+            answers[capacity] = (first, second, len(encoded))
+        assert answers[1][:2] == answers[0][:2]
+        assert answers[0][2] == 2 and answers[1][2] == 1
+        pool = PromptCache(1, media_bytes=0)  # too small to keep any: encoded each time
+        mm_llm.prompt_cache = pool
+        encoded.clear()
+        mm_llm.generate(turn, **kw)
+        mm_llm.generate(turn, **kw)
+        assert len(encoded) == 2
+    finally:
+        mm_llm.prompt_cache = PromptCache(1)

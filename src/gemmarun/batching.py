@@ -174,12 +174,12 @@ class BatchEngine:
         """A cache holding the prompt and the kept generated tokens (leased: only what it does
         not hold yet is prefilled); the next logits."""
         llm, model = self.llm, self.llm.model
-        text_ids, embeds, blocks = llm._inputs(r.prompt)
+        if r.caching is None:
+            r.caching = Caching(self.prompt_cache, llm.held(r.prompt))
+        text_ids, embeds, blocks = llm._inputs(r.prompt, r.caching.prompt, self.prompt_cache)
         # Speculative rounds may write k + 1 positions that are then rolled back: the sliding rings
         # keep that many spare slots, so no rejected token evicts a key a later query sees.
         spare = self.speculation.num_draft + 1 if r.speculation is not None else 0
-        if r.caching is None:
-            r.caching = Caching(self.prompt_cache, llm.held(r.prompt))
         self._keep(r)  # a rollback's cache: its kept prefix is leased again at once
         kept = r.control.generated
         r.cache, held = r.caching.lease(model, kept, r.max_len, spare)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -155,17 +155,20 @@ class LLM:
         pixels, positions = stack_inputs(frames)
         return self.encoders.images(pixels.to(device, self.model.dtype), positions.to(device))
 
-    def _inputs(self, prompt: Prompt):
-        """(ids for the token tables, merged embeddings or None, vision blocks or None)."""
+    def _inputs(self, prompt: Prompt, held: Held | None = None, pool: PromptCache | None = None):
+        """(ids for the token tables, merged embeddings or None, vision blocks or None). With
+        `pool`, soft tokens of media it has seen (by `held.media`'s digests) are not encoded again."""
         from .processing.prompt import PreparedAudio, PreparedImage
 
         ids = torch.tensor(prompt.ids, device=self.model.device)
         if not prompt.media and (self.encoders is None or not (token_types(ids, self.media_tokens) != TEXT).any()):
             return ids, None, None  # (placeholders without their media: merge names the mismatch)
         soft: dict[int, list[torch.Tensor]] = {IMAGE: [], VIDEO: [], AUDIO: []}
-        for item in prompt.media:
+        keys = held.media if held is not None and pool is not None else (None,) * len(prompt.media)
+        for item, key in zip(prompt.media, keys):
             kind = IMAGE if isinstance(item, PreparedImage) else AUDIO if isinstance(item, PreparedAudio) else VIDEO
-            soft[kind].extend(self._soft(item))
+            encode = partial(self._soft, item)
+            soft[kind].extend(encode() if key is None else pool.soft_tokens(key, encode))
         return merge(self.model, ids, self.media_tokens, soft, self.config.pad_id, self.config.bidirectional_vision)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0,
@@ -331,11 +334,11 @@ class LLM:
     def _reply_deltas(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft, tools: bool):
         from .reply import ReplyStream
 
-        text_ids, embeds, blocks = self._inputs(prompt)
+        held = self.held(prompt)
+        text_ids, embeds, blocks = self._inputs(prompt, held, self.prompt_cache)
         reply = ReplyStream(self.tokenizer, stop=params.stop, tools=tools)
         tokens = self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,
-                                   control=self.output_control(grammar, loop_guard), draft=draft,
-                                   held=self.held(prompt))
+                                   control=self.output_control(grammar, loop_guard), draft=draft, held=held)
         while not reply.done:  # a stop string or the tool-response marker ends it early
             try:
                 yield reply.push(next(tokens))
@@ -347,13 +350,13 @@ class LLM:
         return "stop"
 
     def _stream_pieces(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft):
-        text_ids, embeds, blocks = self._inputs(prompt)
+        held = self.held(prompt)
+        text_ids, embeds, blocks = self._inputs(prompt, held, self.prompt_cache)
         decoder = IncrementalDecoder(self.tokenizer)
         pending = ""  # text held back because it may be the start of a stop string
         hold = max((len(s) for s in params.stop), default=0)
         tokens = self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,
-                                   control=self.output_control(grammar, loop_guard), draft=draft,
-                                   held=self.held(prompt))
+                                   control=self.output_control(grammar, loop_guard), draft=draft, held=held)
         # Stop strings are matched on text, so token-level max_tokens still bounds the work.
         while True:
             try:

@@ -13,13 +13,18 @@ the last reply differently than it was generated (trimmed whitespace, the end-of
 Where no kept cache can be cut back, the prompt is prefilled whole, as without caching.
 
 Media: a soft-token position counts as shared only when the media item behind it is the same
-(a digest of its prepared inputs) in both prompts.
+(a digest of its prepared inputs) in both prompts. The pool also keeps recent items' soft tokens
+by that digest (up to `media_bytes`): a chat's next turn sends its images and audio again, and
+where its kept cache cannot be reused (or a new cache is made for a rollback) the towers, seconds
+of work an image on a CPU, need not run again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +37,8 @@ from .model.multimodal import AUDIO, IMAGE, VIDEO, MediaTokens
 # Ring slots past the window in caches made for keeping: how far back from the end of what a cache
 # holds the next prompt may diverge and still reuse it (64 x 4 KiB a sliding layer on E2B).
 KEEP_SPARE = 64
+# Soft tokens kept by content: ~37 images of E2B's 280-token budget in float32 (1.7 MiB each).
+MEDIA_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -131,11 +138,13 @@ class PromptCache:
     kept last; the caches it makes keep `spare` ring slots past the window. Not thread-safe: one
     engine (or one caller at a time) leases and keeps."""
 
-    def __init__(self, capacity: int = 1, spare: int = KEEP_SPARE):
+    def __init__(self, capacity: int = 1, spare: int = KEEP_SPARE, media_bytes: int = MEDIA_BYTES):
         if capacity < 0:
             raise ValueError(f"prompt cache capacity must be >= 0, not {capacity}")
         self.capacity, self.spare = capacity, spare
+        self.media_bytes = media_bytes if capacity else 0
         self._kept: list[_Kept] = []
+        self._soft: OrderedDict[bytes, list[torch.Tensor]] = OrderedDict()  # least recently used first
         self.reused = 0  # positions the last lease found held
 
     def __len__(self) -> int:
@@ -174,5 +183,21 @@ class PromptCache:
         self._kept.append(_Kept(cache, held))
         del self._kept[: -self.capacity]
 
+    def soft_tokens(self, item: MediaItem, encode: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The soft tokens of `item`: kept ones for the same content, else `encode()`'s (kept
+        while they fit `media_bytes` with the most recently used others)."""
+        soft = self._soft.get(item.digest)
+        if soft is not None:
+            self._soft.move_to_end(item.digest)
+            return soft
+        soft = encode()
+        size = sum(t.numel() * t.element_size() for t in soft)
+        if size <= self.media_bytes:
+            self._soft[item.digest] = soft
+            while sum(t.numel() * t.element_size() for ts in self._soft.values() for t in ts) > self.media_bytes:
+                self._soft.popitem(last=False)
+        return soft
+
     def clear(self) -> None:
         self._kept.clear()
+        self._soft.clear()
