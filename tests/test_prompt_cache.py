@@ -48,7 +48,7 @@ def test_a_kept_cache_goes_on_as_a_fresh_prefill(models, family):
     # the next turn: the reply (its last token was never fed) and new text
     second = first + reply + _ids(WINDOW + 2, seed=2)
     max_len = len(second) + 8
-    cache, held = pool.lease(model.config, Held(second), max_len)
+    cache, held = pool.lease(model, Held(second), max_len)
     assert held == len(first) + len(reply) - 1 and len(pool) == 0
     logits = prefill_rest(model, cache, held, torch.tensor(second))
     fresh = prefill(model, torch.tensor(second), make_cache(model.config, max_len))
@@ -123,6 +123,85 @@ def test_the_pool_keeps_the_most_recent_caches(models):
     assert pool.reused == 0
 
 
+def test_conversations_that_share_only_their_start_each_keep_their_own_cache(models):
+    model = models("e2b")
+    pool = PromptCache(2)
+    start = _ids(3, seed=30)
+    chats = [start + _ids(50, seed=31), start + _ids(50, seed=32)]  # longer than CONTINUED
+    replies = [_generate(model, chat, 4, pool) for chat in chats]
+    assert pool.reused == len(start)  # the second found the first's start, and copied it
+    for chat, reply in zip(chats, replies):
+        follow = chat + reply + [9, 9]
+        assert _generate(model, follow, 4, pool) == _generate(model, follow, 4)
+        assert pool.reused == len(chat) + len(reply) - 1
+
+
+def test_a_pool_serves_one_model(models, tiny_models):
+    pool = PromptCache(1)
+    prompt = _ids(9, seed=33)
+    _generate(models("e2b"), prompt, 3, pool)
+    other = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu").model  # same shapes
+    with pytest.raises(ValueError, match="another model's caches"):
+        _generate(other, prompt, 3, pool)
+
+
+def test_generations_in_two_threads_each_get_their_own_cache(tiny_models):
+    import threading
+
+    llm = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu")
+    prompts = [_ids(10, seed=40 + i) for i in range(6)]
+    llm.prompt_cache = PromptCache(0)
+    expected = [llm.generate_ids(p + [7], max_new_tokens=3, ignore_eos=True) for p in prompts]
+    llm.prompt_cache = PromptCache(2)
+    errors, results = [], {}
+
+    def work(k):
+        try:
+            for _ in range(4):
+                for i, p in enumerate(prompts):
+                    llm.generate_ids(p, max_new_tokens=3, ignore_eos=True)
+                    results[(k, i)] = llm.generate_ids(p + [7], max_new_tokens=3, ignore_eos=True)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(results[(k, i)] == expected[i] for k in range(2) for i in range(len(prompts)))
+
+
+def test_reused_counts_the_prompt_not_a_loop_rollback(tiny_models, monkeypatch):
+    import gemmarun.generate as generate
+    from reference_models import LOOPING_SEED, seeded_prompt
+
+    llm = gemmarun.load(tiny_models("gemma3")[0], dtype="float32", device="cpu")
+    prompt = seeded_prompt(LOOPING_SEED)
+    params = SamplingParams(max_tokens=150, ignore_eos=True)
+    rollbacks = []
+    settle = generate.settle
+
+    def counting(*args):
+        outcome = settle(*args)
+        rollbacks.append(outcome == generate.ROLLBACK)
+        return outcome
+
+    monkeypatch.setattr(generate, "settle", counting)
+
+    def run(pool):
+        caching = Caching(pool, Held(prompt)) if pool is not None else None
+        return list(generate_step(llm.model, prompt, params, control=llm.output_control(None, "recover"),
+                                  caching=caching))
+
+    plain = run(None)
+    assert any(rollbacks), "the tiny gemma3 no longer loops from this prompt"
+    pool = PromptCache(1)
+    assert run(pool) == plain
+    assert pool.reused == 0
+
+
 def test_a_generation_closed_early_keeps_what_its_cache_holds(models):
     model = models("e2b")
     pool = PromptCache(1)
@@ -150,6 +229,14 @@ def _media_prompt(items, positions_of):
             ids[p] = 1
         soft[kind] = np.asarray(where)
     return Held(ids, tuple(items), soft)
+
+
+def test_a_cut_never_splits_a_run_of_image_soft_tokens():
+    a, b, c = (MediaItem(IMAGE, 3, d) for d in (b"a", b"b", b"c"))
+    where = {IMAGE: [5, 6, 7, 8, 9, 10]}  # two images back to back: one bidirectional block
+    kept = _media_prompt([a, b], where)
+    assert shared_prefix(kept, _media_prompt([a, c], where), 39) == 5
+    assert shared_prefix(kept, _media_prompt([a, b], where), 8) == 5  # a limit inside the run
 
 
 def test_soft_tokens_are_shared_only_where_their_media_item_is_the_same():

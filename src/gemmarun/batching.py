@@ -69,7 +69,6 @@ class _Request:
     cache: KVCache | None = None
     caching: Caching | None = None  # where its cache is leased from and kept
     written: list[int] = field(default_factory=list)  # the ids at the cache's positions
-    cached_tokens: int | None = None  # prompt positions the cache held at admission
     leases: int = 0  # caches leased so far (a rollback leases again, maybe the same cache)
     position: int = 0  # where the next token goes
     max_len: int = 0
@@ -77,6 +76,11 @@ class _Request:
     last: int | None = None  # sampled, not yet fed
     speculation: _Speculation | None = None  # with a drafter: this request's rounds so far
     exposed: Exposed | None = None  # the target forward that produced `last`, when it ran alone
+
+    @property
+    def cached_tokens(self) -> int | None:
+        """Prompt positions its cache held when it was admitted."""
+        return self.caching.reused if self.caching is not None else None
 
 
 @dataclass
@@ -184,8 +188,6 @@ class BatchEngine:
         kept = r.control.generated
         r.cache, held = r.caching.lease(model, kept, r.max_len, spare)
         r.leases += 1
-        if r.cached_tokens is None:
-            r.cached_tokens = min(held, len(r.prompt.ids))
         r.exposed = Exposed() if r.speculation is not None else None
         logits = prefill_rest(model, r.cache, held, text_ids, kept, chunk_size=self.chunk_size, embeds=embeds,
                               vision_blocks=blocks, expose=r.exposed)

@@ -1,7 +1,8 @@
 """KV cache owned by the caller, preallocated, as small as the architecture allows.
 
 * sliding layers: a ring buffer of `window` slots (memory independent of context length), plus
-  `spare` slots when speculating, so tokens written and then rejected evict nothing still visible;
+  `spare` slots, so tokens written and then rolled back (rejected drafts, a kept cache's tail that
+  the next prompt does not share) evict nothing still visible;
 * full layers: a static buffer of `max_len` positions; on K=V layers only the values are stored
   (keys are rebuilt as RoPE(v * k_norm.weight) on read, spec 3.4), halving their footprint;
 * KV-shared layers: nothing; they read their producer's keys and values.
@@ -12,6 +13,8 @@ says whether it can be cut back to a shorter prefix and `reserve` grows it for a
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -74,6 +77,12 @@ class FullKV:
         self.keys = None if self.keys is None else grown(self.keys)
         self.values = grown(self.values)
         self.max_len, self._positions = max_len, slot_positions
+
+    def copy(self) -> FullKV:
+        new = copy.copy(self)
+        new.keys = None if self.keys is None else self.keys.clone()
+        new.values = self.values.clone()
+        return new
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
@@ -165,6 +174,11 @@ class SlidingKV:
         self.keys, self.values, self.positions, self.size = keys, values, positions, size
         self.used = int(slots.max()) + 1 if held.numel() else 0
 
+    def copy(self) -> SlidingKV:
+        new = copy.copy(self)
+        new.keys, new.values, new.positions = self.keys.clone(), self.values.clone(), self.positions.clone()
+        return new
+
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
 
@@ -244,6 +258,14 @@ class KVCache:
             if layer is not None:
                 layer.truncate(length)
 
+    @torch.inference_mode()
+    def copy(self) -> KVCache:
+        """An independent cache holding the same (a kept cache two prompts start from)."""
+        new = copy.copy(self)
+        new.layers = [None if layer is None else layer.copy() for layer in self.layers]
+        new._storage = None
+        return new
+
     def rolls_back_to(self, length: int) -> bool:
         """Whether `truncate(length)` leaves a cache that goes on exactly: each sliding ring still
         holds the window before `length` (a ring overwrites it once more than `spare` positions
@@ -259,8 +281,8 @@ class KVCache:
 
     @torch.inference_mode()
     def shrink(self, length: int) -> None:
-        """Full layers sized for the first `length` positions only, the rest forgotten (a kept
-        cache holds what it holds, not the generation's whole `max_len`)."""
+        """Room for the first `length` positions only, later ones forgotten: full layers resized,
+        rings as they are (a kept cache holds what it holds, not the generation's `max_len`)."""
         if length < self.max_len:
             self._resize(length)
 
@@ -292,7 +314,8 @@ def kv_bytes_per_token(config: TextConfig, element_size: int) -> int:
 
 
 def kv_cache_bytes(config: TextConfig, context: int, element_size: int, batch: int = 1) -> int:
-    """Bytes a cache for `context` tokens allocates (what `KVCache(...).nbytes()` would be)."""
+    """Bytes a cache for `context` tokens allocates (what `KVCache(...).nbytes()` would be without
+    spare ring slots)."""
     total = 0
     for spec in config.layers:
         if not spec.owns_kv:

@@ -108,18 +108,21 @@ def prefill_rest(model: TextModel, cache: KVCache, held: int, ids: torch.Tensor,
     return logits
 
 
-@dataclass(frozen=True)
+@dataclass
 class Caching:
     """Prompt caching for one generation: the pool it leases its cache from and keeps it in, and
     what its prompt holds (ids and media, prompt_cache.Held)."""
 
     pool: PromptCache
     prompt: Held
+    reused: int | None = None  # prompt positions its first lease found held (a rollback's lease is not)
 
     def lease(self, model: TextModel, kept: Sequence[int], max_len: int, spare: int = 0) -> tuple[KVCache, int]:
         """A cache for the prompt followed by `kept`, and how many of those positions it holds."""
-        return self.pool.lease(model.config, self.prompt.then(kept), max_len, spare=spare, dtype=model.dtype,
-                               device=model.device)
+        cache, held = self.pool.lease(model, self.prompt.then(kept), max_len, spare=spare)
+        if self.reused is None:
+            self.reused = self.pool.reused = min(held, len(self.prompt.ids))
+        return cache, held
 
     def keep(self, cache: KVCache, written: list[int]) -> None:
         """Keep `cache`, which holds `written` (ids, position by position: the prompt's as the

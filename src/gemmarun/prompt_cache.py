@@ -4,7 +4,8 @@ prefills only the rest, as llama.cpp's `cache_prompt` and Ollama do.
 
 Going on from a kept cache attends over the same keys as a fresh prefill would; the kept keys
 come from the forwards that wrote them (the previous reply's from its decode steps), so logits
-agree up to float summation order (the tests: greedy tokens identical to caching off).
+agree up to float summation order: in float32 greedy tokens are identical to caching off (the
+tests); in bfloat16 they differ by its rounding, as they do between prefill chunk sizes.
 
 A kept cache is cut back to the prefix it shares with the new prompt (`KVCache.truncate`). A
 sliding ring allows that only while it still holds the window before the cut, so caches made here
@@ -23,20 +24,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from .cache import KVCache, make_cache
-from .config import TextConfig
 from .model.multimodal import AUDIO, IMAGE, VIDEO, MediaTokens
 
 # Ring slots past the window in caches made for keeping: how far back from the end of what a cache
 # holds the next prompt may diverge and still reuse it (64 x 4 KiB a sliding layer on E2B).
 KEEP_SPARE = 64
+# A kept cache whose positions a prompt shares all but this many of is that prompt's conversation
+# going on (a template re-renders the end of a reply): leased as it is, not copied.
+CONTINUED = 32
 # Soft tokens kept by content: ~37 images of E2B's 280-token budget in float32 (1.7 MiB each).
 MEDIA_BYTES = 64 * 2**20
 
@@ -112,7 +118,8 @@ class Held:
 
 def shared_prefix(kept: Held, new: Held, limit: int) -> int:
     """How many leading positions of `new` a cache holding `kept` holds as well (at most `limit`):
-    the same ids, and at soft-token positions the same media items."""
+    the same ids, and at soft-token positions the same media items. A cut never falls inside a
+    run of image soft tokens (a bidirectional block whose earlier tokens saw its later ones)."""
     n = min(len(kept.ids), len(new.ids), limit)
     differ = np.flatnonzero(np.asarray(kept.ids[:n]) != np.asarray(new.ids[:n]))
     shared = int(differ[0]) if differ.size else n
@@ -124,6 +131,9 @@ def shared_prefix(kept: Held, new: Held, limit: int) -> int:
             covered = sum(item.soft_tokens for item in new.media[:same] if item.kind == kind)
             if covered < positions.size and positions[covered] < shared:
                 shared = int(positions[covered])  # the first soft token of a changed item
+        vision = {int(p) for kind in (IMAGE, VIDEO) for p in new.soft_positions.get(kind, ())}
+        while shared in vision and shared - 1 in vision:  # back to the start of its run
+            shared -= 1
     return shared
 
 
@@ -135,8 +145,9 @@ class _Kept:
 
 class PromptCache:
     """The caches of finished generations, at most `capacity` (0: caching off), the most recently
-    kept last; the caches it makes keep `spare` ring slots past the window. Not thread-safe: one
-    engine (or one caller at a time) leases and keeps."""
+    kept last, for one model (the first that leases); the caches it makes keep `spare` ring slots
+    past the window. Leasing and keeping are locked: generations in several threads each get
+    their own cache."""
 
     def __init__(self, capacity: int = 1, spare: int = KEEP_SPARE, media_bytes: int = MEDIA_BYTES):
         if capacity < 0:
@@ -145,59 +156,91 @@ class PromptCache:
         self.media_bytes = media_bytes if capacity else 0
         self._kept: list[_Kept] = []
         self._soft: OrderedDict[bytes, list[torch.Tensor]] = OrderedDict()  # least recently used first
-        self.reused = 0  # positions the last lease found held
+        self._soft_bytes = 0
+        self._model: weakref.ref | None = None
+        self._lock = threading.Lock()
+        self.reused = 0  # prompt positions the last generation found held (set by generate.Caching)
 
     def __len__(self) -> int:
         return len(self._kept)
 
-    def lease(self, config: TextConfig, prompt: Held, max_len: int, *, spare: int = 0, dtype=torch.float32,
-              device="cpu") -> tuple[KVCache, int]:
-        """A cache for `prompt` and how many of its positions it already holds: the kept cache
-        sharing the longest prefix that it can be cut back to (taken out of the pool, grown to
-        `max_len`), or a fresh one holding nothing. At least the last prompt token is left to
-        prefill (its logits are the first token's). `spare`: ring slots a caller needs past the
-        window (speculative decoding's); caches made here keep at least `KEEP_SPARE`."""
-        device = torch.device(device)
-        best, best_shared = None, 0
-        for kept in self._kept:
-            c = kept.cache
-            if c.batch != 1 or c.dtype != dtype or c.device != device or c.spare < spare:
-                continue
-            shared = shared_prefix(kept.held, prompt, len(prompt.ids) - 1)
-            if shared > best_shared and c.rolls_back_to(shared):
-                best, best_shared = kept, shared
-        self.reused = best_shared
+    def lease(self, model: nn.Module, prompt: Held, max_len: int, *, spare: int = 0) -> tuple[KVCache, int]:
+        """A cache for `prompt` on `model` (a TextModel) and how many of its positions it already
+        holds, at least the last prompt token left to prefill (its logits are the first token's).
+        The kept cache sharing the longest prefix that it can be cut back to is taken out of the
+        pool where the prompt goes on from all but `CONTINUED` of its positions (a chat's next
+        turn) or the pool keeps one cache, else copied (a shared start, such as a template's or a
+        system prompt's, leaves it to its own conversation); it is cut back and grown to `max_len`. Without one, a fresh cache. `spare`: ring slots the caller
+        needs past the window (speculative decoding's); caches made here keep at least `spare`
+        of the pool's."""
+        dtype, device = model.dtype, torch.device(model.device)
+        with self._lock:
+            self._bind(model)
+            best, best_shared = None, 0
+            for kept in self._kept:
+                c = kept.cache
+                if c.batch != 1 or c.dtype != dtype or c.device != device or c.spare < spare:
+                    continue
+                shared = shared_prefix(kept.held, prompt, len(prompt.ids) - 1)
+                if shared > best_shared and c.rolls_back_to(shared):
+                    best, best_shared = kept, shared
+            if best is not None and (self.capacity == 1 or len(best.held.ids) - best_shared <= CONTINUED):
+                self._kept.remove(best)
+                cache = best.cache
+            elif best is not None:
+                cache = best.cache.copy()
         if best is None:
             keep_spare = max(spare, self.spare) if self.capacity else spare
-            return make_cache(config, max_len, dtype=dtype, device=device, spare=keep_spare), 0
-        self._kept.remove(best)
-        best.cache.truncate(best_shared)
-        best.cache.reserve(max_len)
-        return best.cache, best_shared
+            return make_cache(model.config, max_len, dtype=dtype, device=device, spare=keep_spare), 0
+        cache.truncate(best_shared)
+        cache.reserve(max_len)
+        return cache, best_shared
 
     def keep(self, cache: KVCache, held: Held) -> None:
         """Keep `cache`, which holds `held` at its positions 0.., for the next prompts."""
         if self.capacity == 0 or not held.ids:
             return
-        cache.shrink(len(held.ids))  # kept, it needs no room past what it holds
-        self._kept.append(_Kept(cache, held))
-        del self._kept[: -self.capacity]
+        if cache.max_len > 2 * len(held.ids):  # mostly room a kept cache does not need
+            cache.shrink(len(held.ids))
+        with self._lock:
+            self._kept.append(_Kept(cache, held))
+            del self._kept[: -self.capacity]
 
     def soft_tokens(self, item: MediaItem, encode: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
         """The soft tokens of `item`: kept ones for the same content, else `encode()`'s (kept
         while they fit `media_bytes` with the most recently used others)."""
-        soft = self._soft.get(item.digest)
-        if soft is not None:
-            self._soft.move_to_end(item.digest)
-            return soft
+        with self._lock:
+            soft = self._soft.get(item.digest)
+            if soft is not None:
+                self._soft.move_to_end(item.digest)
+                return soft
         soft = encode()
         size = sum(t.numel() * t.element_size() for t in soft)
-        if size <= self.media_bytes:
-            self._soft[item.digest] = soft
-            while sum(t.numel() * t.element_size() for ts in self._soft.values() for t in ts) > self.media_bytes:
-                self._soft.popitem(last=False)
+        with self._lock:
+            if size <= self.media_bytes and item.digest not in self._soft:
+                self._soft[item.digest] = soft
+                self._soft_bytes += size
+                while self._soft_bytes > self.media_bytes:
+                    _, dropped = self._soft.popitem(last=False)
+                    self._soft_bytes -= sum(t.numel() * t.element_size() for t in dropped)
         return soft
 
     def clear(self) -> None:
-        self._kept.clear()
-        self._soft.clear()
+        with self._lock:
+            self._kept.clear()
+            self._soft.clear()
+            self._soft_bytes = 0
+
+    def _bind(self, model: nn.Module) -> None:
+        """A pool serves one model: another's caches (and soft tokens) would be silently wrong."""
+        if self._model is None:
+            self._model = weakref.ref(model)
+            return
+        bound = self._model()
+        if bound is None:  # that model is gone: what it left is of no use
+            self._model = weakref.ref(model)
+            self._kept.clear()
+            self._soft.clear()
+            self._soft_bytes = 0
+        elif bound is not model:
+            raise ValueError("this PromptCache holds another model's caches: give each model its own")
