@@ -310,13 +310,10 @@ class ServerProcess:
 
 def build_tiny_multimodal(folder: Path) -> Path:
     """A tiny random Gemma 4 E2B-like model with vision and audio towers, as the tests build it."""
-    import importlib.util
-
     sys.path[:0] = [str(ROOT / "tests")]
-    spec = importlib.util.spec_from_file_location("_mm_reference", ROOT / "tests/model/test_multimodal_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module._build("e2b", folder)
+    from reference_models import build_multimodal
+
+    build_multimodal("e2b", folder)
     return folder
 
 

@@ -62,3 +62,14 @@ def test_percentile_is_nearest_rank():
     values = [float(i) for i in range(1, 101)]
     assert (load.percentile(values, 50), load.percentile(values, 99), load.percentile(values, 100)) == (50, 99, 100)
     assert load.percentile([3.0], 99) == 3.0
+
+
+def test_the_script_builds_its_tiny_multimodal_model(tmp_path):
+    """The full-size run serves image and audio requests from this model when the text model has
+    no towers (the embedded 270M): its builder must keep up with the tests' helpers."""
+    import gemmarun
+
+    folder = _load_script().build_tiny_multimodal(tmp_path)
+    llm = gemmarun.load(folder, device="cpu")
+    llm.check_media("image")
+    llm.check_media("audio")
