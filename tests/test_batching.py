@@ -232,6 +232,17 @@ def test_engine_rounds_are_those_of_the_single_request_path(tiny_models, monkeyp
     assert len(drafted[0]) > 3 and drafted[1] == drafted[0]
 
 
+def test_a_seeded_sampled_request_falls_back_on_acceptance_not_timings(tiny_models):
+    """As in `speculative_generate_step`: a seeded sampled request must come out the same each run."""
+    llm = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu")
+    engine = BatchEngine(llm, drafter=random_drafter("e2b", seed=2))  # the default, timed speculation
+    for seed in (4, None):
+        engine.add(Prompt(_prompt(N_PROMPT, seed=9)), SamplingParams(max_tokens=N_NEW, temperature=1.0, seed=seed))
+    engine.step()
+    seeded, unseeded = engine.active
+    assert not seeded.speculation.config.compare_speed and unseeded.speculation.config.compare_speed
+
+
 class _FailingControl(OutputControl):
     """An output control whose mask raises at its `after`-th token, as a grammar that cannot go on does."""
 

@@ -1,6 +1,7 @@
 """Speculative decoding with a gemma4_assistant drafter: exactness, acceptance, fall-back, and the
 drafter itself against transformers 5.23 (which can build it only with a test-side patch)."""
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -435,3 +436,27 @@ def test_a_drafter_with_nan_logits_costs_speed_not_the_answer(targets, temperatu
     with_broken = list(speculative_generate_step(target, broken, prompt, params, speculation=config, stats=stats))
     assert with_broken == list(generate_step(target, prompt, params))
     assert stats.rounds > 0 and stats.drafted == 0
+
+
+def test_a_seeded_sampled_generation_comes_out_the_same_whatever_the_timings(targets, monkeypatch):
+    """Rounds draw from the generator otherwise than plain steps, so where the timed fall-back
+    switched changed the text of a seeded run; a seeded sampled run now falls back on acceptance
+    alone. Two fake clocks: one makes rounds look as cheap as plain steps, the other ever slower."""
+    import gemmarun.speculative as speculative
+
+    from gemmarun.speculative import SEEDED_MIN_ACCEPTANCE, for_params
+
+    target, drafter = targets("e2b"), random_drafter("e2b", seed=5)
+    params = SamplingParams(max_tokens=N_NEW, temperature=1.0, seed=3)
+    config = SpeculationConfig(num_draft=2, check_every=2, probe_steps=3)
+    assert for_params(config, params) == replace(config, compare_speed=False, min_acceptance=SEEDED_MIN_ACCEPTANCE)
+    assert for_params(config, replace(params, seed=None)) == config
+    assert for_params(config, replace(params, temperature=0.0)) == config
+    outs = []
+    for clock in ((i * 1e-3 for i in itertools.count()), (i * i * 1e-3 for i in itertools.count())):
+        monkeypatch.setattr(speculative.time, "perf_counter", lambda clock=clock: next(clock))
+        stats = SpeculationStats()
+        outs.append(list(speculative_generate_step(target, drafter, _prompt(N_PROMPT, seed=4), params,
+                                                   speculation=config, stats=stats)))
+        assert stats.rounds > 0
+    assert outs[0] == outs[1]

@@ -40,6 +40,7 @@ from .speculative import (
     draft_depth,
     draft_tokens,
     draw,
+    for_params,
     window_verdict,
 )
 
@@ -87,6 +88,7 @@ class _Request:
 class _Speculation:
     """One request's speculative decoding: on until its rounds stop paying (speculative.py)."""
 
+    config: SpeculationConfig
     on: bool = True
     probes: int = 0  # plain steps taken alone while on (SpeculationConfig.probe says which are timed)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
@@ -171,7 +173,7 @@ class BatchEngine:
             return [Event(r.id, None, "length")]
         self.active.append(r)
         if self.drafter is not None:
-            r.speculation = _Speculation()
+            r.speculation = _Speculation(for_params(self.speculation, r.params))
         return self._sample(r, self._prefill(r))
 
     def _prefill(self, r: _Request) -> torch.Tensor:
@@ -230,7 +232,8 @@ class BatchEngine:
 
     def _advance_alone(self, r: _Request) -> list[Event]:
         """A plain step or, with a drafter that still pays, a speculative round."""
-        spec, cfg = r.speculation, self.speculation
+        spec = r.speculation
+        cfg = spec.config if spec is not None else self.speculation
         depth = 0
         if spec is not None and spec.on:
             depth = draft_depth(cfg, r.max_len, r.position, r.params, len(r.control.generated))
@@ -290,7 +293,7 @@ class BatchEngine:
         seconds = time.perf_counter() - began
         for counters in (spec.stats, spec.window):
             counters.record_round(depth, accepted, produced, seconds)
-        verdict = window_verdict(spec.stats, spec.window, self.speculation, len(control.generated))
+        verdict = window_verdict(spec.stats, spec.window, spec.config, len(control.generated))
         if verdict is not None:
             spec.on = verdict
             spec.window = SpeculationStats()
