@@ -64,12 +64,21 @@ class _Trim:
 
 
 class _Stops:
-    """Holds back the end of the answer that may be the start of a stop string."""
+    """Holds back the end of the answer that may be the start of a stop string. Counts the answer's
+    characters as generated (`taken`) and let through (`given`): a token whose text starts at or
+    past `given` when the reply ends was cut by a stop string."""
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops, self.hold, self.pending = stops, max((len(s) for s in stops), default=0), ""
+        self.taken = self.given = 0
 
     def push(self, text: str) -> tuple[str, bool]:
+        self.taken += len(text)
+        out, hit = self._search(text)
+        self.given += len(out)
+        return out, hit
+
+    def _search(self, text: str) -> tuple[str, bool]:
         if not self.stops:
             return text, False
         self.pending += text
@@ -83,6 +92,7 @@ class _Stops:
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""
+        self.given += len(out)
         return out
 
 
@@ -123,6 +133,16 @@ class ReplyStream:
         self.last_channel = self.state
         return delta
 
+    @property
+    def answer_taken(self) -> int:
+        """Characters of the answer generated so far (where the next token's text starts)."""
+        return self._stops.taken
+
+    @property
+    def answer_given(self) -> int:
+        """Characters of the answer let through so far (not held back or cut by a stop string)."""
+        return self._stops.given
+
     def is_text(self, token: int) -> bool:
         """Whether `token` prints (is neither a special token nor a marker)."""
         return token not in self._drop
@@ -136,7 +156,7 @@ class ReplyStream:
                 self._route("reasoning", self._label, delta)
             if self.state == "call":
                 self._route("content", self._body.replace(QUOTE, '"'), delta)
-            self._route("content", self._stops.flush(), delta, stops=False)  # already searched
+            self._route("content", self._stops.flush(), delta, stops=False)
         self.done = True
         return delta
 
@@ -181,7 +201,8 @@ class ReplyStream:
         self._route(self.state, text, delta)
 
     def _route(self, channel: str, text: str, delta: Delta, stops: bool = True) -> None:
-        """Stop strings are searched in the answer as generated, then the channel is trimmed."""
+        """Stop strings are searched in the answer as generated (`stops=False`: text they held
+        back and searched already), then the channel is trimmed."""
         hit = False
         if channel == "content" and stops:
             text, hit = self._stops.push(text)

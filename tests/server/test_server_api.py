@@ -83,6 +83,43 @@ def test_stop_string_cuts_the_answer(server):
     assert cut.text == full[: full.find(stop)] and cut.finish_reason == "stop"
 
 
+def _joined(entries) -> str:
+    return b"".join(bytes(e.bytes) for e in entries).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_follow_the_text_a_stop_string_cut(server, stream):
+    """Tokens whose text starts past a stop string are not returned (their logprobs had been, as
+    vLLM and TensorRT-LLM have since stopped doing): the entries spell the returned text."""
+    client = server.client()
+    common = {"model": "tiny", "max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    full = client.completions.create(prompt="hello", **common).choices[0].text
+    stop = full[5:7]
+    kw = {**common, "prompt": "hello", "logprobs": 0, "stop": [stop], "stream": stream}
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(**kw) if c.choices]
+        text = "".join(c.text for c in chunks)
+        tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+        offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, tokens, offsets = choice.text, choice.logprobs.tokens, choice.logprobs.text_offset
+    assert text == full[: full.find(stop)] and 0 < len(tokens) < 12
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    messages = [{"role": "user", "content": "hello"}]
+    answer = client.chat.completions.create(messages=messages, **common).choices[0].message.content
+    stop = answer[4:6]
+    kw = {**common, "messages": messages, "logprobs": True, "stop": [stop], "stream": stream}
+    if stream:
+        chunks = [c.choices[0] for c in client.chat.completions.create(**kw) if c.choices]
+        text = "".join(c.delta.content or "" for c in chunks)
+        entries = [e for c in chunks if c.logprobs for e in c.logprobs.content]
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+        text, entries = choice.message.content, choice.logprobs.content
+    assert text == answer[: answer.find(stop)] and _joined(entries) == text
+
+
 def test_stop_token_ids_end_the_reply(tiny_llm):
     """vLLM's stop_token_ids: documented as shared with the CLI and API, but the server had
     ignored it."""

@@ -26,10 +26,13 @@ class Generation:
         self.content, self.reasoning = [], []
         self.calls: list[dict] = []
         self.logprobs: list[dict] | None = [] if top_logprobs is not None else None
+        self.offsets: list[int] = []  # where each entry's token starts in the text (completions)
+        # Entries of answer tokens whose text has not been let through yet, with where it starts
+        # in the answer: sent once it is; dropped if a stop string cut it.
+        self._pending: list[tuple[int, dict]] = []
         self.finish_reason: str | None = None
         self.cached_tokens: int | None = None  # prompt tokens the engine found in a kept cache
         self.stop_reason: str | None = None  # "loop" when the loop guard ended the reply
-        self._offset = self._chars = len(echo)
 
     @classmethod
     def chat(cls, llm: LLM, env: p.Envelope, prompt: Prompt, params: SamplingParams,
@@ -50,15 +53,16 @@ class Generation:
 
     def feed(self, ev: Event) -> tuple[Delta, list[dict]]:
         """The delta for one event, and the logprob entries of its token (if asked for)."""
-        delta, entries = Delta(), []
+        delta = Delta()
         if ev.token is not None:
             self.tokens += 1
+            start = self.reply.answer_taken
             delta = self.reply.push(ev.token)
             channel = self.reply.last_channel
             self.reasoning_tokens += channel == "reasoning"
             if self.logprobs is not None and channel == "content" and ev.logprob is not None \
                     and self.reply.is_text(ev.token):
-                entries.append(self._entry(ev))
+                self._pending.append((start, self._entry(ev)))
         if ev.cached_tokens is not None:
             self.cached_tokens = ev.cached_tokens
         if ev.finish_reason or self.reply.done:
@@ -72,12 +76,15 @@ class Generation:
             if ev.finish_reason == "loop" and self._grammar_unfinished():
                 reason = "length"  # cut inside the structure: it does not parse, as with max_tokens
             self.finish_reason = "tool_calls" if self.reply.calls else reason
-        self._offset = self._chars  # where this delta's text starts (completions' text_offset)
-        self._chars += len(delta.content)
+        given = self.reply.answer_given
+        ready = [(start, entry) for start, entry in self._pending if start < given]
+        self._pending = [] if self.finish_reason else self._pending[len(ready):]
+        entries = [entry for _, entry in ready]
         self.content.append(delta.content)
         self.reasoning.append(delta.reasoning)
         if self.logprobs is not None:
             self.logprobs += entries
+            self.offsets += [len(self.echo) + start for start, _ in ready]
         return delta, entries
 
     def _grammar_unfinished(self) -> bool:
@@ -132,7 +139,7 @@ class Generation:
         return env.wrap([choice], usage=self.usage())
 
     def completion_response(self) -> dict:
-        logprobs = None if self.logprobs is None else p.completion_logprobs(self.logprobs, len(self.echo))
+        logprobs = None if self.logprobs is None else p.completion_logprobs(self.logprobs, self.offsets)
         choice = {"index": 0, "text": self.echo + self.text(), "logprobs": logprobs,
                   "finish_reason": self.finish_reason, **self._stop_reason()}
         return self.env.wrap([choice], usage=self.usage())
@@ -182,5 +189,7 @@ class Generation:
         if self.is_chat:
             logprobs = p.chat_logprobs(entries) if entries and self.logprobs is not None else None
             return self.env.wrap([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
-        logprobs = p.completion_logprobs(entries, self._offset) if entries and self.logprobs is not None else None
+        logprobs = None
+        if entries and self.logprobs is not None:  # the latest entries: their offsets are the last ones
+            logprobs = p.completion_logprobs(entries, self.offsets[len(self.offsets) - len(entries):])
         return self.env.wrap([{"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}])

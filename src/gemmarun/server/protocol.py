@@ -361,12 +361,8 @@ def logprob_entry(token: str, raw: bytes, logprob: float, top: list[tuple[str, b
     return entry
 
 
-def completion_logprobs(entries: list[dict], text_start: int) -> dict:
-    """The legacy completions shape, from chat-style entries."""
-    offsets, pos = [], text_start
-    for e in entries:
-        offsets.append(pos)
-        pos += len(e["token"])
+def completion_logprobs(entries: list[dict], offsets: list[int]) -> dict:
+    """The legacy completions shape, from chat-style entries and where each token starts in the text."""
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in entries],
             "text_offset": offsets}
