@@ -10,7 +10,6 @@ must be identical both ways (greedy). `--write FILE` records the table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import time
@@ -75,24 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         on = statistics.median(run[turn][2] for run in runs[1])
         n, cached = runs[1][0][turn][:2]
         rows.append(f"| {turn + 1} | {n} | {cached} | {off * 1000:.0f} ms | {on * 1000:.0f} ms | {off / on:.1f}x |")
-    from gemmarun.machine import describe
+    from gemmarun.bench import record, section_head
 
     model = args.model or "embedded gemma-3-270m Q4_K_M"
     setup = f"prompt caching: {model}, a three-turn chat"
     command = "python scripts/prompt_cache.py " + " ".join(sys.argv[1:] if argv is None else argv)
     section = "\n".join([
-        f"### {setup}", "",
-        f"- command: `{command}`",
-        f"- machine: {describe(args.threads)}",
-        f"- date: {datetime.date.today().isoformat()}",
+        *section_head(setup, command, args.threads),
         f"- greedy, {args.max_tokens} tokens a reply, median of {args.rounds} alternating rounds; "
         "the replies are identical with caching off and on",
         "", *rows, "",
     ])
     print(section)
     if args.write:
-        from gemmarun.bench import record
-
         record(Path(args.write), setup, section)
     return 0
 

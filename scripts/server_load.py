@@ -357,17 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers:
             s.stop()
 
-    from gemmarun.machine import describe, usable_cpus
+    from gemmarun.bench import record, section_head
+    from gemmarun.machine import usable_cpus
 
     setup = f"server load: {model}, {args.clients} clients, {args.seconds:g} s"
     command = "python scripts/server_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    import datetime
-
     section = "\n".join([
-        f"### {setup}", "",
-        f"- command: `{command}`",
-        f"- machine: {describe(usable_cpus())}",
-        f"- date: {datetime.date.today().isoformat()}",
+        *section_head(setup, command, usable_cpus()),
         f"- text requests: {model}; image and audio requests: {media_model}",
         f"- greedy, max_tokens {args.max_tokens}, {args.variants} requests of each kind, --max-batch {args.max_batch}",
         "", report.table(), "",
@@ -376,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     for line in (report.errors + report.wrong)[:20]:
         print("problem:", line, file=sys.stderr)
     if args.write:
-        from gemmarun.bench import record
-
         record(Path(args.write), setup, section)
     grown = {k: v for k, v in report.rss_growth().items() if v > args.rss_bound_mib * MIB}
     if grown:

@@ -29,6 +29,21 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_text_models(tiny_models):
+    """family -> gemmarun's TextModel of the tiny folder, float32 on the CPU, loaded once."""
+    import gemmarun
+
+    loaded = {}
+
+    def get(family: str):
+        if family not in loaded:
+            loaded[family] = gemmarun.load(tiny_models(family)[0], dtype="float32", device="cpu").model
+        return loaded[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def llama_cpp_multimodal(tmp_path_factory):
     """family -> (HF folder, transformers model, text GGUF, mmproj GGUF), the GGUFs from llama.cpp's
     own converter (see llama_cpp_converter.converter_for_tests)."""

@@ -17,16 +17,9 @@ from gemmarun.sampling import SamplingParams
 FAMILIES = ["e2b", "31b", "26b", "gemma3"]
 
 
-@pytest.fixture(scope="module")
-def models(tiny_models):
-    loaded = {}
-
-    def get(family):
-        if family not in loaded:
-            loaded[family] = gemmarun.load(tiny_models(family)[0], dtype="float32", device="cpu").model
-        return loaded[family]
-
-    return get
+@pytest.fixture
+def models(tiny_text_models):
+    return tiny_text_models
 
 
 def _ids(n: int, seed: int) -> list[int]:

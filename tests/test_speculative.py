@@ -84,16 +84,9 @@ class OracleDrafter(Assistant):
         return forced, hidden
 
 
-@pytest.fixture(scope="module")
-def targets(tiny_models):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = gemmarun.load(tiny_models(family)[0], dtype="float32", device="cpu").model
-        return cache[family]
-
-    return get
+@pytest.fixture
+def targets(tiny_text_models):
+    return tiny_text_models
 
 
 def _prompt(n: int, seed: int) -> list[int]:

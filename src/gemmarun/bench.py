@@ -474,14 +474,17 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def section_head(setup: str, command: str, threads: int) -> list[str]:
+    """The lines every recorded section starts with: its setup, then the command, the machine and
+    the date it was measured with."""
+    return [f"### {setup}", "", f"- command: `{command}`", f"- machine: {describe(threads)}",
+            f"- date: {datetime.date.today().isoformat()}"]
+
+
 def format_report(rep: Report) -> str:
     w = rep.workload
     lines = [
-        f"### {rep.setup}",
-        "",
-        f"- command: `{rep.command}`",
-        f"- machine: {describe(rep.threads)}",
-        f"- date: {datetime.date.today().isoformat()}",
+        *section_head(rep.setup, rep.command, rep.threads),
         (f"- workload: {len(w.prompt_ids)} random prompt token ids (seed 0), {w.decode_tokens} greedy decode "
          f"tokens, {w.threads} threads; median of {rep.rounds} interleaved round{'s' * (rep.rounds != 1)}, "
          "each runtime in its own process"),
