@@ -4,7 +4,9 @@ A chat whose first message carries a document (~800 tokens on the real 270M) and
 questions, through `LLM.stream_reply` as `gemmarun chat` runs it. With caching off every turn
 prefills the whole conversation; with it on (the default) a turn prefills only what the kept cache
 of the previous one does not hold. Rounds alternate off/on; medians are reported, and the replies
-must be identical both ways (greedy). `--write FILE` records the table.
+must be identical both ways (greedy). `--vision NAME` also times what the kept soft tokens save
+a turn that sends an image again: one pass of that released checkpoint's vision tower (random
+weights, its real shapes) over a 280-token image. `--write FILE` records the table.
 """
 
 from __future__ import annotations
@@ -47,6 +49,31 @@ def chat(llm, capacity: int, doc: str, max_tokens: int) -> list[tuple[int, int, 
     return turns
 
 
+def vision_tower_seconds(name: str, budget: int = 280, passes: int = 2) -> float:
+    """Fastest of `passes` encodes of a 640x480 image by `name`'s vision tower, random weights."""
+    import numpy as np
+    from PIL import Image
+
+    from gemmarun.loading.random_weights import released_config
+    from gemmarun.model.vision import VisionTower, vision_config_from_hf
+    from gemmarun.processing.image import preprocess_image, stack_inputs
+
+    tower = VisionTower(vision_config_from_hf(released_config(name)[1]["vision_config"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in tower.parameters():
+            parameter.normal_(0, 0.02, generator=generator)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    pixels, positions = stack_inputs([preprocess_image(image, budget)])
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(passes):
+            began = time.perf_counter()
+            tower(pixels, positions)
+            best = min(best, time.perf_counter() - began)
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model folder or .gguf (default: the embedded Gemma 3 270M)")
@@ -54,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vision", metavar="NAME", default=None,
+                        help="also time this released checkpoint's vision tower on one image (e2b, e4b, 31b, 26b-a4b)")
     parser.add_argument("--write", metavar="FILE", default=None, help="record the table into this markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -85,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         "the replies are identical with caching off and on",
         "", *rows, "",
     ])
+    if args.vision:
+        seconds = vision_tower_seconds(args.vision)
+        section += (f"\nAn image sent again with each turn: its soft tokens are kept by content, so the "
+                    f"{args.vision} vision tower does not run again ({seconds:.2f} s a 280-token image here, "
+                    f"random weights with its real shapes, float32, {args.threads} threads).\n")
     print(section)
     if args.write:
         record(Path(args.write), setup, section)

@@ -317,9 +317,16 @@ def test_speculative_decoding_from_a_kept_cache_equals_plain_greedy(models, fami
     assert out == _generate(model, second, 2 * WINDOW + 3)
 
 
-def test_the_chat_benchmark_script_records_identical_replies_and_the_cached_share(tiny_models, tmp_path):
+def test_the_chat_benchmark_script_records_identical_replies_and_the_cached_share(tiny_models, tmp_path,
+                                                                                 monkeypatch):
     import importlib.util
     from pathlib import Path
+
+    import gemmarun.loading.random_weights as random_weights
+    from reference_models import TOWER_VISION
+
+    # --vision times a released checkpoint's tower: a tiny one stands in for it here
+    monkeypatch.setattr(random_weights, "released_config", lambda name: (name, {"vision_config": TOWER_VISION}))
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "prompt_cache.py"
     spec = importlib.util.spec_from_file_location("prompt_cache_script", path)
@@ -328,7 +335,8 @@ def test_the_chat_benchmark_script_records_identical_replies_and_the_cached_shar
     out = tmp_path / "bench.md"
     folder, _ = tiny_models("e2b")
     assert script.main(["--model", str(folder), "--items", "1", "--max-tokens", "4", "--rounds", "1",
-                        "--write", str(out)]) == 0
+                        "--vision", "tiny", "--write", str(out)]) == 0
+    assert "the tiny vision tower does not run again" in out.read_text()
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")][1:]
     assert [int(r[0]) for r in rows] == [1, 2, 3]
     assert int(rows[0][2]) == 0 and all(0 < int(r[2]) < int(r[1]) for r in rows[1:])
