@@ -232,15 +232,32 @@ def test_engine_rounds_are_those_of_the_single_request_path(tiny_models, monkeyp
     assert len(drafted[0]) > 3 and drafted[1] == drafted[0]
 
 
-def test_a_seeded_sampled_request_falls_back_on_acceptance_not_timings(tiny_models):
-    """As in `speculative_generate_step`: a seeded sampled request must come out the same each run."""
+def test_a_seeded_sampled_request_comes_out_the_same_whatever_the_timings(tiny_models, monkeypatch):
+    """As in `speculative_generate_step`: with the default, timed speculation, a seeded sampled
+    request gives the same tokens under a clock that makes rounds look as cheap as plain steps
+    and one that makes them ever slower."""
+    import itertools
+
+    import gemmarun.batching as batching
+
+    from gemmarun.generate import generate_step
+
     llm = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu")
-    engine = BatchEngine(llm, drafter=random_drafter("e2b", seed=2))  # the default, timed speculation
-    for seed in (4, None):
-        engine.add(Prompt(_prompt(N_PROMPT, seed=9)), SamplingParams(max_tokens=N_NEW, temperature=1.0, seed=seed))
-    engine.step()
-    seeded, unseeded = engine.active
-    assert not seeded.speculation.config.compare_speed and unseeded.speculation.config.compare_speed
+    prompt = _prompt(N_PROMPT, seed=4)
+    params = SamplingParams(max_tokens=N_NEW, temperature=1.0, top_k=2, seed=3, ignore_eos=True)
+    sampled = list(generate_step(llm.model, prompt, params))  # drafts that are sometimes accepted
+    outs = []
+    for clock in ((i * 1e-3 for i in itertools.count()), (i * i * 1e-3 for i in itertools.count())):
+        monkeypatch.setattr(batching.time, "perf_counter", lambda clock=clock: next(clock))
+        drafter = OracleDrafter(random_drafter("e2b", seed=5), N_PROMPT, sampled, None)
+        engine = BatchEngine(llm, drafter=drafter, speculation=SpeculationConfig(num_draft=2, check_every=2),
+                             prompt_caches=0)
+        engine.add(Prompt(prompt), params)
+        tokens = []
+        while engine.busy:
+            tokens += [ev.token for ev in engine.step() if ev.token is not None]
+        outs.append(tokens)
+    assert outs[0] == outs[1]
 
 
 class _FailingControl(OutputControl):

@@ -70,6 +70,43 @@ def test_a_prompt_that_diverges_further_back_than_the_spare_slots_is_prefilled_w
         _generate(model, first, 2 * WINDOW, pool)
 
 
+@pytest.mark.parametrize("family", ["e2b", "31b", "gemma3"])
+def test_a_prompt_that_parts_just_before_the_reply_reuses_all_before_it(models, family):
+    """Gemma 4's template ends a generation prompt with an empty thought channel that the history
+    does not repeat: the next prompt parts from the kept cache a few tokens before the reply,
+    which had long overwritten the ring. The rings save what they overwrite from the prompt's
+    window (KVCache.mark), so all before the parting is reused."""
+    model = models(family)
+    pool = PromptCache(1, spare=3)
+    first = _ids(5 * WINDOW, seed=50)  # the ring (4 + 3 slots) wrapped in the prompt and again in the reply
+    reply = _generate(model, first, 4 * WINDOW, pool)
+    for back in (3, 1):
+        second = first[:-back] + reply + _ids(WINDOW, seed=51)
+        assert _generate(model, second, 2 * WINDOW, pool) == _generate(model, second, 2 * WINDOW)
+        assert pool.reused == len(first) - back
+        pool.clear()
+        _generate(model, first, 4 * WINDOW, pool)
+    second = first[:-4] + reply  # further back than the spare slots: prefilled whole
+    assert _generate(model, second, 2 * WINDOW, pool) == _generate(model, second, 2 * WINDOW)
+    assert pool.reused == 0
+
+
+def test_a_mark_after_a_rewind_claims_only_what_the_ring_still_holds(models):
+    """A cache cut back to a shared prefix keeps the ring's older positions only from where the
+    longer content had left them: a mark set after prefilling a short rest must not promise the
+    positions the ring no longer holds (a third prompt parting early read missing keys)."""
+    model = models("e2b")
+    pool = PromptCache(1)  # rings of 4 + 64 slots
+    a = _ids(70, seed=70)
+    reply = _generate(model, a, 6, pool)  # the ring wrapped: it holds positions 7.. only
+    b = a[:50] + _ids(16, seed=71)
+    assert _generate(model, b, 6, pool) == _generate(model, b, 6)
+    assert pool.reused == 50
+    c = a[:8] + _ids(10, seed=72)
+    assert _generate(model, c, 6, pool) == _generate(model, c, 6)
+    assert reply and pool.reused == 0
+
+
 def test_a_kept_cache_grows_for_a_longer_generation(models):
     model = models("e2b")
     pool = PromptCache(1)
@@ -255,6 +292,34 @@ def test_media_items_digest_their_content(tmp_path):
     assert a == a_again and a != b and a.kind == IMAGE and a.soft_tokens == b.soft_tokens
 
 
+def test_merged_embeddings_without_their_media_are_not_cached(mm_llm, tmp_path):
+    """`token_stream(ids, embeds=...)` without `held` cannot tell two images apart (their
+    placeholders are pads in `ids`): such a generation leases no kept cache and keeps none."""
+    from gemmarun.llm import Prompt
+    from gemmarun.processing.prompt import prepare
+
+    rng = np.random.default_rng(3)
+    prompts = []
+    for name in ("p", "q"):
+        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+        item = prepare("image", tmp_path / f"{name}.png", 70)
+        tok = mm_llm.media_tokens
+        prompts.append(Prompt([2, 40, tok.boi] + [tok.image] * item.inputs.num_soft_tokens + [tok.eoi, 50, 51], (item,)))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    try:
+        outputs = {}
+        for capacity in (0, 1):
+            mm_llm.prompt_cache = PromptCache(capacity)
+            for prompt in prompts:
+                ids, embeds, blocks = mm_llm._inputs(prompt)
+                outputs[capacity, prompt.media[0]] = list(mm_llm.token_stream(ids.tolist(), params, embeds=embeds,
+                                                                              vision_blocks=blocks))
+            assert len(mm_llm.prompt_cache) == 0
+        assert all(outputs[1, p.media[0]] == outputs[0, p.media[0]] for p in prompts)
+    finally:
+        mm_llm.prompt_cache = PromptCache(1)
+
+
 @pytest.fixture(scope="module")
 def mm_llm(tmp_path_factory):
     from reference_models import build_multimodal
@@ -304,7 +369,7 @@ def test_speculative_decoding_from_a_kept_cache_equals_plain_greedy(models, fami
     from gemmarun.speculative import speculative_generate_step
 
     model, drafter = models(family), random_drafter(family, seed=3)
-    pool = PromptCache(1)
+    pool = PromptCache(1, spare=EXACT.num_draft + 1)  # rings of 9 slots: the replies wrap them
     params = SamplingParams(max_tokens=2 * WINDOW + 3, ignore_eos=True)
     first = _ids(2 * WINDOW + 1, seed=20)
     reply = list(speculative_generate_step(model, drafter, first, params, speculation=EXACT,
@@ -315,6 +380,12 @@ def test_speculative_decoding_from_a_kept_cache_equals_plain_greedy(models, fami
                                          caching=Caching(pool, Held(second))))
     assert pool.reused == len(first) + len(reply) - 1
     assert out == _generate(model, second, 2 * WINDOW + 3)
+    # parting just before the reply, after rounds that wrote and rolled back drafts past the mark
+    third = second[:-2] + _ids(WINDOW, seed=22)
+    out = list(speculative_generate_step(model, drafter, third, params, speculation=EXACT,
+                                         caching=Caching(pool, Held(third))))
+    assert pool.reused == len(second) - 2
+    assert out == _generate(model, third, 2 * WINDOW + 3)
 
 
 def test_the_chat_benchmark_script_records_identical_replies_and_the_cached_share(tiny_models, tmp_path,
@@ -370,3 +441,27 @@ def test_media_sent_again_is_not_encoded_again(mm_llm, tmp_path, monkeypatch):
         assert len(encoded) == 2
     finally:
         mm_llm.prompt_cache = PromptCache(1)
+
+
+def test_the_batch_engine_reuses_a_prompt_that_parts_just_before_the_reply(tiny_models):
+    from gemmarun.batching import BatchEngine
+    from gemmarun.llm import Prompt
+
+    llm = gemmarun.load(tiny_models("e2b")[0], dtype="float32", device="cpu")
+    engine = BatchEngine(llm, prompt_caches=1)
+    engine.prompt_cache = PromptCache(1, spare=3)
+
+    def run(prompt, n):
+        engine.add(Prompt(prompt), SamplingParams(max_tokens=n, ignore_eos=True))
+        events = []
+        while engine.busy:
+            events += engine.step()
+        return [e.token for e in events if e.token is not None], events[-1].cached_tokens
+
+    first = _ids(5 * WINDOW, seed=60)
+    reply, cached = run(first, 4 * WINDOW)
+    assert cached == 0
+    second = first[:-3] + reply + _ids(WINDOW, seed=61)
+    out, cached = run(second, 2 * WINDOW)
+    assert cached == len(first) - 3
+    assert out == _generate(llm.model, second, 2 * WINDOW)

@@ -27,7 +27,7 @@ import torch
 
 from .cache import KVCache
 from .control import OutputControl
-from .generate import PREFILL_CHUNK, ROLLBACK, Caching, check_prompt_fits, prefill_rest, settle
+from .generate import PREFILL_CHUNK, ROLLBACK, Caching, GenerationCache, check_prompt_fits, settle
 from .llm import LLM, Prompt
 from .model.assistant import Assistant, check_pairing
 from .model.text import Exposed
@@ -67,10 +67,8 @@ class _Request:
     stop_ids: frozenset[int]
     sampler: Sampler
     control: OutputControl
-    cache: KVCache | None = None
-    caching: Caching | None = None  # where its cache is leased from and kept
-    written: list[int] = field(default_factory=list)  # the ids at the cache's positions
-    leases: int = 0  # caches leased so far (a rollback leases again, maybe the same cache)
+    state: GenerationCache | None = None  # its KV cache and the ids it holds, from admission on
+    fills: int = 0  # times its cache was filled (a rollback fills it again, maybe the same cache)
     position: int = 0  # where the next token goes
     max_len: int = 0
     scores: list[tuple] = field(default_factory=list)  # (logprob, top) per generated token
@@ -79,9 +77,13 @@ class _Request:
     exposed: Exposed | None = None  # the target forward that produced `last`, when it ran alone
 
     @property
+    def cache(self) -> KVCache | None:
+        return self.state.cache if self.state is not None else None
+
+    @property
     def cached_tokens(self) -> int | None:
         """Prompt positions its cache held when it was admitted."""
-        return self.caching.reused if self.caching is not None else None
+        return self.state.caching.reused if self.state is not None else None
 
 
 @dataclass
@@ -132,7 +134,8 @@ class BatchEngine:
             for r in pool:
                 if r.id == request_id:
                     pool.remove(r)
-                    self._keep(r)
+                    if r.state is not None:
+                        r.state.keep()
                     return True
         return False
 
@@ -161,7 +164,7 @@ class BatchEngine:
         except Exception as e:  # noqa: BLE001 - handed to this request's caller
             if r in self.active:
                 self.active.remove(r)
-            r.cache = None
+            r.state = None  # whatever its cache holds, it is not kept
             return [Event(r.id, None, "error", error=e)]
 
     # -- internals -----------------------------------------------------------------------------
@@ -177,41 +180,34 @@ class BatchEngine:
         return self._sample(r, self._prefill(r))
 
     def _prefill(self, r: _Request) -> torch.Tensor:
-        """A cache holding the prompt and the kept generated tokens (leased: only what it does
-        not hold yet is prefilled); the next logits."""
+        """The request's cache holding the prompt and the kept generated tokens (leased from the
+        prompt cache: only what it does not hold yet is prefilled); the next logits."""
         llm, model = self.llm, self.llm.model
-        if r.caching is None:
-            r.caching = Caching(self.prompt_cache, llm.held(r.prompt))
-        text_ids, embeds, blocks = llm._inputs(r.prompt, r.caching.prompt, self.prompt_cache)
-        # Speculative rounds may write k + 1 positions that are then rolled back: the sliding rings
-        # keep that many spare slots, so no rejected token evicts a key a later query sees.
-        spare = self.speculation.num_draft + 1 if r.speculation is not None else 0
-        self._keep(r)  # a rollback's cache: its kept prefix is leased again at once
+        if r.state is None:
+            # Speculative rounds may write k + 1 positions that are then rolled back: the sliding
+            # rings keep that many spare slots, so no rejected token evicts a key a later query sees.
+            spare = self.speculation.num_draft + 1 if r.speculation is not None else 0
+            r.state = GenerationCache(model, Caching(self.prompt_cache, llm.held(r.prompt)), r.max_len, spare)
+        text_ids, embeds, blocks = llm._inputs(r.prompt, r.state.caching.prompt, self.prompt_cache)
         kept = r.control.generated
-        r.cache, held = r.caching.lease(model, kept, r.max_len, spare)
-        r.leases += 1
         r.exposed = Exposed() if r.speculation is not None else None
-        logits = prefill_rest(model, r.cache, held, text_ids, kept, chunk_size=self.chunk_size, embeds=embeds,
-                              vision_blocks=blocks, expose=r.exposed)
-        r.written = text_ids.tolist() + kept
+        logits = r.state.fill(text_ids, kept, chunk_size=self.chunk_size, embeds=embeds, vision_blocks=blocks,
+                              expose=r.exposed)
+        r.fills += 1
         r.position = len(r.prompt.ids) + len(kept)
         return logits
-
-    def _keep(self, r: _Request) -> None:
-        """Hand the request's cache to the prompt cache (it holds `r.written`)."""
-        if r.cache is not None and r.caching is not None and r.written:
-            r.caching.keep(r.cache, r.written)
-        r.cache, r.written = None, []
 
     @torch.inference_mode()
     def _decode(self, rows: list[_Request]) -> list[Event]:
         model = self.llm.model
         tokens = torch.tensor([[r.last] for r in rows], device=model.device)
         positions = torch.tensor([r.position for r in rows], device=model.device)
+        for r in rows:
+            r.state.begin()
         logits = model(tokens, positions, [r.cache for r in rows], last_only=True)[:, -1].float()
         events = []
         for r, row in zip(rows, logits):
-            r.written[r.position :] = [r.last]
+            r.state.wrote(r.position, [r.last])
             r.position += 1
             r.exposed = None  # a batched forward exposes nothing to draft from
             events += self._guarded(r, self._sample, r, row)
@@ -225,21 +221,19 @@ class BatchEngine:
         r.exposed = Exposed() if expose else None
         tokens = torch.tensor([[r.last]], device=model.device)
         positions = torch.tensor([r.position], device=model.device)
+        r.state.begin()
         logits = model(tokens, positions, r.cache, last_only=True, expose=r.exposed)[0, -1].float()
-        r.written[r.position :] = [r.last]
+        r.state.wrote(r.position, [r.last])
         r.position += 1
         return self._sample(r, logits)
 
     def _advance_alone(self, r: _Request) -> list[Event]:
         """A plain step or, with a drafter that still pays, a speculative round."""
         spec = r.speculation
-        cfg = spec.config if spec is not None else self.speculation
-        depth = 0
-        if spec is not None and spec.on:
-            depth = draft_depth(cfg, r.max_len, r.position, r.params, len(r.control.generated))
-        if depth < 1 or r.exposed is None or spec.probes < cfg.probe_steps:
-            on = spec is not None and spec.on
-            timed, exposed = cfg.probe(spec.probes) if on else (False, False)
+        on = spec is not None and spec.on
+        depth = draft_depth(spec.config, r.max_len, r.position, r.params, len(r.control.generated)) if on else 0
+        if depth < 1 or r.exposed is None or spec.probes < spec.config.probe_steps:
+            timed, exposed = spec.config.probe(spec.probes) if on else (False, False)
             began = time.perf_counter()
             events = self._decode_alone(r, expose=exposed)
             if timed:
@@ -256,7 +250,7 @@ class BatchEngine:
         `_sample` with the accepted (or resampled, or bonus) token; rejected positions rolled back."""
         model, spec, control = self.llm.model, r.speculation, r.control
         began = time.perf_counter()
-        position, cache, leases = r.position, r.cache, r.leases
+        position, fills = r.position, r.fills
         prompt = torch.tensor(r.prompt.ids, dtype=torch.long)
 
         def history(extra=()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,8 +263,9 @@ class BatchEngine:
         verified = Exposed()
         ids = torch.tensor([[r.last, *drafts]], device=model.device)
         positions = torch.arange(position, position + depth + 1, device=model.device)
-        logits = model(ids, positions, cache, expose=verified)[0].float()  # (depth + 1, V)
-        r.written[position:] = [r.last, *drafts]
+        r.state.begin()
+        logits = model(ids, positions, r.cache, expose=verified)[0].float()  # (depth + 1, V)
+        r.state.wrote(position, [r.last, *drafts])
         events: list[Event] = []
         accepted = produced = 0
         for i in range(depth + 1):
@@ -282,11 +277,10 @@ class BatchEngine:
             produced += 1
             accepted += is_draft
             events += self._sample(r, logits[i], chosen=token)
-            if r not in self.active or r.leases != leases:  # finished, or rolled back and re-prefilled
+            if r not in self.active or r.fills != fills:  # finished, or rolled back and re-prefilled
                 break
             if not is_draft:  # a replacement or the bonus: the newest token, not in the cache
-                cache.truncate(position + i + 1)
-                del r.written[position + i + 1 :]
+                r.state.truncate(position + i + 1)
                 r.position = position + i + 1
                 r.exposed = Exposed(hidden=verified.hidden[:, i : i + 1], kv=verified.kv)
                 break
@@ -340,6 +334,7 @@ class BatchEngine:
         token's scores)."""
         if r in self.active:
             self.active.remove(r)
-        self._keep(r)
+        if r.state is not None:
+            r.state.keep()
         return self._events(r, r.control.flush()) + [Event(r.id, None, reason, *score,
                                                            cached_tokens=r.cached_tokens)]

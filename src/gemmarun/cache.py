@@ -8,7 +8,8 @@
 * KV-shared layers: nothing; they read their producer's keys and values.
 
 A cache outlives its generation when prompt caching keeps it (prompt_cache.py): `rolls_back_to`
-says whether it can be cut back to a shorter prefix and `reserve` grows it for a longer one.
+says whether `rewind` can cut it back to a shorter prefix (`mark` has the rings save what a rewind
+to the end of a prompt needs), `reserve` grows it for a longer one and `shrink` trims a kept one.
 `make_cache` is the only place that decides which layer gets which storage.
 """
 
@@ -88,6 +89,11 @@ class FullKV:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
 
+# Slots a marked ring saves at once, ahead of the writes that take them (a copy per token and
+# layer cost the real 270M 5 % of its decode speed).
+SAVE_AHEAD = 32
+
+
 class SlidingKV:
     """Ring buffer of `window + spare` slots; slot = position % size."""
 
@@ -101,6 +107,16 @@ class SlidingKV:
         # Slots at and past `used` were never written: attention reads only the first `used`
         # (a 200-token chat on a 1024-slot ring reads 200 keys a sliding layer, not 1024).
         self.used = 0
+        # Since `mark(end)`: the slots overwritten while they still held positions before `end`,
+        # saved as they were (slot indices on the host, contents on the device), so the ring can
+        # be rewound to just before `end` whatever was written after it.
+        self._mark: int | None = None
+        self._saved: set[int] = set()
+        self._undo: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # The ring holds every position from `_low` to the last written (a lower bound kept on the
+        # host: a truncation leaves older positions than a later write's `last - size` in place).
+        self._low = 0
+        self._mark_low = 0
 
     def update(self, k, v, positions, first: int):
         """Store (B, kv, T, D) keys/values at `positions` (on the device; `first` is positions[0]
@@ -123,6 +139,8 @@ class SlidingKV:
 
     def _write(self, k, v, positions, last: int):
         # positions ascend to `last`: slots below min(last + 1, size) hold them all
+        self._save(last - positions.numel() + 1, last + 1)
+        self._low = max(self._low, last + 1 - self.size)
         self.used = max(self.used, min(last + 1, self.size))
         if positions.numel() == 1:  # decode: slices, not tensor-indexed writes (fewer dispatches)
             slot = last % self.size
@@ -138,8 +156,52 @@ class SlidingKV:
     def advance(self, position: int) -> tuple[int, int]:
         """Book one token at `position` that the caller writes itself (keys, values and the
         slot's position): its slot, and how many slots attention then reads."""
+        self._save(position, position + 1)
+        self._low = max(self._low, position + 1 - self.size)
         self.used = max(self.used, min(position + 1, self.size))
         return position % self.size, self.used
+
+    def mark(self, end: int) -> None:
+        """Keep from now on what a rewind to shortly before `end` needs (the positions before
+        `end` that the ring holds): each slot holding one is saved before a position at or past
+        `end` overwrites it. A kept cache's next prompt may part from it a few tokens before the
+        end of its prompt (a template writing the model turn's opening otherwise in the history),
+        after a reply far longer than the spare slots."""
+        self._mark, self._mark_low, self._saved, self._undo = end, max(self._low, end - self.size), set(), []
+
+    def _save(self, first: int, stop: int) -> None:
+        """Before positions first..stop-1 are written: save the slots they take from the positions
+        held at the mark (on the host: position p takes p - size's slot)."""
+        if self._mark is None:
+            return
+        lo, hi = max(first, self._mark, self._mark_low + self.size), min(stop, self._mark + self.size)
+        if lo >= hi or all(p % self.size in self._saved for p in range(lo, hi)):
+            return
+        hi = min(max(hi, lo + SAVE_AHEAD), self._mark + self.size)  # the next ones too: fewer, larger copies
+        slots = [p % self.size for p in range(lo, hi) if p % self.size not in self._saved]
+        if slots:
+            self._saved.update(slots)
+            index = torch.tensor(slots, device=self.positions.device)
+            self._undo.append((index, self.keys[:, :, index].clone(), self.values[:, :, index].clone(),
+                               self.positions[index].clone()))
+
+    def can_rewind(self, length: int) -> bool:
+        """Whether `rewind(length)` leaves a ring that goes on exactly."""
+        if self.holds_window_before(length):
+            return True
+        return self._mark is not None and max(0, length - self.window) >= self._mark_low and length <= self._mark
+
+    def rewind(self, length: int) -> None:
+        """Forget positions >= `length`, first putting back what was saved since the mark where
+        the ring lost part of the window before `length`."""
+        if self._mark is not None and not self.holds_window_before(length):
+            for index, keys, values, positions in self._undo:
+                self.keys[:, :, index] = keys
+                self.values[:, :, index] = values
+                self.positions[index] = positions
+            self._low = self._mark_low
+        self._mark, self._saved, self._undo = None, set(), []
+        self.truncate(length)
 
     def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, values, slot positions)."""
@@ -149,6 +211,7 @@ class SlidingKV:
         """Forget positions >= `length` (their slots become empty; the keys they evicted were
         out of every later query's window as long as no more than `spare` were written)."""
         self.positions.masked_fill_(self.positions >= length, -1)
+        self._low = min(self._low, length)
 
     def holds_window_before(self, length: int) -> bool:
         """Whether the ring still holds every position a query at `length` sees (the `window`
@@ -173,10 +236,12 @@ class SlidingKV:
         positions[slots] = self.positions[held]
         self.keys, self.values, self.positions, self.size = keys, values, positions, size
         self.used = int(slots.max()) + 1 if held.numel() else 0
+        self._mark, self._saved, self._undo = None, set(), []  # saved by the old slots
 
     def copy(self) -> SlidingKV:
         new = copy.copy(self)
         new.keys, new.values, new.positions = self.keys.clone(), self.values.clone(), self.positions.clone()
+        new._saved, new._undo = set(self._saved), list(self._undo)  # saved contents are only read
         return new
 
     def nbytes(self) -> int:
@@ -266,11 +331,28 @@ class KVCache:
         new._storage = None
         return new
 
+    def mark(self, end: int) -> None:
+        """The first `end` positions are written (a prompt): from now on the sliding rings keep
+        what a rewind to `end - spare` .. `end` needs (SlidingKV.mark)."""
+        for layer in self.layers:
+            if isinstance(layer, SlidingKV):
+                layer.mark(end)
+
     def rolls_back_to(self, length: int) -> bool:
-        """Whether `truncate(length)` leaves a cache that goes on exactly: each sliding ring still
+        """Whether `rewind(length)` leaves a cache that goes on exactly: each sliding ring still
         holds the window before `length` (a ring overwrites it once more than `spare` positions
-        past it were written)."""
-        return all(layer.holds_window_before(length) for layer in self.layers if isinstance(layer, SlidingKV))
+        past it were written), or saved it since a mark at most `spare` positions after it."""
+        return all(layer.can_rewind(length) for layer in self.layers if isinstance(layer, SlidingKV))
+
+    @torch.inference_mode()
+    def rewind(self, length: int) -> None:
+        """Roll back to the first `length` positions as `rolls_back_to` allows (a kept cache cut
+        to the prefix a new prompt shares)."""
+        for layer in self.layers:
+            if isinstance(layer, SlidingKV):
+                layer.rewind(length)
+            elif layer is not None:
+                layer.truncate(length)
 
     @torch.inference_mode()
     def reserve(self, max_len: int) -> None:

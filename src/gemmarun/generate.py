@@ -9,6 +9,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
+import numpy as np
 import torch
 
 from .cache import KVCache, make_cache
@@ -124,6 +125,13 @@ class Caching:
             self.reused = self.pool.reused = min(held, len(self.prompt.ids))
         return cache, held
 
+    def prefilled(self, cache: KVCache, end: int) -> None:
+        """`cache` holds the prompt (and kept tokens) up to `end`: from now on its rings keep what
+        a rewind to shortly before `end` needs, as the next prompt may part from this one there
+        (KVCache.mark)."""
+        if self.pool.capacity:
+            cache.mark(end)
+
     def keep(self, cache: KVCache, written: list[int]) -> None:
         """Keep `cache`, which holds `written` (ids, position by position: the prompt's as the
         model read them, media placeholders as pad ids, then generated ones)."""
@@ -132,13 +140,70 @@ class Caching:
         self.pool.keep(cache, Held(ids, self.prompt.media, self.prompt.soft_positions))
 
 
-def new_cache(model: TextModel, caching: Caching | None, kept: Sequence[int], max_len: int,
-              spare: int = 0) -> tuple[KVCache, int]:
-    """A cache for a generation's prompt and `kept` tokens: leased where caching is on, else fresh;
-    and how many positions it already holds."""
-    if caching is not None:
-        return caching.lease(model, kept, max_len, spare)
-    return make_cache(model.config, max_len, dtype=model.dtype, device=model.device, spare=spare), 0
+class GenerationCache:
+    """One generation's KV cache and the ids at its positions, which prompt caching keeps
+    together: `fill` leases (or makes) the cache and prefills it, each forward is bracketed by
+    `begin` and `wrote` (a forward that raises leaves nothing to keep), `keep` hands it over."""
+
+    def __init__(self, model: TextModel, caching: Caching | None, max_len: int, spare: int = 0):
+        self.model, self.caching, self.max_len, self.spare = model, caching, max_len, spare
+        self.cache: KVCache | None = None
+        self.written: list[int] = []  # the ids at the cache's positions
+        self._before: list[int] = []  # `written` while a forward is under way
+
+    def fill(self, ids: torch.Tensor, kept: Sequence[int] = (), *, chunk_size: int = PREFILL_CHUNK,
+             embeds: torch.Tensor | None = None, vision_blocks: torch.Tensor | None = None,
+             expose: Exposed | None = None) -> torch.Tensor:
+        """The cache holding the prompt `ids` then the `kept` generated tokens; the last one's
+        logits. A second fill (a rollback) rewinds the cache to what it shares with them where
+        the rings allow it, else takes another (leased with prompt caching, else fresh)."""
+        target = ids.tolist() + list(kept)
+        held = 0
+        if self.cache is not None:
+            held = common_prefix(self.written, target, len(target) - 1)
+            if held == 0 or not self.cache.rolls_back_to(held):
+                self.cache, held = None, 0
+            else:
+                self.cache.rewind(held)
+        if self.cache is None:
+            if self.caching is not None:
+                self.cache, held = self.caching.lease(self.model, kept, self.max_len, self.spare)
+            else:
+                self.cache = make_cache(self.model.config, self.max_len, dtype=self.model.dtype,
+                                        device=self.model.device, spare=self.spare)
+        self.written = []
+        logits = prefill_rest(self.model, self.cache, held, ids, kept, chunk_size=chunk_size, embeds=embeds,
+                              vision_blocks=vision_blocks, expose=expose)
+        self.written = target
+        if self.caching is not None:
+            self.caching.prefilled(self.cache, len(target))
+        return logits
+
+    def begin(self) -> None:
+        """A forward that writes to the cache starts."""
+        self._before, self.written = self.written, []
+
+    def wrote(self, position: int, tokens: Sequence[int]) -> None:
+        """It wrote `tokens` at `position`...: they follow what the cache holds before them."""
+        self.written, self._before = self._before[:position] + list(tokens), []
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= `length` (rejected drafts)."""
+        self.cache.truncate(length)
+        del self.written[length:]
+
+    def keep(self) -> None:
+        """The generation is over: its cache goes to the prompt cache (if whole) and leaves this one."""
+        if self.caching is not None and self.cache is not None and self.written:
+            self.caching.keep(self.cache, self.written)
+        self.cache, self.written = None, []
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading ids `a` and `b` share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
 
 
 @torch.inference_mode()
@@ -211,38 +276,25 @@ def generate_step(
     control = control or OutputControl()
     if params.max_tokens == 0:
         return "length"
-    cache: KVCache | None = None
-    written: list[int] = []  # the ids at the cache's positions; emptied while a forward is under way
-
-    def start(keep: list[int]) -> torch.Tensor:
-        nonlocal cache, written
-        if cache is not None and caching is not None:
-            caching.keep(cache, written)  # a rollback: the kept prefix is reused at once
-        cache, held = new_cache(model, caching, keep, max_len)
-        written = []
-        logits = prefill_rest(model, cache, held, ids, keep, chunk_size=chunk_size, embeds=embeds,
-                              vision_blocks=vision_blocks)
-        written = prompt + keep
-        return logits
-
+    state = GenerationCache(model, caching, max_len)
+    inputs = dict(chunk_size=chunk_size, embeds=embeds, vision_blocks=vision_blocks)
     try:
-        logits = start([])
+        logits = state.fill(ids, **inputs)
         while True:
             gen = torch.tensor(control.generated, dtype=torch.long)
             token = sampler(control.mask(logits), torch.cat((seen, gen)), gen)
             outcome = settle(token, control, stop_ids, params, len(prompt), max_len)
             if outcome == ROLLBACK:
-                logits = start(control.generated)
+                logits = state.fill(ids, control.generated, **inputs)
                 continue
             yield from control.release()
             if outcome is not None:
                 break
             position = len(prompt) + len(control.generated) - 1
-            done, written = written, []
-            logits = decode_step(model, token, position, cache)
-            written = done[:position] + [token]
+            state.begin()
+            logits = decode_step(model, token, position, state.cache)
+            state.wrote(position, [token])
         yield from control.flush()
         return outcome
     finally:
-        if caching is not None and cache is not None and written:
-            caching.keep(cache, written)
+        state.keep()

@@ -164,11 +164,11 @@ class LLM:
         if not prompt.media and (self.encoders is None or not (token_types(ids, self.media_tokens) != TEXT).any()):
             return ids, None, None  # (placeholders without their media: merge names the mismatch)
         soft: dict[int, list[torch.Tensor]] = {IMAGE: [], VIDEO: [], AUDIO: []}
-        keys = held.media if held is not None and pool is not None else (None,) * len(prompt.media)
-        for item, key in zip(prompt.media, keys):
+        cached = pool is not None and pool.capacity > 0 and held is not None and len(held.media) == len(prompt.media)
+        for i, item in enumerate(prompt.media):
             kind = IMAGE if isinstance(item, PreparedImage) else AUDIO if isinstance(item, PreparedAudio) else VIDEO
             encode = partial(self._soft, item)
-            soft[kind].extend(encode() if key is None else pool.soft_tokens(key, encode))
+            soft[kind].extend(pool.soft_tokens(self.model, held.media[i], encode) if cached else encode())
         return merge(self.model, ids, self.media_tokens, soft, self.config.pad_id, self.config.bidirectional_vision)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0,
@@ -185,8 +185,11 @@ class LLM:
         """Generated token ids; the generator returns the finish reason. With `draft` (a
         gemma4_assistant drafter or its folder), decoding is speculative: the same tokens when
         greedy, the same distribution when sampling. The cache comes from `prompt_cache` (`held`:
-        the prompt's ids with their media placeholders and items, where `ids` has pads there)."""
-        caching = Caching(self.prompt_cache, held or Held(list(ids))) if self.prompt_cache.capacity else None
+        the prompt's ids with their media placeholders and items, where `ids` has pads there;
+        with `embeds` and no `held`, caching is off for this generation)."""
+        caching = None  # merged embeddings without `held` say nothing of their media: not cached
+        if self.prompt_cache.capacity and (held is not None or embeds is None):
+            caching = Caching(self.prompt_cache, held or Held(list(ids)))
         if draft is None:
             return generate_step(self.model, ids, params, stop_ids=self.stop_ids(params), embeds=embeds,
                                  vision_blocks=vision_blocks, control=control, caching=caching)
@@ -196,7 +199,10 @@ class LLM:
                                          embeds=embeds, vision_blocks=vision_blocks, control=control, caching=caching)
 
     def held(self, prompt: Prompt) -> Held:
-        """What prompt caching compares of `prompt`: its ids and its media items' content."""
+        """What prompt caching compares of `prompt`: its ids and its media items' content (not
+        hashed where caching is off)."""
+        if not self.prompt_cache.capacity:
+            return Held(list(prompt.ids))
         return Held.prompt(prompt.ids, prompt.media, self.media_tokens)
 
     def load_draft(self, draft: Draft) -> Assistant:

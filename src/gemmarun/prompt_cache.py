@@ -7,11 +7,15 @@ come from the forwards that wrote them (the previous reply's from its decode ste
 agree up to float summation order: in float32 greedy tokens are identical to caching off (the
 tests); in bfloat16 they differ by its rounding, as they do between prefill chunk sizes.
 
-A kept cache is cut back to the prefix it shares with the new prompt (`KVCache.truncate`). A
-sliding ring allows that only while it still holds the window before the cut, so caches made here
-keep `KEEP_SPARE` ring slots past the window by default: room for a chat template that writes the end of
-the last reply differently than it was generated (trimmed whitespace, the end-of-turn token).
-Where no kept cache can be cut back, the prompt is prefilled whole, as without caching.
+A kept cache is cut back to the prefix it shares with the new prompt (`KVCache.rewind`). A
+sliding ring allows that where it still holds the window before the cut: caches made here keep
+`KEEP_SPARE` ring slots past the window by default, room for a template that writes the end of the
+last reply differently than it was generated (trimmed whitespace, the end-of-turn token). And
+where the cut is at most `KEEP_SPARE` before the end of the kept cache's prompt: Gemma 4's template
+writes the model turn's opening otherwise in the history, so the next turn parts from the kept
+cache just before the reply; the rings save what the reply overwrites of the prompt's window
+(`KVCache.mark`) to rewind to there. Where no kept cache can be cut back, the prompt is prefilled
+whole, as without caching.
 
 Media: a soft-token position counts as shared only when the media item behind it is the same
 (a digest of its prepared inputs) in both prompts. The pool also keeps recent items' soft tokens
@@ -38,7 +42,8 @@ from .cache import KVCache, make_cache
 from .model.multimodal import AUDIO, IMAGE, VIDEO, MediaTokens
 
 # Ring slots past the window in caches made for keeping: how far back from the end of what a cache
-# holds the next prompt may diverge and still reuse it (64 x 4 KiB a sliding layer on E2B).
+# holds (or of its prompt: KVCache.mark) the next prompt may part from it and still reuse it
+# (64 x 2 KiB a sliding layer on E2B in float32).
 KEEP_SPARE = 64
 # A kept cache whose positions a prompt shares all but this many of is that prompt's conversation
 # going on (a template re-renders the end of a reply): leased as it is, not copied.
@@ -159,7 +164,7 @@ class PromptCache:
         self._soft_bytes = 0
         self._model: weakref.ref | None = None
         self._lock = threading.Lock()
-        self.reused = 0  # prompt positions the last generation found held (set by generate.Caching)
+        self.reused = 0  # prompt positions the latest generation found held (generate.Caching sets it)
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -192,7 +197,7 @@ class PromptCache:
         if best is None:
             keep_spare = max(spare, self.spare) if self.capacity else spare
             return make_cache(model.config, max_len, dtype=dtype, device=device, spare=keep_spare), 0
-        cache.truncate(best_shared)
+        cache.rewind(best_shared)
         cache.reserve(max_len)
         return cache, best_shared
 
@@ -206,10 +211,13 @@ class PromptCache:
             self._kept.append(_Kept(cache, held))
             del self._kept[: -self.capacity]
 
-    def soft_tokens(self, item: MediaItem, encode: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
-        """The soft tokens of `item`: kept ones for the same content, else `encode()`'s (kept
-        while they fit `media_bytes` with the most recently used others)."""
+    def soft_tokens(self, model: nn.Module, item: MediaItem,
+                    encode: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The soft tokens of `item` for `model` (the TextModel whose towers made them): kept ones
+        for the same content, else `encode()`'s (kept while they fit `media_bytes` with the most
+        recently used others)."""
         with self._lock:
+            self._bind(model)
             soft = self._soft.get(item.digest)
             if soft is not None:
                 self._soft.move_to_end(item.digest)

@@ -26,9 +26,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .cache import KVCache
 from .control import OutputControl
-from .generate import PREFILL_CHUNK, ROLLBACK, Caching, cache_length, new_cache, prefill_rest, settle
+from .generate import PREFILL_CHUNK, ROLLBACK, Caching, GenerationCache, cache_length, settle
 from .model.assistant import Assistant, check_pairing
 from .model.text import Exposed, TextModel
 from .sampling import NonFiniteLogits, Sampler, SamplingParams, greedy_token
@@ -213,32 +212,24 @@ def speculative_generate_step(
         gen = torch.tensor(control.generated + list(extra), dtype=torch.long)
         return torch.cat((seen, gen)), gen
 
-    cache: KVCache | None = None
-    written: list[int] = []  # the ids at the cache's positions; emptied while a forward is under way
+    state = GenerationCache(model, caching, max_len, spare=k + 1)
 
-    def start(keep: list[int]) -> tuple[KVCache, torch.Tensor, Exposed]:
-        nonlocal written
-        if cache is not None and caching is not None:
-            caching.keep(cache, written)  # a rollback: the kept prefix is reused at once
-        fresh, held = new_cache(model, caching, keep, max_len, spare=k + 1)
-        written = []
+    def start(keep: list[int]) -> tuple[torch.Tensor, Exposed]:
         exposed = Exposed()
-        logits = prefill_rest(model, fresh, held, ids, keep, chunk_size=chunk_size, embeds=embeds,
-                              vision_blocks=vision_blocks, expose=exposed)
-        written = prompt + keep
-        return fresh, logits, exposed
+        logits = state.fill(ids, keep, chunk_size=chunk_size, embeds=embeds, vision_blocks=vision_blocks,
+                            expose=exposed)
+        return logits, exposed
 
     @torch.inference_mode()
     def forward(tokens: list[int], position: int, exposed: Exposed | None) -> torch.Tensor:
-        nonlocal written
-        done, written = written, []
+        state.begin()
         positions = torch.arange(position, position + len(tokens), device=device)
-        logits = model(torch.tensor([tokens], device=device), positions, cache, expose=exposed)[0].float()
-        written = done[:position] + tokens
+        logits = model(torch.tensor([tokens], device=device), positions, state.cache, expose=exposed)[0].float()
+        state.wrote(position, tokens)
         return logits
 
     try:
-        cache, pending, exposed = start([])
+        pending, exposed = start([])
         speculating = True
         probes = 0  # plain steps taken so far while speculating is on
         plain_began: float | None = None  # a timed plain step is under way
@@ -253,7 +244,7 @@ def speculative_generate_step(
                     plain_began = None
                 outcome = settle(token, control, stop_ids, params, n_prompt, max_len)
                 if outcome == ROLLBACK:
-                    cache, pending, exposed = start(control.generated)
+                    pending, exposed = start(control.generated)
                     continue
                 yield from control.release()
                 if outcome is not None:
@@ -288,15 +279,14 @@ def speculative_generate_step(
                 accepted += is_draft
                 outcome = settle(token, control, stop_ids, params, n_prompt, max_len)
                 if outcome == ROLLBACK:
-                    cache, pending, exposed = start(control.generated)
+                    pending, exposed = start(control.generated)
                     break
                 released += control.release()
                 if outcome is not None:
                     reason = outcome
                     break
                 if not is_draft:  # a replacement or the bonus: the newest token, not in the cache
-                    cache.truncate(position + i + 1)
-                    del written[position + i + 1 :]
+                    state.truncate(position + i + 1)
                     exposed = Exposed(hidden=verified.hidden[:, i : i + 1], kv=verified.kv)
                     break
             seconds = time.perf_counter() - began
@@ -310,5 +300,4 @@ def speculative_generate_step(
         yield from control.flush()
         return reason
     finally:
-        if caching is not None and cache is not None and written:
-            caching.keep(cache, written)
+        state.keep()

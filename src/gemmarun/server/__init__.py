@@ -84,7 +84,9 @@ Limits (`ServerOptions` field, `gemmarun serve` flag, default), each refused wit
                                                               capped by both
 Images and audio are decoded two requests at a time (app.MEDIA_DECODERS), so a burst holds few
 decoded copies. Memory is then bounded by the batch's KV caches, the --prompt-caches (4) kept ones
-(no more than twice the tokens each holds) and 64 MiB of recent media's soft tokens, two requests'
+(full layers no more than twice the tokens each holds, sliding rings window + 64 slots, and what
+the rings saved for a rewind to the end of the prompt: up to a ring more) and 64 MiB of recent
+media's soft tokens, two requests'
 decoded media, and
 the bodies in flight: up to (max_batch + max_queue) x about 3 x --max-body-mb (the body, its JSON,
 the decoded base64) - 6.8 GiB at the defaults if all 72 slots send 32 MiB at once, so lower

@@ -209,6 +209,9 @@ class Scheduler:
         self._jobs.clear()
         for r in [*self.engine.waiting, *self.engine.active]:  # anything it still holds
             self.engine.cancel(r.id)
+        kept = getattr(self.engine, "prompt_cache", None)  # (a scripted test engine has none)
+        if kept is not None:
+            kept.clear()  # after a failed step (out of memory?) or at shutdown, the memory goes back
 
     def _post(self, job: Job, item) -> None:
         try:
