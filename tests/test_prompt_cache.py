@@ -465,3 +465,38 @@ def test_the_batch_engine_reuses_a_prompt_that_parts_just_before_the_reply(tiny_
     out, cached = run(second, 2 * WINDOW)
     assert cached == len(first) - 3
     assert out == _generate(llm.model, second, 2 * WINDOW)
+
+
+@pytest.mark.parametrize("family", ["e2b", "31b", "gemma3"])
+def test_random_conversations_answer_as_without_caching(models, family):
+    """Generations through one pool, each prompt the last one (and its reply) cut somewhere and
+    continued: at the end of the reply, a few tokens before the end of the prompt (the mark),
+    anywhere; small spares so the rings wrap and rewind both ways; some turns speculative."""
+    import random
+
+    from test_speculative import EXACT, random_drafter
+
+    from gemmarun.speculative import speculative_generate_step
+
+    model = models(family)
+    drafter = random_drafter(family, seed=1) if family != "gemma3" else None
+    rng = random.Random(family)
+    reused = 0
+    for trial in range(4):
+        spare = rng.choice([5, 8, 64])
+        pool = PromptCache(rng.choice([1, 3]), spare=spare)
+        prompt = _ids(rng.randint(1, 40), seed=trial)
+        for turn in range(5):
+            n = rng.randint(1, 24)
+            params = SamplingParams(max_tokens=n, ignore_eos=True)
+            caching = Caching(pool, Held(prompt))
+            if drafter is not None and turn % 2:
+                out = list(speculative_generate_step(model, drafter, prompt, params, speculation=EXACT, caching=caching))
+            else:
+                out = list(generate_step(model, prompt, params, caching=caching))
+            assert out == _generate(model, prompt, n), (trial, turn, spare, len(prompt), pool.reused)
+            reused += pool.reused > 0
+            full = prompt + out
+            cut = rng.choice([len(full), len(prompt) - rng.randint(0, spare + 3), rng.randint(1, len(full))])
+            prompt = full[: max(1, min(cut, len(full)))] + _ids(rng.randint(0, 12), seed=100 * trial + turn)
+    assert reused >= 8
