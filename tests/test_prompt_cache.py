@@ -500,3 +500,33 @@ def test_random_conversations_answer_as_without_caching(models, family):
             cut = rng.choice([len(full), len(prompt) - rng.randint(0, spare + 3), rng.randint(1, len(full))])
             prompt = full[: max(1, min(cut, len(full)))] + _ids(rng.randint(0, 12), seed=100 * trial + turn)
     assert reused >= 8
+
+
+def test_the_engine_tells_images_apart_whatever_the_llms_own_cache(mm_llm, tmp_path):
+    """The batch engine's pool compares media by content even where the LLM's own is off."""
+    from gemmarun.batching import BatchEngine
+
+    rng = np.random.default_rng(4)
+    for name in ("u", "v"):
+        Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    try:
+        mm_llm.prompt_cache = PromptCache(0)
+        prompts = {image: mm_llm.build_prompt([{"role": "user", "content": [
+            {"type": "image", "image": str(tmp_path / f"{image}.png")}, {"type": "text", "text": "what is it"}]}],
+            image_tokens=70) for image in ("u", "v")}
+        expected = {}
+        for image, prompt in prompts.items():
+            ids, embeds, blocks = mm_llm._inputs(prompt)
+            expected[image] = list(mm_llm.token_stream(ids.tolist(), params, embeds=embeds, vision_blocks=blocks))
+        assert expected["u"] != expected["v"]
+        engine = BatchEngine(mm_llm, prompt_caches=2)
+        for image, prompt in prompts.items():
+            engine.add(prompt, params)
+            tokens = []
+            while engine.busy:
+                tokens += [ev.token for ev in engine.step() if ev.token is not None]
+            assert tokens == expected[image]
+        assert len(engine.prompt_cache) == 2
+    finally:
+        mm_llm.prompt_cache = PromptCache(1)

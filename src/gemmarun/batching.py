@@ -187,7 +187,8 @@ class BatchEngine:
             # Speculative rounds may write k + 1 positions that are then rolled back: the sliding
             # rings keep that many spare slots, so no rejected token evicts a key a later query sees.
             spare = self.speculation.num_draft + 1 if r.speculation is not None else 0
-            r.state = GenerationCache(model, Caching(self.prompt_cache, llm.held(r.prompt)), r.max_len, spare)
+            caching = Caching(self.prompt_cache, llm.held(r.prompt, self.prompt_cache))
+            r.state = GenerationCache(model, caching, r.max_len, spare)
         text_ids, embeds, blocks = llm._inputs(r.prompt, r.state.caching.prompt, self.prompt_cache)
         kept = r.control.generated
         r.exposed = Exposed() if r.speculation is not None else None

@@ -9,13 +9,12 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
-import numpy as np
 import torch
 
 from .cache import KVCache, make_cache
 from .control import OutputControl, Verdict
 from .model.text import Exposed, TextModel
-from .prompt_cache import Held, PromptCache
+from .prompt_cache import Held, PromptCache, common_prefix
 from .sampling import Sampler, SamplingParams
 
 
@@ -184,7 +183,7 @@ class GenerationCache:
         self._before, self.written = self.written, []
 
     def wrote(self, position: int, tokens: Sequence[int]) -> None:
-        """It wrote `tokens` at `position`...: they follow what the cache holds before them."""
+        """It wrote `tokens` from `position` on, after the positions before it."""
         self.written, self._before = self._before[:position] + list(tokens), []
 
     def truncate(self, length: int) -> None:
@@ -197,13 +196,6 @@ class GenerationCache:
         if self.caching is not None and self.cache is not None and self.written:
             self.caching.keep(self.cache, self.written)
         self.cache, self.written = None, []
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """How many leading ids `a` and `b` share, at most `limit`."""
-    n = min(len(a), len(b), limit)
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(differ[0]) if differ.size else n
 
 
 @torch.inference_mode()

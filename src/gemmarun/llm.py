@@ -189,7 +189,7 @@ class LLM:
         with `embeds` and no `held`, caching is off for this generation)."""
         caching = None  # merged embeddings without `held` say nothing of their media: not cached
         if self.prompt_cache.capacity and (held is not None or embeds is None):
-            caching = Caching(self.prompt_cache, held or Held(list(ids)))
+            caching = Caching(self.prompt_cache, held if held is not None else Held(list(ids)))
         if draft is None:
             return generate_step(self.model, ids, params, stop_ids=self.stop_ids(params), embeds=embeds,
                                  vision_blocks=vision_blocks, control=control, caching=caching)
@@ -198,10 +198,10 @@ class LLM:
         return speculative_generate_step(self.model, self.load_draft(draft), ids, params, stop_ids=self.stop_ids(params),
                                          embeds=embeds, vision_blocks=vision_blocks, control=control, caching=caching)
 
-    def held(self, prompt: Prompt) -> Held:
+    def held(self, prompt: Prompt, pool: PromptCache | None = None) -> Held:
         """What prompt caching compares of `prompt`: its ids and its media items' content (not
-        hashed where caching is off)."""
-        if not self.prompt_cache.capacity:
+        hashed where `pool`, by default this LLM's prompt cache, is off)."""
+        if not (pool if pool is not None else self.prompt_cache).capacity:
             return Held(list(prompt.ids))
         return Held.prompt(prompt.ids, prompt.media, self.media_tokens)
 

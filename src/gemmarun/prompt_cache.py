@@ -31,7 +31,7 @@ import hashlib
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache, make_cache
-from .model.multimodal import AUDIO, IMAGE, VIDEO, MediaTokens
+from .model.multimodal import AUDIO, IMAGE, VIDEO, MediaTokens, token_types
 
 # Ring slots past the window in caches made for keeping: how far back from the end of what a cache
 # holds (or of its prompt: KVCache.mark) the next prompt may part from it and still reuse it
@@ -111,9 +111,8 @@ class Held:
         if not prepared:
             return cls(list(ids))
         assert tokens is not None
-        array = np.asarray(ids)
-        positions = {kind: np.flatnonzero(array == token)
-                     for kind, token in ((IMAGE, tokens.image), (VIDEO, tokens.video), (AUDIO, tokens.audio))}
+        types = token_types(torch.tensor(ids), tokens).numpy()
+        positions = {kind: np.flatnonzero(types == kind) for kind in (IMAGE, VIDEO, AUDIO)}
         return cls(list(ids), tuple(MediaItem.of(item) for item in prepared), positions)
 
     def then(self, more: list[int]) -> Held:
@@ -121,13 +120,18 @@ class Held:
         return Held(self.ids + list(more), self.media, self.soft_positions)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading ids `a` and `b` share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
 def shared_prefix(kept: Held, new: Held, limit: int) -> int:
     """How many leading positions of `new` a cache holding `kept` holds as well (at most `limit`):
     the same ids, and at soft-token positions the same media items. A cut never falls inside a
     run of image soft tokens (a bidirectional block whose earlier tokens saw its later ones)."""
-    n = min(len(kept.ids), len(new.ids), limit)
-    differ = np.flatnonzero(np.asarray(kept.ids[:n]) != np.asarray(new.ids[:n]))
-    shared = int(differ[0]) if differ.size else n
+    shared = common_prefix(kept.ids, new.ids, limit)
     if shared and new.media:
         same = 0
         while same < min(len(kept.media), len(new.media)) and kept.media[same] == new.media[same]:
