@@ -131,3 +131,30 @@ def test_name_table_covers_the_real_file_and_reader_agrees_with_gguf_py(path):
                 "tokenizer.ggml.add_bos_token", "general.architecture"):
         assert ours.metadata[key] == ref.fields[key].contents()
     assert ours.metadata["tokenizer.ggml.tokens"] == ref.fields["tokenizer.ggml.tokens"].contents()
+
+
+def test_a_chats_next_turn_reuses_its_cache_and_answers_as_without(fast):
+    """Prompt caching on the real model (Q4_K_M, the native decode step): a conversation longer
+    than the 270M's rings (512 + 64 slots), so they have wrapped; the second turn reuses all the
+    first turn held and replies as a fresh prefill would."""
+    doc = " ".join(f"Item {i}: the box holds {i * 7 % 13} marbles." for i in range(70))
+    turns = ["List the items above.", "Which box holds the most?"]
+
+    def chat(capacity):
+        fast.prompt_cache = gemmarun.PromptCache(capacity)
+        messages, replies, reused = [], [], []
+        for i, question in enumerate(turns):
+            messages.append({"role": "user", "content": f"{doc}\n\n{question}" if i == 0 else question})
+            replies.append(fast.generate(messages, max_tokens=40, temperature=0))
+            reused.append(fast.prompt_cache.reused)
+            messages.append({"role": "assistant", "content": replies[-1]})
+        return replies, reused, len(fast.build_prompt(messages[:1]).ids)
+
+    try:
+        plain, _, _ = chat(0)
+        cached, reused, first_prompt = chat(1)
+    finally:
+        fast.prompt_cache = gemmarun.PromptCache(1)
+    assert first_prompt > 576
+    assert cached == plain
+    assert reused[0] == 0 and reused[1] > first_prompt
