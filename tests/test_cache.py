@@ -73,3 +73,54 @@ def test_a_forward_writes_consecutive_positions():
         cache.begin([31, 32])
         spec = next(s for s in cache.config.layers if s.owns_kv and s.window is None)
         cache.write(spec.index, *_kv(spec, 2, 0), torch.tensor([31, 32]))
+
+
+def _fill(cache, first: int, n: int, tag: float) -> None:
+    """Write positions first..first+n-1 in one forward: every value is its position + `tag`."""
+    span = list(range(first, first + n))
+    cache.begin(span)
+    positions = torch.tensor(span)
+    for spec in cache.config.layers:
+        if spec.owns_kv:
+            kv = positions.float().view(1, 1, n, 1).expand(1, spec.num_kv_heads, n, spec.head_dim) + tag
+            cache.write(spec.index, kv.clone(), kv.clone(), positions)
+
+
+def _holds(cache, length: int, tag: float) -> bool:
+    """Every ring holds the window before `length` with the values written for it."""
+    for layer in cache.layers:
+        if isinstance(layer, SlidingKV):
+            for p in range(max(0, length - layer.window), length):
+                slot = p % layer.size
+                if int(layer.positions[slot]) != p or float(layer.values[0, 0, slot, 0]) != p + tag:
+                    return False
+    return True
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 16])  # up to longer than the ring (4 + 2 slots)
+def test_a_marked_ring_rewinds_to_before_its_mark_whatever_was_written_after(chunk):
+    cache = make_cache(text_config_from_hf(config_dict("e2b")), 64, spare=2)
+    with torch.inference_mode():
+        _fill(cache, 0, 10, 0.0)  # a prompt of 10: the ring holds 4..9
+        cache.mark(10)
+        end = 10
+        while end < 30:  # a reply: chunks of `chunk`, all past the mark
+            _fill(cache, end, chunk, 0.5)
+            end += chunk
+        for length in (10, 9, 8):  # within the spare slots of the mark
+            assert cache.rolls_back_to(length)
+        assert not cache.rolls_back_to(7)
+        cache.rewind(8)
+        assert _holds(cache, 8, 0.0)
+
+
+def test_a_truncation_below_the_mark_ends_it():
+    """Rewritten below the mark, the saved slots would bring back the old values."""
+    cache = make_cache(text_config_from_hf(config_dict("e2b")), 64, spare=2)
+    with torch.inference_mode():
+        _fill(cache, 0, 10, 0.0)
+        cache.mark(10)
+        _fill(cache, 10, 12, 0.5)
+        cache.truncate(9)
+        _fill(cache, 9, 12, 0.25)
+        assert not cache.rolls_back_to(9)

@@ -122,6 +122,8 @@ class SlidingKV:
         """Store (B, kv, T, D) keys/values at `positions` (on the device; `first` is positions[0]
         on the host); return what this forward's queries attend over."""
         last = first + positions.numel() - 1
+        # Every position takes a slot, even those of a chunk longer than the ring that are not kept.
+        self._save(first, last + 1)
         if positions.numel() == 1:
             # One new token only evicts position p - window, which it cannot see anyway.
             self._write(k, v, positions, last)
@@ -139,7 +141,6 @@ class SlidingKV:
 
     def _write(self, k, v, positions, last: int):
         # positions ascend to `last`: slots below min(last + 1, size) hold them all
-        self._save(last - positions.numel() + 1, last + 1)
         self._low = max(self._low, last + 1 - self.size)
         self.used = max(self.used, min(last + 1, self.size))
         if positions.numel() == 1:  # decode: slices, not tensor-indexed writes (fewer dispatches)
@@ -212,6 +213,8 @@ class SlidingKV:
         out of every later query's window as long as no more than `spare` were written)."""
         self.positions.masked_fill_(self.positions >= length, -1)
         self._low = min(self._low, length)
+        if self._mark is not None and length < self._mark:  # rewritten below it, the saves would lie
+            self._mark, self._saved, self._undo = None, set(), []
 
     def holds_window_before(self, length: int) -> bool:
         """Whether the ring still holds every position a query at `length` sees (the `window`
