@@ -213,7 +213,11 @@ def test_connections_past_the_limit_get_503_until_idle_ones_time_out(tiny_llm):
     with _serve(tiny_llm, ServerOptions(max_connections=30, header_timeout=1.0)) as r:
         idle = [_connect(r.url) for _ in range(30)]
         time.sleep(0.2)
-        assert httpx.get(r.url + "/health", timeout=10).status_code == 503
+        refused = httpx.get(r.url + "/health", timeout=10)
+        assert refused.status_code == 503 and refused.headers["connection"] == "close"
+        error = refused.json()["error"]  # OpenAI's shape, as every other limit answers
+        assert error["code"] == "too_many_connections" and error["type"] == "server_error"
+        assert "--max-connections" in error["message"] and "30" in error["message"]
         assert wait_for(lambda: all(_closed_by_server(s) for s in idle), 10)
         assert httpx.get(r.url + "/health", timeout=10).status_code == 200
         for sock in idle:

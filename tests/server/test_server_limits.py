@@ -258,5 +258,7 @@ def test_serve_runs_uvicorn_with_the_limits_and_the_request_log(monkeypatch, tin
     capture_serve(monkeypatch, calls)
     serve(tiny_llm, "127.0.0.1", 8123, ServerOptions(max_connections=77, header_timeout=9), log_level="warning")
     config = calls[0]
-    assert config.limit_concurrency == 77 and issubclass(config.http, H11Protocol)
+    # serve's protocol applies the connection limit itself (an OpenAI error, not uvicorn's text)
+    assert config.limit_concurrency is None and issubclass(config.http, H11Protocol)
+    assert (config.http.max_connections, config.http.header_timeout) == (77, 9)
     assert config.log_config["loggers"]["gemmarun"]["level"] == "WARNING"

@@ -62,15 +62,15 @@ still get their status. A request that decodes alone takes the single-request pa
 gemma4_assistant drafter) it decodes speculatively then (the same tokens when greedy, the same
 distribution when sampling), each request switching speculation off when its rounds do not pay.
 
-Limits (`ServerOptions` field, `gemmarun serve` flag, default), each refused with an OpenAI error
-(but the connection limit: uvicorn answers it in plain text before any request is read):
+Limits (`ServerOptions` field, `gemmarun serve` flag, default), each refused with an OpenAI error:
     body size          max_body_bytes, --max-body-mb 32       413 request_too_large, from Content-Length
                                                               or while reading: never buffered past it
     body time          body_timeout, --body-timeout 60 s      408 request_timeout (a stalled upload)
     request head       header_timeout, --header-timeout 30 s  the connection is closed: a new or kept-alive
                                                               connection that sends no complete head in time
-    connections        max_connections, --max-connections 512 503 from uvicorn (idle ones count until their
-                                                              head timeout closes them)
+    connections        max_connections, --max-connections 512 503 too_many_connections, before the body is
+                                                              read (idle ones count until their head timeout
+                                                              closes them)
     requests in flight max_batch + max_queue, 8 + 64          429 queue_full, counted from the request head,
                                                               so a body past the cap is never read
     image size         max_image_pixels, --max-image-mp 50    400 image_too_large, from the image's header
@@ -93,7 +93,7 @@ the decoded base64) - 6.8 GiB at the defaults if all 72 slots send 32 MiB at onc
 --max-body-mb or --max-queue on a small machine.
 
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 bad input, 401 bad
-key, 404, 408, 413, 429, 500 (503 while shutting down). With --api-key, /v1/* needs
+key, 404, 408, 413, 429, 500, 503 (too many connections, or shutting down). With --api-key, /v1/* needs
 `Authorization: Bearer KEY` (compared in constant time, `hmac.compare_digest`); binding an address
 other than loopback without a key prints a warning.
 
@@ -105,6 +105,7 @@ prompt or reply text are never logged, unless --log-prompts logs the prompt and 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import sys
 
@@ -127,14 +128,24 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
-def head_timeout_protocol(seconds: float) -> type:
-    """uvicorn's h11 protocol, closing a connection that goes `seconds` without a complete
+def server_protocol(header_timeout: float, max_connections: int) -> type:
+    """uvicorn's h11 protocol with two of serve's limits.
+
+    The head timeout closes a connection that goes `header_timeout` seconds without a complete
     request head: a new connection that sends nothing, or one that trickles its headers
-    (uvicorn's keep-alive timer covers neither: any byte received disarms it)."""
+    (uvicorn's keep-alive timer covers neither: any byte received disarms it).
+
+    The connection limit counts as uvicorn's `limit_concurrency` does (open connections, idle
+    ones included, and requests in flight) at the same moment, when a request's head is read,
+    but answers with an OpenAI error, as every other limit does, not uvicorn's plain text."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeadTimeoutH11(H11Protocol):
+    class ServerProtocol(H11Protocol):
         _head_timer = None
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.app = _connection_limit(self.app, self.max_connections, self.connections, self.tasks)
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -159,7 +170,7 @@ def head_timeout_protocol(seconds: float) -> type:
         def _arm(self) -> None:
             self._disarm()
             if not self.transport.is_closing() and not self._in_request():
-                self._head_timer = self.loop.call_later(seconds, self._expire)
+                self._head_timer = self.loop.call_later(self.header_timeout, self._expire)
 
         def _disarm(self) -> None:
             if self._head_timer is not None:
@@ -171,12 +182,34 @@ def head_timeout_protocol(seconds: float) -> type:
             if not self._in_request() and not self.transport.is_closing():
                 self.transport.close()
 
-    return HeadTimeoutH11
+    ServerProtocol.header_timeout, ServerProtocol.max_connections = header_timeout, max_connections
+    return ServerProtocol
+
+
+def _connection_limit(app, limit: int, connections: set, tasks: set):
+    """`app` behind the connection limit. It runs as the request's task, which uvicorn has already
+    added to `tasks`: past the limit is one task more than uvicorn's own check counts."""
+    from starlette.responses import JSONResponse
+
+    from .protocol import ApiError
+
+    async def limited(scope, receive, send) -> None:
+        if scope["type"] == "http" and (len(connections) >= limit or len(tasks) > limit):
+            error = ApiError(503, f"the server has too many open connections (its limit is {limit}, "
+                                  "--max-connections): retry later", code="too_many_connections")
+            logging.getLogger("gemmarun.server").warning("503: %d connections and %d requests open (--max-connections %d)",
+                                                         len(connections), len(tasks) - 1, limit)
+            await JSONResponse(error.body(), status_code=503, headers={"connection": "close"})(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return limited
 
 
 def uvicorn_settings(options: ServerOptions) -> dict:
-    """The uvicorn.Config keywords `serve` runs with: the connection limit and timeouts."""
-    return {"http": head_timeout_protocol(options.header_timeout), "limit_concurrency": options.max_connections,
+    """The uvicorn.Config keywords `serve` runs with: the protocol with the head timeout and the
+    connection limit, and uvicorn's own timeouts."""
+    return {"http": server_protocol(options.header_timeout, options.max_connections),
             "timeout_keep_alive": 5, "timeout_graceful_shutdown": 5}
 
 

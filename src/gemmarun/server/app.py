@@ -62,7 +62,7 @@ class ServerOptions:
     max_audio_seconds: float = 600.0  # all of one request's audio together
     body_timeout: float = 60.0  # seconds to receive a whole request body (408 past it)
     header_timeout: float = 30.0  # seconds a connection may go without sending a complete request head
-    max_connections: int = 512  # open connections, idle ones included (uvicorn answers 503 past it)
+    max_connections: int = 512  # open connections, idle ones included (503 past it)
     log_prompts: bool = False  # log prompt and reply text (never logged otherwise)
     loop_guard: str = "recover"  # recover | stop | off: what to do when a reply falls into a loop
     sampling: dict = field(default_factory=dict)  # overrides protocol.SAMPLING_DEFAULTS
