@@ -291,3 +291,19 @@ def test_chat_on_a_terminal_reads_with_line_editing(tiny_models, monkeypatch, ca
                         sent.append(llm.tokenizer.decode(prompt.ids)) or "ok")
     assert main(["chat", str(folder)]) == 0
     assert prompts == [">>> ", "... ", ">>> "] and len(sent) == 1 and "one\ntwo<end_of_turn>" in sent[0]
+
+
+def test_running_out_of_memory_is_one_line(tiny_models, monkeypatch, capsys):
+    """A MemoryError (a huge allocation refused) ends the command with one line, not a traceback."""
+    from gemmarun import cli
+
+    folder, _ = tiny_models("gemma3")
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(cli, "_stream_to_stdout", exhausted)
+    capsys.readouterr()
+    assert main(["run", str(folder), "hi"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "gemmarun: error: out of memory"
+

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from gemmarun.config import ConfigError
 from gemmarun.model.vision import MultimodalEmbedder, VisionTower, vision_config_from_hf
 from gemmarun.processing.image import (
+    MAX_SIDE,
     SOFT_TOKEN_BUDGETS,
     ImageInputError,
     load_image,
@@ -353,6 +354,15 @@ def test_load_errors(tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header(30000, 30000))  # Pillow's DecompressionBombError
     one_line_error(bomb, str(bomb), "too large")
+    # a 1-pixel strip under the pixel cap, whose resize would have taken 32 bytes a pixel of its
+    # length (a 1 x 70M PNG, 68 KB, raised MemoryError from Pillow)
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(_png_header(1, MAX_SIDE + 1))
+    one_line_error(strip, str(strip), f"1x{MAX_SIDE + 1}", "side over")
+    with pytest.raises(ImageInputError, match="side over"):
+        preprocess_image(Image.new("L", (MAX_SIDE + 1, 1)))
+    # a URL is not fetched (it had read as "https:/example.com/cat.png: no such file")
+    one_line_error("https://example.com/cat.png", "https://example.com/cat.png", "local files only")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -315,7 +315,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _media_part(llm, kind: str, argument: str) -> dict | None:
     """A chat message part for `/image FILE`, `/audio FILE` or `/video FILE` (a dragged-in path may
     come quoted), or None after saying on stderr why the model or the file cannot give one."""
-    from pathlib import Path
+    from .processing.files import media_file
 
     path = argument.strip()
     if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":
@@ -324,8 +324,7 @@ def _media_part(llm, kind: str, argument: str) -> dict | None:
         if not path:
             raise ValueError(f"/{kind} takes a file: /{kind} FILE")
         llm.check_media(kind)
-        if not Path(path).is_file():
-            raise ValueError(f"{path}: no such file")
+        media_file(path, ValueError)
     except ValueError as e:
         print(f"gemmarun: error: {_first_line(e)}", file=sys.stderr)
         return None
@@ -681,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
         # Every expected failure (bad file, bad config, bad input) is a ValueError subclass with
         # a one-line message; the rest are reported the same way rather than as a traceback.
         print(f"gemmarun: error: {_first_line(e)}", file=sys.stderr)
+        return 1
+    except MemoryError as e:
+        print(f"gemmarun: error: out of memory{f' ({_first_line(e)})' if str(e) else ''}", file=sys.stderr)
         return 1
 
 

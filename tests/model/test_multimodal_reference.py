@@ -89,6 +89,27 @@ def test_audio_soft_tokens_match_reference(pair, media):
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
 
 
+def test_audio_given_as_samples_is_the_files_audio(pair, media):
+    """A 1-D array of 16 kHz samples (numpy, torch or a list), as transformers' processor takes
+    audio, gives the same soft tokens and the same reply as the file holding those samples."""
+    llm, _ = pair("e2b")
+    wave = load_audio(media / "tone.wav")
+    from_file = llm.encode_audio(media / "tone.wav")
+    for samples in (wave, torch.from_numpy(wave), wave.tolist()):
+        assert np.array_equal(llm.encode_audio(samples), from_file)
+
+    def chat(audio):
+        return [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": "hi"}]}]
+
+    assert llm.generate(chat(wave), max_tokens=4) == llm.generate(chat(str(media / "tone.wav")), max_tokens=4)
+    for bad, problem in ((np.zeros((2, 1600), np.float32), "1-D array"), (np.array([], np.float32), "no audio samples"),
+                         (np.array([0.1, np.nan], np.float32), "non-finite"), ({"x": 1}, "file path"),
+                         (["a", "b"], "not an array of numbers")):
+        with pytest.raises(ValueError, match=problem) as e:
+            llm.encode_audio(bad)
+        assert "\n" not in str(e.value)
+
+
 def test_long_audio_goes_through_the_tower_one_clip_at_a_time(pair, tmp_path):
     """Each 30 s clip is a tower call of its own (at the released size its activations take ~140
     MiB a clip), and its soft tokens are the reference's for that clip alone."""
@@ -198,6 +219,17 @@ def test_cli_run_with_image_and_audio_and_transcribe(pair, media, capsys, tmp_pa
     assert "notes.wav" in err and len(err.strip().splitlines()) == 1
     assert main(["run", folder, "x", "--image", str(tmp_path / "missing.png")]) == 1
     assert "missing.png" in capsys.readouterr().err
+    # a URL is not fetched (its "//" had been folded into a path: "https:/example.com/cat.png: no such file")
+    want = "https://example.com/cat.png: a URL; gemmarun reads media from local files only"
+    assert main(["run", folder, "x", "--image", "https://example.com/cat.png"]) == 1
+    assert capsys.readouterr().err.strip() == f"gemmarun: error: {want} (download it first)"
+    import io
+    import sys
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stdin", io.StringIO("/audio https://example.com/a.wav\n/bye\n"))
+        assert main(["chat", folder, "--max-tokens", "2"]) == 0
+    assert "https://example.com/a.wav: a URL; gemmarun reads media from local files only" in capsys.readouterr().err
 
 
 def test_text_only_model_refuses_media_clearly(tiny_models, media):

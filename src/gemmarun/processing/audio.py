@@ -56,15 +56,18 @@ class AudioInputError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def load_audio(source: str | Path | bytes, target_rate: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(source: str | Path | bytes | np.ndarray, target_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode WAV / FLAC / Ogg (Vorbis, Opus) / MP3 to mono float32 at `target_rate`.
 
-    Channels are averaged; the rate is converted with soxr (HQ). Raises AudioInputError for
-    missing, empty, undecodable, truncated, non-finite, absurdly loud (> MAX_SAMPLE_AMPLITUDE) or
-    over-long (> MAX_AUDIO_SECONDS) input.
+    Channels are averaged; the rate is converted with soxr (HQ). A 1-D array (numpy, torch or a
+    list) is taken as mono samples already at `target_rate`, as transformers' processor takes it.
+    Raises AudioInputError for missing, empty, undecodable, truncated, non-finite, absurdly loud
+    (> MAX_SAMPLE_AMPLITUDE) or over-long (> MAX_AUDIO_SECONDS) input.
     """
     import soundfile as sf
 
+    if not isinstance(source, (str, Path, bytes, bytearray, memoryview)):
+        return _waveform(source, target_rate)
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = "<audio bytes>"
         data = bytes(source)
@@ -90,6 +93,33 @@ def load_audio(source: str | Path | bytes, target_rate: int = SAMPLE_RATE) -> np
         raise AudioInputError(
             f"{label}: cannot decode: not audio, or corrupt/truncated ({reason.strip()})"
         ) from None
+
+
+def _waveform(samples, rate: int) -> np.ndarray:
+    """Samples given as an array: checked as a decoded file's are, never resampled."""
+    label = f"<audio {type(samples).__name__}>"
+    if hasattr(samples, "detach"):  # a torch tensor
+        samples = samples.detach().cpu().float().numpy()
+    if not isinstance(samples, (np.ndarray, list, tuple)):
+        raise AudioInputError(f"{label}: audio must be a file path, the file's bytes, or a 1-D array of "
+                              f"{rate} Hz samples")
+    try:
+        wave = np.asarray(samples, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise AudioInputError(f"{label}: not an array of numbers ({' '.join(str(e).split())})") from None
+    if wave.ndim != 1:
+        raise AudioInputError(f"{label}: samples of shape {tuple(wave.shape)}; want one channel, a 1-D array "
+                              f"of {rate} Hz samples (average the channels first)")
+    if wave.size == 0:
+        raise AudioInputError(f"{label}: contains no audio samples")
+    if wave.size > MAX_AUDIO_SECONDS * rate:
+        raise AudioInputError(f"{label}: {wave.size / rate:.0f} s of audio exceeds the {MAX_AUDIO_SECONDS} s maximum")
+    peak = float(np.abs(wave).max())
+    if not peak <= MAX_SAMPLE_AMPLITUDE:  # NaN fails this too
+        if not math.isfinite(peak):
+            raise AudioInputError(f"{label}: contains non-finite (NaN/inf) samples")
+        raise AudioInputError(f"{label}: contains samples of amplitude {peak:.3g}, far outside [-1, 1]")
+    return np.array(wave, dtype=np.float32, copy=True)  # never the caller's buffer
 
 
 def _decode(f, label: str, target_rate: int) -> np.ndarray:

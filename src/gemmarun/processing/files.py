@@ -13,6 +13,9 @@ def media_file(source: str | Path, error: type[ValueError]) -> tuple[Path, str, 
     """(path, its name for messages, size in bytes) of a non-empty regular file; otherwise
     `error` in one line. A name the OS refuses (past its length limit: a data URL given as a
     path, say) is such an error too, not an OSError."""
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        shown = source if len(source) <= _NAME_SHOWN else source[:_NAME_SHOWN] + "..."
+        raise error(f"{shown}: a URL; gemmarun reads media from local files only (download it first)")
     path = Path(source)
     name = str(path) if len(str(path)) <= _NAME_SHOWN else str(path)[:_NAME_SHOWN] + "..."
     try:

@@ -22,6 +22,9 @@ from .files import media_file
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 MAX_PIXELS = 100_000_000  # decoded-size cap: a 100 MP RGB image is already 300 MB in memory
+# Longest side: Pillow's resize keeps ~32 bytes of filter weights per source pixel along a side, so
+# a 1 x 50,000,000 strip (a 68 KB PNG, under the pixel cap) would take 1.6 GB to resize.
+MAX_SIDE = 1 << 20
 VIDEO_FPS_FALLBACK = 24.0  # what the reference assumes when a container reports no frame rate
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -83,6 +86,8 @@ def _check_size(image: Image.Image, name: str) -> None:
             f"{name}: image is {w}x{h} ({w * h / 1e6:.0f} megapixels), "
             f"over the {MAX_PIXELS // 1_000_000}-megapixel limit"
         )
+    if max(w, h) > MAX_SIDE:
+        raise ImageInputError(f"{name}: image is {w}x{h}, a side over the {MAX_SIDE}-pixel limit")
 
 
 def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
@@ -170,11 +175,13 @@ def preprocess_image(image: Image.Image, max_soft_tokens: int = 280, patch_size:
         raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens}")
     rgb = to_rgb(image)
     width, height = rgb.size
-    if width <= 0 or height <= 0:
-        raise ImageInputError(f"<PIL image>: zero-size image ({width}x{height})")
+    _check_size(rgb, "<PIL image>")
     th, tw = target_size(height, width, max_soft_tokens, patch_size, pooling_kernel)
     if (th, tw) != (height, width):
-        rgb = rgb.resize((tw, th), resample=Image.Resampling.BICUBIC, reducing_gap=None)
+        try:
+            rgb = rgb.resize((tw, th), resample=Image.Resampling.BICUBIC, reducing_gap=None)
+        except MemoryError:
+            raise ImageInputError(f"<PIL image>: out of memory resizing {width}x{height} to {tw}x{th}") from None
 
     pixels = (np.asarray(rgb).astype(np.float64) * (1 / 255)).astype(np.float32)  # [th, tw, 3]
     hp, wp = th // patch_size, tw // patch_size
