@@ -284,7 +284,9 @@ def test_text_past_the_context_is_refused_before_it_is_tokenized(server):
 
 def test_unknown_route_and_method(server):
     _is_openai_error(httpx.get(server.url + "/v1/nope"), 404)
-    _is_openai_error(httpx.get(server.url + "/v1/chat/completions"), 405)
+    wrong_method = httpx.get(server.url + "/v1/chat/completions")
+    _is_openai_error(wrong_method, 405)
+    assert wrong_method.headers["allow"] == "POST"  # RFC 9110: a 405 says what is allowed
 
 
 def test_oversize_bodies_get_413_without_being_read(tiny_llm):

@@ -204,8 +204,10 @@ def test_requests_past_capacity_get_429_before_their_body_is_read(tiny_llm):
             status, sent = status_of_raw_upload(r.url, ["Content-Type: application/json", f"Content-Length: {total}"],
                                                 (b" " * 65536 for _ in range(total // 65536)))
             assert status == 429 and sent < total // 4
-            err = error_of(httpx.post(r.url + CHAT, json={**body, "stream": False}, timeout=30), 429)
+            refused = httpx.post(r.url + CHAT, json={**body, "stream": False}, timeout=30)
+            err = error_of(refused, 429)
             assert err["code"] == "queue_full" and err["type"] == "rate_limit_error"
+            assert refused.headers["retry-after"] == "1"  # when the OpenAI SDK's retry comes
             assert httpx.get(r.url + "/health", timeout=10).json()["open_requests"] == 1  # GETs still answered
         finally:
             release.set()

@@ -96,6 +96,12 @@ def test_non_finite_numbers_are_400(fields, param):
     assert e.status == 400 and e.param == param and "finite" in e.message
 
 
+def test_a_body_that_is_no_object_is_named_in_json_terms():
+    for body, kind in ((b"null", "null"), (b"[1]", "an array"), (b'"x"', "a string"), (b"3", "a number")):
+        e = _error(parse_json, body)
+        assert e.status == 400 and e.message == f"the request body must be a JSON object, not {kind}"
+
+
 def test_json_nested_too_deep_is_400():
     e = _error(parse_json, b"[" * 100_000)  # json raised RecursionError
     assert e.status == 400 and "not valid JSON" in e.message

@@ -71,8 +71,8 @@ Limits (`ServerOptions` field, `gemmarun serve` flag, default), each refused wit
     connections        max_connections, --max-connections 512 503 too_many_connections, before the body is
                                                               read (idle ones count until their head timeout
                                                               closes them)
-    requests in flight max_batch + max_queue, 8 + 64          429 queue_full, counted from the request head,
-                                                              so a body past the cap is never read
+    requests in flight max_batch + max_queue, 8 + 64          429 queue_full (Retry-After: 1), counted from the
+                                                              request head, so a body past the cap is never read
     image size         max_image_pixels, --max-image-mp 50    400 image_too_large, from the image's header
                                                               before any pixel is decoded (decompression bombs)
     audio length       max_audio_seconds, --max-audio-seconds 600   400 audio_too_long: all of a request's
@@ -81,7 +81,9 @@ Limits (`ServerOptions` field, `gemmarun serve` flag, default), each refused wit
     prompt             context, --context (the model's)       400 context_length_exceeded
     reply length       max_tokens_limit, --max-tokens-limit   400 past it (default: the context); without
                                                               max_tokens a request gets --max-tokens (4096),
-                                                              capped by both
+                                                              capped by both; a reply the prompt leaves no
+                                                              room for stops at the context's end ("length",
+                                                              as llama.cpp's server; OpenAI refuses it)
 Images and audio are decoded two requests at a time (app.MEDIA_DECODERS), so a burst holds few
 decoded copies. Memory is then bounded by the batch's KV caches, the --prompt-caches (4) kept ones
 (full layers no more than twice the tokens each holds, sliding rings window + 64 slots, and what

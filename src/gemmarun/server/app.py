@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
@@ -158,7 +158,8 @@ class _Guard:
 
 
 def busy(in_flight: int, capacity: int) -> ApiError:
-    return ApiError(429, f"the server is busy: {in_flight} requests in flight (limit {capacity})", code="queue_full")
+    return ApiError(429, f"the server is busy: {in_flight} requests in flight (limit {capacity})", code="queue_full",
+                    headers={"retry-after": "1"})  # the OpenAI SDK waits that long before its retry
 
 
 def _too_large(limit: int) -> ApiError:
@@ -166,8 +167,8 @@ def _too_large(limit: int) -> ApiError:
                     code="request_too_large")
 
 
-def _error_response(error: ApiError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+def _error_response(error: ApiError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers={**error.headers, **(headers or {})})
 
 
 class SSEResponse:
@@ -406,8 +407,12 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
             audio = inputs.audio_input(data, suffix, "upload", "file", inputs.AudioBudget(limits.max_audio_seconds))
             messages = [{"role": "user", "content": [{"type": "audio", "audio": audio},
                                                      {"type": "text", "text": TRANSCRIBE_PROMPT}]}]
-            return inputs.build_prompt(llm, messages, thinking=False, tools=None, image_tokens=None,
-                                       max_audio_seconds=limits.max_audio_seconds)
+            try:
+                return inputs.build_prompt(llm, messages, thinking=False, tools=None, image_tokens=None,
+                                           max_audio_seconds=limits.max_audio_seconds)
+            except (ApiError, ValueError) as e:  # what is wrong is the upload: the request has no messages
+                error = _api_error(e)
+                raise ApiError(error.status, error.message, param="file", code=error.code) from None
 
         prompt = await build_off_loop(build, True)
         params = fit(prompt, sampling_params({"temperature": temperature}, opts.default_max_tokens, opts.sampling)[0],
@@ -440,7 +445,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
         status = e.status_code
         message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed"}.get(
             status, str(e.detail))
-        return _error_response(ApiError(status, message))
+        return _error_response(ApiError(status, message), e.headers)  # 405's Allow
 
     async def too_large(request: Request, e: BodyTooLarge) -> Response:
         return _error_response(_too_large(opts.max_body_bytes), _CLOSE)

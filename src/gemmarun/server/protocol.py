@@ -26,9 +26,10 @@ class ApiError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}  # sent with the error (429's Retry-After)
         self.type = type or {401: "authentication_error", 404: "not_found_error",
                              413: "invalid_request_error", 429: "rate_limit_error"}.get(
             status, "invalid_request_error" if status < 500 else "server_error")
@@ -47,7 +48,9 @@ def parse_json(body: bytes) -> dict:
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
         raise bad(f"the request body is not valid JSON ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
-        raise bad(f"the request body must be a JSON object, not {type(data).__name__}")
+        kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+                list: "an array"}[type(data)]
+        raise bad(f"the request body must be a JSON object, not {kind}")
     return data
 
 
