@@ -418,7 +418,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
         max_image_pixels=round(args.max_image_mp * 1_000_000), max_audio_seconds=args.max_audio_seconds,
         body_timeout=args.body_timeout, header_timeout=args.header_timeout, max_connections=args.max_connections,
-        log_prompts=args.log_prompts, loop_guard=args.loop_guard,
+        log_prompts=args.log_prompts, loop_guard=args.loop_guard, allow_origins=tuple(args.allow_origin or ()),
     )
     serve(llm, args.host, args.port, options, log_level=args.log_level, drafter=_draft(llm, args))
     return 0
@@ -618,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8080)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GEMMARUN_API_KEY, else none)")
+    p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="let web pages of ORIGIN (e.g. http://localhost:3000; '*' for any) call the API from a "
+                        "browser, with CORS headers (repeatable; other origins get 403)")
     p.add_argument("--allow-local-files", action="store_true",
                    help="let image_url parts name files on this machine (file:// URLs and paths)")
     p.add_argument("--model-name", default=None, help="model id to report (default: the file or folder name)")

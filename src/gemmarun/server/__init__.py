@@ -97,7 +97,10 @@ the decoded base64) - 6.8 GiB at the defaults if all 72 slots send 32 MiB at onc
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 bad input, 401 bad
 key, 404, 408, 413, 429, 500, 503 (too many connections, or shutting down). With --api-key, /v1/* needs
 `Authorization: Bearer KEY` (compared in constant time, `hmac.compare_digest`); binding an address
-other than loopback without a key prints a warning.
+other than loopback without a key prints a warning. Browsers: a request with an Origin of another
+web page gets 403 origin_not_allowed, unless --allow-origin lists it (CORS headers and preflight
+answers then); a same-origin one that arrives on a loopback address naming a host that is not
+(DNS rebinding) gets 403 host_not_allowed.
 
 Logs: one line per request at info (its id, prompt and completion tokens, seconds, finish reason)
 beside uvicorn's access lines (method, path, status). The API key, the Authorization header and

@@ -50,6 +50,9 @@ class ServerOptions:
 
     model_name: str | None = None  # default: the model's file or folder name
     api_key: str | None = None
+    # Web pages of other origins allowed to call the API (CORS), e.g. "http://localhost:3000"; "*": any.
+    # Others are refused: any page the user opens could otherwise make the browser POST to it.
+    allow_origins: tuple[str, ...] = ()
     allow_local_files: bool = False
     max_body_bytes: int = MAX_BODY_BYTES  # 413 past it
     max_batch: int = 8  # requests decoded together
@@ -81,10 +84,112 @@ class ServerOptions:
             raise ValueError(f"ServerOptions.max_tokens_limit must be at least 1, not {self.max_tokens_limit}")
         if self.max_image_pixels > MAX_PIXELS:
             raise ValueError(f"ServerOptions.max_image_pixels is over the runtime's own cap ({MAX_PIXELS} pixels)")
+        for origin in self.allow_origins:
+            if not _is_origin(origin):
+                raise ValueError(f"allowed origin {origin!r} is not '*', 'null' or scheme://host[:port] (no path)")
 
     @property
     def media_limits(self) -> inputs.MediaLimits:
         return inputs.MediaLimits(self.max_image_pixels, self.max_audio_seconds)
+
+
+def _is_origin(text: str) -> bool:
+    """An Origin header's form (RFC 6454): "null", or scheme://host[:port] with nothing after."""
+    from urllib.parse import urlsplit
+
+    if text in ("*", "null"):
+        return True
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return False
+    return bool(parts.scheme and parts.hostname) and not (parts.path or parts.query or parts.fragment
+                                                          or parts.username or parts.password)
+
+
+def _host_name(host: str) -> str | None:
+    """The name in a Host header ("[::1]:8080" -> "::1"), lower case; None if malformed."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit("//" + host).hostname
+    except ValueError:
+        return None
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether a page of `origin` is served by this Host: the names and ports agree (the scheme
+    is left out: a proxy that ends TLS sends https pages' requests to us over http)."""
+    def bare(netloc: str) -> str:
+        return netloc.removesuffix(":80").removesuffix(":443")
+
+    scheme, sep, netloc = origin.partition("://")
+    return bool(sep) and bare(netloc) == bare(host)
+
+
+def _loopback_name(name: str | None) -> bool:
+    import ipaddress
+    import socket
+
+    if name is None:
+        return False
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a name: this machine's own (reached through 127.0.1.1, say)
+        return name in (socket.gethostname().lower(), socket.getfqdn().lower())
+
+
+class _BrowserGuard:
+    """Pure ASGI middleware, outermost, against the web pages the user happens to open.
+
+    A browser lets any page POST to a local server (a text/plain body needs no CORS preflight),
+    and a name the attacker re-points at 127.0.0.1 (DNS rebinding) makes the page same-origin.
+    Browsers send Origin with such requests: one from another origin gets 403 unless listed in
+    `allow_origins` (which also get CORS headers and preflight answers); a same-origin one that
+    came in on a loopback address must name a loopback host. Clients that are no browser (curl,
+    the SDKs) send no Origin, and pass."""
+
+    def __init__(self, app, allow_origins: tuple[str, ...]) -> None:
+        self.app, self.any = app, "*" in allow_origins
+        self.allowed = frozenset(o.lower() for o in allow_origins)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        origin = headers.get(b"origin", b"").decode("latin-1").lower()
+        if not origin:
+            return await self.app(scope, receive, send)
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        if _same_origin(origin, host):
+            server = scope.get("server")
+            if server and _loopback_name(server[0]) and not _loopback_name(_host_name(host)):
+                error = ApiError(403, f"a browser request for host {host!r} on a loopback address was refused "
+                                      "(a DNS-rebinding attempt?): open the server as localhost or 127.0.0.1",
+                                 code="host_not_allowed")
+                return await _error_response(error, _CLOSE)(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if not (self.any or origin in self.allowed):
+            error = ApiError(403, f"a request from the web page origin {origin!r} was refused: start the server with "
+                                  f"--allow-origin {origin} to let that page use it", code="origin_not_allowed")
+            return await _error_response(error, _CLOSE)(scope, receive, send)
+        cors = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+        if scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:  # a preflight
+            asked = headers.get(b"access-control-request-headers", b"authorization, content-type")
+            await send({"type": "http.response.start", "status": 204, "headers": [
+                *cors, (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (b"access-control-allow-headers", asked), (b"access-control-max-age", b"600")]})
+            return await send({"type": "http.response.body", "body": b""})
+
+        async def send_with_cors(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *cors]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
 
 
 class BodyTooLarge(Exception):
@@ -475,6 +580,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
     )
     app.add_middleware(_Guard, api_key=opts.api_key, limit=opts.max_body_bytes, capacity=scheduler.capacity,
                        body_timeout=opts.body_timeout, counter=open_requests)
+    app.add_middleware(_BrowserGuard, allow_origins=opts.allow_origins)  # added last: outermost
     app.state.scheduler = scheduler
     app.state.options = opts
     app.state.model_name = name
