@@ -282,22 +282,26 @@ def test_cli_bench_random_weights_writes_the_machine_line_and_command(tiny_model
     assert "decode bound" in text and "| gemmarun 0.1.0 |" in text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--compare", "--device", "meta"], "--compare runs every runtime on the CPU"),
-    (["--threads", "0"], "--threads must be at least 1"),
-    (["--rounds", "0"], "--rounds must be at least 1"),
-    (["--decode-tokens", "0"], "must be at least 1"),
-    (["--prompt-tokens", "100000"], "do not fit the model's context"),
+@pytest.mark.parametrize("args, message, code", [
+    (["--compare", "--device", "meta"], "--compare runs every runtime on the CPU", 1),
+    (["--threads", "0"], "--threads must be at least 1", 2),
+    (["--rounds", "0"], "argument --rounds: must be at least 1", 2),
+    (["--decode-tokens", "0"], "must be at least 1", 2),
+    (["--prompt-tokens", "100000"], "do not fit the model's context", 1),
 ])
-def test_cli_bench_bad_options_are_one_line_errors(tiny_gguf, capsys, args, message):
-    assert main(["bench", str(tiny_gguf("gemma3")), *args]) == 1
+def test_cli_bench_bad_options_are_one_line_errors(tiny_gguf, capsys, args, message, code):
+    try:
+        got = main(["bench", str(tiny_gguf("gemma3")), *args])
+    except SystemExit as e:  # a usage error: before anything runs
+        got = e.code
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert got == code and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_bench_model_and_random_weights_together_is_an_error(capsys):
-    assert main(["bench", "x.gguf", "--random-weights", "e2b"]) == 1
-    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "x.gguf", "--random-weights", "e2b"])
+    assert e.value.code == 2 and "not both" in capsys.readouterr().err
 
 
 def _runtime(name):
@@ -352,8 +356,9 @@ def test_compare_on_the_real_270m_briefly():
 def test_twin_of_a_dense_config_is_a_one_line_error(tmp_path, capsys):
     from gemmarun.cli import main
 
-    assert main(["bench", "--twin"]) == 1
-    assert "--twin needs --random-weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--twin"])
+    assert e.value.code == 2 and "--twin needs --random-weights" in capsys.readouterr().err
 
 
 def test_twin_of_a_dense_model_is_refused(tmp_path, capsys, monkeypatch):

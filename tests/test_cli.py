@@ -67,14 +67,14 @@ def test_chat_reads_turns_from_stdin(tiny_models):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["run", "/nonexistent/model", "hi"], "no such file or folder"),
+        (["run", "/nonexistent/model", "hi"], "no such model file or folder"),
         (["inspect", "/etc/hostname"], "not a model folder or a GGUF file"),
-        (["run", "a", "b", "c"], "usage"),
+        (["run", "a", "b", "c"], "quote a prompt of several words"),
     ],
 )
 def test_errors_are_one_line_without_traceback(args, fragment):
     code, out, err = _run(args)
-    assert code == 1
+    assert code == (1 if args[0] == "inspect" else 2)  # 2: a usage error, found before any model loads
     assert fragment in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
@@ -98,8 +98,9 @@ def test_threads_default_to_physical_cores_and_can_be_set(tiny_models, capsys, m
         assert torch.get_num_threads() == 1
         assert main(["run", str(folder), "hi", "--max-tokens", "2"]) == 0
         assert torch.get_num_threads() == physical_cores()
-        assert main(["run", str(folder), "hi", "--threads", "0"]) == 1
-        assert "--threads must be at least 1" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as e:
+            main(["run", str(folder), "hi", "--threads", "0"])
+        assert e.value.code == 2 and "--threads must be at least 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
 
@@ -109,7 +110,19 @@ def test_threads_default_to_physical_cores_and_can_be_set(tiny_models, capsys, m
     (["serve", "--context", "0"], "must be at least 1"),
     (["serve", "--max-image-mp", "inf"], "positive finite number"),
     (["inspect", "x", "--context", "-5"], "must be at least 1"),
-    (["run", "x", "hi", "--seed", "99999999999999999999999"], "seed must fit in 64 bits"),
+    (["run", "x", "hi", "--seed", "99999999999999999999999"], "--seed must fit in 64 bits"),
+    (["run", "x", "hi", "--temperature", "-1"], "gemmarun run: error: --temperature must be >= 0 and finite"),
+    (["run", "x", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["chat", "x", "--max-tokens", "-5"], "gemmarun chat: error: --max-tokens must be >= 0"),
+    (["run", "x", "hi", "--json-schema", "/nonexistent/s.json"], "--json-schema /nonexistent/s.json: no such file"),
+    (["run", "hi", "x"], "the model comes first"),
+    (["chat", "x", "--image", "a.png"], "gemmarun chat: error: unrecognized arguments: --image a.png (see gemmarun chat --help)"),
+    (["serve", "x", "--max-body-mb", "-5"], "argument --max-body-mb: must be at least 1, got -5"),
+    (["serve", "x", "--max-queue", "-1"], "argument --max-queue: must be at least 0, got -1"),
+    (["serve", "x", "--allow-origin", "localhost:3000"], "argument --allow-origin: 'localhost:3000' is not"),
+    (["bench", "x", "--quant", "q8_0"], "--quant is the type of a --random-weights file"),
+    (["bench", "x", "--threads", "100000"], "--threads 100000 is more than this machine can run"),
+    (["bench", "x", "--write", "/nonexistent/b.md"], "--write /nonexistent/b.md: no folder /nonexistent"),
     (["run", "x", "hi", "--threads", "100000"], "--threads 100000 is more than this machine can run"),
     (["run", "x", "hi", "--image-tokens", "100"], "argument --image-tokens: invalid choice: 100"),
     (["run", "x", "hi", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
@@ -118,17 +131,24 @@ def test_threads_default_to_physical_cores_and_can_be_set(tiny_models, capsys, m
     (["bench", "--random-weights", "e2b", "--quant", "q5_0"], "argument --quant: invalid choice: 'q5_0'"),
     (["run", "x", "hi", "--stop-token-id", "999999"], "stop_token_ids: token id 999999 is outside the vocabulary"),
 ])
-def test_nonsense_flags_are_one_line_errors(tiny_models, capsys, args, fragment):
-    """(A port past 65535 and infinite megapixels had been tracebacks, --threads 100000 a crash,
-    --context 0 silently the default, --device gpu torch's list of backends.)"""
+def test_nonsense_flags_are_one_line_errors(tiny_models, capsys, monkeypatch, args, fragment):
+    """(A port past 65535 and infinite megapixels had been tracebacks, --threads 100000 a crash
+    (bench's workers too), --context 0 silently the default, --device gpu torch's list of
+    backends.) What the options alone show is a usage error (2) found before any model loads."""
+    from gemmarun import cli
+
     folder, _ = tiny_models("gemma3")
     capsys.readouterr()  # (building the tiny model may print progress)
     args = [str(folder) if a == "x" else a for a in args]
+    loaded = []
+    real_load = cli._load
+    monkeypatch.setattr(cli, "_load", lambda *a: loaded.append(a) or real_load(*a))
     try:
         code = main(args)
-    except SystemExit as e:  # argparse's own errors
+    except SystemExit as e:  # usage errors
         code = e.code
-    assert code != 0
+    needs_model = "--stop-token-id" in args or "--device" in args  # the vocabulary; torch's devices
+    assert bool(loaded) == needs_model and code == (1 if needs_model else 2)
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and fragment in err  # argparse's usage block had come first
@@ -307,3 +327,15 @@ def test_running_out_of_memory_is_one_line(tiny_models, monkeypatch, capsys):
     assert main(["run", str(folder), "hi"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == "gemmarun: error: out of memory"
 
+
+
+def test_run_reads_the_prompt_from_stdin_given_a_dash(tiny_models, monkeypatch, capsys):
+    import io
+
+    folder, _ = tiny_models("gemma3")
+    capsys.readouterr()
+    assert main(["run", str(folder), "hello there", "--raw", "--max-tokens", "4"]) == 0
+    expected = capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there"))
+    assert main(["run", str(folder), "-", "--raw", "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out == expected

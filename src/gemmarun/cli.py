@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from .sampling import SamplingParams
 
@@ -21,6 +22,24 @@ def _at_least_one(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
+
+
+def _at_least_zero(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
+    return n
+
+
+def _origin(text: str) -> str:
+    """A web page origin for --allow-origin (checked as the server checks it)."""
+    try:
+        from .server.app import is_origin
+    except ImportError:  # no server extra: serve says so when it starts
+        return text
+    if not is_origin(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not '*', 'null' or scheme://host[:port] (no path)")
+    return text
 
 
 def _port(text: str) -> int:
@@ -167,12 +186,9 @@ def _note_thinking(llm, args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if len(args.words) == 1:
-        model, text = None, args.words[0]
-    elif len(args.words) == 2:
-        model, text = args.words
-    else:
-        raise ValueError("usage: gemmarun run [MODEL] PROMPT")
+    model, text = (None, *args.words) if len(args.words) == 1 else args.words  # (_check_options: 1 or 2)
+    if text == "-":
+        text = sys.stdin.read()
     llm = _load(model, args)
     _note_thinking(llm, args)
     has_media = bool(args.image or args.audio or args.video)
@@ -464,23 +480,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench, machine
     from .loading import resolve_device
 
-    if args.model and args.random_weights:
-        raise bench.BenchError("give a MODEL or --random-weights CONFIG, not both")
-    if args.prompt_tokens < 1 or args.decode_tokens < 1:
-        raise bench.BenchError("--prompt-tokens and --decode-tokens must be at least 1")
     if args.compare and args.device not in (None, "cpu"):
         raise bench.BenchError("--compare runs every runtime on the CPU; drop --device or pass --device cpu")
     device = resolve_device("cpu" if args.compare else args.device)  # a CUDA machine included
-    if args.rounds is not None and args.rounds < 1:
-        raise bench.BenchError(f"--rounds must be at least 1, got {args.rounds}")
     threads = args.threads if args.threads is not None else machine.physical_cores()
-    if threads < 1:
-        raise bench.BenchError(f"--threads must be at least 1, got {threads}")
-    if args.twin and not args.random_weights:
-        raise bench.BenchError("--twin needs --random-weights MOE_CONFIG")
     if args.random_weights:
-        path = bench.random_weights_model(args.random_weights, args.quant, twin=args.twin)
-        label = f"random-weights {args.random_weights}{' dense twin' if args.twin else ''} {args.quant}"
+        quant = args.quant or "q4_0"
+        path = bench.random_weights_model(args.random_weights, quant, twin=args.twin)
+        label = f"random-weights {args.random_weights}{' dense twin' if args.twin else ''} {quant}"
     elif args.model:
         path, label = Path(args.model), args.model
     else:
@@ -534,9 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gemmarun", description="Run Gemma 4 and Gemma 3 models locally.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="one prompt, streamed to the terminal")
+    p = sub.add_parser("run", help="one prompt, streamed to the terminal",
+                       usage="gemmarun run [MODEL] PROMPT [options]")
     p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
-                   help="model folder or .gguf (default: the embedded Gemma 3 270M), then the prompt")
+                   help="model folder or .gguf (default: the embedded Gemma 3 270M), then the prompt, quoted "
+                        "(- reads it from stdin)")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     p.add_argument("--think", action="store_true", help="enable Gemma 4 thinking")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
@@ -550,8 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("transcribe", help="speech to text (thinking off)")
-    p.add_argument("model")
-    p.add_argument("audio")
+    p.add_argument("model", help="a Gemma 4 model with an audio tower (a folder, or a .gguf with --mmproj)")
+    p.add_argument("audio", help="audio file: wav, flac, ogg/opus or mp3; longer than 30 s is split into clips")
     _add_sampling_options(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_transcribe, max_tokens=4096)  # minutes of speech: 256 would cut them
@@ -559,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat")
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--think", action="store_true")
+    p.add_argument("--think", action="store_true", help="enable Gemma 4 thinking (the reasoning on stderr)")
     _add_sampling_options(p)
     _add_draft_option(p)
     _add_model_options(p)
@@ -574,19 +583,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="prefill/decode speed, time to first token, peak RSS")
     p.add_argument("model", nargs="?", default=None)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=_at_least_one, default=512, help="prompt length (default 512)")
+    p.add_argument("--decode-tokens", type=_at_least_one, default=128, help="tokens decoded (default 128)")
     p.add_argument("--write", metavar="FILE", default=None, help="record into this markdown file")
     p.add_argument("--compare", action="store_true",
                    help="run the same workload through llama.cpp and transformers too (pip install gemmarun[bench])")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--rounds", type=_at_least_one, default=None,
                    help="interleaved rounds over the runtimes; medians are reported (default: 3 with --compare, else 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every runtime (default: physical cores)")
     p.add_argument("--random-weights", metavar="CONFIG", default=None,
                    help="bench a random-weights GGUF of this config (a name like e2b, or a config.json), cached")
     from .loading.random_weights import TYPES as RANDOM_TYPES
 
-    p.add_argument("--quant", default="q4_0", choices=list(RANDOM_TYPES),
+    p.add_argument("--quant", default=None, choices=list(RANDOM_TYPES),
                    help="quantization of the --random-weights file (default: q4_0)")
     p.add_argument("--twin", action="store_true",
                    help="with --random-weights MOE: its dense twin with the same active parameters instead")
@@ -615,24 +624,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, with a chat page at /")
     p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=_port, default=8080)
+    p.add_argument("--port", type=_port, default=8080, help="TCP port (default 8080)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GEMMARUN_API_KEY, else none)")
-    p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+    p.add_argument("--allow-origin", action="append", metavar="ORIGIN", type=_origin,
                    help="let web pages of ORIGIN (e.g. http://localhost:3000; '*' for any) call the API from a "
                         "browser, with CORS headers (repeatable; other origins get 403)")
     p.add_argument("--allow-local-files", action="store_true",
                    help="let image_url parts name files on this machine (file:// URLs and paths)")
     p.add_argument("--model-name", default=None, help="model id to report (default: the file or folder name)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batching)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a batch slot; more get 429")
-    p.add_argument("--prompt-caches", type=int, default=4,
+    p.add_argument("--max-batch", type=_at_least_one, default=8,
+                   help="requests decoded together (continuous batching; default 8)")
+    p.add_argument("--max-queue", type=_at_least_zero, default=64,
+                   help="requests waiting for a batch slot; more get 429 (default 64)")
+    p.add_argument("--prompt-caches", type=_at_least_zero, default=4,
                    help="finished requests whose KV caches are kept, so a request that starts the same way "
                         "(a chat's next turn) prefills only the rest (default 4; 0: off)")
     p.add_argument("--context", type=_at_least_one, default=None, help="context length (default: the model's)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="reply length when a request sets none")
-    p.add_argument("--max-body-mb", type=int, default=32, help="request body limit in MiB (413 past it)")
-    p.add_argument("--max-tokens-limit", type=int, default=None,
+    p.add_argument("--max-tokens", type=_at_least_one, default=4096,
+                   help="reply length when a request sets none (default 4096)")
+    p.add_argument("--max-body-mb", type=_at_least_one, default=32, help="request body limit in MiB (413 past it; default 32)")
+    p.add_argument("--max-tokens-limit", type=_at_least_one, default=None,
                    help="the most max_tokens a request may ask for (400 past it; default: the context)")
     p.add_argument("--max-image-mp", type=_positive_number, default=50,
                    help="megapixels per image, checked from its header before decoding (400 past it)")
@@ -641,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=_positive_number, default=60, help="seconds to receive a request body (408 past it)")
     p.add_argument("--header-timeout", type=_positive_number, default=30,
                    help="seconds a connection may go without sending a complete request head (then closed)")
-    p.add_argument("--max-connections", type=int, default=512, help="open connections, idle ones included (503 past it)")
+    p.add_argument("--max-connections", type=_at_least_one, default=512,
+                   help="open connections, idle ones included (503 past it; default 512)")
     p.add_argument("--log-prompts", action="store_true", help="log prompt and reply text (never logged otherwise)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_loop_guard_option(p)
@@ -660,14 +673,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FLAGS = {"stop_token_ids": "--stop-token-id"}  # SamplingParams fields whose flag is not --field-name
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """ValueError for what the options alone show to be wrong, before any model loads."""
+    from pathlib import Path
+
+    from . import machine
+
+    if getattr(args, "threads", None) is not None:
+        machine.check_threads(args.threads)
+    if hasattr(args, "temperature"):
+        try:
+            _sampling(args)
+        except (TypeError, ValueError) as e:
+            field = str(e).split(" ", 1)[0]
+            raise ValueError(f"{_FLAGS.get(field, '--' + field.replace('_', '-'))} {str(e).split(' ', 1)[1]}") from None
+    schema = getattr(args, "json_schema", None)
+    if schema and not Path(schema).is_file():
+        raise ValueError(f"--json-schema {schema}: no such file")
+    if args.func is cmd_run:
+        words = args.words
+        if len(words) > 2:
+            raise ValueError(f"{len(words)} words where [MODEL] PROMPT go: quote a prompt of several words")
+        if len(words) == 2 and not Path(words[0]).exists():
+            if Path(words[1]).exists():
+                raise ValueError(f"the model comes first: gemmarun run {words[1]} PROMPT")
+            hint = "" if "/" in words[0] or words[0].endswith(".gguf") else " (quote a prompt of several words)"
+            raise ValueError(f"{words[0]}: no such model file or folder{hint}")
+    if args.func is cmd_bench:
+        if args.model and args.random_weights:
+            raise ValueError("give a MODEL or --random-weights CONFIG, not both")
+        if args.twin and not args.random_weights:
+            raise ValueError("--twin needs --random-weights MOE_CONFIG")
+        if args.quant and not args.random_weights:
+            raise ValueError("--quant is the type of a --random-weights file; a MODEL file has its own")
+        if args.write and not Path(args.write).absolute().parent.is_dir():
+            raise ValueError(f"--write {args.write}: no folder {Path(args.write).absolute().parent}")
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
+    """A usage error of the subcommand, in one line, as argparse's own (SystemExit(2))."""
+    prog = " ".join(["gemmarun", *(x for x in (getattr(args, "command", None), getattr(args, "svg_command", None)) if x)])
+    print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "words", None), list) and not any(a.startswith("-") for a in extra):
         args.words += extra  # options between the model and the prompt: `run MODEL --max-tokens 9 "hi"`
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        _usage_error(args, f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        _check_options(args)
+    except ValueError as e:
+        _usage_error(args, _first_line(e))
     try:
         if hasattr(args, "threads") and func is not cmd_bench:  # bench sets each runtime's own
             from . import machine

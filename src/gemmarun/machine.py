@@ -99,10 +99,15 @@ def set_threads(requested: int | None) -> None:
     if requested is None and os.environ.get("OMP_NUM_THREADS"):
         return
     threads = physical_cores() if requested is None else requested
+    check_threads(threads)
+    torch.set_num_threads(threads)
+
+
+def check_threads(threads: int) -> None:
+    """ValueError unless `threads` is a thread count this machine can run."""
     if threads < 1:
         raise ValueError(f"--threads must be at least 1, got {threads}")
     limit = 4 * (os.cpu_count() or 1)  # torch's thread pool crashes far past the machine's threads
     if threads > limit:
         raise ValueError(f"--threads {threads} is more than this machine can run "
                          f"({limit}: 4x its {os.cpu_count()} logical CPUs)")
-    torch.set_num_threads(threads)

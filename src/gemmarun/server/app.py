@@ -85,7 +85,7 @@ class ServerOptions:
         if self.max_image_pixels > MAX_PIXELS:
             raise ValueError(f"ServerOptions.max_image_pixels is over the runtime's own cap ({MAX_PIXELS} pixels)")
         for origin in self.allow_origins:
-            if not _is_origin(origin):
+            if not is_origin(origin):
                 raise ValueError(f"allowed origin {origin!r} is not '*', 'null' or scheme://host[:port] (no path)")
 
     @property
@@ -93,7 +93,7 @@ class ServerOptions:
         return inputs.MediaLimits(self.max_image_pixels, self.max_audio_seconds)
 
 
-def _is_origin(text: str) -> bool:
+def is_origin(text: str) -> bool:
     """An Origin header's form (RFC 6454): "null", or scheme://host[:port] with nothing after."""
     from urllib.parse import urlsplit
 
