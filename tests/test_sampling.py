@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gemmarun.sampling import NonFiniteLogits, Sampler, SamplingParams, apply_penalties, filter_logits, greedy_token
+from gemmarun.sampling import UnusableLogits, Sampler, SamplingParams, apply_penalties, filter_logits, greedy_token
 
 
 def _probs(logits, **kw):
@@ -107,15 +107,29 @@ def test_nan_logits_are_a_fault_not_a_token(where):
     named error instead, greedy or sampled (an inf logit makes every probability NaN too)."""
     logits = torch.randn(100)
     logits[where] = float("nan")
-    with pytest.raises(NonFiniteLogits, match="logits hold NaN"):
+    with pytest.raises(UnusableLogits, match="logits hold NaN"):
         greedy_token(logits)
-    with pytest.raises(NonFiniteLogits):
+    with pytest.raises(UnusableLogits):
         greedy_token(logits.double())  # torch's argmax path
     seen = torch.tensor([], dtype=torch.long)
     for bad in (float("nan"), float("inf")):
         logits[where] = bad
-        with pytest.raises(NonFiniteLogits):
+        with pytest.raises(UnusableLogits):
             Sampler(SamplingParams(temperature=0.8, seed=1))(logits, seen, seen)
+
+
+def test_all_equal_logits_are_a_fault_not_token_zero():
+    """All-zero weights give all-zero logits: argmax's first of equals, <pad> (printed as nothing),
+    had been "generated" every step with exit status 0."""
+    for logits in (torch.zeros(100), torch.full((100,), 30.0), torch.zeros(100, dtype=torch.float64)):
+        with pytest.raises(UnusableLogits, match="logits are all equal"):
+            greedy_token(logits)
+    near = torch.zeros(100)
+    near[57] = 1e-30
+    assert greedy_token(near) == 57
+    first = torch.zeros(100)
+    first[0] = 1.0
+    assert greedy_token(first) == 0  # id 0 itself, when it is the largest, is still a token
 
 
 def test_a_model_with_a_nan_weight_fails_its_generation_in_one_line(tiny_models):
@@ -124,5 +138,15 @@ def test_a_model_with_a_nan_weight_fails_its_generation_in_one_line(tiny_models)
     llm = gemmarun.load(tiny_models("gemma3")[0], device="cpu")
     with torch.no_grad():
         llm.model.layers[0].mlp.down_proj.weight[3, 5] = float("nan")
-    with pytest.raises(NonFiniteLogits):
+    with pytest.raises(UnusableLogits):
+        llm.generate_ids([2, 40, 41], max_new_tokens=4)
+
+
+def test_a_model_with_all_zero_weights_fails_its_generation_in_one_line(tiny_models):
+    import gemmarun
+
+    llm = gemmarun.load(tiny_models("gemma3")[0], device="cpu")
+    with torch.no_grad():  # the tied head then gives every token the same logit
+        llm.model.embed_tokens.weight.zero_()
+    with pytest.raises(UnusableLogits, match="all equal"):
         llm.generate_ids([2, 40, 41], max_new_tokens=4)

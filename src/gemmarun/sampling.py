@@ -17,13 +17,18 @@ MAX_PRESENCE_PENALTY = 2.0
 REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 
 
-class NonFiniteLogits(RuntimeError):
-    """The model's logits hold NaN (or inf, which makes the probabilities NaN): corrupt weights
-    or an overflow upstream. No token can be chosen; a fault, not a bad request."""
+NON_FINITE = ("hold NaN or inf (corrupt weights, or activations past the compute dtype's range: Gemma models "
+              "overflow float16, use bfloat16 or float32)")
+ALL_EQUAL = "are all equal (weights all zero, or activations saturated)"
 
-    def __init__(self) -> None:
-        super().__init__("the model's logits hold NaN or inf (corrupt weights, or activations past "
-                         "float32's range): no token can be chosen")
+
+class UnusableLogits(RuntimeError):
+    """The model's logits choose no token: NaN (or inf, which makes the probabilities NaN) from
+    corrupt weights or an overflow upstream, or every logit equal (all-zero weights), where a
+    greedy pick would be id 0 (<pad>, printed as nothing) every step. A fault, not a bad request."""
+
+    def __init__(self, problem: str = NON_FINITE) -> None:
+        super().__init__(f"the model's logits {problem}: no token can be chosen")
 
 
 @dataclass(frozen=True)
@@ -139,14 +144,14 @@ class Sampler:
             return probs
         probs = torch.softmax(filter_logits(logits, self.params), dim=-1)
         if math.isnan(probs[0]):  # one NaN or inf logit makes every probability NaN
-            raise NonFiniteLogits()
+            raise UnusableLogits()
         return probs
 
 
 def greedy_token(logits: torch.Tensor) -> int:
     """`int(torch.argmax(logits))` for a 1-D vector, through the native kernel for float32 on the
     CPU: torch's CPU argmax is a scalar loop, 0.4 ms over a 262k vocabulary, a few percent of a
-    small model's decode token. NaN logits raise NonFiniteLogits (argmax would pick the first NaN,
+    small model's decode token. NaN logits raise UnusableLogits (argmax would pick the first NaN,
     and a generation would go on as if nothing were wrong)."""
     token = None
     if logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 1 and logits.numel():
@@ -158,5 +163,7 @@ def greedy_token(logits: torch.Tensor) -> int:
     if token is None:
         token = int(torch.argmax(logits))
     if math.isnan(logits[token]):  # argmax counts NaN as the largest: one NaN is enough to land here
-        raise NonFiniteLogits()
+        raise UnusableLogits()
+    if token == 0 and logits.numel() > 1 and bool(logits.min() == logits[0]):  # the first of equals
+        raise UnusableLogits(ALL_EQUAL)
     return token

@@ -30,7 +30,7 @@ from .control import OutputControl
 from .generate import PREFILL_CHUNK, ROLLBACK, Caching, GenerationCache, cache_length, settle
 from .model.assistant import Assistant, check_pairing
 from .model.text import Exposed, TextModel
-from .sampling import NonFiniteLogits, Sampler, SamplingParams, greedy_token
+from .sampling import UnusableLogits, Sampler, SamplingParams, greedy_token
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def draft_tokens(model: TextModel, drafter: Assistant, exposed: Exposed, produce
         logits, hidden = drafter(model.embed(torch.tensor([[token]], device=model.device)), hidden, ctx)
         try:
             q = sampler.distribution(logits[0, -1], *history(drafts))
-        except NonFiniteLogits:
+        except UnusableLogits:
             break
         token = draw(q, sampler.generator)
         drafts.append(token)
