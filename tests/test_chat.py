@@ -156,7 +156,7 @@ def test_tool_declaration_call_and_response():
 
 def test_tool_message_errors():
     with pytest.raises(ChatTemplateError, match="tool message"):
-        render_gemma4([{"role": "user", "content": "x"}, {"role": "tool", "name": "f"}])
+        render_gemma4([{"role": "user", "content": "x"}, {"role": "tool", "name": "f", "content": "r"}])
     bad_call = {"function": {"name": "f", "arguments": "{oops"}}
     bad_args = {"role": "assistant", "tool_calls": [bad_call]}
     with pytest.raises(ChatTemplateError, match="not valid JSON"):
@@ -355,6 +355,8 @@ def test_gemma3_rejects(messages):
         ([{"role": "user", "content": [{"text": "x"}]}], "without a str 'type'"),
         ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "'text' is not a str"),
         ([{"role": "assistant", "tool_calls": [{"function": {}}]}], "tool_calls"),
+        ([{"role": "user"}], r"message 0 \(user\) has no content"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None}], r"message 1 \(assistant\) has no"),
     ],
 )
 @pytest.mark.parametrize(

@@ -200,6 +200,8 @@ def test_a_gemma3_folder_with_a_vision_tower_says_it_runs_as_text(tiny_models, t
     assert out[: len(out) // 2] == out[len(out) // 2 :]  # the same model, the same text
     code, _, err = _run(["run", str(folder), "what is this?", "--image", str(image)])
     assert code == 1 and err.strip() == "gemmarun: error: Gemma 3 runs as text only in gemmarun; it cannot take image input"
+    code, _, err = _run(["run", str(folder), "what is this?", "--audio", str(image)])  # had been the renderer's
+    assert code == 1 and err.strip() == "gemmarun: error: Gemma 3 runs as text only in gemmarun; it cannot take audio input"
     assert main(["inspect", str(folder), "--no-tensors"]) == 0
     assert "the vision tower's weights are not read: Gemma 3 runs as text only in gemmarun" in capsys.readouterr().out
 

@@ -97,6 +97,11 @@ def test_wrong_argument_types_are_named(llm):
         llm.generate("hi", stop_token_ids=[256])
     with pytest.raises(ValueError, match="token id -1 is negative"):
         llm.tokenizer.decode([5, -1])
+    # an empty chat or a message without content had generated from a bare generation prompt
+    with pytest.raises(ValueError, match="the chat has no messages"):
+        llm.generate([])
+    with pytest.raises(ValueError, match=r"message 0 \(user\) has no content"):
+        llm.generate([{"role": "user"}])
     assert llm.logits(np.array([2, 20])).shape == (2, 256)  # numpy integers are ids
     assert llm.generate_ids([2, 5], max_new_tokens=np.int64(2), ignore_eos=True) == llm.generate_ids(
         [2, 5], max_new_tokens=2, ignore_eos=True)

@@ -84,6 +84,8 @@ def _validate(messages: Any) -> list[dict]:
         if not isinstance(role, str) or role not in ROLES:
             raise ChatTemplateError(f"message {i} has unknown role {role!r}")
         content = m.get("content")  # None or missing: OpenAI tool-call messages carry null
+        if content is None and not (role == "assistant" and m.get("tool_calls")):
+            raise ChatTemplateError(f"message {i} ({role}) has no content")
         if content is not None and not isinstance(content, (str, list)):
             kind = type(content).__name__
             raise ChatTemplateError(f"message {i} content must be a str or a list, not {kind}")
@@ -527,7 +529,7 @@ def _content(message: dict, media: dict[str, str], model: str) -> str:
         elif part["type"] in media:
             out.append(media[part["type"]])
         else:
-            raise ChatTemplateError(f"{model} cannot render a {part['type']!r} content part")
+            raise ChatTemplateError(f"{model} cannot render a content part of type {part['type']!r}")
     return "".join(out)
 
 

@@ -274,9 +274,13 @@ class LLM:
         self.check_tools(tools)
         if not isinstance(prompt, (list, tuple)):
             raise TypeError(f"a prompt is a string or a list of chat messages, not {type(prompt).__name__}")
+        if not prompt:  # (a template renders [] as a bare generation prompt)
+            raise ValueError("the chat has no messages: give at least one")
         from .processing.prompt import collect_media, expand
 
         messages, media = collect_media(prompt)
+        for kind in dict.fromkeys(kind for kind, _ in media):  # before any template sees the parts
+            self.check_media(kind)
         text = self.render_chat(messages, enable_thinking=enable_thinking, tools=tools)
         if not media:
             return Prompt(self.tokenizer.encode(text, add_bos=False))

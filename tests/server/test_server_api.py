@@ -405,3 +405,10 @@ def test_a_failed_step_fails_its_requests_and_the_server_goes_on(tiny_llm):
                                                 extra_body=keep_going))
         assert "out of memory" in str(e.value)
         assert wait_for(lambda: r.scheduler.in_flight == 0 and not r.scheduler.engine.busy)
+
+
+def test_a_message_without_content_is_400(server):
+    """(It had been answered, from the template's bare generation prompt.)"""
+    resp = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user"}], "max_tokens": 2})
+    _is_openai_error(resp, 400)
+    assert resp.json()["error"]["message"] == "message 0 (user) has no content"
