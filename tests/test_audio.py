@@ -368,13 +368,23 @@ def _assert_one_line(err: pytest.ExceptionInfo, name: str) -> None:
     assert "\n" not in msg and name in msg, msg
 
 
-def test_bad_inputs(tmp_path):
+def test_bad_inputs(tmp_path, capfd):
     sf = _soundfile()
     text = tmp_path / "notes.wav"
     text.write_text("this is a text file, not audio\n" * 20)
     with pytest.raises(AudioInputError) as e:
         load_audio(text)
     _assert_one_line(e, "notes.wav")
+    # bytes of no format libsndfile knows went to its MPEG decoder, which printed "Note: Illegal
+    # Audio-MPEG-Header" lines to stderr, then failed with "File does not exist"
+    capfd.readouterr()
+    for name, data in (("notes.mp3", b"this is not audio at all\n" * 80), ("noise.mp3", bytes(range(256)) * 40)):
+        fake = tmp_path / name
+        fake.write_bytes(data)
+        with pytest.raises(AudioInputError, match="not audio: its bytes begin as no WAV") as e:
+            load_audio(fake)
+        _assert_one_line(e, name)
+    assert capfd.readouterr().err == ""
 
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")

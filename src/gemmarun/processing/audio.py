@@ -51,6 +51,28 @@ class AudioInputError(ValueError):
     """Audio we cannot use; the message is one line naming the input and the problem."""
 
 
+# How the files libsndfile reads begin (its formats with a signature). Anything else it hands to
+# its MPEG decoder as a last resort, which prints "Note: Illegal Audio-MPEG-Header" lines to the
+# process's stderr and then fails with "File does not exist or is not a regular file".
+_SIGNATURES = (b"RIFF", b"RIFX", b"RF64", b"BW64", b"riff", b"FORM", b".snd", b"dns.", b"fLaC", b"OggS",
+               b"caff", b"Creative Voice File", b"NIST_1A", b" paf", b"fap ", b"2BIT", b"PVF1",
+               b"Extended Instrument:", b"MATLAB 5.0", b"ALawSoundFile**", b"ID3")
+_IRCAM = {bytes.fromhex(h) for h in ("64a30100", "0001a364", "64a30200", "0002a364", "64a30300", "0003a364",
+                                     "64a30400", "0004a364")}
+
+
+def _is_mpeg_frame(head: bytes) -> bool:
+    """An MPEG audio frame header: 11 sync bits, then no reserved version, layer, bitrate or rate."""
+    if len(head) < 3 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0:
+        return False
+    version, layer = (head[1] >> 3) & 3, (head[1] >> 1) & 3
+    return version != 1 and layer != 0 and head[2] >> 4 != 15 and (head[2] >> 2) & 3 != 3
+
+
+def _known_audio(head: bytes) -> bool:
+    return head.startswith(_SIGNATURES) or head[:4] in _IRCAM or _is_mpeg_frame(head)
+
+
 # --------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------
@@ -74,13 +96,17 @@ def load_audio(source: str | Path | bytes | np.ndarray, target_rate: int = SAMPL
         if len(data) == 0:
             raise AudioInputError(f"{label}: empty input (0 bytes)")
         handle: object = io.BytesIO(data)
-        tail = data[-_OGG_TAIL:]
+        head, tail = data[:32], data[-_OGG_TAIL:]
     else:
         path, label, size = media_file(source, AudioInputError)
         handle = str(path)
         with open(path, "rb") as raw:
+            head = raw.read(32)
             raw.seek(max(0, size - _OGG_TAIL))
             tail = raw.read()
+    if not _known_audio(head):
+        raise AudioInputError(f"{label}: not audio: its bytes begin as no WAV, FLAC, Ogg, MP3, AIFF or other "
+                              "format the decoder reads")
     if target_rate <= 0:
         raise AudioInputError(f"{label}: target rate {target_rate} must be positive")
     try:
