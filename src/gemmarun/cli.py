@@ -443,7 +443,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .loading.convert import convert
 
-    convert(args.source, args.output, args.type, progress=not args.quiet)
+    out = convert(args.source, args.output, args.type, progress=not args.quiet,
+                  note=lambda text: print(f"gemmarun: note: {text}", file=sys.stderr))
+    if not args.quiet:
+        print(f"gemmarun: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})", file=sys.stderr)
     return 0
 
 

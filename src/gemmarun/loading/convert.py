@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from ..config import LayerType, TextConfig, gemma3_gguf_attention_scale, load_hf
 from ..tokenizer import Tokenizer
 from .errors import LoadError
 from .hf import read_chat_template
-from .names import gemmarun_to_gguf, map_hf_names, sanitize_gemma3
+from .names import HF_TOWER_PREFIXES, gemmarun_to_gguf, map_hf_names, sanitize_gemma3
 from .safetensors import read_folder
 
 TYPES = {
@@ -200,7 +201,9 @@ def _encode(t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
     return quantize(arr, qtype)
 
 
-def convert(source: str | Path, output: str | Path, type_name: str = "f16", progress: bool = True) -> Path:
+def convert(source: str | Path, output: str | Path, type_name: str = "f16", progress: bool = True,
+            note: Callable[[str], None] | None = None) -> Path:
+    """Write the folder's text model as a GGUF; `note` hears what is left out (the towers)."""
     folder, output = Path(source), Path(output)
     if type_name not in TYPES:
         raise LoadError(f"convert: --type {type_name!r} is not supported ({', '.join(TYPES)})")
@@ -210,7 +213,11 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
         # the writer truncates its output while the source's tensors are still mapped from it
         raise LoadError(f"convert: the output {output} is one of the source folder's files")
     cfg = load_hf_config(folder)
-    state, _ignored = map_hf_names(read_folder(folder), cfg)
+    state, ignored = map_hf_names(read_folder(folder), cfg)
+    towers = sum(name.startswith(HF_TOWER_PREFIXES) for name in ignored)
+    if towers and note is not None:
+        note(f"the vision/audio towers ({towers} tensors) are not written: a GGUF holds the text model; "
+             "keep the HF folder for image and audio input (gemmarun writes no mmproj file)")
     if cfg.family == "gemma3":
         state = sanitize_gemma3(state, cfg)  # GGUF gemma3 norms hold 1 + w, as llama.cpp writes them
         state = {k: v for k, v in state.items() if not k.endswith("layer_scalar")}
