@@ -341,3 +341,12 @@ def test_run_reads_the_prompt_from_stdin_given_a_dash(tiny_models, monkeypatch, 
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello there"))
     assert main(["run", str(folder), "-", "--raw", "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_cuda_asked_for_without_cuda_names_the_device(tiny_models, capsys):
+    folder, _ = tiny_models("gemma3")
+    capsys.readouterr()
+    assert main(["run", str(folder), "hi", "--device", "cuda:1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gemmarun: error: device 'cuda:1' was asked for but CUDA is not available (torch ")

@@ -294,6 +294,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         text = _read_message(line, "... " if interactive else None)
         command = text.split()[0] if re.match(r"/[A-Za-z?]+(\s|$)", text) else None  # not "/etc/hosts ..."
         if not line or command in ("/exit", "/bye"):
+            if attached:
+                print(f"gemmarun: note: {len(attached)} attached file(s) not sent: no message followed",
+                      file=sys.stderr)
             return 1 if failed else 0
         if not text:
             continue
@@ -305,6 +308,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             part = _media_part(llm, MEDIA_COMMANDS[command], text[len(command):])
             if part is not None:
                 attached.append(part)
+            failed = failed or part is None  # (the next message goes without it)
             continue
         if command is not None:
             if command not in ("/help", "/?"):
@@ -423,10 +427,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     try:
-        from .server import ServerOptions, serve
+        from .server import ServerOptions, check_listen, serve
     except ImportError as e:
         raise RuntimeError(f"gemmarun serve needs the server extra: pip install 'gemmarun[server]' ({e})") from None
+    check_listen(args.host, args.port)  # a port in use, a bad address: before the model loads
     llm = _load(args.model, args)
+    positions = llm.config.max_position_embeddings
+    if args.context is not None and args.context > positions:
+        print(f"gemmarun: note: --context {args.context} is past the model's {positions} positions: serving {positions}",
+              file=sys.stderr)
     options = ServerOptions(
         model_name=args.model_name, api_key=args.api_key or os.environ.get("GEMMARUN_API_KEY") or None,
         allow_local_files=args.allow_local_files, max_body_bytes=args.max_body_mb * 1024 * 1024,

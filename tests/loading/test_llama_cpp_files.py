@@ -116,7 +116,7 @@ def test_cli_run_takes_an_image_with_mmproj(llama_cpp_multimodal, media, capsys)
 def test_chat_attaches_images_and_audio_with_commands(llama_cpp_multimodal, media, monkeypatch, capsys):
     """/image FILE and /audio FILE go with the next message (as llama.cpp's mtmd chat takes them):
     the answer is run's for the same parts; a model without the tower, a missing file or no file
-    is said at once and the message goes on as text."""
+    is said at once and the message goes on as text (the exit status then 1)."""
     import io
     import sys
 
@@ -131,13 +131,16 @@ def test_chat_attaches_images_and_audio_with_commands(llama_cpp_multimodal, medi
     out = capsys.readouterr()
     assert out.out == from_run and f"{image} goes with your next message" in out.err
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {image}\n/image\n/audio nowhere.wav\nhello\n"))
-    assert main(["chat", str(text), *options]) == 0
+    assert main(["chat", str(text), *options]) == 1
     err = capsys.readouterr().err
     assert "this GGUF holds the text model only" in err and "/image takes a file" in err
     assert "nowhere.wav: no such file" not in err  # the model's lack is said first
     monkeypatch.setattr(sys, "stdin", io.StringIO("/audio nowhere.wav\nhello\n"))
-    assert main(["chat", str(text), "--mmproj", str(mmproj), *options]) == 0
+    assert main(["chat", str(text), "--mmproj", str(mmproj), *options]) == 1
     assert "nowhere.wav: no such file" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {image}\n"))  # then the input ends
+    assert main(["chat", str(text), "--mmproj", str(mmproj), *options]) == 0
+    assert "gemmarun: note: 1 attached file(s) not sent: no message followed" in capsys.readouterr().err
 
 
 def test_mmproj_misuse_is_a_one_line_error(llama_cpp_multimodal, tmp_path):

@@ -228,7 +228,7 @@ def test_cli_run_with_image_and_audio_and_transcribe(pair, media, capsys, tmp_pa
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "stdin", io.StringIO("/audio https://example.com/a.wav\n/bye\n"))
-        assert main(["chat", folder, "--max-tokens", "2"]) == 0
+        assert main(["chat", folder, "--max-tokens", "2"]) == 1
     assert "https://example.com/a.wav: a URL; gemmarun reads media from local files only" in capsys.readouterr().err
     # convert writes the text model and says the towers stay behind (it had said nothing at all)
     assert main(["convert", folder, str(tmp_path / "text.gguf"), "--type", "f32"]) == 0

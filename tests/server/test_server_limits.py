@@ -264,3 +264,35 @@ def test_serve_runs_uvicorn_with_the_limits_and_the_request_log(monkeypatch, tin
     assert config.limit_concurrency is None and issubclass(config.http, H11Protocol)
     assert (config.http.max_connections, config.http.header_timeout) == (77, 9)
     assert config.log_config["loggers"]["gemmarun"]["level"] == "WARNING"
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(monkeypatch, capsys):
+    """(uvicorn had failed after the model loaded: an ERROR log line and exit status 3, the
+    "serving on ..." line before it false.)"""
+    import socket
+
+    from gemmarun import cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a: pytest.fail("the model was loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--port", str(port)]) == 1
+        assert capsys.readouterr().err.strip() == f"gemmarun: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert cli.main(["serve", "--host", "999.1.1.1"]) == 1
+    assert "--host 999.1.1.1: not an address to listen on" in capsys.readouterr().err
+
+
+def test_serve_says_when_the_context_asked_for_is_past_the_model(monkeypatch, tiny_llm, capsys):
+    from serverkit import capture_serve
+
+    from gemmarun import cli
+
+    calls = []
+    capture_serve(monkeypatch, calls)
+    monkeypatch.setattr(cli, "_load", lambda *a: tiny_llm)
+    positions = tiny_llm.config.max_position_embeddings
+    assert cli.main(["serve", "--port", "0", "--context", str(positions * 4)]) == 0
+    assert f"--context {positions * 4} is past the model's {positions} positions: serving {positions}" in \
+        capsys.readouterr().err and calls

@@ -21,7 +21,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise LoadError(f"device {str(device)!r} is not supported (cpu, cuda, cuda:1 ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise LoadError("device 'cuda' was asked for but CUDA is not available")
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+        raise LoadError(f"device {str(device)!r} was asked for but CUDA is not available ({build})")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise LoadError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

@@ -116,7 +116,7 @@ import sys
 
 from .app import MAX_BODY_BYTES, ServerOptions, create_app
 
-__all__ = ["MAX_BODY_BYTES", "ServerOptions", "create_app", "is_loopback", "serve", "uvicorn_settings"]
+__all__ = ["MAX_BODY_BYTES", "ServerOptions", "check_listen", "create_app", "is_loopback", "serve", "uvicorn_settings"]
 
 
 def is_loopback(host: str) -> bool:
@@ -131,6 +131,22 @@ def is_loopback(host: str) -> bool:
     except OSError:
         return False
     return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def check_listen(host: str, port: int) -> None:
+    """ValueError, in one line, unless the server could listen on host:port now (uvicorn's own
+    failure is a log line and exit status 3, after the model has loaded)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host}: not an address to listen on ({getattr(e, 'strerror', None) or e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def server_protocol(header_timeout: float, max_connections: int) -> type:
