@@ -104,3 +104,16 @@ def test_loop_guard_on_a_model_that_truly_loops(tiny_models):
     plain = "".join(llm.stream_prompt(Prompt(clean), params))
     guarded = llm.stream_prompt(Prompt(clean), params, loop_guard=LoopGuardConfig(policy="recover"))
     assert "".join(guarded) == plain and guarded.finish_reason == "length"
+
+
+def test_svg_files_that_cannot_be_read_are_named(tmp_path, capsys):
+    """(Missing files and folders were bare errnos, a binary file's error named no file.)"""
+    binary = tmp_path / "photo.svg"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xec\xff")
+    cases = [(tmp_path / "none.svg", "none.svg: no such file"), (tmp_path, "a folder, not an SVG file"),
+             (binary, "photo.svg: not utf-8 text: byte 0")]
+    for path, message in cases:
+        for command in (["svg", "check", str(path)], ["svg", "repair", str(path), "-o", str(tmp_path / "o.svg")]):
+            assert main(command) == 1
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("gemmarun: error: ") and message in err and len(err.splitlines()) == 1

@@ -352,12 +352,30 @@ def _media_part(llm, kind: str, argument: str) -> dict | None:
     return _media(kind, path)
 
 
-def cmd_svg_check(args: argparse.Namespace) -> int:
+def _svg_file(path: str) -> tuple[str, str]:
+    """(text, encoding) of an SVG file; a one-line error naming the file otherwise."""
     from pathlib import Path
 
-    from .svg import check_svg, decode_svg_file
+    from .svg import decode_svg_file
 
-    problems = check_svg(decode_svg_file(Path(args.file).read_bytes())[0])
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a folder, not an SVG file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return decode_svg_file(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def cmd_svg_check(args: argparse.Namespace) -> int:
+    from .svg import check_svg
+
+    problems = check_svg(_svg_file(args.file)[0])
     for p in problems:
         print(f"{args.file}:{p.line}:{p.column}: {p.kind}: {p.message}")
     if not problems:
@@ -392,11 +410,7 @@ def _repair_and_render(text: str, out: str, png: str | None, label: str, encodin
 
 
 def cmd_svg_repair(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .svg import decode_svg_file
-
-    text, encoding = decode_svg_file(Path(args.file).read_bytes())
+    text, encoding = _svg_file(args.file)
     return _repair_and_render(text, args.output, args.png, args.file, encoding)
 
 

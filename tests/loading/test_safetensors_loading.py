@@ -214,6 +214,11 @@ def test_convert_never_writes_over_its_own_source(tiny_models, tmp_path):
         with pytest.raises(LoadError, match="is one of the source folder's files"):
             convert(dst, dst / victim, "f16", progress=False)
     assert (dst / "model.safetensors").read_bytes() == before
+    # an output nowhere to be written had been a bare errno, once the folder was read
+    with pytest.raises(LoadError, match=r"out.gguf: no folder .*nowhere to write it in"):
+        convert(dst, tmp_path / "nowhere" / "out.gguf", "f16", progress=False)
+    with pytest.raises(LoadError, match="is a folder; give the GGUF file's name"):
+        convert(dst, tmp_path, "f16", progress=False)
 
 
 @pytest.mark.parametrize("name, text, fragment", [

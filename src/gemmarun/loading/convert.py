@@ -209,6 +209,10 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
         raise LoadError(f"convert: --type {type_name!r} is not supported ({', '.join(TYPES)})")
     if not folder.is_dir():
         raise LoadError(f"convert: {folder} is not a HF model folder")
+    if not output.absolute().parent.is_dir():
+        raise LoadError(f"convert: {output}: no folder {output.absolute().parent} to write it in")
+    if output.is_dir():
+        raise LoadError(f"convert: {output} is a folder; give the GGUF file's name")
     if output.exists() and any(output.samefile(f) for f in folder.iterdir()):
         # the writer truncates its output while the source's tensors are still mapped from it
         raise LoadError(f"convert: the output {output} is one of the source folder's files")
