@@ -350,3 +350,21 @@ def test_cuda_asked_for_without_cuda_names_the_device(tiny_models, capsys):
     assert main(["run", str(folder), "hi", "--device", "cuda:1"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("gemmarun: error: device 'cuda:1' was asked for but CUDA is not available (torch ")
+
+
+def test_chat_with_the_embedded_base_model_says_it_is_one(tiny_models, monkeypatch, capsys):
+    """The embedded 270M is pretrained only: a chat with it answers poorly, and now says why."""
+    import io
+
+    import gemmarun
+    from gemmarun import cli
+
+    tiny = gemmarun.load(tiny_models("gemma3")[0], device="cpu")
+    monkeypatch.setattr(cli, "_load", lambda model, args: tiny)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    capsys.readouterr()
+    assert main(["chat", "--max-tokens", "2"]) == 0
+    assert "the embedded Gemma 3 270M is a base (pretrained) model" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    assert main(["chat", "some-model", "--max-tokens", "2"]) == 0
+    assert "base (pretrained)" not in capsys.readouterr().err

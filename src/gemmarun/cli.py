@@ -272,8 +272,15 @@ def _read_message(first: str, more: str | None = None) -> str:
     return "".join(lines).rstrip()[:-3].strip()
 
 
+BASE_MODEL_NOTE = ("gemmarun: note: the embedded Gemma 3 270M is a base (pretrained) model without a chat "
+                   "template: it continues text well but answers questions poorly; give an instruction-tuned "
+                   "model for {what}")
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     llm = _load(args.model, args)
+    if args.model is None:
+        print(BASE_MODEL_NOTE.format(what="a chat (gemmarun chat MODEL)"), file=sys.stderr)
     draft = _draft(llm, args)  # loaded once for the whole conversation
     params = _sampling(args)
     _grammar(args)  # a bad schema, regex or stop id fails here, not at every message
@@ -418,6 +425,8 @@ def cmd_svg_draw(args: argparse.Namespace) -> int:
     from .svg import extract_svg
 
     llm = _load(args.model, args)
+    if args.model is None:
+        print(BASE_MODEL_NOTE.format(what="drawings (gemmarun svg draw MODEL ...)"), file=sys.stderr)
     ask = f"Write an SVG image of {args.subject}. Answer with the SVG code only."
     prompt = llm.build_prompt([_user_message(ask, [])])
     answer = _stream_to_stdout(llm, prompt, _sampling(args), args)
