@@ -71,7 +71,12 @@ def test_logprobs_and_seeded_sampling(server):
     r = client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0, logprobs=2,
                                   extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 4
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == len(lp.top_logprobs) == 4
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == logprob and 2 <= len(top) <= 3  # the sampled token is always there, as OpenAI's
+    sampled = client.completions.create(model="tiny", prompt="hello", max_tokens=6, temperature=5.0, seed=3,
+                                        logprobs=1, extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert all(top[t] == lp for t, lp, top in zip(sampled.tokens, sampled.token_logprobs, sampled.top_logprobs))
 
 
 def test_stop_string_cuts_the_answer(server):

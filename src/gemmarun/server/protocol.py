@@ -365,10 +365,14 @@ def logprob_entry(token: str, raw: bytes, logprob: float, top: list[tuple[str, b
 
 
 def completion_logprobs(entries: list[dict], offsets: list[int]) -> dict:
-    """The legacy completions shape, from chat-style entries and where each token starts in the text."""
+    """The legacy completions shape, from chat-style entries and where each token starts in the
+    text. Each top_logprobs holds the sampled token too, as OpenAI's does (up to logprobs + 1)."""
+    def top(e: dict) -> dict:
+        alternatives = {t["token"]: t["logprob"] for t in e.get("top_logprobs", [])}
+        return {**alternatives, e["token"]: e["logprob"]}
+
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in entries],
-            "text_offset": offsets}
+            "top_logprobs": [top(e) for e in entries], "text_offset": offsets}
 
 
 def sse(data: dict | str) -> bytes:
