@@ -201,7 +201,7 @@ def test_serve_with_mmproj_answers_image_and_audio_parts_as_the_folder(llama_cpp
     configs = []
     capture_serve(monkeypatch, configs)
     for model in ([str(folder)], [str(text), "--mmproj", str(mmproj)]):
-        assert main(["serve", *model, "--device", "cpu", "--dtype", "float32", "--model-name", "m"]) == 0
+        assert main(["serve", *model, "--device", "cpu", "--dtype", "float32", "--model-name", "m", "--port", "0"]) == 0
     content = [image_part(png_bytes()), audio_part(wav_bytes()), {"type": "text", "text": "What is this?"}]
     answers = []
     for config in configs:

@@ -69,14 +69,15 @@ def test_malformed_allowed_origins_are_refused_at_start(origin):
         ServerOptions(allow_origins=(origin,))
 
 
-def test_serve_takes_allow_origin(monkeypatch):
+def test_serve_takes_allow_origin(monkeypatch, tiny_llm):
     from gemmarun import cli
 
     seen = {}
-    monkeypatch.setattr(cli, "_load", lambda model, args: None)
+    monkeypatch.setattr(cli, "_load", lambda model, args: tiny_llm)
     monkeypatch.setattr(cli, "_draft", lambda llm, args: None)
     import gemmarun.server as server
 
     monkeypatch.setattr(server, "serve", lambda llm, host, port, options, **kw: seen.setdefault("options", options))
-    assert cli.main(["serve", "m.gguf", "--allow-origin", "http://a.example:3000", "--allow-origin", "*"]) == 0
+    assert cli.main(["serve", "m.gguf", "--port", "0", "--allow-origin", "http://a.example:3000",
+                     "--allow-origin", "*"]) == 0
     assert seen["options"].allow_origins == ("http://a.example:3000", "*")

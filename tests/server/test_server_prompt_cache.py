@@ -1,6 +1,7 @@
 """The server keeps finished requests' caches: a chat's next turn prefills only what is new, says so
 in usage.prompt_tokens_details.cached_tokens, and answers as a fresh prefill would."""
 
+import pytest
 from serverkit import running
 
 from gemmarun.server import ServerOptions, create_app
@@ -47,10 +48,12 @@ def test_serve_takes_the_number_of_kept_caches(tiny_models, monkeypatch, capsys)
     configs = []
     capture_serve(monkeypatch, configs)
     folder, _ = tiny_models("e2b")
-    base = ["serve", str(folder), "--device", "cpu", "--dtype", "float32"]
+    base = ["serve", str(folder), "--device", "cpu", "--dtype", "float32", "--port", "0"]
     assert main(base) == 0 and main(base + ["--prompt-caches", "0"]) == 0
     assert [c.app.state.scheduler.engine.prompt_cache.capacity for c in configs] == [4, 0]
     capsys.readouterr()
-    assert main(base + ["--prompt-caches", "-1"]) == 1
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--prompt-caches", "-1"])
     err = capsys.readouterr().err
-    assert err.startswith("gemmarun: error:") and "prompt_caches" in err and len(err.splitlines()) == 1
+    assert e.value.code == 2 and err.startswith("gemmarun serve: error: argument --prompt-caches: must be at least 0")
+    assert len(err.splitlines()) == 1

@@ -38,7 +38,7 @@ def test_serve_with_a_draft_folder_speculates_and_answers_as_without(tiny_models
     configs = []
     capture_serve(monkeypatch, configs)
     folder, _ = tiny_models("e2b")
-    base = ["serve", str(folder), "--device", "cpu", "--dtype", "float32", "--model-name", "tiny"]
+    base = ["serve", str(folder), "--device", "cpu", "--dtype", "float32", "--model-name", "tiny", "--port", "0"]
     assert main(base) == 0 and main(base + ["--draft", str(tmp_path)]) == 0
     apps = [config.app for config in configs]
     plain_app, draft_app = apps
