@@ -268,7 +268,7 @@ def test_cli_bench_random_weights_writes_the_machine_line_and_command(tiny_model
     monkeypatch.setattr(bench, "RANDOM_CACHE", tmp_path / "cache")
     config = tiny_models("gemma3")[0] / "config.json"
     out = tmp_path / "benchmarks.md"
-    args = ["bench", "--random-weights", str(config), "--quant", "q8_0", "--prompt-tokens", "8",
+    args = ["bench", "--random-weights", str(config), "--prompt-tokens", "8",  # --quant left at its default
             "--decode-tokens", "2", "--threads", "1", "--write", str(out)]
     assert main(args) == 0
     err = capsys.readouterr().err
@@ -276,8 +276,8 @@ def test_cli_bench_random_weights_writes_the_machine_line_and_command(tiny_model
     assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".gguf"]  # no .partial left
     text = out.read_text()
     # not the default workload: its own setup, so it never replaces the full figures
-    assert text.count("### ") == 1 and "q8_0 (gemma3, dtype auto, device cpu), 8/2 tokens, 1 threads\n" in text
-    assert "--quant q8_0 --threads 1 --prompt-tokens 8 --decode-tokens 2 --write" in text
+    assert text.count("### ") == 1 and "q4_0 (gemma3, dtype auto, device cpu), 8/2 tokens, 1 threads\n" in text
+    assert "--quant q4_0 --threads 1 --prompt-tokens 8 --decode-tokens 2 --write" in text
     assert "1 threads used" in text and "GiB RAM" in text and "torch " in text and "- date: " in text
     assert "decode bound" in text and "| gemmarun 0.1.0 |" in text
 

@@ -482,6 +482,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+RANDOM_WEIGHTS_QUANT = "q4_0"
+
+
 def _bench_command(args: argparse.Namespace, threads: int) -> str:
     """The command line that reproduces this run, with the thread count made explicit."""
     parts = ["gemmarun bench"]
@@ -520,9 +523,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device("cpu" if args.compare else args.device)  # a CUDA machine included
     threads = args.threads if args.threads is not None else machine.physical_cores()
     if args.random_weights:
-        quant = args.quant or "q4_0"
-        path = bench.random_weights_model(args.random_weights, quant, twin=args.twin)
-        label = f"random-weights {args.random_weights}{' dense twin' if args.twin else ''} {quant}"
+        args.quant = args.quant or RANDOM_WEIGHTS_QUANT  # (given only with --random-weights)
+        path = bench.random_weights_model(args.random_weights, args.quant, twin=args.twin)
+        label = f"random-weights {args.random_weights}{' dense twin' if args.twin else ''} {args.quant}"
     elif args.model:
         path, label = Path(args.model), args.model
     else:
@@ -631,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .loading.random_weights import TYPES as RANDOM_TYPES
 
     p.add_argument("--quant", default=None, choices=list(RANDOM_TYPES),
-                   help="quantization of the --random-weights file (default: q4_0)")
+                   help=f"quantization of the --random-weights file (default: {RANDOM_WEIGHTS_QUANT})")
     p.add_argument("--twin", action="store_true",
                    help="with --random-weights MOE: its dense twin with the same active parameters instead")
     _add_model_options(p, threads=False, mmproj=False)

@@ -124,7 +124,7 @@ def _same_origin(origin: str, host: str) -> bool:
     def bare(netloc: str) -> str:
         return netloc.removesuffix(":80").removesuffix(":443")
 
-    scheme, sep, netloc = origin.partition("://")
+    _scheme, sep, netloc = origin.partition("://")
     return bool(sep) and bare(netloc) == bare(host)
 
 
