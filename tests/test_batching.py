@@ -315,3 +315,62 @@ def test_the_engine_times_plain_steps_as_plain_decoding_runs(tiny_models):
         hook.remove()
     assert seen[:4] == [False, False, False, True]
     assert spec.stats.plain_steps == 2 and spec.stats.rounds > 0
+
+
+def _long_prompt(n: int) -> list[int]:
+    return [2] + [(11 * j) % 180 + 20 for j in range(n - 1)]
+
+
+def test_a_long_prompt_is_prefilled_a_few_chunks_a_step_while_others_decode(tiny_models):
+    """A step prefills at most prefill_per_step positions: a request decoding meanwhile gets a
+    token every step (it had waited for the whole prompt), and both answers are the ones alone."""
+    folder, _ = tiny_models("e2b")
+    llm = gemmarun.load(folder, device="cpu")
+    engine = BatchEngine(llm, max_batch=4, chunk_size=4, prefill_per_step=8)
+    short, long = [2, 30, 31], _long_prompt(41)
+    a = engine.add(Prompt(short), SamplingParams(max_tokens=12, ignore_eos=True))
+    first = engine.step()
+    assert [e.request_id for e in first] == [a]
+    b = engine.add(Prompt(long), SamplingParams(max_tokens=4, ignore_eos=True))
+    out, steps_to_first = {a: [first[0].token], b: []}, None
+    for step in range(1, 40):
+        events = engine.step()
+        tokens = {e.request_id: e.token for e in events if e.token is not None}
+        if steps_to_first is None:
+            assert a in tokens or not engine.busy  # a token for the short request every step
+            if b in tokens:
+                steps_to_first = step
+        for rid, token in tokens.items():
+            out[rid].append(token)
+        if not engine.busy:
+            break
+    assert steps_to_first == 6  # 41 positions, 8 a step
+    assert out[b] == llm.generate_ids(long, max_new_tokens=4, ignore_eos=True)
+    assert out[a] == llm.generate_ids(short, max_new_tokens=12, ignore_eos=True)
+
+
+def test_a_request_cancelled_while_its_prompt_is_read_in_leaves_at_once(tiny_models):
+    """It leaves within a step (it had held the model until its whole prompt was in), and what it
+    had prefilled is kept: the same prompt sent again starts from there."""
+    folder, _ = tiny_models("e2b")
+    llm = gemmarun.load(folder, device="cpu")
+    engine = BatchEngine(llm, max_batch=2, chunk_size=4, prefill_per_step=8)
+    long = _long_prompt(41)
+    b = engine.add(Prompt(long), SamplingParams(max_tokens=3, ignore_eos=True))
+    assert engine.step() == [] and engine.step() == []  # 16 positions in, no token yet
+    assert engine.cancel(b) and not engine.busy
+    c = engine.add(Prompt(long), SamplingParams(max_tokens=3, ignore_eos=True))
+    events, steps = [], 0
+    while engine.busy:
+        events += engine.step()
+        steps += 1
+    assert [e.token for e in events if e.token is not None] == llm.generate_ids(long, max_new_tokens=3, ignore_eos=True)
+    assert events[0].request_id == c and events[0].cached_tokens == 16
+    assert steps == 4 + 2  # the 25 positions left, 8 a step, then two more tokens
+
+
+def test_prefill_per_step_is_a_multiple_of_the_chunk(tiny_models):
+    folder, _ = tiny_models("e2b")
+    llm = gemmarun.load(folder, device="cpu")
+    with pytest.raises(ValueError, match="multiple of the chunk size 4"):
+        BatchEngine(llm, chunk_size=4, prefill_per_step=6)

@@ -6,6 +6,11 @@ row over its own cache. New requests are prefilled when they join; finished or c
 leave at once and free their cache. Greedy output equals running the request alone (up to the
 float summation order of batched matmuls).
 
+A long prompt is prefilled a few chunks a step (at most `prefill_per_step` positions a step,
+all requests together), so the requests decoding meanwhile go on getting a token a step, and a
+request cancelled while its prompt is read in leaves within a step; the chunks are the ones one
+prefill would run, so the result is the same.
+
 A request's cache is leased from the engine's prompt cache (prompt_cache.py) and kept there when
 it finishes or is cancelled: a request that starts as a finished one did (a chat's next turn)
 prefills only the rest.
@@ -28,6 +33,8 @@ import torch
 from .cache import KVCache
 from .control import OutputControl
 from .generate import PREFILL_CHUNK, ROLLBACK, Caching, GenerationCache, check_prompt_fits, settle
+
+PREFILL_PER_STEP = 2 * PREFILL_CHUNK  # prompt positions one step prefills, all requests together
 from .llm import LLM, Prompt
 from .model.assistant import Assistant, check_pairing
 from .model.text import Exposed
@@ -72,7 +79,7 @@ class _Request:
     position: int = 0  # where the next token goes
     max_len: int = 0
     scores: list[tuple] = field(default_factory=list)  # (logprob, top) per generated token
-    last: int | None = None  # sampled, not yet fed
+    last: int | None = None  # sampled, not yet fed (None while its prompt is being prefilled)
     speculation: _Speculation | None = None  # with a drafter: this request's rounds so far
     exposed: Exposed | None = None  # the target forward that produced `last`, when it ran alone
 
@@ -102,7 +109,9 @@ class BatchEngine:
 
     def __init__(self, llm: LLM, max_batch: int = 8, context: int | None = None, chunk_size: int = PREFILL_CHUNK,
                  drafter: Assistant | None = None, speculation: SpeculationConfig = SpeculationConfig(),
-                 prompt_caches: int = 4):
+                 prompt_caches: int = 4, prefill_per_step: int = PREFILL_PER_STEP):
+        if prefill_per_step < chunk_size or prefill_per_step % chunk_size:
+            raise ValueError(f"prefill_per_step {prefill_per_step} must be a multiple of the chunk size {chunk_size}")
         self.llm = llm
         self.prompt_cache = PromptCache(prompt_caches)  # finished requests' caches, for the next prompts
         self.drafter = drafter
@@ -111,7 +120,7 @@ class BatchEngine:
         self.max_batch = max_batch
         cfg = llm.config
         self.context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.prefill_per_step = chunk_size, prefill_per_step
         self._ids = itertools.count(1)
         self.waiting: list[_Request] = []
         self.active: list[_Request] = []
@@ -144,16 +153,25 @@ class BatchEngine:
         return bool(self.waiting or self.active)
 
     def step(self) -> list[Event]:
-        """Admit waiting requests (prefill, first token) and advance every active one by a token."""
+        """Advance every decoding request by a token, then prefill up to `prefill_per_step` prompt
+        positions: the prompts under way first, then waiting requests admitted while there is
+        room (a request whose prompt is all in samples its first token)."""
         events: list[Event] = []
         running = [r for r in self.active if r.last is not None]
         if len(running) == 1:
             events += self._guarded(running[0], self._advance_alone, running[0])
         elif running:
             events += self._decode(running)
-        while self.waiting and len(self.active) < self.max_batch:
+        budget = self.prefill_per_step
+        for r in [r for r in self.active if r.last is None]:  # prompts under way, oldest first
+            if budget < self.chunk_size:
+                return events
+            events += self._guarded(r, self._prefill_some, r, budget)
+            budget -= r.state.prefilled if r.state is not None else 0
+        while self.waiting and len(self.active) < self.max_batch and budget >= self.chunk_size:
             r = self.waiting.pop(0)
-            events += self._guarded(r, self._admit, r)
+            events += self._guarded(r, self._admit, r, budget)
+            budget -= r.state.prefilled if r.state is not None else 0
         return events
 
     def _guarded(self, r: _Request, work, *args) -> list[Event]:
@@ -170,18 +188,26 @@ class BatchEngine:
     # -- internals -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _admit(self, r: _Request) -> list[Event]:
+    def _admit(self, r: _Request, budget: int) -> list[Event]:
         r.max_len = min(len(r.prompt.ids) + r.params.max_tokens, self.context)
         if r.params.max_tokens == 0:
             return [Event(r.id, None, "length")]
         self.active.append(r)
         if self.drafter is not None:
             r.speculation = _Speculation(for_params(self.speculation, r.params))
-        return self._sample(r, self._prefill(r))
+        return self._prefill_some(r, budget)
 
-    def _prefill(self, r: _Request) -> torch.Tensor:
+    @torch.inference_mode()
+    def _prefill_some(self, r: _Request, budget: int) -> list[Event]:
+        """Up to `budget` more positions of the request's prompt (a multiple of the chunk size:
+        the same chunks as one prefill); its first token once the prompt is all in."""
+        logits = self._prefill(r, budget - budget % self.chunk_size)
+        return [] if logits is None else self._sample(r, logits)
+
+    def _prefill(self, r: _Request, budget: int | None = None) -> torch.Tensor | None:
         """The request's cache holding the prompt and the kept generated tokens (leased from the
-        prompt cache: only what it does not hold yet is prefilled); the next logits."""
+        prompt cache: only what it does not hold yet is prefilled); the next logits. With a
+        `budget`, None while the prompt is not all in (GenerationCache.fill)."""
         llm, model = self.llm, self.llm.model
         if r.state is None:
             # Speculative rounds may write k + 1 positions that are then rolled back: the sliding
@@ -193,7 +219,9 @@ class BatchEngine:
         kept = r.control.generated
         r.exposed = Exposed() if r.speculation is not None else None
         logits = r.state.fill(text_ids, kept, chunk_size=self.chunk_size, embeds=embeds, vision_blocks=blocks,
-                              expose=r.exposed)
+                              expose=r.exposed, budget=budget)
+        if logits is None:
+            return None
         r.fills += 1
         r.position = len(r.prompt.ids) + len(kept)
         return logits

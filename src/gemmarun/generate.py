@@ -149,13 +149,18 @@ class GenerationCache:
         self.cache: KVCache | None = None
         self.written: list[int] = []  # the ids at the cache's positions
         self._before: list[int] = []  # `written` while a forward is under way
+        self.prefilled = 0  # positions the last `fill` call ran through the model
 
     def fill(self, ids: torch.Tensor, kept: Sequence[int] = (), *, chunk_size: int = PREFILL_CHUNK,
              embeds: torch.Tensor | None = None, vision_blocks: torch.Tensor | None = None,
-             expose: Exposed | None = None) -> torch.Tensor:
+             expose: Exposed | None = None, budget: int | None = None) -> torch.Tensor | None:
         """The cache holding the prompt `ids` then the `kept` generated tokens; the last one's
         logits. A second fill (a rollback) rewinds the cache to what it shares with them where
-        the rings allow it, else takes another (leased with prompt caching, else fresh)."""
+        the rings allow it, else takes another (leased with prompt caching, else fresh).
+
+        With a `budget` (a text prompt, nothing kept), a call prefills at most that many positions
+        and returns None until the call that reaches the end; each goes on where the last one
+        stopped, in the chunks one call would run when `budget` is a multiple of `chunk_size`."""
         target = ids.tolist() + list(kept)
         held = 0
         if self.cache is not None:
@@ -171,9 +176,14 @@ class GenerationCache:
                 self.cache = make_cache(self.model.config, self.max_len, dtype=self.model.dtype,
                                         device=self.model.device, spare=self.spare)
         self.written = []
+        if budget is not None and embeds is None and vision_blocks is None and not kept and held + budget < len(target):
+            end = held + budget
+            prefill_rest(self.model, self.cache, held, ids[:end], chunk_size=chunk_size, expose=expose)
+            self.written, self.prefilled = target[:end], budget
+            return None
         logits = prefill_rest(self.model, self.cache, held, ids, kept, chunk_size=chunk_size, embeds=embeds,
                               vision_blocks=vision_blocks, expose=expose)
-        self.written = target
+        self.written, self.prefilled = target, len(target) - held
         if self.caching is not None:
             self.caching.prefilled(self.cache, len(target))
         return logits

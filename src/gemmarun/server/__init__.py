@@ -55,8 +55,10 @@ function, parallel_tool_calls false, the deprecated functions/function_call, com
 Other unknown fields are ignored.
 
 Concurrency: one model thread runs continuous batching (`BatchEngine`): up to --max-batch requests
-decode together, one token each per step, and new requests join between steps. Up to --max-queue
-more wait for a slot. A client that disconnects frees its slot at once. A streamed reply's
+decode together, one token each per step, and new requests join between steps; a step prefills at
+most 1024 prompt positions (batching.PREFILL_PER_STEP), so a long prompt is read in over several
+steps while the others go on decoding. Up to --max-queue more wait for a slot. A client that
+disconnects frees its slot at once (within a step while its prompt is read in). A streamed reply's
 headers are sent when its first token is ready, so errors found while the request joins the batch
 still get their status. A request that decodes alone takes the single-request path; with --draft (a
 gemma4_assistant drafter) it decodes speculatively then (the same tokens when greedy, the same
