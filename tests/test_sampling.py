@@ -150,3 +150,19 @@ def test_a_model_with_all_zero_weights_fails_its_generation_in_one_line(tiny_mod
         llm.model.embed_tokens.weight.zero_()
     with pytest.raises(UnusableLogits, match="all equal"):
         llm.generate_ids([2, 40, 41], max_new_tokens=4)
+
+
+def test_seeds_past_32_bits_draw_differently():
+    """torch's CPU generator keeps 32 bits of a seed: 1 and 2**32 + 1 had drawn the same tokens."""
+    from gemmarun.sampling import generator_seed
+
+    logits = torch.zeros(1000)
+    none = torch.tensor([], dtype=torch.long)
+
+    def draws(seed: int) -> list[int]:
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed))
+        return [sampler(logits, none, none) for _ in range(8)]
+
+    assert draws(1) != draws(2**32 + 1) and draws(12345) != draws(12345 + 7 * 2**32)
+    assert draws(5) == draws(5) and generator_seed(5) == 5  # seeds below 2**32 draw as they always did
+    assert draws(2**40) == draws(2**40) and 0 <= generator_seed(-3) < 2**32

@@ -260,6 +260,7 @@ def generate_step(
     vision_blocks: torch.Tensor | None = None,
     control: OutputControl | None = None,
     caching: Caching | None = None,
+    seen_prompt: Sequence[int] | None = None,
 ) -> Generator[int, None, str]:
     """Yield generated token ids; return the finish reason ("stop", "length", "loop").
 
@@ -268,13 +269,14 @@ def generate_step(
     yielded late so that a detected loop can be rolled back before it reaches the caller.
     The cache is sized for `min(len(prompt) + max_tokens, context)` positions; with `caching`
     it is leased from a prompt cache (only what a kept cache does not hold is prefilled) and
-    kept there when the generation ends.
+    kept there when the generation ends. `seen_prompt`: the prompt as the penalties count it,
+    where `prompt` holds pads in place of media placeholders (default: `prompt`).
     """
     max_len = cache_length(model, prompt, params, context)
     device = model.device
     sampler = Sampler(params)
     ids = torch.tensor(prompt, device=device)
-    seen = torch.tensor(prompt, dtype=torch.long)
+    seen = torch.tensor(prompt if seen_prompt is None else list(seen_prompt), dtype=torch.long)
     control = control or OutputControl()
     if params.max_tokens == 0:
         return "length"

@@ -190,13 +190,15 @@ class LLM:
         caching = None  # merged embeddings without `held` say nothing of their media: not cached
         if self.prompt_cache.capacity and (held is not None or embeds is None):
             caching = Caching(self.prompt_cache, held if held is not None else Held(list(ids)))
+        seen = held.ids if held is not None else None  # the penalties count placeholders, as transformers'
         if draft is None:
             return generate_step(self.model, ids, params, stop_ids=self.stop_ids(params), embeds=embeds,
-                                 vision_blocks=vision_blocks, control=control, caching=caching)
+                                 vision_blocks=vision_blocks, control=control, caching=caching, seen_prompt=seen)
         from .speculative import speculative_generate_step
 
         return speculative_generate_step(self.model, self.load_draft(draft), ids, params, stop_ids=self.stop_ids(params),
-                                         embeds=embeds, vision_blocks=vision_blocks, control=control, caching=caching)
+                                         embeds=embeds, vision_blocks=vision_blocks, control=control, caching=caching,
+                                         seen_prompt=seen)
 
     def held(self, prompt: Prompt, pool: PromptCache | None = None) -> Held:
         """What prompt caching compares of `prompt`: its ids and its media items' content (not

@@ -3,6 +3,7 @@ processors built from them."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -124,7 +125,7 @@ class Sampler:
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
         if self.params.seed is not None:
-            self.generator.manual_seed(self.params.seed)
+            self.generator.manual_seed(generator_seed(self.params.seed))
         else:
             self.generator.seed()
 
@@ -146,6 +147,16 @@ class Sampler:
         if math.isnan(probs[0]):  # one NaN or inf logit makes every probability NaN
             raise UnusableLogits()
         return probs
+
+
+def generator_seed(seed: int) -> int:
+    """The 32 bits torch's CPU generator keeps of a seed (it drops the rest: seeds 1 and 2**32 + 1
+    drew the same tokens). Seeds below 2**32 are themselves; the others, negative ones included,
+    are hashed into that range, so no simple pattern of 64-bit seeds collides."""
+    if 0 <= seed < 2**32:
+        return seed
+    digest = hashlib.blake2b((seed % 2**64).to_bytes(8, "little"), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 def greedy_token(logits: torch.Tensor) -> int:

@@ -21,7 +21,7 @@ generation.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -186,9 +186,10 @@ def speculative_generate_step(
     speculation: SpeculationConfig = SpeculationConfig(),
     stats: SpeculationStats | None = None,
     caching: Caching | None = None,
+    seen_prompt: Sequence[int] | None = None,
 ) -> Generator[int, None, str]:
-    """`generate_step`'s contract (yields token ids, returns the finish reason, prompt caching),
-    with drafting.
+    """`generate_step`'s contract (yields token ids, returns the finish reason, prompt caching,
+    `seen_prompt`), with drafting.
 
     The sliding rings get `num_draft + 1` spare slots: k rejected tokens evict nothing a later
     query sees, and the drafter's inclusive window (one key more than the target's) stays whole.
@@ -204,7 +205,7 @@ def speculative_generate_step(
     sampler = Sampler(params)
     device = model.device
     ids = torch.tensor(prompt, device=device)
-    seen = torch.tensor(prompt, dtype=torch.long)
+    seen = torch.tensor(prompt if seen_prompt is None else list(seen_prompt), dtype=torch.long)
     n_prompt = len(prompt)
 
     def history(extra: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:

@@ -253,3 +253,36 @@ def test_placeholders_without_their_media_are_a_clear_error(pair):
         with pytest.raises(ValueError, match=f"1 {name} soft-token positions but the {name} inputs give 0"):
             llm.generate_ids([2, 40, placeholder, 41], max_new_tokens=1)
     assert len(llm.generate_ids([2, 40, 41], max_new_tokens=2)) == 2
+
+
+def test_penalties_count_a_media_prompt_as_its_ids_in_every_path(pair, media, monkeypatch):
+    """The single-request path handed the sampler the prompt with pads where the image and audio
+    placeholders are (what the token tables read): a repetition penalty fell on <pad>, not on
+    the placeholders as in the batch engine and transformers."""
+    import gemmarun.batching as batching
+    import gemmarun.generate as generate
+    from gemmarun.batching import BatchEngine
+    from gemmarun.sampling import Sampler, SamplingParams
+
+    llm, _ = pair("e2b")
+    seen_first = []
+
+    class Spy(Sampler):
+        def __call__(self, logits, seen, generated):
+            if not len(generated):
+                seen_first.append(seen.tolist())
+            return super().__call__(logits, seen, generated)
+
+    monkeypatch.setattr(generate, "Sampler", Spy)
+    monkeypatch.setattr(batching, "Sampler", Spy)
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(media / "a.png")},
+                                             {"type": "audio", "audio": str(media / "tone.wav")},
+                                             {"type": "text", "text": "hi"}]}]
+    params = SamplingParams(max_tokens=3, temperature=1.0, seed=4, repetition_penalty=5.0, ignore_eos=True)
+    prompt = llm.build_prompt(messages, image_tokens=BUDGET)
+    list(llm.stream_prompt(prompt, params))
+    engine = BatchEngine(llm)
+    engine.add(prompt, params)
+    while engine.busy:
+        engine.step()
+    assert seen_first == [prompt.ids, prompt.ids]  # the single path's first draw, then the engine's
