@@ -287,8 +287,11 @@ def test_parse_reply_reasoning_then_two_calls():
     ],
 )
 def test_malformed_tool_call_stays_in_content(body):
+    """As its text, without the markers, as the streamed reply gives it (it had kept them)."""
     text = f"Before <|tool_call>{body}<tool_call|> after<turn|>"
-    assert parse_reply(text) == Reply(f"Before <|tool_call>{body}<tool_call|> after", None, [])
+    shown = body.replace(Q, '"')
+    assert parse_reply(text) == Reply(f"Before {shown} after", None, [])
+    assert parse_reply(f"Before <|tool_call>{body}") == Reply(f"Before {shown}", None, [])  # the reply ended in it
 
 
 @pytest.mark.parametrize("body, arguments", [

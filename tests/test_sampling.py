@@ -166,3 +166,8 @@ def test_seeds_past_32_bits_draw_differently():
     assert draws(1) != draws(2**32 + 1) and draws(12345) != draws(12345 + 7 * 2**32)
     assert draws(5) == draws(5) and generator_seed(5) == 5  # seeds below 2**32 draw as they always did
     assert draws(2**40) == draws(2**40) and 0 <= generator_seed(-3) < 2**32
+
+
+def test_empty_stop_strings_are_ignored():
+    """An empty string matches everywhere: stream_reply had returned an empty answer."""
+    assert SamplingParams(stop=("", "x", "")).stop == ("x",) and SamplingParams(stop="").stop == ()

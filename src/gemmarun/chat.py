@@ -12,6 +12,7 @@ import contextvars
 import functools
 import inspect
 import json
+import math
 import re
 import string
 import time
@@ -674,6 +675,17 @@ def render_gemma3(messages: list[dict], *, add_generation_prompt: bool = True) -
 
 # ------------------------------------------------------------------------------ reply parsing
 
+THINK_OPEN, THINK_CLOSE = "<|channel>", "<channel|>"
+CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
+RESPONSE_OPEN = "<|tool_response>"  # the model expects a tool result: the reply is over
+QUOTE = _Q
+SWITCHES = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, RESPONSE_OPEN, QUOTE)  # markers that move text
+# Printed in real vocabularies but never text: a reply drops them wherever they appear.
+MARKERS = (*SWITCHES, "<tool_response|>",
+           "<|tool>", "<tool|>", "<|turn>", "<turn|>", "<|think|>", "<start_of_turn>", "<end_of_turn>",
+           "<|image>", "<|image|>", "<image|>", "<|audio>", "<|audio|>", "<audio|>", "<|video|>",
+           "<start_of_image>", "<end_of_image>", "<bos>", "<eos>", "<pad>", "<mask>")
+_MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS))
 _THOUGHT_RE = re.compile(r"<\|channel>(?:thought\n)?(.*?)(?:<channel\|>|\Z)", re.S)
 _CALL_RE = re.compile(r"<\|tool_call>(.*?)<tool_call\|>", re.S)
 _TAIL_RE = re.compile(r"(?:\s*(?:<turn\|>|<eos>|<\|tool_response>))+\s*\Z")
@@ -695,14 +707,19 @@ def _skip_space(s: str, i: int) -> int:
 
 def _parse_value(s: str, i: int) -> tuple[Any, int]:
     """Inverse of format_tool_value, reading from s[i:]; returns (value, end). Whitespace around
-    keys, values and separators is allowed (`{city: "Paris", days: 2}`), and a key may be a JSON
-    string."""
+    keys, values and separators is allowed (`{city: "Paris", days: 2}`), and a key or a string
+    value may be a JSON string (as transformers' Gemma 4 parser reads them)."""
     i = _skip_space(s, i)
     if s.startswith(_Q, i):
         end = s.find(_Q, i + len(_Q))
         if end < 0:
             raise _Malformed
         return s[i + len(_Q) : end], end + len(_Q)
+    if s.startswith('"', i):
+        try:
+            return json.decoder.scanstring(s, i + 1)
+        except ValueError:
+            raise _Malformed from None
     if s.startswith(("{", "["), i):
         close = "}" if s[i] == "{" else "]"
         out: Any = {} if close == "}" else []
@@ -734,7 +751,10 @@ def _parse_value(s: str, i: int) -> tuple[Any, int]:
     number = _NUM_RE.match(s, i)
     if not number:
         raise _Malformed
-    return json.loads(number.group(0)), number.end()
+    value = json.loads(number.group(0))
+    # past float's range (1e400) JSON has no number for it (json.dumps would write "Infinity"):
+    # the digits as written, as a string
+    return (value if math.isfinite(value) else number.group(0)), number.end()
 
 
 def _bare_key(text: str) -> str:
@@ -762,20 +782,25 @@ def _parse_call(body: str) -> ToolCall | None:
 
 
 def parse_reply(text: str) -> Reply:
-    """Splits Gemma 4 output (decoded with special tokens) into content, reasoning and calls.
+    """Splits Gemma 4 output (decoded with special tokens) into content, reasoning and calls, as
+    `reply.ReplyStream` does while the tokens arrive.
 
-    A malformed tool call stays in the content; an unclosed thought channel (the reply ran out
-    of tokens while thinking) is all reasoning.
+    A malformed (or unclosed) tool call stays in the content as its text, `<|"|>` as `"`; an
+    unclosed thought channel (the reply ran out of tokens while thinking) is all reasoning;
+    marker and special-token text is dropped everywhere.
     """
     text = _TAIL_RE.sub("", text)
-    thoughts = [m.group(1).strip() for m in _THOUGHT_RE.finditer(text)]
+    thoughts = [_MARKER_RE.sub("", m.group(1)).strip() for m in _THOUGHT_RE.finditer(text)]
     calls: list[ToolCall] = []
 
     def take(m: re.Match) -> str:
         call = _parse_call(m.group(1))
         if call is not None:
             calls.append(call)
-        return "" if call is not None else m.group(0)
+        return "" if call is not None else m.group(1).replace(QUOTE, '"')
 
-    content = _CALL_RE.sub(take, _THOUGHT_RE.sub("", text)).strip()
+    content = _CALL_RE.sub(take, _THOUGHT_RE.sub("", text))
+    head, opened, body = content.partition(CALL_OPEN)  # a call the reply ended inside
+    content = head + body.replace(QUOTE, '"') if opened else content
+    content = _MARKER_RE.sub("", content).strip()
     return Reply(content, "\n".join(t for t in thoughts if t) or None, calls)

@@ -234,7 +234,8 @@ class LLM:
         `grammar` (a `constrain.Grammar`) constrains the answer (after any thinking);
         `loop_guard` ("recover", "stop" or a LoopGuardConfig; off by default here, on by default
         in the CLI and server) catches degenerate repetition inside the engine; `draft` decodes
-        speculatively (see `token_stream`)."""
+        speculatively (see `token_stream`). Stop strings (`stop=`) match this raw text, thinking
+        and markers included; `stream_reply` (and the server) match the answer only."""
         params = SamplingParams(**sampling) if sampling else SamplingParams()
         if grammar is not None and not isinstance(grammar, Grammar):
             raise TypeError(f"grammar must be a gemmarun.Grammar (Grammar.json_schema, regex, lark or svg), "
@@ -355,8 +356,9 @@ class LLM:
             try:
                 yield reply.push(next(tokens))
             except StopIteration as done:
-                yield reply.finish()
-                return done.value
+                tail = reply.finish()
+                yield tail
+                return tail.done or done.value  # a stop string in the text of a call it ended inside
         tokens.close()
         yield reply.finish()
         return "stop"

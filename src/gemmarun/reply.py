@@ -13,19 +13,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .chat import ToolCall, _parse_call
+from .chat import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    MARKERS,
+    QUOTE,
+    RESPONSE_OPEN,
+    SWITCHES,
+    THINK_CLOSE,
+    THINK_OPEN,
+    ToolCall,
+    _parse_call,
+)
 from .tokenizer import IncrementalDecoder, Tokenizer
 
-THINK_OPEN, THINK_CLOSE = "<|channel>", "<channel|>"
-CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
-RESPONSE_OPEN = "<|tool_response>"  # the model expects a tool result: the reply is over
-QUOTE = '<|"|>'
-_SWITCHES = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, RESPONSE_OPEN, QUOTE)  # markers that move text
-# Printed in real vocabularies but never text; dropped wherever they appear.
-_MARKERS = (*_SWITCHES, "<tool_response|>",
-            "<|tool>", "<tool|>", "<|turn>", "<turn|>", "<|think|>", "<start_of_turn>", "<end_of_turn>",
-            "<|image>", "<|image|>", "<image|>", "<|audio>", "<|audio|>", "<audio|>", "<|video|>",
-            "<start_of_image>", "<end_of_image>", "<bos>", "<eos>", "<pad>", "<mask>")
 _LABEL = "thought\n"
 
 
@@ -106,7 +107,7 @@ class ReplyStream:
         self.chat, self.tools = chat, tools
         self._decoder = IncrementalDecoder(tokenizer, skip_special=False)
         self._drop = frozenset(tokenizer.control_ids)
-        ids = {m: tokenizer.token_to_id(m) for m in _MARKERS}
+        ids = {m: tokenizer.token_to_id(m) for m in MARKERS}
         self._marker = {i: m for m, i in ids.items() if i is not None}
         self._drop |= frozenset(self._marker)
         self.state = "content"  # or "reasoning", "call"
@@ -123,7 +124,7 @@ class ReplyStream:
         if self.done:
             return delta
         marker = self._marker.get(token) if self.chat else None
-        if marker in _SWITCHES:  # the text before it is settled: it may move what follows
+        if marker in SWITCHES:  # the text before it is settled: it may move what follows
             self._text(self._decoder.flush(), delta)
             self._marker_token(marker, delta)
         elif token in self._drop:

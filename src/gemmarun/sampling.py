@@ -80,7 +80,8 @@ class SamplingParams:
             object.__setattr__(self, "temperature", 0.0)
         if isinstance(self.stop, str):  # one stop string, as OpenAI accepts it (not its characters)
             object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
+        # an empty stop string matches everywhere: ignored, as the server and OpenAI ignore it
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s != ""))
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor, p: SamplingParams):

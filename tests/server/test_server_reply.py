@@ -47,6 +47,13 @@ CASES = [
     ("<|channel>thought\nI need the weather.<channel|>"
      '<|tool_call>call:get_weather{city:<|"|>Oslo<|"|>}<tool_call|><|tool_response>'),
     "héllo ßtraße",
+    # parse_reply had kept the markers of these (the stream drops them): now the same text
+    'Try <|tool_call>call:get_weather{city:<|"|>Par<tool_call|> again',
+    'Before <|tool_call>call:f{a:<|"|>cut off by the end of the reply',
+    "stray <channel|> and <tool_response|> and <|tool> markers",
+    # JSON-quoted string values (as transformers' parser reads them) and numbers past float's range
+    '<|tool_call>call:get_weather{city:"Paris",note:"a \\"quoted\\" word"}<tool_call|>',
+    "<|tool_call>call:f{x:1e400,y:-1e999,z:2}<tool_call|>",
 ]
 
 
@@ -59,6 +66,15 @@ def test_matches_parse_reply(tok, text):
     assert calls == ref.tool_calls
     for d in deltas:  # no marker text ever reaches a client
         assert "<|" not in d.content + d.reasoning and "|>" not in d.content + d.reasoning
+
+
+def test_tool_arguments_are_always_json(tok):
+    """1e400 had come back as Infinity (not JSON); "Paris" in plain quotes had made the call text."""
+    import json
+
+    _, _, calls, _, _ = run(tok, '<|tool_call>call:f{x:1e400,y:-1e999,z:2,city:"Paris"}<tool_call|>', tools=True)
+    assert [c.arguments for c in calls] == [{"x": "1e400", "y": "-1e999", "z": 2, "city": "Paris"}]
+    json.loads(json.dumps(calls[0].arguments, allow_nan=False))
 
 
 def test_tool_call_ends_the_reply_and_parses_arguments(tok):

@@ -198,3 +198,21 @@ def test_cli_thinking_goes_to_stderr_and_the_answer_alone_to_stdout(marker_llm, 
                                           SamplingParams(max_tokens=len(reply), temperature=1.0)))
     assert "".join(d.reasoning for d in deltas) == "The user says hi."
     assert "".join(d.content for d in deltas) == "Hello there!"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_in_the_text_of_a_call_the_reply_ended_inside_says_stop(printed_llm, stream):
+    """The unclosed call's text joins the answer at the end, where the stop string cuts it: the
+    finish reason had stayed the engine's "length"."""
+    reply = 'Hi <|tool_call>call:f{a:<|"|>STOP here and on and on'
+    engine = ScriptedEngine(printed_llm, lambda prompt: reply, context=4096)
+    with running(create_app(printed_llm, ServerOptions(model_name="g4"), engine=engine)) as r:
+        kw = dict(model="g4", messages=[{"role": "user", "content": "hi"}], tools=TOOLS, stop=["STOP"], max_tokens=30)
+        if stream:
+            chunks = list(r.client().chat.completions.create(stream=True, **kw))
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+        else:
+            choice = r.client().chat.completions.create(**kw).choices[0]
+            content, finish = choice.message.content, [choice.finish_reason]
+    assert content == 'Hi call:f{a:"' and finish == ["stop"]

@@ -68,6 +68,7 @@ class Generation:
         if ev.finish_reason or self.reply.done:
             stopped_early = self.reply.done
             tail = self.reply.finish()
+            stopped_early |= tail.done == "stop"  # a stop string in the text of a call the reply ended inside
             delta.content += tail.content
             delta.reasoning += tail.reasoning
             if ev.finish_reason == "loop":  # not one of OpenAI's finish reasons: said in stop_reason
