@@ -115,6 +115,7 @@ def test_threads_default_to_physical_cores_and_can_be_set(tiny_models, capsys, m
     (["run", "x", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["chat", "x", "--max-tokens", "-5"], "gemmarun chat: error: --max-tokens must be >= 0"),
     (["run", "x", "hi", "--json-schema", "/nonexistent/s.json"], "--json-schema /nonexistent/s.json: no such file"),
+    (["run", "x", "hi", "--stop-token-id", "-3"], "--stop-token-id -3 is negative"),
     (["run", "hi", "x"], "the model comes first"),
     (["chat", "x", "--image", "a.png"], "gemmarun chat: error: unrecognized arguments: --image a.png (see gemmarun chat --help)"),
     (["serve", "x", "--max-body-mb", "-5"], "argument --max-body-mb: must be at least 1, got -5"),
@@ -147,7 +148,7 @@ def test_nonsense_flags_are_one_line_errors(tiny_models, capsys, monkeypatch, ar
         code = main(args)
     except SystemExit as e:  # usage errors
         code = e.code
-    needs_model = "--stop-token-id" in args or "--device" in args  # the vocabulary; torch's devices
+    needs_model = "999999" in args or "--device" in args  # the vocabulary's size; torch's devices
     assert bool(loaded) == needs_model and code == (1 if needs_model else 2)
     err = capsys.readouterr().err
     assert "Traceback" not in err

@@ -6,10 +6,11 @@ row over its own cache. New requests are prefilled when they join; finished or c
 leave at once and free their cache. Greedy output equals running the request alone (up to the
 float summation order of batched matmuls).
 
-A long prompt is prefilled a few chunks a step (at most `prefill_per_step` positions a step,
+A long text prompt is prefilled a few chunks a step (at most `prefill_per_step` positions a step,
 all requests together), so the requests decoding meanwhile go on getting a token a step, and a
 request cancelled while its prompt is read in leaves within a step; the chunks are the ones one
-prefill would run, so the result is the same.
+prefill would run, so the result is the same. A prompt with images, audio or video is still
+prefilled in the step that admits it (a cut must not split an image block).
 
 A request's cache is leased from the engine's prompt cache (prompt_cache.py) and kept there when
 it finishes or is cancelled: a request that starts as a finished one did (a chat's next turn)
@@ -33,8 +34,6 @@ import torch
 from .cache import KVCache
 from .control import OutputControl
 from .generate import PREFILL_CHUNK, ROLLBACK, Caching, GenerationCache, check_prompt_fits, settle
-
-PREFILL_PER_STEP = 2 * PREFILL_CHUNK  # prompt positions one step prefills, all requests together
 from .llm import LLM, Prompt
 from .model.assistant import Assistant, check_pairing
 from .model.text import Exposed
@@ -50,6 +49,9 @@ from .speculative import (
     for_params,
     window_verdict,
 )
+
+
+PREFILL_PER_STEP = 2 * PREFILL_CHUNK  # prompt positions one step prefills, all requests together (text prompts)
 
 
 @dataclass(frozen=True)

@@ -754,7 +754,8 @@ def _parse_value(s: str, i: int) -> tuple[Any, int]:
     value = json.loads(number.group(0))
     # past float's range (1e400) JSON has no number for it (json.dumps would write "Infinity"):
     # the digits as written, as a string
-    return (value if math.isfinite(value) else number.group(0)), number.end()
+    finite = not isinstance(value, float) or math.isfinite(value)  # (an int of any length is JSON)
+    return (value if finite else number.group(0)), number.end()
 
 
 def _bare_key(text: str) -> str:

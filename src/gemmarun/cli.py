@@ -728,6 +728,9 @@ def _check_options(args: argparse.Namespace) -> None:
         except (TypeError, ValueError) as e:
             field = str(e).split(" ", 1)[0]
             raise ValueError(f"{_FLAGS.get(field, '--' + field.replace('_', '-'))} {str(e).split(' ', 1)[1]}") from None
+    negative = [i for i in getattr(args, "stop_token_ids", []) if i < 0]
+    if negative:
+        raise ValueError(f"--stop-token-id {negative[0]} is negative: token ids start at 0")
     schema = getattr(args, "json_schema", None)
     if schema and not Path(schema).is_file():
         raise ValueError(f"--json-schema {schema}: no such file")

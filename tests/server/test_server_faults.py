@@ -209,6 +209,12 @@ def test_hundreds_of_idle_connections_neither_block_others_nor_stay_open(tiny_ll
         assert httpx.get(r.url + "/health", timeout=10).status_code == 200
 
 
+def test_a_limit_of_one_connection_serves_one(tiny_llm):
+    """(The request's own connection had been counted against it: a lone request got 503.)"""
+    with _serve(tiny_llm, ServerOptions(max_connections=1)) as r:
+        assert httpx.get(r.url + "/health", timeout=10).status_code == 200
+
+
 def test_connections_past_the_limit_get_503_until_idle_ones_time_out(tiny_llm):
     with _serve(tiny_llm, ServerOptions(max_connections=30, header_timeout=1.0)) as r:
         idle = [_connect(r.url) for _ in range(30)]

@@ -282,6 +282,15 @@ def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(monkeypatch
         assert capsys.readouterr().err.strip() == f"gemmarun: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert cli.main(["serve", "--host", "999.1.1.1"]) == 1
     assert "--host 999.1.1.1: not an address to listen on" in capsys.readouterr().err
+    # bound as uvicorn binds: IPv4 for a name (localhost had been tried as the resolver's first
+    # answer, ::1 on a stock hosts file, while uvicorn binds 127.0.0.1)
+    from gemmarun.server import check_listen
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ValueError, match="Address already in use"):
+            check_listen("localhost", taken.getsockname()[1])
 
 
 def test_serve_says_when_the_context_asked_for_is_past_the_model(monkeypatch, tiny_llm, capsys):

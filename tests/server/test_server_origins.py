@@ -81,3 +81,21 @@ def test_serve_takes_allow_origin(monkeypatch, tiny_llm):
     assert cli.main(["serve", "m.gguf", "--port", "0", "--allow-origin", "http://a.example:3000",
                      "--allow-origin", "*"]) == 0
     assert seen["options"].allow_origins == ("http://a.example:3000", "*")
+
+
+def test_this_machine_under_any_of_its_names_and_listed_proxies_are_same_origin(tiny_llm):
+    """(From a review: `serve --host 0.0.0.0` prints http://0.0.0.0:PORT/, whose chat page got
+    403 host_not_allowed; so did "localhost." and a proxy on this machine that keeps the public
+    Host, which --allow-origin could not let through.)"""
+    from gemmarun.server.app import _loopback_address
+
+    with running(create_app(tiny_llm, ServerOptions(allow_origins=("https://chat.example", "http://app.example:80")))) as r:
+        port = r.url.rsplit(":", 1)[1]
+        for name in ("0.0.0.0", "localhost.", "[::]"):
+            assert _post(r.url, origin=f"http://{name}:{port}", host=f"{name}:{port}").status_code == 200, name
+        assert _post(r.url, origin="https://chat.example", host="chat.example").status_code == 200  # the proxy
+        assert _post(r.url, origin="https://other.example", host="other.example").status_code == 403
+        listed = _post(r.url, origin="http://app.example")  # the default port, as browsers send it
+        assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == "http://app.example"
+    # on a "::" socket IPv4 clients arrive as ::ffff:127.0.0.1, a loopback address too
+    assert _loopback_address("::ffff:127.0.0.1") and _loopback_address("::1") and not _loopback_address("10.0.0.2")

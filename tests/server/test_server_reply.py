@@ -75,6 +75,8 @@ def test_tool_arguments_are_always_json(tok):
     _, _, calls, _, _ = run(tok, '<|tool_call>call:f{x:1e400,y:-1e999,z:2,city:"Paris"}<tool_call|>', tools=True)
     assert [c.arguments for c in calls] == [{"x": "1e400", "y": "-1e999", "z": 2, "city": "Paris"}]
     json.loads(json.dumps(calls[0].arguments, allow_nan=False))
+    big = "9" * 400  # an int past float's range is JSON (its check had raised OverflowError)
+    assert run(tok, f"<|tool_call>call:f{{n:{big}}}<tool_call|>", tools=True)[2][0].arguments == {"n": int(big)}
 
 
 def test_tool_call_ends_the_reply_and_parses_arguments(tok):

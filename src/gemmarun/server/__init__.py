@@ -56,9 +56,10 @@ Other unknown fields are ignored.
 
 Concurrency: one model thread runs continuous batching (`BatchEngine`): up to --max-batch requests
 decode together, one token each per step, and new requests join between steps; a step prefills at
-most 1024 prompt positions (batching.PREFILL_PER_STEP), so a long prompt is read in over several
-steps while the others go on decoding. Up to --max-queue more wait for a slot. A client that
-disconnects frees its slot at once (within a step while its prompt is read in). A streamed reply's
+most 1024 positions of text prompts (batching.PREFILL_PER_STEP), so a long one is read in over
+several steps while the others go on decoding (a prompt with media is read in at once). Up to
+--max-queue more wait for a slot. A client that disconnects frees its slot at once (within a step
+while its text prompt is read in). A streamed reply's
 headers are sent when its first token is ready, so errors found while the request joins the batch
 still get their status. A request that decodes alone takes the single-request path; with --draft (a
 gemma4_assistant drafter) it decodes speculatively then (the same tokens when greedy, the same
@@ -137,16 +138,15 @@ def is_loopback(host: str) -> bool:
 
 def check_listen(host: str, port: int) -> None:
     """ValueError, in one line, unless the server could listen on host:port now (uvicorn's own
-    failure is a log line and exit status 3, after the model has loaded)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ValueError(f"--host {host}: not an address to listen on ({getattr(e, 'strerror', None) or e})") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    failure is a log line and exit status 3, after the model has loaded). The socket is bound as
+    uvicorn binds it (uvicorn.Config.bind_socket): IPv6 when the host has a colon, else IPv4."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(address)
+            probe.bind((host, port))
+        except (socket.gaierror, UnicodeError) as e:
+            raise ValueError(f"--host {host}: not an address to listen on ({getattr(e, 'strerror', None) or e})") from None
         except OSError as e:
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
@@ -211,13 +211,14 @@ def server_protocol(header_timeout: float, max_connections: int) -> type:
 
 def _connection_limit(app, limit: int, connections: set, tasks: set):
     """`app` behind the connection limit. It runs as the request's task, which uvicorn has already
-    added to `tasks`: past the limit is one task more than uvicorn's own check counts."""
+    added to `tasks`, on a connection already in `connections`: both are past the limit when
+    they count more than `limit` (uvicorn's own check refused the limit-th connection)."""
     from starlette.responses import JSONResponse
 
     from .protocol import ApiError
 
     async def limited(scope, receive, send) -> None:
-        if scope["type"] == "http" and (len(connections) >= limit or len(tasks) > limit):
+        if scope["type"] == "http" and (len(connections) > limit or len(tasks) > limit):
             error = ApiError(503, f"the server has too many open connections (its limit is {limit}, "
                                   "--max-connections): retry later", code="too_many_connections")
             logging.getLogger("gemmarun.server").warning("503: %d connections and %d requests open (--max-connections %d)",

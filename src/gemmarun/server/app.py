@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import time
@@ -109,13 +110,24 @@ def is_origin(text: str) -> bool:
 
 
 def _host_name(host: str) -> str | None:
-    """The name in a Host header ("[::1]:8080" -> "::1"), lower case; None if malformed."""
+    """The name in a Host header ("[::1]:8080" -> "::1", "localhost.:80" -> "localhost"), lower
+    case; None if malformed."""
     from urllib.parse import urlsplit
 
     try:
-        return urlsplit("//" + host).hostname
+        name = urlsplit("//" + host).hostname
     except ValueError:
         return None
+    return name.rstrip(".") if name else None
+
+
+def _bare_origin(origin: str) -> str:
+    """An origin without its scheme's default port, lower case, as browsers send it."""
+    origin = origin.lower()
+    for scheme, port in (("http://", ":80"), ("https://", ":443")):
+        if origin.startswith(scheme):
+            return origin.removesuffix(port)
+    return origin
 
 
 def _same_origin(origin: str, host: str) -> bool:
@@ -128,18 +140,42 @@ def _same_origin(origin: str, host: str) -> bool:
     return bool(sep) and bare(netloc) == bare(host)
 
 
-def _loopback_name(name: str | None) -> bool:
-    import ipaddress
+@functools.cache
+def _own_names() -> frozenset[str]:
+    """This machine's names (a lookup: once, not on the event loop for every request)."""
     import socket
 
+    return frozenset(n.lower().rstrip(".") for n in (socket.gethostname(), socket.getfqdn()))
+
+
+def _ip(text: str | None):
+    """`text` as an IP address (IPv4-mapped IPv6 as the IPv4 it carries), or None."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(text or "")
+    except ValueError:
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def _loopback_address(text: str) -> bool:
+    """Whether a connection came in on a loopback address ("::ffff:127.0.0.1" on a "::" socket)."""
+    address = _ip(text)
+    return address is not None and address.is_loopback
+
+
+def _local_host_name(name: str | None) -> bool:
+    """A Host naming this machine: localhost, a loopback or unspecified address (0.0.0.0, as
+    `serve --host 0.0.0.0` prints its URL), or the machine's own name."""
     if name is None:
         return False
     if name == "localhost" or name.endswith(".localhost"):
         return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:  # a name: this machine's own (reached through 127.0.1.1, say)
-        return name in (socket.gethostname().lower(), socket.getfqdn().lower())
+    address = _ip(name)
+    if address is not None:
+        return address.is_loopback or address.is_unspecified
+    return name in _own_names()  # (reached through 127.0.1.1, say)
 
 
 class _BrowserGuard:
@@ -149,26 +185,29 @@ class _BrowserGuard:
     and a name the attacker re-points at 127.0.0.1 (DNS rebinding) makes the page same-origin.
     Browsers send Origin with such requests: one from another origin gets 403 unless listed in
     `allow_origins` (which also get CORS headers and preflight answers); a same-origin one that
-    came in on a loopback address must name a loopback host. Clients that are no browser (curl,
-    the SDKs) send no Origin, and pass."""
+    came in on a loopback address must name this machine, unless its origin is listed (a proxy
+    on this machine that keeps the public Host). Clients that are no browser (curl, the SDKs)
+    send no Origin, and pass."""
 
     def __init__(self, app, allow_origins: tuple[str, ...]) -> None:
         self.app, self.any = app, "*" in allow_origins
-        self.allowed = frozenset(o.lower() for o in allow_origins)
+        self.allowed = frozenset(_bare_origin(o) for o in allow_origins)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        origin = headers.get(b"origin", b"").decode("latin-1").lower()
+        origin = _bare_origin(headers.get(b"origin", b"").decode("latin-1"))
         if not origin:
             return await self.app(scope, receive, send)
         host = headers.get(b"host", b"").decode("latin-1").lower()
         if _same_origin(origin, host):
             server = scope.get("server")
-            if server and _loopback_name(server[0]) and not _loopback_name(_host_name(host)):
+            if (server and _loopback_address(server[0]) and not _local_host_name(_host_name(host))
+                    and origin not in self.allowed):
                 error = ApiError(403, f"a browser request for host {host!r} on a loopback address was refused "
-                                      "(a DNS-rebinding attempt?): open the server as localhost or 127.0.0.1",
+                                      "(a DNS-rebinding attempt?): open the server as localhost or 127.0.0.1, or "
+                                      f"start it with --allow-origin {origin} (a proxy that keeps this Host)",
                                  code="host_not_allowed")
                 return await _error_response(error, _CLOSE)(scope, receive, send)
             return await self.app(scope, receive, send)
