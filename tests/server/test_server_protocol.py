@@ -147,3 +147,11 @@ def test_good_tool_requests_pass():
     assert [t["function"]["name"] for t in _chat(tools=tools, parallel_tool_calls=True).tools] == \
            ["get_weather", "ns.lookup-v2", "x" * 64]
     assert _chat(tools=[_tool()], response_format={"type": "text"}).tools
+
+
+def test_model_is_any_name_but_a_string():
+    """Any model name is served by the loaded model; a number had been accepted silently."""
+    assert parse_chat({"model": "whatever-name", "messages": [{"role": "user", "content": "x"}]}, 16)
+    for parse, body in ((parse_chat, {"messages": [{"role": "user", "content": "x"}]}), (parse_completion, {"prompt": "x"})):
+        e = _error(parse, {**body, "model": 123}, 16)
+        assert e.status == 400 and e.param == "model" and "'model' must be" in e.message

@@ -9,7 +9,8 @@ Endpoints
     GET  /health                   status, batch occupancy and queue size (no key needed)
     GET  /                         the chat page (no key needed; it asks for the key itself)
 
-Requests follow OpenAI's API. Content parts: `text`; `image_url` with a base64 data URL (paths and
+Requests follow OpenAI's API; `model` may name any model (a string): the loaded one answers, as
+llama.cpp's server does. Content parts: `text`; `image_url` with a base64 data URL (paths and
 `file://` URLs only when the server runs with --allow-local-files; remote URLs are never
 fetched); `input_audio` `{data: base64, format}` with format wav, mp3, flac, ogg, opus, webm, mp4
 or m4a (WebM/MP4 - what browsers record - is decoded with PyAV). Sampling: temperature, top_p,

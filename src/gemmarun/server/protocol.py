@@ -260,6 +260,7 @@ def _response_format(data: dict) -> Grammar | None:
 
 
 def parse_chat(data: dict, default_max_tokens: int, defaults: dict | None = None) -> ChatRequest:
+    _get(data, "model", str)  # any name: the loaded model answers (a number or an object is a mistake)
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array", "messages")
@@ -284,6 +285,7 @@ def parse_chat(data: dict, default_max_tokens: int, defaults: dict | None = None
 
 
 def parse_completion(data: dict, default_max_tokens: int, defaults: dict | None = None) -> CompletionRequest:
+    _get(data, "model", str)  # as in parse_chat
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
