@@ -457,8 +457,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     llm = _load(args.model, args)
     positions = llm.config.max_position_embeddings
     if args.context is not None and args.context > positions:
-        print(f"gemmarun: note: --context {args.context} is past the model's {positions} positions: serving {positions}",
-              file=sys.stderr)
+        print(f"gemmarun: note: --context {args.context} is past the model's {positions} positions: "
+              f"serving {positions}", file=sys.stderr)
     options = ServerOptions(
         model_name=args.model_name, api_key=args.api_key or os.environ.get("GEMMARUN_API_KEY") or None,
         allow_local_files=args.allow_local_files, max_body_bytes=args.max_body_mb * 1024 * 1024,
@@ -681,7 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_at_least_one, default=None, help="context length (default: the model's)")
     p.add_argument("--max-tokens", type=_at_least_one, default=4096,
                    help="reply length when a request sets none (default 4096)")
-    p.add_argument("--max-body-mb", type=_at_least_one, default=32, help="request body limit in MiB (413 past it; default 32)")
+    p.add_argument("--max-body-mb", type=_at_least_one, default=32,
+                   help="request body limit in MiB (413 past it; default 32)")
     p.add_argument("--max-tokens-limit", type=_at_least_one, default=None,
                    help="the most max_tokens a request may ask for (400 past it; default: the context)")
     p.add_argument("--max-image-mp", type=_positive_number, default=50,
@@ -756,7 +757,8 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
     """A usage error of the subcommand, in one line, as argparse's own (SystemExit(2))."""
-    prog = " ".join(["gemmarun", *(x for x in (getattr(args, "command", None), getattr(args, "svg_command", None)) if x)])
+    words = (getattr(args, "command", None), getattr(args, "svg_command", None))
+    prog = " ".join(["gemmarun", *(w for w in words if w)])
     print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
     raise SystemExit(2)
 

@@ -147,7 +147,8 @@ def check_listen(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except (socket.gaierror, UnicodeError) as e:
-            raise ValueError(f"--host {host}: not an address to listen on ({getattr(e, 'strerror', None) or e})") from None
+            reason = getattr(e, "strerror", None) or e
+            raise ValueError(f"--host {host}: not an address to listen on ({reason})") from None
         except OSError as e:
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
@@ -222,8 +223,9 @@ def _connection_limit(app, limit: int, connections: set, tasks: set):
         if scope["type"] == "http" and (len(connections) > limit or len(tasks) > limit):
             error = ApiError(503, f"the server has too many open connections (its limit is {limit}, "
                                   "--max-connections): retry later", code="too_many_connections")
-            logging.getLogger("gemmarun.server").warning("503: %d connections and %d requests open (--max-connections %d)",
-                                                         len(connections), len(tasks) - 1, limit)
+            logging.getLogger("gemmarun.server").warning(
+                "503: %d connections and %d requests open (--max-connections %d)",
+                len(connections), len(tasks) - 1, limit)
             await JSONResponse(error.body(), status_code=503, headers={"connection": "close"})(scope, receive, send)
             return
         await app(scope, receive, send)
