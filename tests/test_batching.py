@@ -374,3 +374,20 @@ def test_prefill_per_step_is_a_multiple_of_the_chunk(tiny_models):
     llm = gemmarun.load(folder, device="cpu")
     with pytest.raises(ValueError, match="multiple of the chunk size 4"):
         BatchEngine(llm, chunk_size=4, prefill_per_step=6)
+
+
+def test_the_long_prompt_script_runs(tiny_models, tmp_path):
+    """scripts/long_prompt.py (its table is in docs/benchmarks.md) on a tiny model: both step
+    budgets give the long request the same tokens, and a section is recorded."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "long_prompt.py"
+    spec = importlib.util.spec_from_file_location("long_prompt", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "b.md"
+    folder, _ = tiny_models("e2b")
+    assert script.main(["--model", str(folder), "--prompt-tokens", "40", "--rounds", "1", "--threads", "1",
+                        "--write", str(out)]) == 0
+    assert "| 1024 positions a step |" in out.read_text()
