@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         wait = statistics.median(r[0] for r in rs)
         first = statistics.median(r[1] for r in rs)
         rows.append(f"| {name} | {wait:.2f} s | {statistics.median(r[2] for r in rs):.0f} | {first:.2f} s |")
-    from gemmarun.bench import record, section_head
+    from gemmarun.bench import record, script_command, section_head
 
     model = args.model or "embedded gemma-3-270m Q4_K_M"
     setup = f"a long prompt joining the batch: {model}, {args.prompt_tokens} tokens"
-    command = "python scripts/long_prompt.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = script_command(__file__, argv)
     section = "\n".join([
         *section_head(setup, command, args.threads),
         f"- BatchEngine, 2 requests: one decoding, then one with {args.prompt_tokens} random prompt ids; "

@@ -180,11 +180,11 @@ def main() -> int:
         import datetime
         from pathlib import Path
 
-        from gemmarun.bench import record
+        from gemmarun.bench import record, script_command
         from gemmarun.machine import describe
 
         setup = "Output guards: loop guard and grammar engines on the real Gemma 3 270M"
-        command = "python scripts/output_guards.py " + " ".join(sys.argv[1:])
+        command = script_command(__file__, None)
         record(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", setup,
                f"### {setup}\n\n{describe(torch.get_num_threads())}, {datetime.date.today()}. "
                f"Command: `{command}`\n\n{text}\n")

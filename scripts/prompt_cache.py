@@ -103,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         on = statistics.median(run[turn][2] for run in runs[1])
         n, cached = runs[1][0][turn][:2]
         rows.append(f"| {turn + 1} | {n} | {cached} | {off * 1000:.0f} ms | {on * 1000:.0f} ms | {off / on:.1f}x |")
-    from gemmarun.bench import record, section_head
+    from gemmarun.bench import record, script_command, section_head
 
     model = args.model or "embedded gemma-3-270m Q4_K_M"
     setup = f"prompt caching: {model}, a three-turn chat"
-    command = "python scripts/prompt_cache.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = script_command(__file__, argv)
     section = "\n".join([
         *section_head(setup, command, args.threads),
         f"- greedy, {args.max_tokens} tokens a reply, median of {args.rounds} alternating rounds; "

@@ -357,11 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers:
             s.stop()
 
-    from gemmarun.bench import record, section_head
+    from gemmarun.bench import record, script_command, section_head
     from gemmarun.machine import usable_cpus
 
     setup = f"server load: {model}, {args.clients} clients, {args.seconds:g} s"
-    command = "python scripts/server_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = script_command(__file__, argv)
     section = "\n".join([
         *section_head(setup, command, usable_cpus()),
         f"- text requests: {model}; image and audio requests: {media_model}",

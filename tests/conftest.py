@@ -29,6 +29,24 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def load_script():
+    """name -> the module of scripts/NAME.py (benchmark scripts are no package), loaded once."""
+    import importlib.util
+
+    def load(name: str):
+        key = f"{name}_script"
+        if key not in sys.modules:
+            path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+            spec = importlib.util.spec_from_file_location(key, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[key] = module  # a script's dataclasses look their module up while being made
+            spec.loader.exec_module(module)
+        return sys.modules[key]
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny_text_models(tiny_models):
     """family -> gemmarun's TextModel of the tiny folder, float32 on the CPU, loaded once."""
     import gemmarun

@@ -376,16 +376,10 @@ def test_prefill_per_step_is_a_multiple_of_the_chunk(tiny_models):
         BatchEngine(llm, chunk_size=4, prefill_per_step=6)
 
 
-def test_the_long_prompt_script_runs(tiny_models, tmp_path):
+def test_the_long_prompt_script_runs(tiny_models, load_script, tmp_path):
     """scripts/long_prompt.py (its table is in docs/benchmarks.md) on a tiny model: both step
     budgets give the long request the same tokens, and a section is recorded."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "long_prompt.py"
-    spec = importlib.util.spec_from_file_location("long_prompt", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("long_prompt")
     out = tmp_path / "b.md"
     folder, _ = tiny_models("e2b")
     assert script.main(["--model", str(folder), "--prompt-tokens", "40", "--rounds", "1", "--threads", "1",

@@ -388,21 +388,15 @@ def test_speculative_decoding_from_a_kept_cache_equals_plain_greedy(models, fami
     assert out == _generate(model, third, 2 * WINDOW + 3)
 
 
-def test_the_chat_benchmark_script_records_identical_replies_and_the_cached_share(tiny_models, tmp_path,
-                                                                                 monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
+def test_the_chat_benchmark_script_records_identical_replies_and_the_cached_share(tiny_models, load_script,
+                                                                                 tmp_path, monkeypatch):
     import gemmarun.loading.random_weights as random_weights
     from reference_models import TOWER_VISION
 
     # --vision times a released checkpoint's tower: a tiny one stands in for it here
     monkeypatch.setattr(random_weights, "released_config", lambda name: (name, {"vision_config": TOWER_VISION}))
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "prompt_cache.py"
-    spec = importlib.util.spec_from_file_location("prompt_cache_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("prompt_cache")
     out = tmp_path / "bench.md"
     folder, _ = tiny_models("e2b")
     assert script.main(["--model", str(folder), "--items", "1", "--max-tokens", "4", "--rounds", "1",

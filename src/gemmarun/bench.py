@@ -474,6 +474,12 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def script_command(script: str, argv: Sequence[str] | None) -> str:
+    """The command line that ran a benchmark script of scripts/ (`script` its __file__), with the
+    arguments its main got (`argv`, else the process's own)."""
+    return f"python scripts/{Path(script).name} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
 def section_head(setup: str, command: str, threads: int) -> list[str]:
     """The lines every recorded section starts with: its setup, then the command, the machine and
     the date it was measured with."""

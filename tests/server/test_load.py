@@ -6,32 +6,19 @@ and memory must not grow after warm-up. The full-size run is scripts/server_load
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import psutil
 from serverkit import running
 
 from gemmarun.server import ServerOptions, create_app, uvicorn_settings
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "server_load.py"
 CLIENTS = 12
 RSS_BOUND = 64 * 2**20
 
 
-def _load_script():
-    if "server_load" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("server_load", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["server_load"] = module  # its dataclasses look their module up while being made
-        spec.loader.exec_module(module)
-    return sys.modules["server_load"]
-
-
-def test_concurrent_mixed_load_answers_as_alone(mm_llm):
-    load = _load_script()
+def test_concurrent_mixed_load_answers_as_alone(mm_llm, load_script):
+    load = load_script("server_load")
     options = ServerOptions(model_name="mm", max_batch=8, max_queue=CLIENTS)
     cases = load.make_cases(variants=2, max_tokens=8)
     assert {c.kind for c in cases} == set(load.KINDS) and any(c.stream for c in cases if c.kind == "image")
@@ -57,19 +44,19 @@ def test_concurrent_mixed_load_answers_as_alone(mm_llm):
     assert len({next(iter(texts)) for texts in by_prompt.values()}) >= len(by_prompt) - 1
 
 
-def test_percentile_is_nearest_rank():
-    load = _load_script()
+def test_percentile_is_nearest_rank(load_script):
+    load = load_script("server_load")
     values = [float(i) for i in range(1, 101)]
     assert (load.percentile(values, 50), load.percentile(values, 99), load.percentile(values, 100)) == (50, 99, 100)
     assert load.percentile([3.0], 99) == 3.0
 
 
-def test_the_script_builds_its_tiny_multimodal_model(tmp_path):
+def test_the_script_builds_its_tiny_multimodal_model(tmp_path, load_script):
     """The full-size run serves image and audio requests from this model when the text model has
     no towers (the embedded 270M): its builder must keep up with the tests' helpers."""
     import gemmarun
 
-    folder = _load_script().build_tiny_multimodal(tmp_path)
+    folder = load_script("server_load").build_tiny_multimodal(tmp_path)
     llm = gemmarun.load(folder, device="cpu")
     llm.check_media("image")
     llm.check_media("audio")
