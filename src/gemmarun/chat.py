@@ -36,7 +36,7 @@ MAX_STEPS = 100_000
 MAX_SECONDS = 5.0
 MAX_NESTING = 100  # levels of lists/dicts in messages and tools: far past any real tool schema
 ROLES = frozenset({"system", "developer", "user", "assistant", "model", "tool"})
-_Q = '<|"|>'  # Gemma 4's string quote inside tool syntax
+QUOTE = '<|"|>'  # Gemma 4's string quote inside tool syntax
 
 
 class ChatTemplateError(ValueError):
@@ -501,7 +501,7 @@ def format_tool_value(v: Any) -> str:
     """Gemma 4 tool syntax (§9.2 rule 5): <|"|>str<|"|>, {k:v} with sorted keys, [a,b], JSON
     numbers, true/false/null."""
     if isinstance(v, str):
-        return f"{_Q}{v}{_Q}"
+        return f"{QUOTE}{v}{QUOTE}"
     if isinstance(v, bool) or v is None:
         return {True: "true", False: "false", None: "null"}[v]
     if isinstance(v, (int, float)):
@@ -678,7 +678,6 @@ def render_gemma3(messages: list[dict], *, add_generation_prompt: bool = True) -
 THINK_OPEN, THINK_CLOSE = "<|channel>", "<channel|>"
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
 RESPONSE_OPEN = "<|tool_response>"  # the model expects a tool result: the reply is over
-QUOTE = _Q
 SWITCHES = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, RESPONSE_OPEN, QUOTE)  # markers that move text
 # Printed in real vocabularies but never text: a reply drops them wherever they appear.
 MARKERS = (*SWITCHES, "<tool_response|>",
@@ -710,11 +709,11 @@ def _parse_value(s: str, i: int) -> tuple[Any, int]:
     keys, values and separators is allowed (`{city: "Paris", days: 2}`), and a key or a string
     value may be a JSON string (as transformers' Gemma 4 parser reads them)."""
     i = _skip_space(s, i)
-    if s.startswith(_Q, i):
-        end = s.find(_Q, i + len(_Q))
+    if s.startswith(QUOTE, i):
+        end = s.find(QUOTE, i + len(QUOTE))
         if end < 0:
             raise _Malformed
-        return s[i + len(_Q) : end], end + len(_Q)
+        return s[i + len(QUOTE) : end], end + len(QUOTE)
     if s.startswith('"', i):
         try:
             return json.decoder.scanstring(s, i + 1)
@@ -729,7 +728,7 @@ def _parse_value(s: str, i: int) -> tuple[Any, int]:
                 item, i = _parse_value(s, i)
                 out.append(item)
             else:
-                key_match = None if s.startswith(_Q, i) else _KEY_RE.match(s, i)
+                key_match = None if s.startswith(QUOTE, i) else _KEY_RE.match(s, i)
                 if key_match:
                     key, i = _bare_key(key_match.group(0)), key_match.end()
                 else:

@@ -140,12 +140,17 @@ def _waveform(samples, rate: int) -> np.ndarray:
         raise AudioInputError(f"{label}: contains no audio samples")
     if wave.size > MAX_AUDIO_SECONDS * rate:
         raise AudioInputError(f"{label}: {wave.size / rate:.0f} s of audio exceeds the {MAX_AUDIO_SECONDS} s maximum")
-    peak = float(np.abs(wave).max())
+    _check_amplitude(wave, label)
+    return np.array(wave, dtype=np.float32, copy=True)  # never the caller's buffer
+
+
+def _check_amplitude(samples: np.ndarray, label: str) -> None:
+    """AudioInputError for NaN/inf samples or ones far past full scale (MAX_SAMPLE_AMPLITUDE)."""
+    peak = float(np.abs(samples).max()) if samples.size else 0.0
     if not peak <= MAX_SAMPLE_AMPLITUDE:  # NaN fails this too
         if not math.isfinite(peak):
             raise AudioInputError(f"{label}: contains non-finite (NaN/inf) samples")
         raise AudioInputError(f"{label}: contains samples of amplitude {peak:.3g}, far outside [-1, 1]")
-    return np.array(wave, dtype=np.float32, copy=True)  # never the caller's buffer
 
 
 def _decode(f, label: str, target_rate: int) -> np.ndarray:
@@ -172,11 +177,7 @@ def _decode(f, label: str, target_rate: int) -> np.ndarray:
         decoded += len(block)
         if decoded > max_frames:
             raise AudioInputError(f"{label}: audio exceeds the {MAX_AUDIO_SECONDS} s maximum")
-        peak = float(np.abs(block).max()) if block.size else 0.0
-        if not peak <= MAX_SAMPLE_AMPLITUDE:  # NaN fails this too
-            if not math.isfinite(peak):
-                raise AudioInputError(f"{label}: contains non-finite (NaN/inf) samples")
-            raise AudioInputError(f"{label}: contains samples of amplitude {peak:.3g}, far outside [-1, 1]")
+        _check_amplitude(block, label)
         if channels == 1:
             mono = np.ascontiguousarray(block[:, 0])  # (n,)
         else:
