@@ -344,14 +344,19 @@ class LLM:
         `stream_prompt`."""
         return TextStream(self._reply_deltas(prompt, params, grammar, loop_guard, draft, tools))
 
+    def _prompt_tokens(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft):
+        """The token ids of one generation from `prompt` (its media encoded, or their soft tokens
+        kept by the prompt cache), as `token_stream` yields them."""
+        held = self.held(prompt)
+        text_ids, embeds, blocks = self._inputs(prompt, held, self.prompt_cache)
+        return self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,
+                                 control=self.output_control(grammar, loop_guard), draft=draft, held=held)
+
     def _reply_deltas(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft, tools: bool):
         from .reply import ReplyStream
 
-        held = self.held(prompt)
-        text_ids, embeds, blocks = self._inputs(prompt, held, self.prompt_cache)
         reply = ReplyStream(self.tokenizer, stop=params.stop, tools=tools)
-        tokens = self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,
-                                   control=self.output_control(grammar, loop_guard), draft=draft, held=held)
+        tokens = self._prompt_tokens(prompt, params, grammar, loop_guard, draft)
         while not reply.done:  # a stop string or the tool-response marker ends it early
             try:
                 yield reply.push(next(tokens))
@@ -364,13 +369,10 @@ class LLM:
         return "stop"
 
     def _stream_pieces(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft):
-        held = self.held(prompt)
-        text_ids, embeds, blocks = self._inputs(prompt, held, self.prompt_cache)
         decoder = IncrementalDecoder(self.tokenizer)
         pending = ""  # text held back because it may be the start of a stop string
         hold = max((len(s) for s in params.stop), default=0)
-        tokens = self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,
-                                   control=self.output_control(grammar, loop_guard), draft=draft, held=held)
+        tokens = self._prompt_tokens(prompt, params, grammar, loop_guard, draft)
         # Stop strings are matched on text, so token-level max_tokens still bounds the work.
         while True:
             try:

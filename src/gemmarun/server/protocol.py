@@ -48,8 +48,7 @@ def parse_json(body: bytes) -> dict:
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
         raise bad(f"the request body is not valid JSON ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
-        kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-                list: "an array"}[type(data)]
+        kind = "null" if data is None else "a number" if type(data) in (int, float) else _type_name(type(data))
         raise bad(f"the request body must be a JSON object, not {kind}")
     return data
 
