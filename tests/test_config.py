@@ -183,3 +183,36 @@ def test_hf_sliding_window_pattern_must_be_a_period(pattern):
     raw.pop("layer_types")
     with pytest.raises(ConfigError, match="sliding_window_pattern"):
         text_config_from_hf(raw)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("hidden_size", "64"), ("hidden_size", 64.5), ("hidden_size", None), ("rms_norm_eps", "1e-6"),
+    ("sliding_window", True), ("tie_word_embeddings", 0), ("attention_k_eq_v", "false"),
+    ("max_position_embeddings", True), ("final_logit_softcapping", "30"), ("rope_parameters", "x"),
+    ("rope_parameters", [1, 2]), ("num_kv_shared_layers", 1.0), ("eos_token_id", ["1"]),
+])
+def test_values_of_the_wrong_json_type_are_refused(key, value):
+    """A loader probe's finding: int()/float()/bool() made something of each ("64" and 64.5 became
+    64, a rope_parameters string fell back to the default RoPE, true became a window of 1) and the
+    model ran with other math; transformers' strict config classes refuse them."""
+    with pytest.raises(ConfigError, match=key):
+        text_config_from_hf(_minimal(**{key: value}))
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("sliding_window", 10**30, "at most 2147483647"),  # an OverflowError out of the mask
+    ("max_position_embeddings", 2**40, "at most 2147483647"),
+    ("final_logit_softcapping", 10**400, "out of a float's range"),
+])
+def test_sizes_past_what_positions_and_floats_hold_are_refused(key, value, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        text_config_from_hf(_minimal(**{key: value}))
+    assert text_config_from_hf(_minimal(final_logit_softcapping=10**30)).final_logit_softcap == 1e30
+
+
+def test_gemma3_query_scalar_must_be_positive():
+    raw = {"model_type": "gemma3_text", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
+           "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+           "query_pre_attn_scalar": -4}
+    with pytest.raises(ConfigError, match="query_pre_attn_scalar=-4.0 must be a positive number"):
+        text_config_from_hf(raw)

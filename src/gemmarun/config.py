@@ -140,6 +140,9 @@ _SHAPING = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_head
             "intermediate_size", "ple_dim", "ple_vocab_size", "num_experts", "expert_dim",
             "global_head_dim", "num_global_kv_heads")
 MAX_SIZE = 1 << 20
+# Positions and windows are counted in 32 bits (GGUF's uint32 keys, the native kernels): no real
+# context comes near it.
+MAX_POSITIONS = (1 << 31) - 1
 
 
 def _check_values(cfg: TextConfig) -> None:
@@ -171,6 +174,9 @@ def _check_values(cfg: TextConfig) -> None:
     for name in _SHAPING:
         if (getattr(cfg, name) or 0) > MAX_SIZE:
             raise bad(name, f"at most {MAX_SIZE}")
+    for name in ("sliding_window", "max_position_embeddings"):
+        if getattr(cfg, name) > MAX_POSITIONS:
+            raise bad(name, f"at most {MAX_POSITIONS}")
     if cfg.ple_dim and not cfg.ple_vocab_size:
         raise bad("ple_vocab_size", "positive when hidden_size_per_layer_input is set")
     if cfg.num_experts and not (1 <= cfg.top_k_experts <= cfg.num_experts and cfg.expert_dim >= 1):
@@ -248,27 +254,71 @@ _INERT_KEYS = {
 }
 
 
-def _rope_from_hf(params: dict[str, Any] | None, key: str, default_theta: float) -> RopeConfig:
+_REQUIRED: Any = object()
+
+
+def _hf_value(tc: dict[str, Any], key: str, default: Any, kinds: tuple[type, ...], want: str) -> Any:
+    """A config.json value of the JSON type transformers' strict config classes take: 64, not
+    "64", 64.5 or true, which they refuse and `int()` would have quietly made something of. A
+    missing or null key gives `default` (a KeyError where the key is required)."""
+    value = tc.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            if key in tc:
+                raise ConfigError(f"{key}=null must be {want}")
+            raise KeyError(key)
+        return default
+    if type(value) not in kinds:
+        raise ConfigError(f"{key}={_shown(value)} must be {want}")
+    return value
+
+
+def _hf_int(tc: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    return _hf_value(tc, key, default, (int,), "an integer")
+
+
+def _hf_number(tc: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    value = _hf_value(tc, key, default, (int, float), "a number")
+    if value is None or type(value) is float:
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError(f"{key}={_shown(value)} is out of a float's range") from None
+
+
+def _hf_flag(tc: dict[str, Any], key: str, default: bool) -> bool:
+    return _hf_value(tc, key, default, (bool,), "true or false")
+
+
+def _hf_object(tc: dict[str, Any], key: str) -> dict[str, Any]:
+    return _hf_value(tc, key, {}, (dict,), "an object")
+
+
+def _rope_from_hf(params: Any, key: str, default_theta: float) -> RopeConfig:
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{key}={_shown(params)} must be an object")
     params = dict(params or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", default_theta))
+    theta = _hf_number(params, "rope_theta", default_theta)
     if rope_type == "default":
         return RopeConfig(theta=theta)
     if rope_type == "proportional":
         return RopeConfig(
             theta=theta,
-            rotated_fraction=float(params.get("partial_rotary_factor", 1.0)),
-            factor=float(params.get("factor", 1.0)),
+            rotated_fraction=_hf_number(params, "partial_rotary_factor", 1.0),
+            factor=_hf_number(params, "factor", 1.0),
         )
     if rope_type == "linear":
-        return RopeConfig(theta=theta, factor=float(params["factor"]))
+        return RopeConfig(theta=theta, factor=_hf_number(params, "factor"))
     raise ConfigError(f"{key}: rope_type {rope_type!r} is not supported (default, proportional, linear)")
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return (1,)
-    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
+    values = value if isinstance(value, list) else [value]
+    return tuple(_hf_int({"eos_token_id": v}, "eos_token_id") for v in values)
 
 
 def _text_section(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -324,7 +374,7 @@ def _sliding_window(window: Any, layer_types: tuple[LayerType, ...]) -> int:
         if LayerType.SLIDING in layer_types:
             raise ConfigError("sliding_window=null, but the model has sliding_attention layers")
         return 512
-    return int(window)
+    return _hf_int({"sliding_window": window}, "sliding_window")
 
 
 def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
@@ -341,14 +391,11 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         logging.getLogger("gemmarun").info("config keys not used by gemmarun: %s", ", ".join(unknown))
     if tc.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ConfigError(f"hidden_activation={tc['hidden_activation']!r} is not supported")
-    if tc.get("attention_bias", False):
+    if _hf_flag(tc, "attention_bias", False):
         raise ConfigError("attention_bias=true is not supported (Gemma has no attention biases)")
-    if tc.get("tie_word_embeddings", True) is False:
+    if not _hf_flag(tc, "tie_word_embeddings", True):
         raise ConfigError("tie_word_embeddings=false is not supported (Gemma ties its head)")
-    try:
-        num_layers = int(tc["num_hidden_layers"])
-    except (TypeError, ValueError):
-        raise ConfigError(f"num_hidden_layers={tc['num_hidden_layers']!r} must be an integer") from None
+    num_layers = _hf_int(tc, "num_hidden_layers")
     if not 1 <= num_layers <= MAX_SIZE:  # checked before the per-layer plan loops over it
         raise ConfigError(f"num_hidden_layers={num_layers} must be in 1..{MAX_SIZE}")
     unified = str(raw.get("model_type", "")).startswith("gemma4_unified")
@@ -367,67 +414,65 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         pattern = tc.get("sliding_window_pattern", 6)
         layer_types = layer_types_from_pattern(pattern, num_layers, "sliding_window_pattern")
 
-    rope = tc.get("rope_parameters")
-    if isinstance(rope, dict) and ("full_attention" in rope or "sliding_attention" in rope):
+    rope = _hf_object(tc, "rope_parameters")
+    if "full_attention" in rope or "sliding_attention" in rope:
         rope_full = _rope_from_hf(rope.get("full_attention"), "rope_parameters.full_attention", 1e6)
         rope_sliding = _rope_from_hf(
             rope.get("sliding_attention"), "rope_parameters.sliding_attention", 1e4
         )
     elif family == "gemma3":  # legacy flat keys
         rope_full = _rope_from_hf(
-            {**(tc.get("rope_scaling") or {}), "rope_theta": tc.get("rope_theta", 1e6)}, "rope_scaling", 1e6
+            {**_hf_object(tc, "rope_scaling"), "rope_theta": tc.get("rope_theta", 1e6)}, "rope_scaling", 1e6
         )
-        rope_sliding = RopeConfig(theta=float(tc.get("rope_local_base_freq", 1e4)))
+        rope_sliding = RopeConfig(theta=_hf_number(tc, "rope_local_base_freq", 1e4))
     else:
         rope_full = RopeConfig(theta=1e6, rotated_fraction=0.25)
         rope_sliding = RopeConfig(theta=1e4)
 
-    head_dim = int(tc.get("head_dim", 256))
     common = dict(
         family=family,
-        vocab_size=int(tc["vocab_size"]),
-        hidden_size=int(tc["hidden_size"]),
+        vocab_size=_hf_int(tc, "vocab_size"),
+        hidden_size=_hf_int(tc, "hidden_size"),
         num_layers=num_layers,
-        num_heads=int(tc["num_attention_heads"]),
-        num_kv_heads=int(tc["num_key_value_heads"]),
-        head_dim=head_dim,
-        intermediate_size=int(tc["intermediate_size"]),
+        num_heads=_hf_int(tc, "num_attention_heads"),
+        num_kv_heads=_hf_int(tc, "num_key_value_heads"),
+        head_dim=_hf_int(tc, "head_dim", 256),
+        intermediate_size=_hf_int(tc, "intermediate_size"),
         layer_types=layer_types,
         sliding_window=_sliding_window(tc.get("sliding_window", 512), layer_types),
         rope_sliding=rope_sliding,
         rope_full=rope_full,
-        rms_norm_eps=float(tc.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(tc.get("max_position_embeddings", 131072)),
-        final_logit_softcap=tc.get("final_logit_softcapping"),
-        bos_id=int(tc.get("bos_token_id", 2) if tc.get("bos_token_id") is not None else 2),
+        rms_norm_eps=_hf_number(tc, "rms_norm_eps", 1e-6),
+        max_position_embeddings=_hf_int(tc, "max_position_embeddings", 131072),
+        final_logit_softcap=_hf_number(tc, "final_logit_softcapping", None),
+        bos_id=_hf_int(tc, "bos_token_id", 2),
         eos_ids=_eos_ids(raw.get("eos_token_id", tc.get("eos_token_id"))),
-        pad_id=int(tc.get("pad_token_id") or 0),
+        pad_id=_hf_int(tc, "pad_token_id", 0),
     )
     if family == "gemma3":
         # attn_logit_softcapping stays unused: Gemma 3's attention in the reference (and llama.cpp)
         # never applies it, whatever the config says.
-        return TextConfig(
-            **common,
-            attention_scale=float(tc["query_pre_attn_scalar"]) ** -0.5,
-            has_v_norm=False,
-        )
+        scalar = _hf_number(tc, "query_pre_attn_scalar")
+        if not 0 < scalar < math.inf:
+            raise ConfigError(f"query_pre_attn_scalar={_shown(scalar)} must be a positive number")
+        return TextConfig(**common, attention_scale=scalar**-0.5, has_v_norm=False)
     global_head_dim, global_kv_heads = _full_layer_overrides(tc, layer_types)
-    moe = bool(tc.get("enable_moe_block", False))
+    moe = _hf_flag(tc, "enable_moe_block", False)
     if moe and not (tc.get("num_experts") and tc.get("top_k_experts") and tc.get("moe_intermediate_size")):
         raise ConfigError("enable_moe_block=true needs num_experts, top_k_experts, moe_intermediate_size")
-    ple_dim = int(tc.get("hidden_size_per_layer_input") or 0)
+    ple_dim = _hf_int(tc, "hidden_size_per_layer_input", 0)
     return TextConfig(
         **common,
-        global_head_dim=int(global_head_dim or 512),  # the reference class default
+        global_head_dim=_hf_int({"global_head_dim": global_head_dim}, "global_head_dim", 512),  # the class default
         num_global_kv_heads=global_kv_heads,
-        k_eq_v=bool(tc.get("attention_k_eq_v", False)),
+        k_eq_v=_hf_flag(tc, "attention_k_eq_v", False),
         ple_dim=ple_dim,
-        ple_vocab_size=int(tc.get("vocab_size_per_layer_input") or tc["vocab_size"]) if ple_dim else 0,
-        num_kv_shared_layers=int(tc.get("num_kv_shared_layers") or 0),
-        double_wide_mlp=bool(tc.get("use_double_wide_mlp", False)),
-        num_experts=int(tc["num_experts"]) if moe else 0,
-        top_k_experts=int(tc["top_k_experts"]) if moe else 0,
-        expert_dim=int(tc["moe_intermediate_size"]) if moe else 0,
+        ple_vocab_size=_hf_int(tc, "vocab_size_per_layer_input", common["vocab_size"]) if ple_dim else 0,
+        num_kv_shared_layers=_hf_int(tc, "num_kv_shared_layers", 0),
+        double_wide_mlp=_hf_flag(tc, "use_double_wide_mlp", False),
+        num_experts=_hf_int(tc, "num_experts") if moe else 0,
+        top_k_experts=_hf_int(tc, "top_k_experts") if moe else 0,
+        expert_dim=_hf_int(tc, "moe_intermediate_size") if moe else 0,
         bidirectional_vision=bidir == "vision",
     )
 
@@ -544,17 +589,17 @@ def assistant_config_from_hf(raw: dict[str, Any]) -> AssistantConfig:
     shared = tc.get("num_kv_shared_layers") or 0
     if shared not in (0, num_layers):  # the reference fills 0 in as "all layers"
         raise ConfigError(f"text_config.num_kv_shared_layers={shared}: every drafter layer must be shared ({num_layers})")
-    if raw.get("tie_word_embeddings", True) is False:
+    if not _hf_flag(raw, "tie_word_embeddings", True):
         raise ConfigError("tie_word_embeddings=false is not supported (the drafter ties its head)")
     text = text_config_from_hf({**tc, "model_type": tc.get("model_type", "gemma4_text"), "num_kv_shared_layers": 0})
     if "backbone_hidden_size" not in raw:
         raise ConfigError("gemma4_assistant config has no backbone_hidden_size")
     return AssistantConfig(
         text=text,
-        backbone_hidden_size=int(raw["backbone_hidden_size"]),
-        use_ordered_embeddings=bool(raw.get("use_ordered_embeddings", False)),
-        num_centroids=int(raw.get("num_centroids", 2048)),
-        centroid_top_k=int(raw.get("centroid_intermediate_top_k", 32)),
+        backbone_hidden_size=_hf_int(raw, "backbone_hidden_size"),
+        use_ordered_embeddings=_hf_flag(raw, "use_ordered_embeddings", False),
+        num_centroids=_hf_int(raw, "num_centroids", 2048),
+        centroid_top_k=_hf_int(raw, "centroid_intermediate_top_k", 32),
     )
 
 
