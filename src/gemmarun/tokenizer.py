@@ -145,6 +145,9 @@ class Tokenizer:
         types = fields.get("tokenizer.ggml.token_type") or []
         if not isinstance(types, list):
             raise ValueError("GGUF tokenizer.ggml.token_type is not a list")
+        if types and len(types) != len(raw_tokens):  # the tokens past its end would lose their kind
+            raise ValueError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for "
+                             f"{len(raw_tokens)} tokens")
         if model == "llama":
             tokens = [SPACE * len(t) if " " in t and not t.strip() else t for t in raw_tokens]
             merges = derive_merges(tokens)

@@ -306,8 +306,9 @@ def test_inspect_flags_vocab_mismatch_and_bad_eos(converted, tmp_path, capsys):
 # a multi-line message or a multi-GB allocation before it became a one-line LoadError.
 
 
-def _patch_tensor(data: bytes, name: str, dims: list[int] | None = None, type_id: int | None = None) -> bytes:
-    """Rewrite a tensor's dims (same count) or ggml type in its info record."""
+def _patch_tensor(data: bytes, name: str, dims: list[int] | None = None, type_id: int | None = None,
+                  offset: int | None = None) -> bytes:
+    """Rewrite a tensor's dims (same count), ggml type or data offset in its info record."""
     out = bytearray(data)
     encoded = name.encode()
     at = out.index(len(encoded).to_bytes(8, "little") + encoded) + 8 + len(encoded)
@@ -317,6 +318,8 @@ def _patch_tensor(data: bytes, name: str, dims: list[int] | None = None, type_id
         out[at + 4 : at + 4 + 8 * n_dims] = b"".join(d.to_bytes(8, "little") for d in dims)
     if type_id is not None:
         out[at + 4 + 8 * n_dims : at + 8 + 8 * n_dims] = type_id.to_bytes(4, "little")
+    if offset is not None:
+        out[at + 8 + 8 * n_dims : at + 16 + 8 * n_dims] = offset.to_bytes(8, "little")
     return bytes(out)
 
 
@@ -388,6 +391,16 @@ def _hostile_cases():
             tiny_gguf("gemma3", extra={"output.weight": ((16, 8), Q.F32)}), "output.weight is a head untied"),
         "a norm stored as I32 (same size as F32)": (  # UnsupportedQuantType, a ValueError but no LoadError
             _patch_tensor(tiny_gguf("gemma3"), "blk.0.attn_norm.weight", type_id=int(Q.I32)), "cannot decode"),
+        # found by a loader probe: each loaded and ran on the wrong bytes, exit 0 (llama.cpp refuses them)
+        "a tensor offset off the alignment": (
+            _patch_tensor(tiny_gguf("gemma3"), "blk.0.attn_q.weight", offset=1), "offset 1 is not a multiple of the alignment 32"),
+        "two tensors on the same bytes": (
+            _patch_tensor(_patch_tensor(tiny_gguf("gemma3"), "blk.0.attn_q.weight", offset=0), "blk.0.attn_k.weight", offset=0),
+            "share bytes"),
+        "fewer token types than tokens": (  # the tokens past the list's end lost their control kind
+            tiny_gguf("gemma3", metadata={"tokenizer.ggml.token_type": [1, 3]}), "token_type has 2 entries for 16 tokens"),
+        "a sliding window past 32 bits": (  # a TypeError out of the native decode step
+            tiny_gguf("gemma3", metadata={"gemma3.attention.sliding_window": 2**63}), "sliding_window=9223372036854775808 must be at most"),
         "token id that is a list": (
             tiny_gguf("gemma3", metadata={"tokenizer.ggml.bos_token_id": [2]}), "bos_token_id=[2]"),
     }

@@ -1,6 +1,7 @@
 """Loading HF folders: sharded files, mmap without copies, strict name checks, clear errors."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -160,6 +161,34 @@ def test_hostile_header_entries_are_one_line_errors(tmp_path, label):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("ranges, data_bytes, fragment", [
+    ([[0, 8], [8, 16]], 16, None),
+    ([[0, 8], [0, 8]], 16, "not at 8 where the previous tensor ends"),  # b read a's bytes: exit 0, wrong weights
+    ([[0, 8], [4, 12]], 16, "not at 8"),
+    ([[0, 8], [12, 20]], 20, "not at 8"),
+    ([[8, 16], [16, 24]], 24, "starts at 8, not at 0"),
+    ([[0, 8], [8, 16]], 20, "ends at 16 but the file holds 20 bytes"),
+])
+def test_tensor_byte_ranges_tile_the_data_as_the_format_requires(tmp_path, ranges, data_bytes, fragment):
+    """Overlapping ranges loaded silently (one tensor read as another); the safetensors library
+    refuses every layout but an exact tiling, and so do we."""
+    from safetensors import safe_open
+
+    header = json.dumps({name: {"dtype": "F32", "shape": [2], "data_offsets": r}
+                         for name, r in zip("ab", ranges)}).encode()
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(range(data_bytes)))
+    if fragment is None:
+        assert set(read_safetensors(path)) == {"a", "b"}
+        safe_open(path, "pt").keys()
+        return
+    with pytest.raises(Exception):
+        safe_open(path, "pt")
+    with pytest.raises(LoadError, match=fragment) as info:
+        read_safetensors(path)
+    assert "\n" not in str(info.value)
+
+
 def test_ple_rows_are_read_from_the_file(tiny_models, tmp_path):
     """The PLE rows a step needs are read with pread (no mapped pages in the process): the same
     values as indexing the mapped table; a replaced table is indexed where it lies."""
@@ -221,11 +250,49 @@ def test_convert_never_writes_over_its_own_source(tiny_models, tmp_path):
         convert(dst, tmp_path, "f16", progress=False)
 
 
+def test_a_failed_convert_leaves_the_output_as_it_was(tiny_models, tmp_path, monkeypatch):
+    """The GGUF is written beside the output and renamed over it once whole: a conversion that
+    failed (or was interrupted) had truncated an existing file and left a broken one behind."""
+    from gemmarun.loading import convert as convert_module
+
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"the user's earlier file")
+    calls = []
+
+    def failing(tensor, qtype):
+        calls.append(qtype)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(tensor, qtype)
+
+    real = convert_module._encode
+    monkeypatch.setattr(convert_module, "_encode", failing)
+    with pytest.raises(KeyboardInterrupt):
+        convert_module.convert(tiny_models("gemma3")[0], out, "q8_0", progress=False)
+    assert out.read_bytes() == b"the user's earlier file" and sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
+    monkeypatch.setattr(convert_module, "_encode", real)
+    convert_module.convert(tiny_models("gemma3")[0], out, "q8_0", progress=False)
+    assert gemmarun.load(out).config.family == "gemma3" and sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
+
+
+def test_a_fifo_or_a_folder_in_place_of_a_file_is_refused(tiny_models, tmp_path):
+    """A FIFO as the model path blocked forever on its first read; a folder named like a weight
+    file raised a bare IsADirectoryError."""
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(LoadError, match="model.gguf: not a regular file"):
+        gemmarun.load(fifo)
+    dst = _copy(tiny_models("gemma3")[0], tmp_path)
+    (dst / "extra.safetensors").mkdir()
+    with pytest.raises(LoadError, match="extra.safetensors: a folder where the model folder should hold a file"):
+        gemmarun.load(dst)
+
+
 @pytest.mark.parametrize("name, text, fragment", [
     ("config.json", "[]", "must hold a JSON object"),
     ("config.json", "CFG:model_type=\"gemma3\",text_config=\"x\"", "malformed config"),
     ("config.json", "CFG:sliding_window_pattern=0,layer_types=null", "sliding_window_pattern=0 must be a positive integer"),
-    ("config.json", "CFG:vocab_size=[256]", "malformed config"),
+    ("config.json", "CFG:vocab_size=[256]", "vocab_size=\\[256\\] must be an integer"),
     ("tokenizer.json", "{}", "not a tokenizer"),
     ("tokenizer.json", "not json", "not a tokenizer"),
     ("tokenizer_config.json", "[]", "must hold a JSON object"),

@@ -66,7 +66,14 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
             raise LoadError(f"{path}: a model folder holds its own towers; an mmproj goes with a GGUF text model")
         from .hf import load_hf_folder
 
-        return load_hf_folder(path, torch_dtype, device)
+        try:
+            return load_hf_folder(path, torch_dtype, device)
+        except IsADirectoryError as e:
+            raise LoadError(f"{e.filename}: a folder where the model folder should hold a file") from None
+    # (a FIFO or a device would block or never end on reading)
+    for file in (path, Path(mmproj) if mmproj is not None else None):
+        if file is not None and not file.is_dir() and not file.is_file():
+            raise LoadError(f"{file}: not a regular file")
     from .gguf_file import GGUF_MAGIC, file_magic
 
     magic = file_magic(path)

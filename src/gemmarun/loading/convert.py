@@ -11,6 +11,8 @@ the p-RoPE divisors) are public here because `random_weights` writes the same fi
 from __future__ import annotations
 
 import json
+import os
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -232,31 +234,40 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
         items.append(("rope_freqs.weight", rope_freqs(cfg), GGMLQuantizationType.F32))
     names = sorted(state)
 
-    w = GGUFWriter(output, cfg.family)
-    w.add_name(folder.name)
-    w.add_file_type(int(qtype))
-    write_config_metadata(w, cfg)
-    write_vocab(w, cfg.family, _hf_vocab(folder, cfg))
-    # Tensor infos first (sizes follow from shapes), then data one tensor at a time, so memory
-    # holds one encoded tensor at most.
-    plan = [(name, arr, t) for name, arr, t in items]
-    for name in names:
-        gname = gemmarun_to_gguf(name)
-        plan.append((gname, state[name], target_type(gname, tuple(state[name].shape), qtype)))
-    for gname, tensor, t in plan:
-        w.add_tensor_info(gname, list(tensor.shape), np.float32, encoded_nbytes(tuple(tensor.shape), t), raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    start, show = time.time(), progress and sys.stderr.isatty()
-    for i, (_gname, tensor, t) in enumerate(plan):
-        data = tensor if isinstance(tensor, np.ndarray) else _encode(tensor, t)
-        w.write_tensor_data(data)
+    # Written beside the output and renamed over it once whole: a failed or interrupted conversion
+    # leaves an existing file as it was, and no half-written GGUF behind.
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        w = GGUFWriter(partial, cfg.family)
+        w.add_name(folder.name)
+        w.add_file_type(int(qtype))
+        write_config_metadata(w, cfg)
+        write_vocab(w, cfg.family, _hf_vocab(folder, cfg))
+        # Tensor infos first (sizes follow from shapes), then data one tensor at a time, so memory
+        # holds one encoded tensor at most.
+        plan = [(name, arr, t) for name, arr, t in items]
+        for name in names:
+            gname = gemmarun_to_gguf(name)
+            plan.append((gname, state[name], target_type(gname, tuple(state[name].shape), qtype)))
+        for gname, tensor, t in plan:
+            w.add_tensor_info(gname, list(tensor.shape), np.float32, encoded_nbytes(tuple(tensor.shape), t), raw_dtype=t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        start, show = time.time(), progress and sys.stderr.isatty()
+        for i, (_gname, tensor, t) in enumerate(plan):
+            data = tensor if isinstance(tensor, np.ndarray) else _encode(tensor, t)
+            w.write_tensor_data(data)
+            if show:
+                done = (i + 1) / len(plan)
+                print(f"\rconvert [{'#' * int(30 * done):<30}] {i + 1}/{len(plan)} tensors {time.time() - start:.0f}s",
+                      end="", file=sys.stderr, flush=True)
         if show:
-            done = (i + 1) / len(plan)
-            print(f"\rconvert [{'#' * int(30 * done):<30}] {i + 1}/{len(plan)} tensors {time.time() - start:.0f}s",
-                  end="", file=sys.stderr, flush=True)
-    if show:
-        print(file=sys.stderr)
-    w.close()
+            print(file=sys.stderr)
+        w.close()
+        os.replace(partial, output)
+    except struct.error as e:  # a value the format's fixed-size fields cannot hold
+        raise LoadError(f"convert: a value does not fit its GGUF field ({e})") from None
+    finally:
+        partial.unlink(missing_ok=True)
     return output

@@ -153,7 +153,7 @@ class GGUFFile:
             infos.append((name, dims, type_id, offset))
         alignment = self.metadata.get("general.alignment", 32)
         if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
-            raise LoadError(f"{self.path}: general.alignment={alignment} is not a power of two")
+            raise LoadError(f"{self.path}: general.alignment={alignment!r} is not a power of two")
         data_start = -(-self._pos // alignment) * alignment
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, type_id, offset in infos:
@@ -166,6 +166,9 @@ class GGUFFile:
             if dims and dims[0] % block:
                 raise LoadError(f"{self.path}: tensor {name!r} row of {dims[0]} is not a multiple of {block}")
             nbytes = n // block * type_size
+            if offset % alignment:  # llama.cpp refuses these too: the tensors would be read askew
+                raise LoadError(f"{self.path}: tensor {name!r} offset {offset} is not a multiple of "
+                                f"the alignment {alignment}")
             start = data_start + offset
             if start + nbytes > self.size:
                 raise LoadError(
@@ -174,6 +177,10 @@ class GGUFFile:
             if name in self.tensors:
                 raise LoadError(f"{self.path}: tensor {name!r} appears twice")
             self.tensors[name] = TensorInfo(name, qtype, tuple(reversed(dims)), start, nbytes)
+        by_start = sorted(self.tensors.values(), key=lambda t: t.offset)
+        for before, after in zip(by_start, by_start[1:]):
+            if after.offset < before.offset + before.nbytes:
+                raise LoadError(f"{self.path}: tensors {before.name!r} and {after.name!r} share bytes")
         # The header is parsed into Python objects: its pages (a 262k-token vocabulary is ~9 MiB)
         # would otherwise stay resident in the mapping as long as the model lives.
         header_pages = self._pos // mmap.PAGESIZE * mmap.PAGESIZE

@@ -50,7 +50,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     data = np.memmap(path, dtype=np.uint8, mode="c")
     register_mapping(data, data.ctypes.data, data.size, path)
     base = 8 + header_len
-    tensors = {}
+    tensors, ranges = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -58,12 +58,27 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if end - start != nbytes or base + end > size:
             raise LoadError(f"{path}: tensor {name!r} data [{start}, {end}) does not fit the file or its shape")
+        ranges.append((start, end, name))
         if len(shape) <= 1:  # a vector (norm weight, scalar): read, not mapped (file_rows.py)
             raw = torch.from_numpy(read_bytes(path, base + start, nbytes))
         else:
             raw = torch.from_numpy(data[base + start : base + end])
         tensors[name] = raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
+    _check_contiguous(path, sorted(ranges), size - base)
     return tensors
+
+
+def _check_contiguous(path: Path, ranges: list[tuple[int, int, str]], data_size: int) -> None:
+    """The tensors' byte ranges tile the data section, as the format requires (the safetensors
+    library refuses anything else): an overlap would read one tensor's bytes as another's."""
+    end = 0
+    for start, stop, name in ranges:
+        if start != end:
+            raise LoadError(f"{path}: tensor {name!r} data starts at {start}, not at {end} where the "
+                            "previous tensor ends (overlapping or gapped offsets)")
+        end = stop
+    if end != data_size:
+        raise LoadError(f"{path}: the tensors' data ends at {end} but the file holds {data_size} bytes of data")
 
 
 def _entry(path: Path, name: str, info: object) -> tuple[torch.dtype, list[int], int, int]:
