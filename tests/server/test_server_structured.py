@@ -73,9 +73,11 @@ def test_a_schema_no_text_satisfies_is_a_400(server):
     assert "no text satisfies the grammar" in e.value.body["message"]
 
 
-def test_a_loop_cut_inside_the_grammar_ends_with_length(tiny_models):
-    """The loop guard ending a reply mid-object leaves JSON that does not parse: "length", as
-    max_tokens would (clients treat "stop" as complete); outside a grammar it is a "stop"."""
+@pytest.mark.parametrize("cut_by", ["loop", "stop"])
+def test_a_reply_cut_inside_the_grammar_ends_with_length(tiny_models, cut_by):
+    """The loop guard or a stop string ending a reply mid-object leaves JSON that does not parse:
+    "length", as max_tokens would (clients treat "stop" as complete; a stop string had ended one
+    with "stop", found by a probe); outside a grammar it is a "stop"."""
     folder, _ = tiny_models("gemma3")
     llm = gemmarun.load(folder, device="cpu")
     opening = llm.tokenizer.encode('{"a', add_bos=False)
@@ -87,8 +89,23 @@ def test_a_loop_cut_inside_the_grammar_ends_with_length(tiny_models):
         for token in opening:
             control.push(token)
             gen.feed(Event(1, token))
-        gen.feed(Event(1, None, "loop"))
-        assert gen.finish_reason == reason and gen.stop_reason == "loop"
+        gen.feed(Event(1, None, cut_by))
+        assert gen.finish_reason == reason and gen.stop_reason == (cut_by if cut_by == "loop" else None)
+
+
+def test_completions_take_response_format(server):
+    """/v1/completions ignored response_format (free text, 200), where llama.cpp's server and
+    vLLM constrain a completion too."""
+    client = server.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
+    for seed in range(3):
+        r = client.completions.create(model="tiny", prompt="a thing:", max_tokens=120, temperature=1.0, seed=seed,
+                                      extra_body={"response_format": fmt})
+        assert r.choices[0].finish_reason == "stop" and _valid(json.loads(r.choices[0].text)), r.choices[0].text
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=4,
+                                  extra_body={"response_format": {"type": "json_schema", "json_schema": "x"}})
+    assert e.value.body["param"] == "response_format.json_schema"
 
 
 def test_the_loop_guard_is_on_in_the_server(tiny_models):

@@ -18,9 +18,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..constrain import GrammarError
+from ..constrain import Grammar, GrammarError
 from ..generate import ContextOverflow, check_token_ids
 from ..llm import LLM, Prompt
+from ..sampling import SamplingParams
 from ..processing.image import MAX_PIXELS
 from . import inputs
 from .generation import Generation
@@ -481,6 +482,16 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
     async def build_off_loop(build: Callable[[], Prompt], has_media: bool) -> Prompt:
         return await anyio.to_thread.run_sync(build, limiter=media_slots if has_media else None)
 
+    async def output_control(grammar: Grammar | None, params: SamplingParams, thinking: bool = False):
+        """The request's loop guard and response_format grammar. The grammar's tokenizer view is
+        built on first use (seconds for a 262k vocabulary): off the loop."""
+        try:
+            state = grammar and await anyio.to_thread.run_sync(
+                lambda: llm.grammar_state(grammar, params, thinking=thinking))
+        except GrammarError as e:  # a schema no text satisfies
+            raise bad(str(e), "response_format.json_schema.schema") from None
+        return llm.output_control(state, opts.loop_guard)
+
     async def chat(request: Request) -> Response:
         req = parse_chat(await read_json(request), opts.default_max_tokens, opts.sampling)
         check_length(req.messages, "messages")
@@ -491,15 +502,9 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
                                        image_tokens=req.image_tokens, max_audio_seconds=limits.max_audio_seconds)
 
         prompt = await build_off_loop(build, inputs.has_media(req.messages))
-        # the grammar's tokenizer view is built on first use (seconds for a 262k vocabulary): off the loop
-        try:
-            grammar = req.grammar and await anyio.to_thread.run_sync(
-                lambda: llm.grammar_state(req.grammar, req.params, thinking=req.thinking))
-        except GrammarError as e:  # a schema no text satisfies
-            raise bad(str(e), "response_format.json_schema.schema") from None
         gen = Generation.chat(llm, Envelope(new_id("chatcmpl"), name, "chat.completion.chunk"), prompt,
                               fit(prompt, req.params, req.max_tokens_given), req,
-                              llm.output_control(grammar, opts.loop_guard))
+                              await output_control(req.grammar, req.params, req.thinking))
         return await run(request, gen, req.stream, lambda g: JSONResponse(g.chat_response()))
 
     async def completions(request: Request) -> Response:
@@ -518,7 +523,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
             prompt = Prompt(list(req.prompt))
         gen = Generation.completion(llm, Envelope(new_id("cmpl"), name, "text_completion"), prompt,
                                     fit(prompt, req.params, req.max_tokens_given, "prompt"), req,
-                                    llm.output_control(loop_guard=opts.loop_guard))
+                                    await output_control(req.grammar, req.params))
         return await run(request, gen, req.stream, lambda g: JSONResponse(g.completion_response()))
 
     async def transcriptions(request: Request) -> Response:

@@ -74,8 +74,10 @@ class Generation:
             if ev.finish_reason == "loop":  # not one of OpenAI's finish reasons: said in stop_reason
                 self.stop_reason = "loop"
             reason = "stop" if stopped_early or ev.finish_reason in ("stop", "cancelled", "loop") else ev.finish_reason
-            if ev.finish_reason == "loop" and self._grammar_unfinished():
-                reason = "length"  # cut inside the structure: it does not parse, as with max_tokens
+            if reason == "stop" and self._grammar_unfinished():
+                # a loop or a stop string cut it inside the structure: it does not parse, as
+                # with max_tokens (a "stop" answer under response_format always parses)
+                reason = "length"
             self.finish_reason = "tool_calls" if self.reply.calls else reason
         given = self.reply.answer_given
         ready = [(start, entry) for start, entry in self._pending if start < given]

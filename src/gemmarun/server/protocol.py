@@ -184,6 +184,7 @@ class CompletionRequest:
     include_usage: bool = False
     top_logprobs: int | None = None
     echo: bool = False
+    grammar: Grammar | None = None  # from response_format, as llama.cpp's server and vLLM take it
 
 
 def _thinking(data: dict) -> bool:
@@ -294,6 +295,7 @@ def parse_completion(data: dict, default_max_tokens: int, defaults: dict | None 
         raise bad("'prompt' must be a non-empty string or token-id array (one prompt per request)", "prompt")
     if data.get("suffix"):
         raise bad("suffix is not supported", "suffix")
+    grammar = _response_format(data)
     params, given = sampling_params(data, default_max_tokens, defaults)
     stream, usage = _stream(data)
     top = _get(data, "logprobs", int)
@@ -302,7 +304,7 @@ def parse_completion(data: dict, default_max_tokens: int, defaults: dict | None 
     echo = _get(data, "echo", bool, False)
     if echo and stream:
         raise bad("echo is not supported with stream", "echo")
-    return CompletionRequest(prompt, params, given, stream, usage, top, echo)
+    return CompletionRequest(prompt, params, given, stream, usage, top, echo, grammar)
 
 
 # ------------------------------------------------------------------------------ responses
