@@ -43,6 +43,10 @@ class ChatTemplateError(ValueError):
     """Bad messages, or a chat template that failed, broke the sandbox or hit a limit."""
 
 
+class BrokenTemplate(ChatTemplateError):
+    """The template itself does not compile: the model's fault, which no request can mend."""
+
+
 @dataclass(frozen=True)
 class ToolCall:
     name: str
@@ -152,7 +156,7 @@ def _size(value: Any, limit: int = MAX_OUTPUT_CHARS) -> int:
     total, stack = 0, [value]
     while stack and total <= limit:
         v = stack.pop()
-        if isinstance(v, str):
+        if isinstance(v, (str, bytes, bytearray)):
             total += len(v) + 2
         elif isinstance(v, Mapping):
             total += 2 + 4 * len(v)
@@ -203,6 +207,12 @@ def _emit(context: Any, value: Any) -> str:
 
 
 @jinja2.pass_context
+def _measure(context: Any, value: Any) -> Any:
+    _need(_size(value), "list or dict")
+    return value
+
+
+@jinja2.pass_context
 def _concat(context: Any, *values: Any) -> str:
     _need(sum(_size(v) for v in values))
     return _charge("".join(map(str, values)))
@@ -239,6 +249,16 @@ class _Guards(NodeTransformer):
         self.generic_visit(node)
         return _filter(node.nodes[0], "gemmarun_concat", node.nodes[1:])
 
+    def _measure(self, node: Any) -> Any:
+        # [a, a] doubles what it holds without copying it: forty of them nest 2**40 items, which
+        # `==` or `in` walk in C, where no deadline can stop them
+        self.generic_visit(node)
+        if getattr(node, "ctx", "load") != "load":  # a target: {% for k, v in ... %}
+            return node
+        return _filter(node, "gemmarun_measure")
+
+    visit_List = visit_Tuple = visit_Dict = _measure
+
 
 def _check_format(fmt: str, args: Any, percent: bool) -> None:
     """Refuses huge or computed field widths ('%999999999s', '{:>{0}}') before they allocate."""
@@ -273,6 +293,8 @@ def _filter_size(name: str, a: dict[str, Any]) -> int:
         _check_format(str(a["value"]), (a.get("args"), a.get("kwargs")), True)
     elif name == "join":
         return sum(_size(x) for x in a["value"]) + len(a["value"]) * len(str(a.get("d", "")))
+    elif name == "sum" and not isinstance(a.get("start", 0), (int, float)):
+        raise _LimitError("sum with a start that is not a number (lists and strings sum in quadratic time)")
     elif name == "tojson" and max(_size(a.get("indent")), _size(a.get("separators"))) > 64:
         raise _LimitError("tojson indent or separators too large")
     elif name == "tojson" and isinstance(a.get("indent"), int) and a["indent"] > 64:
@@ -281,7 +303,7 @@ def _filter_size(name: str, a: dict[str, Any]) -> int:
 
 
 _AMPLIFIERS = frozenset(
-    {"replace", "center", "indent", "wordwrap", "batch", "slice", "format", "join", "tojson"}
+    {"replace", "center", "indent", "wordwrap", "batch", "slice", "format", "join", "tojson", "sum"}
 )
 
 
@@ -317,7 +339,11 @@ def _check_method(obj: Any, args: tuple, kwargs: dict) -> tuple:
     list so it can be measured."""
     target = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
     owner, name = getattr(target, "__self__", None), getattr(target, "__name__", "")
-    if not isinstance(owner, str):
+    if isinstance(owner, int) and name == "to_bytes":
+        length = args[0] if args else kwargs.get("length", 1)
+        _need(length if isinstance(length, int) else 0, "bytes")
+        return args
+    if not isinstance(owner, (str, bytes, bytearray)):
         return args
     if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
         _need(args[0])
@@ -340,8 +366,8 @@ def _check_binop(op: str, left: Any, right: Any) -> None:
         raise _LimitError("integer product too large")
     elif op == "*":
         for seq, n in ((left, right), (right, left)):
-            if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-                _need((len(seq) if isinstance(seq, str) else _size(seq)) * max(n, 0))
+            if isinstance(seq, (str, bytes, bytearray, list, tuple)) and isinstance(n, int):
+                _need((len(seq) if isinstance(seq, (str, bytes, bytearray)) else _size(seq)) * max(n, 0))
     elif op == "**" and ints and abs(left) > 1 and left.bit_length() * right > 1 << 20:
         raise _LimitError("integer power too large")
     elif op == "%" and isinstance(left, str):
@@ -426,7 +452,8 @@ def _environment() -> _GuardedEnvironment:
                               extensions=[loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
     env.filters.update({name: _guard_filter(name, f) for name, f in env.filters.items()})
-    env.filters.update(gemmarun_step=_step, gemmarun_emit=_emit, gemmarun_concat=_concat)
+    env.filters.update(gemmarun_step=_step, gemmarun_emit=_emit, gemmarun_concat=_concat,
+                       gemmarun_measure=_measure)
     env.globals.pop("lipsum", None)  # lipsum(n) writes n paragraphs in one call
     env.globals.update(raise_exception=_raise_exception, dict=_TemplateDict(),
                        strftime_now=lambda fmt: datetime.now().strftime(fmt), namespace=_Namespace)
@@ -475,14 +502,19 @@ def render_template(
     _environment()  # fails on an unsafe jinja2
     token = _BUDGET.set(_Budget(len(chat)))
     try:
+        try:
+            compiled = _compile(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise BrokenTemplate(f"the chat template does not compile: line {e.lineno}: {_one_line(e)}") from None
         out, n = [], 0
-        compiled = _compile(template)
         for chunk in compiled.generate(messages=chat, tools=_plain(tools), documents=None,
                                        add_generation_prompt=add_generation_prompt, **context):
             n += len(chunk)
             _need(n, "rendered prompt")
             out.append(chunk)
         return "".join(out)
+    except BrokenTemplate:
+        raise
     except _LimitError as e:
         raise ChatTemplateError(f"chat template hit a limit: {_one_line(e)}") from e
     except jinja2.exceptions.SecurityError as e:
@@ -571,6 +603,8 @@ def _upper_types(schema: Any) -> Any:
     out = dict(schema)
     if isinstance(out.get("type"), str):
         out["type"] = out["type"].upper()
+    elif isinstance(out.get("type"), list):  # ["string", "null"]: OpenAI strict mode's nullable field
+        out["type"] = [t.upper() if isinstance(t, str) else t for t in out["type"]]
     for key in _SUBSCHEMA:
         if isinstance(out.get(key), Mapping):
             out[key] = _upper_types(out[key])

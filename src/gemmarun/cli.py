@@ -459,6 +459,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.context is not None and args.context > positions:
         print(f"gemmarun: note: --context {args.context} is past the model's {positions} positions: "
               f"serving {positions}", file=sys.stderr)
+    if llm.has_chat_template:  # said once here rather than only in each chat request's error
+        from .inspect_model import template_warnings
+
+        for warning in template_warnings(llm.info.chat_template):
+            print(f"gemmarun: warning: {warning}", file=sys.stderr)
     options = ServerOptions(
         model_name=args.model_name, api_key=args.api_key or os.environ.get("GEMMARUN_API_KEY") or None,
         allow_local_files=args.allow_local_files, max_body_bytes=args.max_body_mb * 1024 * 1024,

@@ -228,3 +228,18 @@ def test_connections_past_the_limit_get_503_until_idle_ones_time_out(tiny_llm):
         assert httpx.get(r.url + "/health", timeout=10).status_code == 200
         for sock in idle:
             sock.close()
+
+
+def test_a_template_that_does_not_compile_is_a_server_error(tiny_models):
+    """A probe found every chat request answered 400 invalid_request_error for the model's own
+    broken template, which blamed the client; a template raising on the messages stays a 400."""
+    import gemmarun
+
+    llm = gemmarun.load(tiny_models("gemma3")[0], device="cpu")
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for template, status, kind in (("{% for m in messages %}{{ m.content }", 500, "server_error"),
+                                   ("{{ raise_exception('no system role') }}", 400, "invalid_request_error")):
+        llm.info.chat_template = template
+        with _serve(llm, ServerOptions(model_name="m")) as srv:
+            r = httpx.post(srv.url + CHAT, json=body, timeout=30)
+        assert r.status_code == status and r.json()["error"]["type"] == kind, r.text

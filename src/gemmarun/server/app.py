@@ -18,11 +18,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..chat import BrokenTemplate
 from ..constrain import Grammar, GrammarError
 from ..generate import ContextOverflow, check_token_ids
 from ..llm import LLM, Prompt
-from ..sampling import SamplingParams
 from ..processing.image import MAX_PIXELS
+from ..sampling import SamplingParams
 from . import inputs
 from .generation import Generation
 from .protocol import (
@@ -366,6 +367,8 @@ def _api_error(e: Exception) -> ApiError:
         return ApiError(e.status, str(e))
     if isinstance(e, ContextOverflow):
         return bad(str(e), "messages", "context_length_exceeded")
+    if isinstance(e, BrokenTemplate):  # the model's template, not the request: as llama.cpp's server, a 500
+        return ApiError(500, str(e))
     if isinstance(e, ValueError):  # the runtime's media, template and input errors: one line
         return inputs.media_error(e)
     log.error("unhandled error", exc_info=e)
