@@ -226,6 +226,14 @@ def _accepts(llm, grammar: Grammar, text: str) -> bool:
     ("<svg><rect width=2/></svg>", False),  # unquoted value
     ("<svg><text>a < b</text></svg>", False),  # unescaped text
     ("<svg><rect/>", False),  # not finished
+    # what XML forbids, found by a probe (each had been accepted, and did not parse)
+    ('<svg><text xml:space="preserve">a &gt; b &#160;</text></svg>', True),
+    ("<svg><text>a ]]> b</text></svg>", False),  # CDATA's end in text
+    ('<svg><rect x:y="1"/></svg>', False),  # an unbound prefix
+    ('<svg><rect :="1"/></svg>', False),
+    ("<svg><text>&#0;</text></svg>", False),
+    ('<svg><rect fill="a\x0bb"/></svg>', False),
+    ("<svg><text>a\x01b</text></svg>", False),
 ])
 def test_the_svg_grammar_accepts_structure_and_refuses_broken_markup(tiny, text, ok):
     """On fixed strings: sampled output from a tiny model is mostly `<svg/>` and never showed

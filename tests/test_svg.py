@@ -271,6 +271,29 @@ def test_repair_fixes_what_models_write_that_xml_forbids(body):
     assert fixed.problems_left == [] and fixed.changes
 
 
+ILLUSTRATOR = """<?xml version="1.0" encoding="utf-8"?>
+<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd" [
+\t<!ENTITY ns_svg "http://www.w3.org/2000/svg">
+\t<!ENTITY st0 "fill:#FF0000;">
+]>
+<svg version="1.1" xmlns="&ns_svg;" width="10" height="10" viewBox="0 0 10 10">
+<rect x="1" y="1" width="4" height="4" style="&st0;" x="2"/>
+</svg>
+"""
+
+
+def test_an_illustrator_export_keeps_its_doctype_and_entity_namespace():
+    """A probe found repair dropping the DOCTYPE after the XML declaration (its entities then
+    undefined: nothing written) and flagging xmlns="&ns_svg;" as a missing namespace."""
+    assert [p.kind for p in check_svg(ILLUSTRATOR)] == ["duplicate-attribute"]
+    fixed = repair_svg(ILLUSTRATOR)
+    assert fixed.svg == ILLUSTRATOR.replace(' x="2"', "") and fixed.problems_left == []
+    ET.fromstring(fixed.svg)
+    twice = ILLUSTRATOR.replace("<svg", '<!DOCTYPE svg>\n<svg', 1)
+    assert repair_svg(twice).svg == fixed.svg.replace("<svg", "\n<svg", 1)
+    assert "removed a DOCTYPE given twice at line 6" in repair_svg(twice).changes
+
+
 def test_deep_nesting():
     """Each end tag had looked for its element through the whole stack: these took 12 s and 75 s
     (now well under a second)."""

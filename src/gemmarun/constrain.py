@@ -39,10 +39,13 @@ def _svg_lark() -> str:
     for n in SVG_ELEMENTS:
         rule = "svg_el" if n == "svg" else f"el_{n.lower()}"  # Lark rule names are lowercase
         rules.append(f'{rule}: "<{n}" attr* WS? ("/>" | ">" content "</{n}>")')
+    # Only what XML takes, so the drawing always parses: no prefix but "xml:" (always bound), no
+    # control characters, no ">" in text (so never "]]>"; "&gt;" instead), no character
+    # reference to a character XML forbids (&#0;, a surrogate).
     rules += [
-        'NAME: /[A-Za-z_:][A-Za-z0-9_:.-]{0,40}/',
-        'AVAL: /[^"<&]{0,400}/',
-        'TEXT: /([^<&]|&(amp|lt|gt|quot|apos|#[0-9]{1,6});){1,400}/',
+        'NAME: /(xml:)?[A-Za-z_][A-Za-z0-9_.-]{0,40}/',
+        r'AVAL: /[^"<&\x00-\x08\x0b\x0c\x0e-\x1f]{0,400}/',
+        r'TEXT: /([^<>&\x00-\x08\x0b\x0c\x0e-\x1f]|&(amp|lt|gt|quot|apos|#(9|10|13|3[2-9]|[4-9][0-9]|[1-9][0-9]{2,3}));){1,400}/',
         'COMMENT: /<!--([^-]|-[^-]){0,400}-->/',
         'WS: /[ \\t\\n]{1,40}/',
     ]

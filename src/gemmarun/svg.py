@@ -195,10 +195,17 @@ def _external(value: str) -> bool:
     return bool(v) and not v.startswith(("#", "data:"))
 
 
-def _entities(s: str, toks: list[_Tok]) -> set[str]:
-    """Entities declared in the DOCTYPE's internal subset."""
+def _entities(s: str, toks: list[_Tok]) -> dict[str, str]:
+    """Entities declared in the DOCTYPE's internal subset, with their values ("" for an external
+    one)."""
     decls = "".join(s[t.start:t.end] for t in toks if t.kind == "decl")
-    return set(re.findall(r"<!ENTITY\s+([^\s%]+)", decls))
+    found = re.findall(r"""<!ENTITY\s+([^\s%]+)\s*(?:"([^"]*)"|'([^']*)')?""", decls)
+    return {name: double or single for name, double, single in found}
+
+
+def _is_svg_namespace(value: str | None, entities: dict[str, str]) -> bool:
+    """Illustrator writes xmlns="&ns_svg;" with the namespace in an internal entity."""
+    return re.sub(r"&([^\s&;]+);", lambda m: entities.get(m.group(1), m.group(0)), value or "") == SVG_NS
 
 
 # ----------------------------------------------------------------------------- check
@@ -236,7 +243,7 @@ def check_svg(text: str) -> list[Problem]:
         elif tok.kind == "start":
             if root is None:
                 root = tok
-                found += _root_issues(tok)
+                found += _root_issues(tok, entities)
             scope = (stack[-1][1] if stack else {"xml"}) | {
                 a.name[6:] for a in tok.attrs if a.name[:6] == "xmlns:"}
             _element_issues(tok, scope, entities, found, mask, ids, refs)
@@ -273,19 +280,19 @@ def check_svg(text: str) -> list[Problem]:
     return sorted(set(problems), key=lambda p: (p.line, p.column, p.kind))
 
 
-def _root_issues(root: _Tok) -> list[tuple[int, str, str]]:
+def _root_issues(root: _Tok, entities: dict[str, str]) -> list[tuple[int, str, str]]:
     if root.name.rsplit(":", 1)[-1] != "svg":
         return [(root.start, "root-not-svg", f"root element is <{root.name}>, not <svg>")]
     attrs = {a.name: a.value for a in root.attrs}
     out = []
-    if attrs.get("xmlns") != SVG_NS:
+    if not _is_svg_namespace(attrs.get("xmlns"), entities):
         out.append((root.start, "missing-namespace", f'<svg> needs xmlns="{SVG_NS}"'))
     if "viewBox" not in attrs and not ("width" in attrs and "height" in attrs):
         out.append((root.start, "missing-size", "<svg> has neither viewBox nor width and height"))
     return out
 
 
-def _value_issues(piece: str, at: int, entities: set[str], found: list, mask: list) -> None:
+def _value_issues(piece: str, at: int, entities: dict[str, str], found: list, mask: list) -> None:
     """A bare '&', an undefined entity (HTML's &nbsp;), a bare '<' in text or an attribute value."""
     for m in _ENTITY.finditer(piece):
         if m.group(0) == "&":
@@ -310,7 +317,7 @@ def _url_refs(value: str, at: int, where: str, found: list, refs: list, text: bo
             found.append((off, "external-reference", f"{where} points outside the file: {m.group(1)[:60]}"))
 
 
-def _element_issues(tok: _Tok, scope: set[str], entities: set[str], found: list, mask: list,
+def _element_issues(tok: _Tok, scope: set[str], entities: dict[str, str], found: list, mask: list,
                     ids: set[str], refs: list) -> None:
     if tok.name in ("script", "foreignObject"):
         kind = "script" if tok.name == "script" else "external-reference"
@@ -470,7 +477,7 @@ def _xml_char(cp: int) -> bool:
     return cp <= 0x10FFFF and not _NOT_XML_CHAR.match(chr(cp))
 
 
-def _escape(piece: str, entities: set[str]) -> str:
+def _escape(piece: str, entities: dict[str, str]) -> str:
     """Bare '&' -> &amp;, HTML entities -> character references, bare '<' -> &lt;, "]]>" ->
     "]]&gt;"; characters XML forbids (written or as references) are dropped."""
     def entity(m: re.Match) -> str:
@@ -503,7 +510,7 @@ def _rebuild(src: str, changes: list[str]) -> str:
     out: list[str] = []
     stack: list[tuple[str, int]] = []
     open_names: Counter[str] = Counter()  # of the stack
-    root_seen = root_done = False
+    root_seen = root_done = doctype_seen = False
     skip, skip_name = 0, ""  # inside a dropped element
     for tok in toks:
         raw, line = src[tok.start:tok.end], lines.pos(tok.start)[0]
@@ -534,10 +541,12 @@ def _rebuild(src: str, changes: list[str]) -> str:
             body = re.sub(r"-(?=-)", "- ", raw[4:-3])  # XML forbids "--" inside a comment
             out.append(f"<!--{body}{' ' if body.endswith('-') else ''}-->")
             changes.append(f"split a '--' inside the comment at line {line}")
-        elif (tok.kind == "decl" or (tok.kind == "pi" and re.match(r"<\?xml[\s?]", raw, re.I))) \
-                and (root_seen or "".join(out).strip()):
-            what = "DOCTYPE" if tok.kind == "decl" else "XML declaration"
-            changes.append(f"removed a {what} that is not at the start, at line {line}")
+        elif tok.kind == "pi" and re.match(r"<\?xml[\s?]", raw, re.I) and "".join(out).strip():
+            changes.append(f"removed an XML declaration that is not at the start, at line {line}")
+        elif tok.kind == "decl" and (root_seen or doctype_seen):
+            # its place is before the root (after the XML declaration: Illustrator's entities)
+            changes.append(f"removed a DOCTYPE {'after the root element' if root_seen else 'given twice'}"
+                           f" at line {line}")
         elif tok.kind == "start" and tok.name in ("script", "foreignObject"):
             changes.append(f"removed the <{tok.name}> element at line {line}")
             skip, skip_name = int(not tok.self_closing), tok.name
@@ -566,6 +575,7 @@ def _rebuild(src: str, changes: list[str]) -> str:
             out.append(f"</{tok.name}>" if tok.junk else raw)
             root_done = not stack
         else:
+            doctype_seen = doctype_seen or tok.kind == "decl"
             out.append(raw)
     if stack and not "".join(out).endswith("\n"):
         out.append("\n")
@@ -575,7 +585,7 @@ def _rebuild(src: str, changes: list[str]) -> str:
     return "".join(out)
 
 
-def _fix_tag(tok: _Tok, src: str, line: int, entities: set[str], changes: list[str],
+def _fix_tag(tok: _Tok, src: str, line: int, entities: dict[str, str], changes: list[str],
              undeclared: list[str] | None) -> str:
     """The start tag, rewritten only if something in it needs fixing (`undeclared`: root only)."""
     where = f"on <{tok.name}> at line {line}"
@@ -599,7 +609,8 @@ def _fix_tag(tok: _Tok, src: str, line: int, entities: set[str], changes: list[s
             changed = True
             continue
         escaped = _escape(v, entities)
-        new = SVG_NS if undeclared is not None and a.name == "xmlns" else _no_external_urls(escaped)
+        set_namespace = undeclared is not None and a.name == "xmlns" and not _is_svg_namespace(v, entities)
+        new = SVG_NS if set_namespace else _no_external_urls(escaped)
         quote = a.quote or ("'" if '"' in new else '"')
         url_fix = "set the SVG namespace" if a.name == "xmlns" else "replaced an external url() by none"
         why = [w for w, bad in (("escaped '&'/'<'", escaped != v), (url_fix, new != escaped),
