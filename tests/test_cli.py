@@ -105,6 +105,15 @@ def test_threads_default_to_physical_cores_and_can_be_set(tiny_models, capsys, m
         torch.set_num_threads(before)
 
 
+def test_a_json_schema_file_that_is_not_text_is_named(tmp_path, capsys):
+    """A probe found the decoder's bare message ('utf-8' codec can't decode byte 0xff ...)."""
+    schema = tmp_path / "s.json"
+    schema.write_bytes(b"\xff{}")
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(tmp_path), "hi", "--json-schema", str(schema)])
+    assert e.value.code == 2 and f"--json-schema {schema}: not UTF-8 text" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["serve", "--port", "70000"], "must be a TCP port"),
     (["serve", "--context", "0"], "must be at least 1"),
@@ -115,6 +124,7 @@ def test_threads_default_to_physical_cores_and_can_be_set(tiny_models, capsys, m
     (["run", "x", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["chat", "x", "--max-tokens", "-5"], "gemmarun chat: error: --max-tokens must be >= 0"),
     (["run", "x", "hi", "--json-schema", "/nonexistent/s.json"], "--json-schema /nonexistent/s.json: no such file"),
+    (["run", "x", "hi", "--json-schema", "/"], "--json-schema /: is a folder, not a JSON schema file"),
     (["run", "x", "hi", "--stop-token-id", "-3"], "--stop-token-id -3 is negative"),
     (["run", "hi", "x"], "the model comes first"),
     (["chat", "x", "--image", "a.png"], "gemmarun chat: error: unrecognized arguments: --image a.png (see gemmarun chat --help)"),

@@ -130,13 +130,27 @@ def _user_message(text: str, parts: list[dict]) -> dict:
     return {"role": "user", "content": parts + [{"type": "text", "text": text}] if parts else text}
 
 
+def _schema_text(path: str) -> str:
+    """The --json-schema file's text, or a one-line error naming the file."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise ValueError(f"--json-schema {path}: is a folder, not a JSON schema file") from None
+    except FileNotFoundError:
+        raise ValueError(f"--json-schema {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--json-schema {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ValueError(f"--json-schema {path}: {e.strerror or e}") from None
+
+
 def _grammar(args: argparse.Namespace):
     from .constrain import Grammar
 
     if getattr(args, "json_schema", None):
-        from pathlib import Path
-
-        return Grammar.json_schema(Path(args.json_schema).read_text())
+        return Grammar.json_schema(_schema_text(args.json_schema))
     if getattr(args, "regex", None):
         return Grammar.regex(args.regex)
     return None
@@ -737,9 +751,8 @@ def _check_options(args: argparse.Namespace) -> None:
     negative = [i for i in getattr(args, "stop_token_ids", []) if i < 0]
     if negative:
         raise ValueError(f"--stop-token-id {negative[0]} is negative: token ids start at 0")
-    schema = getattr(args, "json_schema", None)
-    if schema and not Path(schema).is_file():
-        raise ValueError(f"--json-schema {schema}: no such file")
+    if getattr(args, "json_schema", None):
+        _schema_text(args.json_schema)
     if args.func is cmd_run:
         words = args.words
         if len(words) > 2:
