@@ -151,7 +151,9 @@ class Tokenizer:
         if model == "llama":
             tokens = [SPACE * len(t) if " " in t and not t.strip() else t for t in raw_tokens]
             merges = derive_merges(tokens)
-            add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", True))
+            add_bos = fields.get("tokenizer.ggml.add_bos_token", True)
+            if type(add_bos) is not bool:  # the string "false" had read as true
+                raise ValueError(f"GGUF tokenizer.ggml.add_bos_token={add_bos!r:.40} is not true or false")
         elif model == "gemma4":
             tokens = raw_tokens
             merge_list = fields.get("tokenizer.ggml.merges")

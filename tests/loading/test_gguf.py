@@ -399,6 +399,8 @@ def _hostile_cases():
             "share bytes"),
         "fewer token types than tokens": (  # the tokens past the list's end lost their control kind
             tiny_gguf("gemma3", metadata={"tokenizer.ggml.token_type": [1, 3]}), "token_type has 2 entries for 16 tokens"),
+        "add_bos_token as a string": (
+            tiny_gguf("gemma3", metadata={"tokenizer.ggml.add_bos_token": "false"}), "add_bos_token='false' is not true"),
         "a sliding window past 32 bits": (  # a TypeError out of the native decode step
             tiny_gguf("gemma3", metadata={"gemma3.attention.sliding_window": 2**63}), "sliding_window=9223372036854775808 must be at most"),
         "token id that is a list": (

@@ -301,7 +301,10 @@ def test_a_fifo_or_a_folder_in_place_of_a_file_is_refused(tiny_models, tmp_path)
     ("chat_template.json", '{"chat_template": 5}', "chat_template must be"),
     ("model.safetensors.index.json", "[]", "must hold a JSON object"),
     ("model.safetensors.index.json", '{"weight_map": {"a": 5}}', "corrupt shard index"),
-    ("model.safetensors.index.json", '{"weight_map": {"a": ""}}', "shard '' is missing"),
+    ("model.safetensors.index.json", '{"weight_map": {"a": ""}}', "shard '' is not a file name"),
+    # a probe found shards followed anywhere: a model folder from the internet reading other files
+    ("model.safetensors.index.json", '{"weight_map": {"a": "../../x.safetensors"}}', "is not a file name in"),
+    ("model.safetensors.index.json", '{"weight_map": {"a": "/etc/passwd"}}', "'/etc/passwd' is not a file name"),
     ("config.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ("config.json", '{"vocab_size": ' + "1" * 5000 + "}", "not valid JSON"),
     ("model.safetensors", "HEADER:" + '{"a":' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),

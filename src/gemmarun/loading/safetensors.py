@@ -111,6 +111,8 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
             raise LoadError(f"{index}: corrupt shard index (weight_map must map tensor names to file names)")
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard or shard in ("", ".", ".."):  # never a path out of the folder
+                raise LoadError(f"{index}: shard {shard[:80]!r} is not a file name in the model folder")
             shard_path = folder / shard
             if not shard_path.is_file():
                 raise LoadError(f"{index}: shard {shard!r} is missing (or not a file)")
