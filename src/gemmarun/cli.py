@@ -150,7 +150,7 @@ def _grammar(args: argparse.Namespace):
     from .constrain import Grammar
 
     if getattr(args, "json_schema", None):
-        return Grammar.json_schema(_schema_text(args.json_schema))
+        return Grammar.json_schema(getattr(args, "json_schema_text", None) or _schema_text(args.json_schema))
     if getattr(args, "regex", None):
         return Grammar.regex(args.regex)
     return None
@@ -751,8 +751,8 @@ def _check_options(args: argparse.Namespace) -> None:
     negative = [i for i in getattr(args, "stop_token_ids", []) if i < 0]
     if negative:
         raise ValueError(f"--stop-token-id {negative[0]} is negative: token ids start at 0")
-    if getattr(args, "json_schema", None):
-        _schema_text(args.json_schema)
+    if getattr(args, "json_schema", None):  # read once: <(...) or /dev/stdin holds it for one read
+        args.json_schema_text = _schema_text(args.json_schema)
     if args.func is cmd_run:
         words = args.words
         if len(words) > 2:

@@ -268,6 +268,10 @@ def _hf_value(tc: dict[str, Any], key: str, default: Any, kinds: tuple[type, ...
                 raise ConfigError(f"{key}=null must be {want}")
             raise KeyError(key)
         return default
+    return _typed(value, key, kinds, want)
+
+
+def _typed(value: Any, key: str, kinds: tuple[type, ...], want: str) -> Any:
     if type(value) not in kinds:
         raise ConfigError(f"{key}={_shown(value)} must be {want}")
     return value
@@ -318,7 +322,7 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return (1,)
     values = value if isinstance(value, list) else [value]
-    return tuple(_hf_int({"eos_token_id": v}, "eos_token_id") for v in values)
+    return tuple(_typed(v, "eos_token_id", (int,), "an integer") for v in values)
 
 
 def _text_section(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -340,7 +344,7 @@ def _full_layer_overrides(tc: dict[str, Any], layer_types: tuple[LayerType, ...]
     over the released keys when both are present, as in the reference."""
     per_layer = tc.get("per_layer_config")
     if not per_layer:
-        return tc.get("global_head_dim"), tc.get("num_global_key_value_heads")
+        return _hf_int(tc, "global_head_dim", None), _hf_int(tc, "num_global_key_value_heads", None)
     full = {i for i, t in enumerate(layer_types) if t is LayerType.FULL}
     seen = set()
     for key, override in per_layer.items():
@@ -351,7 +355,10 @@ def _full_layer_overrides(tc: dict[str, Any], layer_types: tuple[LayerType, ...]
         extra = sorted(set(override) - {"head_dim", "num_key_value_heads"})
         if extra:
             raise ConfigError(f"per_layer_config.{key}: unsupported keys {', '.join(extra)}")
-        seen.add((override.get("head_dim"), override.get("num_key_value_heads")))
+        try:
+            seen.add((_hf_int(override, "head_dim", None), _hf_int(override, "num_key_value_heads", None)))
+        except ConfigError as e:
+            raise ConfigError(f"per_layer_config.{key}.{e}") from None
     if len(seen) != 1 or {int(k) for k in per_layer} != full:
         raise ConfigError("per_layer_config: every full_attention layer must carry the same override")
     return next(iter(seen))
@@ -374,7 +381,7 @@ def _sliding_window(window: Any, layer_types: tuple[LayerType, ...]) -> int:
         if LayerType.SLIDING in layer_types:
             raise ConfigError("sliding_window=null, but the model has sliding_attention layers")
         return 512
-    return _hf_int({"sliding_window": window}, "sliding_window")
+    return _typed(window, "sliding_window", (int,), "an integer")
 
 
 def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
@@ -463,7 +470,7 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
     ple_dim = _hf_int(tc, "hidden_size_per_layer_input", 0)
     return TextConfig(
         **common,
-        global_head_dim=_hf_int({"global_head_dim": global_head_dim}, "global_head_dim", 512),  # the class default
+        global_head_dim=global_head_dim or 512,  # the reference class default
         num_global_kv_heads=global_kv_heads,
         k_eq_v=_hf_flag(tc, "attention_k_eq_v", False),
         ple_dim=ple_dim,

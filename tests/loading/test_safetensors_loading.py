@@ -283,6 +283,13 @@ def test_a_fifo_or_a_folder_in_place_of_a_file_is_refused(tiny_models, tmp_path)
     with pytest.raises(LoadError, match="model.gguf: not a regular file"):
         gemmarun.load(fifo)
     dst = _copy(tiny_models("gemma3")[0], tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # in a folder too (a reviewer's find)
+        (dst / name).rename(dst / "kept")
+        os.mkfifo(dst / name)
+        with pytest.raises(LoadError, match=f"{name}: not a regular file"):
+            gemmarun.load(dst)
+        (dst / name).unlink()
+        (dst / "kept").rename(dst / name)
     (dst / "extra.safetensors").mkdir()
     with pytest.raises(LoadError, match="extra.safetensors: a folder where the model folder should hold a file"):
         gemmarun.load(dst)

@@ -102,6 +102,18 @@ def test_completions_take_response_format(server):
         r = client.completions.create(model="tiny", prompt="a thing:", max_tokens=120, temperature=1.0, seed=seed,
                                       extra_body={"response_format": fmt})
         assert r.choices[0].finish_reason == "stop" and _valid(json.loads(r.choices[0].text)), r.choices[0].text
+    # a stop string the answer's closing text holds: the grammar finished, then the cut broke it
+    for endpoint in ("completions", "chat"):
+        for seed in range(3):
+            kw = dict(model="tiny", max_tokens=120, temperature=1.0, seed=seed, stop=["}"],
+                      extra_body={"response_format": fmt})
+            if endpoint == "chat":
+                r = client.chat.completions.create(messages=[{"role": "user", "content": "a thing"}], **kw)
+                text = r.choices[0].message.content
+            else:
+                r = client.completions.create(prompt="a thing:", **kw)
+                text = r.choices[0].text
+            assert r.choices[0].finish_reason == "length" and not text.endswith("}"), (endpoint, text)
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", max_tokens=4,
                                   extra_body={"response_format": {"type": "json_schema", "json_schema": "x"}})

@@ -27,7 +27,7 @@ from gguf.quants import quantize
 from ..config import LayerType, TextConfig, gemma3_gguf_attention_scale, load_hf_config
 from ..tokenizer import Tokenizer
 from .errors import LoadError
-from .hf import read_chat_template
+from .hf import check_folder_files, read_chat_template
 from .names import HF_TOWER_PREFIXES, gemmarun_to_gguf, map_hf_names, sanitize_gemma3
 from .safetensors import read_folder
 
@@ -218,6 +218,7 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
     if output.exists() and any(output.samefile(f) for f in folder.iterdir()):
         # the writer truncates its output while the source's tensors are still mapped from it
         raise LoadError(f"convert: the output {output} is one of the source folder's files")
+    check_folder_files(folder)
     cfg = load_hf_config(folder)
     state, ignored = map_hf_names(read_folder(folder), cfg)
     towers = sum(name.startswith(HF_TOWER_PREFIXES) for name in ignored)

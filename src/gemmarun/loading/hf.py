@@ -43,7 +43,21 @@ def read_chat_template(folder: Path) -> str | None:
     return None
 
 
+# What a model folder is read from (the weights aside: every *.safetensors).
+FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                "model.safetensors.index.json")
+
+
+def check_folder_files(folder: Path) -> None:
+    """A FIFO or a device under one of the names read would block its reader forever."""
+    for file in [folder / name for name in FOLDER_FILES] + sorted(folder.glob("*.safetensors")):
+        if file.exists() and not file.is_file() and not file.is_dir():
+            raise LoadError(f"{file}: not a regular file")
+
+
 def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LLM:
+    check_folder_files(folder)
     cfg = load_hf_config(folder)
     # The tokenizer before the weights: building it briefly takes more memory than it keeps.
     if not (folder / "tokenizer.json").exists():

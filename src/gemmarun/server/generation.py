@@ -74,9 +74,9 @@ class Generation:
             if ev.finish_reason == "loop":  # not one of OpenAI's finish reasons: said in stop_reason
                 self.stop_reason = "loop"
             reason = "stop" if stopped_early or ev.finish_reason in ("stop", "cancelled", "loop") else ev.finish_reason
-            if reason == "stop" and self._grammar_unfinished():
-                # a loop or a stop string cut it inside the structure: it does not parse, as
-                # with max_tokens (a "stop" answer under response_format always parses)
+            if reason == "stop" and self._grammar_cut(stopped_early):
+                # a loop or a stop string cut the structure: it does not parse, as with
+                # max_tokens (a "stop" answer under response_format always parses)
                 reason = "length"
             self.finish_reason = "tool_calls" if self.reply.calls else reason
         given = self.reply.answer_given
@@ -90,8 +90,11 @@ class Generation:
             self.offsets += [len(self.echo) + start for start, _ in ready]
         return delta, entries
 
-    def _grammar_unfinished(self) -> bool:
-        return self.control is not None and self.control.grammar is not None and not self.control.grammar_done
+    def _grammar_cut(self, by_stop_string: bool) -> bool:
+        """An answer under a grammar that does not parse: left unfinished, or finished and then
+        cut by a stop string (whose text is never kept, and the grammar's last text held it)."""
+        grammar = self.control.grammar if self.control is not None else None
+        return grammar is not None and (by_stop_string or not self.control.grammar_done)
 
     def _entry(self, ev: Event) -> dict:
         tok = self.llm.tokenizer
