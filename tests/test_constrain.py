@@ -2,6 +2,7 @@
 
 import json
 import re
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -87,8 +88,6 @@ def test_real_model_json_and_svg():
         text = llm.generate("Here is a JSON record:", grammar=Grammar.json_schema(schema), max_tokens=80,
                             temperature=0.7, seed=i, loop_guard="recover")
         _validate(json.loads(text), schema)
-    import xml.etree.ElementTree as ET
-
     svg = llm.generate("A red circle in SVG:", grammar=Grammar.svg(), max_tokens=40, temperature=0.7, seed=1)
     assert svg.lstrip().startswith("<svg")
     if svg.rstrip().endswith("</svg>"):
@@ -234,8 +233,16 @@ def _accepts(llm, grammar: Grammar, text: str) -> bool:
     ("<svg><text>&#0;</text></svg>", False),
     ('<svg><rect fill="a\x0bb"/></svg>', False),
     ("<svg><text>a\x01b</text></svg>", False),
+    ("<svg><!-- a\x01b --></svg>", False),
+    ('<svg><use xlink:href="#a"/></svg>', False),  # the prefix is not declared
+    # ordinary SVG the first version of those rules refused (a review's find)
+    ('<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink">'
+     '<defs><circle id="a" r="1"/></defs><use xlink:href="#a"/></svg>', True),
+    ("<svg><style>g > rect { fill: red }</style><text>A -> B ]> C ]]x &#10003; &#128512;</text></svg>", True),
 ])
 def test_the_svg_grammar_accepts_structure_and_refuses_broken_markup(tiny, text, ok):
     """On fixed strings: sampled output from a tiny model is mostly `<svg/>` and never showed
     that any closing tag could close any element."""
     assert _accepts(tiny, Grammar.svg(), text) is ok
+    if ok:  # the grammar's promise
+        ET.fromstring(text)

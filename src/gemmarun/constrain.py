@@ -30,26 +30,65 @@ SVG_ELEMENTS = (
 
 
 def _svg_lark() -> str:
-    rules = [
-        'start: WS? svg_el WS?',
-        'attr: WS NAME "=\\"" AVAL "\\""',
-        'content: (TEXT | COMMENT | element)*',
-        "element: " + " | ".join(f"el_{n.lower()}" for n in SVG_ELEMENTS if n != "svg"),
-    ]
-    for n in SVG_ELEMENTS:
-        rule = "svg_el" if n == "svg" else f"el_{n.lower()}"  # Lark rule names are lowercase
-        rules.append(f'{rule}: "<{n}" attr* WS? ("/>" | ">" content "</{n}>")')
-    # Only what XML takes, so the drawing always parses: no prefix but "xml:" (always bound), no
-    # control characters, no ">" in text (so never "]]>"; "&gt;" instead), no character
-    # reference to a character XML forbids (&#0;, a surrogate).
+    """Every document it accepts parses as XML (duplicate attributes aside: `svg check` and
+    `svg repair` catch those). Two copies of the element rules: xlink:href and its kin only below
+    a root that declares the xlink namespace, where the prefix is bound."""
+    rules = ['start: WS? (svg_el | xsvg_el) WS?',
+             'attr: WS NAME "=\\"" AVAL "\\"" | WS NS_DECLARATION',
+             'xattr: attr | WS XLINK_NAME "=\\"" AVAL "\\""']
+    for x in ("", "x"):
+        names = [n for n in SVG_ELEMENTS if n != "svg"]
+        rules += [f"{x}content: (TEXT | COMMENT | {x}element)*",
+                  f"{x}element: " + " | ".join(f"{x}el_{n.lower()}" for n in names)]
+        for n in names:  # Lark rule names are lowercase
+            rules.append(f'{x}el_{n.lower()}: "<{n}" {x}attr* WS? ("/>" | ">" {x}content "</{n}>")')
+    rules += ['svg_el: "<svg" attr* WS? ("/>" | ">" content "</svg>")',
+              'xsvg_el: "<svg" xattr* WS XLINK_DECLARATION xattr* WS? ("/>" | ">" xcontent "</svg>")']
+    # Only what XML takes: no prefix but xml: (always bound) and xlink: (above), no control
+    # characters, no "]]>" in text (which starts with neither "]" nor ">", so two pieces of text
+    # cannot meet in one either), character references only to characters XML allows.
+    chars = r"\x00-\x08\x0b\x0c\x0e-\x1f"
+    reference = rf"&(amp|lt|gt|quot|apos|#0*({_XML_CHARACTER_NUMBERS}));"
+    first, char, after_brackets = (rf"([^<&\]>{chars}]|{reference})", rf"([^<&\]{chars}]|{reference})",
+                                   rf"([^<&\]>{chars}]|{reference})")
     rules += [
         'NAME: /(xml:)?[A-Za-z_][A-Za-z0-9_.-]{0,40}/',
-        r'AVAL: /[^"<&\x00-\x08\x0b\x0c\x0e-\x1f]{0,400}/',
-        r'TEXT: /([^<>&\x00-\x08\x0b\x0c\x0e-\x1f]|&(amp|lt|gt|quot|apos|#(9|10|13|3[2-9]|[4-9][0-9]|[1-9][0-9]{2,3}));){1,400}/',
-        'COMMENT: /<!--([^-]|-[^-]){0,400}-->/',
+        'XLINK_NAME: /xlink:[A-Za-z_][A-Za-z0-9_.-]{0,40}/',
+        'XLINK_DECLARATION: "xmlns:xlink=\\"http://www.w3.org/1999/xlink\\""',
+        rf'NS_DECLARATION: /xmlns:(sodipodi|inkscape|dc|cc|rdf|svg)="[^"<&{chars}]{{1,400}}"/',
+        rf'AVAL: /[^"<&{chars}]{{0,400}}/',
+        rf'TEXT: /{first}({char}|\]{char}|\]\]+{after_brackets})*\]*/',
+        rf'COMMENT: /<!--([^-{chars}]|-[^-{chars}]){{0,400}}-->/',
         'WS: /[ \\t\\n]{1,40}/',
     ]
     return "\n".join(rules)
+
+
+def _decimal_range(lo: int, hi: int) -> str:
+    """A regex alternation for the decimal numbers lo..hi (no leading zeros)."""
+    def same_length(a: str, b: str) -> list[str]:
+        if not a:
+            return [""]
+        if a[0] == b[0]:
+            return [a[0] + rest for rest in same_length(a[1:], b[1:])]
+        n = len(a) - 1
+        out = [a[0] + rest for rest in same_length(a[1:], "9" * n)]
+        if int(b[0]) - int(a[0]) > 1:
+            out.append(f"[{int(a[0]) + 1}-{int(b[0]) - 1}]" + "[0-9]" * n)
+        return out + [b[0] + rest for rest in same_length("0" * n, b[1:])]
+
+    parts = []
+    while lo <= hi:
+        top = min(hi, 10 ** len(str(lo)) - 1)
+        parts += same_length(str(lo), str(top))
+        lo = top + 1
+    return "|".join(parts)
+
+
+# The characters XML 1.0 allows: tab, newline, carriage return, and from space up, less the
+# surrogates and U+FFFE/U+FFFF.
+XML_CHARACTER_RANGES = ((9, 10), (13, 13), (32, 0xD7FF), (0xE000, 0xFFFD), (0x10000, 0x10FFFF))
+_XML_CHARACTER_NUMBERS = "|".join(_decimal_range(lo, hi) for lo, hi in XML_CHARACTER_RANGES)
 
 
 # JSON is written on one line with json.dumps' separators: whitespace that the grammar allowed
