@@ -95,8 +95,6 @@ def test_real_model_json_and_svg():
 
 
 def test_svg_grammar_compiles_and_constrains(tiny):
-    import xml.etree.ElementTree as ET
-
     text = tiny.generate("hello", grammar=Grammar.svg(), max_tokens=150, temperature=1.0, seed=2, ignore_eos=True)
     assert text.lstrip().startswith("<svg")
     if text.rstrip().endswith("</svg>"):
