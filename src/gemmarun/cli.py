@@ -235,18 +235,24 @@ def _fitted_prompt(llm, messages: list[dict], args: argparse.Namespace, params: 
     """The conversation's prompt. When it leaves no room for an answer (max_tokens, or a quarter of
     the context if less), its oldest exchanges leave the history, the system prompt stays, as in
     Ollama's and llama.cpp's chats; a last message too long alone fails as before."""
+    from .generate import ContextOverflow
+
     keep = 1 if messages[0]["role"] == "system" else 0
     context = llm.config.max_position_embeddings
-    dropped = 0
+    trimmed, dropped = list(messages), 0
     while True:
-        prompt = llm.build_prompt(messages, enable_thinking=args.think)
-        if context - len(prompt.ids) >= min(params.max_tokens, context // 4) or len(messages) - keep <= 1:
-            if dropped:
-                print(f"gemmarun: note: the {dropped} oldest messages left the history to fit the context",
-                      file=sys.stderr)
-            return prompt
-        del messages[keep:keep + 2]  # the oldest question and its answer
+        prompt = llm.build_prompt(trimmed, enable_thinking=args.think)
+        room = context - len(prompt.ids)
+        if room >= min(params.max_tokens, context // 4) or len(trimmed) - keep <= 1:
+            break
+        del trimmed[keep:keep + 2]  # the oldest question and its answer
         dropped += 2
+    if room <= 0:  # too long even alone: the caller drops it, and the history stays as it was
+        raise ContextOverflow(f"prompt of {len(prompt.ids)} tokens does not fit the context of {context} tokens")
+    if dropped:
+        messages[:] = trimmed
+        print(f"gemmarun: note: the {dropped} oldest messages left the history to fit the context", file=sys.stderr)
+    return prompt
 
 
 CHAT_COMMANDS = ('/image, /audio or /video FILE goes with your next message, /reset starts over, /exit (or /bye, '
