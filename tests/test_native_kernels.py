@@ -509,7 +509,7 @@ def test_one_query_attention_of_a_k_eq_v_layer_makes_its_keys_from_the_values(
     got = attn._attend_one_values_as_keys(q, values, key_pos, rotary, position)
     keys = torch_formulas(attn.keys_from_values, values, key_pos, rotary)
     want = torch_formulas(attn._attend_one, q, keys, values, key_pos, position)
-    # Both sum 700 keys in their own order: ~1e-6 apart near outputs of 2.5 on AVX2 (each as far
+    # Both sum 700 keys in their own order: ~1e-6 apart near outputs of 2.5 on an AMD Zen 4 (each as far
     # from the float64 result), so the absolute tolerance follows the outputs' scale.
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * want.abs().max().item())
 
