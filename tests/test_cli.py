@@ -270,6 +270,23 @@ def test_run_says_where_it_stopped_and_what_it_ignored(tiny_models, capsys):
     assert build_parser().parse_args(["transcribe", "m", "a.wav"]).max_tokens == 4096
 
 
+def test_input_that_is_not_utf8_is_named_as_such(tiny_models):
+    """Bytes that are not UTF-8 on stdin had been reported as a lone surrogate at an index of the
+    rendered chat prompt; in chat the message is dropped and the session goes on."""
+    import subprocess
+
+    folder, _ = tiny_models("e2b")
+    proc = subprocess.run([sys.executable, "-m", "gemmarun", "run", str(folder), "-"], input=b"caf\xe9 au lait",
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.decode().strip() == \
+        "gemmarun: error: stdin is not valid UTF-8 (byte 0xE9 at character 3)"
+    proc = subprocess.run([sys.executable, "-m", "gemmarun", "chat", str(folder), "--max-tokens", "2"],
+                          input=b"caf\xe9\nthere\n", capture_output=True, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "the message is not valid UTF-8 (byte 0xE9 at character 3) (message dropped)" in err
+    assert proc.stdout.decode().count("\n") == 1  # "there" answered
+
+
 def test_chat_drops_the_oldest_exchanges_when_the_context_fills(tiny_models):
     """Once the history filled the tiny model's 256 positions, every later message had been
     refused until /reset cleared everything."""

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import gemmarun
 from gemmarun.generate import ContextOverflow
@@ -84,7 +85,12 @@ def test_wrong_argument_types_are_named(llm):
         (lambda: llm.generate("hi", top_k=2.5), "top_k must be an integer"),
         (lambda: llm.generate("hi", seed=1.5), "seed must be an integer"),
         (lambda: llm.generate("hi", temperature="hot"), "temperature must be a number, not 'hot'"),
-        (lambda: llm.generate("hi", stop_token_ids=[1.0]), "stop_token_ids must be integers"),
+        (lambda: llm.generate("hi", stop_token_ids=[1.0]), "stop_token_ids must be a list of integers"),
+        # found by an API probe: each failed deep inside, or was read as something else
+        (lambda: llm.generate("hi", stop_token_ids=5), "stop_token_ids must be a list of integers, not 5"),
+        (lambda: llm.generate("hi", stop=[5]), "stop must be a string or a list of strings"),
+        (lambda: llm.generate("hi", stop={"l": 1}), "stop must be a string or a list of strings"),
+        (lambda: llm.logits(None), "token ids must be a sequence of integers, not NoneType"),
         (lambda: llm.generate(123), "a prompt is a string or a list of chat messages, not int"),
         (lambda: llm.logits("hello"), "token ids must be a sequence of integers, not str"),
         (lambda: llm.logits([2.0, 3.5]), r"token ids must be integers, not float \(2.0\)"),
@@ -102,9 +108,18 @@ def test_wrong_argument_types_are_named(llm):
         llm.generate([])
     with pytest.raises(ValueError, match=r"message 0 \(user\) has no content"):
         llm.generate([{"role": "user"}])
+    with pytest.raises(ValueError, match=r"one sequence \(1-D\), not a tensor of shape \[1, 2\]"):
+        llm.logits(torch.tensor([[2, 20]]))
+    with pytest.raises(TypeError, match="give max_new_tokens or max_tokens, not both"):
+        llm.generate_ids([2, 5], max_new_tokens=3, max_tokens=3)
     assert llm.logits(np.array([2, 20])).shape == (2, 256)  # numpy integers are ids
     assert llm.generate_ids([2, 5], max_new_tokens=np.int64(2), ignore_eos=True) == llm.generate_ids(
         [2, 5], max_new_tokens=2, ignore_eos=True)
+    # numpy's ints work everywhere (a seed had reached torch's generator as np.int64: TypeError),
+    # None is "none" as OpenAI clients send it, max_tokens is the other methods' name for it
+    sampled = dict(temperature=1.0, ignore_eos=True)
+    assert llm.generate_ids([2, 5], max_tokens=3, seed=np.int64(4), stop=None, stop_token_ids=None, **sampled) == \
+        llm.generate_ids([2, 5], max_new_tokens=3, seed=4, **sampled)
 
 
 def test_the_repetition_penalty_counts_the_prompts_tokens(llm):

@@ -203,6 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model, text = (None, *args.words) if len(args.words) == 1 else args.words  # (_check_options: 1 or 2)
     if text == "-":
         text = sys.stdin.read()
+    _check_utf8(text, "stdin" if args.words[-1] == "-" else "the prompt")
     llm = _load(model, args)
     _note_thinking(llm, args)
     has_media = bool(args.image or args.audio or args.video)
@@ -258,6 +259,15 @@ def _fitted_prompt(llm, messages: list[dict], args: argparse.Namespace, params: 
 CHAT_COMMANDS = ('/image, /audio or /video FILE goes with your next message, /reset starts over, /exit (or /bye, '
                  'Ctrl-D) quits, /help lists these; Ctrl-C stops an answer; """ opens and closes a message of several lines')
 MEDIA_COMMANDS = {"/image": "image", "/audio": "audio", "/video": "video"}
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Python reads bytes that are not UTF-8 from stdin and argv as lone surrogates (U+DC80-DCFF);
+    say so in the user's terms, not the tokenizer's (a surrogate at an index of the chat prompt)."""
+    bad = re.search("[\udc80-\udcff]", text)
+    if bad:
+        raise ValueError(f"{what} is not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02X} "
+                         f"at character {bad.start()})")
 
 
 def _read_line(prompt: str | None) -> str:
@@ -341,6 +351,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if command not in ("/help", "/?"):
                 print(f"gemmarun: unknown command {command}", file=sys.stderr)
             print(CHAT_COMMANDS, file=sys.stderr)
+            continue
+        try:
+            _check_utf8(text, "the message")
+        except ValueError as e:
+            failed = True
+            print(f"gemmarun: error: {e} (message dropped)", file=sys.stderr)
             continue
         messages.append(_user_message(text, attached))
         attached = []  # sent with this message (or dropped with it)

@@ -70,13 +70,13 @@ class LLM:
                videos: list | None = None, image_tokens: int | None = None) -> np.ndarray:
         """One forward pass without a cache: float32 logits [len(ids), vocab]. With media, `ids`
         already hold the expanded placeholders; the media fill them in order."""
+        self._check_ids(ids)
         if not len(ids):
             raise ValueError("ids is empty")
         if len(ids) > self.config.max_position_embeddings:
             raise ValueError(f"{len(ids)} ids exceed the context of {self.config.max_position_embeddings}")
-        self._check_ids(ids)
-        media = [("image", m) for m in images or []] + [("audio", m) for m in audios or []] + \
-                [("video", m) for m in videos or []]
+        media = [("image", m) for m in _media_list(images)] + [("audio", m) for m in _media_list(audios)] + \
+                [("video", m) for m in _media_list(videos)]
         prepared = tuple(self._prepare(kind, source, image_tokens) for kind, source in media)
         text_ids, embeds, blocks = self._inputs(Prompt(list(ids), prepared))
         positions = torch.arange(len(ids), device=self.model.device)
@@ -119,9 +119,11 @@ class LLM:
             raise ValueError("this model has no vision tower: it cannot take images or video")
 
     def _prepare(self, kind: str, source, image_tokens: int | None):
-        from .processing.prompt import prepare
+        from .processing.prompt import prepare, source_of
 
         self.check_media(kind)
+        if isinstance(source, str) and source.startswith("data:"):  # as an image_url part takes it
+            source = source_of(source)
         budget = self.encoders.cfg.image_soft_tokens if image_tokens is None else image_tokens
         if isinstance(self.encoders, UnifiedEncoders):
             from .processing.unified import prepare_unified
@@ -173,9 +175,14 @@ class LLM:
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0,
                      draft: Draft | None = None, **sampling: Any) -> list[int]:
-        """The new token ids (the prompt is not repeated), using the KV cache."""
+        """The new token ids (the prompt is not repeated), using the KV cache. `max_tokens`, as the
+        other methods name it, may stand for `max_new_tokens` (transformers' name)."""
         self._check_ids(prompt_ids)
         self._inputs(Prompt(list(prompt_ids)))  # media placeholders (no media here): merge names them
+        if "max_tokens" in sampling:
+            if max_new_tokens != 16:
+                raise TypeError("give max_new_tokens or max_tokens, not both")
+            max_new_tokens = sampling.pop("max_tokens")
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, **sampling)
         return list(self.token_stream(list(prompt_ids), params, draft=draft))
 
@@ -406,6 +413,13 @@ class LLM:
     def _check_ids(self, ids: list[int]) -> None:
         check_token_ids(ids, self.config.vocab_size)
 
+
+
+def _media_list(media: Any) -> list:
+    """One path (or bytes, or an image) is one medium, not a sequence of characters."""
+    if media is None:
+        return []
+    return list(media) if isinstance(media, (list, tuple)) else [media]
 
 
 class TextStream:

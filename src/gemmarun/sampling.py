@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -57,10 +58,22 @@ class SamplingParams:
                 raise TypeError(f"{name} must be a number, not {value!r:.40}")
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be true or false, not {self.ignore_eos!r:.40}")
-        ids = None if isinstance(self.stop_token_ids, (str, bytes)) else tuple(self.stop_token_ids)
+        # plain ints (numpy's seed reached torch's generator as np.int64: a TypeError); None is
+        # "none", as OpenAI clients send it
+        for name in ("max_tokens", "top_k", "seed"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        stop_ids = () if self.stop_token_ids is None else self.stop_token_ids
+        ids = tuple(stop_ids) if isinstance(stop_ids, Iterable) and not isinstance(stop_ids, (str, bytes)) else None
         if ids is None or any(isinstance(i, bool) or not isinstance(i, Integral) for i in ids):
-            raise TypeError(f"stop_token_ids must be integers, not {self.stop_token_ids!r:.40}")
+            raise TypeError(f"stop_token_ids must be a list of integers, not {self.stop_token_ids!r:.40}")
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        # one stop string, as OpenAI accepts it (not its characters)
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+            raise TypeError(f"stop must be a string or a list of strings, not {self.stop!r:.40}")
+        # an empty stop string matches everywhere: ignored, as the server and OpenAI ignore it
+        object.__setattr__(self, "stop", tuple(x for x in stop if x != ""))
         low, high = REPETITION_PENALTY_RANGE
         checks = [
             (self.max_tokens >= 0, "max_tokens must be >= 0"),
@@ -78,10 +91,6 @@ class SamplingParams:
                 raise ValueError(message)
         if self.temperature < GREEDY_BELOW:
             object.__setattr__(self, "temperature", 0.0)
-        if isinstance(self.stop, str):  # one stop string, as OpenAI accepts it (not its characters)
-            object.__setattr__(self, "stop", (self.stop,))
-        # an empty stop string matches everywhere: ignored, as the server and OpenAI ignore it
-        object.__setattr__(self, "stop", tuple(s for s in self.stop if s != ""))
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor, p: SamplingParams):

@@ -2,6 +2,8 @@
 on tiny random models: E2B-like (PLE, KV sharing, clipped vision, audio) and 31B-like (K=V,
 bidirectional image attention on sliding layers, standardised vision)."""
 
+import base64
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -76,6 +78,11 @@ def test_image_soft_tokens_match_reference(pair, media, family):
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
     # unset, the budget is the model's own, as in prompts (it had been a fixed 280)
     assert np.array_equal(llm.encode_image(media / "a.png"), ours)
+    # a data: URL, as an image_url part takes it (it had been opened as a file name)
+    url = "data:image/png;base64," + base64.b64encode((media / "a.png").read_bytes()).decode()
+    assert np.array_equal(llm.encode_image(url, max_soft_tokens=BUDGET), ours)
+    with pytest.raises(ValueError, match="got '70'"):  # it had said "got 70"
+        llm.encode_image(media / "a.png", max_soft_tokens="70")
 
 
 def test_audio_soft_tokens_match_reference(pair, media):
@@ -147,6 +154,16 @@ def test_full_logits_with_images_and_audio(pair, media, family, with_audio):
         theirs = ref(input_ids=t, **kw).logits[0].numpy()
     rel = np.abs(ours - theirs).max() / np.abs(theirs).max()
     assert rel <= 1e-4, f"rel {rel:.2e}"
+
+
+def test_one_medium_given_alone_is_one_medium(pair, media):
+    """images="photo.png" had been read as the characters of the path ("/: not a regular file")."""
+    llm, _ = pair("e2b")
+    ids = _prompt(llm, [preprocess_image(load_image(media / "a.png"), BUDGET).num_soft_tokens], [33])
+    alone = llm.logits(ids, images=str(media / "a.png"), audios=media / "tone.wav", image_tokens=BUDGET)
+    listed = llm.logits(ids, images=[media / "a.png"], audios=[media / "tone.wav"], image_tokens=BUDGET)
+    assert np.array_equal(alone, listed)
+
 
 
 def test_bidirectional_vision_matters_on_31b(pair, media):

@@ -172,7 +172,7 @@ def preprocess_image(image: Image.Image, max_soft_tokens: int = 280, patch_size:
                      pooling_kernel: int = 3) -> ImageInputs:
     """One image -> padded patches and positions, exactly as the reference PIL processor."""
     if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
-        raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens}")
+        raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens!r}")
     _check_size(image, "<PIL image>")  # before the conversion copies its pixels
     rgb = to_rgb(image)
     width, height = rgb.size

@@ -64,7 +64,7 @@ def _data_url(url: str) -> bytes:
         raise ValueError("media data URL is not valid base64") from None
 
 
-def _source_of(url: str) -> bytes | str:
+def source_of(url: str) -> bytes | str:
     """A base64 data: URL's bytes, or a path (file:// dropped)."""
     return _data_url(url) if url.startswith("data:") else url.removeprefix("file://")
 
@@ -76,7 +76,7 @@ def part_source(part: dict[str, Any]) -> Any:
         url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else part.get("image_url")
         if not isinstance(url, str):
             raise ValueError("image_url part has no url")
-        return _source_of(url)
+        return source_of(url)
     if kind == "input_audio":
         spec = part.get("input_audio")
         data = spec.get("data") if isinstance(spec, dict) else None
@@ -88,7 +88,7 @@ def part_source(part: dict[str, Any]) -> Any:
             raise ValueError("input_audio data is not valid base64") from None
     for key in (kind, "path", "url", "data"):
         if part.get(key) is not None:
-            return _source_of(part[key]) if isinstance(part[key], str) else part[key]
+            return source_of(part[key]) if isinstance(part[key], str) else part[key]
     raise ValueError(f"{kind} part names no {kind} (give '{kind}': path, bytes or image)")
 
 

@@ -93,7 +93,7 @@ def _patchify(pixels: torch.Tensor, side: int, max_soft_tokens: int) -> tuple[to
 
 def _check_budget(max_soft_tokens: int) -> None:
     if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
-        raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens}")
+        raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens!r}")
 
 
 def _uint8_chw(image: Image.Image) -> torch.Tensor:
