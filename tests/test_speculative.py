@@ -352,7 +352,7 @@ def test_a_corrupt_drafter_is_refused_at_load(monkeypatch, tmp_path):
         "ordering": ({ordering: weights[ordering] + 1000}, None, "token_ordering is not an ordering of the 256"),
         "repeated": ({ordering: torch.zeros_like(weights[ordering])}, None, "token_ordering is not an ordering"),
         "integer": ({matrix: weights[matrix].long()}, None, "holds torch.int64, not floating point"),
-        "null size": ({}, {"backbone_hidden_size": None}, "malformed config"),
+        "null size": ({}, {"backbone_hidden_size": None}, "backbone_hidden_size=null must be an integer"),
     }
     for label, (tensors, config, message) in cases.items():
         folder = tmp_path / label
