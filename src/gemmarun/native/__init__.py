@@ -29,6 +29,7 @@ relative in float32).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import sys
@@ -62,12 +63,23 @@ def _build() -> ModuleType | None:
     # One build per source text, flags, torch version and Python: a stale .so is never loaded.
     tag = hashlib.sha256(f"{source}{_CFLAGS}{torch.__version__}{sys.version}".encode()).hexdigest()[:12]
     build_dir = _CACHE / f"native-{tag}"
+    name = f"gemmarun_native_{tag}"
+    built = build_dir / f"{name}.so"
+    if built.is_file():  # as cpp_extension would load it, without importing it (and setuptools): 4 MiB
+        try:
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _state["status"] = f"built in {build_dir}"
+            return module
+        except ImportError:  # a build cut short: made again below
+            pass
     try:
         from torch.utils.cpp_extension import load
 
         build_dir.mkdir(parents=True, exist_ok=True)
         module = load(
-            name=f"gemmarun_native_{tag}",
+            name=name,
             sources=[str(path) for path in _SOURCES],
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
