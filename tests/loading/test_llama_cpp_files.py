@@ -51,6 +51,23 @@ def test_text_gguf_from_llama_cpp_matches_reference(llama_cpp, tmp_path, family)
     assert llm.tokenizer.encode("hello world", add_bos=False) == folder.tokenizer.encode("hello world", add_bos=False)
 
 
+@pytest.mark.parametrize("outtype", ["q8_0", "bf16"])
+def test_our_convert_writes_the_types_llama_cpps_converter_writes(llama_cpp, tmp_path, outtype):
+    """An interop probe found general.file_type written in the tensor types' numbering (llama.cpp
+    described our q8_0 file as Q5_0, bf16 as IQ4_XS) and the MoE router quantized, where llama.cpp
+    keeps it F32. The same folder through both converters: the same file type, tensor for tensor
+    the same types."""
+    from gemmarun.loading.convert import convert as our_convert
+    from gemmarun.loading.gguf_file import GGUFFile
+
+    build_reference("26b", tmp_path)
+    write_tiny_tokenizer(tmp_path, "gemma4")
+    theirs = GGUFFile(convert(tmp_path, tmp_path / "theirs.gguf", outtype=outtype))
+    ours = GGUFFile(our_convert(tmp_path, tmp_path / "ours.gguf", outtype, progress=False))
+    assert ours.metadata["general.file_type"] == theirs.metadata["general.file_type"]
+    assert {n: t.ggml_type for n, t in ours.tensors.items()} == {n: t.ggml_type for n, t in theirs.tensors.items()}
+
+
 @pytest.mark.parametrize("family", ["e2b", "31b"])
 def test_mmproj_image_soft_tokens_match_reference(llama_cpp_multimodal, media, family):
     folder, ref, text, mmproj = llama_cpp_multimodal(family)

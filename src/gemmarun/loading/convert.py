@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
 from ..config import LayerType, TextConfig, gemma3_gguf_attention_scale, load_hf_config
@@ -38,6 +38,17 @@ TYPES = {
     "q8_0": GGMLQuantizationType.Q8_0,
     "q4_0": GGMLQuantizationType.Q4_0,
     "mxfp4": GGMLQuantizationType.MXFP4,  # 4-bit E2M1 values with a power-of-two scale per 32
+}
+# general.file_type in llama.cpp's own numbering, which is not the tensor types' (8 is Q8_0 as a
+# tensor type but Q5_0 as a file type: llama.cpp had described our q8_0 files as Q5_0).
+FILE_TYPES = {
+    GGMLQuantizationType.F32: LlamaFileType.ALL_F32,
+    GGMLQuantizationType.F16: LlamaFileType.MOSTLY_F16,
+    GGMLQuantizationType.BF16: LlamaFileType.MOSTLY_BF16,
+    GGMLQuantizationType.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+    GGMLQuantizationType.Q4_0: LlamaFileType.MOSTLY_Q4_0,
+    GGMLQuantizationType.MXFP4: LlamaFileType.MOSTLY_MXFP4_MOE,
+    GGMLQuantizationType.Q4_K: LlamaFileType.MOSTLY_Q4_K_S,  # (random-weights files)
 }
 # Printed specials in Gemma 4 GGUFs (spec 10.1); other added specials are CONTROL.
 _GEMMA4_USER_DEFINED = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
@@ -165,8 +176,10 @@ def _hf_vocab(folder: Path, cfg: TextConfig) -> Vocab:
 
 
 def stays_f32(gguf_name: str, shape: tuple[int, ...]) -> bool:
-    """Norm weights, scales and other 1-D tensors: multipliers near 1, always written as F32."""
-    return len(shape) < 2 or gguf_name.endswith(("norm.weight", ".scale", "layer_output_scale.weight"))
+    """Norm weights, scales and other 1-D tensors (multipliers near 1) and the MoE router, whose
+    small differences pick other experts: always F32, as llama.cpp's converter writes them."""
+    return len(shape) < 2 or gguf_name.endswith(("norm.weight", ".scale", "layer_output_scale.weight",
+                                                 "ffn_gate_inp.weight"))
 
 
 def target_type(gguf_name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
@@ -241,7 +254,7 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
     try:
         w = GGUFWriter(partial, cfg.family)
         w.add_name(folder.name)
-        w.add_file_type(int(qtype))
+        w.add_file_type(int(FILE_TYPES[qtype]))
         write_config_metadata(w, cfg)
         write_vocab(w, cfg.family, _hf_vocab(folder, cfg))
         # Tensor infos first (sizes follow from shapes), then data one tensor at a time, so memory

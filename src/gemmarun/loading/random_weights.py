@@ -40,6 +40,7 @@ from ..quant.formats import MXFP4, MXFP4_VALUES, Q4_0, Q4_K, Q8_0, BlockFormat
 from ..tokenizer import SPACE
 from .convert import TYPES as CONVERT_TYPES
 from .convert import (
+    FILE_TYPES,
     Vocab,
     encoded_nbytes,
     rope_freqs,
@@ -356,7 +357,7 @@ def write_random_gguf(config: TextConfig | str | Path, out: str | Path, qtype: s
         w.add_name(f"{name} (random weights)")
         w.add_description(f"random {qtype} weights in the shapes of {name}, seed {seed}: for speed and memory "
                           "measurements only, not a trained model (gemmarun.loading.random_weights)")
-        w.add_file_type(int(ggml_type))
+        w.add_file_type(int(FILE_TYPES[ggml_type]))
         write_config_metadata(w, cfg)
         write_vocab(w, cfg.family, synthetic_vocab(cfg))
         for t in plan:
