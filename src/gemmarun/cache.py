@@ -408,16 +408,15 @@ def kv_bytes_per_token(config: TextConfig, element_size: int) -> int:
     return total
 
 
-def kv_cache_bytes(config: TextConfig, context: int, element_size: int, batch: int = 1) -> int:
-    """Bytes a cache for `context` tokens allocates (what `KVCache(...).nbytes()` would be without
-    spare ring slots)."""
+def kv_cache_bytes(config: TextConfig, context: int, element_size: int, batch: int = 1, spare: int = 0) -> int:
+    """Bytes a cache for `context` tokens allocates: `KVCache(...).nbytes()` with `spare` ring slots."""
     total = 0
     for spec in config.layers:
         if not spec.owns_kv:
             continue
         per_pos = spec.num_kv_heads * spec.head_dim * element_size
         if spec.layer_type is LayerType.SLIDING:
-            total += 2 * per_pos * min(spec.window, context)
+            total += 2 * per_pos * min(spec.window + spare, context)
         else:
             total += (1 if spec.k_eq_v else 2) * per_pos * context
     return total * batch

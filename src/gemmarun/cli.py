@@ -16,16 +16,25 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def _integer(text: str) -> int:
+    """For the argparse types below: argparse would name the function ("invalid _at_least_one
+    value") where a conversion fails."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def _at_least_one(text: str) -> int:
     """An argparse type: an integer >= 1 (context lengths, where 0 had silently meant the default)."""
-    n = int(text)
+    n = _integer(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
 
 
 def _at_least_zero(text: str) -> int:
-    n = int(text)
+    n = _integer(text)
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
     return n
@@ -43,7 +52,7 @@ def _origin(text: str) -> str:
 
 
 def _port(text: str) -> int:
-    n = int(text)
+    n = _integer(text)
     if not 0 <= n <= 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), got {n}")
     return n
@@ -52,7 +61,10 @@ def _port(text: str) -> int:
 def _positive_number(text: str) -> float:
     import math
 
-    x = float(text)
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not (math.isfinite(x) and x > 0):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return x

@@ -25,7 +25,7 @@ def parameter_counts(cfg: TextConfig) -> dict[str, int]:
             kv = s.num_kv_heads * s.head_dim
             attn += H * kv * (1 if s.k_eq_v else 2) + s.head_dim
         mlp = 3 * H * s.mlp_dim
-        norms = 4 * H + 1  # + layer scalar
+        norms = 4 * H + (cfg.family == "gemma4")  # + Gemma 4's layer scalar
         moe = 0
         if s.moe:
             E, Im = cfg.num_experts, cfg.expert_dim
@@ -52,6 +52,12 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
+def _ring_spare(llm: LLM) -> int:
+    """Ring slots past the window a generation's cache gets: the prompt cache keeps room to roll
+    a kept reply's tail back."""
+    return llm.prompt_cache.spare if llm.prompt_cache.capacity else 0
+
+
 def describe(llm: LLM, context: int, show_tensors: bool = True) -> Iterator[str]:
     cfg, info = llm.config, llm.info
     yield f"model      {info.path} ({info.format}, family {cfg.family})"
@@ -72,7 +78,7 @@ def describe(llm: LLM, context: int, show_tensors: bool = True) -> Iterator[str]
     elt = 4 if llm.model.dtype.itemsize == 4 else llm.model.dtype.itemsize
     per_token = kv_bytes_per_token(cfg, elt)
     yield (f"kv cache   {_human(per_token)} per token beyond the window (dtype {str(llm.model.dtype).removeprefix('torch.')}); "
-           f"{_human(kv_cache_bytes(cfg, context, elt))} at {context} tokens")
+           f"{_human(kv_cache_bytes(cfg, context, elt, spare=_ring_spare(llm)))} at {context} tokens")
     owners = sum(1 for s in cfg.layers if s.owns_kv)
     full = sum(1 for s in cfg.layers if s.owns_kv and s.layer_type is LayerType.FULL)
     yield f"           {owners} layers store KV ({full} full, {owners - full} sliding rings); {cfg.num_layers - owners} shared"
