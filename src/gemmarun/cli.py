@@ -142,20 +142,28 @@ def _user_message(text: str, parts: list[dict]) -> dict:
     return {"role": "user", "content": parts + [{"type": "text", "text": text}] if parts else text}
 
 
-def _schema_text(path: str) -> str:
-    """The --json-schema file's text, or a one-line error naming the file."""
+def _file_bytes(path: str, named: str, kind: str) -> bytes:
+    """A file the user named, or a one-line error saying why not (`named`: the file as messages
+    name it; `kind`: what it should be)."""
     from pathlib import Path
 
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except IsADirectoryError:
-        raise ValueError(f"--json-schema {path}: is a folder, not a JSON schema file") from None
+        return Path(path).read_bytes()
     except FileNotFoundError:
-        raise ValueError(f"--json-schema {path}: no such file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--json-schema {path}: not UTF-8 text") from None
+        raise ValueError(f"{named}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{named}: a folder, not {kind}") from None
     except OSError as e:
-        raise ValueError(f"--json-schema {path}: {e.strerror or e}") from None
+        raise ValueError(f"{named}: cannot read ({e.strerror or e})") from None
+
+
+def _schema_text(path: str) -> str:
+    """The --json-schema file's text, or a one-line error naming the file."""
+    named = f"--json-schema {path}"
+    try:
+        return _file_bytes(path, named, "a JSON schema file").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{named}: not UTF-8 text") from None
 
 
 def _grammar(args: argparse.Namespace):
@@ -409,18 +417,9 @@ def _media_part(llm, kind: str, argument: str) -> dict | None:
 
 def _svg_file(path: str) -> tuple[str, str]:
     """(text, encoding) of an SVG file; a one-line error naming the file otherwise."""
-    from pathlib import Path
-
     from .svg import decode_svg_file
 
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: a folder, not an SVG file") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    data = _file_bytes(path, path, "an SVG file")
     try:
         return decode_svg_file(data)
     except ValueError as e:
