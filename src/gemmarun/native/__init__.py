@@ -64,15 +64,18 @@ def _build() -> ModuleType | None:
     tag = hashlib.sha256(f"{source}{_CFLAGS}{torch.__version__}{sys.version}".encode()).hexdigest()[:12]
     build_dir = _CACHE / f"native-{tag}"
     name = f"gemmarun_native_{tag}"
-    built = build_dir / f"{name}.so"
-    if built.is_file():  # as cpp_extension would load it, without importing it (and setuptools): 4 MiB
+    built, stamp = build_dir / f"{name}.so", build_dir / "loaded"
+    if _stamp(built) is not None and stamp.is_file() and stamp.read_text() == _stamp(built):
+        # as cpp_extension would load it, without importing it (and setuptools): 4 MiB. Only a
+        # .so that cpp_extension built and loaded whole: one cut short (a build killed while
+        # linking, another process linking it now) would crash the process, not fail to import.
         try:
             spec = importlib.util.spec_from_file_location(name, built)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             _state["status"] = f"built in {build_dir}"
             return module
-        except ImportError:  # a build cut short: made again below
+        except ImportError:  # (a system library changed under it): cpp_extension decides below
             pass
     try:
         from torch.utils.cpp_extension import load
@@ -92,7 +95,20 @@ def _build() -> ModuleType | None:
         _log.warning("gemmarun: native CPU kernels unavailable, using the portable path: %s", first_line)
         return None
     _state["status"] = f"built in {build_dir}"
+    try:
+        stamp.write_text(_stamp(built) or "")
+    except OSError:  # the next process goes through cpp_extension again
+        pass
     return module
+
+
+def _stamp(path: Path) -> str | None:
+    """The .so as it was when it last loaded whole: its size and modification time."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return f"{info.st_size} {info.st_mtime_ns}"
 
 
 def _module() -> ModuleType | None:
