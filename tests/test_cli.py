@@ -1,5 +1,6 @@
 """The `gemmarun` command on tiny models: output, exit codes, one-line errors."""
 
+import os
 import subprocess
 import sys
 
@@ -276,18 +277,22 @@ def test_run_says_where_it_stopped_and_what_it_ignored(tiny_models, capsys):
 def test_input_that_is_not_utf8_is_named_as_such(tiny_models):
     """Bytes that are not UTF-8 on stdin had been reported as a lone surrogate at an index of the
     rendered chat prompt; in chat the message is dropped and the session goes on."""
-    import subprocess
-
     folder, _ = tiny_models("e2b")
     proc = subprocess.run([sys.executable, "-m", "gemmarun", "run", str(folder), "-"], input=b"caf\xe9 au lait",
                           capture_output=True, timeout=300)
     assert proc.returncode == 1 and proc.stderr.decode().strip() == \
         "gemmarun: error: stdin is not valid UTF-8 (byte 0xE9 at character 3)"
+    # (a UTF-8 locale's strict stdin too, where the read itself had raised and ended the chat)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
     proc = subprocess.run([sys.executable, "-m", "gemmarun", "chat", str(folder), "--max-tokens", "2"],
-                          input=b"caf\xe9\nthere\n", capture_output=True, timeout=300)
+                          input=b"caf\xe9\nthere\n", capture_output=True, timeout=300, env=env)
     err = proc.stderr.decode()
     assert proc.returncode == 1 and "the message is not valid UTF-8 (byte 0xE9 at character 3) (message dropped)" in err
     assert proc.stdout.decode().count("\n") == 1  # "there" answered
+    # an option given so had failed every message with the tokenizer's words (a review's find)
+    proc = subprocess.run([sys.executable, "-m", "gemmarun", "chat", str(folder), b"--system", b"caf\xe9"],
+                          input=b"hi\n", capture_output=True, timeout=300)
+    assert proc.returncode == 2 and "--system is not valid UTF-8 (byte 0xE9 at character 3)" in proc.stderr.decode()
 
 
 def test_chat_drops_the_oldest_exchanges_when_the_context_fills(tiny_models):

@@ -237,6 +237,8 @@ def _accepts(llm, grammar: Grammar, text: str) -> bool:
     ('<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink">'
      '<defs><circle id="a" r="1"/></defs><use xlink:href="#a"/></svg>', True),
     ("<svg><style>g > rect { fill: red }</style><text>A -> B ]> C ]]x &#10003; &#128512;</text></svg>", True),
+    ("<svg><text>x<tspan>y</tspan>] z</text></svg>", True),
+    ("<svg><text>a\ufffeb</text></svg>", False),  # a character XML forbids, written as itself
 ])
 def test_the_svg_grammar_accepts_structure_and_refuses_broken_markup(tiny, text, ok):
     """On fixed strings: sampled output from a tiny model is mostly `<svg/>` and never showed

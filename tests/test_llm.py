@@ -110,8 +110,11 @@ def test_wrong_argument_types_are_named(llm):
         llm.generate([{"role": "user"}])
     with pytest.raises(ValueError, match=r"one sequence \(1-D\), not a tensor of shape \[1, 2\]"):
         llm.logits(torch.tensor([[2, 20]]))
-    with pytest.raises(TypeError, match="give max_new_tokens or max_tokens, not both"):
-        llm.generate_ids([2, 5], max_new_tokens=3, max_tokens=3)
+    for given in (3, 16):  # (16, the default, had passed as "not given")
+        with pytest.raises(TypeError, match="give max_new_tokens or max_tokens, not both"):
+            llm.generate_ids([2, 5], max_new_tokens=given, max_tokens=3)
+    with pytest.raises(ValueError, match=r"not a tensor of shape \[\]"):
+        llm.logits(torch.tensor(5))
     assert llm.logits(np.array([2, 20])).shape == (2, 256)  # numpy integers are ids
     assert llm.generate_ids([2, 5], max_new_tokens=np.int64(2), ignore_eos=True) == llm.generate_ids(
         [2, 5], max_new_tokens=2, ignore_eos=True)
@@ -120,6 +123,7 @@ def test_wrong_argument_types_are_named(llm):
     sampled = dict(temperature=1.0, ignore_eos=True)
     assert llm.generate_ids([2, 5], max_tokens=3, seed=np.int64(4), stop=None, stop_token_ids=None, **sampled) == \
         llm.generate_ids([2, 5], max_new_tokens=3, seed=4, **sampled)
+    assert llm.generate("hi", max_tokens=4, stop={"zz", "yy"}) == llm.generate("hi", max_tokens=4, stop=("yy", "zz"))
 
 
 def test_the_repetition_penalty_counts_the_prompts_tokens(llm):

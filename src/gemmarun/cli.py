@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import re
 import sys
 from collections.abc import Callable
@@ -786,6 +787,10 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--stop-token-id {negative[0]} is negative: token ids start at 0")
     if getattr(args, "json_schema", None):  # read once: <(...) or /dev/stdin holds it for one read
         args.json_schema_text = _schema_text(args.json_schema)
+    for flag, value in (("--system", getattr(args, "system", None)), ("--regex", getattr(args, "regex", None)),
+                        *(("--stop", stop) for stop in getattr(args, "stop", None) or [])):
+        if value:
+            _check_utf8(value, flag)
     if args.func is cmd_run:
         words = args.words
         if len(words) > 2:
@@ -822,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         _usage_error(args, f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], int] = args.func
+    if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 read as U+DC80-DCFF, in
+        sys.stdin.reconfigure(errors="surrogateescape")  # any locale: _check_utf8 names them
     try:
         _check_options(args)
     except ValueError as e:

@@ -45,9 +45,10 @@ def _svg_lark() -> str:
     rules += ['svg_el: "<svg" attr* WS? ("/>" | ">" content "</svg>")',
               'xsvg_el: "<svg" xattr* WS XLINK_DECLARATION xattr* WS? ("/>" | ">" xcontent "</svg>")']
     # Only what XML takes: no prefix but xml: (always bound) and xlink: (above), no control
-    # characters, no "]]>" in text (which starts with neither "]" nor ">", so two pieces of text
-    # cannot meet in one either), character references only to characters XML allows.
-    chars = r"\x00-\x08\x0b\x0c\x0e-\x1f"
+    # characters (U+FFFE/FFFF neither), no "]]>" in text (which starts with neither ">" nor "]"
+    # followed by "]" or ">": two pieces of text cannot make one), character references only to
+    # characters XML allows.
+    chars = r"\x00-\x08\x0b\x0c\x0e-\x1f\x{FFFE}\x{FFFF}"
     reference = rf"&(amp|lt|gt|quot|apos|#0*({_XML_CHARACTER_NUMBERS}));"
     first, char, after_brackets = (rf"([^<&\]>{chars}]|{reference})", rf"([^<&\]{chars}]|{reference})",
                                    rf"([^<&\]>{chars}]|{reference})")
@@ -57,7 +58,7 @@ def _svg_lark() -> str:
         'XLINK_DECLARATION: "xmlns:xlink=\\"http://www.w3.org/1999/xlink\\""',
         rf'NS_DECLARATION: /xmlns:(sodipodi|inkscape|dc|cc|rdf|svg)="[^"<&{chars}]{{1,400}}"/',
         rf'AVAL: /[^"<&{chars}]{{0,400}}/',
-        rf'TEXT: /{first}({char}|\]{char}|\]\]+{after_brackets})*\]*/',
+        rf'TEXT: /\]?{first}({char}|\]{char}|\]\]+{after_brackets})*\]*/',
         rf'COMMENT: /<!--([^-{chars}]|-[^-{chars}]){{0,400}}-->/',
         'WS: /[ \\t\\n]{1,40}/',
     ]

@@ -53,11 +53,11 @@ def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> None:
     failed deep in the embedding lookup)."""
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
         raise TypeError(f"token ids must be a sequence of integers, not {type(ids).__name__}")
+    if isinstance(ids, torch.Tensor) and ids.dim() != 1:  # [[...]] (a batch of one) had failed inside int()
+        raise ValueError(f"token ids must be one sequence (1-D), not a tensor of shape {list(ids.shape)}")
     if len(ids) == 0:
         return
     if isinstance(ids, torch.Tensor):
-        if ids.dim() != 1:  # [[...]] (a batch of one) had failed inside int()
-            raise ValueError(f"token ids must be one sequence (1-D), not a tensor of shape {list(ids.shape)}")
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"token ids must be integers, not {ids.dtype}")
         low, high = int(ids.min()), int(ids.max())

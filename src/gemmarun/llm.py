@@ -173,17 +173,18 @@ class LLM:
             soft[kind].extend(pool.soft_tokens(self.model, held.media[i], encode) if cached else encode())
         return merge(self.model, ids, self.media_tokens, soft, self.config.pad_id, self.config.bidirectional_vision)
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0,
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int | None = None, temperature: float = 0.0,
                      draft: Draft | None = None, **sampling: Any) -> list[int]:
         """The new token ids (the prompt is not repeated), using the KV cache. `max_tokens`, as the
-        other methods name it, may stand for `max_new_tokens` (transformers' name)."""
+        other methods name it, may stand for `max_new_tokens` (transformers' name; 16 if neither)."""
         self._check_ids(prompt_ids)
         self._inputs(Prompt(list(prompt_ids)))  # media placeholders (no media here): merge names them
         if "max_tokens" in sampling:
-            if max_new_tokens != 16:
+            if max_new_tokens is not None:
                 raise TypeError("give max_new_tokens or max_tokens, not both")
             max_new_tokens = sampling.pop("max_tokens")
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, **sampling)
+        params = SamplingParams(max_tokens=16 if max_new_tokens is None else max_new_tokens, temperature=temperature,
+                                **sampling)
         return list(self.token_stream(list(prompt_ids), params, draft=draft))
 
     def token_stream(self, ids: list[int], params: SamplingParams, *, embeds: torch.Tensor | None = None,

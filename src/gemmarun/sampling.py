@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -32,6 +32,12 @@ class UnusableLogits(RuntimeError):
     def __init__(self, problem: str = NON_FINITE) -> None:
         super().__init__(f"the model's logits {problem}: no token can be chosen")
 
+
+
+def _collection(value: object) -> bool:
+    """A list, tuple, set, array or generator of values (not a string, whose characters are not
+    stop strings, nor a dict, whose keys are not what anyone meant)."""
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -64,13 +70,14 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
         stop_ids = () if self.stop_token_ids is None else self.stop_token_ids
-        ids = tuple(stop_ids) if isinstance(stop_ids, Iterable) and not isinstance(stop_ids, (str, bytes)) else None
+        ids = tuple(stop_ids) if _collection(stop_ids) else None
         if ids is None or any(isinstance(i, bool) or not isinstance(i, Integral) for i in ids):
             raise TypeError(f"stop_token_ids must be a list of integers, not {self.stop_token_ids!r:.40}")
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
         # one stop string, as OpenAI accepts it (not its characters)
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+        stop = tuple(stop) if _collection(stop) else None
+        if stop is None or not all(isinstance(x, str) for x in stop):
             raise TypeError(f"stop must be a string or a list of strings, not {self.stop!r:.40}")
         # an empty stop string matches everywhere: ignored, as the server and OpenAI ignore it
         object.__setattr__(self, "stop", tuple(x for x in stop if x != ""))
