@@ -222,6 +222,9 @@ def _filter(node: nodes.Expr, name: str, args: list | None = None) -> nodes.Filt
     return nodes.Filter(node, name, args or [], [], None, None)
 
 
+_CONSTANT_PARTS = (nodes.Const, nodes.List, nodes.Tuple, nodes.Dict, nodes.Pair)
+
+
 class _Guards(NodeTransformer):
     """Routes loop bodies and tests, macro bodies, output and `~` through the budget filters."""
 
@@ -255,6 +258,8 @@ class _Guards(NodeTransformer):
         self.generic_visit(node)
         if getattr(node, "ctx", "load") != "load":  # a target: {% for k, v in ... %}
             return node
+        if all(isinstance(n, _CONSTANT_PARTS) for n in node.find_all(nodes.Node)):
+            return node  # ['user', 'assistant']: as large as its source, whatever it is run on
         return _filter(node, "gemmarun_measure")
 
     visit_List = visit_Tuple = visit_Dict = _measure

@@ -415,7 +415,6 @@ class LLM:
         check_token_ids(ids, self.config.vocab_size)
 
 
-
 def _media_list(media: Any) -> list:
     """One path (or bytes, or an image) is one medium, not a sequence of characters."""
     if media is None:

@@ -33,11 +33,11 @@ class UnusableLogits(RuntimeError):
         super().__init__(f"the model's logits {problem}: no token can be chosen")
 
 
-
 def _collection(value: object) -> bool:
     """A list, tuple, set, array or generator of values (not a string, whose characters are not
     stop strings, nor a dict, whose keys are not what anyone meant)."""
     return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
+
 
 @dataclass(frozen=True)
 class SamplingParams:
