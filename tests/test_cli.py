@@ -118,7 +118,7 @@ def test_a_json_schema_file_that_is_not_text_is_named(tmp_path, capsys):
 @pytest.mark.parametrize("args, fragment", [
     (["serve", "--port", "70000"], "must be a TCP port"),
     (["serve", "--context", "0"], "must be at least 1"),
-    (["serve", "--context", "abc"], "argument --context: must be an integer, got 'abc'"),  # "invalid _at_least_one value"
+    (["serve", "--context", "abc"], "argument --context: must be an integer, got 'abc'"),  # (named the function)
     (["serve", "--port", "http"], "argument --port: must be an integer, got 'http'"),
     (["serve", "--max-image-mp", "lots"], "argument --max-image-mp: must be a number, got 'lots'"),
     (["serve", "--max-image-mp", "inf"], "positive finite number"),

@@ -393,16 +393,20 @@ def _hostile_cases():
             _patch_tensor(tiny_gguf("gemma3"), "blk.0.attn_norm.weight", type_id=int(Q.I32)), "cannot decode"),
         # found by a loader probe: each loaded and ran on the wrong bytes, exit 0 (llama.cpp refuses them)
         "a tensor offset off the alignment": (
-            _patch_tensor(tiny_gguf("gemma3"), "blk.0.attn_q.weight", offset=1), "offset 1 is not a multiple of the alignment 32"),
+            _patch_tensor(tiny_gguf("gemma3"), "blk.0.attn_q.weight", offset=1),
+            "offset 1 is not a multiple of the alignment 32"),
         "two tensors on the same bytes": (
-            _patch_tensor(_patch_tensor(tiny_gguf("gemma3"), "blk.0.attn_q.weight", offset=0), "blk.0.attn_k.weight", offset=0),
-            "share bytes"),
+            _patch_tensor(_patch_tensor(tiny_gguf("gemma3"), "blk.0.attn_q.weight", offset=0),
+                          "blk.0.attn_k.weight", offset=0), "share bytes"),
         "fewer token types than tokens": (  # the tokens past the list's end lost their control kind
-            tiny_gguf("gemma3", metadata={"tokenizer.ggml.token_type": [1, 3]}), "token_type has 2 entries for 16 tokens"),
+            tiny_gguf("gemma3", metadata={"tokenizer.ggml.token_type": [1, 3]}),
+            "token_type has 2 entries for 16 tokens"),
         "add_bos_token as a string": (
-            tiny_gguf("gemma3", metadata={"tokenizer.ggml.add_bos_token": "false"}), "add_bos_token='false' is not true"),
+            tiny_gguf("gemma3", metadata={"tokenizer.ggml.add_bos_token": "false"}),
+            "add_bos_token='false' is not true"),
         "a sliding window past 32 bits": (  # a TypeError out of the native decode step
-            tiny_gguf("gemma3", metadata={"gemma3.attention.sliding_window": 2**63}), "sliding_window=9223372036854775808 must be at most"),
+            tiny_gguf("gemma3", metadata={"gemma3.attention.sliding_window": 2**63}),
+            "sliding_window=9223372036854775808 must be at most"),
         "token id that is a list": (
             tiny_gguf("gemma3", metadata={"tokenizer.ggml.bos_token_id": [2]}), "bos_token_id=[2]"),
     }

@@ -210,7 +210,8 @@ def test_config_json_path_resolves(tmp_path):
     assert cfg == resolve_config(tmp_path)[0] == tiny("31b")
     # the model folders' reader: a list, or a value of the wrong type, is one line, not a traceback
     for text, message in (("[1, 2]", "must hold a JSON object"),
-                          (json.dumps({**config_dict("31b"), "vocab_size": [256]}), r"vocab_size=\[256\] must be an integer")):
+                          (json.dumps({**config_dict("31b"), "vocab_size": [256]}),
+                           r"vocab_size=\[256\] must be an integer")):
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(ConfigError, match=message):
             resolve_config(tmp_path / "bad.json")

@@ -264,7 +264,8 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
             gname = gemmarun_to_gguf(name)
             plan.append((gname, state[name], target_type(gname, tuple(state[name].shape), qtype)))
         for gname, tensor, t in plan:
-            w.add_tensor_info(gname, list(tensor.shape), np.float32, encoded_nbytes(tuple(tensor.shape), t), raw_dtype=t)
+            w.add_tensor_info(gname, list(tensor.shape), np.float32, encoded_nbytes(tuple(tensor.shape), t),
+                              raw_dtype=t)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()

@@ -34,11 +34,12 @@ Structured output: `response_format` {"type": "json_object"} or {"type": "json_s
 "json_schema": {"name", "schema"}} constrains the answer (after any thinking; on /v1/completions
 too, as llama.cpp's server takes it) with a grammar, so an answer that ends with finish_reason
 "stop" always parses and validates (one cut short, by max_tokens, a stop string or the loop guard,
-ends with "length"); a schema no text satisfies is a 400; "text" is free. A loop guard watches every reply (--loop-guard recover, the default, rolls a degenerate
-repetition back and resamples; stop ends the reply with finish_reason "stop", "length" inside a
-grammar, and `"stop_reason": "loop"` in the choice; off): replies stream 64 tokens behind the
-model so a loop is cut before it is sent. A request whose generation fails (a grammar that cannot
-go on) gets its error alone; the other requests in the batch go on.
+ends with "length"); a schema no text satisfies is a 400; "text" is free. A loop guard watches
+every reply (--loop-guard recover, the default, rolls a degenerate repetition back and resamples;
+stop ends the reply with finish_reason "stop", "length" inside a grammar, and `"stop_reason":
+"loop"` in the choice; off): replies stream 64 tokens behind the model so a loop is cut before it
+is sent. A request whose generation fails (a grammar that cannot go on) gets its error alone; the
+other requests in the batch go on.
 
 Replies: the thinking text comes back as `reasoning_content` (in the message, or in stream deltas),
 never inside `content`. With `tools`, the model's tool-call syntax becomes OpenAI `tool_calls`
