@@ -70,11 +70,12 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
             return load_hf_folder(path, torch_dtype, device)
         except IsADirectoryError as e:
             raise LoadError(f"{e.filename}: a folder where the model folder should hold a file") from None
-    # (a FIFO or a device would block or never end on reading)
-    for file in (path, Path(mmproj) if mmproj is not None else None):
-        if file is not None and not file.is_dir() and not file.is_file():
-            raise LoadError(f"{file}: not a regular file")
     from .gguf_file import GGUF_MAGIC, file_magic
+    from .hf import check_regular
+
+    for file in (path, Path(mmproj) if mmproj is not None else None):
+        if file is not None:
+            check_regular(file)
 
     magic = file_magic(path)
     if magic == GGUF_MAGIC:

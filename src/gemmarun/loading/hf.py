@@ -49,11 +49,15 @@ FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
                 "model.safetensors.index.json")
 
 
+def check_regular(file: Path) -> None:
+    """A FIFO or a device where a file is read would block its reader forever, or never end."""
+    if file.exists() and not file.is_file() and not file.is_dir():
+        raise LoadError(f"{file}: not a regular file")
+
+
 def check_folder_files(folder: Path) -> None:
-    """A FIFO or a device under one of the names read would block its reader forever."""
     for file in [folder / name for name in FOLDER_FILES] + sorted(folder.glob("*.safetensors")):
-        if file.exists() and not file.is_file() and not file.is_dir():
-            raise LoadError(f"{file}: not a regular file")
+        check_regular(file)
 
 
 def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LLM:
