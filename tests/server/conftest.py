@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
@@ -9,6 +10,21 @@ from serverkit import running, write_printed_tokenizer
 
 import gemmarun
 from gemmarun.server import ServerOptions, create_app
+
+SERVER_LOGGERS = ("gemmarun", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+@pytest.fixture(autouse=True)
+def _server_loggers_as_they_were():
+    """Every uvicorn.Config (serve's included) points these loggers at the sys.stderr of its
+    moment: in a test with capsys, a stream closed when the test ends, where a later test's
+    server thread then wrote ("--- Logging error --- I/O operation on closed file" in full runs)."""
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level,
+                    logging.getLogger(name).propagate) for name in SERVER_LOGGERS}
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
 
 
 @pytest.fixture(scope="session")
