@@ -15,7 +15,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -81,20 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         wait = statistics.median(r[0] for r in rs)
         first = statistics.median(r[1] for r in rs)
         rows.append(f"| {name} | {wait:.2f} s | {statistics.median(r[2] for r in rs):.0f} | {first:.2f} s |")
-    from gemmarun.bench import record, script_command, section_head
+    from gemmarun.bench import publish_script_section
 
     model = args.model or "embedded gemma-3-270m Q4_K_M"
     setup = f"a long prompt joining the batch: {model}, {args.prompt_tokens} tokens"
-    command = script_command(__file__, argv)
-    section = "\n".join([
-        *section_head(setup, command, args.threads),
-        f"- BatchEngine, 2 requests: one decoding, then one with {args.prompt_tokens} random prompt ids; "
-        f"median of {args.rounds} alternating rounds; the long request's greedy tokens are the same both ways",
-        "", *rows, "",
-    ])
-    print(section)
-    if args.write:
-        record(Path(args.write), setup, section)
+    lines = [f"- BatchEngine, 2 requests: one decoding, then one with {args.prompt_tokens} random prompt ids; "
+             f"median of {args.rounds} alternating rounds; the long request's greedy tokens are the same both ways",
+             "", *rows, ""]
+    publish_script_section(__file__, argv, setup, args.threads, lines, args.write)
     return 0
 
 

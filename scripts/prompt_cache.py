@@ -15,7 +15,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -103,25 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         on = statistics.median(run[turn][2] for run in runs[1])
         n, cached = runs[1][0][turn][:2]
         rows.append(f"| {turn + 1} | {n} | {cached} | {off * 1000:.0f} ms | {on * 1000:.0f} ms | {off / on:.1f}x |")
-    from gemmarun.bench import record, script_command, section_head
+    from gemmarun.bench import publish_script_section
 
     model = args.model or "embedded gemma-3-270m Q4_K_M"
-    setup = f"prompt caching: {model}, a three-turn chat"
-    command = script_command(__file__, argv)
-    section = "\n".join([
-        *section_head(setup, command, args.threads),
-        f"- greedy, {args.max_tokens} tokens a reply, median of {args.rounds} alternating rounds; "
-        "the replies are identical with caching off and on",
-        "", *rows, "",
-    ])
+    lines = [f"- greedy, {args.max_tokens} tokens a reply, median of {args.rounds} alternating rounds; "
+             "the replies are identical with caching off and on", "", *rows, ""]
     if args.vision:
         seconds = vision_tower_seconds(args.vision)
-        section += (f"\nAn image sent again with each turn: its soft tokens are kept by content, so the "
-                    f"{args.vision} vision tower does not run again ({seconds:.2f} s a 280-token image here, "
-                    f"random weights with its real shapes, float32, {args.threads} threads).\n")
-    print(section)
-    if args.write:
-        record(Path(args.write), setup, section)
+        lines.append(f"An image sent again with each turn: its soft tokens are kept by content, so the "
+                     f"{args.vision} vision tower does not run again ({seconds:.2f} s a 280-token image here, "
+                     f"random weights with its real shapes, float32, {args.threads} threads).\n")
+    publish_script_section(__file__, argv, f"prompt caching: {model}, a three-turn chat", args.threads, lines,
+                           args.write)
     return 0
 
 

@@ -357,22 +357,16 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers:
             s.stop()
 
-    from gemmarun.bench import record, script_command, section_head
+    from gemmarun.bench import publish_script_section
     from gemmarun.machine import usable_cpus
 
     setup = f"server load: {model}, {args.clients} clients, {args.seconds:g} s"
-    command = script_command(__file__, argv)
-    section = "\n".join([
-        *section_head(setup, command, usable_cpus()),
-        f"- text requests: {model}; image and audio requests: {media_model}",
-        f"- greedy, max_tokens {args.max_tokens}, {args.variants} requests of each kind, --max-batch {args.max_batch}",
-        "", report.table(), "",
-    ])
-    print(section)
+    lines = [f"- text requests: {model}; image and audio requests: {media_model}",
+             f"- greedy, max_tokens {args.max_tokens}, {args.variants} requests of each kind, --max-batch {args.max_batch}",
+             "", report.table(), ""]
+    publish_script_section(__file__, argv, setup, usable_cpus(), lines, args.write)
     for line in (report.errors + report.wrong)[:20]:
         print("problem:", line, file=sys.stderr)
-    if args.write:
-        record(Path(args.write), setup, section)
     grown = {k: v for k, v in report.rss_growth().items() if v > args.rss_bound_mib * MIB}
     if grown:
         print(f"problem: RSS grew past {args.rss_bound_mib:g} MiB after warm-up: {grown}", file=sys.stderr)

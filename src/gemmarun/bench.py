@@ -487,6 +487,17 @@ def section_head(setup: str, command: str, threads: int) -> list[str]:
             f"- date: {datetime.date.today().isoformat()}"]
 
 
+def publish_script_section(script: str, argv: Sequence[str] | None, setup: str, threads: int,
+                           lines: list[str], write: str | None) -> str:
+    """A benchmark script's section (the common head, then `lines`), printed and, with `write`,
+    recorded in that file; returned."""
+    section = "\n".join([*section_head(setup, script_command(script, argv), threads), *lines])
+    print(section)
+    if write:
+        record(Path(write), setup, section)
+    return section
+
+
 def format_report(rep: Report) -> str:
     w = rep.workload
     lines = [
