@@ -15,7 +15,7 @@
   attention), each one call instead of the handful of torch dispatches its formula takes.
 * ``decode_step.cpp``: a decode token through every layer of a dense decoder in one call, the
   same kernels in the same order as the modules (model/fused_decode.py builds its plan).
-* ``module.cpp``: the Python bindings of all four.
+* ``module.cpp``: the Python bindings of all four; ``kernels.h`` declares their entry points.
 
 They are compiled for this machine's CPU (``-O3 -march=native``) by torch's extension builder the
 first time they are needed (about a minute; cached under ``~/.cache/gemmarun/kernels``).
@@ -44,6 +44,7 @@ __all__ = ["kernel_status", "native_block_gemm", "native_block_gemv", "native_gr
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("group_gemv.cpp", "dequant.cpp", "decode_ops.cpp",
                                                               "decode_step.cpp", "module.cpp")]
+_HEADERS = [Path(__file__).with_name("kernels.h")]
 _CACHE = Path(os.environ.get("GEMMARUN_KERNEL_CACHE", Path.home() / ".cache" / "gemmarun" / "kernels"))
 # -fopenmp: at::parallel_for is OpenMP code in torch's headers, serial without it; the extension
 # then shares the libgomp that torch already loaded (same soname), so one thread pool.
@@ -59,7 +60,7 @@ def _build() -> ModuleType | None:
     if os.environ.get("GEMMARUN_NATIVE_KERNELS", "1") == "0":
         _state["status"] = "disabled (GEMMARUN_NATIVE_KERNELS=0)"
         return None
-    source = "".join(path.read_text() for path in _SOURCES)
+    source = "".join(path.read_text() for path in _SOURCES + _HEADERS)
     # One build per source text, flags, torch version and Python: a stale .so is never loaded.
     tag = hashlib.sha256(f"{source}{_CFLAGS}{torch.__version__}{sys.version}".encode()).hexdigest()[:12]
     build_dir = _CACHE / f"native-{tag}"

@@ -3,7 +3,7 @@
 // them, half the step's time. Each computes what model/layers.py and model/attention.py write in
 // torch, up to float summation order; tests/test_native_kernels.py holds them to it.
 
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>

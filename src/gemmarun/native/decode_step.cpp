@@ -8,23 +8,12 @@
 // no KV-shared reader of a K=V layer, matrices it can multiply) and builds the plan; the Python
 // path stays the reference.
 
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
-
-torch::Tensor group_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                         int64_t group, double code_min, bool nibbles, bool int8_activations);
-torch::Tensor block_gemv(torch::Tensor x, torch::Tensor blocks, int64_t ggml_type, bool int8_activations);
-torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> weight, double eps);
-torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-torch::Tensor attend_one(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_positions,
-                         int64_t position, int64_t window, double scale, double softcap);
-torch::Tensor attend_one_values_as_keys(torch::Tensor q, torch::Tensor values, torch::Tensor key_weight,
-                                        torch::Tensor rot_cos, torch::Tensor rot_sin, torch::Tensor key_positions,
-                                        int64_t position, int64_t window, double scale, double softcap);
 
 // A weight matrix as decode multiplies it: gemmarun's repacked codes through group_gemv (as
 // QuantLinear.matmul_t does for one row), or a float32 weight through at::linear (nn.Linear).

@@ -7,7 +7,7 @@
 // rounded on its own (the module is built with -ffp-contract=off: no fused multiply-add), so the
 // tile is bit-identical to the torch formula's and to gguf-py's dequantization.
 
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #include <cstdint>

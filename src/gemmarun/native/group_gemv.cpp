@@ -9,7 +9,7 @@
 // from memory once for all the (few) rows of x: decode becomes memory-bound, not dequantize-bound.
 // Rows are split over torch's intra-op threads.
 
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
