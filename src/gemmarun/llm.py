@@ -59,6 +59,9 @@ class LLM:
         self.tokenizer = tokenizer
         self.info = info
         self.encoders = encoders
+        if encoders is not None:
+            tokens = encoders.cfg.tokens
+            model.read_placeholders_as_pad((tokens.image, tokens.video, tokens.audio))
         # The last generation's KV cache, kept so that a prompt starting the same way (the next
         # turn of a chat) prefills only what is new; PromptCache(0) turns that off.
         self.prompt_cache = PromptCache(1)

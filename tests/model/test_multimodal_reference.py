@@ -165,6 +165,27 @@ def test_one_medium_given_alone_is_one_medium(pair, media):
     assert np.array_equal(alone, listed)
 
 
+@pytest.mark.parametrize("family", ["e2b", "31b"])
+def test_placeholder_ids_without_media_read_as_pad_like_the_reference(pair, family):
+    """A media placeholder that no medium fills (one that decoding generates) is embedded as the pad
+    token, table and PLE rows, as the reference's every forward does: gemmarun had embedded its
+    own rows, and a greedy answer parted from the reference's after such a token."""
+    from gemmarun.cache import make_cache
+
+    llm, ref = pair(family)
+    tok = llm.media_tokens
+    ids = [2, 40, tok.image, 41, tok.audio, 42, tok.image]
+    t = torch.tensor([ids])
+    with torch.inference_mode():
+        whole = llm.model(t, torch.arange(len(ids)))[0].float().numpy()
+        cache = make_cache(llm.config, 16)
+        llm.model(t[:, :-1], torch.arange(len(ids) - 1), cache)
+        step = llm.model(t[:, -1:], torch.tensor([len(ids) - 1]), cache)[0, -1].float().numpy()  # the decode path
+    with torch.no_grad():
+        theirs = ref(input_ids=t).logits[0].numpy()
+    assert np.abs(whole - theirs).max() / np.abs(theirs).max() <= 1e-4
+    assert np.abs(step - theirs[-1]).max() / np.abs(theirs[-1]).max() <= 1e-4
+
 
 def test_bidirectional_vision_matters_on_31b(pair, media):
     llm, _ = pair("31b")

@@ -7,6 +7,7 @@ dense MLP or dense+MoE, PLE injection, layer scalar) -> final norm -> tied head 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +182,13 @@ class TextModel(nn.Module):
             (i for i in range(cfg.num_layers) if not any(s.owns_kv for s in cfg.layers[i:])), cfg.num_layers)
         self._decode_plan = None  # the native plan of the layers: None not built yet, False none
         self._values_as_keys_types = {s.layer_type.value for s in cfg.layers if s.owns_kv and s.k_eq_v}
+        self.register_buffer("_placeholders", None, persistent=False)  # see read_placeholders_as_pad
+
+    def read_placeholders_as_pad(self, ids: Sequence[int]) -> None:
+        """A multimodal model reads its media placeholder ids as the pad token (table and PLE rows)
+        wherever they occur: in a prompt `merge` writes soft tokens over them, and a placeholder
+        that decoding generates is embedded as pad too, as the reference's every forward does."""
+        self._placeholders = torch.tensor(sorted(set(ids)), dtype=torch.long, device=self.device)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self._decode_plan = None  # it holds the tensors as they were before a move or a cast
@@ -243,6 +251,8 @@ class TextModel(nn.Module):
                 row_cache.begin([position])
         elif cache is not None:
             cache.begin(positions.tolist())
+        if self._placeholders is not None:
+            ids = ids.masked_fill(torch.isin(ids, self._placeholders), self.config.pad_id)
         x = self.embed(ids) if embeds is None else embeds
         ple = self.ple(ids, x) if self.ple is not None else None
         rope = {name: table(positions, x.dtype) for name, table in self.rotary.items()}
