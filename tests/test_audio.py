@@ -406,6 +406,18 @@ def test_bad_inputs(tmp_path, capfd):
     with pytest.raises(AudioInputError):
         load_audio(b"")
 
+    # an open file has a detach() too: it had been taken for a torch tensor, detached (the
+    # caller's file left unusable) and failed with "'_io.FileIO' object has no attribute 'cpu'"
+    wav = tmp_path / "tone.wav"
+    sf.write(str(wav), np.zeros(1600, np.float32), SR)
+    with open(wav, "rb") as handle:
+        with pytest.raises(AudioInputError, match="file path") as e:
+            load_audio(handle)
+        _assert_one_line(e, "BufferedReader")
+        assert handle.read(4) == b"RIFF"  # still the caller's, readable
+    with pytest.raises(AudioInputError, match="file path"):
+        load_audio(io.BytesIO(wav.read_bytes()))
+
     # a name the OS refuses (a data URL taken for a path, say): one line, the name cut short
     with pytest.raises(AudioInputError, match="cannot read") as e:
         load_audio("data:audio/wav;base64," + "A" * 5000)

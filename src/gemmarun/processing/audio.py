@@ -123,8 +123,10 @@ def load_audio(source: str | Path | bytes | np.ndarray, target_rate: int = SAMPL
 
 def _waveform(samples, rate: int) -> np.ndarray:
     """Samples given as an array: checked as a decoded file's are, never resampled."""
+    import torch
+
     label = f"<audio {type(samples).__name__}>"
-    if hasattr(samples, "detach"):  # a torch tensor
+    if isinstance(samples, torch.Tensor):  # not any object with a detach(): an open file has one
         samples = samples.detach().cpu().float().numpy()
     if not isinstance(samples, (np.ndarray, list, tuple)):
         raise AudioInputError(f"{label}: audio must be a file path, the file's bytes, or a 1-D array of "
