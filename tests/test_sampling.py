@@ -168,6 +168,15 @@ def test_seeds_past_32_bits_draw_differently():
     assert draws(2**40) == draws(2**40) and 0 <= generator_seed(-3) < 2**32
 
 
+def test_seed_minus_one_asks_for_a_random_seed():
+    """llama.cpp and Ollama read seed -1 as "random": it had been a fixed seed, every run the same."""
+    assert SamplingParams(seed=-1).seed is None and SamplingParams(seed=-2).seed == -2
+    logits = torch.zeros(1000)
+    none = torch.tensor([], dtype=torch.long)
+    runs = [[Sampler(SamplingParams(temperature=1.0, seed=-1))(logits, none, none) for _ in range(4)] for _ in range(3)]
+    assert len({tuple(r) for r in runs}) > 1
+
+
 def test_empty_stop_strings_are_ignored():
     """An empty string matches everywhere: stream_reply had returned an empty answer."""
     assert SamplingParams(stop=("", "x", "")).stop == ("x",) and SamplingParams(stop="").stop == ()

@@ -39,6 +39,9 @@ def _collection(value: object) -> bool:
     return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
 
 
+RANDOM_SEED = -1  # the seed that asks for a fresh random one, as llama.cpp and Ollama read it
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -69,6 +72,8 @@ class SamplingParams:
         for name in ("max_tokens", "top_k", "seed"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
+        if self.seed == RANDOM_SEED:  # llama.cpp's and Ollama's "a random seed", not a fixed one
+            object.__setattr__(self, "seed", None)
         stop_ids = () if self.stop_token_ids is None else self.stop_token_ids
         ids = tuple(stop_ids) if _collection(stop_ids) else None
         if ids is None or any(isinstance(i, bool) or not isinstance(i, Integral) for i in ids):
