@@ -124,6 +124,14 @@ def test_wrong_argument_types_are_named(llm):
     assert llm.generate_ids([2, 5], max_tokens=3, seed=np.int64(4), stop=None, stop_token_ids=None, **sampled) == \
         llm.generate_ids([2, 5], max_new_tokens=3, seed=4, **sampled)
     assert llm.generate("hi", max_tokens=4, stop={"zz", "yy"}) == llm.generate("hi", max_tokens=4, stop=("yy", "zz"))
+    # transformers' name works in every method (generate and stream had refused it with
+    # "SamplingParams.__init__() got an unexpected keyword argument"); unknown names are listed
+    assert llm.generate("hi", max_new_tokens=4, ignore_eos=True) == llm.generate("hi", max_tokens=4, ignore_eos=True)
+    with pytest.raises(TypeError, match="give max_new_tokens or max_tokens, not both"):
+        llm.generate("hi", max_new_tokens=4, max_tokens=4)
+    for call in (lambda: llm.generate("hi", top_n=3), lambda: llm.generate_ids([2, 5], top_n=3)):
+        with pytest.raises(TypeError, match=r"unknown sampling option 'top_n' \(the options: max_tokens, temp"):
+            call()
 
 
 def test_the_repetition_penalty_counts_the_prompts_tokens(llm):

@@ -21,7 +21,7 @@ from .model.multimodal import AUDIO, IMAGE, TEXT, VIDEO, Encoders, MediaTokens, 
 from .model.unified import UnifiedEncoders
 from .model.text import TextModel
 from .prompt_cache import Held, PromptCache
-from .sampling import SamplingParams
+from .sampling import SamplingParams, sampling_params
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 if TYPE_CHECKING:
@@ -182,12 +182,12 @@ class LLM:
         other methods name it, may stand for `max_new_tokens` (transformers' name; 16 if neither)."""
         self._check_ids(prompt_ids)
         self._inputs(Prompt(list(prompt_ids)))  # media placeholders (no media here): merge names them
-        if "max_tokens" in sampling:
-            if max_new_tokens is not None:
-                raise TypeError("give max_new_tokens or max_tokens, not both")
-            max_new_tokens = sampling.pop("max_tokens")
-        params = SamplingParams(max_tokens=16 if max_new_tokens is None else max_new_tokens, temperature=temperature,
-                                **sampling)
+        options = {"temperature": temperature, **sampling}
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
+        elif "max_tokens" not in options:
+            options["max_tokens"] = 16
+        params = sampling_params(options)
         return list(self.token_stream(list(prompt_ids), params, draft=draft))
 
     def token_stream(self, ids: list[int], params: SamplingParams, *, embeds: torch.Tensor | None = None,
@@ -247,7 +247,7 @@ class LLM:
         in the CLI and server) catches degenerate repetition inside the engine; `draft` decodes
         speculatively (see `token_stream`). Stop strings (`stop=`) match this raw text, thinking
         and markers included; `stream_reply` (and the server) match the answer only."""
-        params = SamplingParams(**sampling) if sampling else SamplingParams()
+        params = sampling_params(sampling)
         if grammar is not None and not isinstance(grammar, Grammar):
             raise TypeError(f"grammar must be a gemmarun.Grammar (Grammar.json_schema, regex, lark or svg), "
                             f"not {type(grammar).__name__}")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from typing import Any
+from dataclasses import dataclass, field, fields
 from numbers import Integral, Real
 
 import torch
@@ -135,6 +136,22 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     return logits
+
+
+def sampling_params(options: Mapping[str, Any]) -> SamplingParams:
+    """SamplingParams from a caller's keyword options: transformers' `max_new_tokens` may stand for
+    `max_tokens`, and an unknown name is a TypeError that lists the known ones (not the dataclass's
+    "__init__() got an unexpected keyword argument")."""
+    options = dict(options)
+    if "max_new_tokens" in options:
+        if "max_tokens" in options:
+            raise TypeError("give max_new_tokens or max_tokens, not both")
+        options["max_tokens"] = options.pop("max_new_tokens")
+    known = [f.name for f in fields(SamplingParams)]
+    unknown = [name for name in options if name not in known]
+    if unknown:
+        raise TypeError(f"unknown sampling option {unknown[0]!r:.40} (the options: {', '.join(known)})")
+    return SamplingParams(**options)
 
 
 @dataclass
