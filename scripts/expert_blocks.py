@@ -16,6 +16,7 @@ threads.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
@@ -47,6 +48,7 @@ def random_blocks(ggml_type: int, rows: int, cols: int) -> torch.Tensor:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no options: --help
     torch.set_num_threads(2)
     gemv, gemm = native_block_gemv(), native_block_gemm()
     if gemv is None or gemm is None:

@@ -12,6 +12,7 @@ attention (checked here too).
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -33,8 +34,12 @@ def median_ms(fn, n: int = 5) -> float:
 
 
 def main(argv: list[str]) -> None:
-    name = argv[0] if argv else "26b-a4b"
-    lengths = [int(a) for a in argv[1:]] or [1024, 4096, 16384]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", nargs="?", default="26b-a4b", help="a released config (default %(default)s)")
+    parser.add_argument("lengths", nargs="*", type=int, default=[1024, 4096, 16384],
+                        help="cache lengths in keys (default 1024 4096 16384)")
+    args = parser.parse_args(argv)
+    name, lengths = args.name, args.lengths
     torch.set_num_threads(2)
     cfg, _ = resolve_config(name)
     full = [s for s in cfg.layers if s.owns_kv and s.k_eq_v]

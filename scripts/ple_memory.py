@@ -10,6 +10,7 @@ peak RSS. If the table were read into RAM, peak RSS would exceed its 4.7 GB.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -103,9 +104,14 @@ def measure(folder: Path, dtype: str) -> dict:
 
 
 def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/ple-model")
-    if len(sys.argv) > 2 and sys.argv[2] == "--child":
-        print(json.dumps(measure(folder, sys.argv[3])))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", nargs="?", type=Path, default=Path("/tmp/ple-model"),
+                        help="where the 4.7 GB checkpoint is (written there if missing; default %(default)s)")
+    parser.add_argument("--child", metavar="DTYPE", help=argparse.SUPPRESS)  # the measuring process
+    args = parser.parse_args()
+    folder = args.folder
+    if args.child:
+        print(json.dumps(measure(folder, args.child)))
         return
     if not (folder / "model.safetensors").exists():
         write_model(folder)

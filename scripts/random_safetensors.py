@@ -12,6 +12,7 @@ random-weights GGUF of the same config. Needs transformers (the `bench` extra).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -73,6 +74,8 @@ def main(name: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    main(sys.argv[1], Path(sys.argv[2]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="a released config (e2b, e4b, 31b, 26b-a4b)")
+    parser.add_argument("out", type=Path, help="the folder to write")
+    args = parser.parse_args()
+    main(args.name, args.out)
