@@ -27,6 +27,35 @@ needs_kernel = pytest.mark.skipif(
     os.environ.get("GEMMARUN_NATIVE_KERNELS") == "0", reason="native kernels disabled by the environment")
 
 
+def test_a_killed_builds_lock_file_does_not_stop_the_next_build(tmp_path, monkeypatch):
+    """cpp_extension waits for as long as its `lock` file exists in the build folder: a build
+    killed by a signal left one, and every later gemmarun process hung silently. Under the build
+    flock nobody else builds, so the file is a leftover and goes."""
+    import types
+
+    from torch.utils import cpp_extension
+
+    import gemmarun.native as native
+
+    monkeypatch.delenv("GEMMARUN_NATIVE_KERNELS", raising=False)
+    monkeypatch.setattr(native, "_CACHE", tmp_path)
+    monkeypatch.setattr(native, "_state", {})
+    build_dir, name = native._build_target()
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").touch()  # what a build killed mid-way leaves
+    built = types.ModuleType(name)
+
+    def load(**kw):
+        assert kw["build_directory"] == str(build_dir)
+        if (build_dir / "lock").exists():  # where cpp_extension's FileBaton.wait() spins forever
+            raise AssertionError("the build would wait on the leftover lock file")
+        return built
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    assert native._build() is built
+    assert native._state["status"] == f"built in {build_dir}"
+
+
 @needs_kernel
 def test_the_kernel_builds_here():
     """A C++ compiler is part of this project's toolchain (CI installs one): a build failure

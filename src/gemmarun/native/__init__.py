@@ -28,6 +28,7 @@ relative in float32).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -36,7 +37,7 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -56,15 +57,19 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+def _build_target() -> tuple[Path, str]:
+    """The build folder and module name: one build per source text, flags, torch version and
+    Python, so a stale .so is never loaded."""
+    source = "".join(path.read_text() for path in _SOURCES + _HEADERS)
+    tag = hashlib.sha256(f"{source}{_CFLAGS}{torch.__version__}{sys.version}".encode()).hexdigest()[:12]
+    return _CACHE / f"native-{tag}", f"gemmarun_native_{tag}"
+
+
 def _build() -> ModuleType | None:
     if os.environ.get("GEMMARUN_NATIVE_KERNELS", "1") == "0":
         _state["status"] = "disabled (GEMMARUN_NATIVE_KERNELS=0)"
         return None
-    source = "".join(path.read_text() for path in _SOURCES + _HEADERS)
-    # One build per source text, flags, torch version and Python: a stale .so is never loaded.
-    tag = hashlib.sha256(f"{source}{_CFLAGS}{torch.__version__}{sys.version}".encode()).hexdigest()[:12]
-    build_dir = _CACHE / f"native-{tag}"
-    name = f"gemmarun_native_{tag}"
+    build_dir, name = _build_target()
     built, stamp = build_dir / f"{name}.so", build_dir / "loaded"
     if _stamp(built) is not None and stamp.is_file() and stamp.read_text() == _stamp(built):
         # as cpp_extension would load it, without importing it (and setuptools): 4 MiB. Only a
@@ -82,14 +87,15 @@ def _build() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         build_dir.mkdir(parents=True, exist_ok=True)
-        module = load(
-            name=name,
-            sources=[str(path) for path in _SOURCES],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            verbose=False,
-        )
+        with _one_builder(build_dir):
+            module = load(
+                name=name,
+                sources=[str(path) for path in _SOURCES],
+                extra_cflags=_CFLAGS,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except Exception as e:  # no compiler, no ninja, a failed build: the portable path stays
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         _state["status"] = f"unavailable ({first_line[:200]})"
@@ -101,6 +107,27 @@ def _build() -> ModuleType | None:
     except OSError:  # the next process goes through cpp_extension again
         pass
     return module
+
+
+@contextlib.contextmanager
+def _one_builder(build_dir: Path) -> Iterator[None]:
+    """One gemmarun process at a time builds in `build_dir`, under an flock, which ends with its
+    process. cpp_extension's own lock is a file (`lock`) that it waits on for as long as it exists:
+    a build killed by a signal (a timeout, `docker stop`, the OOM killer) left it, and every later
+    process waited forever, silently. Holding the flock, no one else is building, so such a file
+    is a leftover and goes."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: cpp_extension's lock alone
+        yield
+        return
+    with open(build_dir / "build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _stamp(path: Path) -> str | None:
