@@ -534,3 +534,39 @@ def test_absurdly_loud_float_samples_are_refused(rate):
     sf.write(buf, np.stack([signal, signal], axis=1), rate, format="WAV", subtype="FLOAT")
     with pytest.raises(AudioInputError, match="amplitude 3e\\+38, far outside"):
         load_audio(buf.getvalue())
+
+
+def _container_bytes(fmt: str, codec: str, rate: int = 48000, seconds: float = 1.0) -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        stream = c.add_stream(codec, rate=rate, layout="mono")
+        t = np.arange(int(rate * seconds)) / rate
+        frame = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
+                                           format="fltp", layout="mono")
+        frame.rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            c.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, fmt, codec", [("clip.m4a", "mp4", "aac"), ("clip.webm", "webm", "libopus")])
+def test_m4a_and_webm_audio_load_everywhere_as_the_server_loads_them(tmp_path, name, fmt, codec):
+    """The server decoded M4A/MP4/WebM with PyAV, but load_audio (the CLI's --audio, transcribe,
+    chat's /audio, the Python API) called them "not audio"."""
+    from gemmarun.server.inputs import audio_bytes
+
+    data = _container_bytes(fmt, codec)
+    path = tmp_path / name
+    path.write_bytes(data)
+    from_file = load_audio(path)
+    assert abs(from_file.size - SR) < SR // 10 and 0.1 < np.abs(from_file).max() < 0.5
+    assert np.array_equal(load_audio(data), from_file)
+    assert np.array_equal(load_audio(audio_bytes(data, None, "input_audio")), from_file)
+    if fmt == "mp4":  # (WebM is a stream: MediaRecorder's files declare no length to miss)
+        cut = tmp_path / f"cut-{name}"
+        cut.write_bytes(data[: len(data) // 8])
+        with pytest.raises(AudioInputError) as e:
+            load_audio(cut)
+        _assert_one_line(e, f"cut-{name}")

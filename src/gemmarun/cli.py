@@ -640,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     p.add_argument("--think", action="store_true", help="enable Gemma 4 thinking")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    p.add_argument("--audio", action="append", default=[], help="audio file: wav, flac, ogg/opus, mp3 (repeatable)")
+    p.add_argument("--audio", action="append", default=[],
+                   help="audio file: wav, flac, ogg/opus, mp3, m4a/mp4 or webm (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file (32 frames sampled; repeatable)")
     p.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
                    help="soft-token budget per image (default: the model's, 280)")
@@ -651,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("transcribe", help="speech to text (thinking off)")
     p.add_argument("model", help="a Gemma 4 model with an audio tower (a folder, or a .gguf with --mmproj)")
-    p.add_argument("audio", help="audio file: wav, flac, ogg/opus or mp3; longer than 30 s is split into clips")
+    p.add_argument("audio",
+                   help="audio file: wav, flac, ogg/opus, mp3, m4a/mp4 or webm; longer than 30 s is split into clips")
     _add_sampling_options(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_transcribe, max_tokens=4096)  # minutes of speech: 256 would cut them

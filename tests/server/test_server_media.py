@@ -41,25 +41,24 @@ def webm_bytes(seconds=1.0, rate=48000) -> bytes:
 
 def test_webm_with_a_codec_ffmpeg_does_not_know_is_an_audio_input_error():
     # found by fuzz/audio_decode.py: PyAV gives such a stream no codec context (and no .rate)
-    from gemmarun.processing.audio import AudioInputError
-    from gemmarun.server.inputs import container_to_wav
+    from gemmarun.processing.audio import AudioInputError, container_to_wav
 
     data = webm_bytes(0.1).replace(b"A_OPUS", b"A_OPUX")
     with pytest.raises(AudioInputError, match="codec is not supported"):
-        container_to_wav(data, "input_audio")
+        container_to_wav(io.BytesIO(data), "<input_audio>")
 
 
 @pytest.mark.parametrize("channels", [1, 2, 10])
 def test_container_audio_of_any_channel_count_is_the_channel_mean(channels):
     """Found by fuzz/audio_decode.py: a 10-channel WAV sent as MP4 crashed the process (PyAV's
     planar to_ndarray reads past a frame of more than 8 channels); decoded packed now."""
-    from gemmarun.server.inputs import container_to_wav
+    from gemmarun.processing.audio import container_to_wav
 
     rng = np.random.default_rng(channels)
     wave = (rng.standard_normal((1600, channels)) * 0.1).astype(np.float32)
     buf = io.BytesIO()
     sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
-    out, rate = sf.read(io.BytesIO(container_to_wav(buf.getvalue(), "input_audio")), dtype="float32")
+    out, rate = sf.read(io.BytesIO(container_to_wav(io.BytesIO(buf.getvalue()), "<input_audio>")), dtype="float32")
     assert rate == 16000 and out.ndim == 1
     np.testing.assert_allclose(out, wave.mean(axis=1), atol=1e-6)
 

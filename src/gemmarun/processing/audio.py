@@ -3,11 +3,11 @@ features and soft-token counts exactly as transformers 5.23's Gemma 4 feature ex
 processor do (spec §5.1, §5.6).
 
 Decoding uses libsndfile through `soundfile`: its wheels bundle libsndfile 1.2 with FLAC,
-Ogg/Vorbis, Ogg/Opus and MP3 (mpg123) built in, so one maintained library reads every format we
-accept, with no ffmpeg install. Resampling uses libsoxr through `soxr` (a small numpy-only wheel,
-band-limited high-quality filter, and a streaming API so long files never need a second full
-copy). Both are decoded block by block: the peak memory is the 16 kHz float32 output plus one
-block.
+Ogg/Vorbis, Ogg/Opus and MP3 (mpg123) built in, with no ffmpeg install; the audio of M4A/MP4/WebM
+containers, which it does not read, is decoded to WAV first by PyAV (whose wheels bundle FFmpeg).
+Resampling uses libsoxr through `soxr` (a small numpy-only wheel, band-limited high-quality
+filter, and a streaming API so long files never need a second full copy). Both are decoded block
+by block: the peak memory is the 16 kHz float32 output plus one block.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -73,13 +74,73 @@ def _known_audio(head: bytes) -> bool:
     return head.startswith(_SIGNATURES) or head[:4] in _IRCAM or _is_mpeg_frame(head)
 
 
+def is_container(head: bytes) -> bool:
+    """WebM/Matroska (EBML) or MP4/M4A (`ftyp`): files libsndfile cannot read; PyAV decodes them."""
+    return head[:4] == b"\x1a\x45\xdf\xa3" or head[4:8] == b"ftyp"
+
+
+def container_to_wav(source: io.BytesIO | str, label: str, charge: Callable[[float], None] | None = None) -> bytes:
+    """Decode the first audio stream of a WebM/Matroska/MP4 file with PyAV (FFmpeg) to a mono
+    float WAV at the file's own rate (then resampled as any other file). Decoding stops as soon as
+    the audio is longer than MAX_AUDIO_SECONDS; `charge` hears the seconds decoded so far (the
+    server's per-request budget raises from it)."""
+    import av
+    import soundfile as sf
+
+    chunks, total, rate = [], 0, 0
+    try:
+        with av.open(source, mode="r") as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise AudioInputError(f"{label}: the file has no audio stream")
+            if stream.codec_context is None:  # FFmpeg knows no decoder for it (PyAV then has no .rate)
+                raise AudioInputError(f"{label}: the audio stream's codec is not supported")
+            rate = int(stream.codec_context.sample_rate or 0)
+            if rate <= 0:
+                raise AudioInputError(f"{label}: the audio stream has no sample rate")
+            # Packed float ("flt"): one interleaved plane whatever the channel count. Planar frames
+            # of more than 8 channels keep their planes in FFmpeg's extended_data, which PyAV's
+            # to_ndarray does not read: it read past the frame and crashed the process (fuzzing,
+            # a 10-channel WAV sent as MP4).
+            resampler = av.AudioResampler(format="flt", rate=rate)
+            for frame in _with_end(container.decode(stream)):
+                for out in resampler.resample(frame):
+                    channels = max(1, out.layout.nb_channels)
+                    samples = out.to_ndarray().reshape(-1, channels)  # (n, channels)
+                    chunks.append(samples.mean(axis=1, dtype=np.float32))
+                    total += samples.shape[0]
+                    if charge is not None:
+                        charge(total / rate)
+                    if total > MAX_AUDIO_SECONDS * rate:
+                        raise AudioInputError(f"{label}: audio exceeds the {MAX_AUDIO_SECONDS} s maximum")
+    except AudioInputError:
+        raise
+    except (av.error.FFmpegError, ValueError, EOFError, OSError) as e:
+        raise AudioInputError(f"{label}: cannot decode audio ({' '.join(str(e).split())})") from None
+    if not total:
+        raise AudioInputError(f"{label}: the audio is empty")
+    wave = np.concatenate(chunks)
+    if not np.isfinite(wave).all():
+        raise AudioInputError(f"{label}: contains non-finite (NaN/inf) samples")
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def _with_end(frames):
+    """The decoded frames, then None (which flushes the resampler)."""
+    yield from frames
+    yield None
+
+
 # --------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------
 
 
 def load_audio(source: str | Path | bytes | np.ndarray, target_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode WAV / FLAC / Ogg (Vorbis, Opus) / MP3 to mono float32 at `target_rate`.
+    """Decode WAV / FLAC / Ogg (Vorbis, Opus) / MP3, or M4A / MP4 / WebM audio (through PyAV), to
+    mono float32 at `target_rate`.
 
     Channels are averaged; the rate is converted with soxr (HQ). A 1-D array (numpy, torch or a
     list) is taken as mono samples already at `target_rate`, as transformers' processor takes it.
@@ -104,9 +165,12 @@ def load_audio(source: str | Path | bytes | np.ndarray, target_rate: int = SAMPL
             head = raw.read(32)
             raw.seek(max(0, size - _OGG_TAIL))
             tail = raw.read()
+    if is_container(head):  # WebM/MP4/M4A: PyAV decodes them to a WAV that libsndfile reads
+        wav = container_to_wav(handle, label)
+        handle, head = io.BytesIO(wav), wav[:32]
     if not _known_audio(head):
-        raise AudioInputError(f"{label}: not audio: its bytes begin as no WAV, FLAC, Ogg, MP3, AIFF or other "
-                              "format the decoder reads")
+        raise AudioInputError(f"{label}: not audio: its bytes begin as no WAV, FLAC, Ogg, MP3, M4A, WebM or "
+                              "other format the decoders read")
     if target_rate <= 0:
         raise AudioInputError(f"{label}: target rate {target_rate} must be positive")
     try:

@@ -20,10 +20,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ..llm import LLM, Prompt
-from ..processing.audio import MAX_AUDIO_SECONDS, SAMPLE_RATE, AudioInputError
+from ..processing.audio import SAMPLE_RATE, AudioInputError, container_to_wav, is_container
 from ..processing.prompt import PreparedAudio
 from .protocol import ApiError, bad
 
@@ -265,74 +263,14 @@ def build_prompt(llm: LLM, messages: list[dict], *, thinking: bool, tools: list 
 # ------------------------------------------------------------------------------ audio containers
 
 
-def _sniff(data: bytes) -> str | None:
-    if data[:4] == b"\x1a\x45\xdf\xa3":
-        return "webm"  # EBML: WebM / Matroska
-    if data[4:8] == b"ftyp":
-        return "mp4"
-    return None
-
-
 def audio_bytes(data: bytes, fmt: str | None, label: str, budget: AudioBudget | None = None,
                 param: str = "messages") -> bytes:
-    """Audio as bytes the runtime's decoder (libsndfile) reads: WebM/MP4 become WAV."""
-    if fmt in _PYAV_FORMATS or _sniff(data):
-        return container_to_wav(data, label, budget, param)
+    """Audio as bytes the runtime's decoder (libsndfile) reads: WebM/MP4 become WAV (charged to
+    `budget` as they decode)."""
+    if fmt in _PYAV_FORMATS or is_container(data):
+        charge = None if budget is None else (lambda seconds: budget.check(seconds, param))
+        return container_to_wav(io.BytesIO(data), f"<{label}>", charge)
     return data
-
-
-def container_to_wav(data: bytes, label: str, budget: AudioBudget | None = None, param: str = "messages") -> bytes:
-    """Decode the first audio stream of a WebM/Matroska/MP4 file with PyAV (FFmpeg) to a mono
-    float WAV at the file's own rate (the runtime then resamples it as any other file). Decoding
-    stops as soon as the audio is longer than MAX_AUDIO_SECONDS or what `budget` has left."""
-    import av
-    import soundfile as sf
-
-    label = f"<{label}>"
-    chunks, total, rate = [], 0, 0
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            stream = next((s for s in container.streams if s.type == "audio"), None)
-            if stream is None:
-                raise AudioInputError(f"{label}: the file has no audio stream")
-            if stream.codec_context is None:  # FFmpeg knows no decoder for it (PyAV then has no .rate)
-                raise AudioInputError(f"{label}: the audio stream's codec is not supported")
-            rate = int(stream.codec_context.sample_rate or 0)
-            if rate <= 0:
-                raise AudioInputError(f"{label}: the audio stream has no sample rate")
-            # Packed float ("flt"): one interleaved plane whatever the channel count. Planar frames
-            # of more than 8 channels keep their planes in FFmpeg's extended_data, which PyAV's
-            # to_ndarray does not read: it read past the frame and crashed the process (fuzzing,
-            # a 10-channel WAV sent as MP4).
-            resampler = av.AudioResampler(format="flt", rate=rate)
-            for frame in _with_end(container.decode(stream)):
-                for out in resampler.resample(frame):
-                    channels = max(1, out.layout.nb_channels)
-                    samples = out.to_ndarray().reshape(-1, channels)  # (n, channels)
-                    chunks.append(samples.mean(axis=1, dtype=np.float32))
-                    total += samples.shape[0]
-                    if budget is not None:
-                        budget.check(total / rate, param)
-                    if total > MAX_AUDIO_SECONDS * rate:
-                        raise AudioInputError(f"{label}: audio exceeds the {MAX_AUDIO_SECONDS} s maximum")
-    except AudioInputError:
-        raise
-    except (av.error.FFmpegError, ValueError, EOFError, OSError) as e:
-        raise AudioInputError(f"{label}: cannot decode audio ({' '.join(str(e).split())})") from None
-    if not total:
-        raise AudioInputError(f"{label}: the audio is empty")
-    wave = np.concatenate(chunks)
-    if not np.isfinite(wave).all():
-        raise AudioInputError(f"{label}: contains non-finite (NaN/inf) samples")
-    buf = io.BytesIO()
-    sf.write(buf, wave, rate, format="WAV", subtype="FLOAT")
-    return buf.getvalue()
-
-
-def _with_end(frames):
-    """The decoded frames, then None (which flushes the resampler)."""
-    yield from frames
-    yield None
 
 
 def _one_line(e: BaseException) -> str:
