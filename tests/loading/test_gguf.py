@@ -725,3 +725,26 @@ def test_the_parsed_header_leaves_no_pages_resident(tmp_path):
     assert len(f.metadata["tokenizer.ggml.tokens"]) == 100_000
     assert resident_kib(path) <= 8  # at most the page the header shares with the first tensor
     assert np.array_equal(f.array("token_embd.weight"), np.ones((4, 32), dtype=np.float32))
+
+
+def test_convert_lists_a_token_for_every_embedding_row(tmp_path):
+    """Gemma 3 4B-27B have 262208 embedding rows for 262145 tokenizer ids: convert had written
+    the shorter token list, which llama.cpp refuses ("token_embd.weight has wrong shape"). The
+    rows past the tokenizer get llama.cpp's converter's "[PAD<id>]" UNUSED entries."""
+    from gguf import GGUFReader, TokenType
+
+    from reference_models import build_reference
+    from tiny_tokenizer import write_tiny_tokenizer
+
+    folder = tmp_path / "wide"
+    build_reference("gemma3", folder, vocab_size=300)
+    write_tiny_tokenizer(folder, "gemma3")  # 256 tokens
+    convert(folder, tmp_path / "wide.gguf", "f32", progress=False)
+    reader = GGUFReader(tmp_path / "wide.gguf")
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    types = reader.fields["tokenizer.ggml.token_type"]
+    assert len(tokens.data) == 300 == next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1]
+    assert bytes(tokens.parts[tokens.data[299]]).decode() == "[PAD299]"
+    assert int(types.parts[types.data[299]][0]) == TokenType.UNUSED
+    ids = [2, 10, 20, 30]
+    assert np.array_equal(gemmarun.load(folder).logits(ids), gemmarun.load(tmp_path / "wide.gguf").logits(ids))

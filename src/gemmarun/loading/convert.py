@@ -150,14 +150,17 @@ def _hf_vocab(folder: Path, cfg: TextConfig) -> Vocab:
     model = data["model"]
     vocab: dict[str, int] = model["vocab"]
     added = {t["content"]: t for t in data.get("added_tokens", [])}
+    # As many tokens as embedding rows (Gemma 3 4B+ has 262208 rows for 262145 tokens: llama.cpp
+    # refuses a file whose token list is shorter than token_embd); ids no piece holds are
+    # "[PAD<id>]", UNUSED, as llama.cpp's converter fills them.
     size = max(max(vocab.values()), max((t["id"] for t in added.values()), default=0)) + 1
+    size = max(size, cfg.vocab_size)
     tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [int(TokenType.UNUSED)] * size
     for piece, i in vocab.items():
         tokens[i] = piece
-    types = [int(TokenType.NORMAL)] * size
-    for piece, i in vocab.items():
-        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-            types[i] = int(TokenType.BYTE)
+        is_byte = piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6
+        types[i] = int(TokenType.BYTE if is_byte else TokenType.NORMAL)
     for content, t in added.items():
         tokens[t["id"]] = content
         if t.get("special"):
