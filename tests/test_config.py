@@ -216,3 +216,20 @@ def test_gemma3_query_scalar_must_be_positive():
            "query_pre_attn_scalar": -4}
     with pytest.raises(ConfigError, match="query_pre_attn_scalar=-4.0 must be a positive number"):
         text_config_from_hf(raw)
+
+
+@pytest.mark.parametrize("model_type, text_type", [("gemma3", "gemma3_text"), ("gemma4", "gemma4_text"),
+                                                   ("gemma4_unified", "gemma4_unified_text")])
+def test_a_composite_config_ties_its_head_by_its_top_level_flag(model_type, text_type):
+    """transformers' ForConditionalGeneration classes read the top-level tie_word_embeddings and
+    ignore their text_config's: a checkpoint untied there (its own lm_head.weight) had loaded with
+    the embedding as its head, every logit wrong without a word; one tied there had been refused."""
+    def composite(top, text):
+        return {"model_type": model_type, "tie_word_embeddings": top,
+                "text_config": _minimal(model_type=text_type, tie_word_embeddings=text)}
+
+    assert text_config_from_hf(composite(True, False)).hidden_size == 16
+    with pytest.raises(ConfigError, match="tie_word_embeddings=false is not supported"):
+        text_config_from_hf(composite(False, True))
+    with pytest.raises(ConfigError, match="tie_word_embeddings=false is not supported"):
+        text_config_from_hf(_minimal(model_type=text_type, tie_word_embeddings=False))

@@ -400,7 +400,11 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         raise ConfigError(f"hidden_activation={tc['hidden_activation']!r} is not supported")
     if _hf_flag(tc, "attention_bias", False):
         raise ConfigError("attention_bias=true is not supported (Gemma has no attention biases)")
-    if not _hf_flag(tc, "tie_word_embeddings", True):
+    # A composite config's class (ForConditionalGeneration) ties its head by its own top-level
+    # flag, whatever its text_config says (transformers 5.23): one untied there had loaded with the
+    # embedding as its head, silently, and one tied there had been refused.
+    composite = "text_config" in raw and raw.get("model_type") in ("gemma4", "gemma3", "gemma4_unified")
+    if not _hf_flag(raw if composite else tc, "tie_word_embeddings", True):
         raise ConfigError("tie_word_embeddings=false is not supported (Gemma ties its head)")
     num_layers = _hf_int(tc, "num_hidden_layers")
     if not 1 <= num_layers <= MAX_SIZE:  # checked before the per-layer plan loops over it
