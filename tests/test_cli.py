@@ -80,6 +80,18 @@ def test_errors_are_one_line_without_traceback(args, fragment):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_run_with_a_model_and_no_prompt_says_so(tiny_models, tmp_path):
+    """`gemmarun run MODEL` (Ollama's habit) had run the embedded 270M on the path's text."""
+    folder, _ = tiny_models("e2b")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    for model in (str(folder), str(gguf)):
+        code, out, err = _run(["run", model])
+        assert code == 2 and out == ""
+        assert err.strip() == (f"gemmarun run: error: {model} is a model: give a prompt too (gemmarun run {model} "
+                               f"PROMPT), or talk with it: gemmarun chat {model} (see gemmarun run --help)")
+
+
 def test_prompt_past_context_is_a_one_line_error(tiny_models):
     folder, _ = tiny_models("e2b")
     code, _, err = _run(["run", str(folder), "hello " * 400, "--raw", "--device", "cpu"])
