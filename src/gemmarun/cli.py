@@ -72,7 +72,8 @@ def _positive_number(text: str) -> float:
 
 
 def _add_model_options(p: argparse.ArgumentParser, threads: bool = True, mmproj: bool = True) -> None:
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="compute dtype (default auto: float32 on the CPU, bfloat16 on a GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     if mmproj:
         p.add_argument("--mmproj", metavar="FILE", default=None,
@@ -85,13 +86,16 @@ def _add_model_options(p: argparse.ArgumentParser, threads: bool = True, mmproj:
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=256, help="the most tokens generated (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (default 0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below this fraction of the likeliest one's probability (default 0.0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen, prompt included (default 1.0: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract from the logits of tokens already generated (default 0.0: off)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampled tokens (-1: a random one, as unset)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=[],
@@ -638,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder or .gguf (default: the embedded Gemma 3 270M), then the prompt, quoted "
                         "(- reads it from stdin)")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
-    p.add_argument("--think", action="store_true", help="enable Gemma 4 thinking")
+    p.add_argument("--think", action="store_true", help="enable Gemma 4 thinking (the reasoning on stderr)")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--audio", action="append", default=[],
                    help="audio file: wav, flac, ogg/opus, mp3, m4a/mp4 or webm (repeatable)")
@@ -658,8 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(func=cmd_transcribe, max_tokens=4096)  # minutes of speech: 256 would cut them
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat")
-    p.add_argument("model", nargs="?", default=None)
+    p = sub.add_parser("chat", help="interactive multi-turn chat",
+                       description=f"Interactive multi-turn chat. In the chat: {CHAT_COMMANDS}.")
+    p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--think", action="store_true", help="enable Gemma 4 thinking (the reasoning on stderr)")
     _add_sampling_options(p)
@@ -668,14 +673,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="layer plan, parameters, KV cache, tensors, warnings")
-    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
     p.add_argument("--context", type=_at_least_one, default=None, help="context length for the KV-cache size")
     p.add_argument("--no-tensors", action="store_true", help="omit the tensor table")
     _add_model_options(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="prefill/decode speed, time to first token, peak RSS")
-    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
     p.add_argument("--prompt-tokens", type=_at_least_one, default=512, help="prompt length (default 512)")
     p.add_argument("--decode-tokens", type=_at_least_one, default=128, help="tokens decoded (default 128)")
     p.add_argument("--write", metavar="FILE", default=None, help="record into this markdown file")
@@ -696,25 +701,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("svg", help="check, repair, or draw SVG with a model")
-    svg_sub = p.add_subparsers(dest="svg_command", required=True)
+    svg_sub = p.add_subparsers(dest="svg_command", required=True, metavar="{check,repair,draw}")
     q = svg_sub.add_parser("check", help="list every problem with line:column; exit 1 if any")
-    q.add_argument("file")
+    q.add_argument("file", help="the SVG file")
     q.set_defaults(func=cmd_svg_check)
     q = svg_sub.add_parser("repair", help="fix what can be fixed deterministically and report each change")
-    q.add_argument("file")
-    q.add_argument("-o", "--output", required=True)
+    q.add_argument("file", help="the SVG file")
+    q.add_argument("-o", "--output", required=True, help="where the repaired SVG goes")
     q.add_argument("--png", default=None, help="also render the result to this PNG")
     q.set_defaults(func=cmd_svg_repair)
     q = svg_sub.add_parser("draw", help="prompt a model for an SVG, then extract, check, repair, render")
     q.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
     q.add_argument("subject", help='e.g. "a pelican riding a bicycle"')
-    q.add_argument("-o", "--output", required=True)
-    q.add_argument("--png", default=None)
+    q.add_argument("-o", "--output", required=True, help="where the SVG goes")
+    q.add_argument("--png", default=None, help="also render it to this PNG")
     _add_sampling_options(q)
     _add_model_options(q, mmproj=False)
     q.set_defaults(func=cmd_svg_draw, max_tokens=1024)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, with a chat page at /")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, with a chat page at /",
+                       description="OpenAI-compatible HTTP server, with a chat page at /. A request that leaves "
+                       "sampling out samples as the Gemma model cards advise (temperature 1.0, top_p 0.95, "
+                       "top_k 64); send temperature 0 for greedy answers.")
     p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=_port, default=8080, help="TCP port (default 8080)")
@@ -741,16 +749,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=_at_least_one, default=None,
                    help="the most max_tokens a request may ask for (400 past it; default: the context)")
     p.add_argument("--max-image-mp", type=_positive_number, default=50,
-                   help="megapixels per image, checked from its header before decoding (400 past it)")
+                   help="megapixels per image, checked from its header before decoding (400 past it; default 50)")
     p.add_argument("--max-audio-seconds", type=_positive_number, default=600,
-                   help="seconds of audio per request, all parts together (400 past it)")
-    p.add_argument("--body-timeout", type=_positive_number, default=60, help="seconds to receive a request body (408 past it)")
+                   help="seconds of audio per request, all parts together (400 past it; default 600)")
+    p.add_argument("--body-timeout", type=_positive_number, default=60,
+                   help="seconds to receive a request body (408 past it; default 60)")
     p.add_argument("--header-timeout", type=_positive_number, default=30,
-                   help="seconds a connection may go without sending a complete request head (then closed)")
+                   help="seconds a connection may go without sending a complete request head (then closed; default 30)")
     p.add_argument("--max-connections", type=_at_least_one, default=512,
                    help="open connections, idle ones included (503 past it; default 512)")
     p.add_argument("--log-prompts", action="store_true", help="log prompt and reply text (never logged otherwise)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level (default info)")
     _add_loop_guard_option(p)
     _add_draft_option(p, "; the server drafts for a request while it decodes alone")
     _add_model_options(p)
@@ -759,9 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .loading.convert import TYPES as CONVERT_TYPES
 
     p = sub.add_parser("convert", help="write a HF folder as GGUF")
-    p.add_argument("source")
-    p.add_argument("output")
-    p.add_argument("--type", choices=list(CONVERT_TYPES), default="f16")
+    p.add_argument("source", help="a Hugging Face model folder (config.json, safetensors, tokenizer)")
+    p.add_argument("output", help="the .gguf file to write")
+    p.add_argument("--type", choices=list(CONVERT_TYPES), default="f16", help="weight type (default f16)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_convert)
     return parser
