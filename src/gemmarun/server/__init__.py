@@ -105,7 +105,8 @@ key, 404, 408, 413, 429, 500, 503 (too many connections, or shutting down). With
 other than loopback without a key prints a warning. Browsers: a request with an Origin of another
 web page gets 403 origin_not_allowed, unless --allow-origin lists it (CORS headers and preflight
 answers then); a same-origin one that arrives on a loopback address naming a host that is not
-(DNS rebinding) gets 403 host_not_allowed.
+(DNS rebinding) gets 403 host_not_allowed (browsers send Origin with every POST; a same-origin GET
+carries none and can read /health, the page and, without a key, /v1/models).
 
 Logs: one line per request at info (its id, prompt and completion tokens, seconds, finish reason)
 beside uvicorn's access lines (method, path, status). The API key, the Authorization header and
