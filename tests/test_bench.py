@@ -2,6 +2,8 @@
 missing and failing runtimes, `record`, the memory-bandwidth bound, threads, --random-weights."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import types
@@ -221,6 +223,36 @@ def test_record_keeps_prose_after_a_section_and_ignores_fenced_examples(tmp_path
         f"### a\n\nsecond a\n{bench.SECTION_END}\n\n### b\n\nfirst b\n{bench.SECTION_END}\n"
         "\nWhat a's numbers mean.\n\n## Output guards\n\nguards\n")
     assert [p.name for p in tmp_path.iterdir()] == ["benchmarks.md"]  # written whole, then moved in place
+
+
+def test_record_writes_through_links_and_refuses_what_is_no_markdown_file(tmp_path, monkeypatch):
+    """A probe's --write found: a symlink replaced by a plain file (its target never updated), a
+    FIFO replaced, /dev/null replaced by a file (as root), a model's config.json given a table
+    appended after the whole run, a binary file failing after the run with "'utf-8' codec can't
+    decode", and a `.partial` file left by a failed write."""
+    real = tmp_path / "real.md"
+    real.write_text("# Benchmarks\n\nmine\n")
+    (tmp_path / "link.md").symlink_to(real)
+    bench.record(tmp_path / "link.md", "s", "### s\n\nnumbers\n")
+    assert (tmp_path / "link.md").is_symlink() and "numbers" in real.read_text() and "mine" in real.read_text()
+    os.mkfifo(tmp_path / "fifo.md")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "blob.md").write_bytes(b"\xd0\xff\x00binary")
+    (tmp_path / "folder.md").mkdir()
+    for name, problem in (("fifo.md", "not a regular file"), ("config.json", "not a markdown file"),
+                          ("blob.md", "not UTF-8 text"), ("folder.md", "a folder, not a file")):
+        with pytest.raises(ValueError, match=problem):
+            bench.record(tmp_path / name, "s", "### s\n")
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo.md").st_mode) and (tmp_path / "config.json").read_text() == "{}"
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError):
+        bench.record(real, "t", "### t\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.md", "config.json", "fifo.md", "folder.md",
+                                                          "link.md", "real.md"]
 
 
 def test_read_bandwidth_is_measured_with_the_thread_count():

@@ -33,6 +33,7 @@ from .cache import make_cache
 from .config import ConfigError
 from .generate import decode_step, prefill
 from .machine import describe
+from .outputs import replaced_target, write_text_replacing
 from .sampling import greedy_token
 
 RESULT_PREFIX = "gemmarun-bench-result "
@@ -574,7 +575,7 @@ def record(path: Path, setup: str, section: str) -> None:
     SECTION_END mark (older ones at the next heading of level 1-3), so prose written after it and
     the `##` part after it stay; a new setup goes after the last recorded section. The file is
     replaced whole, never left half written."""
-    text = path.read_text() if path.exists() and path.stat().st_size else "# Benchmarks\n\n"
+    text = read_record(path)
     section = section.rstrip("\n") + "\n" + SECTION_END + "\n"
     headings = _outside_fences(text, re.finditer(rf"^### {re.escape(setup)}[ \t]*$", text, re.MULTILINE))
     if headings:
@@ -592,6 +593,18 @@ def record(path: Path, setup: str, section: str) -> None:
         text = text[:end] + "\n" + section + text[end:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    write_text_replacing(path, text)
+
+
+def read_record(path: Path) -> str:
+    """The markdown file `record` adds a section to ("# Benchmarks" when new or empty); a
+    ValueError naming it when it is no such file: a folder, a device, not UTF-8 text, or not
+    markdown (`--write config.json` had appended a table to a model's config)."""
+    target = replaced_target(path)
+    if target.suffix.lower() not in (".md", ".markdown"):
+        raise ValueError(f"{path}: not a markdown file (.md): the benchmark tables go into one")
+    try:
+        text = target.read_text(encoding="utf-8") if target.exists() else ""
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    return text if text.strip() else "# Benchmarks\n\n"

@@ -823,8 +823,15 @@ def _check_options(args: argparse.Namespace) -> None:
             raise ValueError("--twin needs --random-weights MOE_CONFIG")
         if args.quant and not args.random_weights:
             raise ValueError("--quant is the type of a --random-weights file; a MODEL file has its own")
-        if args.write and not Path(args.write).absolute().parent.is_dir():
-            raise ValueError(f"--write {args.write}: no folder {Path(args.write).absolute().parent}")
+        if args.random_weights == "":
+            raise ValueError("--random-weights needs a config: a name like e2b, or a config.json")
+        if args.write:
+            from .bench import read_record
+
+            try:  # what it would write into, checked before the run
+                read_record(Path(args.write))
+            except ValueError as e:
+                raise ValueError(f"--write {e}") from None
 
 
 def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:

@@ -250,6 +250,26 @@ def test_convert_never_writes_over_its_own_source(tiny_models, tmp_path):
         convert(dst, tmp_path, "f16", progress=False)
 
 
+def test_convert_writes_through_a_symlink_and_refuses_a_fifo(tiny_models, tmp_path):
+    """The output was renamed over its path: a symlink became a plain file (its target left as it
+    was) and a FIFO or device node was replaced by the GGUF."""
+    import os
+    import stat
+
+    from gemmarun.loading.convert import convert
+
+    folder = tiny_models("gemma3")[0]
+    target = tmp_path / "models" / "real.gguf"
+    target.parent.mkdir()
+    (tmp_path / "out.gguf").symlink_to(target)
+    convert(folder, tmp_path / "out.gguf", "f16", progress=False)
+    assert (tmp_path / "out.gguf").is_symlink() and target.read_bytes()[:4] == b"GGUF"
+    os.mkfifo(tmp_path / "pipe.gguf")
+    with pytest.raises(LoadError, match="pipe.gguf: not a regular file"):
+        convert(folder, tmp_path / "pipe.gguf", "f16", progress=False)
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe.gguf").st_mode)
+
+
 def test_a_failed_convert_leaves_the_output_as_it_was(tiny_models, tmp_path, monkeypatch):
     """The GGUF is written beside the output and renamed over it once whole: a conversion that
     failed (or was interrupted) had truncated an existing file and left a broken one behind."""

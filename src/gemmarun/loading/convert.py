@@ -25,6 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileTy
 from gguf.quants import quantize
 
 from ..config import LayerType, TextConfig, gemma3_gguf_attention_scale, load_hf_config
+from ..outputs import replaced_target
 from ..tokenizer import Tokenizer
 from .errors import LoadError
 from .hf import check_folder_files, read_chat_template
@@ -227,10 +228,12 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
         raise LoadError(f"convert: --type {type_name!r} is not supported ({', '.join(TYPES)})")
     if not folder.is_dir():
         raise LoadError(f"convert: {folder} is not a HF model folder")
-    if not output.absolute().parent.is_dir():
-        raise LoadError(f"convert: {output}: no folder {output.absolute().parent} to write it in")
     if output.is_dir():
         raise LoadError(f"convert: {output} is a folder; give the GGUF file's name")
+    try:
+        output = replaced_target(output)  # a symlink's target; no FIFO or device replaced
+    except ValueError as e:
+        raise LoadError(f"convert: {e}") from None
     if output.exists() and any(output.samefile(f) for f in folder.iterdir()):
         # the writer truncates its output while the source's tensors are still mapped from it
         raise LoadError(f"convert: the output {output} is one of the source folder's files")
@@ -253,7 +256,7 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
 
     # Written beside the output and renamed over it once whole: a failed or interrupted conversion
     # leaves an existing file as it was, and no half-written GGUF behind.
-    partial = output.with_name(f".{output.name}.partial")
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     try:
         w = GGUFWriter(partial, cfg.family)
         w.add_name(folder.name)
