@@ -314,6 +314,21 @@ def test_cli_bench_random_weights_writes_the_machine_line_and_command(tiny_model
     assert "decode bound" in text and "| gemmarun 0.1.0 |" in text
 
 
+def test_cli_bench_random_weights_checks_the_workload_before_writing(tiny_models, tmp_path, capsys, monkeypatch):
+    """A workload past the config's context had been refused only after its random weights were
+    written (2.6-17 GB for the released shapes); the recorded command is shell-quoted."""
+    from gemmarun.cli import _bench_command, build_parser
+
+    monkeypatch.setattr(bench, "RANDOM_CACHE", tmp_path / "cache")
+    config = tiny_models("gemma3")[0] / "config.json"
+    context = json.loads(config.read_text())["max_position_embeddings"]
+    assert main(["bench", "--random-weights", str(config), "--prompt-tokens", str(context)]) == 1
+    assert "do not fit the model's context" in capsys.readouterr().err and not (tmp_path / "cache").exists()
+    args = build_parser().parse_args(["bench", str(tmp_path / "my model.gguf"), "--threads", "1"])
+    assert _bench_command(args, 1).startswith(f"gemmarun bench '{tmp_path}/my model.gguf' --threads 1")
+    assert len(bench.random_prompt_ids(8, 20)) == 20 and max(bench.random_prompt_ids(8, 20)) < 8  # a tiny vocabulary
+
+
 @pytest.mark.parametrize("args, message, code", [
     (["--compare", "--device", "meta"], "--compare runs every runtime on the CPU", 1),
     (["--threads", "0"], "--threads must be at least 1", 2),

@@ -100,9 +100,11 @@ class Workload:
 
 
 def random_prompt_ids(vocab_size: int, n: int) -> tuple[int, ...]:
-    """Seeded ids above the specials (10) and below Gemma's 200k+ reserved/unused tail."""
+    """Seeded ids above the specials (10) and below Gemma's 200k+ reserved/unused tail (any id of
+    a test config's vocabulary of 10 or fewer)."""
     g = torch.Generator().manual_seed(0)
-    return tuple(torch.randint(10, min(vocab_size, 200_000), (n,), generator=g).tolist())
+    low = 10 if vocab_size > 10 else 0
+    return tuple(torch.randint(low, min(vocab_size, 200_000), (n,), generator=g).tolist())
 
 
 # -- gemmarun's own run (in the worker process) ------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -544,7 +545,7 @@ RANDOM_WEIGHTS_QUANT = "q4_0"
 
 def _bench_command(args: argparse.Namespace, threads: int) -> str:
     """The command line that reproduces this run, with the thread count made explicit."""
-    parts = ["gemmarun bench"]
+    parts = ["gemmarun", "bench"]
     if args.model:
         parts.append(args.model)
     if args.random_weights:
@@ -566,13 +567,22 @@ def _bench_command(args: argparse.Namespace, threads: int) -> str:
         parts += ["--device", args.device]
     if args.write:
         parts += ["--write", args.write]
-    return " ".join(parts)
+    return shlex.join(parts)  # runs again as written, a path with a space included
+
+
+def _check_bench_fits(args: argparse.Namespace, cfg) -> None:
+    from .bench import BenchError
+
+    if args.prompt_tokens + args.decode_tokens > cfg.max_position_embeddings:
+        raise BenchError(f"{args.prompt_tokens} + {args.decode_tokens} tokens do not fit the model's "
+                         f"context of {cfg.max_position_embeddings}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import bench, machine
+    from .config import ConfigError
     from .loading import resolve_device
 
     if args.compare and args.device not in (None, "cpu"):
@@ -580,6 +590,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device("cpu" if args.compare else args.device)  # a CUDA machine included
     threads = args.threads if args.threads is not None else machine.physical_cores()
     if args.random_weights:
+        from .loading.random_weights import resolve_config
+
+        try:  # the workload must fit before gigabytes of random weights are written
+            _check_bench_fits(args, resolve_config(args.random_weights)[0])
+        except ConfigError as e:
+            raise bench.BenchError(f"--random-weights {args.random_weights}: {e}") from None
         args.quant = args.quant or RANDOM_WEIGHTS_QUANT  # (given only with --random-weights)
         path = bench.random_weights_model(args.random_weights, args.quant, twin=args.twin)
         label = f"random-weights {args.random_weights}{' dense twin' if args.twin else ''} {args.quant}"
@@ -591,9 +607,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         path, label = default_model_path(), "embedded gemma-3-270m Q4_K_M"
     facts = bench.describe_model(path)
     cfg = facts.config
-    if args.prompt_tokens + args.decode_tokens > cfg.max_position_embeddings:
-        raise bench.BenchError(f"{args.prompt_tokens} + {args.decode_tokens} tokens do not fit the model's "
-                               f"context of {cfg.max_position_embeddings}")
+    _check_bench_fits(args, cfg)
     prompt_ids = bench.random_prompt_ids(cfg.vocab_size, args.prompt_tokens)
     sanity = bench.sanity_ids(facts, prompt_ids)
     workload = bench.Workload(str(path), prompt_ids, args.decode_tokens, threads, sanity,

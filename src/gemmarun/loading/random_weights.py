@@ -56,6 +56,7 @@ TYPES = {**CONVERT_TYPES, "q4_k": GGMLQuantizationType.Q4_K}
 WEIGHT_STD = 0.02  # of every weight matrix, embeddings included (the model scales embeddings by sqrt(hidden))
 NORM_STD = 0.02  # spread of norm weights and scales around 1
 CHUNK_BYTES = 8 << 20  # encoded bytes generated per step
+DISK_MARGIN = 64 << 20  # left free beside the file: a full disk breaks everything else too
 # The leads' table of the released checkpoints' configs, beside the repository.
 CONFIGS_JSON = Path(__file__).resolve().parents[4] / "shared" / "spec" / "gemma4-configs.json"
 SHORT_NAMES = ("e2b", "e4b", "31b", "26b-a4b")
@@ -342,8 +343,9 @@ def write_random_gguf(config: TextConfig | str | Path, out: str | Path, qtype: s
     total = sum(t.nbytes for t in plan)
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
-    if total + (64 << 20) > free:
-        raise LoadError(f"random weights: {out} needs {total / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free")
+    if total + DISK_MARGIN > free:
+        raise LoadError(f"random weights: {out} needs {total / 1e9:.2f} GB (and {DISK_MARGIN >> 20} MiB to spare) "
+                        f"but only {free / 1e9:.2f} GB is free")
 
     # This process's own partial file: two writers of one file (two benches at once) each write
     # theirs whole, and the rename that lands last leaves the same bytes.
