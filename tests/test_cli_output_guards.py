@@ -27,6 +27,9 @@ def test_svg_check_repair_and_render(tmp_path, capsys):
     assert main(["svg", "repair", str(hopeless), "-o", str(tmp_path / "out.svg")]) == 1
     assert "still does not parse" in capsys.readouterr().err
     assert not (tmp_path / "out.svg").exists()  # not written: -o may name the input
+    # an output nowhere to be written had been a bare "[Errno 2] No such file or directory"
+    assert main(["svg", "repair", str(bad), "-o", str(tmp_path / "nowhere" / "out.svg")]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"out.svg: no folder {tmp_path / 'nowhere'} to write it in")
 
 
 CLEAN = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 9 9"><title>caf\u00e9</title>'

@@ -33,7 +33,7 @@ from .cache import make_cache
 from .config import ConfigError
 from .generate import decode_step, prefill
 from .machine import describe
-from .outputs import replaced_target, write_text_replacing
+from .outputs import replaced_target, write_replacing
 from .sampling import greedy_token
 
 RESULT_PREFIX = "gemmarun-bench-result "
@@ -595,7 +595,7 @@ def record(path: Path, setup: str, section: str) -> None:
         text = text[:end] + "\n" + section + text[end:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    write_text_replacing(path, text)
+    write_replacing(path, text.encode("utf-8"))
 
 
 def read_record(path: Path) -> str:

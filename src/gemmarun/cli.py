@@ -446,9 +446,9 @@ def cmd_svg_check(args: argparse.Namespace) -> int:
 def _repair_and_render(text: str, out: str, png: str | None, label: str, encoding: str = "utf-8") -> int:
     """Exit status 0 for a clean SVG; 1 when problems are left (written) or it still does not
     parse (not written: `-o` may name the input)."""
-    from pathlib import Path
     from xml.etree import ElementTree as ET
 
+    from .outputs import write_replacing
     from .svg import render_png, repair_svg
 
     fixed = repair_svg(text)
@@ -461,7 +461,7 @@ def _repair_and_render(text: str, out: str, png: str | None, label: str, encodin
     except ET.ParseError as e:
         print(f"{label}: the repaired SVG still does not parse as XML ({e}); {out} not written", file=sys.stderr)
         return 1
-    Path(out).write_bytes(fixed.svg.encode(encoding, errors="xmlcharrefreplace"))
+    write_replacing(out, fixed.svg.encode(encoding, errors="xmlcharrefreplace"))
     print(f"wrote {out}")
     if png:
         render_png(fixed.svg, png)

@@ -1,5 +1,5 @@
-"""Files written for the user (`bench --write`, `convert`): each is written beside its target
-and renamed over it once whole, so a failure leaves the old file as it was."""
+"""Files written for the user (`bench --write`, `convert`, `svg repair -o`): each is written
+beside its target and renamed over it once whole, so a failure leaves the old file as it was."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ def replaced_target(path: str | Path) -> Path:
     return real
 
 
-def write_text_replacing(path: str | Path, text: str) -> None:
-    """`text` into `path` (see replaced_target), whole or not at all; nothing left behind."""
+def write_replacing(path: str | Path, data: bytes) -> None:
+    """`data` into `path` (see replaced_target), whole or not at all; nothing left behind."""
     target = replaced_target(path)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
-        partial.write_text(text, encoding="utf-8")
+        partial.write_bytes(data)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
