@@ -312,6 +312,9 @@ def test_cli_bench_random_weights_writes_the_machine_line_and_command(tiny_model
     assert "--quant q4_0 --threads 1 --prompt-tokens 8 --decode-tokens 2 --write" in text
     assert "1 threads used" in text and "GiB RAM" in text and "torch " in text and "- date: " in text
     assert "decode bound" in text and "| gemmarun 0.1.0 |" in text
+    # whether the native kernels ran is part of the figures (the section had not said)
+    native = os.environ.get("GEMMARUN_NATIVE_KERNELS") != "0"
+    assert f"- gemmarun's native CPU kernels: {'in use' if native else 'not in use'}" in text
 
 
 def test_cli_bench_random_weights_checks_the_workload_before_writing(tiny_models, tmp_path, capsys, monkeypatch):

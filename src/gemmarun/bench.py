@@ -64,6 +64,7 @@ class BenchResult:
     kv_bytes: int | None  # None where the runtime does not expose its cache
     first_ids: tuple[int, ...] = ()  # greedy continuation of the sanity prompt
     version: str = ""
+    kernels: str = ""  # gemmarun on the CPU: whether its native kernels ran, else why not
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -149,13 +150,18 @@ def run_bench(llm, load_s: float, prompt_ids: Sequence[int], decode_tokens: int,
     t2 = time.perf_counter()
     rss = peak_rss_mib()
     from . import __version__
+    from .native import kernel_status
 
+    kernels = ""
+    if model.device.type == "cpu":
+        status = kernel_status()
+        kernels = "in use" if status.startswith("built") else f"not in use, the portable path ran: {status}"
     return BenchResult(
         prefill_tokens=n_prompt, prefill_tok_s=n_prompt / (t1 - t0),
         decode_tokens=decode_tokens, decode_tok_s=decode_tokens / (t2 - t_first),
         ttft_s=t_first - t0, load_s=load_s, peak_rss_mib=rss, kv_bytes=cache.nbytes(),
         first_ids=greedy_ids(model, cfg, sanity_ids, sanity_tokens) if sanity_ids else (),
-        version=f"gemmarun {__version__}",
+        version=f"gemmarun {__version__}", kernels=kernels,
     )
 
 
@@ -408,7 +414,7 @@ class RuntimeRuns:
             ttft_s=statistics.median(r.ttft_s for r in rs), load_s=statistics.median(r.load_s for r in rs),
             peak_rss_mib=statistics.median(r.peak_rss_mib for r in rs),
             kv_bytes=None if None in kv else int(statistics.median(kv)),
-            first_ids=rs[0].first_ids, version=rs[0].version,
+            first_ids=rs[0].first_ids, version=rs[0].version, kernels=rs[0].kernels,
         )
 
 
@@ -516,9 +522,11 @@ def format_report(rep: Report) -> str:
             f"- memory read bandwidth {rep.bandwidth.describe()}; a decode token reads "
             f"{b.total / 1e6:.1f} MB of weights ({b.body / 1e6:.1f} MB layers, {b.head / 1e6:.1f} MB head, "
             f"{b.gathered / 1e3:.1f} kB gathered rows): decode bound {bound:.1f} tok/s")
+    medians = {run.name: run.median() for run in rep.runs}
+    if medians.get("gemmarun") is not None and medians["gemmarun"].kernels:
+        lines.append(f"- gemmarun's native CPU kernels: {medians['gemmarun'].kernels}")
     lines += ["", ("| runtime | load | prefill (tok/s) | decode (tok/s) | decode / bound | time to first token "
                    "| peak RSS | KV cache |"), "|---|---|---|---|---|---|---|---|"]
-    medians = {run.name: run.median() for run in rep.runs}
     for run in rep.runs:
         m = medians[run.name]
         if m is None:
