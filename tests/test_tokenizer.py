@@ -226,6 +226,33 @@ def test_from_hf_folder_synthetic(tmp_path: Path) -> None:
         assert tok.encode(text) == src.encode(text)
 
 
+def test_reply_markers_are_printed_whatever_the_file_says(tmp_path: Path) -> None:
+    """Gemma 4's tokenizer.json marks the channel and tool-call markers special; its GGUFs type them
+    USER_DEFINED (printed). A model from a HF folder had lost them from generate()'s text (thinking
+    merged into the answer, parse_reply finding no tool call) where its GGUF kept them."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_tokenizer
+    from gemmarun.tokenizer import PRINTED_SPECIALS
+
+    markers = ["<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>']
+    original = tiny_tokenizer.SPECIALS
+    tiny_tokenizer.SPECIALS = original + markers  # as special as the real file makes them
+    try:
+        tiny_tokenizer.write_tiny_tokenizer(tmp_path, "e2b")
+    finally:
+        tiny_tokenizer.SPECIALS = original
+    tok = Tokenizer.from_hf_folder(tmp_path)
+    text = '<|channel>thought\nx<channel|><|tool_call>call:f{a:<|"|>b<|"|>}<tool_call|><|tool_response>'
+    ids = tok.encode("<bos>" + text, add_bos=False)
+    assert not any(tok.token_to_id(m) in tok.control_ids for m in PRINTED_SPECIALS)
+    assert tok.token_to_id("<bos>") in tok.control_ids
+    assert tok.decode(ids, skip_special=True) == text
+    decoder = IncrementalDecoder(tok)
+    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == text
+
+
 # -- the real Gemma 3 270M GGUF ------------------------------------------------------------------
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:

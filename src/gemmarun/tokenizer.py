@@ -26,6 +26,12 @@ END_OF_TURN_TOKENS = ("<end_of_turn>", "<turn|>")  # Gemma 3, Gemma 4
 # after its tool calls to wait for their results (spec 9.2: stop on it).
 END_OF_REPLY_TOKENS = (*END_OF_TURN_TOKENS, "<|tool_response>")
 
+# Gemma 4's special tokens that belong to a reply's text (channels, tool calls, tool-call string
+# quotes: spec 10.1): printed, never skipped, whether the file marks them special (tokenizer.json)
+# or not (GGUF types them USER_DEFINED), so `parse_reply` finds them in any model's text.
+PRINTED_SPECIALS = frozenset({"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                              "<tool_response|>", '<|"|>'})
+
 # llama.cpp token types (`tokenizer.ggml.token_type`).
 _TYPE_CONTROL, _TYPE_USER_DEFINED = 3, 4
 
@@ -123,7 +129,7 @@ class Tokenizer:
         self.eos_ids: tuple[int, ...] = tuple(eos)
         # Special added tokens: what decode(skip_special=True) drops and streams never print.
         self.control_ids: frozenset[int] = frozenset(
-            i for i, t in backend.get_added_tokens_decoder().items() if t.special
+            i for i, t in backend.get_added_tokens_decoder().items() if t.special and t.content not in PRINTED_SPECIALS
         )
         self._piece_bytes: dict[int, bytes] = {}
 
@@ -272,7 +278,9 @@ class Tokenizer:
         lowest = min(ids, default=0)
         if lowest < 0:  # (the Rust side raised OverflowError)
             raise ValueError(f"token id {lowest} is negative")
-        return self._tok.decode(ids, skip_special_tokens=skip_special)
+        if skip_special:  # control_ids, not the file's flags: PRINTED_SPECIALS stay
+            ids = [i for i in ids if i not in self.control_ids]
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     @functools.cached_property
     def longest_piece(self) -> int:

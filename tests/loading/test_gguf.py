@@ -748,6 +748,15 @@ def test_convert_lists_a_token_for_every_embedding_row(tmp_path):
     assert int(types.parts[types.data[299]][0]) == TokenType.UNUSED
     ids = [2, 10, 20, 30]
     assert np.array_equal(gemmarun.load(folder).logits(ids), gemmarun.load(tmp_path / "wide.gguf").logits(ids))
+    # fewer rows than tokenizer ids (the 270M: <image_soft_token> is 262144, past its 262144 rows):
+    # the list had been longer than token_embd, which llama.cpp refuses as well
+    narrow = tmp_path / "narrow"
+    build_reference("gemma3", narrow, vocab_size=250)
+    write_tiny_tokenizer(narrow, "gemma3")
+    convert(narrow, tmp_path / "narrow.gguf", "f32", progress=False)
+    reader = GGUFReader(tmp_path / "narrow.gguf")
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 250
+    assert np.array_equal(gemmarun.load(narrow).logits(ids), gemmarun.load(tmp_path / "narrow.gguf").logits(ids))
 
 
 def test_a_cut_short_copy_of_the_embedded_model_is_made_again(tmp_path, monkeypatch):

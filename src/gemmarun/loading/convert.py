@@ -26,7 +26,7 @@ from gguf.quants import quantize
 
 from ..config import LayerType, TextConfig, gemma3_gguf_attention_scale, load_hf_config
 from ..outputs import replaced_target
-from ..tokenizer import Tokenizer
+from ..tokenizer import PRINTED_SPECIALS, Tokenizer
 from .errors import LoadError
 from .hf import check_folder_files, read_chat_template
 from .names import HF_TOWER_PREFIXES, gemmarun_to_gguf, map_hf_names, sanitize_gemma3
@@ -51,9 +51,6 @@ FILE_TYPES = {
     GGMLQuantizationType.MXFP4: LlamaFileType.MOSTLY_MXFP4_MOE,
     GGMLQuantizationType.Q4_K: LlamaFileType.MOSTLY_Q4_K_S,  # (random-weights files)
 }
-# Printed specials in Gemma 4 GGUFs (spec 10.1); other added specials are CONTROL.
-_GEMMA4_USER_DEFINED = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
-                        "<tool_response|>", '<|"|>'}
 
 
 def write_config_metadata(w: GGUFWriter, cfg: TextConfig) -> None:
@@ -151,25 +148,30 @@ def _hf_vocab(folder: Path, cfg: TextConfig) -> Vocab:
     model = data["model"]
     vocab: dict[str, int] = model["vocab"]
     added = {t["content"]: t for t in data.get("added_tokens", [])}
-    # As many tokens as embedding rows (Gemma 3 4B+ has 262208 rows for 262145 tokens: llama.cpp
-    # refuses a file whose token list is shorter than token_embd); ids no piece holds are
-    # "[PAD<id>]", UNUSED, as llama.cpp's converter fills them.
-    size = max(max(vocab.values()), max((t["id"] for t in added.values()), default=0)) + 1
-    size = max(size, cfg.vocab_size)
+    # Exactly one token per embedding row, as llama.cpp's converter writes them (llama.cpp refuses a
+    # list of another length): Gemma 3 4B+ has 262208 rows for 262145 tokenizer ids, the ids no
+    # piece holds becoming "[PAD<id>]", UNUSED; the 270M and 1B have 262144 rows, and the
+    # tokenizer's <image_soft_token> (262144), which no row embeds, is left out.
+    size = cfg.vocab_size
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [int(TokenType.UNUSED)] * size
     for piece, i in vocab.items():
-        tokens[i] = piece
-        is_byte = piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6
-        types[i] = int(TokenType.BYTE if is_byte else TokenType.NORMAL)
+        if i < size:
+            tokens[i] = piece
+            is_byte = piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6
+            types[i] = int(TokenType.BYTE if is_byte else TokenType.NORMAL)
     for content, t in added.items():
+        if t["id"] >= size:
+            continue
         tokens[t["id"]] = content
         if t.get("special"):
-            user = cfg.family == "gemma4" and content in _GEMMA4_USER_DEFINED
+            user = cfg.family == "gemma4" and content in PRINTED_SPECIALS  # USER_DEFINED, other specials CONTROL
             types[t["id"]] = int(TokenType.USER_DEFINED if user else TokenType.CONTROL)
         else:
             types[t["id"]] = int(TokenType.USER_DEFINED)
+    kept = set(tokens)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    merges = [m for m in merges if set(m.split(" ")) | {m.replace(" ", "")} <= kept]  # of kept tokens only
     # config.json's end ids (e.g. [1, 106]): GGUF holds an eos and one eot, and readers join them again
     extra_ends = [e for e in dict.fromkeys(cfg.eos_ids) if e != tok.eos_id]
     if len(extra_ends) > 1:
