@@ -552,7 +552,8 @@ def _container_bytes(fmt: str, codec: str, rate: int = 48000, seconds: float = 1
 
 
 @pytest.mark.parametrize("name, fmt, codec", [("clip.m4a", "mp4", "aac"), ("clip.webm", "webm", "libopus")])
-def test_m4a_and_webm_audio_load_everywhere_as_the_server_loads_them(tmp_path, name, fmt, codec):
+def test_m4a_and_webm_audio_load_everywhere_as_the_server_loads_them(tmp_path, monkeypatch, name, fmt,
+                                                                     codec):
     """The server decoded M4A/MP4/WebM with PyAV, but load_audio (the CLI's --audio, transcribe,
     chat's /audio, the Python API) called them "not audio"."""
     from gemmarun.server.inputs import audio_bytes
@@ -564,6 +565,10 @@ def test_m4a_and_webm_audio_load_everywhere_as_the_server_loads_them(tmp_path, n
     assert abs(from_file.size - SR) < SR // 10 and 0.1 < np.abs(from_file).max() < 0.5
     assert np.array_equal(load_audio(data), from_file)
     assert np.array_equal(load_audio(audio_bytes(data, None, "input_audio")), from_file)
+    monkeypatch.chdir(tmp_path)  # relative names with a colon are not taken for FFmpeg protocols
+    for colon in ("rec-12:30", "pipe:0"):
+        (tmp_path / f"{colon}-{name}").write_bytes(data)
+        assert np.array_equal(load_audio(f"{colon}-{name}"), from_file)
     if fmt == "mp4":  # (WebM is a stream: MediaRecorder's files declare no length to miss)
         cut = tmp_path / f"cut-{name}"
         cut.write_bytes(data[: len(data) // 8])

@@ -434,7 +434,7 @@ def test_video_against_reference(tmp_path, monkeypatch):
     assert stamps[-1] == "00:01"
 
 
-def test_video_short_and_errors(tmp_path):
+def test_video_short_and_errors(tmp_path, monkeypatch):
     pytest.importorskip("av")
     path = tmp_path / "short.mp4"
     _write_video(path, frames=5, fps=10, h=48, w=64)
@@ -448,6 +448,11 @@ def test_video_short_and_errors(tmp_path):
     _write_video(mkv, frames=7, fps=10, h=48, w=64)
     frames, timestamps = sample_video(mkv, num_frames=4)
     assert len(frames) == 4 and timestamps == pytest.approx([0.0, 0.1, 0.3, 0.5])
+    # a name with a colon had gone to FFmpeg as a protocol ("Protocol not found"; pipe: read stdin)
+    monkeypatch.chdir(tmp_path)  # (a relative name: FFmpeg looks for a protocol before any "/")
+    for name in ("rec-12:30.mp4", "pipe:0.mp4"):
+        (tmp_path / name).write_bytes(path.read_bytes())
+        assert len(sample_video(name)[0]) == 5
     bad = tmp_path / "bad.mp4"
     bad.write_text("no video here")
     with pytest.raises(ImageInputError, match="bad.mp4"):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import media_file
+from .files import ffmpeg_url, media_file
 
 SAMPLE_RATE = 16_000
 MAX_CLIP_SAMPLES = 480_000  # 30 s: the feature extractor's max_length; longer audio is split
@@ -89,7 +89,7 @@ def container_to_wav(source: io.BytesIO | str, label: str, charge: Callable[[flo
 
     chunks, total, rate = [], 0, 0
     try:
-        with av.open(source, mode="r") as container:
+        with av.open(ffmpeg_url(source) if isinstance(source, str) else source, mode="r") as container:
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise AudioInputError(f"{label}: the file has no audio stream")

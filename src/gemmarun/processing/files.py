@@ -29,3 +29,9 @@ def media_file(source: str | Path, error: type[ValueError]) -> tuple[Path, str, 
     if st.st_size == 0:
         raise error(f"{name}: empty file (0 bytes)")
     return path, name, st.st_size
+
+
+def ffmpeg_url(path: str | Path) -> str:
+    """A local file as FFmpeg (PyAV) must be given it: a name with a colon ("rec-12:30.m4a",
+    "pipe:0.m4a") is otherwise read as a protocol (cannot open, or stdin)."""
+    return "file:" + os.path.abspath(path)

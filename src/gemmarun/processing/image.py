@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .files import media_file
+from .files import ffmpeg_url, media_file
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 MAX_PIXELS = 100_000_000  # decoded-size cap: a 100 MP RGB image is already 300 MB in memory
@@ -242,7 +242,7 @@ def sample_video(path: str | Path, num_frames: int = 32) -> tuple[list[Image.Ima
     if num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
     try:
-        container = av.open(str(path))
+        container = av.open(ffmpeg_url(path))
     except Exception as e:  # noqa: BLE001 - FFmpeg errors become one line
         raise VideoInputError(f"{name}: cannot open video ({_one_line(e)})") from None
     try:
