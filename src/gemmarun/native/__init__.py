@@ -18,7 +18,8 @@
 * ``module.cpp``: the Python bindings of all four; ``kernels.h`` declares their entry points.
 
 They are compiled for this machine's CPU (``-O3 -march=native``) by torch's extension builder the
-first time they are needed (about a minute; cached under ``~/.cache/gemmarun/kernels``).
+first time they are needed (about a minute; cached under ``~/.cache/gemmarun/kernels``, or
+``$GEMMARUN_KERNEL_CACHE``), one process at a time.
 
 Where no C++ compiler (or ``ninja``) is available, or ``GEMMARUN_NATIVE_KERNELS=0``, everything
 here is None and the model keeps its torch formulas: slower, and the same up to float summation
@@ -51,7 +52,9 @@ _CACHE = Path(os.environ.get("GEMMARUN_KERNEL_CACHE", Path.home() / ".cache" / "
 # then shares the libgomp that torch already loaded (same soname), so one thread pool.
 # -ffp-contract=off: a multiply and an add stay two roundings, as written (dequant.cpp's tiles are
 # bit-identical to gguf-py's only so); the kernels ask for fused multiply-adds where they want them.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+# -Werror=missing-declarations: an entry point defined with other parameters than kernels.h
+# declares would be a second overload (undefined at load time); this makes it a compile error.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-Werror=missing-declarations"]
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
