@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from reference_models import CLEAN_SEED, LOOPING_SEED, seeded_prompt
 
 from gemmarun.cli import main
@@ -27,9 +29,17 @@ def test_svg_check_repair_and_render(tmp_path, capsys):
     assert main(["svg", "repair", str(hopeless), "-o", str(tmp_path / "out.svg")]) == 1
     assert "still does not parse" in capsys.readouterr().err
     assert not (tmp_path / "out.svg").exists()  # not written: -o may name the input
-    # an output nowhere to be written had been a bare "[Errno 2] No such file or directory"
-    assert main(["svg", "repair", str(bad), "-o", str(tmp_path / "nowhere" / "out.svg")]) == 1
-    assert capsys.readouterr().err.strip().endswith(f"out.svg: no folder {tmp_path / 'nowhere'} to write it in")
+    # an output nowhere to be written had been a bare "[Errno 2] No such file or directory", found
+    # after the repair (--png after the SVG was written; svg draw after generating): now before
+    nowhere = tmp_path / "nowhere"
+    for args in (["repair", str(bad), "-o", str(nowhere / "out.svg")],
+                 ["repair", str(bad), "-o", str(tmp_path / "o.svg"), "--png", str(nowhere / "x.png")],
+                 ["draw", "a cat", "-o", str(nowhere / "o.svg")]):
+        with pytest.raises(SystemExit) as e:
+            main(["svg", *args])
+        assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(
+            f": no folder {nowhere} to write it in (see gemmarun svg {args[0]} --help)")
+    assert not (tmp_path / "o.svg").exists()
 
 
 CLEAN = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 9 9"><title>caf\u00e9</title>'

@@ -830,6 +830,15 @@ def _check_options(args: argparse.Namespace) -> None:
                 raise ValueError(f"the model comes first: gemmarun run {words[1]} PROMPT")
             hint = "" if "/" in words[0] or words[0].endswith(".gguf") else " (quote a prompt of several words)"
             raise ValueError(f"{words[0]}: no such model file or folder{hint}")
+    if args.func in (cmd_svg_repair, cmd_svg_draw):  # before a model writes 1024 tokens for them
+        from .outputs import replaced_target
+
+        for flag, path in (("-o", args.output), ("--png", args.png)):
+            if path:
+                try:
+                    replaced_target(path)
+                except ValueError as e:
+                    raise ValueError(f"{flag} {e}") from None
     if args.func is cmd_bench:
         if args.model and args.random_weights:
             raise ValueError("give a MODEL or --random-weights CONFIG, not both")

@@ -21,6 +21,8 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 from xml.parsers import expat
 
+from .outputs import write_replacing
+
 __all__ = ["Problem", "Repair", "SvgRenderError", "check_svg", "extract_svg", "render_png", "repair_svg"]
 
 SVG_NS = "http://www.w3.org/2000/svg"
@@ -675,6 +677,5 @@ def render_png(svg: str, out_path: str | Path, width: int | None = None) -> Path
         raise SvgRenderError(f"cannot render SVG: {e}") from e
     if not png:
         raise SvgRenderError("cannot render SVG: the renderer produced no image")
-    path = Path(out_path)
-    path.write_bytes(bytes(png))
-    return path
+    write_replacing(out_path, bytes(png))
+    return Path(out_path)
