@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", metavar="FILE", default=None, help="record the table into this markdown file")
     args = parser.parse_args(argv)
+    from gemmarun.bench import check_write_option
+
+    check_write_option(parser, args.write)
     torch.set_num_threads(args.threads)
     llm = gemmarun.load(args.model)
     generator = torch.Generator().manual_seed(0)

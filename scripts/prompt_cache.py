@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time this released checkpoint's vision tower on one image (e2b, e4b, 31b, 26b-a4b)")
     parser.add_argument("--write", metavar="FILE", default=None, help="record the table into this markdown file")
     args = parser.parse_args(argv)
+    from gemmarun.bench import check_write_option
+
+    check_write_option(parser, args.write)
     torch.set_num_threads(args.threads)
     llm = gemmarun.load(args.model)
     doc = document(args.items)

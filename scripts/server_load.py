@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-bound-mib", type=float, default=64.0, help="allowed RSS growth after warm-up")
     parser.add_argument("--write", metavar="FILE", default=None, help="record the table into this markdown file")
     args = parser.parse_args(argv)
+    from gemmarun.bench import check_write_option
+
+    check_write_option(parser, args.write)
 
     servers: list[ServerProcess] = []
     try:

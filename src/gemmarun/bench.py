@@ -11,12 +11,14 @@ docs/benchmarks.md; a newer result for the same setup replaces the older one.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -486,7 +488,17 @@ def _ratio(a: float, b: float) -> str:
 def script_command(script: str, argv: Sequence[str] | None) -> str:
     """The command line that ran a benchmark script of scripts/ (`script` its __file__), with the
     arguments its main got (`argv`, else the process's own)."""
-    return f"python scripts/{Path(script).name} " + " ".join(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", f"scripts/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def check_write_option(parser: argparse.ArgumentParser, write: str | None) -> None:
+    """A benchmark script's `--write FILE`, checked as `record` will read it before the script
+    measures anything (a bad target had been refused only after a minutes-long run)."""
+    if write:
+        try:
+            read_record(Path(write))
+        except ValueError as e:
+            parser.error(f"--write {e}")
 
 
 def section_head(setup: str, command: str, threads: int) -> list[str]:
