@@ -90,6 +90,8 @@ def test_run_with_a_model_and_no_prompt_says_so(tiny_models, tmp_path):
         assert code == 2 and out == ""
         assert err.strip() == (f"gemmarun run: error: {model} is a model: give a prompt too (gemmarun run {model} "
                                f"PROMPT), or talk with it: gemmarun chat {model} (see gemmarun run --help)")
+    code, _, err = _run(["run", str(tmp_path / "typo.gguf")])  # not a prompt for the embedded model either
+    assert code == 2 and "typo.gguf: no such model file" in err
 
 
 def test_prompt_past_context_is_a_one_line_error(tiny_models):

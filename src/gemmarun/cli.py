@@ -821,7 +821,10 @@ def _check_options(args: argparse.Namespace) -> None:
         words = args.words
         if len(words) > 2:
             raise ValueError(f"{len(words)} words where [MODEL] PROMPT go: quote a prompt of several words")
-        if len(words) == 1 and (Path(words[0]).is_dir() or words[0].endswith(".gguf") and Path(words[0]).is_file()):
+        if len(words) == 1 and words[0].endswith(".gguf") and not Path(words[0]).exists():
+            raise ValueError(f"{words[0]}: no such model file")  # (it had become the prompt)
+        if len(words) == 1 and ((Path(words[0]) / "config.json").is_file() or
+                                words[0].endswith(".gguf") and Path(words[0]).is_file()):
             # it had run the embedded model on the path's text
             raise ValueError(f"{words[0]} is a model: give a prompt too (gemmarun run {words[0]} PROMPT), "
                              f"or talk with it: gemmarun chat {words[0]}")
