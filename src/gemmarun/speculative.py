@@ -160,7 +160,8 @@ def draft_tokens(model: TextModel, drafter: Assistant, exposed: Exposed, produce
     drafts: list[int] = []
     proposals: list[torch.Tensor] = []
     for _ in range(depth):
-        logits, hidden = drafter(model.embed(torch.tensor([[token]], device=model.device)), hidden, ctx)
+        token_embed = model.embed(model.text_ids(torch.tensor([[token]], device=model.device)))
+        logits, hidden = drafter(token_embed, hidden, ctx)
         try:
             q = sampler.distribution(logits[0, -1], *history(drafts))
         except UnusableLogits:

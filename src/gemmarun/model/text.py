@@ -190,6 +190,12 @@ class TextModel(nn.Module):
         that decoding generates is embedded as pad too, as the reference's every forward does."""
         self._placeholders = torch.tensor(sorted(set(ids)), dtype=torch.long, device=self.device)
 
+    def text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """`ids` as the token table and PLE read them: media placeholders as pad (see above)."""
+        if self._placeholders is None:
+            return ids
+        return ids.masked_fill(torch.isin(ids, self._placeholders), self.config.pad_id)
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self._decode_plan = None  # it holds the tensors as they were before a move or a cast
         return super()._apply(fn, recurse)
@@ -251,8 +257,7 @@ class TextModel(nn.Module):
                 row_cache.begin([position])
         elif cache is not None:
             cache.begin(positions.tolist())
-        if self._placeholders is not None:
-            ids = ids.masked_fill(torch.isin(ids, self._placeholders), self.config.pad_id)
+        ids = self.text_ids(ids)
         x = self.embed(ids) if embeds is None else embeds
         ple = self.ple(ids, x) if self.ple is not None else None
         rope = {name: table(positions, x.dtype) for name, table in self.rotary.items()}
