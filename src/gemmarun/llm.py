@@ -21,7 +21,7 @@ from .model.multimodal import AUDIO, IMAGE, TEXT, VIDEO, Encoders, MediaTokens, 
 from .model.unified import UnifiedEncoders
 from .model.text import TextModel
 from .prompt_cache import Held, PromptCache
-from .sampling import SamplingParams, sampling_params
+from .sampling import SamplingParams, params_from_options
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ class LLM:
             options["max_new_tokens"] = max_new_tokens
         elif "max_tokens" not in options:
             options["max_tokens"] = 16
-        params = sampling_params(options)
+        params = params_from_options(options)
         return list(self.token_stream(list(prompt_ids), params, draft=draft))
 
     def token_stream(self, ids: list[int], params: SamplingParams, *, embeds: torch.Tensor | None = None,
@@ -247,7 +247,7 @@ class LLM:
         in the CLI and server) catches degenerate repetition inside the engine; `draft` decodes
         speculatively (see `token_stream`). Stop strings (`stop=`) match this raw text, thinking
         and markers included; `stream_reply` (and the server) match the answer only."""
-        params = sampling_params(sampling)
+        params = params_from_options(sampling)
         if grammar is not None and not isinstance(grammar, Grammar):
             raise TypeError(f"grammar must be a gemmarun.Grammar (Grammar.json_schema, regex, lark or svg), "
                             f"not {type(grammar).__name__}")

@@ -138,7 +138,7 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sampling_params(options: Mapping[str, Any]) -> SamplingParams:
+def params_from_options(options: Mapping[str, Any]) -> SamplingParams:
     """SamplingParams from a caller's keyword options: transformers' `max_new_tokens` may stand for
     `max_tokens`, and an unknown name is a TypeError that lists the known ones (not the dataclass's
     "__init__() got an unexpected keyword argument")."""
