@@ -417,6 +417,13 @@ def test_bad_inputs(tmp_path, capfd):
         assert handle.read(4) == b"RIFF"  # still the caller's, readable
     with pytest.raises(AudioInputError, match="file path"):
         load_audio(io.BytesIO(wav.read_bytes()))
+    # int16 PCM had been read as amplitudes: garbage when quiet, "far outside [-1, 1]" when loud
+    for pcm in (np.full(1600, 8192, np.int16), torch.full((1600,), 8192, dtype=torch.int16)):
+        with pytest.raises(AudioInputError, match=r"integer samples \(.*int16\); give floats in \[-1, 1\] "
+                                                  r"\(16-bit PCM: divide by 32768\)") as e:
+            load_audio(pcm)
+        _assert_one_line(e, "int16")
+    assert load_audio([0.0, 0.25] * 800).size == 1600  # a list of numbers stays samples
 
     # a name the OS refuses (a data URL taken for a path, say): one line, the name cut short
     with pytest.raises(AudioInputError, match="cannot read") as e:

@@ -151,3 +151,43 @@ def test_the_repetition_penalty_counts_the_prompts_tokens(llm):
     expected = greedy_after(prompt, prompt)
     assert expected != int(np.argmax(llm.logits(prompt)[-1]))
     assert llm.generate_ids(prompt, max_new_tokens=1, ignore_eos=True, repetition_penalty=1e3) == [expected]
+
+
+def test_the_lower_level_streams_take_what_stream_takes_or_say_what_they_want(llm, tmp_path, monkeypatch):
+    """From an API probe: stream_reply/stream_prompt failed on a gemmarun.Grammar ("'Grammar' object
+    has no attribute 'mask'"), on messages ("'list' object has no attribute 'ids'") and on a dict
+    of options; loop_guard=False failed on "'bool' object has no attribute 'policy'";
+    generate_ids(stop=...) ignored its stop strings; load("~/model") and hub ids said only
+    "no such file or folder"."""
+    from gemmarun import Grammar, SamplingParams
+
+    messages = [{"role": "user", "content": "Pick a word"}]
+    grammar = Grammar.regex("[a-z]{4}")
+    params = SamplingParams(max_tokens=10)
+    constrained = llm.generate(messages, grammar=grammar, max_tokens=10)
+    assert len(constrained) == 4 and constrained.isalpha()
+    prompt = llm.build_prompt(messages)
+    assert "".join(llm.stream_prompt(prompt, params, grammar=grammar)) == constrained
+    assert "".join(d.content for d in llm.stream_reply(prompt, params, grammar=grammar)) == constrained
+    for bad, problem in (((messages, params), "prompt must be a Prompt: LLM.build_prompt"),
+                         ((prompt, {"max_tokens": 3}), "params must be a gemmarun.SamplingParams"),
+                         ((prompt, params, "[a-z]"), "grammar must be a gemmarun.Grammar")):
+        with pytest.raises(TypeError, match=problem):
+            next(iter(llm.stream_reply(*bad)))
+    plain = llm.generate("hi", max_tokens=4, ignore_eos=True)
+    assert llm.generate("hi", max_tokens=4, ignore_eos=True, loop_guard=False) == plain
+    assert llm.generate("hi", max_tokens=4, ignore_eos=True, loop_guard=True) == plain
+    with pytest.raises(ValueError, match="loop_guard='sometimes' is not 'recover', 'stop' or 'off'"):
+        llm.generate("hi", loop_guard="sometimes")
+    with pytest.raises(ValueError, match="generate_ids matches no stop strings"):
+        llm.generate_ids([2, 5], stop=[","])
+    from gemmarun.processing.image import check_budget  # (the message had named encode_image's max_soft_tokens)
+
+    with pytest.raises(ValueError, match=r"an image's soft-token budget must be one of \(70, 140, 280, 560, 1120\)"):
+        check_budget(99)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").symlink_to(llm.info.path)
+    assert gemmarun.load("~/m").info.path == tmp_path / "m"
+    with pytest.raises(gemmarun.LoadError, match=r"downloads nothing: fetch it first, e\.g\. `hf download "
+                                                r"google/gemma-4-E2B-it --local-dir DIR`"):
+        gemmarun.load("google/gemma-4-E2B-it")

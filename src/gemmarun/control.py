@@ -39,12 +39,19 @@ class Verdict(Enum):
     ROLLBACK = "rollback"  # `generated` was cut back: rebuild the cache and sample again
 
 
-def make_loop_guard(config: LoopGuardConfig | str | None, constrained: bool) -> LoopGuard | None:
-    """A guard for one generation, or None when off. Inside a grammar, a run of digits or
-    whitespace is the usual collapse (a number or indentation that never ends), not padding:
-    there it counts like any other repetition."""
-    if isinstance(config, str):
+def make_loop_guard(config: LoopGuardConfig | str | bool | None, constrained: bool) -> LoopGuard | None:
+    """A guard for one generation, or None when off (also False; True is the default guard).
+    Inside a grammar, a run of digits or whitespace is the usual collapse (a number or
+    indentation that never ends), not padding: there it counts like any other repetition."""
+    if isinstance(config, bool):  # (it had failed on "'bool' object has no attribute 'policy'")
+        config = LoopGuardConfig() if config else None
+    elif isinstance(config, str):
+        if config not in ("recover", "stop", "off"):
+            raise ValueError(f"loop_guard={config[:40]!r} is not 'recover', 'stop' or 'off'")
         config = LoopGuardConfig(policy=config)
+    elif config is not None and not isinstance(config, LoopGuardConfig):
+        raise TypeError(f"loop_guard must be 'recover', 'stop', 'off', a bool or a LoopGuardConfig, "
+                        f"not {type(config).__name__}")
     if config is None or config.policy == "off":
         return None
     if constrained:

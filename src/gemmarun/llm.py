@@ -13,7 +13,7 @@ import torch
 
 from . import chat
 from .config import TextConfig
-from .constrain import Grammar
+from .constrain import Grammar, GrammarState
 from .control import NUMBER_CHARS, OutputControl, make_loop_guard
 from .generate import Caching, check_token_ids, generate_step
 from .loopguard import LoopGuardConfig
@@ -47,6 +47,20 @@ class Prompt:
 
     ids: list[int]
     media: tuple = ()  # processing.prompt.Prepared items
+
+
+def _check_prompt_and_params(prompt: object, params: object) -> None:
+    """stream_prompt and stream_reply take what `build_prompt` makes and a SamplingParams (given
+    messages, a string or a dict they had failed on "'list' object has no attribute 'ids'")."""
+    if not isinstance(prompt, Prompt):
+        raise TypeError(f"prompt must be a Prompt: LLM.build_prompt(messages or text), not {type(prompt).__name__}")
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a gemmarun.SamplingParams, not {type(params).__name__}")
+
+
+def _not_a_grammar(grammar: object) -> TypeError:
+    return TypeError(f"grammar must be a gemmarun.Grammar (Grammar.json_schema, regex, lark or svg), "
+                     f"not {type(grammar).__name__}")
 
 
 class LLM:
@@ -188,6 +202,9 @@ class LLM:
         elif "max_tokens" not in options:
             options["max_tokens"] = 16
         params = params_from_options(options)
+        if params.stop:  # (they had been ignored: ids are cut by ids)
+            raise ValueError("generate_ids matches no stop strings, which are text: give stop_token_ids, "
+                             "or use generate/stream")
         return list(self.token_stream(list(prompt_ids), params, draft=draft))
 
     def token_stream(self, ids: list[int], params: SamplingParams, *, embeds: torch.Tensor | None = None,
@@ -236,21 +253,20 @@ class LLM:
         return "".join(self.stream(prompt, **sampling))
 
     def stream(self, prompt: str | Messages, *, enable_thinking: bool = False, image_tokens: int | None = None,
-               tools: list | None = None, grammar=None, loop_guard: LoopGuardConfig | str | None = None,
+               tools: list | None = None, grammar=None, loop_guard: LoopGuardConfig | str | bool | None = None,
                draft: Draft | None = None, **sampling: Any) -> Iterator[str]:
         """Yield UTF-8-safe text pieces. A string is continued as raw text (BOS prepended); a
         list of messages (text, image, audio and video parts) is rendered with the model's chat
         template, with `tools` (OpenAI-style function declarations) declared to the model; the
         reply's calls come back in its text (`chat.parse_reply` splits them out).
         `grammar` (a `constrain.Grammar`) constrains the answer (after any thinking);
-        `loop_guard` ("recover", "stop" or a LoopGuardConfig; off by default here, on by default
-        in the CLI and server) catches degenerate repetition inside the engine; `draft` decodes
-        speculatively (see `token_stream`). Stop strings (`stop=`) match this raw text, thinking
+        `loop_guard` ("recover", "stop", "off", True, False or a LoopGuardConfig; off by default
+        here, on by default in the CLI and server) catches degenerate repetition inside the
+        engine; `draft` decodes speculatively (see `token_stream`). Stop strings (`stop=`) match this raw text, thinking
         and markers included; `stream_reply` (and the server) match the answer only."""
         params = params_from_options(sampling)
         if grammar is not None and not isinstance(grammar, Grammar):
-            raise TypeError(f"grammar must be a gemmarun.Grammar (Grammar.json_schema, regex, lark or svg), "
-                            f"not {type(grammar).__name__}")
+            raise _not_a_grammar(grammar)
         prompt_ = self.build_prompt(prompt, enable_thinking=enable_thinking, image_tokens=image_tokens, tools=tools)
         state = self.grammar_state(grammar, params, thinking=enable_thinking) if grammar is not None else None
         yield from self.stream_prompt(prompt_, params, grammar=state, loop_guard=loop_guard, draft=draft)
@@ -265,7 +281,7 @@ class LLM:
         return GrammarState(grammar, self.tokenizer, self.config.vocab_size, ends, opens_with=opens,
                             start_after=closes)
 
-    def output_control(self, grammar=None, loop_guard: LoopGuardConfig | str | None = None) -> OutputControl:
+    def output_control(self, grammar=None, loop_guard: LoopGuardConfig | str | bool | None = None) -> OutputControl:
         """One generation's grammar (a `GrammarState`) and loop guard, as the engines drive them."""
         return OutputControl(grammar, make_loop_guard(loop_guard, constrained=grammar is not None),
                              piece=lambda t: self.tokenizer.decode([t]), number_ids=self.number_ids)
@@ -342,22 +358,31 @@ class LLM:
         yield from self.stream_prompt(Prompt(list(ids)), params)
 
     def stream_prompt(self, prompt: Prompt, params: SamplingParams, grammar=None,
-                      loop_guard: LoopGuardConfig | str | None = None, draft: Draft | None = None) -> "TextStream":
+                      loop_guard: LoopGuardConfig | str | bool | None = None,
+                      draft: Draft | None = None) -> "TextStream":
         """Text pieces of one generation; the returned iterator's `finish_reason` is set when it
         ends ("stop", "length" or "loop")."""
+        _check_prompt_and_params(prompt, params)
         return TextStream(self._stream_pieces(prompt, params, grammar, loop_guard, draft))
 
     def stream_reply(self, prompt: Prompt, params: SamplingParams, grammar=None,
-                     loop_guard: LoopGuardConfig | str | None = None, draft: Draft | None = None,
+                     loop_guard: LoopGuardConfig | str | bool | None = None, draft: Draft | None = None,
                      tools: bool = False) -> "TextStream":
         """A chat reply as `reply.Delta`s: the answer, Gemma 4's reasoning and (with `tools`) its
         tool calls apart, as the server sends them; the iterator's `finish_reason` as in
         `stream_prompt`."""
+        _check_prompt_and_params(prompt, params)
         return TextStream(self._reply_deltas(prompt, params, grammar, loop_guard, draft, tools))
 
     def _prompt_tokens(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft):
         """The token ids of one generation from `prompt` (its media encoded, or their soft tokens
         kept by the prompt cache), as `token_stream` yields them."""
+        if isinstance(grammar, Grammar):  # made into its state as `stream` makes it (stream_prompt/
+            # stream_reply had failed on it); thinking is on where the prompt's <|think|> turned it on
+            think = self.tokenizer.token_to_id("<|think|>")
+            grammar = self.grammar_state(grammar, params, thinking=think is not None and think in prompt.ids)
+        elif grammar is not None and not isinstance(grammar, GrammarState):
+            raise _not_a_grammar(grammar)
         held = self.held(prompt)
         text_ids, embeds, blocks = self._inputs(prompt, held, self.prompt_cache)
         return self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -53,14 +54,18 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
         from .default import default_model_path
 
         path = default_model_path()
-    path = Path(path)
+    path = Path(path).expanduser()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if not path.exists():
-        raise LoadError(f"{path}: no such file or folder")
+        hub = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None  # google/gemma-4-E2B-it
+        raise LoadError(f"{path}: no such file or folder" + (
+            " (gemmarun reads local files and downloads nothing: fetch it first, e.g. "
+            f"`hf download {path} --local-dir DIR`, and give DIR)" if hub else ""))
     # (Path("") is the current folder: an empty --mmproj names no file)
-    if mmproj is not None and (str(mmproj) in ("", ".") or not Path(mmproj).exists()):
+    if mmproj is not None and (str(mmproj) in ("", ".") or not Path(mmproj).expanduser().exists()):
         raise LoadError(f"{str(mmproj)!r}: no such mmproj file")
+    mmproj = Path(mmproj).expanduser() if mmproj is not None else None
     if path.is_dir():
         if mmproj is not None:
             raise LoadError(f"{path}: a model folder holds its own towers; an mmproj goes with a GGUF text model")
@@ -73,7 +78,7 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
     from .gguf_file import GGUF_MAGIC, file_magic
     from .hf import check_regular
 
-    for file in (path, Path(mmproj) if mmproj is not None else None):
+    for file in (path, mmproj):
         if file is not None:
             check_regular(file)
 
@@ -81,8 +86,7 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
     if magic == GGUF_MAGIC:
         from .gguf import load_gguf
 
-        return load_gguf(path, torch_dtype, device, reference=reference,
-                         mmproj=Path(mmproj) if mmproj is not None else None)
+        return load_gguf(path, torch_dtype, device, reference=reference, mmproj=mmproj)
     raise LoadError(f"{path}: not a model folder or a GGUF file (magic {magic!r})")
 
 

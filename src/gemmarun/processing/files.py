@@ -16,7 +16,7 @@ def media_file(source: str | Path, error: type[ValueError]) -> tuple[Path, str, 
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         shown = source if len(source) <= _NAME_SHOWN else source[:_NAME_SHOWN] + "..."
         raise error(f"{shown}: a URL; gemmarun reads media from local files only (download it first)")
-    path = Path(source)
+    path = Path(source).expanduser()
     name = str(path) if len(str(path)) <= _NAME_SHOWN else str(path)[:_NAME_SHOWN] + "..."
     try:
         st = path.stat()

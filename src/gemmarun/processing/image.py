@@ -168,11 +168,18 @@ def target_size(height: int, width: int, max_soft_tokens: int, patch_size: int =
     return th, tw
 
 
+def check_budget(max_soft_tokens: int) -> None:
+    """An image's soft-token budget is one of the reference's (the API's `image_tokens`,
+    `encode_image`'s `max_soft_tokens`: the message names neither, it had named the second to
+    callers of the first)."""
+    if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
+        raise ValueError(f"an image's soft-token budget must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens!r}")
+
+
 def preprocess_image(image: Image.Image, max_soft_tokens: int = 280, patch_size: int = 16,
                      pooling_kernel: int = 3) -> ImageInputs:
     """One image -> padded patches and positions, exactly as the reference PIL processor."""
-    if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
-        raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens!r}")
+    check_budget(max_soft_tokens)
     _check_size(image, "<PIL image>")  # before the conversion copies its pixels
     rgb = to_rgb(image)
     width, height = rgb.size

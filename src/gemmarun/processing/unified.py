@@ -30,8 +30,8 @@ from PIL import Image
 
 from .audio import load_audio
 from .image import (
-    SOFT_TOKEN_BUDGETS,
     ImageInputs,
+    check_budget,
     format_timestamp,
     load_image,
     sample_video,
@@ -91,11 +91,6 @@ def _patchify(pixels: torch.Tensor, side: int, max_soft_tokens: int) -> tuple[to
     return out, pos
 
 
-def _check_budget(max_soft_tokens: int) -> None:
-    if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
-        raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens!r}")
-
-
 def _uint8_chw(image: Image.Image) -> torch.Tensor:
     rgb = to_rgb(image)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()  # [3, h, w] uint8
@@ -104,7 +99,7 @@ def _uint8_chw(image: Image.Image) -> torch.Tensor:
 def preprocess_unified_image(image: Image.Image, max_soft_tokens: int = 280, patch_size: int = 16,
                              pooling_kernel: int = 3) -> ImageInputs:
     """One image -> 48x48 patches (ImageInputs with 6912 values per row), as the reference."""
-    _check_budget(max_soft_tokens)
+    check_budget(max_soft_tokens)
     pixels = _uint8_chw(image)
     th, tw = target_size(pixels.shape[1], pixels.shape[2], max_soft_tokens, patch_size, pooling_kernel)
     scaled = _resize_uint8(pixels, th, tw) * (1 / 255)  # float32, the reference's `rescale`
@@ -121,7 +116,7 @@ def preprocess_unified_video_frames(frames: list[Image.Image], timestamps: list[
         raise ValueError(f"{len(frames)} frames but {len(timestamps)} timestamps")
     if not frames:
         return [], []
-    _check_budget(max_soft_tokens)
+    check_budget(max_soft_tokens)
     video = torch.stack([_uint8_chw(f) for f in frames])  # [F, 3, h, w]; one decoder, one size
     th, tw = target_size(video.shape[2], video.shape[3], max_soft_tokens, patch_size, pooling_kernel)
     scaled = _resize_uint8(video, th, tw).to(torch.float32) / 255
