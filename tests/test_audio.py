@@ -543,7 +543,8 @@ def test_absurdly_loud_float_samples_are_refused(rate):
         load_audio(buf.getvalue())
 
 
-def _container_bytes(fmt: str, codec: str, rate: int = 48000, seconds: float = 1.0) -> bytes:
+def container_bytes(fmt: str, codec: str, rate: int = 48000, seconds: float = 1.0) -> bytes:
+    """A 440 Hz tone encoded with PyAV: M4A (mp4, aac), WebM (libopus) as browsers record."""
     import av
 
     buf = io.BytesIO()
@@ -565,7 +566,7 @@ def test_m4a_and_webm_audio_load_everywhere_as_the_server_loads_them(tmp_path, m
     chat's /audio, the Python API) called them "not audio"."""
     from gemmarun.server.inputs import audio_bytes
 
-    data = _container_bytes(fmt, codec)
+    data = container_bytes(fmt, codec)
     path = tmp_path / name
     path.write_bytes(data)
     from_file = load_audio(path)

@@ -6,12 +6,12 @@ import io
 import subprocess
 import sys
 
-import av
 import numpy as np
 import openai
 import pytest
 import soundfile as sf
 from serverkit import b64, capture_serve, png_bytes, running
+from test_audio import container_bytes
 
 from gemmarun.cli import TRANSCRIBE_PROMPT, main
 from gemmarun.sampling import SamplingParams
@@ -27,16 +27,7 @@ def wav_bytes(seconds=1.3) -> bytes:
 
 def webm_bytes(seconds=1.0, rate=48000) -> bytes:
     """What Chromium's MediaRecorder produces: Opus in WebM."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="webm") as c:
-        stream = c.add_stream("libopus", rate=rate, layout="mono")
-        t = np.arange(int(rate * seconds)) / rate
-        frame = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
-                                           format="flt", layout="mono")
-        frame.rate = rate
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            c.mux(packet)
-    return buf.getvalue()
+    return container_bytes("webm", "libopus", rate, seconds)
 
 
 def test_webm_with_a_codec_ffmpeg_does_not_know_is_an_audio_input_error():

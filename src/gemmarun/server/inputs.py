@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..llm import LLM, Prompt
-from ..processing.audio import SAMPLE_RATE, AudioInputError, container_to_wav, is_container
+from ..processing.audio import SAMPLE_RATE, container_to_wav, is_container
 from ..processing.prompt import PreparedAudio
 from .protocol import ApiError, bad
 
