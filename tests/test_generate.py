@@ -32,7 +32,9 @@ def test_stop_id_ends_without_being_yielded(model):
 def test_generation_ends_at_the_context_and_never_overflows(model):
     context = 10
     out = list(generate_step(model, [2, 5, 6, 7], SamplingParams(max_tokens=100), context=context))
-    assert len(out) == context - 4 + 1  # the last token is sampled from the final position's logits
+    # prompt + reply fill the context, no more (one more had been sampled from the last position's
+    # logits: 11 tokens in a context of 10, where the server, capping max_tokens, stopped at 10)
+    assert len(out) == context - 4
     with pytest.raises(ContextOverflow):
         list(generate_step(model, list(range(2, 12)), SamplingParams(max_tokens=1), context=context))
 

@@ -243,7 +243,9 @@ def settle(token: int, control: OutputControl, stop_ids: frozenset[int], params:
     if verdict is not None:
         return verdict.value
     position = n_prompt + len(control.generated) - 1  # where the newest token goes
-    if len(control.generated) >= params.max_tokens or position >= max_len:
+    # The last position the cache holds: a token there is kept, but none comes after it (one had,
+    # sampled from its logits: 129 tokens in a 128-token context, where the server stopped at 128).
+    if len(control.generated) >= params.max_tokens or position >= max_len - 1:
         return "length"
     if control.grammar_done:
         return "stop"

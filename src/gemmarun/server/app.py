@@ -436,8 +436,8 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
         limit = scheduler.context if opts.max_tokens_limit is None else opts.max_tokens_limit
         if given and params.max_tokens > limit:
             raise bad(f"max_tokens is too large: {params.max_tokens}; this server allows at most {limit}", "max_tokens")
-        # prompt + reply never past the context, given or not (the engines would sample one more
-        # token, from the last position's logits: 513 tokens of a 512-token context)
+        # prompt + reply never past the context, given or not (the engines stop there too), so
+        # max_tokens and usage say what the reply can hold
         room = scheduler.context - n
         cap = room if opts.max_tokens_limit is None else min(room, opts.max_tokens_limit)
         return replace(params, max_tokens=min(params.max_tokens, cap))
