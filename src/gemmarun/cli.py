@@ -97,7 +97,8 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
                    help="divide the logits of tokens already seen, prompt included (default 1.0: off)")
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="subtract from the logits of tokens already generated (default 0.0: off)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampled tokens (-1: a random one, as unset)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampled tokens (-1: a random one, as unset)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=[],
                    help="also stop at this token id (repeatable)")
@@ -670,8 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("transcribe", help="speech to text (thinking off)")
     p.add_argument("model", help="a Gemma 4 model with an audio tower (a folder, or a .gguf with --mmproj)")
-    p.add_argument("audio",
-                   help="audio file: wav, flac, ogg/opus, mp3, m4a/mp4 or webm; longer than 30 s is split into clips")
+    p.add_argument("audio", help="audio file: wav, flac, ogg/opus, mp3, m4a/mp4 or webm; longer than 30 s "
+                                 "is split into clips")
     _add_sampling_options(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_transcribe, max_tokens=4096)  # minutes of speech: 256 would cut them
@@ -769,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=_positive_number, default=60,
                    help="seconds to receive a request body (408 past it; default 60)")
     p.add_argument("--header-timeout", type=_positive_number, default=30,
-                   help="seconds a connection may go without sending a complete request head (then closed; default 30)")
+                   help="seconds a connection may go without sending a complete request head "
+                        "(then closed; default 30)")
     p.add_argument("--max-connections", type=_at_least_one, default=512,
                    help="open connections, idle ones included (503 past it; default 512)")
     p.add_argument("--log-prompts", action="store_true", help="log prompt and reply text (never logged otherwise)")

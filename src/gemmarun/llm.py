@@ -53,7 +53,8 @@ def _check_prompt_and_params(prompt: object, params: object) -> None:
     """stream_prompt and stream_reply take what `build_prompt` makes and a SamplingParams (given
     messages, a string or a dict they had failed on "'list' object has no attribute 'ids'")."""
     if not isinstance(prompt, Prompt):
-        raise TypeError(f"prompt must be a Prompt: LLM.build_prompt(messages or text), not {type(prompt).__name__}")
+        raise TypeError(f"prompt must be a Prompt: LLM.build_prompt(messages or text), "
+                        f"not {type(prompt).__name__}")
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a gemmarun.SamplingParams, not {type(params).__name__}")
 
@@ -262,8 +263,9 @@ class LLM:
         `grammar` (a `constrain.Grammar`) constrains the answer (after any thinking);
         `loop_guard` ("recover", "stop", "off", True, False or a LoopGuardConfig; off by default
         here, on by default in the CLI and server) catches degenerate repetition inside the
-        engine; `draft` decodes speculatively (see `token_stream`). Stop strings (`stop=`) match this raw text, thinking
-        and markers included; `stream_reply` (and the server) match the answer only."""
+        engine; `draft` decodes speculatively (see `token_stream`). Stop strings (`stop=`) match
+        this raw text, thinking and markers included; `stream_reply` (and the server) match the
+        answer only."""
         params = params_from_options(sampling)
         if grammar is not None and not isinstance(grammar, Grammar):
             raise _not_a_grammar(grammar)
@@ -281,7 +283,8 @@ class LLM:
         return GrammarState(grammar, self.tokenizer, self.config.vocab_size, ends, opens_with=opens,
                             start_after=closes)
 
-    def output_control(self, grammar=None, loop_guard: LoopGuardConfig | str | bool | None = None) -> OutputControl:
+    def output_control(self, grammar=None,
+                       loop_guard: LoopGuardConfig | str | bool | None = None) -> OutputControl:
         """One generation's grammar (a `GrammarState`) and loop guard, as the engines drive them."""
         return OutputControl(grammar, make_loop_guard(loop_guard, constrained=grammar is not None),
                              piece=lambda t: self.tokenizer.decode([t]), number_ids=self.number_ids)

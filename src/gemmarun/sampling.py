@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
 from dataclasses import dataclass, field, fields
 from numbers import Integral, Real
+from typing import Any
 
 import torch
 

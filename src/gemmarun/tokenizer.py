@@ -129,7 +129,8 @@ class Tokenizer:
         self.eos_ids: tuple[int, ...] = tuple(eos)
         # Special added tokens: what decode(skip_special=True) drops and streams never print.
         self.control_ids: frozenset[int] = frozenset(
-            i for i, t in backend.get_added_tokens_decoder().items() if t.special and t.content not in PRINTED_SPECIALS
+            i for i, t in backend.get_added_tokens_decoder().items()
+            if t.special and t.content not in PRINTED_SPECIALS
         )
         self._piece_bytes: dict[int, bytes] = {}
 

@@ -173,7 +173,8 @@ def check_budget(max_soft_tokens: int) -> None:
     `encode_image`'s `max_soft_tokens`: the message names neither, it had named the second to
     callers of the first)."""
     if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
-        raise ValueError(f"an image's soft-token budget must be one of {SOFT_TOKEN_BUDGETS}, got {max_soft_tokens!r}")
+        raise ValueError(f"an image's soft-token budget must be one of {SOFT_TOKEN_BUDGETS}, "
+                         f"got {max_soft_tokens!r}")
 
 
 def preprocess_image(image: Image.Image, max_soft_tokens: int = 280, patch_size: int = 16,
