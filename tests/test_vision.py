@@ -83,7 +83,7 @@ def test_preprocess_examples_and_alpha(pil_processor):
     # Spec 4.1 examples at T = 280.
     assert preprocess_image(_noise_image(480, 640)).num_soft_tokens == 266
     assert preprocess_image(_noise_image(1080, 1920)).num_soft_tokens == 264
-    with pytest.raises(ValueError, match="max_soft_tokens"):
+    with pytest.raises(ValueError, match="soft-token budget must be one of"):
         preprocess_image(_noise_image(10, 10), max_soft_tokens=100)
     # Non-RGB PIL input goes through the same white compositing as the reference.
     rgba = np.random.default_rng(3).integers(0, 256, (50, 70, 4), dtype=np.uint8)
