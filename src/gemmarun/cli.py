@@ -283,6 +283,7 @@ def _fitted_prompt(llm, messages: list[dict], args: argparse.Namespace, params: 
     return prompt
 
 
+MODEL_HELP = "model folder or .gguf (default: the embedded Gemma 3 270M)"
 CHAT_COMMANDS = ('/image, /audio or /video FILE goes with your next message, /reset starts over, /exit (or /bye, '
                  'Ctrl-D) quits, /help lists these; Ctrl-C stops an answer; """ opens and closes a message of several lines')
 MEDIA_COMMANDS = {"/image": "image", "/audio": "audio", "/video": "video"}
@@ -654,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="one prompt, streamed to the terminal",
                        usage="gemmarun run [MODEL] PROMPT [options]")
     p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
-                   help="model folder or .gguf (default: the embedded Gemma 3 270M), then the prompt, quoted "
+                   help=f"{MODEL_HELP}, then the prompt, quoted "
                         "(- reads it from stdin)")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     p.add_argument("--think", action="store_true", help="enable Gemma 4 thinking (the reasoning on stderr)")
@@ -679,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive multi-turn chat",
                        description=f"Interactive multi-turn chat. In the chat: {CHAT_COMMANDS}.")
-    p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--think", action="store_true", help="enable Gemma 4 thinking (the reasoning on stderr)")
     _add_sampling_options(p)
@@ -688,14 +689,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="layer plan, parameters, KV cache, tensors, warnings")
-    p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("--context", type=_at_least_one, default=None, help="context length for the KV-cache size")
     p.add_argument("--no-tensors", action="store_true", help="omit the tensor table")
     _add_model_options(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="prefill/decode speed, time to first token, peak RSS")
-    p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("--prompt-tokens", type=_at_least_one, default=512, help="prompt length (default 512)")
     p.add_argument("--decode-tokens", type=_at_least_one, default=128, help="tokens decoded (default 128)")
     p.add_argument("--write", metavar="FILE", default=None, help="record into this markdown file")
@@ -726,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--png", default=None, help="also render the result to this PNG")
     q.set_defaults(func=cmd_svg_repair)
     q = svg_sub.add_parser("draw", help="prompt a model for an SVG, then extract, check, repair, render")
-    q.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
+    q.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     q.add_argument("subject", help='e.g. "a pelican riding a bicycle"')
     q.add_argument("-o", "--output", required=True, help="where the SVG goes")
     q.add_argument("--png", default=None, help="also render it to this PNG")
@@ -738,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="OpenAI-compatible HTTP server, with a chat page at /. A request that leaves "
                        "sampling out samples as the Gemma model cards advise (temperature 1.0, top_p 0.95, "
                        "top_k 64); send temperature 0 for greedy answers.")
-    p.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: the embedded 270M)")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=_port, default=8080, help="TCP port (default 8080)")
     p.add_argument("--api-key", default=None,

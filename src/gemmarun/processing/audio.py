@@ -191,10 +191,8 @@ def _waveform(samples, rate: int) -> np.ndarray:
 
     label = f"<audio {type(samples).__name__}>"
     if isinstance(samples, torch.Tensor):  # not any object with a detach(): an open file has one
-        if not samples.is_floating_point():
-            raise AudioInputError(f"{label}: integer samples ({samples.dtype}); give floats in [-1, 1] "
-                                  "(16-bit PCM: divide by 32768)")
-        samples = samples.detach().cpu().float().numpy()
+        samples = samples.detach().cpu()
+        samples = (samples.float() if samples.is_floating_point() else samples).numpy()
     if isinstance(samples, np.ndarray) and samples.dtype.kind in "iub":
         # int16 PCM read as amplitudes: garbage when quiet, refused as too loud when not
         raise AudioInputError(f"{label}: integer samples ({samples.dtype}); give floats in [-1, 1] "
