@@ -221,3 +221,54 @@ def reference_image_tokens(ref, image_path, budget: int = IMAGE_BUDGET):
     pix, pos = stack_inputs([preprocess_image(load_image(image_path), budget)])
     with torch.no_grad():
         return ref.model.get_image_features(pix, pos).pooler_output[0].numpy()
+
+
+# Gemma 3 with its SigLIP tower: 32 px images in 4 px patches (an 8 x 8 grid) pooled 2 x 2 into
+# 16 soft tokens; the text's sliding window is 4, so an image's tokens reach past it only through
+# the bidirectional blocks.
+GEMMA3_VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "image_size": 32, "patch_size": 4, "layer_norm_eps": 1e-5, "vision_use_head": False}
+GEMMA3_SOFT = 16
+GEMMA3_IDS = {"boi_token_index": 12, "image_token_index": 13, "eoi_token_index": 14}
+# The tiny tokenizer's Gemma 4 media tokens (ids 12-14) renamed to Gemma 3's.
+GEMMA3_RENAMES = {"<|image>": "<start_of_image>", "<|image|>": "<image_soft_token>", "<image|>": "<end_of_image>"}
+
+
+def _randomize_siglip(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vision_tower" not in name and "multi_modal_projector" not in name:
+                continue
+            if name.endswith("mm_soft_emb_norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) - 0.5)  # (Gemma's 1 + w)
+            elif "layer_norm" in name or "layernorm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5 if name.endswith("weight") else
+                        torch.randn(p.shape, generator=g) * 0.1)
+            elif "position_embedding" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+
+
+def build_gemma3_vision(folder: Path):
+    """A tiny Gemma3ForConditionalGeneration (SigLIP tower + projector) saved to `folder` with a
+    tokenizer that spells Gemma 3's media tokens."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = {**GEMMA3, "max_position_embeddings": 1024}
+    cfg = Gemma3Config(text_config=text, vision_config=GEMMA3_VISION, mm_tokens_per_image=GEMMA3_SOFT, **GEMMA3_IDS)
+    ref = Gemma3ForConditionalGeneration(cfg).float().eval()
+    _randomize(ref.model.language_model, gemma3=True)
+    _randomize_siglip(ref)
+    ref.save_pretrained(folder)
+    write_tiny_tokenizer(folder, "gemma3")
+    path = folder / "tokenizer.json"
+    text_json = path.read_text()
+    for old, new in GEMMA3_RENAMES.items():
+        text_json = text_json.replace(json.dumps(old), json.dumps(new))
+    path.write_text(text_json)
+    return ref

@@ -75,6 +75,7 @@ class LayerSpec:
     moe: bool
     window: int | None  # sliding window (keys visible incl. self), None on full layers
     rope: RopeConfig
+    image_blocks: bool = False  # an image's soft tokens see each other (while prefilling)
 
     @property
     def owns_kv(self) -> bool:
@@ -225,6 +226,8 @@ def derive_layers(cfg: TextConfig) -> tuple[LayerSpec, ...]:
                 moe=cfg.num_experts > 0,
                 window=None if full else cfg.sliding_window,
                 rope=cfg.rope_full if full else cfg.rope_sliding,
+                # Gemma 4: sliding layers only (spec 3.3); Gemma 3: every layer
+                image_blocks=cfg.bidirectional_vision and (not full or cfg.family == "gemma3"),
             )
         )
     return tuple(specs)
@@ -466,7 +469,11 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         scalar = _hf_number(tc, "query_pre_attn_scalar")
         if not 0 < scalar < math.inf:
             raise ConfigError(f"query_pre_attn_scalar={_shown(scalar)} must be a positive number")
-        return TextConfig(**common, attention_scale=scalar**-0.5, has_v_norm=False)
+        if composite:  # Gemma3ForConditionalGeneration applies no final softcap (the released configs: null)
+            common["final_logit_softcap"] = None
+        # its image tokens see each other in every layer (the reference's token_type_ids masks)
+        return TextConfig(**common, attention_scale=scalar**-0.5, has_v_norm=False,
+                          bidirectional_vision=composite and bool(raw.get("vision_config")))
     global_head_dim, global_kv_heads = _full_layer_overrides(tc, layer_types)
     moe = _hf_flag(tc, "enable_moe_block", False)
     if moe and not (tc.get("num_experts") and tc.get("top_k_experts") and tc.get("moe_intermediate_size")):

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from .cache import kv_bytes_per_token, kv_cache_bytes
 from .config import LayerType, TextConfig
 from .llm import LLM
-from .loading.names import HF_TOWER_PREFIXES
 
 
 def parameter_counts(cfg: TextConfig) -> dict[str, int]:
@@ -130,8 +129,6 @@ def warnings(llm: LLM) -> list[str]:
     turn_end = "<end_of_turn>" if cfg.family == "gemma3" else "<turn|>"
     if tok.token_to_id(turn_end) is None:
         out.append(f"no end-of-turn token {turn_end}: chat replies may never stop")
-    if cfg.family == "gemma3" and any(name.startswith(HF_TOWER_PREFIXES) for name, *_ in llm.info.tensors):
-        out.append("the vision tower's weights are not read: Gemma 3 runs as text only in gemmarun")
     if not llm.has_chat_template:
         rules = "Gemma 3's turn format" if cfg.family == "gemma3" else "spec 9 rules"
         out.append(f"no chat template in the file: chat uses gemmarun's own renderer ({rules})")

@@ -17,6 +17,7 @@ from .constrain import Grammar, GrammarState
 from .control import NUMBER_CHARS, OutputControl, make_loop_guard
 from .generate import Caching, check_token_ids, generate_step
 from .loopguard import LoopGuardConfig
+from .model.gemma3_vision import Gemma3Encoders
 from .model.multimodal import AUDIO, IMAGE, TEXT, VIDEO, Encoders, MediaTokens, merge, token_types
 from .model.unified import UnifiedEncoders
 from .model.text import TextModel
@@ -68,13 +69,13 @@ class LLM:
     """A loaded Gemma model. Create it with `gemmarun.load(path)`."""
 
     def __init__(self, model: TextModel, tokenizer: Tokenizer, info: ModelInfo,
-                 encoders: Encoders | UnifiedEncoders | None = None):
+                 encoders: Encoders | UnifiedEncoders | Gemma3Encoders | None = None):
         self.model = model
         self.config: TextConfig = model.config
         self.tokenizer = tokenizer
         self.info = info
         self.encoders = encoders
-        if encoders is not None:
+        if encoders is not None and self.config.family == "gemma4":  # (Gemma 3 embeds its own rows)
             tokens = encoders.cfg.tokens
             model.read_placeholders_as_pad((tokens.image, tokens.video, tokens.audio))
         # The last generation's KV cache, kept so that a prompt starting the same way (the next
@@ -123,8 +124,6 @@ class LLM:
         """ValueError, saying why, unless this model takes `kind` ("image", "video" or "audio")
         input; nothing is read."""
         if self.encoders is None:
-            if self.config.family == "gemma3":  # a Gemma 3 folder may ship a vision tower: it is not read
-                raise ValueError(f"Gemma 3 runs as text only in gemmarun; it cannot take {kind} input")
             if self.info.format == "gguf":
                 beside = sorted(self.info.path.parent.glob("*mmproj*.gguf"))
                 hint = f" ({beside[0]} is beside it)" if beside else ""
@@ -135,14 +134,24 @@ class LLM:
             raise ValueError("this model has no audio tower: it cannot take audio")
         if kind != "audio" and self.encoders.embed_vision is None:
             raise ValueError("this model has no vision tower: it cannot take images or video")
+        if kind == "video" and isinstance(self.encoders, Gemma3Encoders):
+            raise ValueError("Gemma 3 takes images, not video (give frames as images)")
 
     def _prepare(self, kind: str, source, image_tokens: int | None):
-        from .processing.prompt import prepare, source_of
+        from .processing.prompt import PreparedImage, prepare, source_of
 
         self.check_media(kind)
         if isinstance(source, str) and source.startswith("data:"):  # as an image_url part takes it
             source = source_of(source)
         budget = self.encoders.cfg.image_soft_tokens if image_tokens is None else image_tokens
+        if isinstance(self.encoders, Gemma3Encoders):
+            from .processing.image import load_image, preprocess_square_image
+
+            if budget != self.encoders.cfg.image_soft_tokens:
+                raise ValueError(f"Gemma 3 gives every image {self.encoders.cfg.image_soft_tokens} soft tokens; "
+                                 f"it takes no other budget ({budget} asked)")
+            return PreparedImage(preprocess_square_image(load_image(source), self.encoders.cfg.vision.image_size,
+                                                         budget))
         if isinstance(self.encoders, UnifiedEncoders):
             from .processing.unified import prepare_unified
 
@@ -156,6 +165,8 @@ class LLM:
         from .processing.prompt import PreparedAudio, PreparedImage
 
         device = self.model.device
+        if isinstance(self.encoders, Gemma3Encoders):
+            return self.encoders.images(item.inputs.pixels[None].to(device, self.model.dtype))
         if isinstance(self.encoders, UnifiedEncoders):  # raw patches / waveform frames
             from .processing.unified import soft_inputs
 
@@ -318,7 +329,8 @@ class LLM:
         if not media:
             return Prompt(self.tokenizer.encode(text, add_bos=False))
         prepared = tuple(self._prepare(kind, source, image_tokens) for kind, source in media)
-        ids = expand(text, list(prepared), lambda t: self.tokenizer.encode(t, add_bos=False), self.media_tokens)
+        ids = expand(text, list(prepared), lambda t: self.tokenizer.encode(t, add_bos=False), self.media_tokens,
+                     self.config.family)
         return Prompt(ids, prepared)
 
     def encode_prompt(self, prompt: str | Messages, *, enable_thinking: bool = False) -> list[int]:

@@ -15,9 +15,9 @@ def visible(
 ) -> torch.Tensor:
     """Bool mask (T, S): True where query i may attend key j.
 
-    `blocks` (Gemma 4 31B/26B, sliding layers only, while prefilling): the vision block id of
-    every absolute prompt position (-1 outside images); tokens of one image also see each other
-    ahead of themselves, still within the window (spec 3.3).
+    `blocks` (while prefilling; Gemma 4 31B/26B on sliding layers, Gemma 3 on every layer): the
+    vision block id of every absolute prompt position (-1 outside images); tokens of one image also
+    see each other ahead of themselves, still within any window (spec 3.3).
     """
     q = q_pos[:, None]
     k = k_pos[None, :]

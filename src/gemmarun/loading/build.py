@@ -92,11 +92,13 @@ def check_encoder_state(encoders: torch.nn.Module, state: dict[str, Tensorish]) 
 def build_encoders(mm_cfg, text_cfg: TextConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
                    device: torch.device):
     """The vision/audio towers (gemmarun names = HF names minus `model.`), checked strictly;
-    `UnifiedEncoders` for a gemma4_unified config."""
+    `UnifiedEncoders` for a gemma4_unified config, `Gemma3Encoders` for Gemma 3's."""
+    from ..model.gemma3_vision import Gemma3Encoders, Gemma3MediaConfig
     from ..model.multimodal import Encoders
     from ..model.unified import UnifiedConfig, UnifiedEncoders
 
-    cls = UnifiedEncoders if isinstance(mm_cfg, UnifiedConfig) else Encoders
+    classes = {UnifiedConfig: UnifiedEncoders, Gemma3MediaConfig: Gemma3Encoders}
+    cls = classes.get(type(mm_cfg), Encoders)
     with torch.device("meta"):
         encoders = cls(mm_cfg, text_cfg.hidden_size)
     check_encoder_state(encoders, state)

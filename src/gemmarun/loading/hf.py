@@ -8,6 +8,7 @@ import torch
 
 from ..config import load_hf_config, read_json_object
 from ..llm import LLM, ModelInfo
+from ..model.gemma3_vision import gemma3_media_config_from_hf
 from ..model.multimodal import multimodal_config_from_hf
 from ..model.unified import unified_config_from_hf
 from ..tokenizer import Tokenizer
@@ -74,7 +75,7 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LL
     model = build_text_model(cfg, state, dtype=dtype, device=device)
     encoders = None
     raw = read_json_object(folder / "config.json")  # (load_hf_config has read it already)
-    mm_cfg = multimodal_config_from_hf(raw) or unified_config_from_hf(raw)
+    mm_cfg = multimodal_config_from_hf(raw) or unified_config_from_hf(raw) or gemma3_media_config_from_hf(raw)
     if mm_cfg is not None:
         encoders = build_encoders(mm_cfg, cfg, map_hf_tower_names(tensors), dtype=dtype, device=device)
     table = [

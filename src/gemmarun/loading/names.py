@@ -87,12 +87,23 @@ def map_assistant_names(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tor
     return state, ignored
 
 
+# A SigLIP tower's pooling head: Gemma 3 reads the encoder's last hidden state, never the head.
+SIGLIP_HEAD = "vision_tower.head."
+# Gemma 3's released files nest the SigLIP tower one level deeper than transformers 5.23 writes it.
+SIGLIP_LEGACY = "vision_tower.vision_model."
+
+
 def map_hf_tower_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Vision/audio tower tensors under gemmarun's `Encoders` / `UnifiedEncoders` names (the file's
-    name minus `model.`; `vision_embedder.` is gemma4_unified's raw-patch embedder)."""
-    return {name.removeprefix("model."): t for name, t in tensors.items()
-            if name.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
-                                "model.vision_embedder."))}
+    """Vision/audio tower tensors under gemmarun's `Encoders` / `UnifiedEncoders` /
+    `Gemma3Encoders` names: the file's name minus `model.` (`vision_embedder.` is gemma4_unified's
+    raw-patch embedder; Gemma 3's released files write `vision_tower.vision_model.` and
+    `multi_modal_projector.` without it)."""
+    towers = tuple(p.removeprefix("model.") for p in HF_TOWER_PREFIXES)
+    state = {}
+    for name, t in tensors.items():
+        name = name.removeprefix("model.")
+        state["vision_tower." + name[len(SIGLIP_LEGACY):] if name.startswith(SIGLIP_LEGACY) else name] = t
+    return {name: t for name, t in state.items() if name.startswith(towers) and not name.startswith(SIGLIP_HEAD)}
 
 
 def sanitize_gemma3(state: dict[str, torch.Tensor], cfg: TextConfig) -> dict[str, torch.Tensor]:

@@ -122,8 +122,7 @@ class Attention(nn.Module):
             keys, values, key_pos = shared[spec.kv_source]
         if one_query:
             return self._attend_one(q, keys, values, key_pos, int(positions[0]))
-        # Bidirectional image attention applies to sliding layers only (spec 3.3).
-        mask = visible(positions, key_pos, spec.window, blocks if spec.window is not None else None)  # (T, S)
+        mask = visible(positions, key_pos, spec.window, blocks if spec.image_blocks else None)  # (T, S)
         return self._attend(q, keys, values, mask)
 
     def keys_from_values(self, values, key_pos, rotary: RotaryTable) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Image and video-frame preprocessing for the Gemma 4 vision tower (spec 4.1 and 4.7).
+"""Image and video-frame preprocessing for the Gemma 4 vision tower (spec 4.1 and 4.7), and
+Gemma 3's one-square images (`preprocess_square_image`).
 
 Mirrors transformers 5.23 `Gemma4ImageProcessorPil` bit for bit: composite on white, resize
 (PIL bicubic) to the largest 48-multiple size within the patch budget, rescale by 1/255 in float64
@@ -204,6 +205,33 @@ def preprocess_image(image: Image.Image, max_soft_tokens: int = 280, patch_size:
     position_ids = torch.full((max_patches, 2), -1, dtype=torch.int64)
     position_ids[: hp * wp] = torch.from_numpy(positions)
     return ImageInputs(pixel_values, position_ids, (hp * wp) // pooling_kernel**2)
+
+
+@dataclass(frozen=True, eq=False)
+class SquareImage:
+    """Gemma 3's image input: the whole image resized to the tower's one square."""
+
+    pixels: torch.Tensor  # float32 [3, S, S], normalised to [-1, 1]
+    num_soft_tokens: int
+
+
+def preprocess_square_image(image: Image.Image, size: int, num_soft_tokens: int) -> SquareImage:
+    """One image -> [3, size, size], exactly as transformers 5.23 `Gemma3ImageProcessorPil` with
+    the released checkpoints' settings: composite on white, PIL bilinear resize (aspect ratio not
+    kept), rescale by 1/255 in float64 then float32, normalise with mean = std = 0.5 (pan and scan
+    off, as their preprocessor configs leave it)."""
+    _check_size(image, "<PIL image>")
+    rgb = to_rgb(image)
+    if rgb.size != (size, size):
+        try:
+            rgb = rgb.resize((size, size), resample=Image.Resampling.BILINEAR, reducing_gap=None)
+        except MemoryError:
+            raise ImageInputError(f"<PIL image>: out of memory resizing {rgb.size[0]}x{rgb.size[1]} "
+                                  f"to {size}x{size}") from None
+    pixels = (np.asarray(rgb).astype(np.float64) * (1 / 255)).astype(np.float32)  # [S, S, 3]
+    half = np.float32(0.5)
+    pixels = (pixels - half) / half
+    return SquareImage(torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), num_soft_tokens)
 
 
 def stack_inputs(items: list[ImageInputs]) -> tuple[torch.Tensor, torch.Tensor]:

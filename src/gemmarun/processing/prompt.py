@@ -6,6 +6,7 @@ because the number of soft tokens decides the expansion:
   audio  <|audio|> -> <|audio> + <|audio|> x n + <audio|>, once per 30 s clip (long audio is
          split into consecutive clips, never truncated)
   video  <|video|> -> "mm:ss <|image>" + <|video|> x n + "<image|>" per sampled frame, joined by spaces
+  Gemma 3: <start_of_image> -> "\n\n" + <start_of_image> + <image_soft_token> x 256 + <end_of_image> + "\n\n"
 Text between placeholders is tokenized on its own and the ids are spliced, so the expansion never
 depends on how a tokenizer spells the media tokens.
 """
@@ -21,19 +22,23 @@ from typing import Any
 import numpy as np
 
 from .audio import load_audio, num_audio_soft_tokens, split_clips
-from .image import ImageInputs, load_image, preprocess_image, preprocess_video_frames, sample_video
+from .image import ImageInputs, SquareImage, load_image, preprocess_image, preprocess_video_frames, sample_video
 
 # Spec 6.1's media placeholders and delimiters as text (their ids: model.multimodal.MediaTokens's fields).
 MEDIA_TOKEN_TEXT = {"image": "<|image|>", "audio": "<|audio|>", "video": "<|video|>", "boi": "<|image>",
                     "eoi": "<image|>", "boa": "<|audio>", "eoa": "<audio|>"}
-PLACEHOLDERS = {MEDIA_TOKEN_TEXT[kind]: kind for kind in ("image", "audio", "video")}
-_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
+# What a rendered prompt writes for each medium, per family. Gemma 3's placeholder is its
+# <start_of_image> itself, and its processor puts a blank line on both sides of an expanded image.
+PLACEHOLDERS = {"gemma4": {MEDIA_TOKEN_TEXT[kind]: kind for kind in ("image", "audio", "video")},
+                "gemma3": {"<start_of_image>": "image"}}
+IMAGE_MARGIN = {"gemma4": "", "gemma3": "\n\n"}
+_PLACEHOLDER_RE = {family: re.compile("|".join(map(re.escape, table))) for family, table in PLACEHOLDERS.items()}
 _PART_KINDS = {"image": "image", "image_url": "image", "audio": "audio", "input_audio": "audio", "video": "video"}
 
 
 @dataclass(frozen=True)
 class PreparedImage:
-    inputs: ImageInputs
+    inputs: ImageInputs | SquareImage
 
 
 @dataclass(frozen=True)
@@ -133,12 +138,15 @@ def _label(source: Any) -> str:
     return str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
 
 
-def expand(text: str, prepared: list[Prepared], encode, tokens) -> list[int]:
+def expand(text: str, prepared: list[Prepared], encode, tokens, family: str = "gemma4") -> list[int]:
     """Ids of `text` (a rendered prompt) with every placeholder expanded, in order.
 
     `encode(str) -> list[int]` tokenizes text without BOS; `tokens` is a MediaTokens."""
-    pieces = _PLACEHOLDER_RE.split(text)
-    found = _PLACEHOLDER_RE.findall(text)
+    placeholders, margin = PLACEHOLDERS[family], IMAGE_MARGIN[family]
+    pieces = _PLACEHOLDER_RE[family].split(text)
+    found = _PLACEHOLDER_RE[family].findall(text)
+    if margin:  # (special tokens split text in the reference tokenizer too: splicing is exact)
+        pieces = [(margin if i else "") + piece + (margin if i < len(found) else "") for i, piece in enumerate(pieces)]
     if len(found) != len(prepared):
         raise ValueError(f"the prompt has {len(found)} media placeholders but {len(prepared)} media inputs")
     ids: list[int] = []
@@ -147,7 +155,7 @@ def expand(text: str, prepared: list[Prepared], encode, tokens) -> list[int]:
             ids.extend(encode(piece))
         if i == len(found):
             break
-        kind, item = PLACEHOLDERS[found[i]], prepared[i]
+        kind, item = placeholders[found[i]], prepared[i]
         if kind == "image" and isinstance(item, PreparedImage):
             ids += [tokens.boi] + [tokens.image] * item.inputs.num_soft_tokens + [tokens.eoi]
         elif kind == "audio" and isinstance(item, PreparedAudio):

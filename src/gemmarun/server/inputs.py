@@ -229,7 +229,7 @@ def prepare_messages(messages: list, allow_local_files: bool, limits: MediaLimit
 
 def modalities(llm: LLM) -> list[str]:
     """The inputs the loaded model takes: text, and image / audio when it can project them into
-    the text space (both kinds of encoders have `embed_vision` / `embed_audio`, None if absent)."""
+    the text space (every kind of encoders has `embed_vision` / `embed_audio`, None if absent)."""
     if llm.encoders is None:
         return ["text"]
     projections = (("image", llm.encoders.embed_vision), ("audio", llm.encoders.embed_audio))
