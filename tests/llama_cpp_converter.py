@@ -86,6 +86,10 @@ PREPROCESSOR = {"image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "pa
                 "max_soft_tokens": 280, "pooling_kernel_size": 3}
 
 
+# Gemma 3's image processor values (the released preprocessor_config.json's, the tiny tower's size).
+GEMMA3_PREPROCESSOR = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 32, "width": 32}}
+
+
 def list_specials(folder: Path) -> None:
     """Name every special token in tokenizer_config.json, as the released tokenizers do: llama.cpp's
     converter types only the tokens transformers lists as special CONTROL, the rest NORMAL (then
@@ -101,9 +105,17 @@ def list_specials(folder: Path) -> None:
 
 def convert_multimodal(family: str, folder: Path):
     """A tiny multimodal model in `folder` and llama.cpp's GGUFs of it: (transformers model, text
-    GGUF, mmproj GGUF)."""
-    from reference_models import build_multimodal
+    GGUF, mmproj GGUF). For "gemma3" (its SigLIP tower) the text GGUF is gemmarun's: llama.cpp's
+    converter reads a Gemma 3 vocabulary from a SentencePiece tokenizer.model only."""
+    from reference_models import GEMMA3_SOFT, build_gemma3_vision, build_multimodal
 
+    if family == "gemma3":
+        from gemmarun.loading.convert import convert as our_convert
+
+        ref = build_gemma3_vision(folder, released_layout=True)
+        (folder / "preprocessor_config.json").write_text(json.dumps(GEMMA3_PREPROCESSOR | {"image_seq_length": GEMMA3_SOFT}))
+        text = our_convert(folder, folder.parent / f"{folder.name}-text-f32.gguf", "f32", progress=False)
+        return ref, text, convert(folder, folder / "mmproj-f32.gguf", mmproj=True)
     ref = build_multimodal(family, folder, tower_eps=TOWER_EPS)
     list_specials(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))

@@ -253,9 +253,11 @@ def _randomize_siglip(model: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
 
 
-def build_gemma3_vision(folder: Path):
+def build_gemma3_vision(folder: Path, released_layout: bool = False):
     """A tiny Gemma3ForConditionalGeneration (SigLIP tower + projector) saved to `folder` with a
-    tokenizer that spells Gemma 3's media tokens."""
+    tokenizer that spells Gemma 3's media tokens. transformers 5.23 writes the tower as
+    `vision_tower.*`; `released_layout` rewrites it as the released checkpoints hold it (and
+    llama.cpp's converter reads it), `vision_tower.vision_model.*`."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     torch.manual_seed(0)
@@ -265,6 +267,12 @@ def build_gemma3_vision(folder: Path):
     _randomize(ref.model.language_model, gemma3=True)
     _randomize_siglip(ref)
     ref.save_pretrained(folder)
+    if released_layout:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(folder / "model.safetensors")
+        save_file({name.replace("vision_tower.", "vision_tower.vision_model.", 1) if name.startswith("vision_tower.")
+                   else name: t for name, t in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     write_tiny_tokenizer(folder, "gemma3")
     path = folder / "tokenizer.json"
     text_json = path.read_text()

@@ -187,6 +187,95 @@ def test_mmproj_from_another_checkpoint_is_refused(llama_cpp_multimodal, tmp_pat
         gemmarun.load(text, mmproj=mmproj)
 
 
+def _rewritten(src, dst, rename=lambda name: name, meta=None):
+    """A copy of GGUF `src` at `dst` with tensors renamed and metadata keys replaced."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(dst, reader.get_field("general.architecture").contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = (meta or {}).get(field.name, field.contents())
+        kind = field.types[0]
+        if kind == GGUFValueType.ARRAY:
+            writer.add_array(field.name, value)
+        else:
+            writer.add_key_value(field.name, value, kind)
+    for t in reader.tensors:
+        writer.add_tensor(rename(t.name), t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def _gemma3_reference_tokens(ref, image, f16_projection: bool):
+    """transformers' soft tokens for one image; with `f16_projection`, through the projection
+    rounded to float16 as llama.cpp's converter always stores it."""
+    from gemmarun.processing.image import load_image, preprocess_square_image
+
+    pixels = preprocess_square_image(load_image(image), 32, 16).pixels[None]
+    weight = ref.model.multi_modal_projector.mm_input_projection_weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        if f16_projection:
+            weight.copy_(weight.half().float())
+        try:
+            return ref.model.get_image_features(pixels).pooler_output[0].numpy()
+        finally:
+            weight.copy_(saved)
+
+
+def test_gemma3_mmproj_gives_the_references_image_tokens(llama_cpp_multimodal, media):
+    """Gemma 3's mmproj (projector type gemma3): the SigLIP tower and projector from llama.cpp's
+    converter (its 1 + w norm undone, the projection in float16) give transformers' soft tokens;
+    the whole model, text GGUF + mmproj, the folder's logits."""
+    folder, ref, text, mmproj = llama_cpp_multimodal("gemma3")
+    llm = gemmarun.load(text, mmproj=mmproj, dtype="float32")
+    ours = llm.encode_image(media / "a.png")
+    theirs = _gemma3_reference_tokens(ref, media / "a.png", f16_projection=True)
+    assert ours.shape == (16, 64)
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-5
+    folder_llm = gemmarun.load(folder, dtype="float32")
+    ids = [2, 40, 41, 12] + [13] * 16 + [14, 50, 60]
+    assert llm.config.bidirectional_vision and llm.model.layers[-1].self_attn.spec.image_blocks
+    a, b = llm.logits(ids, images=[media / "a.png"]), folder_llm.logits(ids, images=[media / "a.png"])
+    assert np.abs(a - b).max() / np.abs(b).max() <= 2e-3  # (the float16 projection)
+
+
+def test_gemma3_mmproj_with_swapped_feed_forward_names_loads_the_same(llama_cpp_multimodal, media, tmp_path):
+    """Early conversions wrote fc1 as ffn_down and fc2 as ffn_up; llama.cpp swaps them back by shape."""
+    _, _, text, mmproj = llama_cpp_multimodal("gemma3")
+    swap = {"ffn_up": "ffn_down", "ffn_down": "ffn_up"}
+    old = _rewritten(mmproj, tmp_path / "old.gguf",
+                     lambda n: re.sub(r"\.(ffn_up|ffn_down)\.", lambda m: f".{swap[m.group(1)]}.", n))
+    expected = gemmarun.load(text, mmproj=mmproj, dtype="float32").encode_image(media / "a.png")
+    assert np.array_equal(gemmarun.load(text, mmproj=old, dtype="float32").encode_image(media / "a.png"), expected)
+
+
+def test_gemma3_mmproj_misuse_is_a_one_line_error(llama_cpp_multimodal, tmp_path):
+    _, _, gemma3_text, gemma3_mmproj = llama_cpp_multimodal("gemma3")
+    _, _, gemma4_text, gemma4_mmproj = llama_cpp_multimodal("31b")
+    with pytest.raises(LoadError, match="a Gemma 3 projector .'gemma3'. goes with a Gemma 3 text model; this one is gemma4"):
+        gemmarun.load(gemma4_text, mmproj=gemma3_mmproj)
+    with pytest.raises(LoadError, match="its projector is 'gemma4v'; a Gemma 3 text model takes Gemma 3's"):
+        gemmarun.load(gemma3_text, mmproj=gemma4_mmproj)
+    bad_mean = _rewritten(gemma3_mmproj, tmp_path / "mean.gguf", meta={"clip.vision.image_mean": [0.0, 0.0, 0.0]})
+    with pytest.raises(LoadError, match=r"clip.vision.image_mean=\[0.0, 0.0, 0.0\]; Gemma 3's image processor"):
+        gemmarun.load(gemma3_text, mmproj=bad_mean)
+    few = _rewritten(gemma3_mmproj, tmp_path / "blocks.gguf", meta={"clip.vision.block_count": 3})
+    with pytest.raises(LoadError, match="clip.vision.block_count=3 but the file holds 2 vision blocks"):
+        gemmarun.load(gemma3_text, mmproj=few)
+    grid = _rewritten(gemma3_mmproj, tmp_path / "grid.gguf", meta={"clip.vision.projector.scale_factor": 3})
+    with pytest.raises(LoadError, match="do not make a whole grid of soft tokens"):
+        gemmarun.load(gemma3_text, mmproj=grid)
+    stray = _rewritten(gemma3_mmproj, tmp_path / "stray.gguf", lambda n: n.replace("v.post_ln.bias", "v.post_ln.extra"))
+    with pytest.raises(LoadError, match="tensors that are not Gemma 3 vision: v.post_ln.extra"):
+        gemmarun.load(gemma3_text, mmproj=stray)
+
+
 @pytest.mark.parametrize("ordered", [False, True])
 def test_drafter_gguf_from_llama_cpp(llama_cpp, tiny_models, monkeypatch, tmp_path, ordered):
     """llama.cpp's GGUF of a gemma4_assistant drafter drafts as the folder does; its converter drops
@@ -294,7 +383,7 @@ def _hostile_mmproj_cases():
                           "metadata key 'clip.vision.attention.head_count' is missing"),
         "no query norm": (dict(drop=("v.blk.0.attn_q_norm.weight",)), "no v.blk.0.attn_q_norm.weight tensor"),
         "a gemma3 projector": (dict(meta={"clip.vision.projector_type": ("gemma3", T.STRING)}),
-                               "its vision projector is 'gemma3'"),
+                               r"a Gemma 3 projector \('gemma3'\) goes with a Gemma 3 text model; this one is gemma4"),
     }
 
 

@@ -82,6 +82,19 @@ def test_soft_tokens_match_the_reference(pair, media):
         assert _rel(ours, theirs) <= 1e-5
 
 
+def test_a_folder_in_the_released_layout_loads_the_same_tower(pair, media, tmp_path):
+    """The released checkpoints hold the tower as vision_tower.vision_model.* (transformers 5.23
+    renames it on load), transformers 5.23 writes vision_tower.*: both load, to the same tokens."""
+    from safetensors import safe_open
+
+    llm, _, _ = pair
+    build_gemma3_vision(tmp_path, released_layout=True)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "vision_tower.vision_model.post_layernorm.weight" in f.keys()
+    released = gemmarun.load(tmp_path, device="cpu")
+    assert np.array_equal(released.encode_image(media / "a.png"), llm.encode_image(media / "a.png"))
+
+
 def test_prompt_expansion_is_the_processors(pair, media):
     """processing_gemma3: each <start_of_image> becomes the full image sequence, blank lines around
     it, and the whole text is tokenized: splicing the pieces must give the same ids."""

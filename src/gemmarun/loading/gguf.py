@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
         from .mmproj import open_mmproj
 
         projector = open_mmproj(mmproj, cfg, tokenizer)
+        if cfg.family == "gemma3":  # its image tokens see each other in every layer, as from a folder
+            cfg = replace(cfg, bidirectional_vision=True)
     state: dict[str, torch.Tensor | QuantizedTensor] = {}
     unknown = []
     for name, info in f.tensors.items():

@@ -1,5 +1,6 @@
-"""llama.cpp's multimodal projector GGUF (mmproj, spec 10.2): Gemma 4's vision and audio towers in
-a file of their own, loaded beside a GGUF text model as `llama-server --mmproj` takes them.
+"""llama.cpp's multimodal projector GGUF (mmproj, spec 10.2): Gemma 4's vision and audio towers
+(projector types gemma4v, gemma4a), or Gemma 3's SigLIP tower (gemma3), in a file of their own,
+loaded beside a GGUF text model as `llama-server --mmproj` takes them.
 
 An mmproj carries the towers' weights and a few sizes (`clip.vision.*`, `clip.audio.*`); the rest of
 each tower's config is read off its tensors' shapes, and what neither holds keeps the value every
@@ -14,6 +15,7 @@ meta tensors), before the text model's weights are read: a wrong file costs no m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import torch
 
 from ..config import ConfigError, TextConfig, gguf_float, gguf_int
 from ..model.audio import AudioConfig
+from ..model.gemma3_vision import Gemma3Encoders, Gemma3MediaConfig, SiglipConfig
 from ..model.multimodal import Encoders, MediaTokens, MultimodalConfig
 from ..model.vision import VisionConfig
 from ..processing.audio import NUM_MEL_BINS
@@ -31,9 +34,12 @@ from .build import build_encoders, check_encoder_state
 from .errors import LoadError
 from .gguf import read_tensor
 from .gguf_file import GGUFFile
-from .names import MMPROJ_ARCHITECTURE, mmproj_block, mmproj_to_gemmarun
+from .names import MMPROJ_ARCHITECTURE, mmproj_block, mmproj_siglip_to_gemmarun, mmproj_to_gemmarun
 
 PROJECTORS = {"vision": "gemma4v", "audio": "gemma4a"}
+GEMMA3_PROJECTOR = "gemma3"
+# Gemma 3's image processor normalises with these; a file saying otherwise wants other pixels.
+GEMMA3_MEAN_STD = [0.5, 0.5, 0.5]
 # llama.cpp fixes the audio eps at 1e-6 (its converter wrote a wrong one into early files), as every
 # Gemma 4 checkpoint has it; the vision eps is read from the file.
 AUDIO_EPS = 1e-6
@@ -44,7 +50,9 @@ class MmprojFile:
     """An mmproj that passed `open_mmproj`: its towers' config; tensors not yet read."""
 
     file: GGUFFile
-    config: MultimodalConfig
+    config: MultimodalConfig | Gemma3MediaConfig
+    names: dict[str, str]  # the file's tensor name -> the towers' (gemmarun) name
+    sanitize: Callable[[str, torch.Tensor, str], torch.Tensor]  # (ours, tensor, file's name) -> HF layout
 
 
 def open_mmproj(path: Path, text_cfg: TextConfig, tokenizer: Tokenizer) -> MmprojFile:
@@ -59,9 +67,8 @@ def open_mmproj(path: Path, text_cfg: TextConfig, tokenizer: Tokenizer) -> Mmpro
     if arch != MMPROJ_ARCHITECTURE:
         raise LoadError(f"{path}: general.architecture is {arch!r}, not {MMPROJ_ARCHITECTURE!r}: not a multimodal "
                         "projector (mmproj) GGUF")
-    if text_cfg.family != "gemma4":
-        raise LoadError(f"{path}: an mmproj adds towers to a Gemma 4 text model; this one is {text_cfg.family} "
-                        "(Gemma 3 runs as text only in gemmarun)")
+    if text_cfg.family == "gemma3" or _projector(meta, "vision") == GEMMA3_PROJECTOR:
+        return _open_gemma3(path, f, text_cfg, tokenizer)
     unknown = [name for name in f.tensors if mmproj_to_gemmarun(name) is None]
     if unknown:
         raise LoadError(f"{path}: tensors that are not Gemma 4 vision or audio: {', '.join(unknown[:8])}")
@@ -90,17 +97,18 @@ def open_mmproj(path: Path, text_cfg: TextConfig, tokenizer: Tokenizer) -> Mmpro
         check_encoder_state(towers_on_meta, shapes)
     except LoadError as e:
         raise LoadError(f"{path}: {e}") from None
-    return MmprojFile(f, cfg)
+    return MmprojFile(f, cfg, {name: mmproj_to_gemmarun(name) for name in f.tensors}, sanitize)
 
 
-def load_mmproj(mm: MmprojFile, text_cfg: TextConfig, *, dtype: torch.dtype, device: torch.device) -> Encoders:
+def load_mmproj(mm: MmprojFile, text_cfg: TextConfig, *, dtype: torch.dtype,
+                device: torch.device) -> Encoders | Gemma3Encoders:
     """The towers of an opened mmproj, in `dtype` (one copy per tensor)."""
     f = mm.file
     state = {}
     for name, info in f.tensors.items():
-        ours = mmproj_to_gemmarun(name)
+        ours = mm.names[name]
         try:
-            state[ours] = sanitize(ours, read_tensor(f, info, True), name).to(dtype)
+            state[ours] = mm.sanitize(ours, read_tensor(f, info, True), name).to(dtype)
         except LoadError:  # (read_tensor's errors name the file already)
             raise
         except ValueError as e:
@@ -150,7 +158,7 @@ def _has_tower(f: GGUFFile, tower: str) -> bool:
         if tensors:
             raise ConfigError(f"clip.has_{tower}_encoder is {flag!r} but the file holds {tower} tensors")
         return False
-    kind = meta.get(f"clip.{tower}.projector_type", meta.get("clip.projector_type"))
+    kind = _projector(meta, tower)
     if kind != PROJECTORS[tower]:
         raise ConfigError(f"its {tower} projector is {kind!r}; gemmarun runs Gemma 4's ({PROJECTORS[tower]!r})")
     blocks = {block for block in map(mmproj_block, tensors) if block is not None}
@@ -159,6 +167,11 @@ def _has_tower(f: GGUFFile, tower: str) -> bool:
         raise ConfigError(f"clip.{tower}.block_count={count} but the file holds {len(blocks)} {tower} blocks"
                           + (f" (up to {max(blocks)})" if blocks else ""))
     return True
+
+
+def _projector(meta: dict[str, Any], tower: str) -> Any:
+    """A tower's projector type: its own key (a file with two towers) or the file's."""
+    return meta.get(f"clip.{tower}.projector_type", meta.get("clip.projector_type"))
 
 
 def _tower_of(name: str) -> str:
@@ -250,3 +263,118 @@ def _media_tokens(tokenizer: Tokenizer, path: Path) -> MediaTokens:
             raise LoadError(f"{path}: the text model's vocabulary has no {text} token, which media prompts need")
         ids[field] = i
     return MediaTokens(**ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 3 (projector type "gemma3"): one SigLIP tower, its config in the header
+
+
+def _open_gemma3(path: Path, f: GGUFFile, text_cfg: TextConfig, tokenizer: Tokenizer) -> MmprojFile:
+    """`open_mmproj` for Gemma 3: a gemma3 projector for a Gemma 3 text model, the SigLIP config
+    its header gives, and the tower's exact names and shapes."""
+    meta = f.metadata
+    kind = _projector(meta, "vision")
+    if text_cfg.family != "gemma3":
+        raise LoadError(f"{path}: a Gemma 3 projector ({GEMMA3_PROJECTOR!r}) goes with a Gemma 3 text model; "
+                        f"this one is {text_cfg.family}")
+    if kind != GEMMA3_PROJECTOR:
+        raise LoadError(f"{path}: its projector is {kind!r}; a Gemma 3 text model takes Gemma 3's ({GEMMA3_PROJECTOR!r})")
+    names = {name: mmproj_siglip_to_gemmarun(name) for name in f.tensors}
+    unknown = [name for name, ours in names.items() if ours is None]
+    if unknown:
+        raise LoadError(f"{path}: tensors that are not Gemma 3 vision: {', '.join(unknown[:8])}")
+    try:
+        if meta.get("clip.has_vision_encoder") is not True:
+            raise ConfigError(f"clip.has_vision_encoder is {meta.get('clip.has_vision_encoder')!r}, not true")
+        cfg = _gemma3_config(meta, f, tokenizer, path)
+        names = _unswapped_ffn(names, f, cfg.vision)
+        shapes = {ours: sanitize_gemma3(ours, torch.empty(f.tensors[name].shape, device="meta"), name)
+                  for name, ours in names.items()}
+    except (ConfigError, ValueError) as e:
+        raise LoadError(f"{path}: {e}") from None
+    width = shapes.get("multi_modal_projector.mm_input_projection_weight")
+    if width is not None and width.dim() == 2 and width.shape[1] != text_cfg.hidden_size:
+        raise LoadError(f"{path}: its image tokens are {width.shape[1]} wide, the text model's embeddings "
+                        f"{text_cfg.hidden_size}: the two files are not from the same checkpoint")
+    with torch.device("meta"):
+        towers_on_meta = Gemma3Encoders(cfg, text_cfg.hidden_size)
+    try:
+        check_encoder_state(towers_on_meta, shapes)
+    except LoadError as e:
+        raise LoadError(f"{path}: {e}") from None
+    return MmprojFile(f, cfg, names, sanitize_gemma3)
+
+
+def _gemma3_config(meta: dict[str, Any], f: GGUFFile, tokenizer: Tokenizer, path: Path) -> Gemma3MediaConfig:
+    eps = gguf_float(meta.get("clip.vision.attention.layer_norm_epsilon", 1e-6), "clip.vision.attention.layer_norm_epsilon")
+    if eps <= 0:
+        raise ConfigError(f"clip.vision.attention.layer_norm_epsilon={eps} must be positive")
+    for key in ("embedding_length", "feed_forward_length", "block_count", "attention.head_count", "image_size", "patch_size"):
+        if _int(meta, f"clip.vision.{key}") < 1:
+            raise ConfigError(f"clip.vision.{key} must be positive")
+    vision = SiglipConfig(
+        hidden_size=_int(meta, "clip.vision.embedding_length"),
+        intermediate_size=_int(meta, "clip.vision.feed_forward_length"),
+        num_layers=_int(meta, "clip.vision.block_count"),
+        num_heads=_int(meta, "clip.vision.attention.head_count"),
+        image_size=_int(meta, "clip.vision.image_size"),
+        patch_size=_int(meta, "clip.vision.patch_size"),
+        layer_norm_eps=eps,
+    )
+    if vision.hidden_size % vision.num_heads:
+        raise ConfigError(f"clip.vision.embedding_length={vision.hidden_size} is not a multiple of "
+                          f"clip.vision.attention.head_count={vision.num_heads}")
+    per_side = vision.image_size // vision.patch_size
+    scale = _int(meta, "clip.vision.projector.scale_factor", 4)  # llama.cpp's default: 896 / 14 / 16
+    if vision.image_size % vision.patch_size or scale < 1 or per_side % scale:
+        raise ConfigError(f"clip.vision.image_size={vision.image_size}, patch_size={vision.patch_size} and "
+                          f"projector.scale_factor={scale} do not make a whole grid of soft tokens")
+    for key in ("clip.vision.image_mean", "clip.vision.image_std"):
+        value = meta.get(key, GEMMA3_MEAN_STD)
+        if not isinstance(value, list) or [float(v) for v in value] != GEMMA3_MEAN_STD:
+            raise ConfigError(f"{key}={value!r}; Gemma 3's image processor uses {GEMMA3_MEAN_STD}")
+    blocks = {block for block in map(_siglip_block, f.tensors) if block is not None}
+    if blocks != set(range(vision.num_layers)):
+        raise ConfigError(f"clip.vision.block_count={vision.num_layers} but the file holds {len(blocks)} vision blocks"
+                          + (f" (up to {max(blocks)})" if blocks else ""))
+    ids = {}
+    for field, text in (("boi", "<start_of_image>"), ("image", "<image_soft_token>"), ("eoi", "<end_of_image>")):
+        ids[field] = tokenizer.token_to_id(text)
+        if ids[field] is None:
+            raise LoadError(f"{path}: the text model's vocabulary has no {text} token, which image prompts need")
+    return Gemma3MediaConfig(vision=vision, tokens=MediaTokens(**ids, audio=-1, video=-1, boa=-1, eoa=-1),
+                             image_soft_tokens=(per_side // scale) ** 2)
+
+
+def _siglip_block(name: str) -> int | None:
+    """The block index of a `v.blk.N.*` tensor of a Gemma 3 mmproj, else None."""
+    ours = mmproj_siglip_to_gemmarun(name)
+    prefix = "vision_tower.encoder.layers."
+    return int(ours[len(prefix):].split(".")[0]) if ours and ours.startswith(prefix) else None
+
+
+def _unswapped_ffn(names: dict[str, str], f: GGUFFile, vision: SiglipConfig) -> dict[str, str]:
+    """Early llama.cpp conversions wrote each block's fc1 as ffn_down and fc2 as ffn_up (llama.cpp
+    swaps them back when ffn_down's rows are the intermediate width): do the same."""
+    down = f.tensors.get("v.blk.0.ffn_down.weight")
+    if down is None or vision.hidden_size == vision.intermediate_size or down.shape[0] != vision.intermediate_size:
+        return names
+    swap = {".mlp.fc1.": ".mlp.fc2.", ".mlp.fc2.": ".mlp.fc1."}
+    out = {}
+    for name, ours in names.items():
+        for a, b in swap.items():
+            if a in ours:
+                ours = ours.replace(a, b)
+                break
+        out[name] = ours
+    return out
+
+
+def sanitize_gemma3(name: str, t: torch.Tensor, gguf_name: str) -> torch.Tensor:
+    """A Gemma 3 mmproj tensor as the HF checkpoint holds it: llama.cpp's converter stores the
+    projector norm's 1 + w (the tower's LayerNorms and the [Hv, H] projection are as in HF)."""
+    if name == "multi_modal_projector.mm_soft_emb_norm.weight":
+        if t.dim() != 1:
+            raise ValueError(f"{gguf_name} has shape {list(t.shape)}, expected [vision width]")
+        return t.float() - 1.0
+    return t

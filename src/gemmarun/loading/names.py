@@ -300,3 +300,30 @@ def gemmarun_to_gguf(name: str) -> str:
             if ours == m.group(2):
                 return f"blk.{m.group(1)}.{gguf_suffix}"
     raise KeyError(name)
+
+
+# Gemma 3's mmproj (projector type "gemma3"): the SigLIP tower and projector -> `Gemma3Encoders`
+# names. Every module has a `.weight` and (but the projector's) a `.bias`.
+MMPROJ_SIGLIP_GLOBAL_NAMES = {
+    "v.patch_embd.weight": "vision_tower.embeddings.patch_embedding.weight",
+    "v.patch_embd.bias": "vision_tower.embeddings.patch_embedding.bias",
+    "v.position_embd.weight": "vision_tower.embeddings.position_embedding.weight",
+    "v.post_ln.weight": "vision_tower.post_layernorm.weight",
+    "v.post_ln.bias": "vision_tower.post_layernorm.bias",
+    "mm.input_projection.weight": "multi_modal_projector.mm_input_projection_weight",  # [Hv, H], as HF's
+    "mm.soft_emb_norm.weight": "multi_modal_projector.mm_soft_emb_norm.weight",  # stored 1 + w
+}
+MMPROJ_SIGLIP_BLOCK = {
+    "ln1": "layer_norm1", "ln2": "layer_norm2", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_out": "self_attn.out_proj", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2",
+}
+_MMPROJ_SIGLIP_BLOCK = re.compile(r"v\.blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+
+
+def mmproj_siglip_to_gemmarun(name: str) -> str | None:
+    """The gemmarun `Gemma3Encoders` name of a Gemma 3 mmproj tensor, or None if unknown."""
+    if name in MMPROJ_SIGLIP_GLOBAL_NAMES:
+        return MMPROJ_SIGLIP_GLOBAL_NAMES[name]
+    m = _MMPROJ_SIGLIP_BLOCK.match(name)
+    module = MMPROJ_SIGLIP_BLOCK.get(m.group(2)) if m else None
+    return f"vision_tower.encoder.layers.{m.group(1)}.{module}.{m.group(3)}" if module else None
