@@ -201,3 +201,25 @@ def test_serve_with_mmproj_answers_image_and_audio_parts_as_the_folder(llama_cpp
                 extra_body={"ignore_eos": True, "image_tokens": 70})  # the folder's budget; an mmproj's is 280
             answers.append((reply.choices[0].message.content, reply.usage.prompt_tokens))
     assert answers[1] == answers[0] and answers[0][1] > 60  # the soft tokens are in the prompt
+
+
+def test_gemma3_image_parts_equal_the_single_request_runtime(tmp_path):
+    """A Gemma 3 folder with its SigLIP tower answers image_url parts as the runtime does (its
+    soft tokens in the prompt count); a budget other than its fixed 256 (here 16) is a 400 naming it."""
+    import gemmarun
+    from reference_models import GEMMA3_SOFT, build_gemma3_vision
+
+    build_gemma3_vision(tmp_path)
+    llm = gemmarun.load(tmp_path, device="cpu", dtype="float32")
+    messages = [{"role": "user", "content": [image_part(png_bytes(50, 40)), {"type": "text", "text": "What is this?"}]}]
+    with running(create_app(llm, ServerOptions(model_name="g3"))) as r:
+        client = r.client()
+        reply = client.chat.completions.create(model="g3", messages=messages, max_tokens=6, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="g3", messages=messages, max_tokens=1, extra_body={"image_tokens": 70})
+    prompt = llm.build_prompt(messages)
+    expected = "".join(llm.stream_prompt(prompt, SamplingParams(max_tokens=6, ignore_eos=True))).strip()
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.prompt_tokens == len(prompt.ids) > GEMMA3_SOFT
+    assert "Gemma 3 gives every image 16 soft tokens" in str(e.value)
