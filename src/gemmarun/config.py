@@ -804,6 +804,9 @@ def text_config_from_gguf(
         num_experts=n_experts,
         top_k_experts=integer("expert_used_count", 0, minimum=0) if n_experts else 0,
         expert_dim=integer("expert_feed_forward_length", 0, minimum=0) if n_experts else 0,
+        # GGUF has no key for use_bidirectional_attention: every released checkpoint without PLE
+        # (31B, 26B-A4B) has "vision", every one with it (E2B, E4B) null
+        bidirectional_vision=not ple_dim and not drafter,
     )
     derived = [spec.mlp_dim for spec in cfg.layers]
     if derived != ffn:

@@ -99,6 +99,21 @@ def test_mmproj_prompt_with_image_and_audio_equals_the_folder(llama_cpp_multimod
     assert np.abs(audio - from_folder.encode_audio(media / "tone.wav")).max() <= 1e-5 * np.abs(audio).max()
 
 
+def test_31b_gguf_with_mmproj_sees_image_blocks_as_the_folder_does(llama_cpp_multimodal, media):
+    """GGUF has no key for use_bidirectional_attention: a 31B-like text GGUF (no PLE) takes it as
+    every such checkpoint has it ("vision"), so an image prompt gives the folder's logits; it had
+    attended causally inside the image, and parted from the folder."""
+    folder, _, text, mmproj = llama_cpp_multimodal("31b")
+    from_gguf = gemmarun.load(text, mmproj=mmproj, dtype="float32")
+    from_folder = gemmarun.load(folder, dtype="float32")
+    message = [{"role": "user", "content": [{"type": "image", "image": str(media / "a.png")},
+                                            {"type": "text", "text": "hello"}]}]
+    ids = from_folder.build_prompt(message, image_tokens=IMAGE_BUDGET).ids
+    want = from_folder.logits(ids, images=[media / "a.png"], image_tokens=IMAGE_BUDGET)
+    got = from_gguf.logits(ids, images=[media / "a.png"], image_tokens=IMAGE_BUDGET)
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+
+
 @pytest.mark.parametrize("outtype, tolerance", [("f16", 2e-3), ("q8_0", 6e-2)])
 def test_mmproj_in_lower_precision_stays_close(llama_cpp_multimodal, media, outtype, tolerance):
     """The mmproj files users download are mostly f16 (llama.cpp keeps convolutions and position
