@@ -277,6 +277,14 @@ def test_audio_config_parsing():
         audio_config_from_hf({"subsampling_conv_channels": [64, 32]})
     with pytest.raises(ConfigError, match="num_attention_heads"):
         audio_config_from_hf({"hidden_size": 30, "num_attention_heads": 4})
+    for key, value, words in [("rms_norm_eps", -1, "rms_norm_eps=-1 must be a positive number"),
+                              ("num_attention_heads", 0, "num_attention_heads=0 must be a positive integer"),
+                              ("attention_context_right", -1, "attention_context_right=-1 must be an integer >= 0"),
+                              ("use_clipped_linears", 1, "use_clipped_linears=1 must be true or false"),
+                              ("subsampling_conv_channels", "ab", "subsampling_conv_channels='ab' must be a list")]:
+        with pytest.raises(ConfigError, match=f"audio_config.{words}"):
+            audio_config_from_hf({key: value})
+    assert audio_config_from_hf({"attention_context_right": 0, "attention_invalid_logits_value": -1e9}).context_right == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -664,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audio file: wav, flac, ogg/opus, mp3, m4a/mp4 or webm (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file (32 frames sampled; repeatable)")
     p.add_argument("--image-tokens", type=int, default=None, choices=[70, 140, 280, 560, 1120],
-                   help="soft-token budget per image (default: the model's, 280)")
+                   help="Gemma 4's soft-token budget per image (default: the model's, 280; "
+                        "Gemma 3 gives every image its fixed 256)")
     _add_sampling_options(p)
     _add_draft_option(p)
     _add_model_options(p)

@@ -298,6 +298,60 @@ def _hf_flag(tc: dict[str, Any], key: str, default: bool) -> bool:
     return _hf_value(tc, key, default, (bool,), "true or false")
 
 
+# A tower's sub-config (vision_config, audio_config), checked as strictly as the text's, its keys
+# named with their section in messages.
+
+
+def hf_section(raw: dict[str, Any], key: str, section: str | None = None) -> dict[str, Any] | None:
+    """A composite config's sub-config (inside `section`): an object, or None where it is absent
+    or null."""
+    value = raw.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{section + '.' if section else ''}{key} must be an object, not {type(value).__name__}")
+    return value
+
+
+def hf_positive_int(d: dict[str, Any], key: str, default: int | None, section: str) -> int | None:
+    """An integer >= 1 (`default` where missing or null)."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if type(value) is not int or value < 1:
+        raise ConfigError(f"{section}.{key}={_shown(value)} must be a positive integer")
+    return value
+
+
+def hf_number(d: dict[str, Any], key: str, default: float, section: str, positive: bool = False) -> float:
+    """A finite number (`default` where missing or null); with `positive`, above 0."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if type(value) not in (int, float) or not -1e308 < value < 1e308 or (positive and not value > 0):
+        raise ConfigError(f"{section}.{key}={_shown(value)} must be a {'positive' if positive else 'finite'} number")
+    return float(value)
+
+
+def hf_token_id(raw: dict[str, Any], key: str, default: int, alias: str | None = None) -> int:
+    """A token id (an integer >= 0) under `key` or its `alias` (`default` where neither is set)."""
+    value = raw.get(key)
+    if value is None and alias is not None:
+        value = raw.get(alias)
+    if value is None:
+        return default
+    if type(value) is not int or value < 0:
+        raise ConfigError(f"{key}={_shown(value)} must be a token id (an integer >= 0)")
+    return value
+
+
+def hf_bool(d: dict[str, Any], key: str, default: bool, section: str) -> bool:
+    value = d.get(key)
+    if value is None:
+        return default
+    if type(value) is not bool:
+        raise ConfigError(f"{section}.{key}={_shown(value)} must be true or false")
+    return value
+
+
 def _hf_object(tc: dict[str, Any], key: str) -> dict[str, Any]:
     return _hf_value(tc, key, {}, (dict,), "an object")
 

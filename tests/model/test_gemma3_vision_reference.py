@@ -55,11 +55,20 @@ def test_config_parsing_and_refusals():
     assert (cfg.vision.patches_per_side, cfg.pooling_kernel, cfg.image_soft_tokens) == (8, 2, 16)
     assert (cfg.tokens.boi, cfg.tokens.image, cfg.tokens.eoi) == (12, 13, 14)
     assert gemma3_media_config_from_hf({"model_type": "gemma3"}) is None
+    aliased = {**raw, "image_token_id": 20, "boi_token_id": 21, "eoi_token_id": 22}  # transformers' aliases
+    for key in IDS:
+        del aliased[key]
+    assert (gemma3_media_config_from_hf(aliased).tokens.image, gemma3_media_config_from_hf(aliased).tokens.boi) == (20, 21)
     for bad, words in [({"mm_tokens_per_image": 15}, "mm_tokens_per_image=15"),
                        ({"mm_tokens_per_image": 9}, "mm_tokens_per_image=9"),  # 3 does not divide 8
                        ({"vision_config": {**VISION, "hidden_act": "relu"}}, "hidden_act"),
                        ({"vision_config": {**VISION, "image_size": 30}}, "image_size=30"),
-                       ({"vision_config": {**VISION, "image_size": [32, 48]}}, "non-square")]:
+                       ({"vision_config": {**VISION, "image_size": [32, 48]}}, "non-square"),
+                       ({"vision_config": {**VISION, "layer_norm_eps": -1}}, "vision_config.layer_norm_eps=-1"),
+                       ({"vision_config": {**VISION, "layer_norm_eps": "abc"}}, "vision_config.layer_norm_eps='abc'"),
+                       ({"vision_config": [1, 2]}, "vision_config must be an object, not list"),
+                       ({"image_token_index": "13"}, "image_token_index='13' must be a token id"),
+                       ({"boi_token_index": 13}, "must differ")]:
         with pytest.raises(ConfigError, match=words):
             gemma3_media_config_from_hf({**raw, **bad})
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_hf_config, read_json_object
+from ..config import config_from_file, load_hf_config, read_json_object
 from ..llm import LLM, ModelInfo
 from ..model.gemma3_vision import gemma3_media_config_from_hf
 from ..model.multimodal import multimodal_config_from_hf
@@ -61,9 +61,16 @@ def check_folder_files(folder: Path) -> None:
         check_regular(file)
 
 
+def media_config_from_hf(raw: dict):
+    """The towers' config of any multimodal config.json (gemma4, gemma4_unified, gemma3); None for
+    a text-only model."""
+    return multimodal_config_from_hf(raw) or unified_config_from_hf(raw) or gemma3_media_config_from_hf(raw)
+
+
 def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LLM:
     check_folder_files(folder)
     cfg = load_hf_config(folder)
+    mm_cfg = config_from_file(folder / "config.json", media_config_from_hf)  # before any weight is read
     # The tokenizer before the weights: building it briefly takes more memory than it keeps.
     if not (folder / "tokenizer.json").exists():
         raise LoadError(f"{folder}: no tokenizer.json")
@@ -74,8 +81,6 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LL
         state = sanitize_gemma3(state, cfg)
     model = build_text_model(cfg, state, dtype=dtype, device=device)
     encoders = None
-    raw = read_json_object(folder / "config.json")  # (load_hf_config has read it already)
-    mm_cfg = multimodal_config_from_hf(raw) or unified_config_from_hf(raw) or gemma3_media_config_from_hf(raw)
     if mm_cfg is not None:
         encoders = build_encoders(mm_cfg, cfg, map_hf_tower_names(tensors), dtype=dtype, device=device)
     table = [

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, hf_bool, hf_number, hf_positive_int
 from ..processing.audio import NUM_MEL_BINS  # the features' width: the feature extractor's to set
 from .layers import ClippableLinear, RMSNorm, rms_norm
 
@@ -119,11 +119,24 @@ def audio_config_from_hf(d: dict[str, Any]) -> AudioConfig:
             "audio_config keys not used by gemmarun: %s", ", ".join(unknown)
         )
     kw: dict[str, Any] = {}
-    defaults = AudioConfig()
+    defaults, s = AudioConfig(), "audio_config"
     for hf_key, name in _AUDIO_KEYS.items():
-        if hf_key in d and d[hf_key] is not None:
-            kw[name] = type(getattr(defaults, name))(d[hf_key])
-    channels = tuple(int(c) for c in d.get("subsampling_conv_channels", (128, 32)))
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            kw[name] = hf_bool(d, hf_key, default, s)
+        elif hf_key == "attention_context_right":  # (0: no frames ahead)
+            value = d.get(hf_key)
+            if value is not None and (type(value) is not int or value < 0):
+                raise ConfigError(f"{s}.{hf_key}={value!r} must be an integer >= 0")
+            kw[name] = default if value is None else value
+        elif isinstance(default, int):
+            kw[name] = hf_positive_int(d, hf_key, default, s)
+        else:
+            kw[name] = hf_number(d, hf_key, default, s, positive=hf_key in ("rms_norm_eps", "gradient_clipping", "attention_logit_cap"))
+    channels = d.get("subsampling_conv_channels", (128, 32))
+    if not isinstance(channels, (list, tuple)) or not all(type(c) is int and c > 0 for c in channels):
+        raise ConfigError(f"{s}.subsampling_conv_channels={channels!r} must be a list of positive integers")
+    channels = tuple(channels)
     if len(channels) != 2:
         raise ConfigError(
             f"audio_config.subsampling_conv_channels={list(channels)} must have 2 entries"
@@ -141,16 +154,6 @@ def audio_config_from_hf(d: dict[str, Any]) -> AudioConfig:
             f"audio_config.hidden_size={cfg.hidden_size} not divisible by "
             f"num_attention_heads={cfg.num_heads}"
         )
-    for key, value in (
-        ("attention_chunk_size", cfg.chunk_size),
-        ("attention_context_left", cfg.context_left),
-        ("conv_kernel_size", cfg.conv_kernel_size),
-        ("num_hidden_layers", cfg.num_layers),
-    ):
-        if value < 1:
-            raise ConfigError(f"audio_config.{key}={value} must be >= 1")
-    if cfg.context_right < 0:
-        raise ConfigError(f"audio_config.attention_context_right={cfg.context_right} must be >= 0")
     return cfg
 
 

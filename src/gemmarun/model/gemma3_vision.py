@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, hf_number, hf_positive_int, hf_section, hf_token_id
 from .layers import gelu_tanh
 from .multimodal import MediaTokens
 
@@ -61,48 +61,44 @@ class Gemma3MediaConfig:
         return self.vision.patches_per_side // math.isqrt(self.image_soft_tokens)
 
 
-def _int(d: dict[str, Any], key: str, default: int) -> int:
-    value = d.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}={value!r} must be a positive integer")
-    return value
-
-
 def gemma3_media_config_from_hf(raw: dict[str, Any]) -> Gemma3MediaConfig | None:
     """The vision side of a `gemma3` config.json; None when it has no vision_config."""
-    if raw.get("model_type") != "gemma3" or not raw.get("vision_config"):
+    d = hf_section(raw, "vision_config") if raw.get("model_type") == "gemma3" else None
+    if not d:
         return None
-    d = raw["vision_config"]
+    s = "vision_config"
     if d.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-        raise ConfigError(f"vision_config.model_type={d.get('model_type')!r} is not supported (siglip_vision_model)")
+        raise ConfigError(f"{s}.model_type={d.get('model_type')!r} is not supported (siglip_vision_model)")
     act = d.get("hidden_act", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
-        raise ConfigError(f"vision_config.hidden_act={act!r} is not supported (gelu_pytorch_tanh)")
-    if _int(d, "num_channels", 3) != 3:
-        raise ConfigError(f"vision_config.num_channels={d['num_channels']} is not supported (3: RGB)")
-    image_size, patch_size = d.get("image_size", 224), d.get("patch_size", 16)
-    if isinstance(image_size, (list, tuple)) or isinstance(patch_size, (list, tuple)):
-        raise ConfigError("vision_config: a non-square image_size or patch_size is not supported")
+        raise ConfigError(f"{s}.hidden_act={act!r} is not supported (gelu_pytorch_tanh)")
+    if hf_positive_int(d, "num_channels", 3, s) != 3:
+        raise ConfigError(f"{s}.num_channels={d['num_channels']} is not supported (3: RGB)")
+    if isinstance(d.get("image_size"), (list, tuple)) or isinstance(d.get("patch_size"), (list, tuple)):
+        raise ConfigError(f"{s}: a non-square image_size or patch_size is not supported")
     vision = SiglipConfig(
-        hidden_size=_int(d, "hidden_size", 768), intermediate_size=_int(d, "intermediate_size", 3072),
-        num_layers=_int(d, "num_hidden_layers", 12), num_heads=_int(d, "num_attention_heads", 12),
-        image_size=_int(d, "image_size", 224), patch_size=_int(d, "patch_size", 16),
-        layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
+        hidden_size=hf_positive_int(d, "hidden_size", 768, s),
+        intermediate_size=hf_positive_int(d, "intermediate_size", 3072, s),
+        num_layers=hf_positive_int(d, "num_hidden_layers", 12, s),
+        num_heads=hf_positive_int(d, "num_attention_heads", 12, s),
+        image_size=hf_positive_int(d, "image_size", 224, s), patch_size=hf_positive_int(d, "patch_size", 16, s),
+        layer_norm_eps=hf_number(d, "layer_norm_eps", 1e-6, s, positive=True),
     )
     if vision.hidden_size % vision.num_heads:
-        raise ConfigError(f"vision_config: hidden_size={vision.hidden_size} is not a multiple of "
+        raise ConfigError(f"{s}: hidden_size={vision.hidden_size} is not a multiple of "
                           f"num_attention_heads={vision.num_heads}")
     if vision.image_size % vision.patch_size:
-        raise ConfigError(f"vision_config: image_size={vision.image_size} is not a multiple of patch_size={vision.patch_size}")
-    soft = _int(raw, "mm_tokens_per_image", 256)
+        raise ConfigError(f"{s}: image_size={vision.image_size} is not a multiple of patch_size={vision.patch_size}")
+    soft = hf_positive_int(raw, "mm_tokens_per_image", 256, "config")
     side, per_side = math.isqrt(soft), vision.patches_per_side
     if side * side != soft or per_side % side:
         raise ConfigError(f"mm_tokens_per_image={soft} is not a square grid that divides the "
                           f"{per_side} x {per_side} patch grid")
-    tokens = MediaTokens(image=_int(raw, "image_token_index", GEMMA3_MEDIA_TOKENS.image),
-                         boi=_int(raw, "boi_token_index", GEMMA3_MEDIA_TOKENS.boi),
-                         eoi=_int(raw, "eoi_token_index", GEMMA3_MEDIA_TOKENS.eoi),
-                         audio=-1, video=-1, boa=-1, eoa=-1)
+    ids = {field: hf_token_id(raw, f"{field}_token_index", getattr(GEMMA3_MEDIA_TOKENS, field), f"{field}_token_id")
+           for field in ("image", "boi", "eoi")}  # (transformers maps *_token_id to *_token_index)
+    if len(set(ids.values())) != 3:
+        raise ConfigError(f"image_token_index, boi_token_index and eoi_token_index must differ: {ids}")
+    tokens = MediaTokens(**ids, audio=-1, video=-1, boa=-1, eoa=-1)
     return Gemma3MediaConfig(vision=vision, tokens=tokens, image_soft_tokens=soft)
 
 

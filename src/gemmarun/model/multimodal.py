@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, hf_section, hf_token_id
 from ..masks import vision_blocks
 from ..processing.image import SOFT_TOKEN_BUDGETS
 from .audio import AudioConfig, AudioEmbedder, AudioTower, audio_config_from_hf
@@ -49,16 +49,16 @@ def media_tokens_from_hf(raw: dict[str, Any]) -> tuple[MediaTokens, int]:
     gemma4 and gemma4_unified parsers)."""
     defaults = MediaTokens()
     tokens = MediaTokens(
-        image=int(raw.get("image_token_id", defaults.image)),
-        audio=int(raw.get("audio_token_id", defaults.audio)),
-        video=int(raw.get("video_token_id", defaults.video)),
-        boi=int(raw.get("boi_token_id", defaults.boi)),
-        eoi=int(raw.get("eoi_token_id", defaults.eoi)),
-        boa=int(raw.get("boa_token_id", defaults.boa)),
-        eoa=int(raw.get("eoa_token_index", raw.get("eoa_token_id", defaults.eoa))),
+        image=hf_token_id(raw, "image_token_id", defaults.image),
+        audio=hf_token_id(raw, "audio_token_id", defaults.audio),
+        video=hf_token_id(raw, "video_token_id", defaults.video),
+        boi=hf_token_id(raw, "boi_token_id", defaults.boi),
+        eoi=hf_token_id(raw, "eoi_token_id", defaults.eoi),
+        boa=hf_token_id(raw, "boa_token_id", defaults.boa),
+        eoa=hf_token_id(raw, "eoa_token_index", defaults.eoa, "eoa_token_id"),
     )
-    budget = int(raw.get("vision_soft_tokens_per_image") or 280)
-    if budget not in SOFT_TOKEN_BUDGETS:
+    budget = raw.get("vision_soft_tokens_per_image") or 280
+    if budget not in SOFT_TOKEN_BUDGETS or type(budget) is not int:
         raise ConfigError(f"vision_soft_tokens_per_image={budget} is not one of {SOFT_TOKEN_BUDGETS}")
     return tokens, budget
 
@@ -67,8 +67,9 @@ def multimodal_config_from_hf(raw: dict[str, Any]) -> MultimodalConfig | None:
     """The towers of a `gemma4` config.json; None for text-only models."""
     if raw.get("model_type") != "gemma4":
         return None
-    vision = vision_config_from_hf(raw["vision_config"]) if raw.get("vision_config") else None
-    audio = audio_config_from_hf(raw["audio_config"]) if raw.get("audio_config") else None
+    vision, audio = hf_section(raw, "vision_config"), hf_section(raw, "audio_config")
+    vision = vision_config_from_hf(vision) if vision else None
+    audio = audio_config_from_hf(audio) if audio else None
     if vision is None and audio is None:
         return None
     tokens, budget = media_tokens_from_hf(raw)

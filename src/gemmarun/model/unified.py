@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, hf_number, hf_positive_int, hf_section
 from .layers import rms_norm
 from .multimodal import MediaTokens, media_tokens_from_hf
 
@@ -83,20 +83,6 @@ def _check_keys(d: dict[str, Any], section: str, known: set[str]) -> None:
         raise ConfigError(f"{section}: unsupported keys {', '.join(unknown)}")
 
 
-def _positive_int(d: dict[str, Any], key: str, default: int, section: str) -> int:
-    value = d.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{section}.{key}={value!r} must be a positive integer")
-    return value
-
-
-def _eps(d: dict[str, Any], section: str) -> float:
-    value = d.get("rms_norm_eps", 1e-6)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{section}.rms_norm_eps={value!r} must be a positive number")
-    return float(value)
-
-
 def unified_vision_config_from_hf(d: dict[str, Any]) -> UnifiedVisionConfig:
     s = "vision_config"
     if d.get("model_type", "gemma4_unified_vision") != "gemma4_unified_vision":
@@ -104,12 +90,12 @@ def unified_vision_config_from_hf(d: dict[str, Any]) -> UnifiedVisionConfig:
     _check_keys(d, s, {"patch_size", "pooling_kernel_size", "mm_embed_dim", "mm_posemb_size",
                        "output_proj_dims", "rms_norm_eps", "model_patch_size"})
     cfg = UnifiedVisionConfig(
-        patch_size=_positive_int(d, "patch_size", 16, s),
-        pooling_kernel_size=_positive_int(d, "pooling_kernel_size", 3, s),
-        mm_embed_dim=_positive_int(d, "mm_embed_dim", 3840, s),
-        mm_posemb_size=_positive_int(d, "mm_posemb_size", 1120, s),
-        output_proj_dims=_positive_int(d, "output_proj_dims", 3840, s),
-        rms_norm_eps=_eps(d, s),
+        patch_size=hf_positive_int(d, "patch_size", 16, s),
+        pooling_kernel_size=hf_positive_int(d, "pooling_kernel_size", 3, s),
+        mm_embed_dim=hf_positive_int(d, "mm_embed_dim", 3840, s),
+        mm_posemb_size=hf_positive_int(d, "mm_posemb_size", 1120, s),
+        output_proj_dims=hf_positive_int(d, "output_proj_dims", 3840, s),
+        rms_norm_eps=hf_number(d, "rms_norm_eps", 1e-6, s, positive=True),
     )
     if d.get("model_patch_size", cfg.model_patch_size) != cfg.model_patch_size:
         raise ConfigError(f"{s}.model_patch_size={d['model_patch_size']!r} is not "
@@ -126,11 +112,11 @@ def unified_audio_config_from_hf(d: dict[str, Any]) -> UnifiedAudioConfig:
         raise ConfigError(f"{s}.model_type={d['model_type']!r} is not supported (gemma4_unified_audio)")
     aliases = ("hidden_size", "output_proj_dims", "audio_samples_per_token")  # setters of audio_embed_dim
     _check_keys(d, s, {"audio_embed_dim", "rms_norm_eps", *aliases})
-    dim = _positive_int(d, "audio_embed_dim", 640, s)
+    dim = hf_positive_int(d, "audio_embed_dim", 640, s)
     for key in aliases:
         if key in d and d[key] != dim:
             raise ConfigError(f"{s}.{key}={d[key]!r} differs from audio_embed_dim={dim} (one value in the reference)")
-    return UnifiedAudioConfig(audio_embed_dim=dim, rms_norm_eps=_eps(d, s))
+    return UnifiedAudioConfig(audio_embed_dim=dim, rms_norm_eps=hf_number(d, "rms_norm_eps", 1e-6, s, positive=True))
 
 
 def unified_config_from_hf(raw: dict[str, Any]) -> UnifiedConfig | None:
@@ -138,8 +124,9 @@ def unified_config_from_hf(raw: dict[str, Any]) -> UnifiedConfig | None:
     when it has neither vision nor audio."""
     if raw.get("model_type") != "gemma4_unified":
         return None
-    vision = unified_vision_config_from_hf(raw["vision_config"]) if raw.get("vision_config") else None
-    audio = unified_audio_config_from_hf(raw["audio_config"]) if raw.get("audio_config") else None
+    vision, audio = hf_section(raw, "vision_config"), hf_section(raw, "audio_config")
+    vision = unified_vision_config_from_hf(vision) if vision else None
+    audio = unified_audio_config_from_hf(audio) if audio else None
     if vision is None and audio is None:
         return None
     tokens, budget = media_tokens_from_hf(raw)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, hf_bool, hf_number, hf_positive_int, hf_section
 from .layers import ClippableLinear, RMSNorm, apply_rope, gelu_tanh, rms_norm
 
 
@@ -53,34 +53,34 @@ def vision_config_from_hf(d: dict[str, Any]) -> VisionConfig:
         raise ConfigError(f"vision_config.hidden_activation={act!r} is not supported (gelu_pytorch_tanh)")
     if d.get("attention_bias"):
         raise ConfigError("vision_config.attention_bias=true is not supported")
-    rope = d.get("rope_parameters") or {}
+    rope = hf_section(d, "rope_parameters", "vision_config") or {}
     rope_type = rope.get("rope_type", "axial")
     if rope_type not in ("axial", "default"):  # HF rewrites "default" to "axial" for vision
         raise ConfigError(f"vision_config.rope_parameters.rope_type={rope_type!r} is not supported (axial)")
-    hidden = int(d.get("hidden_size", 768))
-    heads = int(d.get("num_attention_heads", 12))
-    kv_heads = int(d.get("num_key_value_heads", heads))
-    head_dim = int(d.get("head_dim") or hidden // heads)
-    if head_dim % 4:
+    s = "vision_config"
+    hidden = hf_positive_int(d, "hidden_size", 768, s)
+    heads = hf_positive_int(d, "num_attention_heads", 12, s)
+    kv_heads = hf_positive_int(d, "num_key_value_heads", heads, s)
+    head_dim = hf_positive_int(d, "head_dim", hidden // heads, s)
+    if head_dim % 4 or not head_dim:
         raise ConfigError(f"vision_config.head_dim={head_dim} must be a multiple of 4 (2-D RoPE)")
     if heads % kv_heads:
         raise ConfigError(f"vision_config.num_key_value_heads={kv_heads} does not divide {heads} heads")
-    out_len = d.get("default_output_length")
     return VisionConfig(
         hidden_size=hidden,
-        intermediate_size=int(d.get("intermediate_size", 3072)),
-        num_layers=int(d.get("num_hidden_layers", 16)),
+        intermediate_size=hf_positive_int(d, "intermediate_size", 3072, s),
+        num_layers=hf_positive_int(d, "num_hidden_layers", 16, s),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta", 100.0)),
-        patch_size=int(d.get("patch_size", 16)),
-        pooling_kernel=int(d.get("pooling_kernel_size", 3)),
-        position_embedding_size=int(d.get("position_embedding_size", 10 * 1024)),
-        use_clipped_linears=bool(d.get("use_clipped_linears", False)),
-        standardize=bool(d.get("standardize", False)),
-        default_output_length=int(out_len) if out_len is not None else None,
+        rms_norm_eps=hf_number(d, "rms_norm_eps", 1e-6, s, positive=True),
+        rope_theta=hf_number(rope, "rope_theta", 100.0, f"{s}.rope_parameters", positive=True),
+        patch_size=hf_positive_int(d, "patch_size", 16, s),
+        pooling_kernel=hf_positive_int(d, "pooling_kernel_size", 3, s),
+        position_embedding_size=hf_positive_int(d, "position_embedding_size", 10 * 1024, s),
+        use_clipped_linears=hf_bool(d, "use_clipped_linears", False, s),
+        standardize=hf_bool(d, "standardize", False, s),
+        default_output_length=hf_positive_int(d, "default_output_length", None, s),
     )
 
 
