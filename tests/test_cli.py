@@ -220,6 +220,7 @@ def test_a_gemma3_folder_with_a_vision_tower_takes_images(tmp_path, capsys):
     for colour in ("red", "blue"):
         code, out, err = _run(["run", str(folder), "what is this?", "--image", str(tmp_path / f"{colour}.png")] + flags)
         assert code == 0, err
+        assert "--raw is ignored: images, audio and video go in a chat turn" in err
         answers.append(out)
     assert answers[0] != answers[1]
     code, _, err = _run(["run", str(folder), "what is this?", "--audio", str(tmp_path / "red.png")])

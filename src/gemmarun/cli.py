@@ -234,6 +234,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     llm = _load(model, args)
     _note_thinking(llm, args)
     has_media = bool(args.image or args.audio or args.video)
+    if args.raw and has_media:  # (the placeholders' expansion is a chat turn's)
+        print("gemmarun: note: --raw is ignored: images, audio and video go in a chat turn", file=sys.stderr)
     use_chat = has_media or (not args.raw and (llm.has_chat_template or llm.config.family == "gemma4"))
     parts = [_media("image", p) for p in args.image] + [_media("video", p) for p in args.video] + \
             [_media("audio", p) for p in args.audio]
