@@ -1,6 +1,7 @@
 """GGUF: convert tiny Gemma 4 models and read them back; the reader against gguf-py; bad files."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -265,6 +266,19 @@ def test_unsupported_quant_type_names_tensor_and_type(converted, tmp_path):
         gemmarun.load(path, device="cpu")
     # the file no longer adds up (different block size) or the type is refused by name
     assert "blk.0.attn_q.weight" in str(e.value)
+    norm = b"output_norm.weight"  # F32 in every llama.cpp file: quantized, it is named as the file names it
+    norm_at = data.index(len(norm).to_bytes(8, "little") + norm) + 8 + len(norm)
+    norm_type_at = norm_at + 4 + 8 * int.from_bytes(data[norm_at : norm_at + 4], "little")
+    retyped = bytearray(good.read_bytes())
+    retyped[norm_type_at : norm_type_at + 4] = int(GGMLQuantizationType.Q8_0).to_bytes(4, "little")
+    path = _bad(tmp_path, "qnorm.gguf", bytes(retyped))
+    with pytest.raises(LoadError, match=re.escape(f"{path}: tensor output_norm.weight is quantized (Q8_0) where")):
+        gemmarun.load(path, device="cpu")
+    for type_id, words in [(42, "has unknown ggml type 42 (a type newer than this reader, or a corrupt file)"),
+                           (int(GGMLQuantizationType.Q4_K), "row of 64 is not a multiple of Q4_K's block of 256")]:
+        data[type_at : type_at + 4] = type_id.to_bytes(4, "little")
+        with pytest.raises(LoadError, match=re.escape(f"tensor 'blk.0.attn_q.weight' {words}")):
+            gemmarun.load(_bad(tmp_path, "retyped.gguf", bytes(data)), device="cpu")
 
 
 def test_inspect_flags_nan_blocks_and_missing_metadata(converted, tmp_path, capsys):

@@ -15,7 +15,7 @@ from ..config import TextConfig
 from ..model.text import TextModel
 from .errors import LoadError
 from .file_rows import rows_reader
-from .names import is_norm_weight
+from .names import gemmarun_to_gguf, is_norm_weight
 
 PLE_TABLE = "ple.table"
 
@@ -125,7 +125,8 @@ def _swap_quantized(model: TextModel, name: str, q: QuantizedTensor, dtype: torc
         experts = QuantExperts.ensure(model, owner_name, dtype)
         return experts.set_weight(leaf, q, keep_mapped=device.type == "cpu" and q.mapped)
     else:
-        raise LoadError(f"tensor {name} is quantized ({q.ggml_type.name}) where gemmarun needs floats")
+        raise LoadError(f"tensor {gemmarun_to_gguf(name)} is quantized ({q.ggml_type.name}) where gemmarun "
+                        "needs floats (llama.cpp keeps norms and scales in F32)")
     return False
 
 

@@ -105,7 +105,10 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
     if cfg.family == "gemma3":
         for i in range(cfg.num_layers):  # gemma3 GGUF norms already hold 1 + w; no layer scalar
             state.setdefault(f"layers.{i}.layer_scalar", torch.ones(1))
-    model = build_text_model(cfg, state, dtype=dtype, device=device)
+    try:
+        model = build_text_model(cfg, state, dtype=dtype, device=device)
+    except LoadError as e:  # (naming the file's tensors: say which file)
+        raise LoadError(f"{path}: {e}") from None
     encoders = None
     if projector is not None:
         from .mmproj import load_mmproj

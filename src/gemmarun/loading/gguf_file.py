@@ -161,10 +161,12 @@ class GGUFFile:
                 qtype = GGMLQuantizationType(type_id)
                 block, type_size = GGML_QUANT_SIZES[qtype]
             except (ValueError, KeyError):
-                raise LoadError(f"{self.path}: tensor {name!r} has unknown ggml type {type_id}") from None
+                raise LoadError(f"{self.path}: tensor {name!r} has unknown ggml type {type_id} "
+                                "(a type newer than this reader, or a corrupt file)") from None
             n = math.prod(dims)  # exact: numpy's int64 product wraps around on hostile dims
             if dims and dims[0] % block:
-                raise LoadError(f"{self.path}: tensor {name!r} row of {dims[0]} is not a multiple of {block}")
+                raise LoadError(f"{self.path}: tensor {name!r} row of {dims[0]} is not a multiple of "
+                                f"{qtype.name}'s block of {block}")
             nbytes = n // block * type_size
             if offset % alignment:  # llama.cpp refuses these too: the tensors would be read askew
                 raise LoadError(f"{self.path}: tensor {name!r} offset {offset} is not a multiple of "
