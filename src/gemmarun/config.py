@@ -311,45 +311,37 @@ def hf_section(raw: dict[str, Any], key: str, section: str | None = None) -> dic
     return value
 
 
-def hf_positive_int(d: dict[str, Any], key: str, default: int | None, section: str) -> int | None:
-    """An integer >= 1 (`default` where missing or null)."""
+def _hf_checked(d: dict[str, Any], key: str, default: Any, ok: Callable[[Any], bool], want: str,
+                section: str | None) -> Any:
+    """`d[key]` if `ok` says it is `want`; `default` where missing or null."""
     value = d.get(key)
     if value is None:
         return default
-    if type(value) is not int or value < 1:
-        raise ConfigError(f"{section}.{key}={_shown(value)} must be a positive integer")
+    if not ok(value):
+        raise ConfigError(f"{section + '.' if section else ''}{key}={_shown(value)} must be {want}")
     return value
 
 
+def hf_positive_int(d: dict[str, Any], key: str, default: int | None, section: str) -> int | None:
+    return _hf_checked(d, key, default, lambda v: type(v) is int and v >= 1, "a positive integer", section)
+
+
 def hf_number(d: dict[str, Any], key: str, default: float, section: str, positive: bool = False) -> float:
-    """A finite number (`default` where missing or null); with `positive`, above 0."""
-    value = d.get(key)
-    if value is None:
-        return default
-    if type(value) not in (int, float) or not -1e308 < value < 1e308 or (positive and not value > 0):
-        raise ConfigError(f"{section}.{key}={_shown(value)} must be a {'positive' if positive else 'finite'} number")
+    """A finite number; with `positive`, above 0."""
+    value = _hf_checked(d, key, default, lambda v: type(v) in (int, float) and -1e308 < v < 1e308
+                        and (v > 0 or not positive), f"a {'positive' if positive else 'finite'} number", section)
     return float(value)
 
 
 def hf_token_id(raw: dict[str, Any], key: str, default: int, alias: str | None = None) -> int:
-    """A token id (an integer >= 0) under `key` or its `alias` (`default` where neither is set)."""
-    value = raw.get(key)
-    if value is None and alias is not None:
-        value = raw.get(alias)
-    if value is None:
-        return default
-    if type(value) is not int or value < 0:
-        raise ConfigError(f"{key}={_shown(value)} must be a token id (an integer >= 0)")
-    return value
+    """A token id under `key`, or else its `alias`."""
+    if raw.get(key) is None and alias is not None:
+        key = alias
+    return _hf_checked(raw, key, default, lambda v: type(v) is int and v >= 0, "a token id (an integer >= 0)", None)
 
 
 def hf_bool(d: dict[str, Any], key: str, default: bool, section: str) -> bool:
-    value = d.get(key)
-    if value is None:
-        return default
-    if type(value) is not bool:
-        raise ConfigError(f"{section}.{key}={_shown(value)} must be true or false")
-    return value
+    return _hf_checked(d, key, default, lambda v: type(v) is bool, "true or false", section)
 
 
 def _hf_object(tc: dict[str, Any], key: str) -> dict[str, Any]:

@@ -87,16 +87,10 @@ def open_mmproj(path: Path, text_cfg: TextConfig, tokenizer: Tokenizer) -> Mmpro
     for tower, key in (("vision", "embed_vision.embedding_projection.weight"),
                        ("audio", "embed_audio.embedding_projection.weight")):
         weight = shapes.get(key)
-        if weight is not None and weight.shape[0] != text_cfg.hidden_size:
-            raise LoadError(f"{path}: its {tower} tokens are {weight.shape[0]} wide, the text model's embeddings "
-                            f"{text_cfg.hidden_size}: the two files are not from the same checkpoint")
+        if weight is not None:
+            _check_width(path, tower, weight.shape[0], text_cfg)
     cfg = MultimodalConfig(vision=vision, audio=audio, tokens=_media_tokens(tokenizer, path))
-    with torch.device("meta"):
-        towers_on_meta = Encoders(cfg, text_cfg.hidden_size)
-    try:
-        check_encoder_state(towers_on_meta, shapes)
-    except LoadError as e:
-        raise LoadError(f"{path}: {e}") from None
+    _check_towers(path, lambda: Encoders(cfg, text_cfg.hidden_size), shapes)
     return MmprojFile(f, cfg, {name: mmproj_to_gemmarun(name) for name in f.tensors}, sanitize)
 
 
@@ -293,16 +287,27 @@ def _open_gemma3(path: Path, f: GGUFFile, text_cfg: TextConfig, tokenizer: Token
     except (ConfigError, ValueError) as e:
         raise LoadError(f"{path}: {e}") from None
     width = shapes.get("multi_modal_projector.mm_input_projection_weight")
-    if width is not None and width.dim() == 2 and width.shape[1] != text_cfg.hidden_size:
-        raise LoadError(f"{path}: its image tokens are {width.shape[1]} wide, the text model's embeddings "
+    if width is not None and width.dim() == 2:
+        _check_width(path, "image", width.shape[1], text_cfg)
+    _check_towers(path, lambda: Gemma3Encoders(cfg, text_cfg.hidden_size), shapes)
+    return MmprojFile(f, cfg, names, sanitize_gemma3)
+
+
+def _check_width(path: Path, kind: str, width: int, text_cfg: TextConfig) -> None:
+    if width != text_cfg.hidden_size:
+        raise LoadError(f"{path}: its {kind} tokens are {width} wide, the text model's embeddings "
                         f"{text_cfg.hidden_size}: the two files are not from the same checkpoint")
+
+
+def _check_towers(path: Path, build: Callable[[], torch.nn.Module], shapes: dict[str, torch.Tensor]) -> None:
+    """LoadError naming the file unless `shapes` are exactly the names and shapes of the towers
+    `build` makes (on the meta device: no memory)."""
     with torch.device("meta"):
-        towers_on_meta = Gemma3Encoders(cfg, text_cfg.hidden_size)
+        towers = build()
     try:
-        check_encoder_state(towers_on_meta, shapes)
+        check_encoder_state(towers, shapes)
     except LoadError as e:
         raise LoadError(f"{path}: {e}") from None
-    return MmprojFile(f, cfg, names, sanitize_gemma3)
 
 
 def _gemma3_config(meta: dict[str, Any], f: GGUFFile, tokenizer: Tokenizer, path: Path) -> Gemma3MediaConfig:
