@@ -261,12 +261,75 @@ def test_chat_commands_interrupts_and_options(tiny_models, monkeypatch, capsys):
     assert "invalid regex" in capsys.readouterr().err and len(sent) == 3  # refused before any message
 
 
+def test_chat_keeps_what_was_attached_and_reads_blocks_as_messages(tmp_path, monkeypatch, capsys):
+    """From a probe of the chat: an attached image is decoded when attached (the file had been read
+    again at every turn: overwritten, it changed the history; deleted, every later message failed);
+    a path with backslash-escaped spaces (as a terminal pastes a dragged-in file) attaches; a \"\"\"
+    block starting with /word is a message, not a command (one holding /bye had ended the session)."""
+    import io
+    import shutil
+
+    from PIL import Image
+    from reference_models import build_gemma3_vision
+
+    from gemmarun import cli
+
+    folder = tmp_path / "g3"
+    folder.mkdir()
+    build_gemma3_vision(folder)
+    spaced = tmp_path / "my pics"
+    spaced.mkdir()
+    Image.new("RGB", (40, 30), "red").save(spaced / "red image.png")
+    Image.new("RGB", (40, 30), "blue").save(tmp_path / "blue.png")
+    shown = str(spaced / "red image.png").replace(" ", "\\ ")
+    sent = []
+    real = cli._stream_to_stdout
+
+    def stream(llm, prompt, params, args, **kw):
+        sent.append((prompt, llm.tokenizer.decode(prompt.ids)))
+        if len(sent) == 1:  # the file changes after its first turn
+            shutil.copy(tmp_path / "blue.png", spaced / "red image.png")
+        return real(llm, prompt, params, args, **kw)
+
+    monkeypatch.setattr(cli, "_stream_to_stdout", stream)
+    stdin = f'/image {shown}\nwhat is it?\n"""/tmp is full\n/bye\n"""\nagain\n'
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    assert main(["chat", str(folder), "--max-tokens", "3", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"{spaced / 'red image.png'} goes with your next message" in err and "unknown command" not in err
+    assert len(sent) == 3  # the block was the second message; the session went on to "again"
+    assert "/tmp is full\n/bye" in sent[1][1] and "again" in sent[2][1]
+    red = sent[0][0].media[0].inputs.pixels
+    assert all(torch.equal(p.media[0].inputs.pixels, red) for p, _ in sent)  # red in every turn
+    assert red[0].mean() > 0.9 and red[2].mean() < -0.9  # (normalised: red is +1, blue -1)
+
+
+def test_chat_says_at_start_what_would_fail_every_message(tiny_models, tmp_path, monkeypatch, capsys):
+    """A chat template that cannot render, or a --system prompt that fills the context, had let the
+    session open and then dropped every message ("/reset starts over" could not help)."""
+    import io
+    import shutil
+
+    folder, _ = tiny_models("gemma3")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "chat_template.jinja").write_text("{{ messages }")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    assert main(["chat", str(broken)]) == 1
+    assert "the model's chat template cannot render a conversation" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    assert main(["chat", str(folder), "--system", "hello " * 400]) == 1
+    assert "--system: the system prompt leaves no room in the context" in capsys.readouterr().err
+
+
 def test_run_says_where_it_stopped_and_what_it_ignored(tiny_models, capsys):
     folder, _ = tiny_models("gemma3")
     capsys.readouterr()
     assert main(["run", str(folder), "hi", "--raw", "--max-tokens", "3", "--ignore-eos", "--think"]) == 0
     err = capsys.readouterr().err
     assert "stopped at 3 tokens (--max-tokens)" in err  # a cut answer had exited silently
+    assert main(["run", str(folder), "hi", "--raw", "--max-tokens", "5000", "--ignore-eos"]) == 0
+    assert "stopped at the context's end (256 tokens, the prompt 3)" in capsys.readouterr().err  # had said 5000
     assert "--think is ignored: Gemma 3 has no thinking mode" in err
     with pytest.raises(SystemExit):
         main(["run", str(folder), "hi", "--json-schema", "s.json", "--regex", "a"])  # the regex was ignored

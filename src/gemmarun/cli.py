@@ -140,9 +140,9 @@ def _load(model: str | None, args: argparse.Namespace):
     return load(model, dtype=args.dtype, device=args.device, mmproj=args.mmproj)
 
 
-def _media(kind: str, path: str) -> dict:
-    """A chat message part naming a media file ("image", "video" or "audio")."""
-    return {"type": kind, kind: path}
+def _media(kind: str, source) -> dict:
+    """A chat message part ("image", "video" or "audio"): a file's path, or the medium decoded."""
+    return {"type": kind, kind: source}
 
 
 def _user_message(text: str, parts: list[dict]) -> dict:
@@ -217,7 +217,12 @@ def _stream_to_stdout(llm, prompt, params: SamplingParams, args: argparse.Namesp
     if stream.finish_reason == "loop":
         print("gemmarun: stopped: the output started repeating itself (loop guard)", file=sys.stderr)
     elif stream.finish_reason == "length":
-        print(f"gemmarun: stopped at {params.max_tokens} tokens (--max-tokens) or the context's end", file=sys.stderr)
+        context = llm.config.max_position_embeddings
+        if len(prompt.ids) + params.max_tokens > context:  # the context ended first
+            print(f"gemmarun: stopped at the context's end ({context} tokens, the prompt {len(prompt.ids)})",
+                  file=sys.stderr)
+        else:
+            print(f"gemmarun: stopped at {params.max_tokens} tokens (--max-tokens)", file=sys.stderr)
     return "".join(pieces)
 
 
@@ -259,6 +264,22 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     prompt = llm.build_prompt([_user_message(TRANSCRIBE_PROMPT, [_media("audio", args.audio)])], enable_thinking=False)
     _stream_to_stdout(llm, prompt, _sampling(args), args)
     return 0
+
+
+def _check_conversation_start(llm, messages: list[dict], args: argparse.Namespace) -> None:
+    """Before the first message: a chat template that cannot render a conversation, or a --system
+    prompt that leaves no room in the context, would fail every message of the session."""
+    from .chat import ChatTemplateError
+
+    trial = messages + [{"role": "user", "content": "hi"}]
+    try:
+        ids = llm.build_prompt(trial, enable_thinking=args.think).ids
+    except ChatTemplateError as e:
+        raise ValueError(f"the model's chat template cannot render a conversation: {_first_line(e)}") from None
+    context = llm.config.max_position_embeddings
+    if len(ids) >= context:
+        raise ValueError(f"--system: the system prompt leaves no room in the context ({len(ids)} tokens with "
+                         f"a one-word message, the context {context})")
 
 
 def _fitted_prompt(llm, messages: list[dict], args: argparse.Namespace, params: SamplingParams):
@@ -349,6 +370,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
+    _check_conversation_start(llm, messages, args)
     if sys.stdin is None:  # started with stdin closed: nothing to read, as at end of input
         return 0
     interactive = sys.stdin.isatty()
@@ -359,7 +381,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     while True:
         line = _read_line(">>> " if interactive else None)
         text = _read_message(line, "... " if interactive else None)
-        command = text.split()[0] if re.match(r"/[A-Za-z?]+(\s|$)", text) else None  # not "/etc/hosts ..."
+        quoted = line.lstrip().startswith('"""')  # a block of lines is a message, whatever it starts with
+        command = text.split()[0] if not quoted and re.match(r"/[A-Za-z?]+(\s|$)", text) else None  # not "/etc/hosts"
         if not line or command in ("/exit", "/bye"):
             if attached:
                 print(f"gemmarun: note: {len(attached)} attached file(s) not sent: no message followed",
@@ -406,23 +429,44 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _media_part(llm, kind: str, argument: str) -> dict | None:
-    """A chat message part for `/image FILE`, `/audio FILE` or `/video FILE` (a dragged-in path may
-    come quoted), or None after saying on stderr why the model or the file cannot give one."""
-    from .processing.files import media_file
+    """A chat message part for `/image FILE`, `/audio FILE` or `/video FILE`, or None after saying
+    on stderr why the model or the file cannot give one. The file is decoded now, once: the part
+    holds the image, the samples or the sampled frames, so the history does not change when the
+    file does (or goes), and a bad file is said at once, by its name. A dragged-in path may come
+    quoted, or with its spaces escaped by a backslash (macOS, shell completion)."""
+    from .processing.audio import load_audio
+    from .processing.image import load_image, sampled_video
 
-    path = argument.strip()
-    if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":
-        path = path[1:-1]
+    path = _dropped_path(argument.strip())
     try:
         if not path:
             raise ValueError(f"/{kind} takes a file: /{kind} FILE")
         llm.check_media(kind)
-        media_file(path, ValueError)
+        decode = {"image": load_image, "audio": load_audio, "video": sampled_video}[kind]
+        media = decode(path)
     except ValueError as e:
         print(f"gemmarun: error: {_first_line(e)}", file=sys.stderr)
         return None
     print(f"gemmarun: {path} goes with your next message", file=sys.stderr)
-    return _media(kind, path)
+    return _media(kind, media)
+
+
+def _dropped_path(path: str) -> str:
+    """A path as a terminal pastes a dragged-in file: quoted, or with backslash-escaped spaces and
+    other characters (used only where the text as given names no file)."""
+    import os
+    import shlex
+
+    if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":
+        return path[1:-1]
+    if "\\" in path and not os.path.exists(os.path.expanduser(path)):
+        try:
+            words = shlex.split(path)
+        except ValueError:
+            return path
+        if len(words) == 1 and os.path.exists(os.path.expanduser(words[0])):
+            return words[0]
+    return path
 
 
 def _svg_file(path: str) -> tuple[str, str]:

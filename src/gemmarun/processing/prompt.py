@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .audio import load_audio, num_audio_soft_tokens, split_clips
-from .image import ImageInputs, SquareImage, load_image, preprocess_image, preprocess_video_frames, sample_video
+from .image import ImageInputs, SquareImage, load_image, preprocess_image, preprocess_video_frames, sampled_video
 
 # Spec 6.1's media placeholders and delimiters as text (their ids: model.multimodal.MediaTokens's fields).
 MEDIA_TOKEN_TEXT = {"image": "<|image|>", "audio": "<|audio|>", "video": "<|video|>", "boi": "<|image>",
@@ -128,8 +128,8 @@ def prepare(kind: str, source: Any, image_tokens: int) -> Prepared:
             raise ValueError(f"{_label(source)}: the audio is empty (or under 10 ms: no audio token)")
         return PreparedAudio(tuple(clips))
     if kind == "video":
-        frames, times = sample_video(source)
-        inputs, stamps = preprocess_video_frames(frames, times)
+        video = sampled_video(source)
+        inputs, stamps = preprocess_video_frames(list(video.frames), list(video.times))
         return PreparedVideo(tuple(inputs), tuple(stamps))
     raise ValueError(f"unknown media kind {kind!r}")
 
