@@ -322,7 +322,7 @@ def _hf_checked(d: dict[str, Any], key: str, default: Any, ok: Callable[[Any], b
     return value
 
 
-def hf_positive_int(d: dict[str, Any], key: str, default: int | None, section: str) -> int | None:
+def hf_positive_int(d: dict[str, Any], key: str, default: int | None, section: str | None = None) -> int | None:
     return _hf_checked(d, key, default, lambda v: type(v) is int and v >= 1, "a positive integer", section)
 
 

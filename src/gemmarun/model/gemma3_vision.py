@@ -89,7 +89,7 @@ def gemma3_media_config_from_hf(raw: dict[str, Any]) -> Gemma3MediaConfig | None
                           f"num_attention_heads={vision.num_heads}")
     if vision.image_size % vision.patch_size:
         raise ConfigError(f"{s}: image_size={vision.image_size} is not a multiple of patch_size={vision.patch_size}")
-    soft = hf_positive_int(raw, "mm_tokens_per_image", 256, "config")
+    soft = hf_positive_int(raw, "mm_tokens_per_image", 256)
     side, per_side = math.isqrt(soft), vision.patches_per_side
     if side * side != soft or per_side % side:
         raise ConfigError(f"mm_tokens_per_image={soft} is not a square grid that divides the "
