@@ -278,8 +278,10 @@ def test_audio_config_parsing():
     with pytest.raises(ConfigError, match="num_attention_heads"):
         audio_config_from_hf({"hidden_size": 30, "num_attention_heads": 4})
     for key, value, words in [("rms_norm_eps", -1, "rms_norm_eps=-1 must be a positive number"),
-                              ("num_attention_heads", 0, "num_attention_heads=0 must be a positive integer"),
-                              ("attention_context_right", -1, "attention_context_right=-1 must be an integer >= 0"),
+                              ("num_attention_heads", 0, "num_attention_heads=0 must be an integer in 1"),
+                              ("num_hidden_layers", 10**6, r"num_hidden_layers=1000000 must be an integer in 1\.\.1024"),
+                              ("conv_kernel_size", 2**62, "conv_kernel_size=4611686018427387904 must be an integer"),
+                              ("attention_context_right", -1, "attention_context_right=-1 must be an integer in 0"),
                               ("use_clipped_linears", 1, "use_clipped_linears=1 must be true or false"),
                               ("subsampling_conv_channels", "ab", "subsampling_conv_channels='ab' must be a list")]:
         with pytest.raises(ConfigError, match=f"audio_config.{words}"):

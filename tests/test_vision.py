@@ -232,12 +232,15 @@ def test_vision_config_errors():
     cfg = vision_config_from_hf({"rope_parameters": {"rope_type": "default", "rope_theta": 100.0}})
     assert (cfg.hidden_size, cfg.num_layers, cfg.head_dim, cfg.rope_theta) == (768, 16, 64, 100.0)
     # values of the wrong JSON type or range: named, not cast (int("32")) or left to fail in a tower
-    for key, value, words in [("hidden_size", "32", "hidden_size='32' must be a positive integer"),
-                              ("num_hidden_layers", 0, "num_hidden_layers=0 must be a positive integer"),
+    for key, value, words in [("hidden_size", "32", r"hidden_size='32' must be an integer in 1\.\.1048576"),
+                              ("num_hidden_layers", 0, r"num_hidden_layers=0 must be an integer in 1\.\.1024"),
+                              ("num_hidden_layers", 10**6, r"num_hidden_layers=1000000 must be an integer in 1\.\.1024"),
+                              ("hidden_size", 2**63, "hidden_size=9223372036854775808 must be an integer"),
+                              ("patch_size", 1024, "patch_size=1024 is past any image model's"),
                               ("rms_norm_eps", -1, "rms_norm_eps=-1 must be a positive number"),
                               ("rms_norm_eps", "abc", "rms_norm_eps='abc' must be a positive number"),
                               ("standardize", "yes", "standardize='yes' must be true or false"),
-                              ("rope_parameters", [], "rope_parameters must be an object")]:
+                              ("rope_parameters", [], r"rope_parameters=\[\] must be an object")]:
         with pytest.raises(ConfigError, match=f"vision_config.{words}"):
             vision_config_from_hf({**base, key: value})
 

@@ -141,6 +141,7 @@ _SHAPING = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_head
             "intermediate_size", "ple_dim", "ple_vocab_size", "num_experts", "expert_dim",
             "global_head_dim", "num_global_kv_heads")
 MAX_SIZE = 1 << 20
+MAX_LAYERS = 1024  # a layer count past it is a corrupt config (the largest released model has 62)
 # Positions and windows are counted in 32 bits (GGUF's uint32 keys, the native kernels): no real
 # context comes near it.
 MAX_POSITIONS = (1 << 31) - 1
@@ -302,13 +303,6 @@ def _hf_flag(tc: dict[str, Any], key: str, default: bool) -> bool:
 # named with their section in messages.
 
 
-def hf_section(raw: dict[str, Any], key: str, section: str | None = None) -> dict[str, Any] | None:
-    """A composite config's sub-config (inside `section`): an object, or None where it is absent
-    or null."""
-    value = raw.get(key)
-    if value is not None and not isinstance(value, dict):
-        raise ConfigError(f"{section + '.' if section else ''}{key} must be an object, not {type(value).__name__}")
-    return value
 
 
 def _hf_checked(d: dict[str, Any], key: str, default: Any, ok: Callable[[Any], bool], want: str,
@@ -322,8 +316,17 @@ def _hf_checked(d: dict[str, Any], key: str, default: Any, ok: Callable[[Any], b
     return value
 
 
-def hf_positive_int(d: dict[str, Any], key: str, default: int | None, section: str | None = None) -> int | None:
-    return _hf_checked(d, key, default, lambda v: type(v) is int and v >= 1, "a positive integer", section)
+def hf_section(raw: dict[str, Any], key: str, section: str | None = None) -> dict[str, Any] | None:
+    """A composite config's sub-config (inside `section`): an object, or None where it is absent
+    or null."""
+    return _hf_checked(raw, key, None, lambda v: isinstance(v, dict), "an object", section)
+
+
+def hf_positive_int(d: dict[str, Any], key: str, default: int | None, section: str | None = None,
+                    maximum: int = MAX_SIZE) -> int | None:
+    """An integer in 1..maximum (sizes: MAX_SIZE; layer counts: MAX_LAYERS)."""
+    return _hf_checked(d, key, default, lambda v: type(v) is int and 1 <= v <= maximum,
+                       f"an integer in 1..{maximum}", section)
 
 
 def hf_number(d: dict[str, Any], key: str, default: float, section: str, positive: bool = False) -> float:
@@ -345,7 +348,7 @@ def hf_bool(d: dict[str, Any], key: str, default: bool, section: str) -> bool:
 
 
 def _hf_object(tc: dict[str, Any], key: str) -> dict[str, Any]:
-    return _hf_value(tc, key, {}, (dict,), "an object")
+    return hf_section(tc, key) or {}
 
 
 def _rope_from_hf(params: Any, key: str, default_theta: float) -> RopeConfig:
@@ -378,7 +381,7 @@ def _text_section(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """(text section, family). `gemma4_unified` (spec 7.1) has a plain Gemma 4 text decoder."""
     model_type = raw.get("model_type")
     if model_type in ("gemma4", "gemma3", "gemma4_unified") and "text_config" in raw:
-        return raw["text_config"], "gemma3" if model_type == "gemma3" else "gemma4"
+        return hf_section(raw, "text_config") or {}, "gemma3" if model_type == "gemma3" else "gemma4"
     if model_type in ("gemma4_text", "gemma3_text", "gemma4_unified_text"):
         return raw, "gemma3" if model_type == "gemma3_text" else "gemma4"
     raise ConfigError(
@@ -391,14 +394,15 @@ def _full_layer_overrides(tc: dict[str, Any], layer_types: tuple[LayerType, ...]
     """(global_head_dim, num_global_key_value_heads). transformers 5.23's save_pretrained writes
     them as `per_layer_config` ({"5": {"head_dim": .., "num_key_value_heads": ..}}), which wins
     over the released keys when both are present, as in the reference."""
-    per_layer = tc.get("per_layer_config")
+    per_layer = _hf_object(tc, "per_layer_config")
     if not per_layer:
         return _hf_int(tc, "global_head_dim", None), _hf_int(tc, "num_global_key_value_heads", None)
     full = {i for i, t in enumerate(layer_types) if t is LayerType.FULL}
     seen = set()
     for key, override in per_layer.items():
-        if not str(key).isdigit() or int(key) >= len(layer_types):
+        if not (key.isascii() and key.isdigit()) or int(key) >= len(layer_types):  # ("²" is a digit)
             raise ConfigError(f"per_layer_config: {key!r} is not a layer index")
+        override = hf_section(per_layer, key, "per_layer_config") or {}
         if int(key) not in full:
             raise ConfigError(f"per_layer_config.{key}: overrides on a sliding layer are not supported")
         extra = sorted(set(override) - {"head_dim", "num_key_value_heads"})
@@ -456,8 +460,8 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
     if not _hf_flag(raw if composite else tc, "tie_word_embeddings", True):
         raise ConfigError("tie_word_embeddings=false is not supported (Gemma ties its head)")
     num_layers = _hf_int(tc, "num_hidden_layers")
-    if not 1 <= num_layers <= MAX_SIZE:  # checked before the per-layer plan loops over it
-        raise ConfigError(f"num_hidden_layers={num_layers} must be in 1..{MAX_SIZE}")
+    if not 1 <= num_layers <= MAX_LAYERS:  # checked before the per-layer plan loops over it
+        raise ConfigError(f"num_hidden_layers={num_layers} must be in 1..{MAX_LAYERS}")
     unified = str(raw.get("model_type", "")).startswith("gemma4_unified")
     bidir = tc.get("use_bidirectional_attention", "vision" if unified else None)  # the classes' defaults
     if family == "gemma4" and bidir not in (None, "vision"):
@@ -466,8 +470,11 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         raise ConfigError("use_bidirectional_attention=true (Gemma 3 embedding model) is not supported")
 
     if tc.get("layer_types") is not None:
+        names = tc["layer_types"]
+        if not isinstance(names, list) or not all(isinstance(t, str) for t in names):
+            raise ConfigError(f"layer_types={_shown(names)} must be a list of layer type names")
         try:
-            layer_types = tuple(HF_LAYER_TYPES[t] for t in tc["layer_types"])
+            layer_types = tuple(HF_LAYER_TYPES[t] for t in names)
         except KeyError as e:
             raise ConfigError(f"layer_types: unknown layer type {e.args[0]!r}") from None
     else:

@@ -286,6 +286,10 @@ def test_gemma3_mmproj_misuse_is_a_one_line_error(llama_cpp_multimodal, tmp_path
     grid = _rewritten(gemma3_mmproj, tmp_path / "grid.gguf", meta={"clip.vision.projector.scale_factor": 3})
     with pytest.raises(LoadError, match="do not make a whole grid of soft tokens"):
         gemmarun.load(gemma3_text, mmproj=grid)
+    huge = _rewritten(gemma3_mmproj, tmp_path / "huge.gguf", meta={"clip.vision.image_size": 2**31, "clip.vision.patch_size": 2**31,
+                                                                  "clip.vision.projector.scale_factor": 1})
+    with pytest.raises(LoadError, match=r"vision: image_size=2147483648 is not in 1\.\.1048576"):  # (not an overflow)
+        gemmarun.load(gemma3_text, mmproj=huge)
     stray = _rewritten(gemma3_mmproj, tmp_path / "stray.gguf", lambda n: n.replace("v.post_ln.bias", "v.post_ln.extra"))
     with pytest.raises(LoadError, match="tensors that are not Gemma 3 vision: v.post_ln.extra"):
         gemmarun.load(gemma3_text, mmproj=stray)

@@ -317,7 +317,7 @@ def test_a_fifo_or_a_folder_in_place_of_a_file_is_refused(tiny_models, tmp_path)
 
 @pytest.mark.parametrize("name, text, fragment", [
     ("config.json", "[]", "must hold a JSON object"),
-    ("config.json", "CFG:model_type=\"gemma3\",text_config=\"x\"", "malformed config"),
+    ("config.json", "CFG:model_type=\"gemma3\",text_config=\"x\"", "text_config='x' must be an object"),
     ("config.json", "CFG:sliding_window_pattern=0,layer_types=null", "sliding_window_pattern=0 must be a positive integer"),
     ("config.json", "CFG:vocab_size=[256]", "vocab_size=\\[256\\] must be an integer"),
     ("tokenizer.json", "{}", "not a tokenizer"),

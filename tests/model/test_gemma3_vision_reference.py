@@ -66,7 +66,9 @@ def test_config_parsing_and_refusals():
                        ({"vision_config": {**VISION, "image_size": [32, 48]}}, "non-square"),
                        ({"vision_config": {**VISION, "layer_norm_eps": -1}}, "vision_config.layer_norm_eps=-1"),
                        ({"vision_config": {**VISION, "layer_norm_eps": "abc"}}, "vision_config.layer_norm_eps='abc'"),
-                       ({"vision_config": [1, 2]}, "vision_config must be an object, not list"),
+                       ({"vision_config": [1, 2]}, r"vision_config=\[1, 2\] must be an object"),
+                       ({"vision_config": {**VISION, "num_hidden_layers": 10**6}}, "num_hidden_layers=1000000"),
+                       ({"vision_config": {**VISION, "image_size": 2**20, "patch_size": 1}}, "past any image model's"),
                        ({"image_token_index": "13"}, "image_token_index='13' must be a token id"),
                        ({"boi_token_index": 13}, "must differ")]:
         with pytest.raises(ConfigError, match=words):

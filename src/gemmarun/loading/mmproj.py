@@ -314,9 +314,6 @@ def _gemma3_config(meta: dict[str, Any], f: GGUFFile, tokenizer: Tokenizer, path
     eps = gguf_float(meta.get("clip.vision.attention.layer_norm_epsilon", 1e-6), "clip.vision.attention.layer_norm_epsilon")
     if eps <= 0:
         raise ConfigError(f"clip.vision.attention.layer_norm_epsilon={eps} must be positive")
-    for key in ("embedding_length", "feed_forward_length", "block_count", "attention.head_count", "image_size", "patch_size"):
-        if _int(meta, f"clip.vision.{key}") < 1:
-            raise ConfigError(f"clip.vision.{key} must be positive")
     vision = SiglipConfig(
         hidden_size=_int(meta, "clip.vision.embedding_length"),
         intermediate_size=_int(meta, "clip.vision.feed_forward_length"),
@@ -326,9 +323,6 @@ def _gemma3_config(meta: dict[str, Any], f: GGUFFile, tokenizer: Tokenizer, path
         patch_size=_int(meta, "clip.vision.patch_size"),
         layer_norm_eps=eps,
     )
-    if vision.hidden_size % vision.num_heads:
-        raise ConfigError(f"clip.vision.embedding_length={vision.hidden_size} is not a multiple of "
-                          f"clip.vision.attention.head_count={vision.num_heads}")
     per_side = vision.image_size // vision.patch_size
     scale = _int(meta, "clip.vision.projector.scale_factor", 4)  # llama.cpp's default: 896 / 14 / 16
     if vision.image_size % vision.patch_size or scale < 1 or per_side % scale:

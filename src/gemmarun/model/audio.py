@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, hf_bool, hf_number, hf_positive_int
+from ..config import MAX_LAYERS, MAX_SIZE, ConfigError, hf_bool, hf_number, hf_positive_int
 from ..processing.audio import NUM_MEL_BINS  # the features' width: the feature extractor's to set
 from .layers import ClippableLinear, RMSNorm, rms_norm
 
@@ -126,15 +126,15 @@ def audio_config_from_hf(d: dict[str, Any]) -> AudioConfig:
             kw[name] = hf_bool(d, hf_key, default, s)
         elif hf_key == "attention_context_right":  # (0: no frames ahead)
             value = d.get(hf_key)
-            if value is not None and (type(value) is not int or value < 0):
-                raise ConfigError(f"{s}.{hf_key}={value!r} must be an integer >= 0")
+            if value is not None and (type(value) is not int or not 0 <= value <= MAX_SIZE):
+                raise ConfigError(f"{s}.{hf_key}={value!r} must be an integer in 0..{MAX_SIZE}")
             kw[name] = default if value is None else value
         elif isinstance(default, int):
-            kw[name] = hf_positive_int(d, hf_key, default, s)
+            kw[name] = hf_positive_int(d, hf_key, default, s, MAX_LAYERS if hf_key == "num_hidden_layers" else MAX_SIZE)
         else:
             kw[name] = hf_number(d, hf_key, default, s, positive=hf_key in ("rms_norm_eps", "gradient_clipping", "attention_logit_cap"))
     channels = d.get("subsampling_conv_channels", (128, 32))
-    if not isinstance(channels, (list, tuple)) or not all(type(c) is int and c > 0 for c in channels):
+    if not isinstance(channels, (list, tuple)) or not all(type(c) is int and 0 < c <= MAX_SIZE for c in channels):
         raise ConfigError(f"{s}.subsampling_conv_channels={channels!r} must be a list of positive integers")
     channels = tuple(channels)
     if len(channels) != 2:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, hf_number, hf_positive_int, hf_section, hf_token_id
+from ..config import MAX_LAYERS, MAX_SIZE, ConfigError, hf_number, hf_positive_int, hf_section, hf_token_id
 from .layers import gelu_tanh
 from .multimodal import MediaTokens
 
@@ -40,6 +40,21 @@ class SiglipConfig:
     image_size: int  # the square every image is resized to
     patch_size: int
     layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        """The sizes a tower can be built from, whichever file gave them (config.json, an mmproj)."""
+        for name in ("hidden_size", "intermediate_size", "num_heads", "image_size", "patch_size", "num_layers"):
+            limit = MAX_LAYERS if name == "num_layers" else MAX_SIZE
+            if not 1 <= getattr(self, name) <= limit:
+                raise ConfigError(f"vision: {name}={getattr(self, name)} is not in 1..{limit}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"vision: hidden_size={self.hidden_size} is not a multiple of "
+                              f"num_attention_heads={self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision: image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.patches_per_side**2 > MAX_SIZE or 3 * self.patch_size**2 > MAX_SIZE:
+            raise ConfigError(f"vision: image_size={self.image_size} and patch_size={self.patch_size} are past any "
+                              "image model's")
 
     @property
     def patches_per_side(self) -> int:
@@ -79,16 +94,11 @@ def gemma3_media_config_from_hf(raw: dict[str, Any]) -> Gemma3MediaConfig | None
     vision = SiglipConfig(
         hidden_size=hf_positive_int(d, "hidden_size", 768, s),
         intermediate_size=hf_positive_int(d, "intermediate_size", 3072, s),
-        num_layers=hf_positive_int(d, "num_hidden_layers", 12, s),
+        num_layers=hf_positive_int(d, "num_hidden_layers", 12, s, maximum=MAX_LAYERS),
         num_heads=hf_positive_int(d, "num_attention_heads", 12, s),
         image_size=hf_positive_int(d, "image_size", 224, s), patch_size=hf_positive_int(d, "patch_size", 16, s),
         layer_norm_eps=hf_number(d, "layer_norm_eps", 1e-6, s, positive=True),
     )
-    if vision.hidden_size % vision.num_heads:
-        raise ConfigError(f"{s}: hidden_size={vision.hidden_size} is not a multiple of "
-                          f"num_attention_heads={vision.num_heads}")
-    if vision.image_size % vision.patch_size:
-        raise ConfigError(f"{s}: image_size={vision.image_size} is not a multiple of patch_size={vision.patch_size}")
     soft = hf_positive_int(raw, "mm_tokens_per_image", 256)
     side, per_side = math.isqrt(soft), vision.patches_per_side
     if side * side != soft or per_side % side:

@@ -57,9 +57,10 @@ def media_tokens_from_hf(raw: dict[str, Any]) -> tuple[MediaTokens, int]:
         boa=hf_token_id(raw, "boa_token_id", defaults.boa),
         eoa=hf_token_id(raw, "eoa_token_index", defaults.eoa, "eoa_token_id"),
     )
-    budget = raw.get("vision_soft_tokens_per_image") or 280
-    if budget not in SOFT_TOKEN_BUDGETS or type(budget) is not int:
-        raise ConfigError(f"vision_soft_tokens_per_image={budget} is not one of {SOFT_TOKEN_BUDGETS}")
+    budget = raw.get("vision_soft_tokens_per_image")
+    budget = 280 if budget is None else budget
+    if type(budget) is not int or budget not in SOFT_TOKEN_BUDGETS:
+        raise ConfigError(f"vision_soft_tokens_per_image={budget!r:.40} is not one of {SOFT_TOKEN_BUDGETS}")
     return tokens, budget
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError, hf_number, hf_positive_int, hf_section
+from ..config import MAX_SIZE, ConfigError, hf_number, hf_positive_int, hf_section
 from .layers import rms_norm
 from .multimodal import MediaTokens, media_tokens_from_hf
 
@@ -97,6 +97,9 @@ def unified_vision_config_from_hf(d: dict[str, Any]) -> UnifiedVisionConfig:
         output_proj_dims=hf_positive_int(d, "output_proj_dims", 3840, s),
         rms_norm_eps=hf_number(d, "rms_norm_eps", 1e-6, s, positive=True),
     )
+    if cfg.patch_dim > MAX_SIZE:
+        raise ConfigError(f"{s}: patch_size={cfg.patch_size} x pooling_kernel_size={cfg.pooling_kernel_size} "
+                          "is past any image model's patch")
     if d.get("model_patch_size", cfg.model_patch_size) != cfg.model_patch_size:
         raise ConfigError(f"{s}.model_patch_size={d['model_patch_size']!r} is not "
                           f"patch_size * pooling_kernel_size = {cfg.model_patch_size}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, hf_bool, hf_number, hf_positive_int, hf_section
+from ..config import MAX_LAYERS, MAX_SIZE, ConfigError, hf_bool, hf_number, hf_positive_int, hf_section
 from .layers import ClippableLinear, RMSNorm, apply_rope, gelu_tanh, rms_norm
 
 
@@ -66,16 +66,19 @@ def vision_config_from_hf(d: dict[str, Any]) -> VisionConfig:
         raise ConfigError(f"vision_config.head_dim={head_dim} must be a multiple of 4 (2-D RoPE)")
     if heads % kv_heads:
         raise ConfigError(f"vision_config.num_key_value_heads={kv_heads} does not divide {heads} heads")
+    patch = hf_positive_int(d, "patch_size", 16, s)
+    if 3 * patch * patch > MAX_SIZE:  # (a patch's pixels are one input row)
+        raise ConfigError(f"vision_config.patch_size={patch} is past any image model's ({3 * patch * patch} inputs a patch)")
     return VisionConfig(
         hidden_size=hidden,
         intermediate_size=hf_positive_int(d, "intermediate_size", 3072, s),
-        num_layers=hf_positive_int(d, "num_hidden_layers", 16, s),
+        num_layers=hf_positive_int(d, "num_hidden_layers", 16, s, maximum=MAX_LAYERS),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=hf_number(d, "rms_norm_eps", 1e-6, s, positive=True),
         rope_theta=hf_number(rope, "rope_theta", 100.0, f"{s}.rope_parameters", positive=True),
-        patch_size=hf_positive_int(d, "patch_size", 16, s),
+        patch_size=patch,
         pooling_kernel=hf_positive_int(d, "pooling_kernel_size", 3, s),
         position_embedding_size=hf_positive_int(d, "position_embedding_size", 10 * 1024, s),
         use_clipped_linears=hf_bool(d, "use_clipped_linears", False, s),
