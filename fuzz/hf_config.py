@@ -34,11 +34,9 @@ with instrumented():
     from hypothesis import strategies as st
 
     from gemmarun.config import ConfigError, text_config_from_hf
+    from gemmarun.loading.build import encoders_class
     from gemmarun.loading.hf import media_config_from_hf
-    from gemmarun.model.gemma3_vision import Gemma3Encoders, Gemma3MediaConfig
-    from gemmarun.model.multimodal import Encoders
     from gemmarun.model.text import TextModel
-    from gemmarun.model.unified import UnifiedConfig, UnifiedEncoders
 
 NAME = "hf_config"
 SECONDS_PER_INPUT = 10.0
@@ -197,10 +195,9 @@ def _text(raw: dict):
 
 def _build(text_cfg, mm_cfg) -> None:
     """What load_hf_folder builds before it reads a weight (build_text_model, build_encoders)."""
-    classes = {UnifiedConfig: UnifiedEncoders, Gemma3MediaConfig: Gemma3Encoders}
     with torch.device("meta"):
         model = TextModel(text_cfg)
-        encoders = None if mm_cfg is None else classes.get(type(mm_cfg), Encoders)(mm_cfg, text_cfg.hidden_size)
+        encoders = None if mm_cfg is None else encoders_class(mm_cfg)(mm_cfg, text_cfg.hidden_size)
     model.state_dict()
     if encoders is not None:
         encoders.state_dict()

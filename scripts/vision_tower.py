@@ -122,11 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     check_write_option(parser, args.write)
     if args.passes < 1:
         parser.error("--passes must be at least 1")
+    towers = args.tower or ["gemma3", "e2b"]
+    unknown = sorted(set(towers) - {"gemma3", "e2b", "e4b", "31b", "26b-a4b"})
+    if unknown:
+        parser.error(f"--tower {unknown[0]}: give gemma3, e2b, e4b, 31b or 26b-a4b")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     rows = ["| tower | gemmarun | transformers 5.23 | speed, gemmarun / transformers | soft tokens differ by |",
             "|---|---|---|---|---|"]
-    for tower in args.tower or ["gemma3", "e2b"]:
+    for tower in towers:
         ours, theirs, rel, setup = gemma3(args.passes, dtype) if tower == "gemma3" else gemma4(tower, args.passes, dtype)
         rows.append(f"| {setup} | {ours:.2f} s | {theirs:.2f} s | {theirs / ours:.2f}x | {rel:.1e} of the largest |")
     lines = [f"- random weights with the real shapes, {args.dtype}, the fastest of {args.passes} pass(es) each, "

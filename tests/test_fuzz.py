@@ -17,7 +17,8 @@ import pytest
 
 FUZZ_DIR = Path(__file__).resolve().parents[1] / "fuzz"
 BYTE_TARGETS = ["gguf_reader", "safetensors_header", "tokenizer_text", "image_decode", "audio_decode", "svg_repair"]
-STRUCTURED_TARGETS = {"gguf_metadata": 300, "chat_messages": 250, "chat_template": 400, "openai_requests": 400, "hf_config": 300}
+STRUCTURED_TARGETS = {"gguf_metadata": 300, "chat_messages": 250, "chat_template": 400, "openai_requests": 400,
+                      "hf_config": 300}
 SECONDS = 5
 
 

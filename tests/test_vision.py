@@ -471,24 +471,6 @@ def test_video_short_and_errors(tmp_path, monkeypatch):
         sample_video(bad)
 
 
-def test_a_video_sampled_once_prepares_as_its_file(tmp_path):
-    """The chat decodes an attached video once (`sampled_video`) and keeps it: the prompt's frames
-    are the file's, and the file may change or go afterwards."""
-    pytest.importorskip("av")
-    from gemmarun.processing.image import SampledVideo, sampled_video
-    from gemmarun.processing.prompt import prepare
-
-    path = tmp_path / "clip.mp4"
-    _write_video(path, frames=6, fps=10, h=48, w=64)
-    kept = sampled_video(path)
-    assert isinstance(kept, SampledVideo) and sampled_video(kept) is kept
-    from_file = prepare("video", path, 70)
-    path.unlink()
-    from_kept = prepare("video", kept, 70)
-    assert from_kept.stamps == from_file.stamps
-    assert all(torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(from_kept.frames, from_file.frames))
-
-
 @pytest.mark.parametrize("header_says", [True, False])
 def test_video_frames_are_held_to_the_image_pixel_cap(tmp_path, monkeypatch, header_says):
     """32 frames are held at once before resizing: a frame over the image cap is refused, from

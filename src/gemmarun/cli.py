@@ -430,20 +430,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _media_part(llm, kind: str, argument: str) -> dict | None:
     """A chat message part for `/image FILE`, `/audio FILE` or `/video FILE`, or None after saying
-    on stderr why the model or the file cannot give one. The file is decoded now, once: the part
-    holds the image, the samples or the sampled frames, so the history does not change when the
-    file does (or goes), and a bad file is said at once, by its name. A dragged-in path may come
-    quoted, or with its spaces escaped by a backslash (macOS, shell completion)."""
-    from .processing.audio import load_audio
-    from .processing.image import load_image, sampled_video
-
+    on stderr why the model or the file cannot give one. The file is decoded and preprocessed now,
+    once: the history keeps what the model reads, whatever becomes of the file, and a file the model
+    cannot take is said at once, by its name. A dragged-in path may come quoted, or with its spaces
+    escaped by a backslash (macOS, shell completion)."""
     path = _dropped_path(argument.strip())
     try:
         if not path:
             raise ValueError(f"/{kind} takes a file: /{kind} FILE")
-        llm.check_media(kind)
-        decode = {"image": load_image, "audio": load_audio, "video": sampled_video}[kind]
-        media = decode(path)
+        media = llm.prepare_media(kind, path)
     except ValueError as e:
         print(f"gemmarun: error: {_first_line(e)}", file=sys.stderr)
         return None

@@ -265,14 +265,11 @@ def _hf_value(tc: dict[str, Any], key: str, default: Any, kinds: tuple[type, ...
     """A config.json value of the JSON type transformers' strict config classes take: 64, not
     "64", 64.5 or true, which they refuse and `int()` would have quietly made something of. A
     missing or null key gives `default` (a KeyError where the key is required)."""
-    value = tc.get(key)
-    if value is None:
-        if default is _REQUIRED:
-            if key in tc:
-                raise ConfigError(f"{key}=null must be {want}")
-            raise KeyError(key)
-        return default
-    return _typed(value, key, kinds, want)
+    if tc.get(key) is None and default is _REQUIRED:
+        if key in tc:
+            raise ConfigError(f"{key}=null must be {want}")
+        raise KeyError(key)
+    return _hf_checked(tc, key, default, lambda v: type(v) in kinds, want, None)
 
 
 def _typed(value: Any, key: str, kinds: tuple[type, ...], want: str) -> Any:
@@ -340,7 +337,7 @@ def hf_token_id(raw: dict[str, Any], key: str, default: int, alias: str | None =
     """A token id under `key`, or else its `alias`."""
     if raw.get(key) is None and alias is not None:
         key = alias
-    return _hf_checked(raw, key, default, lambda v: type(v) is int and v >= 0, "a token id (an integer >= 0)", None)
+    return _hf_checked(raw, key, default, lambda v: type(v) is int and 0 <= v < 2**31, "a token id", None)
 
 
 def hf_bool(d: dict[str, Any], key: str, default: bool, section: str) -> bool:

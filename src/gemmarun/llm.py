@@ -96,7 +96,7 @@ class LLM:
             raise ValueError(f"{len(ids)} ids exceed the context of {self.config.max_position_embeddings}")
         media = [("image", m) for m in _media_list(images)] + [("audio", m) for m in _media_list(audios)] + \
                 [("video", m) for m in _media_list(videos)]
-        prepared = tuple(self._prepare(kind, source, image_tokens) for kind, source in media)
+        prepared = tuple(self.prepare_media(kind, source, image_tokens) for kind, source in media)
         text_ids, embeds, blocks = self._inputs(Prompt(list(ids), prepared))
         positions = torch.arange(len(ids), device=self.model.device)
         out = self.model(text_ids[None], positions, embeds=embeds, vision_blocks=blocks)
@@ -111,13 +111,13 @@ class LLM:
     def encode_image(self, source, max_soft_tokens: int | None = None) -> np.ndarray:
         """Projected soft tokens of one image: [n_soft_tokens, hidden]; the budget is the model's
         own (as in prompts) unless given."""
-        item = self._prepare("image", source, max_soft_tokens)
+        item = self.prepare_media("image", source, max_soft_tokens)
         return self._soft(item)[0].float().cpu().numpy()
 
     def encode_audio(self, source) -> np.ndarray:
         """Projected soft tokens of one audio file (all its 30 s clips; one clip for a unified
         model): [n_soft_tokens, hidden]."""
-        item = self._prepare("audio", source, None)
+        item = self.prepare_media("audio", source, None)
         return torch.cat(self._soft(item)).float().cpu().numpy()
 
     def check_media(self, kind: str) -> None:
@@ -137,10 +137,16 @@ class LLM:
         if kind == "video" and isinstance(self.encoders, Gemma3Encoders):
             raise ValueError("Gemma 3 takes images, not video (give frames as images)")
 
-    def _prepare(self, kind: str, source, image_tokens: int | None):
-        from .processing.prompt import PreparedImage, prepare, source_of
+    def prepare_media(self, kind: str, source, image_tokens: int | None = None):
+        """One medium ("image", "audio" or "video": a path, bytes, an image, samples) decoded and
+        preprocessed for this model, as a prompt's media part takes it; ValueError naming the
+        source where it cannot be. A prepared item is taken as it is (`gemmarun chat` prepares a
+        file when it is attached, so the history keeps it whatever becomes of the file)."""
+        from .processing.prompt import PreparedAudio, PreparedImage, PreparedVideo, prepare, source_of
 
         self.check_media(kind)
+        if isinstance(source, (PreparedImage, PreparedAudio, PreparedVideo)):
+            return source
         if isinstance(source, str) and source.startswith("data:"):  # as an image_url part takes it
             source = source_of(source)
         budget = self.encoders.cfg.image_soft_tokens if image_tokens is None else image_tokens
@@ -328,7 +334,7 @@ class LLM:
         text = self.render_chat(messages, enable_thinking=enable_thinking, tools=tools)
         if not media:
             return Prompt(self.tokenizer.encode(text, add_bos=False))
-        prepared = tuple(self._prepare(kind, source, image_tokens) for kind, source in media)
+        prepared = tuple(self.prepare_media(kind, source, image_tokens) for kind, source in media)
         ids = expand(text, list(prepared), lambda t: self.tokenizer.encode(t, add_bos=False), self.media_tokens,
                      self.config.family)
         return Prompt(ids, prepared)

@@ -173,6 +173,12 @@ def test_chat_attaches_images_and_audio_with_commands(llama_cpp_multimodal, medi
     monkeypatch.setattr(sys, "stdin", io.StringIO("/audio nowhere.wav\nhello\n"))
     assert main(["chat", str(text), "--mmproj", str(mmproj), *options]) == 1
     assert "nowhere.wav: no such file" in capsys.readouterr().err
+    short = media.parent / "short.wav"  # decodes, but too short for one audio token: said when attached, by name
+    sf.write(short, np.zeros(40, np.float32), 16000)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/audio {short}\nhello\n"))
+    assert main(["chat", str(text), "--mmproj", str(mmproj), *options]) == 1
+    err = capsys.readouterr().err
+    assert f"gemmarun: error: {short}: the audio is empty" in err and "goes with your next message" not in err
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {image}\n"))  # then the input ends
     assert main(["chat", str(text), "--mmproj", str(mmproj), *options]) == 0
     assert "gemmarun: note: 1 attached file(s) not sent: no message followed" in capsys.readouterr().err
@@ -284,10 +290,10 @@ def test_gemma3_mmproj_misuse_is_a_one_line_error(llama_cpp_multimodal, tmp_path
     with pytest.raises(LoadError, match="clip.vision.block_count=3 but the file holds 2 vision blocks"):
         gemmarun.load(gemma3_text, mmproj=few)
     grid = _rewritten(gemma3_mmproj, tmp_path / "grid.gguf", meta={"clip.vision.projector.scale_factor": 3})
-    with pytest.raises(LoadError, match="do not make a whole grid of soft tokens"):
+    with pytest.raises(LoadError, match="scale_factor=3 does not divide the 8 patches a side"):
         gemmarun.load(gemma3_text, mmproj=grid)
-    huge = _rewritten(gemma3_mmproj, tmp_path / "huge.gguf", meta={"clip.vision.image_size": 2**31, "clip.vision.patch_size": 2**31,
-                                                                  "clip.vision.projector.scale_factor": 1})
+    huge = _rewritten(gemma3_mmproj, tmp_path / "huge.gguf", meta={
+        "clip.vision.image_size": 2**31, "clip.vision.patch_size": 2**31, "clip.vision.projector.scale_factor": 1})
     with pytest.raises(LoadError, match=r"vision: image_size=2147483648 is not in 1\.\.1048576"):  # (not an overflow)
         gemmarun.load(gemma3_text, mmproj=huge)
     stray = _rewritten(gemma3_mmproj, tmp_path / "stray.gguf", lambda n: n.replace("v.post_ln.bias", "v.post_ln.extra"))

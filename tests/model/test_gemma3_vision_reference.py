@@ -59,8 +59,8 @@ def test_config_parsing_and_refusals():
     for key in IDS:
         del aliased[key]
     assert (gemma3_media_config_from_hf(aliased).tokens.image, gemma3_media_config_from_hf(aliased).tokens.boi) == (20, 21)
-    for bad, words in [({"mm_tokens_per_image": 15}, "mm_tokens_per_image=15"),
-                       ({"mm_tokens_per_image": 9}, "mm_tokens_per_image=9"),  # 3 does not divide 8
+    for bad, words in [({"mm_tokens_per_image": 15}, "15 soft tokens an image .mm_tokens_per_image. are not a square"),
+                       ({"mm_tokens_per_image": 9}, "9 soft tokens an image"),  # 3 does not divide 8
                        ({"vision_config": {**VISION, "hidden_act": "relu"}}, "hidden_act"),
                        ({"vision_config": {**VISION, "image_size": 30}}, "image_size=30"),
                        ({"vision_config": {**VISION, "image_size": [32, 48]}}, "non-square"),
@@ -73,6 +73,23 @@ def test_config_parsing_and_refusals():
                        ({"boi_token_index": 13}, "must differ")]:
         with pytest.raises(ConfigError, match=words):
             gemma3_media_config_from_hf({**raw, **bad})
+
+
+def test_media_token_ids_past_the_vocabulary_are_refused_at_load(pair, tmp_path):
+    """A boi id past the vocabulary had ended an image prompt in an IndexError traceback, an
+    image id of 2**64 every prompt (even text) in an OverflowError."""
+    import json
+    import shutil
+
+    _, _, folder = pair
+    for key, value, words in [("boi_token_index", 5000, "the boi token id 5000 is outside the 256-token vocabulary"),
+                              ("image_token_index", 2**64, "image_token_index=18446744073709551616 must be a token id")]:
+        bad = tmp_path / key
+        shutil.copytree(folder, bad)
+        raw = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**raw, key: value}))
+        with pytest.raises(ConfigError, match=words):
+            gemmarun.load(bad, device="cpu")
 
 
 def test_pixels_match_the_reference_processor(media):
@@ -112,8 +129,9 @@ def test_prompt_expansion_is_the_processors(pair, media):
     from tokenizers import Tokenizer
 
     llm, _, folder = pair
-    messages = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "image", "image": str(media / "a.png")},
-                                             {"type": "text", "text": "the world"}, {"type": "image", "image": str(media / "b.png")}]}]
+    parts = [{"type": "text", "text": "hello"}, {"type": "image", "image": str(media / "a.png")},
+             {"type": "text", "text": "the world"}, {"type": "image", "image": str(media / "b.png")}]
+    messages = [{"role": "user", "content": parts}]
     prompt = llm.build_prompt(messages)
     text = llm.render_chat(messages)
     assert text.count("<start_of_image>") == 2

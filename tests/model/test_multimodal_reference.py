@@ -210,7 +210,7 @@ def test_greedy_generation_with_media_matches_reference(pair, media, family):
     from gemmarun.llm import Prompt
     from gemmarun.sampling import SamplingParams
 
-    prepared = tuple(llm._prepare("image", p, BUDGET) for p in images) + tuple(llm._prepare("audio", a, None) for a in audios)
+    prepared = tuple(llm.prepare_media("image", p, BUDGET) for p in images) + tuple(llm.prepare_media("audio", a, None) for a in audios)
     text_ids, embeds, blocks = llm._inputs(Prompt(ids, prepared))
     from gemmarun.generate import generate_step
 

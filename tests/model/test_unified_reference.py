@@ -266,7 +266,7 @@ def test_prompt_expansion(unified, media):
     image = prepare_unified("image", media / "a.png", BUDGET, unified.mm)
     audio = prepare_unified("audio", media / "tone.wav", BUDGET, unified.mm)
     assert isinstance(audio, PreparedRawAudio) and len(audio.clips) == 1 and audio.counts == [33]
-    ids = expand("x<|image|>y<|audio|>", [image, audio], lambda s: [100 + ord(c) % 50 for c in s], tok)
+    ids = expand("x<|image|>y<|audio|>", [image, audio], lambda s: [100 + ord(c) % 50 for c in s], tok, "gemma4")
     n = image.inputs.num_soft_tokens
     assert ids == [120] + [tok.boi] + [tok.image] * n + [tok.eoi] + [121] + [tok.boa] + [tok.audio] * 33 + [tok.eoa]
 
@@ -317,7 +317,8 @@ def _prompt(unified, media):
     prepared = [prepare_unified("image", media / "a.png", BUDGET, unified.mm),
                 prepare_unified("image", media / "b.jpg", BUDGET, unified.mm),
                 prepare_unified("audio", media / "tone.wav", BUDGET, unified.mm)]
-    ids = [2] + expand("ab<|image|>c<|image|>d<|audio|>efg", prepared, lambda s: [60 + ord(c) % 100 for c in s], tok)
+    ids = [2] + expand("ab<|image|>c<|image|>d<|audio|>efg", prepared, lambda s: [60 + ord(c) % 100 for c in s],
+                       tok, "gemma4")
     return ids, prepared
 
 
@@ -403,5 +404,5 @@ def test_load_and_logits_through_gemmarun(unified, media):
     assert _rel(ours, _reference(unified, media, ids, generate_masks=True)) <= 1e-4
     soft = llm.encode_audio(media / "tone.wav")
     assert soft.shape == (33, TEXT["hidden_size"])
-    prepared = llm._prepare("image", media / "a.png", BUDGET)
+    prepared = llm.prepare_media("image", media / "a.png", BUDGET)
     assert isinstance(prepared, PreparedImage) and prepared.inputs.pixel_values.shape[-1] == 6912

@@ -89,16 +89,20 @@ def check_encoder_state(encoders: torch.nn.Module, state: dict[str, Tensorish]) 
         raise LoadError("encoders: " + "; ".join(problems))
 
 
-def build_encoders(mm_cfg, text_cfg: TextConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
-                   device: torch.device):
-    """The vision/audio towers (gemmarun names = HF names minus `model.`), checked strictly;
-    `UnifiedEncoders` for a gemma4_unified config, `Gemma3Encoders` for Gemma 3's."""
+def encoders_class(mm_cfg) -> type[nn.Module]:
+    """The towers' module for a media config: `Encoders` (Gemma 4), `UnifiedEncoders`
+    (gemma4_unified), `Gemma3Encoders` (Gemma 3's SigLIP)."""
     from ..model.gemma3_vision import Gemma3Encoders, Gemma3MediaConfig
     from ..model.multimodal import Encoders
     from ..model.unified import UnifiedConfig, UnifiedEncoders
 
-    classes = {UnifiedConfig: UnifiedEncoders, Gemma3MediaConfig: Gemma3Encoders}
-    cls = classes.get(type(mm_cfg), Encoders)
+    return {UnifiedConfig: UnifiedEncoders, Gemma3MediaConfig: Gemma3Encoders}.get(type(mm_cfg), Encoders)
+
+
+def build_encoders(mm_cfg, text_cfg: TextConfig, state: dict[str, torch.Tensor], *, dtype: torch.dtype,
+                   device: torch.device):
+    """The vision/audio towers (gemmarun names = HF names minus `model.`), checked strictly."""
+    cls = encoders_class(mm_cfg)
     with torch.device("meta"):
         encoders = cls(mm_cfg, text_cfg.hidden_size)
     check_encoder_state(encoders, state)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import config_from_file, load_hf_config, read_json_object
+from ..config import ConfigError, config_from_file, load_hf_config, read_json_object
 from ..llm import LLM, ModelInfo
 from ..model.gemma3_vision import gemma3_media_config_from_hf
 from ..model.multimodal import multimodal_config_from_hf
@@ -71,6 +71,11 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LL
     check_folder_files(folder)
     cfg = load_hf_config(folder)
     mm_cfg = config_from_file(folder / "config.json", media_config_from_hf)  # before any weight is read
+    if mm_cfg is not None:
+        try:
+            mm_cfg.tokens.check(cfg.vocab_size)
+        except ConfigError as e:  # (as config_from_file names the file)
+            raise ConfigError(f"{folder / 'config.json'}: {e}") from None
     # The tokenizer before the weights: building it briefly takes more memory than it keeps.
     if not (folder / "tokenizer.json").exists():
         raise LoadError(f"{folder}: no tokenizer.json")

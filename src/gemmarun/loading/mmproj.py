@@ -28,7 +28,7 @@ from ..model.gemma3_vision import Gemma3Encoders, Gemma3MediaConfig, SiglipConfi
 from ..model.multimodal import Encoders, MediaTokens, MultimodalConfig
 from ..model.vision import VisionConfig
 from ..processing.audio import NUM_MEL_BINS
-from ..processing.prompt import MEDIA_TOKEN_TEXT
+from ..processing.prompt import GEMMA3_MEDIA_TOKEN_TEXT, MEDIA_TOKEN_TEXT
 from ..tokenizer import Tokenizer
 from .build import build_encoders, check_encoder_state
 from .errors import LoadError
@@ -272,7 +272,8 @@ def _open_gemma3(path: Path, f: GGUFFile, text_cfg: TextConfig, tokenizer: Token
         raise LoadError(f"{path}: a Gemma 3 projector ({GEMMA3_PROJECTOR!r}) goes with a Gemma 3 text model; "
                         f"this one is {text_cfg.family}")
     if kind != GEMMA3_PROJECTOR:
-        raise LoadError(f"{path}: its projector is {kind!r}; a Gemma 3 text model takes Gemma 3's ({GEMMA3_PROJECTOR!r})")
+        raise LoadError(f"{path}: its projector is {kind!r}; a Gemma 3 text model takes Gemma 3's "
+                        f"({GEMMA3_PROJECTOR!r})")
     names = {name: mmproj_siglip_to_gemmarun(name) for name in f.tensors}
     unknown = [name for name, ours in names.items() if ours is None]
     if unknown:
@@ -280,9 +281,9 @@ def _open_gemma3(path: Path, f: GGUFFile, text_cfg: TextConfig, tokenizer: Token
     try:
         if meta.get("clip.has_vision_encoder") is not True:
             raise ConfigError(f"clip.has_vision_encoder is {meta.get('clip.has_vision_encoder')!r}, not true")
-        cfg = _gemma3_config(meta, f, tokenizer, path)
+        cfg = _gemma3_config(meta, f, tokenizer)
         names = _unswapped_ffn(names, f, cfg.vision)
-        shapes = {ours: sanitize_gemma3(ours, torch.empty(f.tensors[name].shape, device="meta"), name)
+        shapes = {ours: sanitize_siglip(ours, torch.empty(f.tensors[name].shape, device="meta"), name)
                   for name, ours in names.items()}
     except (ConfigError, ValueError) as e:
         raise LoadError(f"{path}: {e}") from None
@@ -290,7 +291,7 @@ def _open_gemma3(path: Path, f: GGUFFile, text_cfg: TextConfig, tokenizer: Token
     if width is not None and width.dim() == 2:
         _check_width(path, "image", width.shape[1], text_cfg)
     _check_towers(path, lambda: Gemma3Encoders(cfg, text_cfg.hidden_size), shapes)
-    return MmprojFile(f, cfg, names, sanitize_gemma3)
+    return MmprojFile(f, cfg, names, sanitize_siglip)
 
 
 def _check_width(path: Path, kind: str, width: int, text_cfg: TextConfig) -> None:
@@ -310,10 +311,11 @@ def _check_towers(path: Path, build: Callable[[], torch.nn.Module], shapes: dict
         raise LoadError(f"{path}: {e}") from None
 
 
-def _gemma3_config(meta: dict[str, Any], f: GGUFFile, tokenizer: Tokenizer, path: Path) -> Gemma3MediaConfig:
-    eps = gguf_float(meta.get("clip.vision.attention.layer_norm_epsilon", 1e-6), "clip.vision.attention.layer_norm_epsilon")
+def _gemma3_config(meta: dict[str, Any], f: GGUFFile, tokenizer: Tokenizer) -> Gemma3MediaConfig:
+    key = "clip.vision.attention.layer_norm_epsilon"
+    eps = gguf_float(meta.get(key, 1e-6), key)
     if eps <= 0:
-        raise ConfigError(f"clip.vision.attention.layer_norm_epsilon={eps} must be positive")
+        raise ConfigError(f"{key}={eps} must be positive")
     vision = SiglipConfig(
         hidden_size=_int(meta, "clip.vision.embedding_length"),
         intermediate_size=_int(meta, "clip.vision.feed_forward_length"),
@@ -323,26 +325,26 @@ def _gemma3_config(meta: dict[str, Any], f: GGUFFile, tokenizer: Tokenizer, path
         patch_size=_int(meta, "clip.vision.patch_size"),
         layer_norm_eps=eps,
     )
-    per_side = vision.image_size // vision.patch_size
     scale = _int(meta, "clip.vision.projector.scale_factor", 4)  # llama.cpp's default: 896 / 14 / 16
-    if vision.image_size % vision.patch_size or scale < 1 or per_side % scale:
-        raise ConfigError(f"clip.vision.image_size={vision.image_size}, patch_size={vision.patch_size} and "
-                          f"projector.scale_factor={scale} do not make a whole grid of soft tokens")
+    if vision.patches_per_side % scale:
+        raise ConfigError(f"clip.vision.projector.scale_factor={scale} does not divide the {vision.patches_per_side} "
+                          "patches a side: not a whole grid of soft tokens")
     for key in ("clip.vision.image_mean", "clip.vision.image_std"):
         value = meta.get(key, GEMMA3_MEAN_STD)
-        if not isinstance(value, list) or [float(v) for v in value] != GEMMA3_MEAN_STD:
+        numbers = isinstance(value, list) and all(type(v) in (int, float) for v in value)
+        if not numbers or [float(v) for v in value] != GEMMA3_MEAN_STD:
             raise ConfigError(f"{key}={value!r}; Gemma 3's image processor uses {GEMMA3_MEAN_STD}")
     blocks = {block for block in map(_siglip_block, f.tensors) if block is not None}
     if blocks != set(range(vision.num_layers)):
         raise ConfigError(f"clip.vision.block_count={vision.num_layers} but the file holds {len(blocks)} vision blocks"
                           + (f" (up to {max(blocks)})" if blocks else ""))
     ids = {}
-    for field, text in (("boi", "<start_of_image>"), ("image", "<image_soft_token>"), ("eoi", "<end_of_image>")):
+    for field, text in GEMMA3_MEDIA_TOKEN_TEXT.items():
         ids[field] = tokenizer.token_to_id(text)
         if ids[field] is None:
-            raise LoadError(f"{path}: the text model's vocabulary has no {text} token, which image prompts need")
+            raise ConfigError(f"the text model's vocabulary has no {text} token, which image prompts need")
     return Gemma3MediaConfig(vision=vision, tokens=MediaTokens(**ids, audio=-1, video=-1, boa=-1, eoa=-1),
-                             image_soft_tokens=(per_side // scale) ** 2)
+                             image_soft_tokens=(vision.patches_per_side // scale) ** 2)
 
 
 def _siglip_block(name: str) -> int | None:
@@ -369,7 +371,7 @@ def _unswapped_ffn(names: dict[str, str], f: GGUFFile, vision: SiglipConfig) -> 
     return out
 
 
-def sanitize_gemma3(name: str, t: torch.Tensor, gguf_name: str) -> torch.Tensor:
+def sanitize_siglip(name: str, t: torch.Tensor, gguf_name: str) -> torch.Tensor:
     """A Gemma 3 mmproj tensor as the HF checkpoint holds it: llama.cpp's converter stores the
     projector norm's 1 + w (the tower's LayerNorms and the [Hv, H] projection are as in HF)."""
     if name == "multi_modal_projector.mm_soft_emb_norm.weight":

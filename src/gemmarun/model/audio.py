@@ -132,7 +132,8 @@ def audio_config_from_hf(d: dict[str, Any]) -> AudioConfig:
         elif isinstance(default, int):
             kw[name] = hf_positive_int(d, hf_key, default, s, MAX_LAYERS if hf_key == "num_hidden_layers" else MAX_SIZE)
         else:
-            kw[name] = hf_number(d, hf_key, default, s, positive=hf_key in ("rms_norm_eps", "gradient_clipping", "attention_logit_cap"))
+            positive = hf_key in ("rms_norm_eps", "gradient_clipping", "attention_logit_cap")
+            kw[name] = hf_number(d, hf_key, default, s, positive=positive)
     channels = d.get("subsampling_conv_channels", (128, 32))
     if not isinstance(channels, (list, tuple)) or not all(type(c) is int and 0 < c <= MAX_SIZE for c in channels):
         raise ConfigError(f"{s}.subsampling_conv_channels={channels!r} must be a list of positive integers")

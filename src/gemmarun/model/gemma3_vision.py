@@ -63,13 +63,19 @@ class SiglipConfig:
 
 @dataclass(frozen=True)
 class Gemma3MediaConfig:
-    """Same field names as `MultimodalConfig`, so code reading `.tokens` / `.image_soft_tokens`
-    / `.vision` / `.audio` works for every variant."""
+    """`.tokens`, `.image_soft_tokens` and `.audio` (None) as `MultimodalConfig` names them, so
+    code reading those works for every variant; `.vision` is the SigLIP tower's."""
 
     vision: SiglipConfig
     tokens: MediaTokens = GEMMA3_MEDIA_TOKENS
     image_soft_tokens: int = 256  # mm_tokens_per_image: fixed, one square image -> one grid
     audio: None = None
+
+    def __post_init__(self) -> None:
+        side, per_side = math.isqrt(self.image_soft_tokens), self.vision.patches_per_side
+        if side * side != self.image_soft_tokens or per_side % side:
+            raise ConfigError(f"{self.image_soft_tokens} soft tokens an image (mm_tokens_per_image) are not a square "
+                              f"grid that divides the {per_side} x {per_side} patch grid")
 
     @property
     def pooling_kernel(self) -> int:
@@ -100,10 +106,6 @@ def gemma3_media_config_from_hf(raw: dict[str, Any]) -> Gemma3MediaConfig | None
         layer_norm_eps=hf_number(d, "layer_norm_eps", 1e-6, s, positive=True),
     )
     soft = hf_positive_int(raw, "mm_tokens_per_image", 256)
-    side, per_side = math.isqrt(soft), vision.patches_per_side
-    if side * side != soft or per_side % side:
-        raise ConfigError(f"mm_tokens_per_image={soft} is not a square grid that divides the "
-                          f"{per_side} x {per_side} patch grid")
     ids = {field: hf_token_id(raw, f"{field}_token_index", getattr(GEMMA3_MEDIA_TOKENS, field), f"{field}_token_id")
            for field in ("image", "boi", "eoi")}  # (transformers maps *_token_id to *_token_index)
     if len(set(ids.values())) != 3:
@@ -225,6 +227,3 @@ class Gemma3Encoders(nn.Module):
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, S, S):
             raise ValueError(f"Gemma 3 images are [batch, 3, {S}, {S}] pixels, not {list(pixels.shape)}")
         return list(self.multi_modal_projector(self.vision_tower(pixels)))
-
-    def audio(self, features, mask):
-        raise ValueError("this model has no audio tower: it cannot take audio")

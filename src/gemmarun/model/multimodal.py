@@ -35,6 +35,14 @@ class MediaTokens:
     boa: int = 256000
     eoa: int = 258883
 
+    def check(self, vocab_size: int) -> None:
+        """ConfigError unless the delimiters, which prompts embed, are in the vocabulary (the
+        placeholders never are embedded; -1: a medium the model has no token for)."""
+        for name in ("boi", "eoi", "boa", "eoa"):
+            value = getattr(self, name)
+            if value >= vocab_size:
+                raise ConfigError(f"the {name} token id {value} is outside the {vocab_size}-token vocabulary")
+
 
 @dataclass(frozen=True)
 class MultimodalConfig:

@@ -68,7 +68,8 @@ def vision_config_from_hf(d: dict[str, Any]) -> VisionConfig:
         raise ConfigError(f"vision_config.num_key_value_heads={kv_heads} does not divide {heads} heads")
     patch = hf_positive_int(d, "patch_size", 16, s)
     if 3 * patch * patch > MAX_SIZE:  # (a patch's pixels are one input row)
-        raise ConfigError(f"vision_config.patch_size={patch} is past any image model's ({3 * patch * patch} inputs a patch)")
+        raise ConfigError(f"vision_config.patch_size={patch} is past any image model's "
+                          f"({3 * patch * patch} inputs a patch)")
     return VisionConfig(
         hidden_size=hidden,
         intermediate_size=hf_positive_int(d, "intermediate_size", 3072, s),

@@ -268,22 +268,6 @@ def sample_indices(total_frames: int, num_frames: int) -> list[int]:
     return [i * total_frames // n for i in range(n)]
 
 
-@dataclass(frozen=True, eq=False)
-class SampledVideo:
-    """A video's sampled frames and their times, decoded once (a chat keeps it in its history)."""
-
-    frames: tuple[Image.Image, ...]
-    times: tuple[float, ...]
-
-
-def sampled_video(source: str | Path | SampledVideo) -> SampledVideo:
-    """`sample_video`'s frames and times of a file, kept together; a SampledVideo as it is."""
-    if isinstance(source, SampledVideo):
-        return source
-    frames, times = sample_video(source)
-    return SampledVideo(tuple(frames), tuple(times))
-
-
 def sample_video(path: str | Path, num_frames: int = 32) -> tuple[list[Image.Image], list[float]]:
     """Decode `num_frames` uniformly spaced frames with PyAV; timestamps are index / fps."""
     try:

@@ -22,15 +22,17 @@ from typing import Any
 import numpy as np
 
 from .audio import load_audio, num_audio_soft_tokens, split_clips
-from .image import ImageInputs, SquareImage, load_image, preprocess_image, preprocess_video_frames, sampled_video
+from .image import ImageInputs, SquareImage, load_image, preprocess_image, preprocess_video_frames, sample_video
 
 # Spec 6.1's media placeholders and delimiters as text (their ids: model.multimodal.MediaTokens's fields).
 MEDIA_TOKEN_TEXT = {"image": "<|image|>", "audio": "<|audio|>", "video": "<|video|>", "boi": "<|image>",
                     "eoi": "<image|>", "boa": "<|audio>", "eoa": "<audio|>"}
+# Gemma 3's (images only; their ids: model.gemma3_vision.GEMMA3_MEDIA_TOKENS's fields).
+GEMMA3_MEDIA_TOKEN_TEXT = {"image": "<image_soft_token>", "boi": "<start_of_image>", "eoi": "<end_of_image>"}
 # What a rendered prompt writes for each medium, per family. Gemma 3's placeholder is its
 # <start_of_image> itself, and its processor puts a blank line on both sides of an expanded image.
 PLACEHOLDERS = {"gemma4": {MEDIA_TOKEN_TEXT[kind]: kind for kind in ("image", "audio", "video")},
-                "gemma3": {"<start_of_image>": "image"}}
+                "gemma3": {GEMMA3_MEDIA_TOKEN_TEXT["boi"]: "image"}}
 IMAGE_MARGIN = {"gemma4": "", "gemma3": "\n\n"}
 _PLACEHOLDER_RE = {family: re.compile("|".join(map(re.escape, table))) for family, table in PLACEHOLDERS.items()}
 _PART_KINDS = {"image": "image", "image_url": "image", "audio": "audio", "input_audio": "audio", "video": "video"}
@@ -128,8 +130,8 @@ def prepare(kind: str, source: Any, image_tokens: int) -> Prepared:
             raise ValueError(f"{_label(source)}: the audio is empty (or under 10 ms: no audio token)")
         return PreparedAudio(tuple(clips))
     if kind == "video":
-        video = sampled_video(source)
-        inputs, stamps = preprocess_video_frames(list(video.frames), list(video.times))
+        frames, times = sample_video(source)
+        inputs, stamps = preprocess_video_frames(frames, times)
         return PreparedVideo(tuple(inputs), tuple(stamps))
     raise ValueError(f"unknown media kind {kind!r}")
 
@@ -138,7 +140,7 @@ def _label(source: Any) -> str:
     return str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
 
 
-def expand(text: str, prepared: list[Prepared], encode, tokens, family: str = "gemma4") -> list[int]:
+def expand(text: str, prepared: list[Prepared], encode, tokens, family: str) -> list[int]:
     """Ids of `text` (a rendered prompt) with every placeholder expanded, in order.
 
     `encode(str) -> list[int]` tokenizes text without BOS; `tokens` is a MediaTokens."""

@@ -34,7 +34,7 @@ from .image import (
     check_budget,
     format_timestamp,
     load_image,
-    sampled_video,
+    sample_video,
     target_size,
     to_rgb,
 )
@@ -189,9 +189,9 @@ def prepare_unified(kind: str, source: Any, image_tokens: int, cfg) -> Prepared:
             raise ValueError(f"{_label(source)}: the audio is empty")
         return PreparedRawAudio((wave,), cfg.audio.samples_per_token)
     if kind == "video":
-        video = sampled_video(source)
-        inputs, stamps = preprocess_unified_video_frames(list(video.frames), list(video.times), VIDEO_SOFT_TOKENS,
-                                                         vision.patch_size, vision.pooling_kernel_size)
+        frames, times = sample_video(source)
+        inputs, stamps = preprocess_unified_video_frames(frames, times, VIDEO_SOFT_TOKENS, vision.patch_size,
+                                                         vision.pooling_kernel_size)
         return PreparedVideo(tuple(inputs), tuple(stamps))
     raise ValueError(f"unknown media kind {kind!r}")
 

@@ -27,8 +27,9 @@ Extensions (extra JSON fields; with the openai client pass them in `extra_body`)
     thinking: true|false               Gemma 4 thinking; also `reasoning_effort` ("none" = off,
                                        "minimal"/"low"/"medium"/"high" = on; Gemma has no levels)
                                        and `chat_template_kwargs: {"enable_thinking": ...}`
-    image_tokens: 70|140|280|560|1120  soft-token budget of each image in this request (default:
-                                       the model's, 280): more tokens see finer detail, cost more
+    image_tokens: 70|140|280|560|1120  Gemma 4's soft-token budget of each image in this request
+                                       (default: the model's, 280): more tokens see finer detail,
+                                       cost more; Gemma 3 takes only its fixed 256 (400 otherwise)
 
 Structured output: `response_format` {"type": "json_object"} or {"type": "json_schema",
 "json_schema": {"name", "schema"}} constrains the answer (after any thinking; on /v1/completions
