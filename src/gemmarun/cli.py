@@ -141,7 +141,7 @@ def _load(model: str | None, args: argparse.Namespace):
 
 
 def _media(kind: str, source) -> dict:
-    """A chat message part ("image", "video" or "audio"): a file's path, or the medium decoded."""
+    """A chat message part ("image", "video" or "audio"): a file's path, or the medium prepared."""
     return {"type": kind, kind: source}
 
 
