@@ -292,14 +292,8 @@ def _hf_number(tc: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
         raise ConfigError(f"{key}={_shown(value)} is out of a float's range") from None
 
 
-def _hf_flag(tc: dict[str, Any], key: str, default: bool) -> bool:
-    return _hf_value(tc, key, default, (bool,), "true or false")
-
-
-# A tower's sub-config (vision_config, audio_config), checked as strictly as the text's, its keys
-# named with their section in messages.
-
-
+# Checked readers of any config section (a tower's sub-config, vision_config or audio_config, too:
+# its keys are named with their section in messages).
 
 
 def _hf_checked(d: dict[str, Any], key: str, default: Any, ok: Callable[[Any], bool], want: str,
@@ -340,7 +334,7 @@ def hf_token_id(raw: dict[str, Any], key: str, default: int, alias: str | None =
     return _hf_checked(raw, key, default, lambda v: type(v) is int and 0 <= v < 2**31, "a token id", None)
 
 
-def hf_bool(d: dict[str, Any], key: str, default: bool, section: str) -> bool:
+def hf_bool(d: dict[str, Any], key: str, default: bool, section: str | None = None) -> bool:
     return _hf_checked(d, key, default, lambda v: type(v) is bool, "true or false", section)
 
 
@@ -448,13 +442,13 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         logging.getLogger("gemmarun").info("config keys not used by gemmarun: %s", ", ".join(unknown))
     if tc.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ConfigError(f"hidden_activation={tc['hidden_activation']!r} is not supported")
-    if _hf_flag(tc, "attention_bias", False):
+    if hf_bool(tc, "attention_bias", False):
         raise ConfigError("attention_bias=true is not supported (Gemma has no attention biases)")
     # A composite config's class (ForConditionalGeneration) ties its head by its own top-level
     # flag, whatever its text_config says (transformers 5.23): one untied there had loaded with the
     # embedding as its head, silently, and one tied there had been refused.
     composite = "text_config" in raw and raw.get("model_type") in ("gemma4", "gemma3", "gemma4_unified")
-    if not _hf_flag(raw if composite else tc, "tie_word_embeddings", True):
+    if not hf_bool(raw if composite else tc, "tie_word_embeddings", True):
         raise ConfigError("tie_word_embeddings=false is not supported (Gemma ties its head)")
     num_layers = _hf_int(tc, "num_hidden_layers")
     if not 1 <= num_layers <= MAX_LAYERS:  # checked before the per-layer plan loops over it
@@ -525,7 +519,7 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         return TextConfig(**common, attention_scale=scalar**-0.5, has_v_norm=False,
                           bidirectional_vision=composite and bool(raw.get("vision_config")))
     global_head_dim, global_kv_heads = _full_layer_overrides(tc, layer_types)
-    moe = _hf_flag(tc, "enable_moe_block", False)
+    moe = hf_bool(tc, "enable_moe_block", False)
     if moe and not (tc.get("num_experts") and tc.get("top_k_experts") and tc.get("moe_intermediate_size")):
         raise ConfigError("enable_moe_block=true needs num_experts, top_k_experts, moe_intermediate_size")
     ple_dim = _hf_int(tc, "hidden_size_per_layer_input", 0)
@@ -533,11 +527,11 @@ def text_config_from_hf(raw: dict[str, Any]) -> TextConfig:
         **common,
         global_head_dim=global_head_dim or 512,  # the reference class default
         num_global_kv_heads=global_kv_heads,
-        k_eq_v=_hf_flag(tc, "attention_k_eq_v", False),
+        k_eq_v=hf_bool(tc, "attention_k_eq_v", False),
         ple_dim=ple_dim,
         ple_vocab_size=_hf_int(tc, "vocab_size_per_layer_input", common["vocab_size"]) if ple_dim else 0,
         num_kv_shared_layers=_hf_int(tc, "num_kv_shared_layers", 0),
-        double_wide_mlp=_hf_flag(tc, "use_double_wide_mlp", False),
+        double_wide_mlp=hf_bool(tc, "use_double_wide_mlp", False),
         num_experts=_hf_int(tc, "num_experts") if moe else 0,
         top_k_experts=_hf_int(tc, "top_k_experts") if moe else 0,
         expert_dim=_hf_int(tc, "moe_intermediate_size") if moe else 0,
@@ -657,7 +651,7 @@ def assistant_config_from_hf(raw: dict[str, Any]) -> AssistantConfig:
     shared = tc.get("num_kv_shared_layers") or 0
     if shared not in (0, num_layers):  # the reference fills 0 in as "all layers"
         raise ConfigError(f"text_config.num_kv_shared_layers={shared}: every drafter layer must be shared ({num_layers})")
-    if not _hf_flag(raw, "tie_word_embeddings", True):
+    if not hf_bool(raw, "tie_word_embeddings", True):
         raise ConfigError("tie_word_embeddings=false is not supported (the drafter ties its head)")
     text = text_config_from_hf({**tc, "model_type": tc.get("model_type", "gemma4_text"), "num_kv_shared_layers": 0})
     if "backbone_hidden_size" not in raw:
@@ -665,7 +659,7 @@ def assistant_config_from_hf(raw: dict[str, Any]) -> AssistantConfig:
     return AssistantConfig(
         text=text,
         backbone_hidden_size=_hf_int(raw, "backbone_hidden_size"),
-        use_ordered_embeddings=_hf_flag(raw, "use_ordered_embeddings", False),
+        use_ordered_embeddings=hf_bool(raw, "use_ordered_embeddings", False),
         num_centroids=_hf_int(raw, "num_centroids", 2048),
         centroid_top_k=_hf_int(raw, "centroid_intermediate_top_k", 32),
     )
