@@ -763,3 +763,25 @@ def test_a_copy_of_a_stacked_linear_multiplies_on_its_own():
     x = torch.randn(1, 512)
     c = copy.deepcopy(a)
     assert c.stack is None and torch.equal(c(x), a(x))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_bf16_prefill_multiplies_bfloat16_tiles_where_the_cpu_does(monkeypatch, bf16_units):
+    """Rows past the native kernel's (a prefill) under bfloat16 compute: bfloat16 tiles times
+    bfloat16 activations on a CPU with bfloat16 matrix units (2.2-2.6x the float32 GEMM), else
+    the exact tiles times the activations in a float32 GEMM (an emulated bfloat16 one is 3-4x
+    slower)."""
+    rows, cols = 96, 256
+    raw = make_raw(T.Q8_0, rows, cols, 3)
+    w_ref = torch.from_numpy(reference(raw, T.Q8_0).reshape(rows, cols).copy())
+    monkeypatch.setattr(ql, "cpu_multiplies_bf16", lambda: bf16_units)
+    layer = QuantLinear.from_raw(torch.from_numpy(raw), T.Q8_0, rows, cols, torch.bfloat16)
+    x = torch.randn(ql.NATIVE_MAX_ROWS + 8, cols)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    if bf16_units:
+        want = (x.bfloat16() @ w_ref.bfloat16().T).float()
+        assert torch.equal(y, want)
+    else:
+        assert rel_err(y, x.bfloat16().float() @ w_ref.T) < 1e-5

@@ -171,26 +171,27 @@ class LLM:
         from .processing.prompt import PreparedAudio, PreparedImage
 
         device = self.model.device
+        dtype = next(self.encoders.parameters()).dtype  # the towers' (bfloat16 by a float32 text model: CPU)
         if isinstance(self.encoders, Gemma3Encoders):
-            return self.encoders.images(item.inputs.pixels[None].to(device, self.model.dtype))
+            return self.encoders.images(item.inputs.pixels[None].to(device, dtype))
         if isinstance(self.encoders, UnifiedEncoders):  # raw patches / waveform frames
             from .processing.unified import soft_inputs
 
             kind, (values, where) = soft_inputs(item)
             encode = self.encoders.audio if kind == "audio" else self.encoders.images
-            return encode(values.to(device, self.model.dtype), where.to(device))
+            return encode(values.to(device, dtype), where.to(device))
         if isinstance(item, PreparedAudio):
             # One 30 s clip at a time: the tower's activations take ~140 MiB a clip (float32),
             # and an hour of audio is 120 clips.
             soft = []
             for clip in item.clips:
                 features, mask = batch_features([clip])
-                soft += self.encoders.audio(torch.from_numpy(features).to(device, self.model.dtype),
+                soft += self.encoders.audio(torch.from_numpy(features).to(device, dtype),
                                             torch.from_numpy(mask).to(device))
             return soft
         frames = [item.inputs] if isinstance(item, PreparedImage) else list(item.frames)
         pixels, positions = stack_inputs(frames)
-        return self.encoders.images(pixels.to(device, self.model.dtype), positions.to(device))
+        return self.encoders.images(pixels.to(device, dtype), positions.to(device))
 
     def _inputs(self, prompt: Prompt, held: Held | None = None, pool: PromptCache | None = None):
         """(ids for the token tables, merged embeddings or None, vision blocks or None). With

@@ -99,6 +99,26 @@ def test_mmproj_prompt_with_image_and_audio_equals_the_folder(llama_cpp_multimod
     assert np.abs(audio - from_folder.encode_audio(media / "tone.wav")).max() <= 1e-5 * np.abs(audio).max()
 
 
+def test_bfloat16_quantized_gguf_with_mmproj_takes_image_and_audio(llama_cpp_multimodal, media, tmp_path):
+    """Under bfloat16 on a CPU a quantized text model computes in float32 (its quantized matrices
+    in bfloat16) while the towers are bfloat16: their soft tokens join the float32 prompt."""
+    from gemmarun.loading.convert import convert as our_convert
+
+    folder, _, _, mmproj = llama_cpp_multimodal("e2b")
+    text = our_convert(folder, tmp_path / "text-q8_0.gguf", "q8_0", progress=False)
+    low = gemmarun.load(text, mmproj=mmproj, dtype="bfloat16", device="cpu")
+    exact = gemmarun.load(text, mmproj=mmproj, dtype="float32", device="cpu")
+    assert low.model.dtype == torch.float32 and next(low.encoders.parameters()).dtype == torch.bfloat16
+    message = [{"role": "user", "content": [{"type": "image", "image": str(media / "a.png")},
+                                            {"type": "audio", "audio": str(media / "tone.wav")},
+                                            {"type": "text", "text": "hello"}]}]
+    ids = exact.build_prompt(message, image_tokens=IMAGE_BUDGET).ids
+    paths = [media / "a.png", media / "tone.wav"]
+    want = exact.logits(ids, images=paths[:1], audios=paths[1:], image_tokens=IMAGE_BUDGET)
+    got = low.logits(ids, images=paths[:1], audios=paths[1:], image_tokens=IMAGE_BUDGET)
+    assert 0 < np.abs(got - want).max() / np.abs(want).max() <= 0.1
+
+
 def test_31b_gguf_with_mmproj_sees_image_blocks_as_the_folder_does(llama_cpp_multimodal, media):
     """GGUF has no key for use_bidirectional_attention: a 31B-like text GGUF (no PLE) takes it as
     every such checkpoint has it ("vision"), so an image prompt gives the folder's logits; it had

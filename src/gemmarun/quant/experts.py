@@ -124,7 +124,7 @@ class QuantExperts(Experts):
             raise ValueError(f"expert tensor {leaf} has {E} experts, expected {self.num_experts}")
         target = self.repacked(leaf)
         if isinstance(weight, torch.Tensor):
-            target.extend(FloatLinear(weight[e].to(self.compute_dtype)) for e in range(E))
+            target.extend(FloatLinear(weight[e]) for e in range(E))  # in the caller's dtype: the activations
             return False
         if (keep_mapped and weight.ggml_type in MAPPED_TYPES and in_f % MAPPED_TYPES[weight.ggml_type] == 0
                 and native_block_gemv() is not None):
