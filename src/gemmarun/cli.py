@@ -306,7 +306,14 @@ def _fitted_prompt(llm, messages: list[dict], args: argparse.Namespace, params: 
     return prompt
 
 
-MODEL_HELP = "model folder or .gguf (default: the embedded Gemma 3 270M)"
+MODEL_HELP = "model folder, .gguf or ollama:NAME[:TAG] (default: the embedded Gemma 3 270M)"
+
+
+def _ollama_name(model: str | None) -> str | None:
+    """`gemma4:e2b` for `ollama:gemma4:e2b` (the id Ollama's clients know it by), else None."""
+    from .loading.ollama import PREFIX
+
+    return model[len(PREFIX):] if model and model.startswith(PREFIX) else None
 CHAT_COMMANDS = ('/image, /audio or /video FILE goes with your next message, /reset starts over, /exit (or /bye, '
                  'Ctrl-D) quits, /help lists these; Ctrl-C stops an answer; """ opens and closes a message of several lines')
 MEDIA_COMMANDS = {"/image": "image", "/audio": "audio", "/video": "video"}
@@ -561,7 +568,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for warning in template_warnings(llm.info.chat_template):
             print(f"gemmarun: warning: {warning}", file=sys.stderr)
     options = ServerOptions(
-        model_name=args.model_name, api_key=args.api_key or os.environ.get("GEMMARUN_API_KEY") or None,
+        model_name=args.model_name or _ollama_name(args.model), api_key=args.api_key or os.environ.get("GEMMARUN_API_KEY") or None,
         allow_local_files=args.allow_local_files, max_body_bytes=args.max_body_mb * 1024 * 1024,
         max_batch=args.max_batch, max_queue=args.max_queue, context=args.context, prompt_caches=args.prompt_caches,
         default_max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
@@ -643,7 +650,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         path = bench.random_weights_model(args.random_weights, args.quant, twin=args.twin)
         label = f"random-weights {args.random_weights}{' dense twin' if args.twin else ''} {args.quant}"
     elif args.model:
-        path, label = Path(args.model), args.model
+        from .loading.ollama import is_ollama_name, resolve
+
+        path, label = (resolve(args.model).model if is_ollama_name(args.model) else Path(args.model)), args.model
     else:
         from .loading.default import default_model_path
 
@@ -713,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("transcribe", help="speech to text (thinking off)")
-    p.add_argument("model", help="a Gemma 4 model with an audio tower (a folder, or a .gguf with --mmproj)")
+    p.add_argument("model", help="a Gemma 4 model with an audio tower (a folder, a .gguf with --mmproj, or ollama:NAME)")
     p.add_argument("audio", help="audio file: wav, flac, ogg/opus, mp3, m4a/mp4 or webm; longer than 30 s "
                                  "is split into clips")
     _add_sampling_options(p)
@@ -866,6 +875,8 @@ def _check_options(args: argparse.Namespace) -> None:
         words = args.words
         if len(words) > 2:
             raise ValueError(f"{len(words)} words where [MODEL] PROMPT go: quote a prompt of several words")
+        if len(words) == 1 and _ollama_name(words[0]):
+            raise ValueError(f"{words[0]} is a model: give a prompt too (gemmarun run {words[0]} PROMPT)")
         if len(words) == 1 and words[0].endswith(".gguf") and not Path(words[0]).exists():
             raise ValueError(f"{words[0]}: no such model file")  # (it had become the prompt)
         if len(words) == 1 and ((Path(words[0]) / "config.json").is_file() or
@@ -873,7 +884,7 @@ def _check_options(args: argparse.Namespace) -> None:
             # it had run the embedded model on the path's text
             raise ValueError(f"{words[0]} is a model: give a prompt too (gemmarun run {words[0]} PROMPT), "
                              f"or talk with it: gemmarun chat {words[0]}")
-        if len(words) == 2 and not Path(words[0]).exists():
+        if len(words) == 2 and not Path(words[0]).exists() and not _ollama_name(words[0]):
             if Path(words[1]).exists():
                 raise ValueError(f"the model comes first: gemmarun run {words[1]} PROMPT")
             hint = "" if "/" in words[0] or words[0].endswith(".gguf") else " (quote a prompt of several words)"

@@ -142,10 +142,13 @@ class Tokenizer:
 
         "llama" (Gemma 3): SentencePiece vocab, merges derived from file order; space-only tokens
         are stored with real spaces and are respelled with "▁" so normalized text can reach them.
-        "gemma4": BPE with the file's explicit merges, vocabulary used as spelled.
+        "gemma4": BPE with the file's explicit merges, vocabulary used as spelled. Ollama's
+        converter writes Gemma 4's as "llama" with `pre` "gemma4" (and the merges): read as gemma4.
         add_space_prefix is ignored, as transformers' GemmaTokenizer does (Gemma files say false).
         """
         model = fields.get("tokenizer.ggml.model")
+        if model == "llama" and fields.get("tokenizer.ggml.pre") == "gemma4":
+            model = "gemma4"
         raw_tokens = fields.get("tokenizer.ggml.tokens")
         if not isinstance(raw_tokens, list) or not raw_tokens or not all(isinstance(t, str) for t in raw_tokens):
             raise ValueError("GGUF tokenizer.ggml.tokens is missing or not a list of strings")

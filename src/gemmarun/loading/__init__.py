@@ -44,7 +44,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load(path: str | Path | None = None, *, dtype=None, device=None, reference: bool = False,
          mmproj: str | Path | None = None):
-    """Load a model: a HF folder or a .gguf file; no path loads the embedded Gemma 3 270M.
+    """Load a model: a HF folder, a .gguf file or `ollama:NAME[:TAG]` (a model in Ollama's local
+    store); no path loads the embedded Gemma 3 270M.
 
     `reference=True` (GGUF) dequantizes weights exactly to float32 instead of keeping them
     quantized: slower and larger, used to check the fast path. `mmproj` adds llama.cpp's
@@ -54,6 +55,11 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
         from .default import default_model_path
 
         path = default_model_path()
+    from .ollama import is_ollama_name, resolve
+
+    if is_ollama_name(path):  # `ollama:gemma4:e2b`: the blobs behind the name in Ollama's store
+        found = resolve(path)
+        path, mmproj = found.model, mmproj if mmproj is not None else found.projector
     path = Path(path).expanduser()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)

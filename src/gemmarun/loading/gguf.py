@@ -1,4 +1,5 @@
-"""Load a llama.cpp GGUF file (architectures gemma4 and gemma3) with its weights quantized."""
+"""Load a GGUF file (architectures gemma4 and gemma3) with its weights quantized: llama.cpp's text
+model (its towers in an mmproj beside it), or Ollama's, which holds Gemma 4's towers itself."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..tokenizer import Tokenizer
 from .build import QuantizedTensor, build_text_model
 from .errors import LoadError
 from .gguf_file import GGUFFile, TensorInfo
-from .names import GGUF_IGNORED, MMPROJ_ARCHITECTURE, gguf_to_gemmarun
+from .names import GGUF_IGNORED, MMPROJ_ARCHITECTURE, OLLAMA_PACKED_CLAMPS, gguf_to_gemmarun
 
 _KV_TENSOR = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.")
 FLOAT_TYPES = {
@@ -80,16 +81,23 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
         raise LoadError(f"{path}: tokenizer.chat_template is {type(template).__name__}, not a template string")
     f.drop_metadata("tokenizer.ggml.")
     check_head_is_tied(f)
-    projector = None
-    if mmproj is not None:  # checked before any weight is read
-        from .mmproj import open_mmproj
+    # The towers, checked before any weight is read: an mmproj beside the file, or Ollama's file
+    # holding them itself.
+    from .mmproj import open_mmproj, open_ollama_towers
 
+    projector = open_ollama_towers(path, f, cfg, tokenizer)
+    if projector is not None and mmproj is not None:
+        raise LoadError(f"{path}: this file holds its own vision/audio towers (Ollama's layout); give no mmproj")
+    if mmproj is not None:
         projector = open_mmproj(mmproj, cfg, tokenizer)
         if cfg.family == "gemma3":  # its image tokens see each other in every layer, as from a folder
             cfg = replace(cfg, bidirectional_vision=True)
+    towers = set(projector.names) | {OLLAMA_PACKED_CLAMPS} if projector is not None and projector.file is f else set()
     state: dict[str, torch.Tensor | QuantizedTensor] = {}
     unknown = []
     for name, info in f.tensors.items():
+        if name in towers:
+            continue
         ours = gguf_to_gemmarun(name)
         if ours is None:
             if name not in GGUF_IGNORED:

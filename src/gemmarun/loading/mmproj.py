@@ -34,7 +34,15 @@ from .build import build_encoders, check_encoder_state
 from .errors import LoadError
 from .gguf import read_tensor
 from .gguf_file import GGUFFile
-from .names import MMPROJ_ARCHITECTURE, mmproj_block, mmproj_siglip_to_gemmarun, mmproj_to_gemmarun
+from .names import (
+    MMPROJ_ARCHITECTURE,
+    OLLAMA_PACKED_CLAMPS,
+    OLLAMA_TOWER_PREFIXES,
+    mmproj_block,
+    mmproj_siglip_to_gemmarun,
+    mmproj_to_gemmarun,
+    ollama_tower_to_gemmarun,
+)
 
 PROJECTORS = {"vision": "gemma4v", "audio": "gemma4a"}
 GEMMA3_PROJECTOR = "gemma3"
@@ -94,13 +102,53 @@ def open_mmproj(path: Path, text_cfg: TextConfig, tokenizer: Tokenizer) -> Mmpro
     return MmprojFile(f, cfg, {name: mmproj_to_gemmarun(name) for name in f.tensors}, sanitize)
 
 
+def open_ollama_towers(path: Path, f: GGUFFile, text_cfg: TextConfig, tokenizer: Tokenizer) -> MmprojFile | None:
+    """The vision and audio towers an Ollama Gemma 4 model file holds beside its text model, checked
+    as `open_mmproj` checks an mmproj's; None when it holds none. Ollama's converter writes one
+    file: `gemma4.vision.*` / `gemma4.audio.*` keys where an mmproj has `clip.*`, no projector
+    types or flags, and the mmproj's tensor layout under its names (`ollama_tower_to_gemmarun`)."""
+    tower_names = [name for name in f.tensors if name.startswith(OLLAMA_TOWER_PREFIXES)]
+    if not tower_names:
+        return None
+    arch = text_cfg.family
+    if arch != "gemma4":
+        raise LoadError(f"{path}: a {arch} file holding vision tensors ({tower_names[0]}, Ollama's single-file "
+                        "layout), which gemmarun reads for Gemma 4 only")
+    names = {name: ollama_tower_to_gemmarun(name) for name in tower_names if name != OLLAMA_PACKED_CLAMPS}
+    unknown = [name for name, ours in names.items() if ours is None]
+    if unknown:
+        raise LoadError(f"{path}: tensors that are not Gemma 4 vision or audio: {', '.join(unknown[:8])}")
+    vision_bounds = any(ours.startswith("vision_tower.") and ours.endswith(".input_max") for ours in names.values())
+    if OLLAMA_PACKED_CLAMPS in f.tensors and not vision_bounds:
+        raise LoadError(f"{path}: its vision clip bounds are only packed in {OLLAMA_PACKED_CLAMPS} (an older Ollama "
+                        "file), which gemmarun does not read: convert the checkpoint again")
+    meta = f.metadata
+    try:
+        towers = []
+        for tower in PROJECTORS:
+            tensors = [name for name, ours in names.items() if _tower_of(ours) == tower]
+            key = f"{arch}.{tower}.block_count"
+            if tensors or key in meta:
+                _check_block_count(meta, key, tower, tensors)
+                towers.append(tower)
+        shapes = {ours: sanitize(ours, torch.empty(f.tensors[name].shape, device="meta"), name)
+                  for name, ours in names.items()}
+        vision = _vision_config(meta, shapes, arch) if "vision" in towers else None
+        audio = _audio_config(meta, shapes, arch) if "audio" in towers else None
+    except (ConfigError, ValueError) as e:
+        raise LoadError(f"{path}: {e}") from None
+    cfg = MultimodalConfig(vision=vision, audio=audio, tokens=_media_tokens(tokenizer, path))
+    _check_towers(path, lambda: Encoders(cfg, text_cfg.hidden_size), shapes)
+    return MmprojFile(f, cfg, names, sanitize)
+
+
 def load_mmproj(mm: MmprojFile, text_cfg: TextConfig, *, dtype: torch.dtype,
                 device: torch.device) -> Encoders | Gemma3Encoders:
-    """The towers of an opened mmproj, in `dtype` (one copy per tensor)."""
+    """The towers of an opened mmproj (or of an Ollama model file), in `dtype` (one copy per tensor)."""
     f = mm.file
     state = {}
-    for name, info in f.tensors.items():
-        ours = mm.names[name]
+    for name, ours in mm.names.items():
+        info = f.tensors[name]
         try:
             state[ours] = mm.sanitize(ours, read_tensor(f, info, True), name).to(dtype)
         except LoadError:  # (read_tensor's errors name the file already)
@@ -147,7 +195,7 @@ def _has_tower(f: GGUFFile, tower: str) -> bool:
     count agreeing (ConfigError where they do not)."""
     meta = f.metadata
     flag = meta.get(f"clip.has_{tower}_encoder", False)
-    tensors = [name for name in f.tensors if _tower_of(name) == tower]
+    tensors = [name for name in f.tensors if _tower_of(mmproj_to_gemmarun(name)) == tower]
     if flag is not True:
         if tensors:
             raise ConfigError(f"clip.has_{tower}_encoder is {flag!r} but the file holds {tower} tensors")
@@ -155,12 +203,16 @@ def _has_tower(f: GGUFFile, tower: str) -> bool:
     kind = _projector(meta, tower)
     if kind != PROJECTORS[tower]:
         raise ConfigError(f"its {tower} projector is {kind!r}; gemmarun runs Gemma 4's ({PROJECTORS[tower]!r})")
-    blocks = {block for block in map(mmproj_block, tensors) if block is not None}
-    count = _int(meta, f"clip.{tower}.block_count")
-    if len(blocks) != count or (blocks and max(blocks) != count - 1):  # (distinct: so exactly 0..count-1)
-        raise ConfigError(f"clip.{tower}.block_count={count} but the file holds {len(blocks)} {tower} blocks"
-                          + (f" (up to {max(blocks)})" if blocks else ""))
+    _check_block_count(meta, f"{MMPROJ_ARCHITECTURE}.{tower}.block_count", tower, tensors)
     return True
+
+
+def _check_block_count(meta: dict[str, Any], key: str, tower: str, tensors: list[str]) -> None:
+    blocks = {block for block in map(mmproj_block, tensors) if block is not None}
+    count = _int(meta, key)
+    if len(blocks) != count or (blocks and max(blocks) != count - 1):  # (distinct: so exactly 0..count-1)
+        raise ConfigError(f"{key}={count} but the file holds {len(blocks)} {tower} blocks"
+                          + (f" (up to {max(blocks)})" if blocks else ""))
 
 
 def _projector(meta: dict[str, Any], tower: str) -> Any:
@@ -168,9 +220,9 @@ def _projector(meta: dict[str, Any], tower: str) -> Any:
     return meta.get(f"clip.{tower}.projector_type", meta.get("clip.projector_type"))
 
 
-def _tower_of(name: str) -> str:
+def _tower_of(ours: str) -> str:
     """The tower a gemmarun name belongs to (`vision_tower`/`embed_vision`: vision)."""
-    return "audio" if "audio" in mmproj_to_gemmarun(name).split(".")[0] else "vision"
+    return "audio" if "audio" in ours.split(".")[0] else "vision"
 
 
 def _int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -180,50 +232,56 @@ def _int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
     return gguf_int(value, key)
 
 
-def _vision_config(meta: dict[str, Any], shapes: dict[str, torch.Tensor]) -> VisionConfig:
+def _vision_config(meta: dict[str, Any], shapes: dict[str, torch.Tensor], arch: str = MMPROJ_ARCHITECTURE
+                   ) -> VisionConfig:
+    """From `<arch>.vision.*` keys (`clip` in an mmproj, `gemma4` in an Ollama file) and shapes."""
+    key = f"{arch}.vision."
     layer = "vision_tower.encoder.layers.0.self_attn."
     head_dim = _shape(shapes, layer + "q_norm.weight")[0]
     if head_dim % 4:
         raise ConfigError(f"vision head_dim={head_dim} (v.blk.0.attn_q_norm) must be a multiple of 4 (2-D RoPE)")
-    eps = gguf_float(meta.get("clip.vision.attention.layer_norm_epsilon", 1e-6), "clip.vision.attention.layer_norm_epsilon")
+    eps = gguf_float(meta.get(key + "attention.layer_norm_epsilon", 1e-6), key + "attention.layer_norm_epsilon")
     if eps <= 0:
-        raise ConfigError(f"clip.vision.attention.layer_norm_epsilon={eps} must be positive")
-    heads = _int(meta, "clip.vision.attention.head_count")
+        raise ConfigError(f"{key}attention.layer_norm_epsilon={eps} must be positive")
+    heads = _int(meta, key + "attention.head_count")
     kv_rows = _shape(shapes, layer + "k_proj.linear.weight")[0]
     if kv_rows % head_dim or kv_rows < head_dim or heads % (kv_rows // head_dim):
         raise ConfigError(f"v.blk.0.attn_k's {kv_rows} rows are not key heads of {head_dim} that divide "
-                          f"clip.vision.attention.head_count={heads}")
+                          f"{key}attention.head_count={heads}")
     return VisionConfig(
-        hidden_size=_int(meta, "clip.vision.embedding_length"),
-        intermediate_size=_int(meta, "clip.vision.feed_forward_length"),
-        num_layers=_int(meta, "clip.vision.block_count"),
+        hidden_size=_int(meta, key + "embedding_length"),
+        intermediate_size=_int(meta, key + "feed_forward_length"),
+        num_layers=_int(meta, key + "block_count"),
         num_heads=heads,
         num_kv_heads=kv_rows // head_dim,
         head_dim=head_dim,
         rms_norm_eps=eps,
         rope_theta=100.0,
-        patch_size=_int(meta, "clip.vision.patch_size"),
-        pooling_kernel=_int(meta, "clip.vision.projector.scale_factor", 3),
+        patch_size=_int(meta, key + "patch_size"),
+        pooling_kernel=_int(meta, key + "projector.scale_factor", 3),
         position_embedding_size=_shape(shapes, "vision_tower.patch_embedder.position_embedding_table")[1],
         use_clipped_linears=_clipped(shapes, "vision_tower."),
         standardize="vision_tower.std_bias" in shapes,
     )
 
 
-def _audio_config(meta: dict[str, Any], shapes: dict[str, torch.Tensor]) -> AudioConfig:
-    mel_bins = _int(meta, "clip.audio.num_mel_bins", NUM_MEL_BINS)
+def _audio_config(meta: dict[str, Any], shapes: dict[str, torch.Tensor], arch: str = MMPROJ_ARCHITECTURE
+                  ) -> AudioConfig:
+    """From `<arch>.audio.*` keys and shapes (an Ollama file writes no mel bins: 128, as its runtime)."""
+    key = f"{arch}.audio."
+    mel_bins = _int(meta, key + "num_mel_bins", NUM_MEL_BINS)
     if mel_bins != NUM_MEL_BINS:
-        raise ConfigError(f"clip.audio.num_mel_bins={mel_bins}; Gemma 4's audio features have {NUM_MEL_BINS}")
-    hidden = _int(meta, "clip.audio.embedding_length")
-    heads = _int(meta, "clip.audio.attention.head_count")
+        raise ConfigError(f"{key}num_mel_bins={mel_bins}; Gemma 4's audio features have {NUM_MEL_BINS}")
+    hidden = _int(meta, key + "embedding_length")
+    heads = _int(meta, key + "attention.head_count")
     head_dim = _shape(shapes, "audio_tower.layers.0.self_attn.per_dim_scale")[0]
     if heads * head_dim != hidden:
-        raise ConfigError(f"clip.audio.attention.head_count={heads} heads of {head_dim} (a.blk.0.per_dim_scale) "
-                          f"do not make clip.audio.embedding_length={hidden}")
+        raise ConfigError(f"{key}attention.head_count={heads} heads of {head_dim} (a.blk.0.per_dim_scale) "
+                          f"do not make {key}embedding_length={hidden}")
     conv = "audio_tower.subsample_conv_projection."
     return AudioConfig(
         hidden_size=hidden,
-        num_layers=_int(meta, "clip.audio.block_count"),
+        num_layers=_int(meta, key + "block_count"),
         num_heads=heads,
         subsampling_conv_channels=(_shape(shapes, conv + "layer0.conv.weight")[0],
                                    _shape(shapes, conv + "layer1.conv.weight")[0]),

@@ -289,6 +289,31 @@ def gemmarun_to_mmproj(name: str) -> str:
     return name
 
 
+# Ollama's Gemma 4 model file (its converter's single GGUF) holds the towers beside the text model,
+# named as llama.cpp's mmproj names them but for six audio tensors (two of whose names mean other
+# tensors there): Ollama's block key or global name -> the mmproj's.
+OLLAMA_AUDIO_BLOCK = {"linear_pos": "attn_k_rel", "ln1": "attn_pre_norm", "ln2": "attn_post_norm",
+                      "layer_pre_norm": "ln2"}
+OLLAMA_AUDIO_GLOBAL = {"a.pre_encode.out.": "a.input_projection.", "mm.a.fc.": "a.pre_encode.out."}
+OLLAMA_TOWER_PREFIXES = ("v.", "a.", "mm.")
+# The vision clip bounds again, packed (layers x 7 linears x 4, then the projector's 4): older files
+# hold only these, which gemmarun does not unpack; current ones hold the per-tensor bounds too.
+OLLAMA_PACKED_CLAMPS = "v.clamp_data"
+
+
+def ollama_tower_to_gemmarun(name: str) -> str | None:
+    """The gemmarun `Encoders` name of a tower tensor of an Ollama Gemma 4 file, or None if unknown."""
+    m = _MMPROJ_BLOCK.match(name)
+    if m and m.group(1) == "a" and m.group(3) in OLLAMA_AUDIO_BLOCK:
+        name = f"a.blk.{m.group(2)}.{OLLAMA_AUDIO_BLOCK[m.group(3)]}.{m.group(4)}"
+    else:
+        for ollama, llama_cpp in OLLAMA_AUDIO_GLOBAL.items():
+            if name.startswith(ollama):
+                name = llama_cpp + name[len(ollama):]
+                break
+    return mmproj_to_gemmarun(name)
+
+
 def gemmarun_to_gguf(name: str) -> str:
     """Inverse of `gguf_to_gemmarun` (used by `convert`)."""
     for gguf_name, ours in GGUF_GLOBAL_NAMES.items():
