@@ -311,9 +311,19 @@ MODEL_HELP = "model folder, .gguf or ollama:NAME[:TAG] (default: the embedded Ge
 
 def _ollama_name(model: str | None) -> str | None:
     """`gemma4:e2b` for `ollama:gemma4:e2b` (the id Ollama's clients know it by), else None."""
-    from .loading.ollama import PREFIX
+    from .loading.ollama import PREFIX, is_ollama_name
 
-    return model[len(PREFIX):] if model and model.startswith(PREFIX) else None
+    return model[len(PREFIX):] if is_ollama_name(model) else None
+
+
+def _exists(path: str, file: bool = False) -> bool:
+    """Whether `path` exists (is a file); False for a string no file can be named (a long word)."""
+    from pathlib import Path
+
+    try:
+        return Path(path).is_file() if file else Path(path).exists()
+    except (OSError, ValueError):
+        return False
 CHAT_COMMANDS = ('/image, /audio or /video FILE goes with your next message, /reset starts over, /exit (or /bye, '
                  'Ctrl-D) quits, /help lists these; Ctrl-C stops an answer; """ opens and closes a message of several lines')
 MEDIA_COMMANDS = {"/image": "image", "/audio": "audio", "/video": "video"}
@@ -877,15 +887,17 @@ def _check_options(args: argparse.Namespace) -> None:
             raise ValueError(f"{len(words)} words where [MODEL] PROMPT go: quote a prompt of several words")
         if len(words) == 1 and _ollama_name(words[0]):
             raise ValueError(f"{words[0]} is a model: give a prompt too (gemmarun run {words[0]} PROMPT)")
-        if len(words) == 1 and words[0].endswith(".gguf") and not Path(words[0]).exists():
+        if len(words) == 1 and words[0].endswith(".gguf") and not _exists(words[0]):
             raise ValueError(f"{words[0]}: no such model file")  # (it had become the prompt)
-        if len(words) == 1 and ((Path(words[0]) / "config.json").is_file() or
-                                words[0].endswith(".gguf") and Path(words[0]).is_file()):
+        if len(words) == 1 and (_exists(f"{words[0]}/config.json", file=True) or
+                                words[0].endswith(".gguf") and _exists(words[0], file=True)):
             # it had run the embedded model on the path's text
             raise ValueError(f"{words[0]} is a model: give a prompt too (gemmarun run {words[0]} PROMPT), "
                              f"or talk with it: gemmarun chat {words[0]}")
-        if len(words) == 2 and not Path(words[0]).exists() and not _ollama_name(words[0]):
-            if Path(words[1]).exists():
+        from .loading.ollama import PREFIX as OLLAMA
+
+        if len(words) == 2 and not _exists(words[0]) and not words[0].startswith(OLLAMA):
+            if _exists(words[1]):
                 raise ValueError(f"the model comes first: gemmarun run {words[1]} PROMPT")
             hint = "" if "/" in words[0] or words[0].endswith(".gguf") else " (quote a prompt of several words)"
             raise ValueError(f"{words[0]}: no such model file or folder{hint}")

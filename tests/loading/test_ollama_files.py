@@ -127,7 +127,7 @@ def _rewrite(src, dst, drop=(), extra=None):
 
 def test_ollama_file_misuse_is_a_one_line_error(ollama, tmp_path):
     folder, path = ollama("e2b")
-    with pytest.raises(LoadError, match="holds its own vision/audio towers"):
+    with pytest.raises(LoadError, match="holds its own vision/audio towers .* but a projector"):
         gemmarun.load(path, mmproj=path)
     clamps = [t.name for t in GGUFReader(path).tensors if t.name.startswith("v.") and t.name.endswith(("_min", "_max"))]
     packed = _rewrite(path, tmp_path / "packed.gguf", drop=clamps, extra={"v.clamp_data": np.zeros(60, np.float32)})
@@ -227,7 +227,27 @@ def test_ollama_store_problems_are_one_line_errors(tmp_path, monkeypatch, capsys
                                                 "digest": "../../etc/passwd"}]}))
     with pytest.raises(LoadError, match="is not sha256"):
         gemmarun.load("ollama:broken")
+    _store(root, ("registry.ollama.ai", "library", "tuned", "latest"),
+           {"application/vnd.ollama.image.model": b"GGUF", "application/vnd.ollama.image.adapter": b"GGUF"})
+    with pytest.raises(LoadError, match="has an adapter layer .* does not apply"):
+        gemmarun.load("ollama:tuned")  # not its base model, silently
+    with pytest.raises(LoadError, match="not an Ollama model name"):
+        gemmarun.load("ollama:" + "a" * 300)  # (a file name that long had been an OSError)
+    monkeypatch.setenv("OLLAMA_MODELS", f"'{root}'")  # quoted, as Ollama reads it
+    with pytest.raises(LoadError, match="adapter"):
+        gemmarun.load("ollama:tuned")
     assert main(["run", "ollama:nothing", "hi"]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such model in Ollama's store" in err
+    with pytest.raises(SystemExit) as exit:  # a long first word: no model, in one line
+        main(["run", "x" * 300, "hi"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such model file or folder" in err
     shutil.rmtree(root)
+
+
+def test_a_prompt_starting_with_ollama_is_a_prompt(capsys):
+    """Only a name Ollama could hold is a model: this one-word prompt runs the embedded model."""
+    assert main(["run", "ollama: how do I pull a model?", "--max-tokens", "2", "--raw"]) == 0
+    assert capsys.readouterr().out

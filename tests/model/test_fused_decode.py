@@ -2,6 +2,7 @@
 the same logits, bit for bit, and the same cache, on every family it takes; the rest keep the
 module path."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,38 +119,44 @@ def test_a_move_or_cast_drops_the_plan(models):
     assert model._decode_plan is None
 
 
-@pytest.mark.parametrize("family, fmt", [("e2b", "q4_0"), ("26b", "q8_0"), ("gemma3", "q8_0")])
-def test_bfloat16_on_the_cpu_multiplies_quantized_matrices_in_bfloat16_and_keeps_the_native_step(
-        tiny_models, tmp_path, family, fmt):
-    """`dtype="bfloat16"` on a CPU: a quantized model keeps its activations, norms and cache in
-    float32 (so the native step runs it, bit for bit as its modules) and only its quantized
-    matrices compute in bfloat16; its logits stay within bfloat16 rounding of float32's."""
-    from gemmarun.quant import QuantEmbedding, QuantExperts, QuantLinear
+@pytest.mark.parametrize("family, fmt", [("e2b", "q4_0"), ("gemma3", "q8_0")])
+def test_bfloat16_on_the_cpu_is_float32_but_for_prefill_gemms(tiny_models, tmp_path, monkeypatch, family, fmt):
+    """`dtype="bfloat16"` on a CPU: a quantized model computes as in float32 (the native step,
+    its logits and cache bit for bit float32's) but for its prefill tiles, which multiply in
+    bfloat16 (forced here: a CPU without bfloat16 units keeps them float32)."""
+    from gemmarun.quant import QuantEmbedding, QuantLinear
+    from gemmarun.quant import linear as quant_linear
 
+    monkeypatch.setattr(quant_linear, "cpu_multiplies_bf16", lambda: True)
     folder, _ = tiny_models(family)
     path = tmp_path / f"{family}-{fmt}.gguf"
     convert(folder, path, fmt, progress=False)
-    model = gemmarun.load(path, dtype="bfloat16", device="cpu").model
-    exact = gemmarun.load(path, dtype="float32", device="cpu").model
+    low, exact = (gemmarun.load(path, dtype=dtype, device="cpu") for dtype in ("bfloat16", "float32"))
+    model = low.model
     assert model.dtype == torch.float32 and model.embed_tokens.compute_dtype == torch.float32
-    matrices = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantExperts))
-                and not isinstance(m, QuantEmbedding)]
-    assert matrices and all(m.compute_dtype == torch.bfloat16 for m in matrices)
+    matrices = [m for m in model.modules() if isinstance(m, QuantLinear) and not isinstance(m, QuantEmbedding)]
+    assert matrices and all((m.compute_dtype, m.prefill_dtype) == (torch.float32, torch.bfloat16) for m in matrices)
     _assert_native_step_equals_the_modules(model)
-    low, cache = _decode(model, fused=True)
-    want, _ = _decode(exact, fused=True)
+    short, cache = _decode(model, fused=True)  # a prompt of at most 16 rows: native, as float32
+    assert torch.equal(short, _decode(exact.model, fused=True)[0])
     assert next(t for t in cache.layers if t is not None).values.dtype == torch.float32
-    # the prompt's logits, not float32's bits: this short prompt's rows go to the native kernel
-    # with activations rounded to int8 per group of 32 (llama.cpp's q8), which the tiny random
-    # models amplify (the 26B's router most: 7.6 %; all-bfloat16 from the folders: 1.4-2.5 %)
-    rel = float((low[0] - want[0]).abs().max() / want[0].abs().max())
-    assert 0 < rel < 0.1, rel
+    prompt = PROMPT + list(range(30, 60))  # past 16 rows: the tiles multiply in bfloat16
+    got, want = low.logits(prompt)[-1], exact.logits(prompt)[-1]  # the next token's
+    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    assert 0 < rel < 5e-2, rel  # bfloat16 rounding (1.8-2.2 %; the all-bfloat16 folders': 2.6-2.7 %)
 
 
-def test_bfloat16_float_weights_stay_bfloat16(models, tiny_models):
+def test_bfloat16_float_weights_stay_bfloat16(tiny_models, tmp_path):
     """Float (unquantized) weights under bfloat16 are held and multiplied in bfloat16: a copy to
-    float32 would double the memory of a bfloat16 checkpoint."""
+    float32 would double the memory of a bfloat16 checkpoint. So is every weight of a file whose
+    float matrices are a tenth of its matrix weights or more (the tiny 26B's down projections and
+    experts are too narrow for Q8_0's blocks: 27 %); its float32-held experts had failed."""
     folder, _ = tiny_models("e2b")
     model = gemmarun.load(folder, dtype="bfloat16", device="cpu").model
     assert model.dtype == torch.bfloat16
     assert model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    folder, _ = tiny_models("26b")
+    convert(folder, tmp_path / "26b-q8_0.gguf", "q8_0", progress=False)
+    llm = gemmarun.load(tmp_path / "26b-q8_0.gguf", dtype="bfloat16", device="cpu")
+    assert llm.model.dtype == torch.bfloat16 and llm.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert np.isfinite(llm.logits(PROMPT)).all()

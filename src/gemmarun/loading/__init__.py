@@ -55,9 +55,9 @@ def load(path: str | Path | None = None, *, dtype=None, device=None, reference: 
         from .default import default_model_path
 
         path = default_model_path()
-    from .ollama import is_ollama_name, resolve
+    from .ollama import PREFIX, resolve
 
-    if is_ollama_name(path):  # `ollama:gemma4:e2b`: the blobs behind the name in Ollama's store
+    if isinstance(path, str) and path.startswith(PREFIX):  # `ollama:gemma4:e2b`: the blobs its manifest names
         found = resolve(path)
         path, mmproj = found.model, mmproj if mmproj is not None else found.projector
     path = Path(path).expanduser()

@@ -4,6 +4,7 @@ where the checkpoint is quantized, assign, and check strictly."""
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,17 +135,25 @@ def _swap_quantized(model: TextModel, name: str, q: QuantizedTensor, dtype: torc
     return False
 
 
-def compute_dtypes(dtype: torch.dtype, device: torch.device, quantized: dict[str, QuantizedTensor]
+def compute_dtypes(dtype: torch.dtype, device: torch.device, state: dict[str, Tensorish]
                    ) -> tuple[torch.dtype, torch.dtype]:
-    """(activations, quantized matrices) for compute `dtype`. bfloat16 on a CPU pays only in the
-    matrix units: a model with quantized matrices multiplies those in bfloat16 (prefill tiles; a
-    decode row's activations rounded to int8, as llama.cpp's q8 dot products do) and keeps its
-    activations, norms and KV cache float32, which the native decode step runs (the 270M's
-    decode: 55 tok/s all-bfloat16, 89 so). Float matrices are held and multiplied in `dtype`."""
-    matrices = any(name != "embed_tokens.weight" for name in quantized)
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and matrices:
-        return torch.float32, torch.bfloat16
-    return dtype, dtype
+    """(compute, prefill GEMMs) for compute `dtype`. bfloat16 on a CPU pays only in the matrix
+    units: a model whose matrices are quantized computes in float32, as with `dtype` float32 (the
+    native decode step, int16-rounded activations: the 4-bit E2B decodes 10 % faster so than with
+    bfloat16's int8, the 270M's decode 55 tok/s all-bfloat16 against 89), but for its prefill
+    tiles, which multiply in bfloat16; its few float matrices (llama.cpp keeps MoE routers and
+    some small projections float) are float32 too. A model with float matrices of any size (a
+    tenth of its matrix weights or more) holds and multiplies everything in `dtype`."""
+    if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
+        return dtype, dtype
+    quantized = floats = 0  # matrix weights, the token table (lookups and the head) aside
+    for name, t in state.items():
+        if len(t.shape) >= 2 and name not in (PLE_TABLE, "embed_tokens.weight"):
+            if isinstance(t, QuantizedTensor):
+                quantized += math.prod(t.shape)
+            else:
+                floats += math.prod(t.shape)
+    return (torch.float32, torch.bfloat16) if quantized and floats < quantized / 9 else (dtype, dtype)
 
 
 def build_text_model(
@@ -156,7 +165,7 @@ def build_text_model(
 ) -> TextModel:
     """Assign `state` (gemmarun names) to a fresh model without materialising random weights.
 
-    Float tensors are cast to the activations' dtype (`compute_dtypes`; a copy only when the dtype
+    Float tensors are cast to the compute dtype (`compute_dtypes`; a copy only when the dtype
     differs, otherwise they stay views of the memory-mapped file), except norm weights, which stay
     float32 as the norm computes. Quantized tensors replace their module with a quantized one that
     keeps the blocks. The PLE table is kept as stored, on the CPU.
@@ -168,18 +177,21 @@ def build_text_model(
     ple_table = state.pop(PLE_TABLE, None)
     _check(cfg, expected, state, ple_table)
 
-    from ..quant import QuantExperts
+    from ..quant import QuantExperts, QuantLinear
 
     quantized = {name: t for name, t in state.items() if isinstance(t, QuantizedTensor)}
-    activations, matrices = compute_dtypes(dtype, device, quantized)
+    dtype, prefill_dtype = compute_dtypes(dtype, device, state)
     for i, (name, q) in enumerate(quantized.items()):
-        in_place = _swap_quantized(model, name, q, activations if name == "embed_tokens.weight" else matrices,
-                                   torch.device(device))
+        in_place = _swap_quantized(model, name, q, dtype, torch.device(device))
         if q.release is not None and not in_place:
             q.release()
         if i % 32 == 31:
             return_freed_heap()
     swapped = {name.rpartition(".")[0] for name in quantized}
+    if prefill_dtype != dtype:
+        for module in model.modules():
+            if type(module) is QuantLinear:
+                module.prefill_dtype = prefill_dtype
     floats = {}
     for name, t in state.items():
         if name in quantized:
@@ -188,8 +200,8 @@ def build_text_model(
             raise LoadError(f"tensor {name} holds {str(t.dtype).removeprefix('torch.')} values, not floats")
         if is_norm_weight(name):  # the norm computes in float32 (and Gemma 3's 1 + w is exact there)
             t = t.float()
-        elif t.dtype != activations:
-            t = t.to(activations)
+        elif t.dtype != dtype:
+            t = t.to(dtype)
         owner_name, _, leaf = name.rpartition(".")
         if owner_name in swapped and isinstance(model.get_submodule(owner_name), QuantExperts):
             model.get_submodule(owner_name).set_weight(leaf, t)  # a float projection beside a quantized one

@@ -87,7 +87,8 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
 
     projector = open_ollama_towers(path, f, cfg, tokenizer)
     if projector is not None and mmproj is not None:
-        raise LoadError(f"{path}: this file holds its own vision/audio towers (Ollama's layout); give no mmproj")
+        raise LoadError(f"{path}: this file holds its own vision/audio towers (Ollama's layout) but a projector "
+                        f"{mmproj} was given too (--mmproj, or a projector layer of its Ollama manifest)")
     if mmproj is not None:
         projector = open_mmproj(mmproj, cfg, tokenizer)
         if cfg.family == "gemma3":  # its image tokens see each other in every layer, as from a folder

@@ -5,8 +5,9 @@ The store (`$OLLAMA_MODELS`, else `~/.ollama/models`, or the Linux service's
 `manifests/<host>/<namespace>/<model>/<tag>` whose layers name content-addressed blobs under
 `blobs/sha256-<hex>`: the GGUF (`application/vnd.ollama.image.model`) and, for models converted
 by llama.cpp, a projector GGUF beside it (`...image.projector`, an mmproj). The template and
-parameter layers are Ollama's own (a Go template, its sampling defaults) and are not read: the
-GGUF's chat template or gemmarun's renderer formats the chat. Ollama's own Gemma 4 files hold the
+parameter, system and messages layers are Ollama's own (a Go template, its sampling defaults, a
+default system prompt) and are not read: the GGUF's chat template or gemmarun's renderer formats
+the chat. A model with an adapter layer (a LoRA) is refused rather than run as its base model. Ollama's own Gemma 4 files hold the
 towers themselves (see `mmproj.open_ollama_towers`).
 """
 
@@ -23,6 +24,8 @@ from .errors import LoadError
 PREFIX = "ollama:"
 MODEL_LAYER = "application/vnd.ollama.image.model"
 PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
+ADAPTER_LAYER = "application/vnd.ollama.image.adapter"  # a LoRA over the model: not applied, so refused
+MAX_PART = 128  # Ollama's longest name part
 DEFAULT_HOST, DEFAULT_NAMESPACE, DEFAULT_TAG = "registry.ollama.ai", "library", "latest"
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
@@ -37,13 +40,20 @@ class OllamaModel:
     projector: Path | None  # an mmproj blob, where the model has one
 
 
-def is_ollama_name(path: str | Path) -> bool:
-    return isinstance(path, str) and path.startswith(PREFIX)
+def is_ollama_name(path: str | Path | None) -> bool:
+    """Whether `path` names a model of Ollama's store (`ollama:` and a name it could hold)."""
+    if not isinstance(path, str) or not path.startswith(PREFIX):
+        return False
+    try:
+        manifest_parts(path[len(PREFIX):])
+    except LoadError:
+        return False
+    return True
 
 
 def store_roots() -> list[Path]:
     """Where Ollama keeps models: $OLLAMA_MODELS alone when set, else the user's and the service's."""
-    env = os.environ.get("OLLAMA_MODELS", "").strip().strip('"').strip()
+    env = os.environ.get("OLLAMA_MODELS", "").strip().strip("\"'").strip()  # as Ollama reads it
     if env:
         return [Path(env).expanduser()]
     return [Path.home() / ".ollama" / "models", Path("/usr/share/ollama/.ollama/models")]
@@ -54,8 +64,8 @@ def manifest_parts(name: str) -> tuple[str, str, str, str]:
     `host/namespace/model[:tag]`, with Ollama's defaults; LoadError for anything else."""
     path, colon, tag = name.partition(":")
     parts = path.split("/")
-    if (not 1 <= len(parts) <= 3 or not all(_PART.fullmatch(p) for p in parts)
-            or (colon and not _PART.fullmatch(tag))):
+    if (not 1 <= len(parts) <= 3 or not all(_PART.fullmatch(p) and len(p) <= MAX_PART for p in parts)
+            or (colon and not (_PART.fullmatch(tag) and len(tag) <= MAX_PART))):
         raise LoadError(f"{PREFIX}{name}: not an Ollama model name (model[:tag], e.g. {PREFIX}gemma4:e2b)")
     parts = [DEFAULT_HOST, DEFAULT_NAMESPACE][: 3 - len(parts)] + parts
     return parts[0], parts[1], parts[2], tag or DEFAULT_TAG
@@ -89,6 +99,9 @@ def resolve(path: str) -> OllamaModel:
             raise LoadError(f"{file}: the blob {path}'s manifest names is missing (an interrupted pull?)")
         return file
 
+    if ADAPTER_LAYER in kinds:
+        raise LoadError(f"{path}: the model has an adapter layer (a LoRA fine-tune, Ollama's ADAPTER), which gemmarun "
+                        "does not apply: give it the merged model")
     projector = kinds.get(PROJECTOR_LAYER)
     return OllamaModel(name, blob(kinds[MODEL_LAYER]), blob(projector) if projector is not None else None)
 
@@ -96,9 +109,12 @@ def resolve(path: str) -> OllamaModel:
 def _find_manifest(root: Path, parts: tuple[str, str, str, str]) -> Path | None:
     """The manifest file under `root`, matching names case-insensitively as Ollama does."""
     here = root / "manifests"
-    for part in parts:
-        if not here.is_dir():
-            return None
-        exact = here / part
-        here = exact if exact.exists() else next((p for p in here.iterdir() if p.name.lower() == part.lower()), exact)
-    return here if here.is_file() else None
+    try:
+        for part in parts:
+            if not here.is_dir():
+                return None
+            exact = here / part
+            here = exact if exact.exists() else next((p for p in here.iterdir() if p.name.lower() == part.lower()), exact)
+        return here if here.is_file() else None
+    except OSError as e:  # unreadable folders: say where
+        raise LoadError(f"{here}: cannot read Ollama's store ({e.strerror or e})") from None

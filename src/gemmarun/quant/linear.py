@@ -176,6 +176,9 @@ class _QuantMatrix(torch.nn.Module):
         self.ggml_type = GGMLQuantizationType(int(ggml_type))
         self.rows, self.cols = rows, cols
         self.compute_dtype = compute_dtype
+        # What prefill's tile GEMM multiplies in, where not `compute_dtype`: bfloat16 for a float32
+        # model on a CPU asked for bfloat16 (loading.build.compute_dtypes)
+        self.prefill_dtype: torch.dtype | None = None
         self.group_size = group_size
         self.code_min = code_min
         self.nibbles = nibbles
@@ -360,8 +363,10 @@ class _QuantMatrix(torch.nn.Module):
         # The tiles are float32. On a CPU without bfloat16 matrix instructions the GEMM stays
         # float32 whatever the compute dtype (emulated, a bfloat16 GEMM had the 4-bit E2B prefill
         # at 4 tok/s against 15), and only its result is rounded; with them (AVX-512 BF16, AMX),
-        # bfloat16 compute multiplies bfloat16 tiles: 2.2-2.6x the float32 GEMM.
-        gemm_dtype = cdt if x.device.type != "cpu" or (cdt == torch.bfloat16 and cpu_multiplies_bf16()) else torch.float32
+        # a bfloat16 GEMM multiplies bfloat16 tiles: 2.2-2.6x the float32 one.
+        wanted = self.prefill_dtype or cdt
+        bf16_units = wanted == torch.bfloat16 and cpu_multiplies_bf16()
+        gemm_dtype = wanted if x.device.type != "cpu" or bf16_units else torch.float32
         x2 = x2.to(gemm_dtype)
         y = torch.empty(x2.shape[0], self.rows, dtype=gemm_dtype, device=x.device)
         budget = _TILE_ELEMENTS_CPU if x.device.type == "cpu" else _TILE_ELEMENTS_GPU
@@ -521,7 +526,7 @@ def stack_rows(linears: Sequence[torch.nn.Module]) -> RowStack | None:
 
     def layout(m: QuantLinear) -> tuple:
         return (m.cols, m.data.dtype, m.data.device, m.nibbles, m.group_size, m.code_min, m.compute_dtype,
-                None if m.scale is None else m.scale.dtype, m.bias is None)
+                m.prefill_dtype, None if m.scale is None else m.scale.dtype, m.bias is None)
 
     def repacked(m: QuantLinear) -> bool:  # codes dropped for a bfloat16 or int4 copy
         return m._dense is not None or m._int4 is not None
@@ -539,6 +544,7 @@ def stack_rows(linears: Sequence[torch.nn.Module]) -> RowStack | None:
         matrix = QuantLinear(first.ggml_type, sum(m.rows for m in linears), first.cols, first.compute_dtype,
                              cat([m.data for m in linears]), cat([m.scale for m in linears]),
                              cat([m.bias for m in linears]), first.group_size, first.code_min, first.nibbles)
+        matrix.prefill_dtype = first.prefill_dtype
         stack = RowStack(matrix, tuple(linears), tuple(m.rows for m in linears))
         r0 = 0
         for m in linears:
