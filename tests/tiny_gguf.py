@@ -106,3 +106,29 @@ def resident_kib(path) -> int:
         elif inside and fields[0] == "Rss:":
             total += int(fields[1])
     return total
+
+
+def rewrite_gguf(src, dst, meta=None, drop=(), tensors=None):
+    """A copy of a float GGUF with metadata set ({key: (value, GGUFValueType)} or None to drop it),
+    tensors dropped, replaced or added ({name: array})."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(src)
+    fields = {k: (f.contents(), f.types[0], f.types[-1]) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    for key, setting in (meta or {}).items():  # None drops the key
+        fields.pop(key) if setting is None else fields.__setitem__(key, (*setting, None))
+    w = GGUFWriter(str(dst), fields.pop("general.architecture")[0])
+    for key, (value, vtype, sub) in fields.items():
+        w.add_key_value(key, value, vtype, sub_type=sub if vtype == GGUFValueType.ARRAY else None)
+    tensors = dict(tensors or {})
+    for t in r.tensors:
+        if t.name not in drop:
+            data = np.array(t.data).reshape([int(n) for n in reversed(t.shape)])
+            w.add_tensor(t.name, tensors.pop(t.name, data))
+    for name, data in tensors.items():  # new ones
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -8,30 +8,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from PIL import Image
 
 import gemmarun
 from gemmarun.cli import main
 from gemmarun.loading import LoadError
 from llama_cpp_converter import convert, converter_for_tests
 from reference_models import IMAGE_BUDGET, build_reference, reference_image_tokens, seeded_prompt
-from tiny_gguf import resident_kib
+from tiny_gguf import resident_kib, rewrite_gguf
 from tiny_tokenizer import write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def llama_cpp():
     return converter_for_tests()
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    d = tmp_path_factory.mktemp("media")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(d / "a.png")
-    t = np.arange(int(1.3 * 16000)) / 16000
-    sf.write(d / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
-    return d
 
 
 @pytest.mark.parametrize("family", ["e2b", "e4b", "31b", "26b"])
@@ -360,43 +349,17 @@ def test_drafter_gguf_from_llama_cpp(llama_cpp, tiny_models, monkeypatch, tmp_pa
             load_assistant(text)
         from gguf import GGUFValueType
 
-        no_heads = _rewrite(path, tmp_path / "no-heads.gguf",
+        no_heads = rewrite_gguf(path, tmp_path / "no-heads.gguf",
                             meta={"gemma4-assistant.attention.head_count": (0, GGUFValueType.UINT32)})
         with pytest.raises(LoadError, match="gemma4-assistant.attention.head_count=0 is not an integer"):
             load_assistant(no_heads)  # the file's own key
         # unused K/V projections load, as from a folder; a head untied from the table does not
         extra = {"blk.0.attn_k.weight": np.ones((16, 32), np.float32), "output.weight": np.ones((256, 32), np.float32)}
-        with_kv = _rewrite(path, tmp_path / "with-kv.gguf", tensors={"blk.0.attn_k.weight": extra["blk.0.attn_k.weight"]})
+        with_kv = rewrite_gguf(path, tmp_path / "with-kv.gguf", tensors={"blk.0.attn_k.weight": extra["blk.0.attn_k.weight"]})
         assert torch.equal(load_assistant(with_kv).post_projection.weight, gguf.post_projection.weight)
-        untied = _rewrite(path, tmp_path / "untied.gguf", tensors={"output.weight": extra["output.weight"]})
+        untied = rewrite_gguf(path, tmp_path / "untied.gguf", tensors={"output.weight": extra["output.weight"]})
         with pytest.raises(LoadError, match="output.weight is a head untied from token_embd.weight"):
             load_assistant(untied)
-
-
-def _rewrite(src, dst, meta=None, drop=(), tensors=None):
-    """A copy of an F32 GGUF with metadata set ({key: (value, GGUFValueType)} or None to drop it),
-    tensors dropped, replaced or added ({name: array})."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
-
-    r = GGUFReader(src)
-    fields = {k: (f.contents(), f.types[0], f.types[-1]) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    for key, setting in (meta or {}).items():  # None drops the key
-        fields.pop(key) if setting is None else fields.__setitem__(key, (*setting, None))
-    w = GGUFWriter(str(dst), fields.pop("general.architecture")[0])
-    for key, (value, vtype, sub) in fields.items():
-        w.add_key_value(key, value, vtype, sub_type=sub if vtype == GGUFValueType.ARRAY else None)
-    tensors = dict(tensors or {})
-    for t in r.tensors:
-        if t.name not in drop:
-            data = np.array(t.data).reshape([int(n) for n in reversed(t.shape)])
-            w.add_tensor(t.name, tensors.pop(t.name, data))
-    for name, data in tensors.items():  # new ones
-        w.add_tensor(name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
 
 
 def _hostile_mmproj_cases():
@@ -444,7 +407,7 @@ def test_hostile_mmproj_files_are_one_line_errors_before_any_weight_is_read(llam
     real_build = gguf_loader.build_text_model
     monkeypatch.setattr(gguf_loader, "build_text_model", lambda *a, **k: built.append(1) or real_build(*a, **k))
     for label, (edit, message) in _hostile_mmproj_cases().items():
-        case = _rewrite(mmproj, tmp_path / f"{label.replace(' ', '-')}.gguf", **edit)
+        case = rewrite_gguf(mmproj, tmp_path / f"{label.replace(' ', '-')}.gguf", **edit)
         built.clear()
         with pytest.raises(LoadError, match=message) as e:
             gemmarun.load(text, mmproj=case)

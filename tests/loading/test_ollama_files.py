@@ -7,9 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-import soundfile as sf
 from gguf import GGUFReader
-from PIL import Image
 
 import gemmarun
 from gemmarun.cli import main
@@ -18,17 +16,7 @@ from gemmarun.loading.ollama import manifest_parts
 from llama_cpp_converter import TOWER_EPS
 from ollama_files import write_ollama_gguf
 from reference_models import IMAGE_BUDGET, build_multimodal
-from tiny_gguf import tiny_gguf
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    d = tmp_path_factory.mktemp("media")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(d / "a.png")
-    t = np.arange(int(1.3 * 16000)) / 16000
-    sf.write(d / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
-    return d
+from tiny_gguf import rewrite_gguf, tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -98,45 +86,18 @@ def test_ollama_tokenizer_is_read_as_gemma4s(ollama):
         assert ours.encode(text, add_bos=False) == want.encode(text, add_bos=False), text
 
 
-def _rewrite(src, dst, drop=(), extra=None):
-    """`src` again without the tensors in `drop`, with `extra` {name: array} added."""
-    from gguf import GGUFWriter
-
-    reader = GGUFReader(src)
-    w = GGUFWriter(dst, "gemma4")
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        value = field.contents()
-        kind = field.types[0]
-        if isinstance(value, list):
-            w.add_array(field.name, value)
-        else:
-            w.add_key_value(field.name, value, kind)
-    for t in reader.tensors:
-        if t.name not in drop:
-            w.add_tensor(t.name, np.array(t.data), raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
-    for name, arr in (extra or {}).items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def test_ollama_file_misuse_is_a_one_line_error(ollama, tmp_path):
     folder, path = ollama("e2b")
     with pytest.raises(LoadError, match="holds its own vision/audio towers .* but a projector"):
         gemmarun.load(path, mmproj=path)
     clamps = [t.name for t in GGUFReader(path).tensors if t.name.startswith("v.") and t.name.endswith(("_min", "_max"))]
-    packed = _rewrite(path, tmp_path / "packed.gguf", drop=clamps, extra={"v.clamp_data": np.zeros(60, np.float32)})
+    packed = rewrite_gguf(path, tmp_path / "packed.gguf", drop=clamps, tensors={"v.clamp_data": np.zeros(60, np.float32)})
     with pytest.raises(LoadError, match="only packed in v.clamp_data"):
         gemmarun.load(packed)
-    odd = _rewrite(path, tmp_path / "odd.gguf", extra={"a.blk.0.strange.weight": np.zeros(4, np.float32)})
+    odd = rewrite_gguf(path, tmp_path / "odd.gguf", tensors={"a.blk.0.strange.weight": np.zeros(4, np.float32)})
     with pytest.raises(LoadError, match="not Gemma 4 vision or audio: a.blk.0.strange.weight"):
         gemmarun.load(odd)
-    no_block = _rewrite(path, tmp_path / "noblock.gguf",
+    no_block = rewrite_gguf(path, tmp_path / "noblock.gguf",
                         drop=[t.name for t in GGUFReader(path).tensors if t.name.startswith("a.blk.1.")])
     with pytest.raises(LoadError, match=r"gemma4.audio.block_count=2 but the file holds 1 audio blocks"):
         gemmarun.load(no_block)
