@@ -171,7 +171,7 @@ class LLM:
         from .processing.prompt import PreparedAudio, PreparedImage
 
         device = self.model.device
-        dtype = next(self.encoders.parameters()).dtype  # the towers' (bfloat16 by a float32 text model: CPU)
+        dtype = next(self.encoders.parameters()).dtype  # the towers' own: bfloat16 by a float32 text model
         if isinstance(self.encoders, Gemma3Encoders):
             return self.encoders.images(item.inputs.pixels[None].to(device, dtype))
         if isinstance(self.encoders, UnifiedEncoders):  # raw patches / waveform frames
