@@ -665,3 +665,31 @@ def test_declarations_upper_case_a_list_of_types():
         "type": "object", "properties": {"x": {"type": ["string", "null"]}}}}}
     text = render_gemma4([{"role": "user", "content": "hi"}], tools=[tool])
     assert f"x:{{type:[{Q}STRING{Q},{Q}NULL{Q}]}}" in text
+
+
+def test_numpy_dataclass_and_pydantic_values_render_as_transformers_renders_them():
+    """What templates see is rebuilt from plain types, as transformers does: np.bool_(False) had
+    read as true and np.int64(3) as "<int64>"; our renderer had refused them as tool values."""
+    import dataclasses
+
+    import numpy as np
+    import pydantic
+
+    @dataclasses.dataclass
+    class Meta:
+        n: int
+        s: str
+
+    class Args(pydantic.BaseModel):
+        n: int
+
+    template = ("{% for m in messages %}{{ m.content }}|{{ m.n }}|{{ 'T' if m.flag else 'F' }}|{{ m.meta }}|"
+                "{{ m.args }};{% endfor %}")
+    messages = [{"role": "user", "content": "hi", "n": np.int64(3), "flag": np.bool_(False), "meta": Meta(1, "a"),
+                 "args": Args(n=2)}]
+    assert render_template(template, messages) == "hi|3|F|{'n': 1, 's': 'a'}|{'n': 2};"
+    call = {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"n": np.int64(3), "ok": np.bool_(True),
+                                                                     "x": np.float32(0.5), "m": Meta(1, "a")}}}]}
+    text = render_gemma4([{"role": "user", "content": "q"}, call], add_generation_prompt=False)
+    assert f"call:f{{m:{{n:1,s:{Q}a{Q}}},n:3,ok:true,x:0.5}}" in text

@@ -9,6 +9,7 @@ For checkpoints without a template, `render_gemma4` / `render_gemma3` follow the
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import inspect
 import json
@@ -119,17 +120,32 @@ def _call_name(call: Any) -> str | None:
 
 def _plain(value: Any) -> Any:
     """Rebuilds what templates see from JSON types, as transformers does: rich objects (decoded
-    images...) have methods the sandbox does not know to be dangerous."""
+    images...) have methods the sandbox does not know to be dangerous. Numpy scalars become their
+    Python values, dataclasses and pydantic models their fields (np.bool_(False) had read as
+    true, np.int64(3) as "<int64>")."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    for base in (str, int, float):
+    for base in (bool, str, int, float):
         if isinstance(value, base):
             return base(value)
     if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return tuple(map(_plain, value)) if isinstance(value, tuple) else list(map(_plain, value))
-    return f"<{type(value).__name__}>"
+    python = _python_value(value)
+    return _plain(python) if python is not value else f"<{type(value).__name__}>"
+
+
+def _python_value(value: Any) -> Any:
+    """A numpy scalar's Python value, a dataclass's or pydantic model's fields as a dict (what
+    transformers renders them as); `value` itself for anything else."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):  # pydantic
+        return value.model_dump()
+    return value
 
 
 # ------------------------------------------------------------------------------ sandbox budget
@@ -547,6 +563,9 @@ def format_tool_value(v: Any) -> str:
         return "{" + ",".join(f"{k}:{format_tool_value(v[k])}" for k in sorted(v, key=lambda k: str(k).lower())) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(map(format_tool_value, v)) + "]"
+    python = _python_value(v)
+    if python is not v:
+        return format_tool_value(python)
     raise ChatTemplateError(f"cannot write a {type(v).__name__} as a tool value")
 
 

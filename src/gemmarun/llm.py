@@ -38,8 +38,9 @@ class ModelInfo:
 
     path: Path
     format: str  # "safetensors" or "gguf"
-    chat_template: str | None
+    chat_template: str | None  # the checkpoint's (its "default" one where it names several)
     tensors: list[tuple[str, str, tuple[int, ...], int]]  # name, type, shape, bytes
+    tool_template: str | None = None  # its "tool_use" template, for prompts with tools
 
 
 @dataclass(frozen=True)
@@ -354,9 +355,14 @@ class LLM:
 
     def render_chat(self, messages: Messages, *, enable_thinking: bool = False, tools=None,
                     add_generation_prompt: bool = True) -> str:
-        """The checkpoint's own template (sandboxed) when it ships one; otherwise ours."""
-        if self.info.chat_template:
-            return chat.render_template(self.info.chat_template, messages, add_generation_prompt=add_generation_prompt,
+        """The checkpoint's own template (sandboxed) when it ships one, its "tool_use" one for a
+        prompt with tools where it names one (as transformers picks); otherwise ours."""
+        template = self.info.tool_template if tools and self.info.tool_template else self.info.chat_template
+        if template is None and self.info.tool_template is not None:
+            raise chat.ChatTemplateError("the checkpoint's chat templates are named but none is \"default\": only "
+                                         "its \"tool_use\" one, for prompts with tools")
+        if template:
+            return chat.render_template(template, messages, add_generation_prompt=add_generation_prompt,
                                         enable_thinking=enable_thinking, tools=tools)
         if self.config.family == "gemma3":
             return chat.render_gemma3(messages, add_generation_prompt=add_generation_prompt)
@@ -365,7 +371,7 @@ class LLM:
 
     @property
     def has_chat_template(self) -> bool:
-        return self.info.chat_template is not None
+        return self.info.chat_template is not None or self.info.tool_template is not None
 
     def stop_ids(self, params: SamplingParams) -> frozenset[int]:
         try:

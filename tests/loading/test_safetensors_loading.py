@@ -383,13 +383,45 @@ def test_the_chat_template_is_found_where_transformers_looks(tmp_path):
     tokenizer_config.json; chat_template.json had not been read."""
     from gemmarun.loading.hf import read_chat_template
 
-    assert read_chat_template(tmp_path) is None
+    assert read_chat_template(tmp_path) == (None, None)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "from tokenizer_config"}))
-    assert read_chat_template(tmp_path) == "from tokenizer_config"
+    assert read_chat_template(tmp_path) == ("from tokenizer_config", None)
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "from chat_template.json"}))
-    assert read_chat_template(tmp_path) == "from chat_template.json"
+    assert read_chat_template(tmp_path) == ("from chat_template.json", None)
     (tmp_path / "chat_template.jinja").write_text("from the jinja file")
-    assert read_chat_template(tmp_path) == "from the jinja file"
+    assert read_chat_template(tmp_path) == ("from the jinja file", None)
     (tmp_path / "chat_template.jinja").unlink()
     (tmp_path / "chat_template.json").write_text(json.dumps({"processor_class": "Gemma3Processor"}))
-    assert read_chat_template(tmp_path) == "from tokenizer_config"
+    assert read_chat_template(tmp_path) == ("from tokenizer_config", None)
+
+
+def test_named_chat_templates_render_as_transformers_picks_them(tiny_models, tmp_path):
+    """A list of named templates: "default", and "tool_use" for a prompt with tools (the tools had
+    never reached the prompt); with no "default", a prompt without tools is an error, not our own
+    renderer's prompt. A GGUF keeps both (tokenizer.chat_template.tool_use)."""
+    import shutil
+
+    import gemmarun
+    from gemmarun.chat import ChatTemplateError
+    from gemmarun.loading.convert import convert
+
+    folder, _ = tiny_models("e2b")
+    named = tmp_path / "named"
+    shutil.copytree(folder, named)
+    config = json.loads((named / "tokenizer_config.json").read_text())
+    tool_use = "TOOLS{% for t in tools %}[{{ t.function.name }}]{% endfor %}|{{ messages[0].content }}"
+    config["chat_template"] = [{"name": "default", "template": "DEFAULT|{{ messages[0].content }}"},
+                               {"name": "tool_use", "template": tool_use}]
+    (named / "tokenizer_config.json").write_text(json.dumps(config))
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    messages = [{"role": "user", "content": "hi"}]
+    gguf = convert(named, tmp_path / "named.gguf", "f32", progress=False)
+    for llm in (gemmarun.load(named), gemmarun.load(gguf)):
+        assert llm.render_chat(messages) == "DEFAULT|hi"
+        assert llm.render_chat(messages, tools=[tool]) == "TOOLS[get_weather]|hi"
+    config["chat_template"] = config["chat_template"][1:]
+    (named / "tokenizer_config.json").write_text(json.dumps(config))
+    llm = gemmarun.load(named)
+    assert llm.has_chat_template and llm.render_chat(messages, tools=[tool]) == "TOOLS[get_weather]|hi"
+    with pytest.raises(ChatTemplateError, match='none is "default"'):
+        llm.render_chat(messages)

@@ -119,6 +119,7 @@ class Vocab:
     unk_id: int | None = None
     eot_id: int | None = None  # a second end-of-generation id (read back into TextConfig.eos_ids)
     chat_template: str | None = None
+    tool_template: str | None = None  # a "tool_use" template beside the default one
 
 
 def write_vocab(w: GGUFWriter, family: str, vocab: Vocab) -> None:
@@ -138,8 +139,10 @@ def write_vocab(w: GGUFWriter, family: str, vocab: Vocab) -> None:
         w.add_unk_token_id(vocab.unk_id)
     w.add_add_bos_token(True)
     w.add_add_space_prefix(False)
-    if vocab.chat_template:
-        w.add_chat_template(vocab.chat_template)
+    named = [{"name": name, "template": t} for name, t in (("default", vocab.chat_template),
+                                                          ("tool_use", vocab.tool_template)) if t]
+    if named:  # (gguf-py writes "default" as tokenizer.chat_template, others as tokenizer.chat_template.NAME)
+        w.add_chat_template(named)
 
 
 def _hf_vocab(folder: Path, cfg: TextConfig) -> Vocab:
@@ -176,9 +179,10 @@ def _hf_vocab(folder: Path, cfg: TextConfig) -> Vocab:
     extra_ends = [e for e in dict.fromkeys(cfg.eos_ids) if e != tok.eos_id]
     if len(extra_ends) > 1:
         raise LoadError(f"convert: end ids {list(cfg.eos_ids)} do not fit GGUF's eos ({tok.eos_id}) and one eot")
+    templates = read_chat_template(folder)
     return Vocab(tokens, types, merges, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
                  unk_id=tok.unk_id, eot_id=extra_ends[0] if extra_ends else None,
-                 chat_template=read_chat_template(folder))
+                 chat_template=templates[0], tool_template=templates[1])
 
 
 def stays_f32(gguf_name: str, shape: tuple[int, ...]) -> bool:

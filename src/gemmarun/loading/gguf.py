@@ -76,9 +76,10 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
         tokenizer = Tokenizer.from_gguf_metadata(f.metadata)
     except ValueError as e:
         raise LoadError(f"{path}: {e}") from None
-    template = f.metadata.get("tokenizer.chat_template")
-    if template is not None and not isinstance(template, str):
-        raise LoadError(f"{path}: tokenizer.chat_template is {type(template).__name__}, not a template string")
+    template, tool_template = (f.metadata.get(f"tokenizer.chat_template{name}") for name in ("", ".tool_use"))
+    for key, value in (("", template), (".tool_use", tool_template)):
+        if value is not None and not isinstance(value, str):
+            raise LoadError(f"{path}: tokenizer.chat_template{key} is {type(value).__name__}, not a template string")
     f.drop_metadata("tokenizer.ggml.")
     check_head_is_tied(f)
     # The towers, checked before any weight is read: an mmproj beside the file, or Ollama's file
@@ -124,7 +125,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
 
         encoders = load_mmproj(projector, cfg, dtype=dtype, device=device)
     table = [(i.name, i.type_name, i.shape, i.nbytes) for i in f.tensors.values()]
-    info = ModelInfo(path=path, format="gguf", chat_template=template, tensors=table)
+    info = ModelInfo(path=path, format="gguf", chat_template=template, tensors=table, tool_template=tool_template)
     return LLM(model, tokenizer, info, encoders)
 
 

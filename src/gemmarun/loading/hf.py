@@ -20,28 +20,33 @@ from .safetensors import read_folder
 _TYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def read_chat_template(folder: Path) -> str | None:
-    """The checkpoint's template, in transformers' order: chat_template.jinja, else the field of
-    chat_template.json (the processor's file, which Gemma 3's multimodal repos ship), else
-    tokenizer_config.json's."""
+def read_chat_template(folder: Path) -> tuple[str | None, str | None]:
+    """The checkpoint's templates (default, tool_use), in transformers' order: chat_template.jinja,
+    else the field of chat_template.json (the processor's file, which Gemma 3's multimodal repos
+    ship), else tokenizer_config.json's. A list of named templates gives its "default" and its
+    "tool_use" (which transformers renders prompts with tools with)."""
     jinja = folder / "chat_template.jinja"
     if jinja.exists():
         try:
-            return jinja.read_text(encoding="utf-8")
+            return jinja.read_text(encoding="utf-8"), None
         except UnicodeDecodeError as e:
             raise LoadError(f"{jinja}: not UTF-8 text ({e})") from None
     for config in (folder / "chat_template.json", folder / "tokenizer_config.json"):
         if not config.exists():
             continue
         template = read_json_object(config, LoadError).get("chat_template")
-        if isinstance(template, list):  # named templates: use "default"
-            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                            None)
+        if isinstance(template, list):  # named templates
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            if not all(isinstance(t, str) for t in named.values()):
+                raise LoadError(f"{config}: a named chat template is not a string")
+            if named.get("default") is not None or named.get("tool_use") is not None:
+                return named.get("default"), named.get("tool_use")
+            template = None
         if template is not None and not isinstance(template, str):
             raise LoadError(f"{config}: chat_template must be a string or a list of named templates")
         if template is not None:
-            return template
-    return None
+            return template, None
+    return None, None
 
 
 # What a model folder is read from (the weights aside: every *.safetensors).
@@ -92,5 +97,7 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LL
         (name, _TYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape), t.numel() * t.element_size())
         for name, t in sorted(tensors.items())
     ]
-    info = ModelInfo(path=folder, format="safetensors", chat_template=read_chat_template(folder), tensors=table)
+    template, tool_template = read_chat_template(folder)
+    info = ModelInfo(path=folder, format="safetensors", chat_template=template, tensors=table,
+                     tool_template=tool_template)
     return LLM(model, tokenizer, info, encoders)
