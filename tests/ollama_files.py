@@ -237,3 +237,69 @@ def write_ollama_gguf(folder: Path, out: Path, ollama_types: bool = False) -> Pa
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+# convert_gemma3.go's Replacements() (the released checkpoints' layout), in order.
+GEMMA3_REPLACEMENTS = [
+    ("lm_head", "output"), ("model.embed_tokens", "token_embd"), ("model.norm", "output_norm"),
+    ("vision_tower.vision_model.embeddings", "v"), ("vision_tower.vision_model", "v"),
+    ("vision_model.vision_model.embeddings", "v"), ("vision_model.vision_model", "v"),
+    ("language_model.", ""), ("model.layers", "blk"), ("encoder.layers", "blk"),
+    ("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_proj", "attn_k"), ("self_attn.k_norm", "attn_k_norm"), ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"), ("self_attn.out_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.down_proj", "ffn_down"), ("mlp.up_proj", "ffn_up"), ("post_attention_layernorm", "post_attention_norm"),
+    ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm"),
+    ("input_projection_weight", "input_projection.weight"), ("multi_modal_projector", "mm"),
+]
+# What the converter's Gemma3ForConditionalGeneration branch leaves out (its runtime's defaults
+# stand in): no eps, RoPE bases or scaling, window pattern or softcap.
+GEMMA3_UNWRITTEN = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa", "rope.scaling.type",
+                    "rope.scaling.factor", "attention.sliding_window_pattern", "final_logit_softcapping")
+
+
+def write_ollama_gemma3_gguf(folder: Path, out: Path) -> Path:
+    """Ollama's single-file GGUF of a Gemma 3 HF folder with its SigLIP tower (released layout:
+    `vision_tower.vision_model.*`): the text part as llama.cpp writes it (the same names and 1 + w
+    norms; the converter reads the vocabulary as llama.cpp does), the keys above left out, the
+    tower and projector under the converter's names with `gemma3.vision.*` keys, and the
+    projector's norm stored 1 + w as every `_norm.weight` outside `v.`. Matrices F32."""
+    from gguf import GGUFValueType
+    from safetensors.torch import load_file
+
+    from gemmarun.loading.convert import convert
+    from tiny_gguf import rewrite_gguf
+
+    raw = json.loads((folder / "config.json").read_text())
+    vc = raw["vision_config"]
+    text = convert(folder, out.with_suffix(".text.gguf"), "f32", progress=False)
+    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+    meta = {f"gemma3.{key}": None for key in GEMMA3_UNWRITTEN}
+    meta.update({
+        "gemma3.vision.block_count": (vc["num_hidden_layers"], u32),
+        "gemma3.vision.embedding_length": (vc["hidden_size"], u32),
+        "gemma3.vision.feed_forward_length": (vc["intermediate_size"], u32),
+        "gemma3.vision.image_size": (vc["image_size"], u32),
+        "gemma3.vision.patch_size": (vc["patch_size"], u32),
+        "gemma3.vision.num_channels": (vc.get("num_channels", 3), u32),
+        "gemma3.vision.attention.head_count": (vc["num_attention_heads"], u32),
+        "gemma3.vision.attention.layer_norm_epsilon": (vc.get("layer_norm_eps") or 1e-6, f32),
+        "gemma3.mm.tokens_per_image": (raw["mm_tokens_per_image"], u32),
+    })
+    towers = {}
+    for hf_name, t in load_file(folder / "model.safetensors").items():
+        if not hf_name.startswith(("vision_tower.", "multi_modal_projector.")):
+            continue
+        name = go_replace(hf_name, GEMMA3_REPLACEMENTS)
+        a = t.float().numpy()
+        towers[name] = a + 1.0 if name.endswith("_norm.weight") and not name.startswith("v.") else a
+    rewrite_gguf(text, out, meta={k: v for k, v in meta.items() if v is not None or k in _keys(text)},
+                 tensors=towers)
+    text.unlink()
+    return out
+
+
+def _keys(path: Path) -> set[str]:
+    from gguf import GGUFReader
+
+    return set(GGUFReader(path).fields)

@@ -310,10 +310,10 @@ MODEL_HELP = "model folder, .gguf or ollama:NAME[:TAG] (default: the embedded Ge
 
 
 def _ollama_name(model: str | None) -> str | None:
-    """`gemma4:e2b` for `ollama:gemma4:e2b` (the id Ollama's clients know it by), else None."""
-    from .loading.ollama import PREFIX, is_ollama_name
+    """`gemma4:e2b` for `ollama:gemma4:e2b` (the id `ollama list` shows it by), else None."""
+    from .loading.ollama import PREFIX, display_name, is_ollama_name
 
-    return model[len(PREFIX):] if is_ollama_name(model) else None
+    return display_name(model[len(PREFIX):]) if is_ollama_name(model) else None
 
 
 def _exists(path: str, file: bool = False) -> bool:
@@ -810,7 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "browser, with CORS headers (repeatable; other origins get 403)")
     p.add_argument("--allow-local-files", action="store_true",
                    help="let image_url parts name files on this machine (file:// URLs and paths)")
-    p.add_argument("--model-name", default=None, help="model id to report (default: the file or folder name)")
+    p.add_argument("--model-name", default=None, help="model id to report (default: the file or folder name; NAME:TAG for ollama:NAME[:TAG])")
     p.add_argument("--max-batch", type=_at_least_one, default=8,
                    help="requests decoded together (continuous batching; default 8)")
     p.add_argument("--max-queue", type=_at_least_zero, default=64,

@@ -710,6 +710,12 @@ def _per_layer(value: Any, n: int, key: str) -> list:
     return [value] * n
 
 
+# Gemma 3's RoPE scaling keys in a GGUF (the factor's older key too), and the linear factor every
+# released Gemma 3 with a vision tower (4B, 12B, 27B) applies on its full layers
+GGUF_ROPE_SCALING_KEYS = ("rope.scaling.type", "rope.scaling.factor", "rope.scale_linear")
+GEMMA3_VISION_ROPE_FACTOR = 8.0
+
+
 def gemma3_gguf_attention_scale(num_layers: int, hidden: int, num_heads: int, head_dim: int) -> float:
     """The query scale a Gemma 3 GGUF implies (GGUF has no key for it). llama.cpp: the 27B (62
     layers) scales by (hidden / heads)^-0.5, every other size by head_dim^-0.5."""

@@ -12,10 +12,10 @@ from gguf import GGUFReader
 import gemmarun
 from gemmarun.cli import main
 from gemmarun.loading import LoadError
-from gemmarun.loading.ollama import manifest_parts
+from gemmarun.loading.ollama import display_name, manifest_parts
 from llama_cpp_converter import TOWER_EPS
-from ollama_files import write_ollama_gguf
-from reference_models import IMAGE_BUDGET, build_multimodal
+from ollama_files import write_ollama_gemma3_gguf, write_ollama_gguf
+from reference_models import IMAGE_BUDGET, build_gemma3_vision, build_multimodal
 from tiny_gguf import rewrite_gguf, tiny_gguf
 
 
@@ -103,6 +103,33 @@ def test_ollama_file_misuse_is_a_one_line_error(ollama, tmp_path):
         gemmarun.load(no_block)
 
 
+def test_ollama_gemma3_file_with_its_siglip_tower_gives_the_folders_logits(tmp_path, media):
+    """Ollama's Gemma 3 file holds the SigLIP tower under the checkpoint's names and leaves out
+    the eps, RoPE and window keys: its defaults are the checkpoints' values, and its RoPE scaling
+    (linear 8 on the full layers, every Gemma 3 with vision) is taken as theirs: the folder's
+    logits, bit for bit, with an image and without."""
+    folder = tmp_path / "g3"
+    build_gemma3_vision(folder, released_layout=True)
+    path = write_ollama_gemma3_gguf(folder, tmp_path / "g3.gguf")
+    assert not any("rope.scaling" in field for field in GGUFReader(path).fields)
+    ours, want = gemmarun.load(path, dtype="float32"), gemmarun.load(folder, dtype="float32")
+    assert ours.model.config.rope_full == want.model.config.rope_full and ours.model.config.rope_full.factor == 8.0
+    message = [{"role": "user", "content": [{"type": "image", "image": str(media / "a.png")},
+                                            {"type": "text", "text": "hello"}]}]
+    ids = want.build_prompt(message).ids
+    assert ours.build_prompt(message).ids == ids
+    images = [media / "a.png"]
+    assert np.array_equal(ours.logits(ids, images=images), want.logits(ids, images=images))
+    odd = rewrite_gguf(path, tmp_path / "odd.gguf", tensors={"v.blk.0.strange.weight": np.zeros(4, np.float32)})
+    with pytest.raises(LoadError, match="not Gemma 3 vision: v.blk.0.strange.weight"):
+        gemmarun.load(odd)
+    from gguf import GGUFValueType
+
+    grid = rewrite_gguf(path, tmp_path / "grid.gguf", meta={"gemma3.mm.tokens_per_image": (9, GGUFValueType.UINT32)})
+    with pytest.raises(LoadError, match="tokens_per_image=9 is not a square grid of soft tokens that divides"):
+        gemmarun.load(grid)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ollama's store
 
@@ -126,7 +153,13 @@ def test_manifest_names_take_ollamas_defaults():
     assert manifest_parts("gemma4:e2b") == ("registry.ollama.ai", "library", "gemma4", "e2b")
     assert manifest_parts("me/mine:q4") == ("registry.ollama.ai", "me", "mine", "q4")
     assert manifest_parts("hf.co/owner/repo:Q4_K_M") == ("hf.co", "owner", "repo", "Q4_K_M")
-    for bad in ("", "a:b:c", "../x", "a/b/c/d", "gemma4:", "x y"):
+    # a registry's port is no tag (it had been refused), and a scheme is dropped, as Ollama does
+    assert manifest_parts("localhost:5000/me/tiny:v1") == ("localhost:5000", "me", "tiny", "v1")
+    assert manifest_parts("https://hf.co/owner/repo") == ("hf.co", "owner", "repo", "latest")
+    # what `ollama list` shows (and `serve` reports): the tag always, the default host and namespace not
+    assert [display_name(n) for n in ("gemma4", "registry.ollama.ai/library/x:t", "me/x", "hf.co/o/r:q")] == \
+        ["gemma4:latest", "x:t", "me/x:latest", "hf.co/o/r:q"]
+    for bad in ("", "a:b:c", "../x", "a/b/c/d", "gemma4:", "x y", "..:1/a/b", "a/b:c/d"):
         with pytest.raises(LoadError, match="not an Ollama model name"):
             manifest_parts(bad)
 
@@ -150,10 +183,10 @@ def test_models_load_by_their_ollama_name(ollama, media, tmp_path, monkeypatch, 
     assert main(["run", "ollama:GEMMA4:e2b", "hello", "--max-tokens", "3", "--raw"]) == 0  # names fold case
     capsys.readouterr()
 
-    # a text-only model
+    # a text-only model, pulled from a registry with a port
     text = tiny_gguf("gemma4")
-    _store(root, ("registry.ollama.ai", "library", "tiny", "latest"), {"application/vnd.ollama.image.model": text})
-    assert gemmarun.load("ollama:tiny").encoders is None
+    _store(root, ("localhost:5000", "me", "tiny", "v1"), {"application/vnd.ollama.image.model": text})
+    assert gemmarun.load("ollama:localhost:5000/me/tiny:v1").encoders is None
 
 
 def test_ollama_projector_layer_is_the_mmproj(tmp_path, monkeypatch, llama_cpp_multimodal, media):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from ..config import ConfigError, text_config_from_gguf
+from ..config import GEMMA3_VISION_ROPE_FACTOR, GGUF_ROPE_SCALING_KEYS, ConfigError, text_config_from_gguf
 from ..llm import LLM, ModelInfo
 from ..tokenizer import Tokenizer
 from .build import QuantizedTensor, build_text_model
@@ -92,8 +92,11 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
                         f"{mmproj} was given too (--mmproj, or a projector layer of its Ollama manifest)")
     if mmproj is not None:
         projector = open_mmproj(mmproj, cfg, tokenizer)
-        if cfg.family == "gemma3":  # its image tokens see each other in every layer, as from a folder
-            cfg = replace(cfg, bidirectional_vision=True)
+    if projector is not None and cfg.family == "gemma3":  # its image tokens see each other in every layer
+        cfg = replace(cfg, bidirectional_vision=True)
+        if projector.file is f and not any(f"gemma3.{key}" in f.metadata for key in GGUF_ROPE_SCALING_KEYS):
+            # Ollama writes no RoPE scaling for Gemma 3 with vision; every such checkpoint has one
+            cfg = replace(cfg, rope_full=replace(cfg.rope_full, factor=GEMMA3_VISION_ROPE_FACTOR))
     towers = set(projector.names) | {OLLAMA_PACKED_CLAMPS} if projector is not None and projector.file is f else set()
     state: dict[str, torch.Tensor | QuantizedTensor] = {}
     unknown = []

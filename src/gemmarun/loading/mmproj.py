@@ -1,6 +1,7 @@
 """llama.cpp's multimodal projector GGUF (mmproj, spec 10.2): Gemma 4's vision and audio towers
 (projector types gemma4v, gemma4a), or Gemma 3's SigLIP tower (gemma3), in a file of their own,
-loaded beside a GGUF text model as `llama-server --mmproj` takes them.
+loaded beside a GGUF text model as `llama-server --mmproj` takes them; and the same towers where
+Ollama's converter writes them, inside the model's own GGUF (`open_ollama_towers`).
 
 An mmproj carries the towers' weights and a few sizes (`clip.vision.*`, `clip.audio.*`); the rest of
 each tower's config is read off its tensors' shapes, and what neither holds keeps the value every
@@ -15,7 +16,8 @@ meta tensors), before the text model's weights are read: a wrong file costs no m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from .names import (
     mmproj_block,
     mmproj_siglip_to_gemmarun,
     mmproj_to_gemmarun,
+    ollama_siglip_to_gemmarun,
     ollama_tower_to_gemmarun,
 )
 
@@ -111,9 +114,8 @@ def open_ollama_towers(path: Path, f: GGUFFile, text_cfg: TextConfig, tokenizer:
     if not tower_names:
         return None
     arch = text_cfg.family
-    if arch != "gemma4":
-        raise LoadError(f"{path}: a {arch} file holding vision tensors ({tower_names[0]}, Ollama's single-file "
-                        "layout), which gemmarun reads for Gemma 4 only")
+    if arch == "gemma3":
+        return _open_ollama_gemma3(path, f, text_cfg, tokenizer, tower_names)
     names = {name: ollama_tower_to_gemmarun(name) for name in tower_names if name != OLLAMA_PACKED_CLAMPS}
     unknown = [name for name, ours in names.items() if ours is None]
     if unknown:
@@ -339,7 +341,7 @@ def _open_gemma3(path: Path, f: GGUFFile, text_cfg: TextConfig, tokenizer: Token
     try:
         if meta.get("clip.has_vision_encoder") is not True:
             raise ConfigError(f"clip.has_vision_encoder is {meta.get('clip.has_vision_encoder')!r}, not true")
-        cfg = _gemma3_config(meta, f, tokenizer)
+        cfg = _gemma3_config(meta, names.values(), tokenizer)
         names = _unswapped_ffn(names, f, cfg.vision)
         shapes = {ours: sanitize_siglip(ours, torch.empty(f.tensors[name].shape, device="meta"), name)
                   for name, ours in names.items()}
@@ -348,6 +350,24 @@ def _open_gemma3(path: Path, f: GGUFFile, text_cfg: TextConfig, tokenizer: Token
     width = shapes.get("multi_modal_projector.mm_input_projection_weight")
     if width is not None and width.dim() == 2:
         _check_width(path, "image", width.shape[1], text_cfg)
+    _check_towers(path, lambda: Gemma3Encoders(cfg, text_cfg.hidden_size), shapes)
+    return MmprojFile(f, cfg, names, sanitize_siglip)
+
+
+def _open_ollama_gemma3(path: Path, f: GGUFFile, text_cfg: TextConfig, tokenizer: Tokenizer,
+                        tower_names: list[str]) -> MmprojFile:
+    """`open_ollama_towers` for Gemma 3: the SigLIP tower and projector under the checkpoint's
+    names (`ollama_siglip_to_gemmarun`), the config under `gemma3.vision.*`."""
+    names = {name: ollama_siglip_to_gemmarun(name) for name in tower_names}
+    unknown = [name for name, ours in names.items() if ours is None]
+    if unknown:
+        raise LoadError(f"{path}: tensors that are not Gemma 3 vision: {', '.join(unknown[:8])}")
+    try:
+        cfg = _gemma3_config(f.metadata, names.values(), tokenizer, arch="gemma3")
+        shapes = {ours: sanitize_siglip(ours, torch.empty(f.tensors[name].shape, device="meta"), name)
+                  for name, ours in names.items()}
+    except (ConfigError, ValueError) as e:
+        raise LoadError(f"{path}: {e}") from None
     _check_towers(path, lambda: Gemma3Encoders(cfg, text_cfg.hidden_size), shapes)
     return MmprojFile(f, cfg, names, sanitize_siglip)
 
@@ -369,32 +389,48 @@ def _check_towers(path: Path, build: Callable[[], torch.nn.Module], shapes: dict
         raise LoadError(f"{path}: {e}") from None
 
 
-def _gemma3_config(meta: dict[str, Any], f: GGUFFile, tokenizer: Tokenizer) -> Gemma3MediaConfig:
-    key = "clip.vision.attention.layer_norm_epsilon"
-    eps = gguf_float(meta.get(key, 1e-6), key)
+def _gemma3_config(meta: dict[str, Any], ours: Iterable[str], tokenizer: Tokenizer,
+                   arch: str = MMPROJ_ARCHITECTURE) -> Gemma3MediaConfig:
+    """From `<arch>.vision.*` keys (`clip` in an mmproj, `gemma3` in an Ollama file), the tower's
+    (gemmarun) tensor names `ours`, and the vocabulary's media tokens."""
+    v = f"{arch}.vision."
+    eps = gguf_float(meta.get(v + "attention.layer_norm_epsilon", 1e-6), v + "attention.layer_norm_epsilon")
     if eps <= 0:
-        raise ConfigError(f"{key}={eps} must be positive")
+        raise ConfigError(f"{v}attention.layer_norm_epsilon={eps} must be positive")
     vision = SiglipConfig(
-        hidden_size=_int(meta, "clip.vision.embedding_length"),
-        intermediate_size=_int(meta, "clip.vision.feed_forward_length"),
-        num_layers=_int(meta, "clip.vision.block_count"),
-        num_heads=_int(meta, "clip.vision.attention.head_count"),
-        image_size=_int(meta, "clip.vision.image_size"),
-        patch_size=_int(meta, "clip.vision.patch_size"),
+        hidden_size=_int(meta, v + "embedding_length"),
+        intermediate_size=_int(meta, v + "feed_forward_length"),
+        num_layers=_int(meta, v + "block_count"),
+        num_heads=_int(meta, v + "attention.head_count"),
+        image_size=_int(meta, v + "image_size"),
+        patch_size=_int(meta, v + "patch_size"),
         layer_norm_eps=eps,
     )
-    scale = _int(meta, "clip.vision.projector.scale_factor", 4)  # llama.cpp's default: 896 / 14 / 16
+    if arch == MMPROJ_ARCHITECTURE:
+        key = v + "projector.scale_factor"
+        scale = _int(meta, key, 4)  # llama.cpp's default: 896 / 14 / 16
+        setting = f"{key}={scale}"
+    else:  # Ollama writes the tokens an image takes (a square grid), 256 if not
+        key = f"{arch}.mm.tokens_per_image"
+        tokens = _int(meta, key, 256)
+        side = math.isqrt(tokens)
+        if side * side != tokens or vision.patches_per_side % side:
+            raise ConfigError(f"{key}={tokens} is not a square grid of soft tokens that divides the "
+                              f"{vision.patches_per_side} patches a side")
+        scale = vision.patches_per_side // side
+        setting = f"{key}={tokens}"
     if vision.patches_per_side % scale:
-        raise ConfigError(f"clip.vision.projector.scale_factor={scale} does not divide the {vision.patches_per_side} "
-                          "patches a side: not a whole grid of soft tokens")
-    for key in ("clip.vision.image_mean", "clip.vision.image_std"):
+        raise ConfigError(f"{setting} does not divide the {vision.patches_per_side} patches a side: not a whole "
+                          "grid of soft tokens")
+    for key in (v + "image_mean", v + "image_std"):
         value = meta.get(key, GEMMA3_MEAN_STD)
-        numbers = isinstance(value, list) and all(type(v) in (int, float) for v in value)
-        if not numbers or [float(v) for v in value] != GEMMA3_MEAN_STD:
+        numbers = isinstance(value, list) and all(type(x) in (int, float) for x in value)
+        if not numbers or [float(x) for x in value] != GEMMA3_MEAN_STD:
             raise ConfigError(f"{key}={value!r}; Gemma 3's image processor uses {GEMMA3_MEAN_STD}")
-    blocks = {block for block in map(_siglip_block, f.tensors) if block is not None}
+    prefix = "vision_tower.encoder.layers."
+    blocks = {int(name[len(prefix):].split(".")[0]) for name in ours if name.startswith(prefix)}
     if blocks != set(range(vision.num_layers)):
-        raise ConfigError(f"clip.vision.block_count={vision.num_layers} but the file holds {len(blocks)} vision blocks"
+        raise ConfigError(f"{v}block_count={vision.num_layers} but the file holds {len(blocks)} vision blocks"
                           + (f" (up to {max(blocks)})" if blocks else ""))
     ids = {}
     for field, text in GEMMA3_MEDIA_TOKEN_TEXT.items():
@@ -403,13 +439,6 @@ def _gemma3_config(meta: dict[str, Any], f: GGUFFile, tokenizer: Tokenizer) -> G
             raise ConfigError(f"the text model's vocabulary has no {text} token, which image prompts need")
     return Gemma3MediaConfig(vision=vision, tokens=MediaTokens(**ids, audio=-1, video=-1, boa=-1, eoa=-1),
                              image_soft_tokens=(vision.patches_per_side // scale) ** 2)
-
-
-def _siglip_block(name: str) -> int | None:
-    """The block index of a `v.blk.N.*` tensor of a Gemma 3 mmproj, else None."""
-    ours = mmproj_siglip_to_gemmarun(name)
-    prefix = "vision_tower.encoder.layers."
-    return int(ours[len(prefix):].split(".")[0]) if ours and ours.startswith(prefix) else None
 
 
 def _unswapped_ffn(names: dict[str, str], f: GGUFFile, vision: SiglipConfig) -> dict[str, str]:

@@ -301,6 +301,35 @@ OLLAMA_TOWER_PREFIXES = ("v.", "a.", "mm.")
 OLLAMA_PACKED_CLAMPS = "v.clamp_data"
 
 
+# Ollama's Gemma 3 model file holds the SigLIP tower and projector too, under the checkpoint's
+# names (`vision_tower.vision_model.` -> `v.`, `encoder.layers` -> `blk`, `multi_modal_projector`
+# -> `mm`, `self_attn.out_proj` -> `attn_output`, q/k/v -> `attn_q`...; the norm stored 1 + w).
+OLLAMA_SIGLIP_GLOBAL_NAMES = {
+    "v.patch_embedding.weight": "vision_tower.embeddings.patch_embedding.weight",
+    "v.patch_embedding.bias": "vision_tower.embeddings.patch_embedding.bias",
+    "v.position_embedding.weight": "vision_tower.embeddings.position_embedding.weight",
+    "v.post_layernorm.weight": "vision_tower.post_layernorm.weight",
+    "v.post_layernorm.bias": "vision_tower.post_layernorm.bias",
+    "mm.mm_input_projection.weight": "multi_modal_projector.mm_input_projection_weight",  # [Hv, H], as HF's
+    "mm.mm_soft_emb_norm.weight": "multi_modal_projector.mm_soft_emb_norm.weight",  # stored 1 + w
+}
+OLLAMA_SIGLIP_BLOCK = {
+    "layer_norm1": "layer_norm1", "layer_norm2": "layer_norm2", "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.out_proj",
+    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}
+_OLLAMA_SIGLIP_BLOCK = re.compile(r"v\.blk\.(\d+)\.([a-z_0-9.]+)\.(weight|bias)$")
+
+
+def ollama_siglip_to_gemmarun(name: str) -> str | None:
+    """The gemmarun `Gemma3Encoders` name of a tower tensor of an Ollama Gemma 3 file, or None."""
+    if name in OLLAMA_SIGLIP_GLOBAL_NAMES:
+        return OLLAMA_SIGLIP_GLOBAL_NAMES[name]
+    m = _OLLAMA_SIGLIP_BLOCK.match(name)
+    module = OLLAMA_SIGLIP_BLOCK.get(m.group(2)) if m else None
+    return f"vision_tower.encoder.layers.{m.group(1)}.{module}.{m.group(3)}" if module else None
+
+
 def ollama_tower_to_gemmarun(name: str) -> str | None:
     """The gemmarun `Encoders` name of a tower tensor of an Ollama Gemma 4 file, or None if unknown."""
     m = _MMPROJ_BLOCK.match(name)

@@ -27,7 +27,8 @@ PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
 ADAPTER_LAYER = "application/vnd.ollama.image.adapter"  # a LoRA over the model: not applied, so refused
 MAX_PART = 128  # Ollama's longest name part
 DEFAULT_HOST, DEFAULT_NAMESPACE, DEFAULT_TAG = "registry.ollama.ai", "library", "latest"
-_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(:[0-9]{1,5})?")  # a registry, maybe with its port
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 
 
@@ -61,14 +62,32 @@ def store_roots() -> list[Path]:
 
 def manifest_parts(name: str) -> tuple[str, str, str, str]:
     """(host, namespace, model, tag) of `model[:tag]`, `namespace/model[:tag]` or
-    `host/namespace/model[:tag]`, with Ollama's defaults; LoadError for anything else."""
-    path, colon, tag = name.partition(":")
+    `host[:port]/namespace/model[:tag]` (a leading http:// or https:// dropped), with Ollama's
+    defaults; LoadError for anything else."""
+    bare = re.sub(r"^https?://", "", name)
+    path, tag = bare, ""
+    if bare.rfind(":") > bare.rfind("/"):  # the tag follows the last colon after the last slash
+        path, tag = bare.rsplit(":", 1)
+        if not tag:
+            path = ""  # "gemma4:" names no tag
     parts = path.split("/")
-    if (not 1 <= len(parts) <= 3 or not all(_PART.fullmatch(p) and len(p) <= MAX_PART for p in parts)
-            or (colon and not (_PART.fullmatch(tag) and len(tag) <= MAX_PART))):
+    ok = 1 <= len(parts) <= 3 and all(_PART.fullmatch(p) and len(p) <= MAX_PART for p in parts[-2:])
+    if len(parts) == 3:
+        ok = ok and _HOST.fullmatch(parts[0]) is not None and len(parts[0]) <= MAX_PART
+    if not ok or (tag and not (_PART.fullmatch(tag) and len(tag) <= MAX_PART)):
         raise LoadError(f"{PREFIX}{name}: not an Ollama model name (model[:tag], e.g. {PREFIX}gemma4:e2b)")
     parts = [DEFAULT_HOST, DEFAULT_NAMESPACE][: 3 - len(parts)] + parts
     return parts[0], parts[1], parts[2], tag or DEFAULT_TAG
+
+
+def display_name(name: str) -> str:
+    """The name `ollama list` shows for `name`: its tag always, the default host and namespace not
+    (`gemma4` -> `gemma4:latest`, `registry.ollama.ai/library/x:t` -> `x:t`)."""
+    host, namespace, model, tag = manifest_parts(name)
+    shown = [host, namespace, model] if host != DEFAULT_HOST else [namespace, model]
+    if shown[0] == DEFAULT_NAMESPACE and len(shown) == 2:
+        shown = [model]
+    return "/".join(shown) + f":{tag}"
 
 
 def resolve(path: str) -> OllamaModel:
