@@ -693,3 +693,13 @@ def test_numpy_dataclass_and_pydantic_values_render_as_transformers_renders_them
                                                                      "x": np.float32(0.5), "m": Meta(1, "a")}}}]}
     text = render_gemma4([{"role": "user", "content": "q"}, call], add_generation_prompt=False)
     assert f"call:f{{m:{{n:1,s:{Q}a{Q}}},n:3,ok:true,x:0.5}}" in text
+    # a str Enum is its value, not its str() ("Role.USER": a silently wrong turn), as in transformers;
+    # a numpy array stays a placeholder there too
+    import enum
+
+    class Role(str, enum.Enum):
+        USER = "user"
+
+    messages = [{"role": Role.USER, "content": "hi", "a": np.array(3)}]
+    assert render_template("{{ messages[0].role }}|{{ messages[0].a }}", messages) == "user|<ndarray>"
+    assert render_gemma4(messages).startswith("<bos><|turn>user\nhi<turn|>")

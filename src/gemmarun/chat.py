@@ -103,7 +103,8 @@ def _validate(messages: Any) -> list[dict]:
         calls = m.get("tool_calls")
         if calls is not None and not (isinstance(calls, list) and all(map(_call_name, calls))):
             raise ChatTemplateError(f"message {i} tool_calls must be [{{function: {{name, ...}}}}]")
-    return messages
+    # a str Enum role is its value ("user"), not its str() ("Role.USER"), as templates see it
+    return [m if type(m["role"]) is str else {**m, "role": str.__str__(m["role"])} for m in messages]
 
 
 def _validate_tools(tools: Any) -> None:
@@ -125,9 +126,11 @@ def _plain(value: Any) -> Any:
     true, np.int64(3) as "<int64>")."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    for base in (bool, str, int, float):
+    if isinstance(value, bool):
+        return bool(value)
+    for base in (str, int, float):  # the base type's own conversion: a str Enum's "user", not "Role.USER"
         if isinstance(value, base):
-            return base(value)
+            return getattr(base, f"__{base.__name__}__")(value)
     if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -139,8 +142,8 @@ def _plain(value: Any) -> Any:
 def _python_value(value: Any) -> Any:
     """A numpy scalar's Python value, a dataclass's or pydantic model's fields as a dict (what
     transformers renders them as); `value` itself for anything else."""
-    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "shape", None) == ():
-        return value.item()
+    if type(value).__module__ == "numpy" and type(value).__name__ != "ndarray" and hasattr(value, "item"):
+        return value.item()  # a numpy scalar (np.generic); arrays stay placeholders, as in transformers
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):  # pydantic

@@ -575,7 +575,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if llm.has_chat_template:  # said once here rather than only in each chat request's error
         from .inspect_model import template_warnings
 
-        for warning in template_warnings(llm.info.chat_template):
+        for warning in template_warnings(llm.info):
             print(f"gemmarun: warning: {warning}", file=sys.stderr)
     options = ServerOptions(
         model_name=args.model_name or _ollama_name(args.model), api_key=args.api_key or os.environ.get("GEMMARUN_API_KEY") or None,
@@ -660,9 +660,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         path = bench.random_weights_model(args.random_weights, args.quant, twin=args.twin)
         label = f"random-weights {args.random_weights}{' dense twin' if args.twin else ''} {args.quant}"
     elif args.model:
-        from .loading.ollama import is_ollama_name, resolve
+        from .loading.ollama import PREFIX, resolve
 
-        path, label = (resolve(args.model).model if is_ollama_name(args.model) else Path(args.model)), args.model
+        path, label = (resolve(args.model).model if args.model.startswith(PREFIX) else Path(args.model)), args.model
     else:
         from .loading.default import default_model_path
 

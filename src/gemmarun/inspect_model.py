@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from .cache import kv_bytes_per_token, kv_cache_bytes
 from .config import LayerType, TextConfig
-from .llm import LLM
+from .llm import LLM, ModelInfo
 
 
 def parameter_counts(cfg: TextConfig) -> dict[str, int]:
@@ -108,16 +108,27 @@ SAMPLE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "con
                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Thanks."}]
 
 
-def template_warnings(template: str) -> list[str]:
-    """The shipped template rendered (in the sandbox, under its limits) on a plain conversation:
-    one that breaks the sandbox, runs away or fails there breaks every chat."""
+SAMPLE_TOOLS = [{"type": "function", "function": {"name": "get_time", "description": "The time now.",
+                                                  "parameters": {"type": "object", "properties": {}}}}]
+
+
+def template_warnings(info: ModelInfo) -> list[str]:
+    """The shipped templates rendered (in the sandbox, under its limits) on a plain conversation,
+    the "tool_use" one with a tool: one that breaks the sandbox, runs away or fails there breaks
+    every chat (with tools)."""
     from .chat import ChatTemplateError, render_template
 
-    try:
-        render_template(template, SAMPLE_CHAT)
-    except ChatTemplateError as e:
-        return [f"{str(e).rstrip('.')} (on a plain conversation, so every chat fails)"]
-    return []
+    out = []
+    for template, tools, which in ((info.chat_template, None, "every chat"),
+                                   (info.tool_template, SAMPLE_TOOLS, "every chat with tools")):
+        try:
+            if template is not None:
+                render_template(template, SAMPLE_CHAT, tools=tools)
+        except ChatTemplateError as e:
+            out.append(f"{str(e).rstrip('.')} (on a plain conversation, so {which} fails)")
+    if info.chat_template is None and info.tool_template is not None:
+        out.append('its chat templates are named but none is "default": only chats with tools render')
+    return out
 
 
 def warnings(llm: LLM) -> list[str]:
@@ -133,7 +144,7 @@ def warnings(llm: LLM) -> list[str]:
         rules = "Gemma 3's turn format" if cfg.family == "gemma3" else "spec 9 rules"
         out.append(f"no chat template in the file: chat uses gemmarun's own renderer ({rules})")
     else:
-        out.extend(template_warnings(llm.info.chat_template))
+        out.extend(template_warnings(llm.info))
     if tok.vocab_size != cfg.vocab_size:
         out.append(f"tokenizer has {tok.vocab_size} tokens but the embedding has {cfg.vocab_size} rows")
     if llm.info.format == "gguf":

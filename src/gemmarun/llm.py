@@ -357,7 +357,7 @@ class LLM:
                     add_generation_prompt: bool = True) -> str:
         """The checkpoint's own template (sandboxed) when it ships one, its "tool_use" one for a
         prompt with tools where it names one (as transformers picks); otherwise ours."""
-        template = self.info.tool_template if tools and self.info.tool_template else self.info.chat_template
+        template = self.info.tool_template if tools is not None and self.info.tool_template else self.info.chat_template
         if template is None and self.info.tool_template is not None:
             raise chat.ChatTemplateError("the checkpoint's chat templates are named but none is \"default\": only "
                                          "its \"tool_use\" one, for prompts with tools")

@@ -132,8 +132,9 @@ def test_mmproj_in_lower_precision_stays_close(llama_cpp_multimodal, media, outt
     low_path = convert(folder, folder / f"mmproj-{outtype}.gguf", outtype, mmproj=True)
     low = gemmarun.load(text, mmproj=low_path, dtype="float32")
     # the file's pages read to make the float32 copies are given back (all had stayed in RSS; the
-    # pages these tiny tensors share with their neighbours stay)
-    assert resident_kib(low_path) <= 0.6 * low_path.stat().st_size / 1024
+    # pages these tiny tensors share with their neighbours stay, and the kernel may map a few
+    # more around a fault: 55-61 % of this 351 KiB file from run to run)
+    assert resident_kib(low_path) <= 0.75 * low_path.stat().st_size / 1024
     for encode, source in ((lambda m: m.encode_image(media / "a.png", IMAGE_BUDGET), "image"),
                            (lambda m: m.encode_audio(media / "tone.wav"), "audio")):
         want, got = encode(exact), encode(low)

@@ -157,7 +157,7 @@ def test_manifest_names_take_ollamas_defaults():
     assert manifest_parts("localhost:5000/me/tiny:v1") == ("localhost:5000", "me", "tiny", "v1")
     assert manifest_parts("https://hf.co/owner/repo") == ("hf.co", "owner", "repo", "latest")
     # what `ollama list` shows (and `serve` reports): the tag always, the default host and namespace not
-    assert [display_name(n) for n in ("gemma4", "registry.ollama.ai/library/x:t", "me/x", "hf.co/o/r:q")] == \
+    assert [display_name(n) for n in ("gemma4", "Registry.Ollama.AI/Library/x:t", "me/x", "hf.co/o/r:q")] == \
         ["gemma4:latest", "x:t", "me/x:latest", "hf.co/o/r:q"]
     for bad in ("", "a:b:c", "../x", "a/b/c/d", "gemma4:", "x y", "..:1/a/b", "a/b:c/d"):
         with pytest.raises(LoadError, match="not an Ollama model name"):

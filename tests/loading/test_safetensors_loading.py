@@ -403,6 +403,7 @@ def test_named_chat_templates_render_as_transformers_picks_them(tiny_models, tmp
 
     import gemmarun
     from gemmarun.chat import ChatTemplateError
+    from gemmarun.inspect_model import warnings
     from gemmarun.loading.convert import convert
 
     folder, _ = tiny_models("e2b")
@@ -419,9 +420,19 @@ def test_named_chat_templates_render_as_transformers_picks_them(tiny_models, tmp
     for llm in (gemmarun.load(named), gemmarun.load(gguf)):
         assert llm.render_chat(messages) == "DEFAULT|hi"
         assert llm.render_chat(messages, tools=[tool]) == "TOOLS[get_weather]|hi"
-    config["chat_template"] = config["chat_template"][1:]
+        assert llm.render_chat(messages, tools=[]) == "TOOLS|hi"  # tools given, if none: as transformers
+    config["chat_template"] = config["chat_template"][1:] + [{"name": ["odd"], "template": "x"}]  # (skipped)
     (named / "tokenizer_config.json").write_text(json.dumps(config))
     llm = gemmarun.load(named)
     assert llm.has_chat_template and llm.render_chat(messages, tools=[tool]) == "TOOLS[get_weather]|hi"
     with pytest.raises(ChatTemplateError, match='none is "default"'):
         llm.render_chat(messages)
+    assert any('none is "default"' in w for w in warnings(llm))  # not a failure of "the" template
+    # transformers 5 saves named templates as files: chat_template.jinja + additional_chat_templates/
+    del config["chat_template"]
+    (named / "tokenizer_config.json").write_text(json.dumps(config))
+    (named / "chat_template.jinja").write_text("DEFAULT|{{ messages[0].content }}")
+    (named / "additional_chat_templates").mkdir()
+    (named / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
+    llm = gemmarun.load(named)
+    assert llm.render_chat(messages) == "DEFAULT|hi" and llm.render_chat(messages, tools=[tool]) == "TOOLS[get_weather]|hi"

@@ -144,6 +144,8 @@ def test_bfloat16_on_the_cpu_is_float32_but_for_prefill_gemms(tiny_models, tmp_p
     got, want = low.logits(prompt)[-1], exact.logits(prompt)[-1]  # the next token's
     rel = float(np.abs(got - want).max() / np.abs(want).max())
     assert 0 < rel < 5e-2, rel  # bfloat16 rounding (1.8-2.2 %; the all-bfloat16 folders': 2.6-2.7 %)
+    low.model.to(torch.float32)  # a cast means float32 compute: its prefill too (it had stayed bfloat16)
+    assert np.array_equal(low.logits(prompt)[-1], want)
 
 
 def test_bfloat16_float_weights_stay_bfloat16(tiny_models, tmp_path):

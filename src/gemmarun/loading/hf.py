@@ -26,17 +26,16 @@ def read_chat_template(folder: Path) -> tuple[str | None, str | None]:
     ship), else tokenizer_config.json's. A list of named templates gives its "default" and its
     "tool_use" (which transformers renders prompts with tools with)."""
     jinja = folder / "chat_template.jinja"
-    if jinja.exists():
-        try:
-            return jinja.read_text(encoding="utf-8"), None
-        except UnicodeDecodeError as e:
-            raise LoadError(f"{jinja}: not UTF-8 text ({e})") from None
+    if jinja.exists():  # transformers 5 writes named ones beside it: additional_chat_templates/NAME.jinja
+        tool_use = folder / "additional_chat_templates" / "tool_use.jinja"
+        return _read_text(jinja), _read_text(tool_use) if tool_use.is_file() else None
     for config in (folder / "chat_template.json", folder / "tokenizer_config.json"):
         if not config.exists():
             continue
         template = read_json_object(config, LoadError).get("chat_template")
         if isinstance(template, list):  # named templates
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            named = {t.get("name"): t.get("template") for t in template
+                     if isinstance(t, dict) and isinstance(t.get("name"), str)}
             if not all(isinstance(t, str) for t in named.values()):
                 raise LoadError(f"{config}: a named chat template is not a string")
             if named.get("default") is not None or named.get("tool_use") is not None:
@@ -47,6 +46,13 @@ def read_chat_template(folder: Path) -> tuple[str | None, str | None]:
         if template is not None:
             return template, None
     return None, None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LoadError(f"{path}: not UTF-8 text ({e})") from None
 
 
 # What a model folder is read from (the weights aside: every *.safetensors).

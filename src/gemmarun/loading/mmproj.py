@@ -106,10 +106,11 @@ def open_mmproj(path: Path, text_cfg: TextConfig, tokenizer: Tokenizer) -> Mmpro
 
 
 def open_ollama_towers(path: Path, f: GGUFFile, text_cfg: TextConfig, tokenizer: Tokenizer) -> MmprojFile | None:
-    """The vision and audio towers an Ollama Gemma 4 model file holds beside its text model, checked
-    as `open_mmproj` checks an mmproj's; None when it holds none. Ollama's converter writes one
-    file: `gemma4.vision.*` / `gemma4.audio.*` keys where an mmproj has `clip.*`, no projector
-    types or flags, and the mmproj's tensor layout under its names (`ollama_tower_to_gemmarun`)."""
+    """The towers an Ollama model file holds beside its text model, checked as `open_mmproj` checks
+    an mmproj's; None when it holds none. Ollama's converter writes one file: for Gemma 4 the
+    vision and audio towers, `gemma4.vision.*` / `gemma4.audio.*` keys where an mmproj has
+    `clip.*`, no projector types or flags, and the mmproj's tensor layout under its names
+    (`ollama_tower_to_gemmarun`); for Gemma 3 the SigLIP tower (`_open_ollama_gemma3`)."""
     tower_names = [name for name in f.tensors if name.startswith(OLLAMA_TOWER_PREFIXES)]
     if not tower_names:
         return None

@@ -7,8 +7,8 @@ The store (`$OLLAMA_MODELS`, else `~/.ollama/models`, or the Linux service's
 by llama.cpp, a projector GGUF beside it (`...image.projector`, an mmproj). The template and
 parameter, system and messages layers are Ollama's own (a Go template, its sampling defaults, a
 default system prompt) and are not read: the GGUF's chat template or gemmarun's renderer formats
-the chat. A model with an adapter layer (a LoRA) is refused rather than run as its base model. Ollama's own Gemma 4 files hold the
-towers themselves (see `mmproj.open_ollama_towers`).
+the chat. A model with an adapter layer (a LoRA) is refused rather than run as its base model.
+Ollama's own Gemma 4 and Gemma 3 files hold their towers themselves (`mmproj.open_ollama_towers`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def manifest_parts(name: str) -> tuple[str, str, str, str]:
     if len(parts) == 3:
         ok = ok and _HOST.fullmatch(parts[0]) is not None and len(parts[0]) <= MAX_PART
     if not ok or (tag and not (_PART.fullmatch(tag) and len(tag) <= MAX_PART)):
-        raise LoadError(f"{PREFIX}{name}: not an Ollama model name (model[:tag], e.g. {PREFIX}gemma4:e2b)")
+        raise LoadError(f"{PREFIX + name!r}: not an Ollama model name (model[:tag], e.g. {PREFIX}gemma4:e2b)")
     parts = [DEFAULT_HOST, DEFAULT_NAMESPACE][: 3 - len(parts)] + parts
     return parts[0], parts[1], parts[2], tag or DEFAULT_TAG
 
@@ -84,8 +84,8 @@ def display_name(name: str) -> str:
     """The name `ollama list` shows for `name`: its tag always, the default host and namespace not
     (`gemma4` -> `gemma4:latest`, `registry.ollama.ai/library/x:t` -> `x:t`)."""
     host, namespace, model, tag = manifest_parts(name)
-    shown = [host, namespace, model] if host != DEFAULT_HOST else [namespace, model]
-    if shown[0] == DEFAULT_NAMESPACE and len(shown) == 2:
+    shown = [host, namespace, model] if host.lower() != DEFAULT_HOST else [namespace, model]
+    if len(shown) == 2 and namespace.lower() == DEFAULT_NAMESPACE:
         shown = [model]
     return "/".join(shown) + f":{tag}"
 

@@ -213,6 +213,8 @@ class _QuantMatrix(torch.nn.Module):
             cast = fn(torch.zeros((), dtype=dtype, device=self.data.device))
             if cast.dtype != dtype:
                 self.compute_dtype = cast.dtype
+            if cast.dtype != dtype or cast.device.type != "cpu":
+                self.prefill_dtype = None  # (a CPU's bfloat16 prefill under float32 compute: cast or moved)
         for name, buf in self._buffers.items():
             if buf is not None:
                 moved = fn(buf)
