@@ -318,16 +318,11 @@ OLLAMA_SIGLIP_BLOCK = {
     "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.out_proj",
     "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
 }
-_OLLAMA_SIGLIP_BLOCK = re.compile(r"v\.blk\.(\d+)\.([a-z_0-9.]+)\.(weight|bias)$")
 
 
 def ollama_siglip_to_gemmarun(name: str) -> str | None:
     """The gemmarun `Gemma3Encoders` name of a tower tensor of an Ollama Gemma 3 file, or None."""
-    if name in OLLAMA_SIGLIP_GLOBAL_NAMES:
-        return OLLAMA_SIGLIP_GLOBAL_NAMES[name]
-    m = _OLLAMA_SIGLIP_BLOCK.match(name)
-    module = OLLAMA_SIGLIP_BLOCK.get(m.group(2)) if m else None
-    return f"vision_tower.encoder.layers.{m.group(1)}.{module}.{m.group(3)}" if module else None
+    return _siglip_to_gemmarun(name, OLLAMA_SIGLIP_GLOBAL_NAMES, OLLAMA_SIGLIP_BLOCK)
 
 
 def ollama_tower_to_gemmarun(name: str) -> str | None:
@@ -371,13 +366,18 @@ MMPROJ_SIGLIP_BLOCK = {
     "ln1": "layer_norm1", "ln2": "layer_norm2", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj", "attn_out": "self_attn.out_proj", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2",
 }
-_MMPROJ_SIGLIP_BLOCK = re.compile(r"v\.blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+_SIGLIP_BLOCK = re.compile(r"v\.blk\.(\d+)\.([a-z_0-9.]+)\.(weight|bias)$")  # (Ollama's keys hold dots)
 
 
 def mmproj_siglip_to_gemmarun(name: str) -> str | None:
     """The gemmarun `Gemma3Encoders` name of a Gemma 3 mmproj tensor, or None if unknown."""
-    if name in MMPROJ_SIGLIP_GLOBAL_NAMES:
-        return MMPROJ_SIGLIP_GLOBAL_NAMES[name]
-    m = _MMPROJ_SIGLIP_BLOCK.match(name)
-    module = MMPROJ_SIGLIP_BLOCK.get(m.group(2)) if m else None
+    return _siglip_to_gemmarun(name, MMPROJ_SIGLIP_GLOBAL_NAMES, MMPROJ_SIGLIP_BLOCK)
+
+
+def _siglip_to_gemmarun(name: str, global_names: dict[str, str], block: dict[str, str]) -> str | None:
+    """A SigLIP tower tensor's gemmarun name from a file's global names and block keys."""
+    if name in global_names:
+        return global_names[name]
+    m = _SIGLIP_BLOCK.match(name)
+    module = block.get(m.group(2)) if m else None
     return f"vision_tower.encoder.layers.{m.group(1)}.{module}.{m.group(3)}" if module else None
