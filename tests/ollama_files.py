@@ -264,7 +264,7 @@ def write_ollama_gemma3_gguf(folder: Path, out: Path) -> Path:
     norms; the converter reads the vocabulary as llama.cpp does), the keys above left out, the
     tower and projector under the converter's names with `gemma3.vision.*` keys, and the
     projector's norm stored 1 + w as every `_norm.weight` outside `v.`. Matrices F32."""
-    from gguf import GGUFValueType
+    from gguf import GGUFReader, GGUFValueType
     from safetensors.torch import load_file
 
     from gemmarun.loading.convert import convert
@@ -293,13 +293,7 @@ def write_ollama_gemma3_gguf(folder: Path, out: Path) -> Path:
         name = go_replace(hf_name, GEMMA3_REPLACEMENTS)
         a = t.float().numpy()
         towers[name] = a + 1.0 if name.endswith("_norm.weight") and not name.startswith("v.") else a
-    rewrite_gguf(text, out, meta={k: v for k, v in meta.items() if v is not None or k in _keys(text)},
-                 tensors=towers)
+    present = set(GGUFReader(text).fields)  # (a key dropped must be there)
+    rewrite_gguf(text, out, meta={k: v for k, v in meta.items() if v is not None or k in present}, tensors=towers)
     text.unlink()
     return out
-
-
-def _keys(path: Path) -> set[str]:
-    from gguf import GGUFReader
-
-    return set(GGUFReader(path).fields)

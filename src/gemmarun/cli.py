@@ -324,6 +324,8 @@ def _exists(path: str, file: bool = False) -> bool:
         return Path(path).is_file() if file else Path(path).exists()
     except (OSError, ValueError):
         return False
+
+
 CHAT_COMMANDS = ('/image, /audio or /video FILE goes with your next message, /reset starts over, /exit (or /bye, '
                  'Ctrl-D) quits, /help lists these; Ctrl-C stops an answer; """ opens and closes a message of several lines')
 MEDIA_COMMANDS = {"/image": "image", "/audio": "audio", "/video": "video"}
@@ -578,7 +580,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for warning in template_warnings(llm.info):
             print(f"gemmarun: warning: {warning}", file=sys.stderr)
     options = ServerOptions(
-        model_name=args.model_name or _ollama_name(args.model), api_key=args.api_key or os.environ.get("GEMMARUN_API_KEY") or None,
+        model_name=args.model_name or _ollama_name(args.model),
+        api_key=args.api_key or os.environ.get("GEMMARUN_API_KEY") or None,
         allow_local_files=args.allow_local_files, max_body_bytes=args.max_body_mb * 1024 * 1024,
         max_batch=args.max_batch, max_queue=args.max_queue, context=args.context, prompt_caches=args.prompt_caches,
         default_max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
@@ -732,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("transcribe", help="speech to text (thinking off)")
-    p.add_argument("model", help="a Gemma 4 model with an audio tower (a folder, a .gguf with --mmproj, or ollama:NAME)")
+    p.add_argument("model",
+                   help="a Gemma 4 model with an audio tower (a folder, a .gguf with --mmproj, or ollama:NAME)")
     p.add_argument("audio", help="audio file: wav, flac, ogg/opus, mp3, m4a/mp4 or webm; longer than 30 s "
                                  "is split into clips")
     _add_sampling_options(p)
@@ -810,7 +814,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "browser, with CORS headers (repeatable; other origins get 403)")
     p.add_argument("--allow-local-files", action="store_true",
                    help="let image_url parts name files on this machine (file:// URLs and paths)")
-    p.add_argument("--model-name", default=None, help="model id to report (default: the file or folder name; NAME:TAG for ollama:NAME[:TAG])")
+    p.add_argument("--model-name", default=None,
+                   help="model id to report (default: the file or folder name; NAME:TAG for ollama:NAME[:TAG])")
     p.add_argument("--max-batch", type=_at_least_one, default=8,
                    help="requests decoded together (continuous batching; default 8)")
     p.add_argument("--max-queue", type=_at_least_zero, default=64,

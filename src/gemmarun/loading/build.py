@@ -139,11 +139,12 @@ def compute_dtypes(dtype: torch.dtype, device: torch.device, state: dict[str, Te
                    ) -> tuple[torch.dtype, torch.dtype]:
     """(compute, prefill GEMMs) for compute `dtype`. bfloat16 on a CPU pays only in the matrix
     units, and only in prefill: a model whose matrices are quantized computes in float32 but for
-    its prefill tiles (any product over NATIVE_MAX_ROWS rows), which multiply in bfloat16. Its decode is then float32's: the native step
-    with int16-rounded activations (the 270M decoded 55 tok/s all-bfloat16 against 89; with int8
-    ones in the native step the 4-bit E2B decoded ~10 % slower). Its few float matrices
-    (llama.cpp keeps MoE routers and some small projections float) are float32 too. A model with
-    float matrices of any size (a tenth of its matrix weights or more) computes all in `dtype`."""
+    its prefill tiles (any product over NATIVE_MAX_ROWS rows), which multiply in bfloat16. Its
+    decode is then float32's: the native step with int16-rounded activations (the 270M decoded
+    55 tok/s all-bfloat16 against 89; with int8 ones in the native step the 4-bit E2B decoded
+    ~10 % slower). Its few float matrices (llama.cpp keeps MoE routers and some small
+    projections float) are float32 too. A model with float matrices of any size (a tenth of its
+    matrix weights or more) computes all in `dtype`."""
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
         return dtype, dtype
     quantized = floats = 0  # matrix weights, the token table (lookups and the head) aside

@@ -1,5 +1,5 @@
 """Load a GGUF file (architectures gemma4 and gemma3) with its weights quantized: llama.cpp's text
-model (its towers in an mmproj beside it), or Ollama's, which holds Gemma 4's towers itself."""
+model (its towers in an mmproj beside it), or Ollama's, which holds its towers itself."""
 
 from __future__ import annotations
 

@@ -133,7 +133,9 @@ def _find_manifest(root: Path, parts: tuple[str, str, str, str]) -> Path | None:
             if not here.is_dir():
                 return None
             exact = here / part
-            here = exact if exact.exists() else next((p for p in here.iterdir() if p.name.lower() == part.lower()), exact)
+            if not exact.exists():  # names fold case, as Ollama matches them
+                exact = next((p for p in here.iterdir() if p.name.lower() == part.lower()), exact)
+            here = exact
         return here if here.is_file() else None
     except OSError as e:  # unreadable folders: say where
         raise LoadError(f"{here}: cannot read Ollama's store ({e.strerror or e})") from None
