@@ -714,6 +714,18 @@ def _per_layer(value: Any, n: int, key: str) -> list:
 # released Gemma 3 with a vision tower (4B, 12B, 27B) applies on its full layers
 GGUF_ROPE_SCALING_KEYS = ("rope.scaling.type", "rope.scaling.factor", "rope.scale_linear")
 GEMMA3_VISION_ROPE_FACTOR = 8.0
+# Ollama's converter writes no RoPE scaling for Gemma 3, and its older files give the 1B a final
+# softcap of 30 (the checkpoint has none). Its runtime corrects sliding-window files of the released
+# sizes by their layer count, and so does the reader here: the 4B, 12B and 27B get the factor
+# above, the 1B no softcap. (`gemmarun convert` writes these sizes so that nothing is corrected.)
+GEMMA3_SCALED_LAYER_COUNTS = frozenset({34, 48, 62})
+GEMMA3_1B_LAYER_COUNT = 26
+
+
+def gemma3_ollama_corrections(num_layers: int, sliding_window: int, context: int) -> tuple[bool, bool]:
+    """(RoPE factor 8 where the file has no scaling key, no final softcap): Ollama's corrections."""
+    released = sliding_window < context
+    return released and num_layers in GEMMA3_SCALED_LAYER_COUNTS, released and num_layers == GEMMA3_1B_LAYER_COUNT
 
 
 def gemma3_gguf_attention_scale(num_layers: int, hidden: int, num_heads: int, head_dim: int) -> float:
@@ -812,6 +824,11 @@ def text_config_from_gguf(
         # llama.cpp reads the factor's old key, rope.scale_linear, too, and takes 0 as unscaled
         factor = number("rope.scaling.factor", number("rope.scale_linear", 1.0)) if scaling == "linear" else 1.0
         factor = factor or 1.0
+        scaled, uncapped = gemma3_ollama_corrections(n, common["sliding_window"], common["max_position_embeddings"])
+        if scaled and not any(f"{arch}.{key}" in meta for key in GGUF_ROPE_SCALING_KEYS):
+            factor = GEMMA3_VISION_ROPE_FACTOR
+        if uncapped:
+            common["final_logit_softcap"] = None
         if hidden // num_heads < 1:
             raise ConfigError(f"{arch}.embedding_length={hidden} is smaller than attention.head_count={num_heads}")
         return TextConfig(  # no attention softcap: llama.cpp's gemma3 graph has none (see the HF parse)

@@ -611,7 +611,7 @@ def test_convert_writes_gemma3_27b_whose_query_scale_gguf_implies(tmp_path):
         write_config_metadata(GGUFWriter(tmp_path / "other.gguf", "gemma3"), dataclasses.replace(cfg, attention_scale=0.5))
 
 
-def _gemma3_metadata(tmp_path, **hf):
+def _gemma3_metadata(tmp_path, layers=12, **hf):
     """(config, the GGUF metadata convert writes for it, tensor shapes) for a small Gemma 3."""
     from gguf import GGUFWriter
 
@@ -619,14 +619,43 @@ def _gemma3_metadata(tmp_path, **hf):
     from gemmarun.loading.convert import write_config_metadata
 
     cfg = text_config_from_hf({
-        "model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 12,
+        "model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": layers,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
         "sliding_window": 8, "vocab_size": 256, "rope_scaling": {"rope_type": "linear", "factor": 8.0}, **hf})
     w = GGUFWriter(tmp_path / "g3.gguf", "gemma3")
     write_config_metadata(w, cfg)
     written = {key: field.value for key, field in w.kv_data[0].items()}
-    shapes = {"token_embd.weight": (256, 64), **{f"blk.{i}.attn_norm.weight": (64,) for i in range(12)}}
+    shapes = {"token_embd.weight": (256, 64), **{f"blk.{i}.attn_norm.weight": (64,) for i in range(layers)}}
     return cfg, written, shapes
+
+
+def test_gemma3_gguf_gets_ollamas_corrections_for_the_released_sizes(tmp_path):
+    """Ollama's converter writes no RoPE scaling for Gemma 3, and its older 1B files a final
+    softcap of 30 the checkpoint does not have. Ollama's runtime corrects sliding-window files of
+    the released sizes by layer count; so does the reader (text-only files had run unscaled), and
+    convert writes those sizes so that nothing of theirs is corrected."""
+    from gemmarun.config import text_config_from_gguf
+    from gemmarun.loading import LoadError
+
+    def unscaled(meta):
+        return {k: v for k, v in meta.items() if ".rope.scaling." not in k}
+
+    _, meta34, shapes34 = _gemma3_metadata(tmp_path, layers=34)
+    assert text_config_from_gguf(unscaled(meta34), shapes34).rope_full.factor == 8.0  # the 4B's layer count
+    no_window = unscaled(meta34) | {"gemma3.attention.sliding_window": 131072}
+    assert text_config_from_gguf(no_window, shapes34).rope_full.factor == 1.0
+    _, meta12, shapes12 = _gemma3_metadata(tmp_path)
+    assert text_config_from_gguf(unscaled(meta12), shapes12).rope_full.factor == 1.0  # not a released size
+    _, plain34, _ = _gemma3_metadata(tmp_path, layers=34, rope_scaling=None)
+    assert plain34["gemma3.rope.scaling.type"] == "none"
+    assert text_config_from_gguf(plain34, shapes34).rope_full.factor == 1.0
+
+    capped = {"gemma3.final_logit_softcapping": 30.0}
+    _, meta26, shapes26 = _gemma3_metadata(tmp_path, layers=26)
+    assert text_config_from_gguf(meta26 | capped, shapes26).final_logit_softcap is None  # the 1B's
+    assert text_config_from_gguf(meta12 | capped, shapes12).final_logit_softcap == 30.0
+    with pytest.raises(LoadError, match="a 26-layer Gemma 3's final softcap cannot be expressed in GGUF"):
+        _gemma3_metadata(tmp_path, layers=26, final_logit_softcapping=30.0)
 
 
 def test_gemma3_gguf_rope_factor_reads_as_llama_cpp_does(tmp_path):

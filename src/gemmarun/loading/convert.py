@@ -24,7 +24,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
-from ..config import LayerType, TextConfig, gemma3_gguf_attention_scale, load_hf_config
+from ..config import LayerType, TextConfig, gemma3_gguf_attention_scale, gemma3_ollama_corrections, load_hf_config
 from ..outputs import partial_path, replaced_target
 from ..tokenizer import PRINTED_SPECIALS, Tokenizer
 from .errors import LoadError
@@ -78,9 +78,15 @@ def write_config_metadata(w: GGUFWriter, cfg: TextConfig) -> None:
                             f"(readers derive {implied:.6g} from its shape)")
         if cfg.attn_logit_softcap:
             w.add_float32(f"{a}.attn_logit_softcapping", cfg.attn_logit_softcap)
+        scaled, uncapped = gemma3_ollama_corrections(n, cfg.sliding_window, cfg.max_position_embeddings)
+        if uncapped and cfg.final_logit_softcap:
+            raise LoadError(f"convert: a {n}-layer Gemma 3's final softcap cannot be expressed in GGUF "
+                            "(readers drop it: the released 1B has none)")
         if cfg.rope_full.factor != 1.0:
             w.add_string(f"{a}.rope.scaling.type", "linear")
             w.add_float32(f"{a}.rope.scaling.factor", cfg.rope_full.factor)
+        elif scaled:  # said, or readers would take the released factor
+            w.add_string(f"{a}.rope.scaling.type", "none")
         w.add_uint32(f"{a}.feed_forward_length", cfg.intermediate_size)
         w.add_uint32(f"{a}.attention.head_count_kv", cfg.num_kv_heads)
         w.add_uint32(f"{a}.attention.key_length", cfg.head_dim)

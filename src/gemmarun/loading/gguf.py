@@ -96,6 +96,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, reference: b
         cfg = replace(cfg, bidirectional_vision=True)
         if projector.file is f and not any(f"gemma3.{key}" in f.metadata for key in GGUF_ROPE_SCALING_KEYS):
             # Ollama writes no RoPE scaling for Gemma 3 with vision; every such checkpoint has one
+            # (the reader already gave the released sizes theirs, as Ollama does; this, any size)
             cfg = replace(cfg, rope_full=replace(cfg.rope_full, factor=GEMMA3_VISION_ROPE_FACTOR))
     towers = set(projector.names) | {OLLAMA_PACKED_CLAMPS} if projector is not None and projector.file is f else set()
     state: dict[str, torch.Tensor | QuantizedTensor] = {}
