@@ -54,18 +54,20 @@ def test_a_kept_cache_goes_on_as_a_fresh_prefill(models, family):
 
 
 @pytest.mark.parametrize("family", ["e2b", "gemma3"])
-def test_a_prompt_that_diverges_further_back_than_the_spare_slots_is_prefilled_whole(models, family):
+def test_a_prompt_that_diverges_further_back_than_the_spare_slots_reuses_its_prompt_only(models, family):
+    """Parting from a kept cache further back than its spare slots, inside the reply, reuses the
+    prompt before the reply (the rings saved its window at the mark); it had been prefilled whole."""
     model = models(family)
     pool = PromptCache(1, spare=2)
     first = _ids(3 * WINDOW, seed=3)
     reply = _generate(model, first, 2 * WINDOW, pool)
     held_len = len(first) + len(reply) - 1
-    for back, reused in ((1, True), (2, True), (4, False)):  # tokens of the kept cache not shared
+    for back, reused in ((1, None), (2, None), (4, len(first))):  # tokens of the kept cache not shared
         cut = held_len - back
         prompt = (first + reply)[:cut] + [7, 8, 9]
         expected = _generate(model, prompt, 6)
         assert _generate(model, prompt, 6, pool) == expected
-        assert pool.reused == (cut if reused else 0), back
+        assert pool.reused == (reused or cut), back
         pool.clear()
         _generate(model, first, 2 * WINDOW, pool)
 
@@ -89,6 +91,11 @@ def test_a_prompt_that_parts_just_before_the_reply_reuses_all_before_it(models, 
     second = first[:-4] + reply  # further back than the spare slots: prefilled whole
     assert _generate(model, second, 2 * WINDOW, pool) == _generate(model, second, 2 * WINDOW)
     assert pool.reused == 0
+    pool.clear()
+    _generate(model, first, 4 * WINDOW, pool)
+    second = first + reply[:3] + _ids(WINDOW, seed=52)  # parting inside the reply, past the spare slots
+    assert _generate(model, second, 2 * WINDOW, pool) == _generate(model, second, 2 * WINDOW)
+    assert pool.reused == len(first)
 
 
 def test_a_mark_after_a_rewind_claims_only_what_the_ring_still_holds(models):

@@ -186,6 +186,11 @@ class SlidingKV:
             self._undo.append((index, self.keys[:, :, index].clone(), self.values[:, :, index].clone(),
                                self.positions[index].clone()))
 
+    @property
+    def marked(self) -> int | None:
+        """The prompt end of the latest `mark`, None without one."""
+        return self._mark
+
     def can_rewind(self, length: int) -> bool:
         """Whether `rewind(length)` leaves a ring that goes on exactly."""
         if self.holds_window_before(length):
@@ -356,6 +361,16 @@ class KVCache:
                 if not answers[key]:
                     return False
         return True
+
+    def rollback_point(self, length: int) -> int:
+        """The longest prefix of at most `length` positions that `rewind` leaves going on exactly:
+        `length`, else the marked prompt end below it (a next prompt parting from a long reply
+        within its first tokens still reuses the prompt before it), else 0."""
+        if self.rolls_back_to(length):
+            return length
+        marks = {layer.marked for layer in self.layers if isinstance(layer, SlidingKV)}
+        mark = min((m for m in marks if m is not None), default=0)
+        return mark if 0 < mark < length and self.rolls_back_to(mark) else 0
 
     @torch.inference_mode()
     def rewind(self, length: int) -> None:

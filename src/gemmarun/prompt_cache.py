@@ -190,8 +190,8 @@ class PromptCache:
                 c = kept.cache
                 if c.batch != 1 or c.dtype != dtype or c.device != device or c.spare < spare:
                     continue
-                shared = shared_prefix(kept.held, prompt, len(prompt.ids) - 1)
-                if shared > best_shared and c.rolls_back_to(shared):
+                shared = c.rollback_point(shared_prefix(kept.held, prompt, len(prompt.ids) - 1))
+                if shared > best_shared:
                     best, best_shared = kept, shared
             if best is not None and (self.capacity == 1 or len(best.held.ids) - best_shared <= CONTINUED):
                 self._kept.remove(best)
