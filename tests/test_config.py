@@ -233,3 +233,10 @@ def test_a_composite_config_ties_its_head_by_its_top_level_flag(model_type, text
         text_config_from_hf(composite(False, True))
     with pytest.raises(ConfigError, match="tie_word_embeddings=false is not supported"):
         text_config_from_hf(_minimal(model_type=text_type, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("model_type", ["gemma4", "gemma3", "gemma4_unified"])
+def test_a_composite_config_without_its_text_section_says_so(model_type):
+    """It had been "model_type 'gemma4' is not supported (gemma4, ...)"."""
+    with pytest.raises(ConfigError, match=f"model_type '{model_type}' needs a text_config section"):
+        text_config_from_hf({"model_type": model_type, "hidden_size": 64})

@@ -375,6 +375,8 @@ def _text_section(raw: dict[str, Any]) -> tuple[dict[str, Any], str]:
         return hf_section(raw, "text_config") or {}, "gemma3" if model_type == "gemma3" else "gemma4"
     if model_type in ("gemma4_text", "gemma3_text", "gemma4_unified_text"):
         return raw, "gemma3" if model_type == "gemma3_text" else "gemma4"
+    if model_type in ("gemma4", "gemma3", "gemma4_unified"):  # (the message had listed it as unsupported)
+        raise ConfigError(f"model_type {model_type!r} needs a text_config section (the text model's settings)")
     raise ConfigError(
         f"model_type {model_type!r} is not supported "
         "(gemma4, gemma4_text, gemma4_unified, gemma4_unified_text, gemma3, gemma3_text)"

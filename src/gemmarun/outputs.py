@@ -13,6 +13,8 @@ def replaced_target(path: str | Path) -> Path:
     pointing at the new file; renaming over the link had replaced it with a plain file). A
     folder, FIFO or device is a ValueError: the rename would put a file in its place (a root's
     `--write /dev/null` had replaced the device)."""
+    if str(path).endswith(("/", os.sep)):  # Path() drops the slash: a file of the folder's name
+        raise ValueError(f"{path}: a folder's name, not a file's")
     real = Path(os.path.realpath(path))
     if real.is_dir():
         raise ValueError(f"{path}: a folder, not a file")
@@ -52,5 +54,12 @@ def write_replacing(path: str | Path, data: bytes) -> None:
     try:
         partial.write_bytes(data)
         os.replace(partial, target)
+    except OSError as e:
+        raise cannot_write(path, e) from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+def cannot_write(path: str | Path, e: OSError) -> OSError:
+    """The error of a failed write, naming the file asked for (not its hidden partial one)."""
+    return OSError(f"cannot write {path}: {e.strerror or e}")

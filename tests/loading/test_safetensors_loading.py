@@ -279,11 +279,11 @@ def test_a_failed_convert_leaves_the_output_as_it_was(tiny_models, tmp_path, mon
     out.write_bytes(b"the user's earlier file")
     calls = []
 
-    def failing(tensor, qtype):
+    def failing(name, tensor, qtype):
         calls.append(qtype)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(tensor, qtype)
+        return real(name, tensor, qtype)
 
     real = convert_module._encode
     monkeypatch.setattr(convert_module, "_encode", failing)
@@ -310,7 +310,8 @@ def test_a_fifo_or_a_folder_in_place_of_a_file_is_refused(tiny_models, tmp_path)
             gemmarun.load(dst)
         (dst / name).unlink()
         (dst / "kept").rename(dst / name)
-    (dst / "extra.safetensors").mkdir()
+    (dst / "extra.safetensors").mkdir()  # (read where no model.safetensors says which file to read)
+    (dst / "model.safetensors").rename(dst / "weights.safetensors")
     with pytest.raises(LoadError, match="extra.safetensors: a folder where the model folder should hold a file"):
         gemmarun.load(dst)
 
@@ -361,7 +362,7 @@ def test_integer_weights_are_refused_and_ids_past_the_table_are_a_clear_error(ti
     folder, _ = tiny_models("gemma3")
     q = "model.layers.0.self_attn.q_proj.weight"
     dst = _edit_tensors(folder, tmp_path, lambda t: t.update({q: t[q].to(torch.int32)}))
-    with pytest.raises(LoadError, match="holds int32 values, not floats"):
+    with pytest.raises(LoadError, match=r"integer values where floats belong: layers.0.self_attn.q_proj.weight \(int32\)"):
         gemmarun.load(dst, device="cpu")
     raw = json.loads((folder / "config.json").read_text())
     small = tmp_path / "small"
@@ -436,3 +437,84 @@ def test_named_chat_templates_render_as_transformers_picks_them(tiny_models, tmp
     (named / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
     llm = gemmarun.load(named)
     assert llm.render_chat(messages) == "DEFAULT|hi" and llm.render_chat(messages, tools=[tool]) == "TOOLS[get_weather]|hi"
+
+
+def test_a_stored_head_must_be_the_token_table(tiny_models, tmp_path):
+    """A checkpoint may store lm_head.weight beside a tied config; transformers uses it where it
+    differs (it then unties them). It had been dropped without a word: other logits."""
+    from gemmarun.loading.convert import convert
+
+    folder, _ = tiny_models("gemma3")
+    embed = "model.embed_tokens.weight"
+    same = _edit_tensors(folder, tmp_path / "same", lambda t: t.update({"lm_head.weight": t[embed].clone()}))
+    assert np.array_equal(gemmarun.load(same).logits([2, 5, 7]), gemmarun.load(folder).logits([2, 5, 7]))
+    for name, head in (("other", lambda t: t[embed] + 0.01), ("small", lambda t: torch.zeros(3, 3))):
+        dst = _edit_tensors(folder, tmp_path / name, lambda t: t.update({"lm_head.weight": head(t)}))
+        with pytest.raises(LoadError, match=r"lm_head.weight differs from the token table .* untied head is not supported"):
+            gemmarun.load(dst)
+        with pytest.raises(LoadError, match="lm_head.weight differs"):
+            convert(dst, tmp_path / f"{name}.gguf", "f16", progress=False)
+
+
+def test_model_safetensors_is_read_alone_as_transformers_reads_it(tiny_models, tmp_path):
+    """Every *.safetensors had been read in name order, so a stray file beside model.safetensors
+    (an old copy) replaced its weights without a word."""
+    folder, _ = tiny_models("gemma3")
+    dst = _copy(folder, tmp_path)
+    tensors = load_file(dst / "model.safetensors")
+    save_file({k: v + 0.5 for k, v in tensors.items()}, dst / "model_old.safetensors")
+    assert np.array_equal(gemmarun.load(dst).logits([2, 5, 7]), gemmarun.load(folder).logits([2, 5, 7]))
+    (dst / "model.safetensors").rename(dst / "a.safetensors")  # no file says which of two to read
+    with pytest.raises(LoadError, match="is in two files and there is no model.safetensors or index"):
+        gemmarun.load(dst)
+
+
+def test_convert_writes_nothing_loading_would_refuse(tiny_models, tmp_path):
+    """convert had written GGUFs (exit 0) from folders that loading refuses: a missing or
+    misshapen tensor (the GGUF failing only when loaded), integer weights (cast to floats:
+    garbage that then ran), an unknown tensor (a bare KeyError), NaN weights."""
+    from gemmarun.loading.convert import convert
+
+    folder, _ = tiny_models("e2b")
+    up, q = "model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    cases = [
+        ("missing", lambda t: t.pop(up), "missing tensors: layers.0.mlp.up_proj.weight"),
+        ("shape", lambda t: t.update({q: torch.zeros(3, 3)}), r"wrong shapes: layers.1.self_attn.q_proj.weight \(3, 3\)"),
+        ("int8", lambda t: t.update({up: t[up].to(torch.int8)}), r"integer values where floats belong: .*up_proj.weight \(int8\)"),
+        ("extra", lambda t: t.update({"model.layers.0.bogus.weight": torch.zeros(2)}), "unexpected tensors: layers.0.bogus.weight"),
+        ("nan", lambda t: t[q].view(-1).__setitem__(0, float("nan")), "tensor blk.1.attn_q.weight holds NaN or infinite values"),
+    ]
+    for name, edit, message in cases:
+        dst = _edit_tensors(folder, tmp_path / name, edit)
+        with pytest.raises(LoadError, match=message) as e:
+            convert(dst, tmp_path / f"{name}.gguf", "q8_0", progress=False)
+        assert "\n" not in str(e.value)
+        assert not list(tmp_path.glob(f"*{name}.gguf*")), name
+
+
+def test_convert_names_the_output_it_cannot_write(tiny_models, tmp_path):
+    """An unwritable output had been a bare errno naming the hidden partial file; a name ending in
+    "/" (a folder meant) wrote a file of that name."""
+    from gemmarun.loading.convert import convert
+
+    folder, _ = tiny_models("gemma3")
+    with pytest.raises(LoadError, match=r"^convert: cannot write /proc/out.gguf: No such file or directory$"):
+        convert(folder, "/proc/out.gguf", "f16", progress=False)
+    with pytest.raises(LoadError, match="newdir/: a folder's name, not a file's"):
+        convert(folder, f"{tmp_path}/newdir/", "f16", progress=False)
+    assert not (tmp_path / "newdir").exists()
+
+
+def test_integer_tower_weights_are_named(tmp_path):
+    """An integer tensor in a Gemma 4 tower failed inside torch's load_state_dict, its message
+    cut to "Error(s) in loading state_dict for Encoders:"."""
+    from reference_models import build_multimodal
+
+    folder = tmp_path / "mm"
+    build_multimodal("e2b", folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = next(k for k in tensors if k.startswith("model.vision_tower.") and k.endswith("q_proj.linear.weight"))
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(LoadError, match=r"^encoders: integer values where floats belong: vision_tower\..*q_proj.linear.weight \(int8\)$"):
+        gemmarun.load(folder)

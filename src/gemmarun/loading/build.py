@@ -55,7 +55,7 @@ def return_freed_heap() -> None:
 
 
 def _problems(expected: dict[str, torch.Tensor], state: dict[str, Tensorish]) -> list[str]:
-    """Missing, unexpected and misshapen tensors, listed together."""
+    """Missing, unexpected and misshapen tensors, and integers where floats belong, listed together."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(
@@ -63,8 +63,14 @@ def _problems(expected: dict[str, torch.Tensor], state: dict[str, Tensorish]) ->
         for k in set(state) & set(expected)
         if tuple(state[k].shape) != tuple(expected[k].shape)
     )
+    integers = sorted(
+        f"{k} ({str(state[k].dtype).removeprefix('torch.')})"  # (a cast had made garbage of them)
+        for k in set(state) & set(expected)
+        if isinstance(state[k], torch.Tensor) and expected[k].is_floating_point() and not state[k].is_floating_point()
+    )
     problems = []
-    for label, names in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)):
+    for label, names in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong),
+                         ("integer values where floats belong", integers)):
         if names:
             problems.append(f"{label}: {', '.join(names[:8])}" + (" ..." if len(names) > 8 else ""))
     return problems
@@ -81,6 +87,15 @@ def _check(cfg: TextConfig, expected: dict[str, torch.Tensor], state: dict[str, 
             problems.append(f"wrong shapes: PLE table {tuple(ple_table.shape)} (expected {want})")
     if problems:
         raise LoadError("; ".join(problems))
+
+
+def check_text_state(cfg: TextConfig, state: dict[str, Tensorish]) -> None:
+    """LoadError unless `state` (gemmarun names) has exactly the text model's tensors, PLE table
+    included, in their shapes, floats where the model holds floats (what convert writes too)."""
+    with torch.device("meta"):
+        model = TextModel(cfg)
+    state = dict(state)
+    _check(cfg, model.state_dict(), state, state.pop(PLE_TABLE, None))
 
 
 def check_encoder_state(encoders: torch.nn.Module, state: dict[str, Tensorish]) -> None:
@@ -171,12 +186,11 @@ def build_text_model(
     float32 as the norm computes. Quantized tensors replace their module with a quantized one that
     keeps the blocks. The PLE table is kept as stored, on the CPU.
     """
+    check_text_state(cfg, state)
     with torch.device("meta"):
         model = TextModel(cfg)
-    expected = model.state_dict()
     state = dict(state)
     ple_table = state.pop(PLE_TABLE, None)
-    _check(cfg, expected, state, ple_table)
 
     from ..quant import QuantExperts, QuantLinear
 
@@ -197,8 +211,6 @@ def build_text_model(
     for name, t in state.items():
         if name in quantized:
             continue
-        if not t.is_floating_point():
-            raise LoadError(f"tensor {name} holds {str(t.dtype).removeprefix('torch.')} values, not floats")
         if is_norm_weight(name):  # the norm computes in float32 (and Gemma 3's 1 + w is exact there)
             t = t.float()
         elif t.dtype != dtype:

@@ -25,10 +25,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileTy
 from gguf.quants import quantize
 
 from ..config import LayerType, TextConfig, gemma3_gguf_attention_scale, gemma3_ollama_corrections, load_hf_config
-from ..outputs import partial_path, replaced_target
+from ..outputs import cannot_write, partial_path, replaced_target
 from ..tokenizer import PRINTED_SPECIALS, Tokenizer
 from .errors import LoadError
-from .hf import check_folder_files, read_chat_template
+from .build import check_text_state
+from .hf import check_folder_files, check_tied_head, read_chat_template
 from .names import HF_TOWER_PREFIXES, gemmarun_to_gguf, map_hf_names, sanitize_gemma3
 from .safetensors import read_folder
 
@@ -223,8 +224,10 @@ def encoded_nbytes(shape: tuple[int, ...], t: GGMLQuantizationType) -> int:
     return int(np.prod(shape)) // block * type_size
 
 
-def _encode(t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
+def _encode(name: str, t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
     arr = t.float().numpy()
+    if not np.isfinite(arr).all():  # a broken checkpoint: its logits would be NaN
+        raise LoadError(f"convert: tensor {name} holds NaN or infinite values")
     if qtype == GGMLQuantizationType.F32:
         return arr.astype(np.float32)
     if qtype == GGMLQuantizationType.F16:
@@ -235,7 +238,7 @@ def _encode(t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
 def convert(source: str | Path, output: str | Path, type_name: str = "f16", progress: bool = True,
             note: Callable[[str], None] | None = None) -> Path:
     """Write the folder's text model as a GGUF; `note` hears what is left out (the towers)."""
-    folder, output = Path(source), Path(output)
+    folder, asked, output = Path(source), output, Path(output)
     if type_name not in TYPES:
         raise LoadError(f"convert: --type {type_name!r} is not supported ({', '.join(TYPES)})")
     if not folder.is_dir():
@@ -243,7 +246,7 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
     if output.is_dir():
         raise LoadError(f"convert: {output} is a folder; give the GGUF file's name")
     try:
-        output = replaced_target(output)  # a symlink's target; no FIFO or device replaced
+        output = replaced_target(asked)  # a symlink's target; no FIFO or device replaced
     except ValueError as e:
         raise LoadError(f"convert: {e}") from None
     if output.exists() and any(output.samefile(f) for f in folder.iterdir()):
@@ -251,13 +254,17 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
         raise LoadError(f"convert: the output {output} is one of the source folder's files")
     check_folder_files(folder)
     cfg = load_hf_config(folder)
-    state, ignored = map_hf_names(read_folder(folder), cfg)
+    tensors = read_folder(folder)
+    check_tied_head(tensors)
+    state, ignored = map_hf_names(tensors, cfg)
     towers = sum(name.startswith(HF_TOWER_PREFIXES) for name in ignored)
     if towers and note is not None:
         note(f"the vision/audio towers ({towers} tensors) are not written: a GGUF holds the text model; "
              "keep the HF folder for image and audio input (gemmarun writes no mmproj file)")
     if cfg.family == "gemma3":
         state = sanitize_gemma3(state, cfg)  # GGUF gemma3 norms hold 1 + w, as llama.cpp writes them
+    check_text_state(cfg, state)  # what loading the folder refuses is not written either
+    if cfg.family == "gemma3":
         state = {k: v for k, v in state.items() if not k.endswith("layer_scalar")}
     qtype = TYPES[type_name]
 
@@ -288,8 +295,8 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         start, show = time.time(), progress and sys.stderr.isatty()
-        for i, (_gname, tensor, t) in enumerate(plan):
-            data = tensor if isinstance(tensor, np.ndarray) else _encode(tensor, t)
+        for i, (gname, tensor, t) in enumerate(plan):
+            data = tensor if isinstance(tensor, np.ndarray) else _encode(gname, tensor, t)
             w.write_tensor_data(data)
             if show:
                 done = (i + 1) / len(plan)
@@ -301,6 +308,8 @@ def convert(source: str | Path, output: str | Path, type_name: str = "f16", prog
         os.replace(partial, output)
     except struct.error as e:  # a value the format's fixed-size fields cannot hold
         raise LoadError(f"convert: a value does not fit its GGUF field ({e})") from None
+    except OSError as e:  # (an unwritable folder, a full disk)
+        raise LoadError(f"convert: {cannot_write(output, e)}") from None
     finally:
         partial.unlink(missing_ok=True)
     return output

@@ -14,7 +14,7 @@ from ..model.unified import unified_config_from_hf
 from ..tokenizer import Tokenizer
 from .build import build_encoders, build_text_model
 from .errors import LoadError
-from .names import map_hf_names, map_hf_tower_names, sanitize_gemma3
+from .names import HF_TEXT_PREFIXES, map_hf_names, map_hf_tower_names, sanitize_gemma3
 from .safetensors import read_folder
 
 _TYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -72,6 +72,22 @@ def check_folder_files(folder: Path) -> None:
         check_regular(file)
 
 
+def check_tied_head(tensors: dict[str, torch.Tensor]) -> None:
+    """Gemma ties its head to the token table; a checkpoint may still store `lm_head.weight`,
+    which transformers then uses where it differs. Refused unless it is the table itself."""
+    head = tensors.get("lm_head.weight")
+    if head is None:
+        return
+    table = next((tensors[p + "embed_tokens.weight"] for p in HF_TEXT_PREFIXES if p + "embed_tokens.weight" in tensors),
+                 None)
+    rows = 4096  # compared a block of rows at a time: no float copy of a whole table
+    same = table is not None and head.shape == table.shape and all(
+        torch.equal(head[i : i + rows].float(), table[i : i + rows].float()) for i in range(0, head.shape[0], rows))
+    if not same:
+        raise LoadError("lm_head.weight differs from the token table (embed_tokens.weight): an untied head "
+                        "is not supported (Gemma ties its head)")
+
+
 def media_config_from_hf(raw: dict):
     """The towers' config of any multimodal config.json (gemma4, gemma4_unified, gemma3); None for
     a text-only model."""
@@ -92,6 +108,7 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LL
         raise LoadError(f"{folder}: no tokenizer.json")
     tokenizer = Tokenizer.from_hf_folder(folder)
     tensors = read_folder(folder)
+    check_tied_head(tensors)
     state, _ignored = map_hf_names(tensors, cfg)
     if cfg.family == "gemma3":
         state = sanitize_gemma3(state, cfg)

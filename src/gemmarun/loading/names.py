@@ -46,7 +46,7 @@ def map_hf_names(
     ignored: dict[str, str] = {}
     for name, tensor in tensors.items():
         if name == "lm_head.weight":
-            ignored[name] = "the head is tied to embed_tokens"
+            ignored[name] = "the head is tied to embed_tokens (hf.check_tied_head)"
             continue
         if name.startswith(HF_TOWER_PREFIXES):
             ignored[name] = "vision/audio tower weight, not used by the text decoder"

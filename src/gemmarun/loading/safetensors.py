@@ -103,7 +103,8 @@ def _naturals(value: object) -> bool:
 
 
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a HF model folder: `model.safetensors` or a sharded index."""
+    """Tensors of a HF model folder: its sharded index's files, else `model.safetensors`, else every
+    `*.safetensors` (a tensor in two of them refused)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json_object(index, LoadError).get("weight_map")
@@ -121,10 +122,17 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
         if missing:
             raise LoadError(f"{index}: tensors listed but not in any shard: {', '.join(missing[:5])}")
         return tensors
+    if (folder / "model.safetensors").is_file():  # as transformers: another file beside it is not read
+        return read_safetensors(folder / "model.safetensors")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise LoadError(f"{folder}: no .safetensors files")
     tensors = {}
     for f in files:
-        tensors.update(read_safetensors(f))
+        part = read_safetensors(f)
+        twice = next((name for name in part if name in tensors), None)
+        if twice is not None:  # which one a model means, no file says
+            raise LoadError(f"{folder}: tensor {twice!r} is in two files and there is no model.safetensors "
+                            "or index saying which to read")
+        tensors.update(part)
     return tensors
