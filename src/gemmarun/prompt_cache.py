@@ -190,9 +190,11 @@ class PromptCache:
                 c = kept.cache
                 if c.batch != 1 or c.dtype != dtype or c.device != device or c.spare < spare:
                     continue
-                shared = c.rollback_point(shared_prefix(kept.held, prompt, len(prompt.ids) - 1))
-                if shared > best_shared:
-                    best, best_shared = kept, shared
+                shared = shared_prefix(kept.held, prompt, len(prompt.ids) - 1)
+                if shared > best_shared:  # (checking where a cache can be cut reads the device)
+                    shared = c.rollback_point(shared)
+                    if shared > best_shared:
+                        best, best_shared = kept, shared
             if best is not None and (self.capacity == 1 or len(best.held.ids) - best_shared <= CONTINUED):
                 self._kept.remove(best)
                 cache = best.cache
