@@ -143,6 +143,7 @@ def test_a_json_schema_file_that_is_not_text_is_named(tmp_path, capsys):
     (["chat", "x", "--max-tokens", "-5"], "gemmarun chat: error: --max-tokens must be >= 0"),
     (["run", "x", "hi", "--json-schema", "/nonexistent/s.json"], "--json-schema /nonexistent/s.json: no such file"),
     (["run", "x", "hi", "--json-schema", "/"], "--json-schema /: a folder, not a JSON schema file"),
+    (["run", "x", "hi", "--json-schema", ""], "--json-schema needs a file name"),  # (it had been ignored)
     (["run", "x", "hi", "--stop-token-id", "-3"], "--stop-token-id -3 is negative"),
     (["run", "hi", "x"], "the model comes first"),
     (["chat", "x", "--image", "a.png"], "gemmarun chat: error: unrecognized arguments: --image a.png (see gemmarun chat --help)"),

@@ -86,6 +86,21 @@ def test_run_with_json_schema(tiny_models, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) in ({"ok": True}, {"ok": False})
 
 
+def test_an_empty_regex_is_the_empty_answer_and_a_cut_answer_is_said(tiny_models, tmp_path, capsys):
+    """`--regex ""` had been ignored (free text); a stop string that cut a constrained answer
+    ended without a word, its broken JSON as if whole."""
+    folder, _ = tiny_models("e2b")
+    assert main(["run", str(folder), "hi", "--raw", "--regex", "", "--max-tokens", "5"]) == 0
+    assert capsys.readouterr().out == "\n"
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                  "required": ["a", "b"], "additionalProperties": False}))
+    assert main(["run", str(folder), "hi", "--raw", "--json-schema", str(schema), "--stop", ", ",
+                 "--max-tokens", "40", "--seed", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith('{"a": ') and "a stop string or stop token cut the answer before its grammar" in err
+
+
 def test_loop_guard_on_a_model_that_truly_loops(tiny_models):
     """The tiny Gemma 3 model collapses into a loop under greedy decoding from the LOOPING_SEED
     prompt; from the CLEAN_SEED prompt it does not."""

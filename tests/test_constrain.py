@@ -121,7 +121,7 @@ def test_a_run_on_number_is_closed(tiny_models):
         control = llm.output_control(llm.grammar_state(Grammar.json_schema(schema), None), "off")
         for _ in range(60):
             token = int(torch.argmax(control.mask(favour + torch.rand(llm.config.vocab_size, generator=noise))))
-            if control.ends_on(token):
+            if control.stops_on(token, frozenset()):
                 break
             control.push(token)
             if control.grammar_done:
@@ -246,3 +246,85 @@ def test_the_svg_grammar_accepts_structure_and_refuses_broken_markup(tiny, text,
     assert _accepts(tiny, Grammar.svg(), text) is ok
     if ok:  # the grammar's promise
         ET.fromstring(text)
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"a": 1, "b": {"a": 2}, "c": [{"a": 3}, {"a": 4}]}', True),  # each object its own keys
+    ('["a", "a", {"a": "a"}]', True),  # strings in an array are values
+    ('{"a": "x\\"y\\\\", "b": "\\u0061"}', True),  # escapes in values
+    ('{"a": 1, "a": 2}', False),
+    ('{"a": {"b": 1}, "a": 2}', False),
+    ('{"\\u0061": 1}', False),  # a declared "a", escaped past the grammar's key names
+    ('{"a\\"b": 1}', False),
+])
+def test_json_keys_are_written_plainly_and_once(text, ok):
+    """llguidance's JSON grammar does not follow key names: `{"b": 1, "b": 2}` met a minProperties
+    of 2 and `"\\u0061"` (an "a") took a string past the declared integer "a", both ending "stop"."""
+    from gemmarun.constrain import json_keys_after
+
+    place = ((), None)
+    for i in range(len(text)):  # a character a token
+        place = json_keys_after(place, text[i].encode())
+        if place is None:
+            break
+    assert (place is not None) is ok
+    assert (json_keys_after(((), None), text.encode()) is not None) is ok  # one token for all
+
+
+def test_the_json_mask_forbids_a_repeated_or_escaped_key(tiny):
+    import torch
+
+    schema = {"type": "object", "minProperties": 2, "additionalProperties": {"type": "integer"}}
+    quote, backslash = (tiny.tokenizer.encode(c, add_bos=False)[0] for c in ('"', "\\"))
+    for prefix, banned in (('{"b": 1, "b', quote), ('{"b": 1, "c', backslash), ('{"', backslash)):
+        state = tiny.grammar_state(Grammar.json_schema(schema), None)
+        for t in tiny.tokenizer.encode(prefix, add_bos=False):
+            state.mask(torch.zeros(tiny.config.vocab_size))
+            state.advance(t)
+        allowed = torch.isfinite(state.mask(torch.zeros(tiny.config.vocab_size)))
+        assert not allowed[banned] and allowed.sum() > 1, prefix
+    state.rollback(1)  # back to "{": the key rules follow
+    assert len(state._json) == 2
+
+
+def test_an_answer_the_model_ends_is_complete_though_more_could_follow(tiny):
+    """A top-level number ended by the model's end of sequence is a whole answer (the grammar
+    accepts it, though another digit could follow): the server had reported it "length"."""
+    import torch
+
+    control = tiny.output_control(tiny.grammar_state(Grammar.json_schema({"type": "integer"}), None), "off")
+    for t in tiny.tokenizer.encode("42", add_bos=False):
+        control.mask(torch.zeros(tiny.config.vocab_size))
+        control.push(t)
+    assert not control.grammar_done
+    eos = tiny.tokenizer.eos_id
+    assert torch.isfinite(control.mask(torch.zeros(tiny.config.vocab_size)))[eos]
+    assert control.stops_on(eos, frozenset()) and control.grammar_done
+
+
+def test_a_stop_string_that_cuts_the_answer_is_no_clean_stop(tiny):
+    """A stop string inside a constrained answer left broken JSON reported "stop" (the server
+    already said "length"); the CLI said nothing."""
+    from gemmarun import SamplingParams
+
+    schema = SCHEMAS[0]  # two required keys: the answer holds the item separator ", "
+    for stop, cut in (((", ",), True), (("no such text",), False)):
+        stream = tiny.stream_prompt(tiny.build_prompt("hello"), SamplingParams(max_tokens=200, stop=stop, seed=0),
+                                    grammar=Grammar.json_schema(schema))
+        text = "".join(stream)
+        assert stream.grammar_cut is cut and stream.finish_reason == ("length" if cut else "stop"), text
+        if not cut:
+            _validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("schema, message", [
+    (True, None), (False, "not false, which no value satisfies"), ([1, 2], "not a JSON list"),
+])
+def test_a_boolean_schema_is_a_schema(schema, message):
+    """`true` is the schema of any value; it (and other non-objects) had been "Expecting object
+    schema to apply options", from gemmarun's own layout settings."""
+    if message is None:
+        assert Grammar.json_schema(schema).kind == "json_schema"
+    else:
+        with pytest.raises(GrammarError, match=message):
+            Grammar.json_schema(schema)

@@ -333,7 +333,7 @@ class BatchEngine:
             seen = torch.cat((torch.tensor(r.prompt.ids, dtype=torch.long), generated))
             token = r.sampler(control.mask(logits), seen, generated) if chosen is None else chosen
             chosen = None  # after a rollback the fresh logits are sampled
-            if token in r.stop_ids or control.ends_on(token):  # not kept: the stop token's scores only
+            if control.stops_on(token, r.stop_ids):  # not kept: the stop token's scores only
                 return self._finish(r, "stop", self._score(r, logits, token))
             outcome = settle(token, control, r.stop_ids, r.params, n_prompt, r.max_len)
             r.scores.append(self._score(r, logits, token))

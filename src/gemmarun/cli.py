@@ -166,6 +166,8 @@ def _file_bytes(path: str, named: str, kind: str) -> bytes:
 
 def _schema_text(path: str) -> str:
     """The --json-schema file's text, or a one-line error naming the file."""
+    if not path:
+        raise ValueError("--json-schema needs a file name (its file holds the schema)")
     named = f"--json-schema {path}"
     try:
         return _file_bytes(path, named, "a JSON schema file").decode("utf-8")
@@ -176,9 +178,10 @@ def _schema_text(path: str) -> str:
 def _grammar(args: argparse.Namespace):
     from .constrain import Grammar
 
-    if getattr(args, "json_schema", None):
-        return Grammar.json_schema(getattr(args, "json_schema_text", None) or _schema_text(args.json_schema))
-    if getattr(args, "regex", None):
+    if getattr(args, "json_schema", None) is not None:  # ("" too: a file name that names nothing)
+        text = getattr(args, "json_schema_text", None)
+        return Grammar.json_schema(text if text is not None else _schema_text(args.json_schema))
+    if getattr(args, "regex", None) is not None:  # ("" too: the empty answer)
         return Grammar.regex(args.regex)
     return None
 
@@ -216,6 +219,9 @@ def _stream_to_stdout(llm, prompt, params: SamplingParams, args: argparse.Namesp
     sys.stdout.flush()
     if stream.finish_reason == "loop":
         print("gemmarun: stopped: the output started repeating itself (loop guard)", file=sys.stderr)
+    elif stream.grammar_cut:
+        print("gemmarun: stopped: a stop string or stop token cut the answer before its grammar was complete",
+              file=sys.stderr)
     elif stream.finish_reason == "length":
         context = llm.config.max_position_embeddings
         if len(prompt.ids) + params.max_tokens > context:  # the context ended first
@@ -880,7 +886,7 @@ def _check_options(args: argparse.Namespace) -> None:
     negative = [i for i in getattr(args, "stop_token_ids", []) if i < 0]
     if negative:
         raise ValueError(f"--stop-token-id {negative[0]} is negative: token ids start at 0")
-    if getattr(args, "json_schema", None):  # read once: <(...) or /dev/stdin holds it for one read
+    if getattr(args, "json_schema", None) is not None:  # read once: <(...) or /dev/stdin holds it for one read
         args.json_schema_text = _schema_text(args.json_schema)
     for flag, value in (("--system", getattr(args, "system", None)), ("--regex", getattr(args, "regex", None)),
                         *(("--stop", stop) for stop in getattr(args, "stop", None) or [])):

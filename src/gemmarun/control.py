@@ -5,7 +5,7 @@ Both engines (`generate.generate_step` for one request, `batching.BatchEngine` f
 
     logits = control.mask(logits)                # loop-guard bans here, grammar mask
     token = sample(logits)
-    if token in stop_ids or control.ends_on(token): finish "stop"
+    if control.stops_on(token, stop_ids): finish "stop"
     verdict = control.push(token)                # None, LOOP_STOP or ROLLBACK
     ROLLBACK: rebuild the cache from prompt + control.generated and sample again
     LOOP_STOP: finish "loop" (control.generated keeps one copy of what repeated)
@@ -137,9 +137,15 @@ class OutputControl:
                 break
         return n
 
-    def ends_on(self, token: int) -> bool:
-        """A grammar ends on an end-of-sequence token, even with ignore_eos."""
-        return self.grammar is not None and token in self.grammar.eos_ids
+    def stops_on(self, token: int, stop_ids: frozenset[int]) -> bool:
+        """Whether `token` ends the generation: a stop token, or an end of sequence under a grammar
+        (even with ignore_eos). The grammar takes it: an answer the model ended where more could
+        have come (a top-level number's next digit) is complete, not cut."""
+        if token not in stop_ids and (self.grammar is None or token not in self.grammar.eos_ids):
+            return False
+        if self.grammar is not None:
+            self.grammar.close(token)
+        return True
 
     @property
     def grammar_done(self) -> bool:

@@ -237,7 +237,7 @@ def settle(token: int, control: OutputControl, stop_ids: frozenset[int], params:
     """What one sampled token does to a generation: a finish reason ("stop", "loop",
     "length"), ROLLBACK (the control cut `generated` back: rebuild the cache from it and sample
     again), or None to go on. A stop token is not kept; every other token is pushed to `control`."""
-    if token in stop_ids or control.ends_on(token):
+    if control.stops_on(token, stop_ids):
         return "stop"
     verdict = control.push(token)
     if verdict is not None:

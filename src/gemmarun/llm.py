@@ -402,15 +402,19 @@ class LLM:
         _check_prompt_and_params(prompt, params)
         return TextStream(self._reply_deltas(prompt, params, grammar, loop_guard, draft, tools))
 
+    def _state_of(self, grammar, prompt: Prompt, params: SamplingParams):
+        """A Grammar made into its state as `stream` makes it (stream_prompt/stream_reply had
+        failed on it); thinking is on where the prompt's <|think|> turned it on."""
+        if isinstance(grammar, Grammar):
+            think = self.tokenizer.token_to_id("<|think|>")
+            return self.grammar_state(grammar, params, thinking=think is not None and think in prompt.ids)
+        if grammar is not None and not isinstance(grammar, GrammarState):
+            raise _not_a_grammar(grammar)
+        return grammar
+
     def _prompt_tokens(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft):
         """The token ids of one generation from `prompt` (its media encoded, or their soft tokens
-        kept by the prompt cache), as `token_stream` yields them."""
-        if isinstance(grammar, Grammar):  # made into its state as `stream` makes it (stream_prompt/
-            # stream_reply had failed on it); thinking is on where the prompt's <|think|> turned it on
-            think = self.tokenizer.token_to_id("<|think|>")
-            grammar = self.grammar_state(grammar, params, thinking=think is not None and think in prompt.ids)
-        elif grammar is not None and not isinstance(grammar, GrammarState):
-            raise _not_a_grammar(grammar)
+        kept by the prompt cache), as `token_stream` yields them. `grammar`: a GrammarState."""
         held = self.held(prompt)
         text_ids, embeds, blocks = self._inputs(prompt, held, self.prompt_cache)
         return self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,
@@ -420,6 +424,7 @@ class LLM:
         from .reply import ReplyStream
 
         reply = ReplyStream(self.tokenizer, stop=params.stop, tools=tools)
+        grammar = self._state_of(grammar, prompt, params)
         tokens = self._prompt_tokens(prompt, params, grammar, loop_guard, draft)
         while not reply.done:  # a stop string or the tool-response marker ends it early
             try:
@@ -427,15 +432,17 @@ class LLM:
             except StopIteration as done:
                 tail = reply.finish()
                 yield tail
-                return tail.done or done.value  # a stop string in the text of a call it ended inside
+                # a stop string in the text of a call it ended inside
+                return _under_grammar(grammar, tail.done or done.value, cut=tail.done is not None)
         tokens.close()
         yield reply.finish()
-        return "stop"
+        return _under_grammar(grammar, "stop", cut=True)
 
     def _stream_pieces(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft):
         decoder = IncrementalDecoder(self.tokenizer)
         pending = ""  # text held back because it may be the start of a stop string
         hold = max((len(s) for s in params.stop), default=0)
+        grammar = self._state_of(grammar, prompt, params)
         tokens = self._prompt_tokens(prompt, params, grammar, loop_guard, draft)
         # Stop strings are matched on text, so token-level max_tokens still bounds the work.
         while True:
@@ -450,7 +457,7 @@ class LLM:
                 if cut is not None:
                     if pending[:cut]:
                         yield pending[:cut]
-                    return "stop"
+                    return _under_grammar(grammar, "stop", cut=True)
                 safe = len(pending) - (hold - 1)
                 if safe > 0:
                     yield pending[:safe]
@@ -459,13 +466,12 @@ class LLM:
                 yield pending
                 pending = ""
         pending += decoder.flush()
-        if params.stop:
-            cut = _find_stop(pending, params.stop)
-            pending = pending if cut is None else pending[:cut]
-            reason = "stop" if cut is not None else reason
+        cut = _find_stop(pending, params.stop) if params.stop else None
+        if cut is not None:
+            pending, reason = pending[:cut], "stop"
         if pending:
             yield pending
-        return reason
+        return _under_grammar(grammar, reason, cut=cut is not None)
 
     def _check_ids(self, ids: list[int]) -> None:
         check_token_ids(ids, self.config.vocab_size)
@@ -478,12 +484,27 @@ def _media_list(media: Any) -> list:
     return list(media) if isinstance(media, (list, tuple)) else [media]
 
 
+# What a generation under a grammar ends with where its answer does not parse: the answer is cut
+# (a stop string, or a stop token the grammar did not end on). Reported as "length", as the server
+# reports it (a "stop" answer under a grammar always parses).
+GRAMMAR_CUT = "grammar cut"
+
+
+def _under_grammar(grammar, reason: str | None, cut: bool) -> str | None:
+    """`reason`, or GRAMMAR_CUT for a "stop" that leaves the grammar's answer unfinished or cut."""
+    if reason == "stop" and grammar is not None and (cut or not grammar.finished):
+        return GRAMMAR_CUT
+    return reason
+
+
 class TextStream:
-    """An iterator of text pieces that remembers why its generation ended."""
+    """An iterator of text pieces that remembers why its generation ended: `finish_reason`, and
+    `grammar_cut` where a stop string or stop token cut a constrained answer ("length")."""
 
     def __init__(self, pieces):
         self._pieces = pieces
         self.finish_reason: str | None = None
+        self.grammar_cut = False
 
     def __iter__(self) -> "TextStream":
         return self
@@ -492,7 +513,8 @@ class TextStream:
         try:
             return next(self._pieces)
         except StopIteration as done:
-            self.finish_reason = done.value
+            self.grammar_cut = done.value == GRAMMAR_CUT
+            self.finish_reason = "length" if self.grammar_cut else done.value
             raise
 
 

@@ -77,7 +77,7 @@ def _gemma_backend(
     return tok
 
 
-def _byte_of(piece: str) -> int | None:
+def byte_of_piece(piece: str) -> int | None:
     """The byte a `<0xAB>` byte-fallback piece stands for (tokenizers' ByteFallback test)."""
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
         try:
@@ -307,7 +307,7 @@ class Tokenizer:
         if piece is None:
             out = b""
         else:
-            byte = _byte_of(piece)
+            byte = byte_of_piece(piece)
             out = bytes([byte]) if byte is not None else piece.replace(SPACE, " ").encode("utf-8")
         self._piece_bytes[i] = out
         return out
@@ -315,7 +315,7 @@ class Tokenizer:
     def is_byte_token(self, i: int) -> bool:
         """Whether `i` is a `<0xAB>` byte-fallback piece (a fragment of a UTF-8 character)."""
         piece = self.id_to_token(i)
-        return piece is not None and _byte_of(piece) is not None
+        return piece is not None and byte_of_piece(piece) is not None
 
     @property
     def backend(self) -> _HFTokenizer:
