@@ -381,6 +381,9 @@ def test_llm_and_cli_take_a_draft_folder(tiny_models, monkeypatch, tmp_path, cap
     assert main(args + ["--draft", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("gemmarun: error:") and "missing" in err and len(err.splitlines()) == 1
+    elsewhere = llm.load_draft(tmp_path).to("meta")  # a drafter on another device than the model's
+    with pytest.raises(ValueError, match="the drafter is on meta, the model on cpu"):
+        llm.load_draft(elsewhere)
 
 
 def one_token_exposures(model) -> tuple[list, object]:

@@ -265,6 +265,9 @@ class LLM:
 
             draft = load_assistant(draft, dtype=self.model.dtype, device=self.model.device)
         check_pairing(draft.config, self.config)
+        if draft.device != self.model.device:  # (torch had failed deep in the first draft: "same device")
+            raise ValueError(f"the drafter is on {draft.device}, the model on {self.model.device}: load it onto "
+                             "the model's device (or give its path)")
         return draft
 
     # -- text ----------------------------------------------------------------------------------
