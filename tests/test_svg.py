@@ -301,3 +301,67 @@ def test_deep_nesting():
     stray = H + "<g>" * 20000 + "</h>" * 20000 + "</svg>"
     assert check_svg(deep) == []
     ET.fromstring(repair_svg(stray).svg)
+
+
+NS = 'xmlns="http://www.w3.org/2000/svg"'
+
+
+def test_what_would_crash_the_renderer_is_refused_in_one_line(tmp_path):
+    """A 120-byte SVG of 100000x100000 pixels made resvg allocate 40 GB and abort the process;
+    300 nested groups overflowed the main thread's stack (a segmentation fault); 60000
+    attributes on one element took 17 s (quadratic)."""
+    with pytest.raises(SvgRenderError, match="100000x100000 pixels, more than the 64 Mpx rendered"):
+        render_png(f'<svg {NS} viewBox="0 0 1 1" width="100000" height="100000"/>', tmp_path / "a.png")
+    with pytest.raises(SvgRenderError, match="more than the 64 Mpx"):
+        render_png(f'<svg {NS} viewBox="0 0 10 10"/>', tmp_path / "a.png", width=100000)
+    deep = f'<svg {NS} viewBox="0 0 10 10">' + "<g>" * 1000 + '<rect width="5" height="5"/>' + "</g>" * 1000 + "</svg>"
+    assert Image.open(render_png(deep, tmp_path / "deep.png")).size == (10, 10)
+    many = f'<svg {NS} viewBox="0 0 10 10"><rect ' + " ".join(f'a{i}="1"' for i in range(2000)) + "/></svg>"
+    with pytest.raises(SvgRenderError, match="an element has 2000 attributes, more than the 1000 rendered"):
+        render_png(many, tmp_path / "many.png")
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "many.png").exists()
+
+
+@pytest.mark.parametrize("svg, kind", [
+    # a DOCTYPE entity holding markup: an <image> reading a local file, a script, where &e; stands
+    ('<!DOCTYPE svg [<!ENTITY e "<image href=\'/etc/x.png\' width=\'9\' height=\'9\'/><script>1</script>">]>'
+     f'<svg {NS} viewBox="0 0 9 9">&e;</svg>', "doctype-markup"),
+    (f'<!DOCTYPE svg [<!ATTLIST rect onclick CDATA "alert(1)">]><svg {NS} viewBox="0 0 9 9"><rect/></svg>',
+     "doctype-markup"),
+    (f'<svg {NS} xmlns:s="http://www.w3.org/2000/svg" viewBox="0 0 9 9"><s:script>alert(1)</s:script></svg>', "script"),
+    (f'<svg {NS} viewBox="0 0 9 9"><a><set attributeName="href" to="javascript:alert(1)"/></a></svg>', "script"),
+    (f'<svg {NS} viewBox="0 0 9 9"><a><animate attributeName="xlink:href" values="#a;http://x.example/"/></a></svg>',
+     "script"),
+    (f'<svg {NS} viewBox="0 0 9 9"><rect style="fill:URL(http://x.example/p.svg#g)"/></svg>', "external-reference"),
+    (f'<svg {NS} viewBox="0 0 9 9"><rect style="fill:&#117;rl(http://x.example/p.svg#g)"/></svg>', "external-reference"),
+    (f'<svg {NS} viewBox="0 0 9 9"><style>@import "http://x.example/x.css";</style></svg>', "external-reference"),
+    ('<s:svg xmlns="http://www.w3.org/2000/svg" xmlns:s="urn:other" viewBox="0 0 9 9"/>', "missing-namespace"),
+])
+def test_what_slipped_past_the_checks_is_reported_and_repaired(svg, kind, tmp_path):
+    """Each had been "valid SVG" and came through repair unchanged: markup in a DOCTYPE entity
+    (the renderer read a local file), default attributes, a prefixed <script>, an href animated
+    to javascript:, an upper-case or character-referenced url(), a string @import, a root
+    outside the SVG namespace."""
+    assert kind in {p.kind for p in check_svg(svg)}
+    fixed = repair_svg(svg)
+    assert fixed.problems_left == [] and fixed.changes, fixed
+    root = ET.fromstring(fixed.svg)
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert not [e for e in root.iter() if e.tag.endswith(("script", "image", "set", "animate"))]
+    assert "http://x.example" not in fixed.svg and "onclick" not in fixed.svg
+    assert repair_svg(fixed.svg).svg == fixed.svg  # idempotent
+    render_png(fixed.svg, tmp_path / "out.png")
+
+
+def test_a_declaration_after_whitespace_or_in_capitals_is_moved_not_lost():
+    """Whitespace before <?xml (common in generated files) was left: OUT not written, the
+    duplicate x1 fixed beside it thrown away."""
+    svg = f'\n<?XML version="1.0"?>\n<svg {NS} viewBox="0 0 9 9"><line x1="1" x1="2"/></svg>'
+    fixed = repair_svg(svg)
+    assert fixed.problems_left == [] and fixed.svg.startswith('<?xml version="1.0"?>')
+
+
+def test_a_lone_surrogate_is_a_problem_not_an_exception():
+    problems = check_svg(f'<svg {NS} viewBox="0 0 1 1"><text>a\ud800b</text></svg>')
+    assert [p.kind for p in problems] == ["xml-syntax"]
+    assert "\ud800" not in repair_svg(f'<svg {NS} viewBox="0 0 1 1"><text>a\ud800b</text></svg>').svg

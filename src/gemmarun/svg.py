@@ -13,6 +13,7 @@ from __future__ import annotations
 import html.entities
 import re
 import subprocess
+import threading
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,7 +35,14 @@ _NAME = re.compile(r"[^\W\d][\w.-]*(?::[^\W\d][\w.-]*)?")  # a QName: prefix:loc
 _WS, _EQ = re.compile(r"\s*"), re.compile(r"\s*=\s*")
 _UNQUOTED = re.compile(r"[^\s>\"'<=`]+")
 _ENTITY = re.compile(r"&(?:#[0-9]+;|#x[0-9a-fA-F]+;|([^\W\d][\w.-]*);)?")
-_URL = re.compile(r"url\(\s*['\"]?([^)'\"]*)['\"]?\s*\)")
+_URL = re.compile(r"url\(\s*['\"]?([^)'\"]*)['\"]?\s*\)", re.IGNORECASE)  # CSS is case-blind
+_IMPORT = re.compile(r"""@import\s+(?:url\(\s*)?['"]?([^'")\s;]*)[^;]*;?""", re.IGNORECASE)
+# What a DOCTYPE's internal subset can slip past the checks: an entity whose value is markup
+# (elements, a <script>, an <image> reading a local file, where `&e;` stands) and default
+# attributes for every element of a name (an onclick on each <rect>).
+_MARKUP_ENTITY = re.compile(r"""<!ENTITY\s+[^\s%]+\s*(?:"[^"]*<[^"]*"|'[^']*<[^']*')\s*>""")
+_ATTLIST = re.compile(r"""<!ATTLIST(?:[^>"']|"[^"]*"|'[^']*')*>""")
+_NOT_RENDERED = ("script", "foreignObject")  # local names: <s:script> runs as well
 _FENCE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
 _SVG_START = re.compile(  # an XML declaration and a DOCTYPE right before it belong to the SVG
     r"(?:<\?xml\b[^>]*\?>\s*)?(?:<!DOCTYPE\s[^>\[]*(?:\[[^\]]*\])?\s*>\s*)?<svg(?=[\s>/])")
@@ -191,6 +199,22 @@ def _prefix(name: str) -> str | None:
     return name.split(":", 1)[0] if ":" in name else None
 
 
+def _local(name: str) -> str:
+    return name.rsplit(":", 1)[-1]
+
+
+def _animates_href_outside(tok: _Tok) -> bool:
+    """<set>/<animate> that sets an href to javascript: or outside the file (script injection)."""
+    if _local(tok.name) not in ("set", "animate"):
+        return False
+    attrs = {a.name: a.value or "" for a in tok.attrs}
+    if _local(attrs.get("attributeName", "").strip()) not in ("href", "src"):
+        return False
+    values = [html.unescape(attrs.get(k, "")) for k in ("to", "from", "by")]
+    values += html.unescape(attrs.get("values", "")).split(";")
+    return any(_external(v) for v in values)
+
+
 def _external(value: str) -> bool:
     """Anything but a same-file #id or inline data: a URL, a path (the renderer would read it)."""
     v = value.strip().lower()
@@ -217,6 +241,12 @@ def check_svg(text: str) -> list[Problem]:
     toks, lines = _tokenize(text), _Lines(text)
     entities = _entities(text, toks)
     found: list[tuple[int, str, str]] = []
+    for tok in toks:
+        if tok.kind == "decl":
+            raw = text[tok.start:tok.end]
+            if _MARKUP_ENTITY.search(raw) or _ATTLIST.search(raw):
+                found.append((tok.start, "doctype-markup", "the DOCTYPE declares markup or attributes "
+                              "(an entity holding elements, an <!ATTLIST>) that the checks never see"))
     mask: list[tuple[int, int]] = []  # spans blanked before expat runs, so it reports the rest
     stack: list[tuple[_Tok, set[str]]] = []  # open elements with the namespace prefixes in scope
     open_names: Counter[str] = Counter()  # of the stack, so a deep document is not quadratic
@@ -240,8 +270,13 @@ def check_svg(text: str) -> list[Problem]:
             found.append((tok.start, "incomplete-tag", f"<{what}> is cut off (never closed)"))
         elif tok.kind == "text":
             _value_issues(raw, tok.start, entities, found, mask)
-            if stack and stack[-1][0].name == "style":
+            if stack and _local(stack[-1][0].name) == "style":
                 _url_refs(raw, tok.start, "<style>", found, refs, text=True)
+                if "&" in raw:  # the parser reads &#117;rl( as url(
+                    _url_refs(html.unescape(raw), tok.start, "<style>", found, refs)
+                for m in _IMPORT.finditer(html.unescape(raw)):
+                    if _external(m.group(1)):
+                        found.append((tok.start, "external-reference", f"<style> imports {m.group(1)[:60]}"))
         elif tok.kind == "start":
             if root is None:
                 root = tok
@@ -283,12 +318,13 @@ def check_svg(text: str) -> list[Problem]:
 
 
 def _root_issues(root: _Tok, entities: dict[str, str]) -> list[tuple[int, str, str]]:
-    if root.name.rsplit(":", 1)[-1] != "svg":
+    if _local(root.name) != "svg":
         return [(root.start, "root-not-svg", f"root element is <{root.name}>, not <svg>")]
     attrs = {a.name: a.value for a in root.attrs}
     out = []
-    if not _is_svg_namespace(attrs.get("xmlns"), entities):
-        out.append((root.start, "missing-namespace", f'<svg> needs xmlns="{SVG_NS}"'))
+    xmlns = f"xmlns:{p}" if (p := _prefix(root.name)) else "xmlns"  # the namespace its name is in
+    if not _is_svg_namespace(attrs.get(xmlns), entities):
+        out.append((root.start, "missing-namespace", f'<{root.name}> needs {xmlns}="{SVG_NS}"'))
     if "viewBox" not in attrs and not ("width" in attrs and "height" in attrs):
         out.append((root.start, "missing-size", "<svg> has neither viewBox nor width and height"))
     return out
@@ -321,9 +357,11 @@ def _url_refs(value: str, at: int, where: str, found: list, refs: list, text: bo
 
 def _element_issues(tok: _Tok, scope: set[str], entities: dict[str, str], found: list, mask: list,
                     ids: set[str], refs: list) -> None:
-    if tok.name in ("script", "foreignObject"):
-        kind = "script" if tok.name == "script" else "external-reference"
+    if _local(tok.name) in _NOT_RENDERED:
+        kind = "script" if _local(tok.name) == "script" else "external-reference"
         found.append((tok.start, kind, f"<{tok.name}> element is not allowed"))
+    if _animates_href_outside(tok):
+        found.append((tok.start, "script", f"<{tok.name}> sets an href to javascript: or outside the file"))
     if (p := _prefix(tok.name)) and p not in scope:
         found.append((tok.start, "unbound-prefix", f"namespace prefix '{p}:' is not declared"))
     if tok.junk:
@@ -359,7 +397,7 @@ def _element_issues(tok: _Tok, scope: set[str], entities: dict[str, str], found:
                 found.append((a.start, "script", f"{a.name} runs javascript"))
             elif _external(v):
                 found.append((a.start, "external-reference", f"{a.name} points outside the file: {v[:60]}"))
-        _url_refs(v, a.start, a.name, found, refs)
+        _url_refs(html.unescape(v) if "&" in v else v, a.start, a.name, found, refs)  # (as the parser reads it)
         _value_issues(v, a.end - 1 - len(v), entities, found, mask)
 
 
@@ -368,8 +406,8 @@ def _expat_problem(text: str, mask: list[tuple[int, int]], problems: list[Proble
     chars = list(text)
     for a, b in mask:
         chars[a:b] = [c if c == "\n" else " " for c in chars[a:b]]
-    try:
-        expat.ParserCreate().Parse("".join(chars), True)
+    try:  # (a lone surrogate cannot be encoded for expat: U+FFFF, which XML forbids as well)
+        expat.ParserCreate().Parse(re.sub("[\ud800-\udfff]", "\uffff", "".join(chars)), True)
     except expat.ExpatError as e:
         kinds = {p.kind for p in problems}
         if ((e.lineno, e.offset + 1) in {(p.line, p.column) for p in problems}
@@ -467,8 +505,23 @@ def repair_svg(text: str) -> Repair:
             changes.append(f"extracted the <svg> element from the surrounding text (dropped {i} "
                            f"characters before it and {len(text) - i - len(found)} after)")
             src = found
-    out = _rebuild(src, changes)
+    out = _rebuild(_safe_doctype(src, changes), changes)
     return Repair(out, changes, check_svg(out))
+
+
+def _safe_doctype(src: str, changes: list[str]) -> str:
+    """`src` without the DOCTYPE declarations the checks cannot follow (its `&e;` then reads as an
+    undefined entity, escaped as text)."""
+    out, at = [], 0
+    for tok in _tokenize(src):
+        if tok.kind == "decl":
+            raw = src[tok.start:tok.end]
+            fixed = _ATTLIST.sub("", _MARKUP_ENTITY.sub("", raw))
+            if fixed != raw:
+                out += [src[at:tok.start], fixed]
+                at = tok.end
+                changes.append("removed DOCTYPE declarations of markup or default attributes")
+    return "".join(out) + src[at:] if out else src
 
 
 _NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")  # XML 1.0's Char
@@ -497,7 +550,16 @@ def _escape(piece: str, entities: dict[str, str]) -> str:
 
 
 def _no_external_urls(v: str) -> str:
-    return _URL.sub(lambda m: "none" if _external(m.group(1)) else m.group(0), v)
+    """External url()s -> none and external @imports dropped, in the text as the parser reads
+    it where character references spell them (`&#117;rl(`)."""
+    def fix(text: str) -> str:
+        text = _IMPORT.sub(lambda m: "" if _external(m.group(1)) else m.group(0), text)
+        return _URL.sub(lambda m: "none" if _external(m.group(1)) else m.group(0), text)
+
+    fixed = fix(v)
+    if "&" in fixed and fix(html.unescape(fixed)) != html.unescape(fixed):
+        return fix(html.unescape(fixed)).replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+    return fixed
 
 
 def _rebuild(src: str, changes: list[str]) -> str:
@@ -535,9 +597,9 @@ def _rebuild(src: str, changes: list[str]) -> str:
             fixed = _escape(raw, entities)
             if fixed != raw:
                 changes.append(f"escaped a bare '&' or '<' (or an HTML entity) in text at line {line}")
-            if stack and stack[-1][0] == "style" and _no_external_urls(fixed) != fixed:
+            if stack and _local(stack[-1][0]) == "style" and _no_external_urls(fixed) != fixed:
                 fixed = _no_external_urls(fixed)
-                changes.append(f"replaced an external url() by none in <style> at line {line}")
+                changes.append(f"replaced an external url() by none (or dropped an @import) in <style> at line {line}")
             out.append(fixed)
         elif tok.kind == "comment" and ("--" in raw[4:-3] or raw[4:-3].endswith("-")):
             body = re.sub(r"-(?=-)", "- ", raw[4:-3])  # XML forbids "--" inside a comment
@@ -545,11 +607,15 @@ def _rebuild(src: str, changes: list[str]) -> str:
             changes.append(f"split a '--' inside the comment at line {line}")
         elif tok.kind == "pi" and re.match(r"<\?xml[\s?]", raw, re.I) and "".join(out).strip():
             changes.append(f"removed an XML declaration that is not at the start, at line {line}")
+        elif tok.kind == "pi" and re.match(r"<\?xml[\s?]", raw, re.I) and (out or not raw.startswith("<?xml")):
+            out.clear()  # (whitespace only) the declaration comes first, spelled in lower case
+            out.append("<?xml" + raw[5:])
+            changes.append(f"moved the XML declaration to the very start, spelled <?xml, at line {line}")
         elif tok.kind == "decl" and (root_seen or doctype_seen):
             # its place is before the root (after the XML declaration: Illustrator's entities)
             changes.append(f"removed a DOCTYPE {'after the root element' if root_seen else 'given twice'}"
                            f" at line {line}")
-        elif tok.kind == "start" and tok.name in ("script", "foreignObject"):
+        elif tok.kind == "start" and (_local(tok.name) in _NOT_RENDERED or _animates_href_outside(tok)):
             changes.append(f"removed the <{tok.name}> element at line {line}")
             skip, skip_name = int(not tok.self_closing), tok.name
         elif tok.kind == "start":
@@ -611,10 +677,12 @@ def _fix_tag(tok: _Tok, src: str, line: int, entities: dict[str, str], changes: 
             changed = True
             continue
         escaped = _escape(v, entities)
-        set_namespace = undeclared is not None and a.name == "xmlns" and not _is_svg_namespace(v, entities)
+        own = f"xmlns:{_prefix(tok.name)}" if _prefix(tok.name) else None  # the root's own prefix
+        set_namespace = (undeclared is not None and a.name in ("xmlns", own)
+                         and not _is_svg_namespace(v, entities))
         new = SVG_NS if set_namespace else _no_external_urls(escaped)
         quote = a.quote or ("'" if '"' in new else '"')
-        url_fix = "set the SVG namespace" if a.name == "xmlns" else "replaced an external url() by none"
+        url_fix = "set the SVG namespace" if set_namespace else "replaced an external url() by none"
         why = [w for w, bad in (("escaped '&'/'<'", escaped != v), (url_fix, new != escaped),
                                 ("quoted the value", not a.quote),
                                 ("added a space before it", not a.ws)) if bad]
@@ -627,7 +695,8 @@ def _fix_tag(tok: _Tok, src: str, line: int, entities: dict[str, str], changes: 
     front, back = [], []
     if undeclared is not None:
         front = ([f' xmlns="{SVG_NS}"'] if "xmlns" not in seen else []) + [
-            f' xmlns:{p}="{KNOWN_NS.get(p, "urn:x-undeclared:" + p)}"' for p in undeclared]
+            f' xmlns:{p}="{SVG_NS if p == _prefix(tok.name) else KNOWN_NS.get(p, "urn:x-undeclared:" + p)}"'
+            for p in undeclared]
         size = [_NUMBER.match(next((a.value or "" for a in tok.attrs if a.name == n), ""))
                 for n in ("width", "height")]
         if "viewBox" not in seen and all(size):
@@ -661,20 +730,79 @@ def _font_families() -> dict[str, str]:
     return found
 
 
+# What one render may take: the PNG's pixels (a 100000-pixel-wide canvas had made resvg allocate
+# 40 GB and abort the process), the attributes of one element (its parse is quadratic in them),
+# and the stack its recursion over nested elements runs on (300 nested groups overflowed the main
+# thread's 8 MiB: a segmentation fault). The stack is reserved, only the pages used are touched.
+MAX_RENDER_PIXELS = 64 * 2**20
+MAX_RENDER_ATTRIBUTES = 1000
+_RENDER_STACK = 512 * 2**20
+# CSS absolute units in pixels, as resvg (and browsers) read width/height
+_UNIT_PIXELS = {"": 1.0, "px": 1.0, "in": 96.0, "cm": 96 / 2.54, "mm": 96 / 25.4, "pt": 4 / 3, "pc": 16.0,
+                "em": 16.0, "ex": 8.0}
+_LENGTH = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-z]*)\s*$")
+
+
+def _render_size(svg: str, width: int | None) -> tuple[float, float] | None:
+    """The PNG's size in pixels, as resvg sizes it: width/height (viewBox's where they are
+    missing or relative), scaled to `width`; None where the document does not parse."""
+    try:
+        root = ET.fromstring(svg)
+    except (ET.ParseError, ValueError):
+        return None
+    attrs = root.attrib
+    try:
+        box = [float(v) for v in re.split(r"[\s,]+", attrs.get("viewBox", "").strip())]
+    except ValueError:
+        box = []
+    box = box[2:4] if len(box) == 4 else []
+
+    def length(name: str, fallback: float | None) -> float | None:
+        m = _LENGTH.match(attrs.get(name, ""))
+        return float(m.group(1)) * _UNIT_PIXELS[m.group(2)] if m and m.group(2) in _UNIT_PIXELS else fallback
+
+    w, h = length("width", box[0] if len(box) == 2 else None), length("height", box[1] if len(box) == 2 else None)
+    w, h = w or 100.0, h or 100.0  # resvg's default size
+    return (float(width), h * width / w) if width is not None and w > 0 else (w, h)
+
+
 def render_png(svg: str, out_path: str | Path, width: int | None = None) -> Path:
-    """Rasterize `svg` into a PNG file; `width` scales the picture, keeping its aspect ratio."""
+    """Rasterize `svg` into a PNG file; `width` scales the picture, keeping its aspect ratio.
+    A picture over MAX_RENDER_PIXELS or an element with over MAX_RENDER_ATTRIBUTES attributes
+    is refused (SvgRenderError), and resvg runs on a thread with a deep stack."""
     if width is not None and width <= 0:
         raise SvgRenderError(f"width must be positive, got {width}")
     try:
         import resvg_py
     except ImportError as e:
         raise SvgRenderError("rendering SVG needs resvg-py (pip install resvg-py)") from e
+    size = _render_size(svg, width)
+    if size is not None and size[0] * size[1] > MAX_RENDER_PIXELS:
+        raise SvgRenderError(f"the picture is {size[0]:.0f}x{size[1]:.0f} pixels, more than the "
+                             f"{MAX_RENDER_PIXELS // 2**20} Mpx rendered: give it a smaller width/height")
+    widest = max((len(t.attrs) for t in _tokenize(svg) if t.kind == "start"), default=0)
+    if widest > MAX_RENDER_ATTRIBUTES:
+        raise SvgRenderError(f"an element has {widest} attributes, more than the {MAX_RENDER_ATTRIBUTES} rendered")
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(resvg_py.svg_to_bytes(svg_string=svg, width=width, **_font_families()))
+        except BaseException as e:  # a Rust panic surfaces as pyo3's PanicException(BaseException)
+            result.append(e)
+
+    previous = threading.stack_size(_RENDER_STACK)
     try:
-        png = resvg_py.svg_to_bytes(svg_string=svg, width=width, **_font_families())
-    except BaseException as e:  # a Rust panic surfaces as pyo3's PanicException(BaseException)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise SvgRenderError(f"cannot render SVG: {e}") from e
+        worker = threading.Thread(target=run, name="resvg")
+        worker.start()
+    finally:
+        threading.stack_size(previous)
+    worker.join()
+    png = result[0] if result else None
+    if isinstance(png, BaseException):
+        if isinstance(png, (KeyboardInterrupt, SystemExit)):
+            raise png
+        raise SvgRenderError(f"cannot render SVG: {png}") from png
     if not png:
         raise SvgRenderError("cannot render SVG: the renderer produced no image")
     write_replacing(out_path, bytes(png))
