@@ -252,10 +252,12 @@ def test_the_svg_grammar_accepts_structure_and_refuses_broken_markup(tiny, text,
     ('{"a": 1, "b": {"a": 2}, "c": [{"a": 3}, {"a": 4}]}', True),  # each object its own keys
     ('["a", "a", {"a": "a"}]', True),  # strings in an array are values
     ('{"a": "x\\"y\\\\", "b": "\\u0061"}', True),  # escapes in values
+    ('{"a\\"b": 1, "c:\\\\d": 2, "e\\nf": 3}', True),  # names JSON cannot write plainly
     ('{"a": 1, "a": 2}', False),
     ('{"a": {"b": 1}, "a": 2}', False),
     ('{"\\u0061": 1}', False),  # a declared "a", escaped past the grammar's key names
-    ('{"a\\"b": 1}', False),
+    ('{"a\\/b": 1}', False),  # "a/b" has a plain spelling
+    ('{"a\\nb": 1, "a\\nb": 2}', False),
 ])
 def test_json_keys_are_written_plainly_and_once(text, ok):
     """llguidance's JSON grammar does not follow key names: `{"b": 1, "b": 2}` met a minProperties
@@ -272,19 +274,26 @@ def test_json_keys_are_written_plainly_and_once(text, ok):
 
 
 def test_the_json_mask_forbids_a_repeated_or_escaped_key(tiny):
+    """...while a name that needs an escape (a quote in it) is still written: the first rules
+    forbade every backslash in a key, and a schema requiring `a"b` could not be answered."""
     import torch
 
+    needs_escape = {"type": "object", "properties": {'a"b': {"type": "integer"}}, "required": ['a"b'],
+                    "additionalProperties": False}
+    text = tiny.generate("hello", grammar=Grammar.json_schema(needs_escape), max_tokens=40, seed=0)
+    assert list(json.loads(text)) == ['a"b'], text
+
     schema = {"type": "object", "minProperties": 2, "additionalProperties": {"type": "integer"}}
-    quote, backslash = (tiny.tokenizer.encode(c, add_bos=False)[0] for c in ('"', "\\"))
-    for prefix, banned in (('{"b": 1, "b', quote), ('{"b": 1, "c', backslash), ('{"', backslash)):
+    quote, u = (tiny.tokenizer.encode(c, add_bos=False)[0] for c in ('"', "u"))
+    for prefix, banned in (('{"b": 1, "b', quote), ('{"b": 1, "c\\', u), ('{"\\', u)):
         state = tiny.grammar_state(Grammar.json_schema(schema), None)
         for t in tiny.tokenizer.encode(prefix, add_bos=False):
             state.mask(torch.zeros(tiny.config.vocab_size))
             state.advance(t)
         allowed = torch.isfinite(state.mask(torch.zeros(tiny.config.vocab_size)))
         assert not allowed[banned] and allowed.sum() > 1, prefix
-    state.rollback(1)  # back to "{": the key rules follow
-    assert len(state._json) == 2
+    state.rollback(1)  # back before the backslash: the key rules follow
+    assert len(state._json) == 3 and state._json[-1][1] == (True, b"", False)
 
 
 def test_an_answer_the_model_ends_is_complete_though_more_could_follow(tiny):

@@ -328,6 +328,10 @@ def test_what_would_crash_the_renderer_is_refused_in_one_line(tmp_path):
      f'<svg {NS} viewBox="0 0 9 9">&e;</svg>', "doctype-markup"),
     (f'<!DOCTYPE svg [<!ATTLIST rect onclick CDATA "alert(1)">]><svg {NS} viewBox="0 0 9 9"><rect/></svg>',
      "doctype-markup"),
+    ('<!DOCTYPE svg [<!ENTITY e "&#60;script>1&#60;/script>">]>'  # the same markup, spelled as references
+     f'<svg {NS} viewBox="0 0 9 9">&e;</svg>', "doctype-markup"),
+    (f"<svg {NS} viewBox=\"0 0 9 9\"><rect style='fill: &#117;rl(http://x.example/p); font-family: &apos;A&apos;'/></svg>",
+     "external-reference"),  # (its repair had closed the quote early: a file that did not parse)
     (f'<svg {NS} xmlns:s="http://www.w3.org/2000/svg" viewBox="0 0 9 9"><s:script>alert(1)</s:script></svg>', "script"),
     (f'<svg {NS} viewBox="0 0 9 9"><a><set attributeName="href" to="javascript:alert(1)"/></a></svg>', "script"),
     (f'<svg {NS} viewBox="0 0 9 9"><a><animate attributeName="xlink:href" values="#a;http://x.example/"/></a></svg>',

@@ -186,23 +186,31 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_ids: tuple[int, ...]
 # so far, after a backslash) or None. Immutable: one per consumed token, for rollbacks.
 JsonPlace = tuple[tuple[tuple[bool, frozenset, bool], ...], "tuple[bool, bytes, bool] | None"]
 _QUOTE, _BACKSLASH = 0x22, 0x5C
+# The escapes a key may use, and what they stand for: those of characters JSON cannot write
+# plainly. `\\u` and `\\/` are refused: they spell names that have a plain spelling too.
+_KEY_ESCAPES = {ord('"'): b'"', ord("\\"): b"\\", ord("b"): b"\b", ord("f"): b"\f", ord("n"): b"\n",
+                ord("r"): b"\r", ord("t"): b"\t"}
 
 
 def json_keys_after(place: JsonPlace, data: bytes) -> JsonPlace | None:
     """The place after `data` (a token's bytes), or None where it writes a key again in the same
-    object, or a backslash in a key. llguidance's JSON grammar does not follow key names: a key
-    could repeat (`{"b": 1, "b": 2}`, meeting minProperties or a required key by repetition) and
-    a declared key written escaped (`"\\u0061"`, which is "a") counted as an additional property,
-    its value skipping the declared type. So keys are written plainly, each once (an escape is
-    needed only for a quote, a backslash or a control character in a name)."""
+    object or spells a key with an escape it does not need. llguidance's JSON grammar does not
+    follow key names: a key could repeat (`{"b": 1, "b": 2}`, meeting minProperties or a
+    required key by repetition) and a declared key written escaped (`"\\u0061"`, which is "a")
+    counted as an additional property, its value skipping the declared type. So each name has
+    one spelling (plain, but for a quote, a backslash or a control character) and comes once."""
     frames, string = list(place[0]), place[1]
     for c in data:
         if string is not None:
             is_key, name, escaped = string
             if is_key:
-                if c == _BACKSLASH:
-                    return None
-                if c == _QUOTE:
+                if escaped:
+                    if c not in _KEY_ESCAPES:
+                        return None
+                    string = (True, name + _KEY_ESCAPES[c], False)
+                elif c == _BACKSLASH:
+                    string = (True, name, True)
+                elif c == _QUOTE:
                     _, keys, _ = frames[-1]
                     if name in keys:
                         return None
@@ -297,17 +305,24 @@ class GrammarState:
         tried: in a key 1, else 2, in a string value 3 (a backslash counts for the last)."""
         place = self._json[-1]
         string = place[1]
+        if string is not None and string[0] and string[2]:  # after a backslash in a key: only its escapes
+            piece = self.tokenizer.piece_bytes
+            for token in np.flatnonzero(allowed):  # (rare: a name with a quote, a backslash, a control character)
+                data = piece(int(token))
+                allowed[token] = not data or (data[0] in _KEY_ESCAPES and (
+                    len(data) == 1 or json_keys_after(place, data) is not None))
+            return
         need = 1 if string is not None and string[0] else 3 if string is not None else 2
         tried = np.flatnonzero(allowed & _key_candidates(self.tokenizer, self.vocab_size)[need][: allowed.size])
         piece = self.tokenizer.piece_bytes
-        if need == 1:  # in a key (some 1400 tokens to try): most are settled by the text before their quote
+        if need == 1:  # in a key (~1400 tokens to try): most end it at their quote
             name, keys = string[1], place[0][-1][1]
             for token in tried:
                 data = piece(int(token))
-                quote, backslash = data.find(b'"'), data.find(b"\\")
-                if backslash != -1 and (quote == -1 or backslash < quote) or name + data[:quote] in keys:
-                    allowed[token] = False
-                elif data.find(b'"', quote + 1) != -1 and json_keys_after(place, data) is None:
+                quote = data.find(b'"')
+                if b"\\" in data or data.find(b'"', quote + 1) != -1:  # (few) an escape, or on past the key
+                    allowed[token] = json_keys_after(place, data) is not None
+                elif name + data[:quote] in keys:
                     allowed[token] = False
             return
         for token in tried:

@@ -38,9 +38,10 @@ _ENTITY = re.compile(r"&(?:#[0-9]+;|#x[0-9a-fA-F]+;|([^\W\d][\w.-]*);)?")
 _URL = re.compile(r"url\(\s*['\"]?([^)'\"]*)['\"]?\s*\)", re.IGNORECASE)  # CSS is case-blind
 _IMPORT = re.compile(r"""@import\s+(?:url\(\s*)?['"]?([^'")\s;]*)[^;]*;?""", re.IGNORECASE)
 # What a DOCTYPE's internal subset can slip past the checks: an entity whose value is markup
-# (elements, a <script>, an <image> reading a local file, where `&e;` stands) and default
-# attributes for every element of a name (an onclick on each <rect>).
-_MARKUP_ENTITY = re.compile(r"""<!ENTITY\s+[^\s%]+\s*(?:"[^"]*<[^"]*"|'[^']*<[^']*')\s*>""")
+# (elements, a <script>, an <image> reading a local file, where `&e;` stands; spelled `&#60;` too,
+# so any character reference) and default attributes for every element of a name (an onclick on
+# each <rect>).
+_MARKUP_ENTITY = re.compile(r"""<!ENTITY\s+[^\s%]+\s*(?:"[^"]*(?:<|&\#)[^"]*"|'[^']*(?:<|&\#)[^']*')\s*>""")
 _ATTLIST = re.compile(r"""<!ATTLIST(?:[^>"']|"[^"]*"|'[^']*')*>""")
 _NOT_RENDERED = ("script", "foreignObject")  # local names: <s:script> runs as well
 _FENCE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
@@ -558,7 +559,8 @@ def _no_external_urls(v: str) -> str:
 
     fixed = fix(v)
     if "&" in fixed and fix(html.unescape(fixed)) != html.unescape(fixed):
-        return fix(html.unescape(fixed)).replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+        return (fix(html.unescape(fixed)).replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+                .replace("'", "&apos;"))  # (for either quote the value is written in)
     return fixed
 
 
@@ -737,6 +739,7 @@ def _font_families() -> dict[str, str]:
 MAX_RENDER_PIXELS = 64 * 2**20
 MAX_RENDER_ATTRIBUTES = 1000
 _RENDER_STACK = 512 * 2**20
+_STACK_SIZE_LOCK = threading.Lock()
 # CSS absolute units in pixels, as resvg (and browsers) read width/height
 _UNIT_PIXELS = {"": 1.0, "px": 1.0, "in": 96.0, "cm": 96 / 2.54, "mm": 96 / 25.4, "pt": 4 / 3, "pc": 16.0,
                 "em": 16.0, "ex": 8.0}
@@ -791,12 +794,15 @@ def render_png(svg: str, out_path: str | Path, width: int | None = None) -> Path
         except BaseException as e:  # a Rust panic surfaces as pyo3's PanicException(BaseException)
             result.append(e)
 
-    previous = threading.stack_size(_RENDER_STACK)
-    try:
-        worker = threading.Thread(target=run, name="resvg")
-        worker.start()
-    finally:
-        threading.stack_size(previous)
+    with _STACK_SIZE_LOCK:  # (the size is the process's: two renders at once must not mix it up)
+        previous = threading.stack_size(_RENDER_STACK)
+        try:
+            worker = threading.Thread(target=run, name="resvg")
+            worker.start()
+        except RuntimeError as e:  # no thread to be had
+            raise SvgRenderError(f"cannot render SVG: {e}") from None
+        finally:
+            threading.stack_size(previous)
     worker.join()
     png = result[0] if result else None
     if isinstance(png, BaseException):

@@ -348,6 +348,8 @@ def test_malformed_json_files_are_one_line_errors(tiny_models, tmp_path, name, t
             key, value = item.split("=")
             section[key] = json.loads(value)
         text = json.dumps(raw)
+    if name == "model.safetensors.index.json":  # (read where no model.safetensors comes first)
+        (dst / "model.safetensors").rename(dst / "shard.safetensors")
     if text.startswith("HEADER:"):  # a safetensors file with this header
         header = text[7:].encode()
         (dst / name).write_bytes(len(header).to_bytes(8, "little") + header)
@@ -464,6 +466,12 @@ def test_model_safetensors_is_read_alone_as_transformers_reads_it(tiny_models, t
     tensors = load_file(dst / "model.safetensors")
     save_file({k: v + 0.5 for k, v in tensors.items()}, dst / "model_old.safetensors")
     assert np.array_equal(gemmarun.load(dst).logits([2, 5, 7]), gemmarun.load(folder).logits([2, 5, 7]))
+    # beside an index naming other (stale) files too: transformers reads model.safetensors first
+    save_file({k: v + 0.5 for k, v in tensors.items()}, dst / "stale.safetensors")
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(tensors, "stale.safetensors")}))
+    assert np.array_equal(gemmarun.load(dst).logits([2, 5, 7]), gemmarun.load(folder).logits([2, 5, 7]))
+    (dst / "model.safetensors.index.json").unlink()
+    (dst / "stale.safetensors").unlink()
     (dst / "model.safetensors").rename(dst / "a.safetensors")  # no file says which of two to read
     with pytest.raises(LoadError, match="is in two files and there is no model.safetensors or index"):
         gemmarun.load(dst)

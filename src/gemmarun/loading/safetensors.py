@@ -103,8 +103,10 @@ def _naturals(value: object) -> bool:
 
 
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a HF model folder: its sharded index's files, else `model.safetensors`, else every
-    `*.safetensors` (a tensor in two of them refused)."""
+    """Tensors of a HF model folder, as transformers picks them: `model.safetensors`, else its
+    sharded index's files, else every `*.safetensors` (a tensor in two of them refused)."""
+    if (folder / "model.safetensors").is_file():  # as transformers: it wins over an index or another file
+        return read_safetensors(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json_object(index, LoadError).get("weight_map")
@@ -122,8 +124,6 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
         if missing:
             raise LoadError(f"{index}: tensors listed but not in any shard: {', '.join(missing[:5])}")
         return tensors
-    if (folder / "model.safetensors").is_file():  # as transformers: another file beside it is not read
-        return read_safetensors(folder / "model.safetensors")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise LoadError(f"{folder}: no .safetensors files")
