@@ -354,6 +354,11 @@ class GrammarState:
             self._json.append(place)
 
     @property
+    def in_json_string(self) -> bool:
+        """Inside a JSON string (a key or a value) after the tokens consumed so far."""
+        return self._json is not None and self._json[-1][1] is not None
+
+    @property
     def finished(self) -> bool:
         """The grammar is complete and allows nothing but the end."""
         return self.active and self.matcher.is_stopped()

@@ -80,9 +80,6 @@ class OutputControl:
         self.number_ids: dict[int, int] = dict.fromkeys(number_ids, 1)
         self.delay = holdback if guard is not None else 0
         self.generated: list[int] = []
-        # JSON only: after each generated token, whether the answer is inside a string (and just
-        # after a backslash there): digits in a string are data (a serial number), not a number
-        self._json_string: list[tuple[bool, bool]] = []
         self.emitted = 0  # generated tokens already released
         self.loop: LoopEvent | None = None  # the last loop seen (stop or recovered)
         # Loops starting at or before this index are the grammar's own (a fixed-size array of
@@ -95,7 +92,8 @@ class OutputControl:
         two rows of a fixed-size array), the grammar wins and the guard may cut again later."""
         if self.grammar is not None:
             logits = self.grammar.mask(logits)
-            if self.number_ids and not self._in_json_string() and self._number_run() >= MAX_NUMBER_DIGITS:
+            # (digits in a JSON string are data, a serial number, not a number)
+            if self.number_ids and not self.grammar.in_json_string and self._number_run() >= MAX_NUMBER_DIGITS:
                 logits = _remove_if_choice_remains(logits, sorted(self.number_ids))  # after "1e": a digit
         if self.guard is not None:
             banned = self.guard.banned_at(len(self.generated))
@@ -105,23 +103,6 @@ class OutputControl:
                     self._structural = max(self._structural, self.loop.start)
                 logits = kept
         return logits
-
-    def _in_json_string(self) -> bool:
-        return bool(self._json_string) and self._json_string[-1][0]
-
-    def _track_json_string(self, token: int) -> None:
-        """The string state after `token`, from its text, while a JSON grammar is active."""
-        inside, escaped = self._json_string[-1] if self._json_string else (False, False)
-        grammar = self.grammar
-        if grammar is not None and grammar.kind == "json_schema" and grammar.active and self.piece is not None:
-            for ch in self.piece(token):
-                if escaped:
-                    escaped = False
-                elif inside and ch == "\\":
-                    escaped = True
-                elif ch == '"':
-                    inside = not inside
-        self._json_string.append((inside, escaped))
 
     def _number_run(self) -> int:
         """Characters of the number at the end of the output (0 when it does not end in one)."""
@@ -154,7 +135,6 @@ class OutputControl:
     def push(self, token: int) -> Verdict | None:
         if self.grammar is not None:
             self.grammar.advance(token)
-            self._track_json_string(token)
         self.generated.append(token)
         guard = self.guard
         event = guard.push(token, self.piece(token) if self.piece else "") if guard is not None else None
@@ -163,7 +143,6 @@ class OutputControl:
         self.loop = event
         if not guard.can_recover():
             del self.generated[max(self.emitted, event.start + event.period):]  # one copy of what repeated
-            del self._json_string[len(self.generated):]
             return Verdict.LOOP_STOP
         # where part of the loop already left, cut what has not (the guard's history stays whole
         # until it is cut once: cutting to one copy first, then back up, lost tokens it still held)
@@ -173,7 +152,6 @@ class OutputControl:
         if self.grammar is not None:
             self.grammar.rollback(len(self.generated) - keep)
         del self.generated[keep:]
-        del self._json_string[keep:]
         return Verdict.ROLLBACK
 
     def release(self) -> list[int]:
