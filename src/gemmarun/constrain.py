@@ -353,6 +353,12 @@ class GrammarState:
                 raise GrammarError(f"token {token} repeats or escapes a JSON key")
             self._json.append(place)
 
+    def answer_cut(self, by_stop: bool) -> bool:
+        """Whether an answer that stopped here does not parse: left unfinished, or finished and then
+        cut by a stop string (whose text is never kept, and the grammar's last text held it).
+        Such a "stop" is reported "length": a "stop" answer under a grammar always parses."""
+        return by_stop or not self.finished
+
     @property
     def in_json_string(self) -> bool:
         """Inside a JSON string (a key or a value) after the tokens consumed so far."""

@@ -487,17 +487,14 @@ def _media_list(media: Any) -> list:
     return list(media) if isinstance(media, (list, tuple)) else [media]
 
 
-# What a generation under a grammar ends with where its answer does not parse: the answer is cut
-# (a stop string, or a stop token the grammar did not end on). Reported as "length", as the server
-# reports it (a "stop" answer under a grammar always parses).
+# What a generation under a grammar ends with where its answer does not parse (GrammarState.
+# answer_cut): reported as "length", as the server reports it.
 GRAMMAR_CUT = "grammar cut"
 
 
 def _under_grammar(grammar, reason: str | None, cut: bool) -> str | None:
     """`reason`, or GRAMMAR_CUT for a "stop" that leaves the grammar's answer unfinished or cut."""
-    if reason == "stop" and grammar is not None and (cut or not grammar.finished):
-        return GRAMMAR_CUT
-    return reason
+    return GRAMMAR_CUT if reason == "stop" and grammar is not None and grammar.answer_cut(cut) else reason
 
 
 class TextStream:

@@ -91,10 +91,9 @@ class Generation:
         return delta, entries
 
     def _grammar_cut(self, by_stop_string: bool) -> bool:
-        """An answer under a grammar that does not parse: left unfinished, or finished and then
-        cut by a stop string (whose text is never kept, and the grammar's last text held it)."""
+        """An answer under a grammar that does not parse (GrammarState.answer_cut)."""
         grammar = self.control.grammar if self.control is not None else None
-        return grammar is not None and (by_stop_string or not self.control.grammar_done)
+        return grammar is not None and grammar.answer_cut(by_stop_string)
 
     def _entry(self, ev: Event) -> dict:
         tok = self.llm.tokenizer
