@@ -273,9 +273,10 @@ def check_svg(text: str) -> list[Problem]:
             _value_issues(raw, tok.start, entities, found, mask)
             if stack and _local(stack[-1][0].name) == "style":
                 _url_refs(raw, tok.start, "<style>", found, refs, text=True)
-                if "&" in raw:  # the parser reads &#117;rl( as url(
-                    _url_refs(html.unescape(raw), tok.start, "<style>", found, refs)
-                for m in _IMPORT.finditer(html.unescape(raw)):
+                read = html.unescape(raw)  # as the parser reads it: &#117;rl( is url(
+                if read != raw:
+                    _url_refs(read, tok.start, "<style>", found, refs)
+                for m in _IMPORT.finditer(read):
                     if _external(m.group(1)):
                         found.append((tok.start, "external-reference", f"<style> imports {m.group(1)[:60]}"))
         elif tok.kind == "start":
@@ -558,10 +559,13 @@ def _no_external_urls(v: str) -> str:
         return _URL.sub(lambda m: "none" if _external(m.group(1)) else m.group(0), text)
 
     fixed = fix(v)
-    if "&" in fixed and fix(html.unescape(fixed)) != html.unescape(fixed):
-        return (fix(html.unescape(fixed)).replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
-                .replace("'", "&apos;"))  # (for either quote the value is written in)
-    return fixed
+    if "&" not in fixed:
+        return fixed
+    read = html.unescape(fixed)
+    if fix(read) == read:
+        return fixed
+    return (fix(read).replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+            .replace("'", "&apos;"))  # (for either quote the value is written in)
 
 
 def _rebuild(src: str, changes: list[str]) -> str:
@@ -607,12 +611,15 @@ def _rebuild(src: str, changes: list[str]) -> str:
             body = re.sub(r"-(?=-)", "- ", raw[4:-3])  # XML forbids "--" inside a comment
             out.append(f"<!--{body}{' ' if body.endswith('-') else ''}-->")
             changes.append(f"split a '--' inside the comment at line {line}")
-        elif tok.kind == "pi" and re.match(r"<\?xml[\s?]", raw, re.I) and "".join(out).strip():
-            changes.append(f"removed an XML declaration that is not at the start, at line {line}")
-        elif tok.kind == "pi" and re.match(r"<\?xml[\s?]", raw, re.I) and (out or not raw.startswith("<?xml")):
-            out.clear()  # (whitespace only) the declaration comes first, spelled in lower case
-            out.append("<?xml" + raw[5:])
-            changes.append(f"moved the XML declaration to the very start, spelled <?xml, at line {line}")
+        elif tok.kind == "pi" and re.match(r"<\?xml[\s?]", raw, re.I):
+            if "".join(out).strip():
+                changes.append(f"removed an XML declaration that is not at the start, at line {line}")
+            elif out or not raw.startswith("<?xml"):
+                out.clear()  # (whitespace only) the declaration comes first, spelled in lower case
+                out.append("<?xml" + raw[5:])
+                changes.append(f"moved the XML declaration to the very start, spelled <?xml, at line {line}")
+            else:
+                out.append(raw)
         elif tok.kind == "decl" and (root_seen or doctype_seen):
             # its place is before the root (after the XML declaration: Illustrator's entities)
             changes.append(f"removed a DOCTYPE {'after the root element' if root_seen else 'given twice'}"
