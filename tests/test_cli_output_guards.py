@@ -51,6 +51,7 @@ def test_svg_files_are_read_and_written_in_their_own_encoding(tmp_path, capsys):
     empty file, Latin-1 accents U+FFFD, and a BOM 'stray text'."""
     cases = {
         "utf16.svg": CLEAN.encode("utf-16"),
+        "utf32.svg": CLEAN.encode("utf-32"),  # its mark starts with UTF-16's: it had been read as UTF-16
         "latin1.svg": ('<?xml version="1.0" encoding="ISO-8859-1"?>' + CLEAN).encode("latin-1"),
         "bom.svg": CLEAN.encode("utf-8-sig"),
         "plain.svg": CLEAN.encode(),
@@ -67,6 +68,18 @@ def test_svg_files_are_read_and_written_in_their_own_encoding(tmp_path, capsys):
     assert main(["svg", "check", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "not utf-8 text: byte" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_endless_file_is_refused_not_read_forever(tmp_path, capsys, monkeypatch):
+    """`svg check /dev/zero` (or a schema from a pipe that never ends) had read forever."""
+    import gemmarun.cli as cli
+
+    monkeypatch.setattr(cli, "TEXT_FILE_LIMIT", 2**20)  # (the default reads 64 MiB of zeros first)
+    assert main(["svg", "check", "/dev/zero"]) == 1
+    assert capsys.readouterr().err.strip() == "gemmarun: error: /dev/zero: over 1 MiB, not an SVG file"
+    with pytest.raises(SystemExit) as e:
+        main(["run", "hi", "--json-schema", "/dev/zero"])
+    assert e.value.code == 2 and "/dev/zero: over 1 MiB, not a JSON schema file" in capsys.readouterr().err
 
 
 def test_svg_repair_fails_when_the_result_is_no_clean_svg(tmp_path, capsys):

@@ -149,13 +149,19 @@ def _user_message(text: str, parts: list[dict]) -> dict:
     return {"role": "user", "content": parts + [{"type": "text", "text": text}] if parts else text}
 
 
+TEXT_FILE_LIMIT = 64 * 2**20  # an SVG or a schema past it is not what the user meant (/dev/zero)
+
+
 def _file_bytes(path: str, named: str, kind: str) -> bytes:
     """A file the user named, or a one-line error saying why not (`named`: the file as messages
-    name it; `kind`: what it should be)."""
-    from pathlib import Path
-
+    name it; `kind`: what it should be). Reads at most TEXT_FILE_LIMIT bytes: a device or a pipe
+    that never ends is refused, not read forever."""
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(TEXT_FILE_LIMIT + 1)
+        if len(data) > TEXT_FILE_LIMIT:
+            raise ValueError(f"{named}: over {TEXT_FILE_LIMIT // 2**20} MiB, not {kind}")
+        return data
     except FileNotFoundError:
         raise ValueError(f"{named}: no such file") from None
     except IsADirectoryError:
