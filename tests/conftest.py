@@ -47,6 +47,18 @@ def load_script():
 
 
 @pytest.fixture(scope="session")
+def tool_llm(tmp_path_factory):
+    """The tiny E2B model with Gemma 4's tool markers in its vocabulary, so that it can write a
+    call, and a context of 1024 tokens (a prompt declaring tools is long)."""
+    import gemmarun
+
+    folder = tmp_path_factory.mktemp("tiny-e2b-tools")
+    build_reference("e2b", folder, max_position_embeddings=1024)
+    write_tiny_tokenizer(folder, "e2b", tools=True)
+    return gemmarun.load(folder, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_text_models(tiny_models):
     """family -> gemmarun's TextModel of the tiny folder, float32 on the CPU, loaded once."""
     import gemmarun

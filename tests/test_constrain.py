@@ -337,3 +337,100 @@ def test_a_boolean_schema_is_a_schema(schema, message):
     else:
         with pytest.raises(GrammarError, match=message):
             Grammar.json_schema(schema)
+
+
+# -- tool calls: Gemma 4's syntax, the arguments following the parameters ------------------------
+
+Q = '<|"|>'
+WEATHER = {"name": "get_weather", "parameters": {
+    "type": "object", "required": ["city"],
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "unit": {"enum": ["c", "f"]},
+                   "Alpha": {"type": ["number", "null"]}, "tags": {"type": "array", "items": {"type": "boolean"}}}}}
+ORDER = {"name": "order", "parameters": {
+    "type": "object", "required": ["items"], "$defs": {"Item": {
+        "type": "object", "required": ["n"],
+        "properties": {"n": {"type": "integer"}, "tag": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                       "extra": {}}}},
+    "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"}}}}}
+NO_ARGS = {"name": "ping", "parameters": {"type": "object", "properties": {}}}
+BARE = {"name": "bare"}  # no parameters given: it takes none (OpenAI's reading)
+
+
+def _call(name: str, body: str) -> str:
+    return f"<|tool_call>call:{name}{body}<tool_call|>"
+
+
+@pytest.mark.parametrize("text, ok", [
+    (_call("get_weather", f"{{city:{Q}Paris{Q}}}"), True),
+    (_call("get_weather", f"{{Alpha:null,city:{Q}P{Q},days:3,tags:[true,false],unit:{Q}c{Q}}}"), True),
+    (_call("get_weather", f"{{Alpha:-1.5e3,city:{Q}{Q}}}") + _call("ping", "{}") + "<|tool_response>", True),
+    (_call("get_weather", "{days:3}"), False),  # city is required
+    (_call("get_weather", f"{{city:{Q}P{Q},days:{Q}3{Q}}}"), False),  # days is an integer
+    (_call("get_weather", f"{{city:{Q}P{Q},days:3.5}}"), False),
+    (_call("get_weather", f"{{city:{Q}P{Q},unit:{Q}k{Q}}}"), False),  # not in the enum
+    (_call("get_weather", f"{{city:{Q}P{Q},wind:1}}"), False),  # no such parameter
+    (_call("get_weather", f"{{days:3,city:{Q}P{Q}}}"), False),  # keys in the template's order
+    (_call("get_weather", f"{{city:{Q}a<|tool_call>b{Q}}}"), False),  # a marker inside a string
+    (_call("get_weather", f"{{city:{Q}P{Q},tags:[1]}}"), False),
+    (_call("ping", "{x:1}"), False),
+    (_call("bare", "{}"), True), (_call("bare", "{x:1}"), False),
+    (_call("get_weather", f"{{Alpha:1e400,city:{Q}P{Q}}}"), False),  # past a float: parsed as a string
+    (_call("fetch", "{}"), False),  # not a declared tool
+    (_call("order", "{items:[{n:1},{n:2,tag:null},{extra:[1,{a:true}],n:3,tag:" + Q + "x" + Q + "}]}"), True),
+    (_call("order", "{items:[{tag:null}]}"), False),  # the $ref's required n
+    ("Sure. " + _call("ping", "{}"), False),  # a forced call: no text first
+    (_call("get_weather", f"{{city:{Q}P{Q}}}") + " and more", False),
+    ("", False),  # at least one call
+])
+def test_the_tool_call_grammar_takes_calls_that_follow_the_parameters(tool_llm, text, ok):
+    grammar = tool_llm.tool_grammar([WEATHER, ORDER, NO_ARGS, BARE])
+    assert _accepts(tool_llm, grammar, text) is ok
+
+
+def test_tool_choice_grammars_named_and_with_text(tool_llm):
+    weather = _call("get_weather", f"{{city:{Q}P{Q}}}")
+    tools = [{"type": "function", "function": f} for f in (WEATHER, NO_ARGS)]
+    named = tool_llm.tool_grammar(tools, only="get_weather")
+    assert _accepts(tool_llm, named, weather) and not _accepts(tool_llm, named, _call("ping", "{}"))
+    free = tool_llm.tool_grammar(tools, text_first=True)  # tool_choice "auto" with strict functions
+    for text, ok in [("Sure. " + weather, True), ("Just text.", True), ("", True),
+                     ("Sure. " + _call("get_weather", "{}"), False), ("a <|tool_call> b", False)]:
+        assert _accepts(tool_llm, free, text) is ok, text
+    for kwargs, message in [({"only": "nope"}, "no tool is named 'nope'"), ({}, "no tools to call")]:
+        with pytest.raises(ValueError, match=message):
+            tool_llm.tool_grammar(tools if kwargs else [], **kwargs)
+
+
+def test_arguments_written_as_the_template_writes_them_are_taken(tool_llm):
+    from gemmarun.chat import format_tool_value, parse_reply
+
+    grammar = tool_llm.tool_grammar([WEATHER, ORDER])
+    for name, args in [("get_weather", {"city": "Rome, \"old\" town\n", "days": 0, "tags": [], "unit": "f"}),
+                       ("order", {"items": [{"n": -3, "tag": "t", "extra": {"k": [1.5, "s", None]}}]})]:
+        text = _call(name, format_tool_value(args))
+        assert _accepts(tool_llm, grammar, text), text
+        assert [(c.name, c.arguments) for c in parse_reply(text).tool_calls] == [(name, args)]
+
+
+# (a random model's free strings run for hundreds of tokens, their length at the mercy of the
+# logits' last bits: the city is an enum here, free strings are the cases above)
+SHORT_WEATHER = {**WEATHER, "parameters": {**WEATHER["parameters"], "properties": {
+    **WEATHER["parameters"]["properties"], "city": {"enum": ["Paris", "Rome", "Oslo"]}}}}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_forced_call_of_a_random_model_follows_the_parameters(tool_llm, seed):
+    from gemmarun.sampling import SamplingParams
+
+    tools = [{"type": "function", "function": f} for f in (SHORT_WEATHER, NO_ARGS)]
+    prompt = tool_llm.build_prompt([{"role": "user", "content": "weather?"}], tools=tools)
+    stream = tool_llm.stream_reply(prompt, SamplingParams(temperature=1.0, seed=seed, max_tokens=400),
+                                   grammar=tool_llm.tool_grammar(tools, only="get_weather"), tools=True)
+    deltas = list(stream)
+    calls = [c for d in deltas for c in d.tool_calls]
+    assert stream.finish_reason == "stop" and calls and "".join(d.content for d in deltas) == ""
+    for call in calls:
+        assert call.name == "get_weather"
+        _validate(call.arguments, {**SHORT_WEATHER["parameters"], "additionalProperties": False,
+                                   "properties": {**SHORT_WEATHER["parameters"]["properties"], "Alpha": {}}})
+        assert call.arguments.get("Alpha") is None or isinstance(call.arguments["Alpha"], (int, float))

@@ -9,6 +9,8 @@ after the reasoning channel closes, so the model may think freely and answer in 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .chat import CALL_CLOSE, CALL_OPEN, MARKERS, QUOTE, RESPONSE_OPEN
 from .tokenizer import Tokenizer, byte_of_piece
 
 # Well-formed XML restricted to SVG-ish markup: nested elements with quoted attributes, text with
@@ -63,6 +66,138 @@ def _svg_lark() -> str:
         'WS: /[ \\t\\n]{1,40}/',
     ]
     return "\n".join(rules)
+
+
+class _ToolCallLark:
+    """Gemma 4's tool-call syntax (spec 9.2 rule 5, as chat.format_tool_value writes it) for the
+    declared functions, each call's arguments following its parameters' JSON Schema: types, enums
+    and consts, the properties (in the template's key order; the required ones present, no others),
+    items, anyOf/oneOf, local $refs. Bounds (lengths, ranges, patterns, formats) are not
+    enforced. The markers are their single tokens (`marker_ids`: id of each of chat.MARKERS in
+    this vocabulary), as the reply's parser reads them; no text may spell one."""
+
+    def __init__(self, functions: list[dict], marker_ids: Mapping[str, int]) -> None:
+        self.rules: list[str] = []
+        self._made: dict[int, str] = {}
+        self._root: dict = {}
+        self.marker = {m: f"<[{i}]>" for m, i in marker_ids.items()}
+        self.quote = self.marker[QUOTE]
+        self.calls = {}
+        for fn in functions:
+            self._root = fn.get("parameters") or {}
+            head = json.dumps(f"call:{fn['name']}")
+            # no parameters given: none taken, as OpenAI reads it ({} alone is any object)
+            args = self._object(self._root) if "parameters" in fn else '"{" "}"'
+            self.calls[fn["name"]] = self._add(f"{self.marker[CALL_OPEN]} {head} {args} {self.marker[CALL_CLOSE]}")
+        no_marker = "~/(?s:.*)(" + "|".join(re.escape(m).replace("/", "\\/") for m in MARKERS) + ")(?s:.*)/"
+        self.rules += [
+            f"FREE_TEXT: /(?s:.+)/ & {no_marker}",
+            f"STRING_BODY: /(?s:.*)/ & {no_marker}",
+            'INTEGER: /-?(0|[1-9][0-9]*)/',
+            # (a float's range: past it a reply's parser keeps the digits as a string)
+            'NUMBER: /-?(0|[1-9][0-9]{0,15})(\\.[0-9]{1,16})?([eE][+-]?[0-9]{1,2})?/',
+            'BARE_KEY: /[^:{}\\[\\],<"\\s]{1,64}/',
+            f'string: {self.quote} STRING_BODY {self.quote}',
+            'any: string | NUMBER | "true" | "false" | "null" | any_list | any_map',
+            'any_list: "[" (any ("," any)*)? "]"',
+            'any_map: "{" (any_key ":" any ("," any_key ":" any)*)? "}"',
+            'any_key: BARE_KEY | string',
+        ]
+
+    def source(self, only: str | None, text_first: bool) -> str:
+        """Calls of `only` (or of any tool) making the answer; `text_first`: free text may come
+        before them, or stand alone. The reply ends at <|tool_response> (or an end of turn)."""
+        calls = self.calls[only] if only else " | ".join(self.calls.values())
+        end = self.marker[RESPONSE_OPEN]
+        start = f"start: FREE_TEXT? ({calls})* {end}?" if text_first else f"start: ({calls})+ {end}?"
+        return "\n".join([start, *self.rules])
+
+    def _add(self, body: str) -> str:
+        name = f"r{len(self.rules)}"
+        self.rules.append(f"{name}: {body}")
+        return name
+
+    def _value(self, schema: Any) -> str:
+        if not isinstance(schema, dict) or not schema:
+            return "any"
+        if id(schema) in self._made:
+            return self._made[id(schema)]
+        name = f"r{len(self.rules)}"
+        self._made[id(schema)] = name  # before the body: a schema may refer to itself
+        self.rules.append("")
+        self.rules[int(name[1:])] = f"{name}: {self._body(schema)}"
+        return name
+
+    def _body(self, schema: dict) -> str:
+        if "$ref" in schema:
+            return self._value(self._resolve(schema["$ref"]))
+        if "const" in schema:
+            return self._literal(schema["const"])
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return " | ".join(self._literal(v) for v in schema["enum"])
+        for key in ("anyOf", "oneOf"):
+            if isinstance(schema.get(key), list) and schema[key]:
+                return " | ".join(self._value(s) for s in schema[key])
+        if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) == 1:
+            return self._value(schema["allOf"][0])
+        kinds = schema.get("type")
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if None in kinds or not all(isinstance(k, str) for k in kinds):
+            kinds = ["object"] if "properties" in schema else ["array"] if "items" in schema else []
+        return " | ".join(self._typed(kind, schema) for kind in kinds) or "any"
+
+    def _typed(self, kind: str, schema: dict) -> str:
+        if kind == "object":
+            return self._object(schema)
+        if kind == "array":
+            item = self._value(schema.get("items"))
+            return f'"[" ({item} ("," {item})*)? "]"'
+        return {"string": "string", "integer": "INTEGER", "number": "NUMBER", "boolean": '"true" | "false"',
+                "null": '"null"'}.get(kind, "any")
+
+    def _object(self, schema: dict) -> str:
+        properties = schema.get("properties")
+        if not isinstance(properties, dict) or not properties:
+            return "any_map" if properties is None else '"{" "}"'
+        required = set(schema.get("required") or ()) & properties.keys()
+        keys = sorted(properties, key=lambda k: str(k).lower())  # chat.format_tool_value's order
+        items = [f"{self._key(k)} \":\" {self._value(properties[k])}" for k in keys]
+        made: dict[tuple[int, bool], str] = {}
+
+        def rest(i: int, comma: bool) -> str:
+            """A rule for the properties from i on (after a comma or not), "" for none: optional
+            ones may be left out, the required ones not."""
+            if i == len(keys):
+                return ""
+            if (i, comma) not in made:
+                after = rest(i + 1, True)
+                taken = " ".join(filter(None, ['","' if comma else "", items[i], after]))
+                skipped = None if keys[i] in required else rest(i + 1, comma)
+                made[i, comma] = self._add(taken if skipped is None else
+                                           f"{taken} | {skipped}" if skipped else f"({taken})?")
+            return made[i, comma]
+
+        return f'"{{" {rest(0, False)} "}}"'
+
+    def _key(self, key: str) -> str:
+        from .chat import _KEY_RE  # the keys a reply's parser reads bare
+
+        if _KEY_RE.fullmatch(key) and key.strip() == key and key[:1] != '"':
+            return json.dumps(key)
+        return f"{self.quote} {json.dumps(key)} {self.quote}" if key else f"{self.quote} {self.quote}"
+
+    def _literal(self, value: Any) -> str:
+        from .chat import format_tool_value
+
+        if isinstance(value, str):
+            return f"{self.quote} {json.dumps(value)} {self.quote}" if value else f"{self.quote} {self.quote}"
+        return json.dumps(format_tool_value(value))
+
+    def _resolve(self, ref: Any) -> Any:
+        for prefix in ("#/$defs/", "#/definitions/"):
+            if isinstance(ref, str) and ref.startswith(prefix):
+                return (self._root.get(prefix[2:-1]) or {}).get(ref[len(prefix):])
+        return None  # (another document: any value)
 
 
 def _decimal_range(lo: int, hi: int) -> str:
@@ -154,6 +289,18 @@ class Grammar:
         if error:
             raise GrammarError(f"{what}: {_first_line(error)}")
         return Grammar(kind, source)
+
+    @staticmethod
+    def tool_calls(functions: list[dict], marker_ids: Mapping[str, int], only: str | None = None,
+                   text_first: bool = False) -> "Grammar":
+        """Gemma 4 tool calls ({name, parameters?} each) whose arguments follow each function's
+        parameters (_ToolCallLark):
+        calls of `only` or of any tool (OpenAI's tool_choice "required" or a named function), or,
+        `text_first`, free text then any calls (tool_choice "auto" with strict functions)."""
+        from llguidance import LLMatcher
+
+        source = LLMatcher.grammar_from_lark(_ToolCallLark(functions, marker_ids).source(only, text_first))
+        return Grammar._checked("tool_calls", source, "the tools' parameters")
 
     @staticmethod
     def svg() -> "Grammar":

@@ -351,6 +351,29 @@ class LLM:
             raise ValueError("this prompt has media parts: use build_prompt()")
         return built.ids
 
+    def tool_grammar(self, tools: list[dict], *, only: str | None = None, text_first: bool = False) -> Grammar:
+        """`Grammar.tool_calls` in this vocabulary: the answer is one call or more of `only` (or of
+        any of `tools`), or with `text_first` free text and then any calls; each call's
+        arguments follow its function's parameters. For `stream_reply(..., tools=True)`."""
+        from .chat import CALL_CLOSE, CALL_OPEN, MARKERS, QUOTE, RESPONSE_OPEN
+
+        self.check_tools(tools)
+        functions = [t.get("function", t) if isinstance(t, dict) else None for t in tools or ()]
+        for fn in functions:
+            if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and chat.TOOL_NAME.fullmatch(fn["name"])
+                    and isinstance(fn.get("parameters") or {}, dict)):
+                raise ValueError("each tool must be {type: function, function: {name, parameters?}} with a name of "
+                                 "1-64 letters, digits, '_', '.' or '-'")
+        if not functions:
+            raise ValueError("no tools to call")
+        if only is not None and only not in [fn["name"] for fn in functions]:
+            raise ValueError(f"no tool is named {only!r}")
+        ids = {m: self.tokenizer.token_to_id(m) for m in MARKERS}
+        for marker in (CALL_OPEN, CALL_CLOSE, QUOTE, RESPONSE_OPEN):
+            if ids[marker] is None:
+                raise ValueError(f"the vocabulary has no {marker} token: tool calls cannot be constrained")
+        return Grammar.tool_calls(functions, {m: i for m, i in ids.items() if i is not None}, only, text_first)
+
     def check_tools(self, tools: list | None) -> None:
         """Tools are declared in Gemma 4's chat format only (Gemma 3 has none)."""
         if tools and self.config.family != "gemma4":

@@ -66,6 +66,30 @@ def test_harmless_fields_and_tool_choice_none():
     assert _chat(tools=[{"type": "function", "function": {"name": "f"}}]).tools[0]["function"]["name"] == "f"
 
 
+def test_tool_choice_and_strict():
+    from gemmarun.server.protocol import ToolCalls
+
+    fn = {"name": "f", "parameters": {"type": "object", "properties": {}}}
+    tools = [{"type": "function", "function": fn}, {"type": "function", "function": {"name": "g"}}]
+    assert _chat(tools=tools).calls == ToolCalls() and not ToolCalls().constrained
+    assert _chat(tools=tools, tool_choice="required").calls == ToolCalls(required=True)
+    named = _chat(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}).calls
+    assert named == ToolCalls(required=True, only="g") and named.constrained
+    strict = [{"type": "function", "function": {**fn, "strict": True}}]
+    assert _chat(tools=strict).calls == ToolCalls(strict=True) and _chat(tools=strict).calls.constrained
+    assert _chat(tools=strict, tool_choice="none").calls is None
+    for fields, param in [
+        ({"tool_choice": {"type": "function", "function": {"name": "h"}}}, "tool_choice.function.name"),
+        ({"tool_choice": {"type": "function"}}, "tool_choice"), ({"tool_choice": "any"}, "tool_choice"),
+        ({"tool_choice": {"type": "custom", "function": {"name": "f"}}}, "tool_choice"),
+    ]:
+        assert _error(parse_chat, {"messages": MSG, "tools": tools, **fields}, 16).param == param
+    e = _error(parse_chat, {"messages": MSG, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 16)
+    assert e.param == "tool_choice" and "no tools are given" in e.body()["error"]["message"]
+    bad = [{"type": "function", "function": {**fn, "strict": "yes"}}]
+    assert _error(parse_chat, {"messages": MSG, "tools": bad}, 16).param == "tools[0].function.strict"
+
+
 def test_completion_requests():
     req = parse_completion({"prompt": "Once", "logprobs": 2, "echo": True}, 16)
     assert req.prompt == "Once" and req.params.max_tokens == 16 and req.top_logprobs == 2 and req.echo

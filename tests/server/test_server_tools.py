@@ -216,3 +216,34 @@ def test_a_stop_string_in_the_text_of_a_call_the_reply_ended_inside_says_stop(pr
             choice = r.client().chat.completions.create(**kw).choices[0]
             content, finish = choice.message.content, [choice.finish_reason]
     assert content == 'Hi call:f{a:"' and finish == ["stop"]
+
+
+@pytest.mark.parametrize("choice, stream", [
+    ({"type": "function", "function": {"name": "get_weather"}}, False), ("required", True)])
+def test_a_forced_call_is_a_call_that_follows_the_parameters(tool_llm, choice, stream):
+    """tool_choice "required" or a named function (LangChain's structured output sends one) had
+    been refused: now the answer is constrained to calls whose arguments follow the schema; a
+    random model writes them."""
+    weather = {"name": "get_weather", "parameters": {  # (an enum: a random model's free strings run long)
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer"}},
+        "required": ["city"]}}
+    tools = [{"type": "function", "function": weather}, {"type": "function", "function": {"name": "ping"}}]
+    with running(create_app(tool_llm, ServerOptions(model_name="g4"))) as r:
+        kw = dict(model="g4", messages=[{"role": "user", "content": "Weather?"}], tools=tools, tool_choice=choice,
+                  max_tokens=400, temperature=1.0, seed=1)
+        if stream:
+            chunks = list(r.client().chat.completions.create(stream=True, **kw))
+            calls = [(t.function.name, t.function.arguments) for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+        else:
+            message = (reply := r.client().chat.completions.create(**kw)).choices[0].message
+            calls = [(t.function.name, t.function.arguments) for t in message.tool_calls]
+            finish = [reply.choices[0].finish_reason]
+            assert message.content is None
+    assert calls and finish == ["tool_calls"]
+    for name, arguments in calls:
+        args = json.loads(arguments)
+        assert name in ("get_weather", "ping") if choice == "required" else name == "get_weather"
+        if name == "get_weather":
+            assert args["city"] in ("Paris", "Rome") and set(args) <= {"city", "days"}
+            assert isinstance(args.get("days", 0), int)

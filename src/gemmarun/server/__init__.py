@@ -46,15 +46,16 @@ Replies: the thinking text comes back as `reasoning_content` (in the message, or
 never inside `content`. With `tools`, the model's tool-call syntax becomes OpenAI `tool_calls`
 (finish_reason "tool_calls"; when streaming, one tool_calls delta per complete call); send results
 back as `tool` messages. The reply ends where the model writes <|tool_response> to wait for them.
-Tool names are 1-64 letters, digits, '_', '.' or '-', each given once; a function's `strict` is
-accepted, but its arguments are not grammar-constrained. Special tokens never appear in the text. `usage` counts prompt tokens
+Tool names are 1-64 letters, digits, '_', '.' or '-', each given once. tool_choice "required" or
+a named function makes the answer one call or more (of that function); a function's `strict: true`
+makes the calls follow the parameters (LLM.tool_grammar; bounds like lengths and patterns are not
+enforced). Special tokens never appear in the text. `usage` counts prompt tokens
 (image and audio soft tokens included) and completion tokens (thinking included, also reported as
 completion_tokens_details.reasoning_tokens).
 
 Not supported (400): n > 1, best_of > 1, frequency_penalty != 0, logit_bias, response_format other
-than text/json_object/json_schema, response_format json with tools, tool_choice "required" or a named
-function, parallel_tool_calls false, the deprecated functions/function_call, completions `suffix`,
-`echo` with `stream`.
+than text/json_object/json_schema, response_format json with tools, parallel_tool_calls false, the
+deprecated functions/function_call, completions `suffix`, `echo` with `stream`.
 Other unknown fields are ignored.
 
 Concurrency: one model thread runs continuous batching (`BatchEngine`): up to --max-batch requests

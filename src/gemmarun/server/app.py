@@ -485,15 +485,26 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
     async def build_off_loop(build: Callable[[], Prompt], has_media: bool) -> Prompt:
         return await anyio.to_thread.run_sync(build, limiter=media_slots if has_media else None)
 
-    async def output_control(grammar: Grammar | None, params: SamplingParams, thinking: bool = False):
-        """The request's loop guard and response_format grammar. The grammar's tokenizer view is
-        built on first use (seconds for a 262k vocabulary): off the loop."""
+    async def output_control(grammar: Grammar | None, params: SamplingParams, thinking: bool = False,
+                             given_by: str = "response_format.json_schema.schema"):
+        """The request's loop guard and grammar (`given_by`: the request's field it comes from).
+        The grammar's tokenizer view is built on first use (seconds for a 262k vocabulary): off
+        the loop."""
         try:
             state = grammar and await anyio.to_thread.run_sync(
                 lambda: llm.grammar_state(grammar, params, thinking=thinking))
         except GrammarError as e:  # a schema no text satisfies
-            raise bad(str(e), "response_format.json_schema.schema") from None
+            raise bad(str(e), given_by) from None
         return llm.output_control(state, opts.loop_guard)
+
+    def tool_grammar(req) -> Grammar | None:
+        """The answer's grammar where tool_choice forces a call or a function is strict."""
+        if req.calls is None or not req.calls.constrained:
+            return None
+        try:
+            return llm.tool_grammar(req.tools, only=req.calls.only, text_first=not req.calls.required)
+        except ValueError as e:  # a vocabulary without the tool markers; a schema llguidance refuses
+            raise bad(str(e), "tool_choice" if req.calls.required else "tools") from None
 
     async def chat(request: Request) -> Response:
         req = parse_chat(await read_json(request), opts.default_max_tokens, opts.sampling)
@@ -505,9 +516,11 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
                                        image_tokens=req.image_tokens, max_audio_seconds=limits.max_audio_seconds)
 
         prompt = await build_off_loop(build, inputs.has_media(req.messages))
+        grammar, given_by = (req.grammar, "response_format.json_schema.schema") if req.grammar else (
+            tool_grammar(req), "tools")
         gen = Generation.chat(llm, Envelope(new_id("chatcmpl"), name, "chat.completion.chunk"), prompt,
                               fit(prompt, req.params, req.max_tokens_given), req,
-                              await output_control(req.grammar, req.params, req.thinking))
+                              await output_control(grammar, req.params, req.thinking, given_by))
         return await run(request, gen, req.stream, lambda g: JSONResponse(g.chat_response()))
 
     async def completions(request: Request) -> Response:

@@ -173,6 +173,22 @@ class ChatRequest:
     tools: list[dict] | None = None
     image_tokens: int | None = None
     grammar: Grammar | None = None  # from response_format
+    calls: ToolCalls | None = None  # with tools: whether the answer must call, and which function
+
+
+@dataclass(frozen=True)
+class ToolCalls:
+    """What tool_choice and the functions' `strict` ask of an answer with tools: `required`, one
+    call or more (of `only` where a function is named); `strict`, arguments that follow the
+    parameters. Either makes the answer constrained (LLM.tool_grammar)."""
+
+    required: bool = False
+    only: str | None = None
+    strict: bool = False
+
+    @property
+    def constrained(self) -> bool:
+        return self.required or self.strict
 
 
 @dataclass
@@ -202,7 +218,20 @@ def _thinking(data: dict) -> bool:
     return REASONING_EFFORTS[effort]
 
 
-def _tools(data: dict) -> list[dict] | None:
+def _tool_choice(data: dict) -> str | dict | None:
+    """tool_choice as OpenAI spells it: "auto", "none", "required" or {type: function, function: {name}}."""
+    choice = data.get("tool_choice")
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type", "function") == "function" and isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            return choice
+    elif choice in (None, "auto", "none", "required"):
+        return choice
+    raise bad("tool_choice must be 'auto', 'none', 'required' or {type: 'function', function: {name}}",
+              "tool_choice")
+
+
+def _tools(data: dict) -> tuple[list[dict] | None, ToolCalls | None]:
     for legacy in ("functions", "function_call"):
         if data.get(legacy) is not None:
             raise bad(f"'{legacy}' (OpenAI's deprecated form) is not supported: use 'tools'", legacy)
@@ -210,11 +239,11 @@ def _tools(data: dict) -> list[dict] | None:
         raise bad("parallel_tool_calls=false is not supported: Gemma may call several tools in one reply",
                   "parallel_tool_calls")
     tools = _get(data, "tools", list)
-    choice = data.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise bad("tool_choice must be 'auto' or 'none' (forcing a call is not supported)", "tool_choice")
+    choice = _tool_choice(data)
+    if not tools and choice not in (None, "auto", "none"):
+        raise bad("tool_choice forces a call, but no tools are given", "tool_choice")
     if not tools or choice == "none":
-        return None
+        return None, None
     names = set()
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
@@ -233,7 +262,13 @@ def _tools(data: dict) -> list[dict] | None:
         if params is not None and not (isinstance(params, dict) and isinstance(params.get("properties", {}), dict)):
             raise bad("parameters must be a JSON Schema object (its 'properties' an object)",
                       f"tools[{i}].function.parameters")
-    return tools
+        if fn.get("strict") not in (None, True, False):
+            raise bad("strict must be true or false", f"tools[{i}].function.strict")
+    only = choice["function"]["name"] if isinstance(choice, dict) else None
+    if only is not None and only not in names:
+        raise bad(f"tool_choice names {only[:40]!r}, which is not among the tools", "tool_choice.function.name")
+    strict = any(tool["function"].get("strict") is True for tool in tools)
+    return tools, ToolCalls(required=choice == "required" or only is not None, only=only, strict=strict)
 
 
 def _response_format(data: dict) -> Grammar | None:
@@ -277,11 +312,12 @@ def parse_chat(data: dict, default_max_tokens: int, defaults: dict | None = None
     image_tokens = _get(data, "image_tokens", int)
     if image_tokens is not None and image_tokens not in SOFT_TOKEN_BUDGETS:
         raise bad(f"image_tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}", "image_tokens")
-    tools = _tools(data)
+    tools, calls = _tools(data)
     if tools and grammar is not None:
         raise bad("response_format with tools is not supported: the answer's grammar would exclude tool calls",
                   "response_format")
-    return ChatRequest(messages, params, given, stream, usage, top, _thinking(data), tools, image_tokens, grammar)
+    return ChatRequest(messages, params, given, stream, usage, top, _thinking(data), tools, image_tokens, grammar,
+                       calls)
 
 
 def parse_completion(data: dict, default_max_tokens: int, defaults: dict | None = None) -> CompletionRequest:
