@@ -237,4 +237,4 @@ def capture_serve(monkeypatch, into: list) -> None:
         def run(self):
             into.append(self.config)
 
-    monkeypatch.setattr(gemmarun.server, "_server_that_stops_the_model_first", lambda base, scheduler: Captured)
+    monkeypatch.setattr(gemmarun.server, "_server_that_stops_the_model_first", lambda base, app: Captured)

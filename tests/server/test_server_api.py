@@ -287,6 +287,29 @@ def test_text_past_the_context_is_refused_before_it_is_tokenized(server):
     assert e.value.code != "context_length_exceeded"
 
 
+def test_tools_calls_and_empty_turns_count_before_anything_is_tokenized(server):
+    """A probe's finds: a 7 MiB tool description (or tool-call arguments) was rendered and
+    tokenized (11 s, every stream and /health stalled) before the context refused it; 300k empty
+    messages took 11 s and 1 GiB; 15M token ids were checked one by one first (6 s)."""
+    huge = "hello " * 400_000
+    tools = [{"type": "function", "function": {"name": "f", "description": huge}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": json.dumps({"a": huge})}}
+    for kwargs in ({"messages": [{"role": "user", "content": "hi"}], "tools": tools},
+                   {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}]},
+                   {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}] * 100}):
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client().chat.completions.create(model="tiny", **kwargs)
+        assert e.value.code == "context_length_exceeded" and "has at least" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:  # the length first: the bad id is never reached
+        server.client().completions.create(model="tiny", prompt=[5] * 100_000 + [-1])
+    assert e.value.code == "context_length_exceeded" and "has 100001 tokens" in str(e.value)
+    for ids, message in (([5, 2**70], "outside the vocabulary"), ([5, "a"], "must be integers, not str"),
+                         ([5, True], "must be integers, not bool")):
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client().completions.create(model="tiny", prompt=ids)
+        assert e.value.param == "prompt" and message in str(e.value)
+
+
 def test_unknown_route_and_method(server):
     _is_openai_error(httpx.get(server.url + "/v1/nope"), 404)
     wrong_method = httpx.get(server.url + "/v1/chat/completions")

@@ -65,7 +65,8 @@ def test_interrupted_server_answers_what_is_in_flight_with_503_and_exits():
     """Ctrl-C (or SIGTERM) with requests in flight: they had run on for uvicorn's graceful
     timeout and were then cancelled, a plain-text 500 each (a stream cut short without an error)
     and a traceback each in the log. The model stops first now: the documented 503, in-band for
-    a stream, and the process exits at once."""
+    a stream, and the process exits at once; a request still sending its body gets it too (it
+    had waited out the 5 s and got a plain-text 500)."""
     import json
     import signal
     import socket
@@ -97,15 +98,24 @@ def test_interrupted_server_answers_what_is_in_flight_with_503_and_exits():
         waiter = threading.Thread(target=lambda: plain.append(httpx.post(url + "/v1/completions", timeout=60,
                                                                         json=body)))
         events = []
+        upload = socket.create_connection(("127.0.0.1", port), timeout=30)
         with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(line[6:])
                     if len(events) == 1:
                         waiter.start()
+                        upload.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                       b"\r\nContent-Length: 1000\r\n\r\n{\"prompt\": ")
                         time.sleep(0.5)
                         proc.send_signal(signal.SIGINT)
         waiter.join(30)
+        answer = b""
+        while chunk := upload.recv(65536):
+            answer += chunk
+        upload.close()
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"shutting down" in payload
         stopped = time.monotonic()
         assert proc.wait(30) in (0, 130)  # 130: Ctrl-C, as a shell reports it
         assert time.monotonic() - stopped < 4  # not uvicorn's 5 s of grace

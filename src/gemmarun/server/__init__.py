@@ -270,19 +270,21 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8080, options: ServerOptions
           file=sys.stderr)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=log_config(log_level),
                             **uvicorn_settings(opts))
-    _server_that_stops_the_model_first(uvicorn.Server, app.state.scheduler)(config).run()
+    _server_that_stops_the_model_first(uvicorn.Server, app)(config).run()
 
 
-def _server_that_stops_the_model_first(base, scheduler):
+def _server_that_stops_the_model_first(base, app):
     """uvicorn's server, whose shutdown first ends every request in flight with the documented
-    503 (in-band for a stream). Left to uvicorn, they ran on for its graceful timeout and were
-    then cancelled: a plain-text 500 each (a stream cut short), with a traceback in the log."""
+    503 (in-band for a stream), those still sending their body included. Left to uvicorn, they
+    ran on for its graceful timeout and were then cancelled: a plain-text 500 each (a stream cut
+    short), with a traceback in the log."""
 
     class Server(base):
         async def shutdown(self, sockets=None) -> None:
             import anyio
 
-            await anyio.to_thread.run_sync(scheduler.stop)
+            app.state.open_requests.stop()
+            await anyio.to_thread.run_sync(app.state.scheduler.stop)
             await super().shutdown(sockets=sockets)
 
     return Server

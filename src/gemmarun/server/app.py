@@ -241,11 +241,25 @@ class BodyTimeout(Exception):
     pass
 
 
+class ServerStopping(Exception):
+    """The server shut down while the request's body was still coming."""
+
+
 @dataclass
 class OpenRequests:
-    """POST /v1/* requests being answered: from their head to the end of their reply."""
+    """POST /v1/* requests being answered: from their head to the end of their reply; and the
+    waits for a body's next piece, which a shutdown ends (`stop`)."""
 
     n: int = 0
+    uploads: set = field(default_factory=set)  # anyio.CancelScope of each wait
+    stopping: bool = False
+
+    def stop(self) -> None:
+        """Ends every wait for a body with ServerStopping (a 503): left to uvicorn, an upload in
+        progress ran on for its graceful timeout and was then cancelled, a plain-text 500."""
+        self.stopping = True
+        for scope in list(self.uploads):
+            scope.cancel()
 
 
 class _Guard:
@@ -284,16 +298,25 @@ class _Guard:
             nonlocal seen, done
             if done:  # the body is in: from here on only a disconnect can come, whenever it does
                 return await receive()
-            with anyio.move_on_after(max(deadline - time.monotonic(), 0)):
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    if seen > self.limit:
-                        raise BodyTooLarge
-                    done = not message.get("more_body", False)
-                else:
-                    done = True
-                return message
+            with anyio.CancelScope() as upload:
+                if self.counter.stopping:
+                    upload.cancel()
+                self.counter.uploads.add(upload)
+                try:
+                    with anyio.move_on_after(max(deadline - time.monotonic(), 0)):
+                        message = await receive()
+                        if message["type"] == "http.request":
+                            seen += len(message.get("body", b""))
+                            if seen > self.limit:
+                                raise BodyTooLarge
+                            done = not message.get("more_body", False)
+                        else:
+                            done = True
+                        return message
+                finally:
+                    self.counter.uploads.discard(upload)
+            if upload.cancel_called:
+                raise ServerStopping
             raise BodyTimeout
 
         self.counter.n += counted
@@ -475,10 +498,11 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
             close(f"failed: {type(e).__name__}")
             raise
 
-    def check_length(text: Any, param: str) -> None:
-        """Refuse text that cannot fit before tokenizing it: tokenizing holds the GIL, so a 30 MiB
-        message had stalled every stream and /health for ~20 s to learn it was too long."""
-        fewest = -(-inputs.text_chars(text) // llm.tokenizer.longest_piece)
+    def check_length(text: Any, param: str, tools: Any = None) -> None:
+        """Refuse a prompt that cannot fit before rendering and tokenizing it: tokenizing holds the
+        GIL, so a 30 MiB message (or tool description, or 300k empty messages) had stalled every
+        stream and /health for ~20 s to learn it was too long."""
+        fewest = inputs.fewest_tokens(text, tools, llm.tokenizer.longest_piece)
         if fewest >= scheduler.context:
             raise past_context(f"at least {fewest}", param)
 
@@ -508,7 +532,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
 
     async def chat(request: Request) -> Response:
         req = parse_chat(await read_json(request), opts.default_max_tokens, opts.sampling)
-        check_length(req.messages, "messages")
+        check_length(req.messages, "messages", req.tools)
 
         def build() -> Prompt:
             messages = inputs.prepare_messages(req.messages, opts.allow_local_files, limits)
@@ -532,9 +556,11 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
             except ValueError as e:  # e.g. a lone surrogate
                 raise bad(_one_line(e), "prompt") from None
         else:
+            if len(req.prompt) >= scheduler.context:  # before a look at each of millions of ids
+                raise past_context(f"{len(req.prompt)}", "prompt")
             try:
                 check_token_ids(req.prompt, llm.config.vocab_size)
-            except ValueError as e:
+            except (TypeError, ValueError) as e:
                 raise bad(str(e), "prompt") from None
             prompt = Prompt(list(req.prompt))
         gen = Generation.completion(llm, Envelope(new_id("cmpl"), name, "text_completion"), prompt,
@@ -545,7 +571,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
     async def transcriptions(request: Request) -> Response:
         try:
             form = await request.form(max_files=1, max_fields=16)
-        except (BodyTooLarge, BodyTimeout):  # the request guard's 413 / 408 (with Connection: close)
+        except (BodyTooLarge, BodyTimeout, ServerStopping):  # the request guard's 413 / 408 / 503 (closing)
             raise
         except Exception as e:  # noqa: BLE001 - python-multipart's parse errors
             raise bad(f"the request is not valid multipart/form-data ({' '.join(str(e).split())})") from None
@@ -619,6 +645,9 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
         error = ApiError(408, f"the request body did not arrive within {opts.body_timeout:g} s", code="request_timeout")
         return _error_response(error, _CLOSE)
 
+    async def stopping(request: Request, e: ServerStopping) -> Response:
+        return _error_response(ApiError(503, "the server is shutting down"), _CLOSE)
+
     async def gone(request: Request, e: ClientDisconnect) -> Response:
         return Response(status_code=499)  # the client left while sending its body: nobody to answer
 
@@ -635,6 +664,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, BodyTooLarge: too_large, BodyTimeout: too_slow,
+                            ServerStopping: stopping,
                             ClientDisconnect: gone, ApiError: error, EngineFailed: error, ValueError: error, Exception: error},
         lifespan=_lifespan(scheduler),
     )

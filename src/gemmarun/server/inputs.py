@@ -192,19 +192,41 @@ def has_media(messages: Any) -> bool:
         for m in messages)
 
 
-def text_chars(messages: Any) -> int:
-    """Characters of the messages' text content (a string, or its "text" parts; not media, whose
-    base64 is no prompt text): what the prompt holds at least, before any of it is tokenized."""
+def fewest_tokens(messages: Any, tools: Any, longest_piece: int) -> int:
+    """Tokens the prompt holds at least, counted before anything is rendered or tokenized: its
+    text (message content, and the strings of tool calls and tool declarations; not media, whose
+    base64 is no prompt text) in pieces of at most `longest_piece` characters, and two turn
+    markers a message other than a system one (Gemma 3 folds that into the first turn)."""
     if isinstance(messages, str):  # a completions prompt
-        return len(messages)
-    total = 0
+        return -(-len(messages) // longest_piece)
+    chars, turns = _strings_chars(tools), 0
     for m in messages if isinstance(messages, list) else ():
-        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(m, dict):
+            continue
+        turns += m.get("role") not in ("system", "developer")
+        content = m.get("content")
         if isinstance(content, str):
-            total += len(content)
+            chars += len(content)
         elif isinstance(content, list):
-            total += sum(len(p["text"]) for p in content
+            chars += sum(len(p["text"]) for p in content
                          if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+        chars += _strings_chars(m.get("tool_calls"))
+    return -(-chars // longest_piece) + 2 * turns
+
+
+def _strings_chars(value: Any) -> int:
+    """Characters of the strings in a JSON value (keys included; a tool call's arguments are a
+    JSON text, counted as written)."""
+    total, stack = 0, [value]
+    while stack:  # (no recursion: a request's nesting is checked later)
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            total += sum(len(k) for k in v if isinstance(k, str))
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
     return total
 
 

@@ -325,8 +325,8 @@ def parse_completion(data: dict, default_max_tokens: int, defaults: dict | None 
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
-    ok_ids = isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool)
-                                                        for i in prompt)
+    # (the first id tells ids from a batch of prompts; the rest are checked once the length fits)
+    ok_ids = isinstance(prompt, list) and prompt and isinstance(prompt[0], int) and not isinstance(prompt[0], bool)
     if not (isinstance(prompt, str) and prompt) and not ok_ids:
         raise bad("'prompt' must be a non-empty string or token-id array (one prompt per request)", "prompt")
     if data.get("suffix"):
