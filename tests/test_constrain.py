@@ -434,3 +434,10 @@ def test_a_forced_call_of_a_random_model_follows_the_parameters(tool_llm, seed):
         _validate(call.arguments, {**SHORT_WEATHER["parameters"], "additionalProperties": False,
                                    "properties": {**SHORT_WEATHER["parameters"]["properties"], "Alpha": {}}})
         assert call.arguments.get("Alpha") is None or isinstance(call.arguments["Alpha"], (int, float))
+
+
+def test_a_schema_past_the_engines_limits_is_said_to_be_too_large(tiny):
+    """llguidance's parser stops at 2000 items a row: the error had blamed the token it met there."""
+    schema = {"type": "object", "properties": {f"k{i}": {"type": "string"} for i in range(5000)}}
+    with pytest.raises(GrammarError, match="too large for the grammar engine"):
+        tiny.generate("hi", max_tokens=200, grammar=Grammar.json_schema(schema), seed=0)

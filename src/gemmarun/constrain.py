@@ -493,7 +493,10 @@ class GrammarState:
         if not self.active:
             return
         if not self.matcher.consume_token(token):
-            raise GrammarError(f"token {token} violates the grammar: {self.matcher.get_error().splitlines()[0]}")
+            error = self.matcher.get_error().splitlines()[0]
+            if "; max is " in error:  # a limit of the engine's (items in a parser row): no fault of the token
+                raise GrammarError(f"the schema or grammar is too large for the grammar engine ({error})")
+            raise GrammarError(f"token {token} violates the grammar: {error}")
         if self._json is not None:
             place = json_keys_after(self._json[-1], self.tokenizer.piece_bytes(token))
             if place is None:  # (a token the mask had not offered)

@@ -440,3 +440,10 @@ def test_a_message_without_content_is_400(server):
     resp = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user"}], "max_tokens": 2})
     _is_openai_error(resp, 400)
     assert resp.json()["error"]["message"] == "message 0 (user) has no content"
+
+
+def test_a_huge_max_tokens_is_named_not_echoed(server):
+    """The 400 had echoed all 400 digits of max_tokens=10**400."""
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().completions.create(model="tiny", prompt="hi", max_tokens=10**400)
+    assert e.value.param == "max_tokens" and "a 401-digit number" in str(e.value) and "0000000000000" not in str(e.value)

@@ -458,7 +458,8 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
             raise bad(str(e), "stop_token_ids") from None
         limit = scheduler.context if opts.max_tokens_limit is None else opts.max_tokens_limit
         if given and params.max_tokens > limit:
-            raise bad(f"max_tokens is too large: {params.max_tokens}; this server allows at most {limit}", "max_tokens")
+            shown = params.max_tokens if params.max_tokens < 10**12 else f"a {len(str(params.max_tokens))}-digit number"
+            raise bad(f"max_tokens is too large: {shown}; this server allows at most {limit}", "max_tokens")
         # prompt + reply never past the context, given or not (the engines stop there too), so
         # max_tokens and usage say what the reply can hold
         room = scheduler.context - n
