@@ -211,6 +211,17 @@ def test_lone_surrogate_is_a_one_line_value_error() -> None:
         tok.encode("a\ud800b")
 
 
+def test_misused_encode_and_decode_say_what_is_wrong() -> None:
+    """(A probe's finds: the `tokenizers` library's "TextInputSequence must be str" and a bare
+    OverflowError.)"""
+    tok = Tokenizer.from_gguf_metadata(_synthetic_fields("gemma4"))
+    for text in (b"x", None):
+        with pytest.raises(TypeError, match=f"text to encode must be a str, not {type(text).__name__}"):
+            tok.encode(text)
+    with pytest.raises(ValueError, match=f"token id {2**40} is outside the vocabulary"):
+        tok.decode([5, 2**40])
+
+
 # -- HF folder -------------------------------------------------------------------------------------
 
 def test_from_hf_folder_synthetic(tmp_path: Path) -> None:

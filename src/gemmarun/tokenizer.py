@@ -266,6 +266,8 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Ids for `text`; special-token strings in it become their ids. BOS is prepended even if
         the text already starts with "<bos>" (as transformers does): pass add_bos=False then."""
+        if not isinstance(text, str):  # (the Rust side's "TextInputSequence must be str")
+            raise TypeError(f"text to encode must be a str, not {type(text).__name__}")
         try:
             ids = self._tok.encode(text, add_special_tokens=False).ids
         except TypeError:  # the Rust side takes only valid Unicode: JSON may carry lone surrogates
@@ -279,9 +281,11 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text for `ids`; with skip_special, control tokens (`control_ids`) are dropped."""
         ids = list(ids)
-        lowest = min(ids, default=0)
+        lowest, highest = min(ids, default=0), max(ids, default=0)
         if lowest < 0:  # (the Rust side raised OverflowError)
             raise ValueError(f"token id {lowest} is negative")
+        if highest >= 2**32:  # (past u32 too; ids past the vocabulary but within it decode to "")
+            raise ValueError(f"token id {highest} is outside the vocabulary")
         if skip_special:  # control_ids, not the file's flags: PRINTED_SPECIALS stay
             ids = [i for i in ids if i not in self.control_ids]
         return self._tok.decode(ids, skip_special_tokens=False)
