@@ -25,6 +25,8 @@ __all__ = ["LoopEvent", "LoopGuard", "LoopGuardConfig"]
 
 _NUMERIC_WORD = re.compile(r"\w*\d\w*")  # 0x00, 1e-5, v2: numbers, not words
 _WORD_TAIL = re.compile(r"\w*$")
+_DIGITS = re.compile(r"\d+")
+_BLANK_ROW = re.compile(r"\s*\|(\s*\|)+\s*")  # an empty table row: "|   |   |"
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,16 @@ class LoopGuardConfig:
     "0, 0, 0", "\\n\\n") is legitimately long in separators, padding and zero-filled data, so it
     needs L >= max(span_repeats * p, lowinfo_min_tokens). `lowinfo_ids` marks token ids as
     low-information when no text is pushed.
+    A run of one digit token ("000000...": Gemma's tokenizers write numbers digit by digit) needs
+    `digit_run_tokens` (a googol's 100 zeros, a 512-bit zero's 128 hex digits pass).
     "line": the same non-blank line (trailing whitespace stripped; indentation kept, so closing
     braces of nested code differ) `line_repeats` times in a row, blank lines in between ignored;
     lines with digits (matrix rows, zero-filled tables) need `data_line_repeats`, lines without
-    words (rules, empty table rows, board rows, ASCII art) `lowinfo_line_repeats`.
+    words (rules, board rows, ASCII art) `lowinfo_line_repeats`, empty table rows (a sign-in
+    sheet) `blank_row_repeats`. Lines with words that differ only in one number counting up by
+    one ("52. I am sorry.", "53. I am sorry.") are a counter loop after `data_line_repeats`.
+    "block": a line or a group of lines (a unit past `max_period` tokens, which the token rules
+    cannot see; at most `block_max_lines` non-blank lines) written `span_repeats` times in a row.
 
     policy: "stop" ends generation at the event; "recover" rolls back and bans (see
     `LoopGuard.rollback`), at most `max_recoveries` times, then stops; "off" disables the guard.
@@ -55,13 +63,16 @@ class LoopGuardConfig:
     ngram_max_period: int = 32
     ngram_repeats: int = 5
     ngram_min_tokens: int = 64
-    max_period: int = 256
+    max_period: int = 512
     span_repeats: int = 3
     span_min_tokens: int = 160
     lowinfo_min_tokens: int = 512
     line_repeats: int = 8
     data_line_repeats: int = 32
     lowinfo_line_repeats: int = 16
+    blank_row_repeats: int = 64
+    digit_run_tokens: int = 144
+    block_max_lines: int = 64
     max_recoveries: int = 3
     lowinfo_ids: frozenset[int] = frozenset()
 
@@ -69,7 +80,7 @@ class LoopGuardConfig:
         if self.policy not in ("stop", "recover", "off"):
             raise ValueError(f"policy must be 'stop', 'recover' or 'off', not {self.policy!r}")
         for name in ("token_repeats", "ngram_repeats", "span_repeats", "line_repeats", "data_line_repeats",
-                     "lowinfo_line_repeats"):
+                     "lowinfo_line_repeats", "blank_row_repeats", "digit_run_tokens", "block_max_lines"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be >= 2")
         if not 2 <= self.ngram_max_period <= self.max_period:
@@ -84,7 +95,7 @@ class LoopEvent:
     start: int
     period: int
     repeats: int
-    kind: str  # "token" | "ngram" | "line" | "span"
+    kind: str  # "token" | "ngram" | "span" | "line" | "counter" | "block"
     sample: str  # the repeated text (one copy, cut to 80 characters)
 
 
@@ -95,6 +106,12 @@ def _low_info_char(c: str) -> bool:
 
 def _wordy(text: str) -> bool:
     return any(not _low_info_char(c) for c in _NUMERIC_WORD.sub("", text))
+
+
+def _counts_up(before: list[int], after: list[int]) -> bool:
+    """The same numbers but one, which is one more."""
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    return len(before) == len(after) and len(changed) == 1 and changed[0][1] == changed[0][0] + 1
 
 
 class LoopGuard:
@@ -146,6 +163,10 @@ class LoopGuard:
         self._last_line: str | None = None
         self._line_count = 0
         self._line_starts: list[int] = []  # token starts of the first two copies of the run
+        self._counter: tuple[str, list[int], int, list[int]] | None = None  # (line, numbers, count, starts)
+        self._lines_seen: list[str] = []  # the non-blank lines, for blocks
+        self._line_tokens: list[int] = []  # where each of them starts
+        self._blocks: dict[int, int] = {}  # lines per copy -> first line of the current matching run
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -185,7 +206,8 @@ class LoopGuard:
         for p, run_start in self._active.items():  # ascending p: the first hit is the true period
             length = i - run_start + 1 + p
             if length >= self._need_wordy[p] and (
-                    length >= self._need_low[p] or self._is_wordy(run_start - p, p)):
+                    length >= self._need_low[p] or self._is_wordy(run_start - p, p)
+                    or (p == 1 and length >= self.config.digit_run_tokens and self._pieces[i].strip().isdigit())):
                 break
         else:
             return None
@@ -217,6 +239,9 @@ class LoopGuard:
         key = line.rstrip()
         if not key.strip():
             return None  # blank lines neither count nor break a run
+        return self._same_line(key, start) or self._counting_line(key, start) or self._block(key, start)
+
+    def _same_line(self, key: str, start: int) -> LoopEvent | None:
         if key == self._last_line:
             self._line_count += 1
             if len(self._line_starts) < 2:
@@ -225,11 +250,44 @@ class LoopGuard:
             self._last_line, self._line_count, self._line_starts = key, 1, [start]
         c = self.config
         need = (c.data_line_repeats if any(ch.isdigit() for ch in key)
-                else c.line_repeats if _wordy(key) else c.lowinfo_line_repeats)
+                else c.line_repeats if _wordy(key) else c.blank_row_repeats if _BLANK_ROW.fullmatch(key)
+                else c.lowinfo_line_repeats)
         if self._line_count < need:
             return None
         first, second = self._line_starts
         return LoopEvent(first, max(1, second - first), self._line_count, "line", key[:80])
+
+    def _counting_line(self, key: str, start: int) -> LoopEvent | None:
+        """Lines alike but for one number that counts up by one from line to line."""
+        shape, numbers = _DIGITS.sub("0", key), [int(n) for n in _DIGITS.findall(key)]
+        last = self._counter
+        if last is not None and last[0] == shape and _counts_up(last[1], numbers):
+            self._counter = (shape, numbers, last[2] + 1, last[3] if len(last[3]) == 2 else last[3] + [start])
+        else:
+            self._counter = (shape, numbers, 1, [start])
+        _, _, count, starts = self._counter
+        if count < self.config.data_line_repeats or not _wordy(key):
+            return None
+        return LoopEvent(starts[0], max(1, starts[1] - starts[0]), count, "counter", key[:80])
+
+    def _block(self, key: str, start: int) -> LoopEvent | None:
+        """A line or a group of lines repeated, one copy longer than the token rules' max_period."""
+        k = len(self._lines_seen)
+        self._lines_seen.append(key)
+        self._line_tokens.append(start)
+        lines, tokens = self._lines_seen, self._line_tokens
+        previous, self._blocks = self._blocks, {}
+        for q in range(1, min(k, self.config.block_max_lines) + 1):
+            if lines[k - q] == key:
+                self._blocks[q] = previous.get(q, k)
+        for q, run_start in self._blocks.items():
+            first = run_start - q  # the first copy's first line
+            if k - first + 1 < self.config.span_repeats * q:
+                continue
+            period = tokens[run_start] - tokens[first]
+            if period > self.config.max_period and any(_wordy(line) for line in lines[first:run_start]):
+                return LoopEvent(tokens[first], period, (k - first + 1) // q, "block", lines[first][:80])
+        return None
 
     # ------------------------------------------------------------------ recovery
     def can_recover(self) -> bool:
