@@ -139,7 +139,7 @@ def test_a_json_schema_file_that_is_not_text_is_named(tmp_path, capsys):
     (["inspect", "x", "--context", "-5"], "must be at least 1"),
     (["run", "x", "hi", "--seed", "99999999999999999999999"], "--seed must fit in 64 bits"),
     (["run", "x", "hi", "--temperature", "-1"], "gemmarun run: error: --temperature must be >= 0 and finite"),
-    (["run", "x", "hi", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["run", "x", "hi", "--top-p", "-1"], "--top-p must be in [0, 1]"),
     (["chat", "x", "--max-tokens", "-5"], "gemmarun chat: error: --max-tokens must be >= 0"),
     (["run", "x", "hi", "--json-schema", "/nonexistent/s.json"], "--json-schema /nonexistent/s.json: no such file"),
     (["run", "x", "hi", "--json-schema", "/"], "--json-schema /: a folder, not a JSON schema file"),

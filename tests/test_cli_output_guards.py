@@ -133,6 +133,9 @@ def test_loop_guard_on_a_model_that_truly_loops(tiny_models):
     stopped_text = "".join(stopped)
     assert stopped.finish_reason == "loop"
     assert len(llm.tokenizer.encode(stopped_text, add_bos=False)) < 100  # stopped within a bounded number of tokens
+    # LLM.stream (and so generate) says so too: it had been a plain generator, without a reason
+    text_stream = llm.stream("hello", max_tokens=3, ignore_eos=True, loop_guard="stop")
+    assert "".join(text_stream) and text_stream.finish_reason == "length"
 
     recovered = llm.stream_prompt(Prompt(looping), params, loop_guard=LoopGuardConfig(policy="recover"))
     text = "".join(recovered)

@@ -23,6 +23,10 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert (_probs(logits, top_p=0.7) > 0).tolist() == [True, True, False, False]
     assert (_probs(logits, top_p=0.5) > 0).tolist() == [True, False, False, False]
     assert (_probs(logits, top_p=0.81) > 0).tolist() == [True, True, True, False]
+    # llama.cpp's and Ollama's readings (which had been refused): top_p 0 keeps the top token
+    # alone, top_k -1 is off
+    assert (_probs(logits, top_p=0) > 0).tolist() == [True, False, False, False]
+    assert SamplingParams(top_k=-1).top_k == 0
 
 
 def test_min_p_is_relative_to_the_top_token():
@@ -72,8 +76,8 @@ def test_greedy_ignores_seed_and_sampling_follows_distribution():
     assert [a(logits, none, none) for _ in range(50)] == [b(logits, none, none) for _ in range(50)]
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("inf")), dict(top_p=0),
-                                 dict(top_p=1.5), dict(min_p=1.0), dict(top_k=-1), dict(max_tokens=-1),
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("inf")), dict(top_p=-0.1),
+                                 dict(top_p=1.5), dict(min_p=1.0), dict(top_k=-2), dict(max_tokens=-1),
                                  dict(repetition_penalty=0), dict(repetition_penalty=1e-300),
                                  dict(repetition_penalty=1e30), dict(presence_penalty=-1e39),
                                  dict(presence_penalty=2.5)])

@@ -277,8 +277,9 @@ class LLM:
 
     def stream(self, prompt: str | Messages, *, enable_thinking: bool = False, image_tokens: int | None = None,
                tools: list | None = None, grammar=None, loop_guard: LoopGuardConfig | str | bool | None = None,
-               draft: Draft | None = None, **sampling: Any) -> Iterator[str]:
-        """Yield UTF-8-safe text pieces. A string is continued as raw text (BOS prepended); a
+               draft: Draft | None = None, **sampling: Any) -> "TextStream":
+        """UTF-8-safe text pieces (a `TextStream`: its `finish_reason`, "stop", "length" or
+        "loop", is set once it is used up). A string is continued as raw text (BOS prepended); a
         list of messages (text, image, audio and video parts) is rendered with the model's chat
         template, with `tools` (OpenAI-style function declarations) declared to the model; the
         reply's calls come back in its text (`chat.parse_reply` splits them out).
@@ -293,7 +294,7 @@ class LLM:
             raise _not_a_grammar(grammar)
         prompt_ = self.build_prompt(prompt, enable_thinking=enable_thinking, image_tokens=image_tokens, tools=tools)
         state = self.grammar_state(grammar, params, thinking=enable_thinking) if grammar is not None else None
-        yield from self.stream_prompt(prompt_, params, grammar=state, loop_guard=loop_guard, draft=draft)
+        return self.stream_prompt(prompt_, params, grammar=state, loop_guard=loop_guard, draft=draft)
 
     def grammar_state(self, grammar, params: SamplingParams, thinking: bool = False):
         """A fresh `constrain.GrammarState` for one generation of this model."""

@@ -47,8 +47,8 @@ RANDOM_SEED = -1  # the seed that asks for a fresh random one, as llama.cpp and 
 class SamplingParams:
     max_tokens: int = 256
     temperature: float = 0.0  # 0 means greedy
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0
+    top_k: int = 0  # 0 disables (-1 too, as vLLM and llama.cpp read it)
+    top_p: float = 1.0  # 0 keeps the most likely token alone, as llama.cpp and Ollama read it
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # >1 discourages tokens already seen (prompt and output)
     presence_penalty: float = 0.0  # subtracted once from every token already generated
@@ -75,6 +75,8 @@ class SamplingParams:
                 object.__setattr__(self, name, int(getattr(self, name)))
         if self.seed == RANDOM_SEED:  # llama.cpp's and Ollama's "a random seed", not a fixed one
             object.__setattr__(self, "seed", None)
+        if self.top_k == -1:  # vLLM's and llama.cpp's "no top-k"
+            object.__setattr__(self, "top_k", 0)
         stop_ids = () if self.stop_token_ids is None else self.stop_token_ids
         ids = tuple(stop_ids) if _collection(stop_ids) else None
         if ids is None or any(isinstance(i, bool) or not isinstance(i, Integral) for i in ids):
@@ -91,8 +93,8 @@ class SamplingParams:
         checks = [
             (self.max_tokens >= 0, "max_tokens must be >= 0"),
             (0 <= self.temperature < math.inf, "temperature must be >= 0 and finite"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (or -1: off)"),
+            (0 <= self.top_p <= 1, "top_p must be in [0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (low <= self.repetition_penalty <= high, f"repetition_penalty must be in [{low:g}, {high:g}]"),
             (abs(self.presence_penalty) <= MAX_PRESENCE_PENALTY,
@@ -130,6 +132,7 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass before it already reaches top_p (the first always stays)
         drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+        drop[0] = False  # (top_p 0: the mass before it, 0, already "reaches" it)
         logits = logits.clone()
         logits[order[drop]] = float("-inf")
     if p.min_p > 0.0:

@@ -45,7 +45,7 @@ def test_thinking_switch(fields, thinking):
 
 @pytest.mark.parametrize("fields, param", [
     ({"n": 2}, "n"), ({"response_format": {"type": "xml"}}, "response_format.type"),
-    ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": -0.5}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"), ({"stop": [1]}, "stop"), ({"logit_bias": {"1": 2}}, "logit_bias"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"), ({"reasoning_effort": "max"}, "reasoning_effort"),
