@@ -441,3 +441,73 @@ def test_a_schema_past_the_engines_limits_is_said_to_be_too_large(tiny):
     schema = {"type": "object", "properties": {f"k{i}": {"type": "string"} for i in range(5000)}}
     with pytest.raises(GrammarError, match="too large for the grammar engine"):
         tiny.generate("hi", max_tokens=200, grammar=Grammar.json_schema(schema), seed=0)
+
+
+# (a probe's finds: each of these had been "any value", a 500, a refused valid number, or a
+# forced call the grammar could not write)
+SCHEMA_PARTS = {"name": "f", "parameters": {
+    "type": "object", "$defs": {"Node": {"type": "object", "properties": {"v": {"type": "integer"}}}},
+    "properties": {
+        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},  # pydantic dict[str, int]
+        "tree": {"type": "object", "properties": {"v": {"type": "integer"}, "next": {"$ref": "#/properties/tree"}}},
+        "root": {"$ref": "#/$defs/Node"},
+        "both": {"allOf": [{"type": "integer"}, {"enum": [1, 2]}]},
+        "typed": {"type": "string", "anyOf": [{"maxLength": 3}, {"pattern": "x"}]},
+        "never": False,
+        "shape": {"const": {"k:x": 1, "a": ["s", None]}},
+        "n": {"type": "number"}}}}
+
+
+@pytest.mark.parametrize("args, ok", [
+    ("{counts:{a:1,b:-2}}", True), (f"{{counts:{{a:{Q}x{Q}}}}}", False),
+    ("{tree:{next:{next:{v:3},v:2},v:1}}", True), (f"{{tree:{{next:{Q}s{Q}}}}}", False),
+    ("{root:{v:1}}", True), ("{root:{v:true}}", False),
+    ("{both:2}", True), ("{both:3}", False),
+    (f"{{typed:{Q}ab{Q}}}", True), ("{typed:5}", False),
+    ("{never:1}", False),
+    (f"{{shape:{{a:[{Q}s{Q},null],{Q}k:x{Q}:1}}}}", True), ("{shape:{a:[],k:1}}", False),
+    ("{n:0.30000000000000004}", True), ("{n:1e-300}", True), ("{n:1.5e+100}", True),
+    ("{n:1152921504606846976}", True), ("{n:1e400}", False), ("{n:9999999999e299}", False),
+])
+def test_the_tool_grammar_follows_refs_maps_merges_and_literals(tool_llm, args, ok):
+    from gemmarun.chat import parse_reply
+
+    text = _call("f", args)
+    assert _accepts(tool_llm, tool_llm.tool_grammar([SCHEMA_PARTS]), text) is ok
+    if ok:  # and what it accepts parses back to arguments
+        assert [c.name for c in parse_reply(text).tool_calls] == ["f"]
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"type": "object", "properties": {"a": {}}, "required": ["a", "zzz"]}, "required property 'zzz' is not"),
+    ({"type": "object", "properties": {"a": {}}, "required": 5}, "'required' must be a list"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": [1]}, "points at nothing"),
+    ({"type": "object", "properties": {"a": {"$ref": "other.json#/A"}}}, "not a reference inside"),
+    ({"type": "object", "properties": {"a": {"enum": ['x<|"|>y']}}}, "which a tool call cannot write"),
+    ({"type": "object", "properties": {"a": {"const": float("nan")}}}, "nan is no JSON number"),
+    ({"type": "object", "properties": {f"p{i}": {"$ref": f"#/$defs/d{i}"} for i in range(1)},
+      "$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(600)} | {"d600": {"type": "integer"}}},
+     "nested too deep"),
+])
+def test_a_schema_the_tool_grammar_cannot_follow_is_refused_in_one_line(tool_llm, parameters, message):
+    with pytest.raises(GrammarError, match=re.escape(message)):
+        tool_llm.tool_grammar([{"name": "f", "parameters": parameters}])
+
+
+def test_a_thousand_properties_make_no_recursion(tool_llm):
+    parameters = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(1000)}}
+    assert tool_llm.tool_grammar([{"name": "f", "parameters": parameters}]).kind == "tool_calls"
+
+
+def test_free_text_cut_by_a_stop_string_is_a_clean_stop(tool_llm):
+    """Under tool_choice "auto" with a strict function, a stop string in the text had made every
+    answer "length": only an answer left inside a call is cut."""
+    from gemmarun.sampling import SamplingParams
+
+    state = tool_llm.grammar_state(tool_llm.tool_grammar([WEATHER], text_first=True), SamplingParams())
+    for token in tool_llm.tokenizer.encode("Sure, ", add_bos=False):
+        state.advance(token)
+    assert not state.answer_cut(by_stop=True)
+    for token in tool_llm.tokenizer.encode("<|tool_call>call:get_weather{city:", add_bos=False):
+        state.advance(token)
+    assert state.answer_cut(by_stop=True)

@@ -9,6 +9,7 @@ after the reasoning channel closes, so the model may think freely and answer in 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,37 +72,46 @@ def _svg_lark() -> str:
 class _ToolCallLark:
     """Gemma 4's tool-call syntax (spec 9.2 rule 5, as chat.format_tool_value writes it) for the
     declared functions, each call's arguments following its parameters' JSON Schema: types, enums
-    and consts, the properties (in the template's key order; the required ones present, no others),
-    items, anyOf/oneOf, local $refs. Bounds (lengths, ranges, patterns, formats) are not
-    enforced. The markers are their single tokens (`marker_ids`: id of each of chat.MARKERS in
-    this vocabulary), as the reply's parser reads them; no text may spell one."""
+    and consts, the properties (in the template's key order; the required ones present, no others;
+    a map's values by additionalProperties), items, anyOf/oneOf, allOf (merged), local $refs.
+    Bounds (lengths, ranges, patterns, formats) are not enforced. The markers are their single
+    tokens (`marker_ids`: the id of each of chat.MARKERS in this vocabulary), as the reply's
+    parser reads them; no text may spell one. A schema it cannot follow raises GrammarError."""
 
     def __init__(self, functions: list[dict], marker_ids: Mapping[str, int]) -> None:
         self.rules: list[str] = []
         self._made: dict[int, str] = {}
-        self._root: dict = {}
+        self._root: Any = {}
+        self._holding: list[Any] = []  # the schemas made here (merged allOfs): their ids stay theirs
         self.marker = {m: f"<[{i}]>" for m, i in marker_ids.items()}
         self.quote = self.marker[QUOTE]
         self.calls = {}
         for fn in functions:
             self._root = fn.get("parameters") or {}
             head = json.dumps(f"call:{fn['name']}")
-            # no parameters given: none taken, as OpenAI reads it ({} alone is any object)
-            args = self._object(self._root) if "parameters" in fn else '"{" "}"'
+            try:  # no parameters given: none taken, as OpenAI reads it ({} alone is any object)
+                args = self._value(self._root, object_only=True) if "parameters" in fn else '"{" "}"'
+            except RecursionError:
+                raise GrammarError(f"tool {fn['name']!r}: its parameters are nested too deep") from None
+            except GrammarError as e:
+                raise GrammarError(f"tool {fn['name']!r}: {e}") from None
             self.calls[fn["name"]] = self._add(f"{self.marker[CALL_OPEN]} {head} {args} {self.marker[CALL_CLOSE]}")
         no_marker = "~/(?s:.*)(" + "|".join(re.escape(m).replace("/", "\\/") for m in MARKERS) + ")(?s:.*)/"
+        digits, fraction = "(0|[1-9][0-9]{0,299})", r"(\.[0-9]{1,300})?"
         self.rules += [
             f"FREE_TEXT: /(?s:.+)/ & {no_marker}",
             f"STRING_BODY: /(?s:.*)/ & {no_marker}",
-            'INTEGER: /-?(0|[1-9][0-9]*)/',
-            # (a float's range: past it a reply's parser keeps the digits as a string)
-            'NUMBER: /-?(0|[1-9][0-9]{0,15})(\\.[0-9]{1,16})?([eE][+-]?[0-9]{1,2})?/',
-            'BARE_KEY: /[^:{}\\[\\],<"\\s]{1,64}/',
-            f'string: {self.quote} STRING_BODY {self.quote}',
+            "INTEGER: /-?(0|[1-9][0-9]{0,299})/",
+            # within a float's range (past it a reply's parser keeps the digits as a string): up
+            # to 300 digits, or e-999, or an exponent to 99 after 200 digits, to 299 after 9
+            f"NUMBER: /-?{digits}{fraction}([eE]-[0-9]{{1,3}})?/ | /-?(0|[1-9][0-9]{{0,199}}){fraction}[eE]\\+?[0-9]{{1,2}}/"
+            f" | /-?(0|[1-9][0-9]{{0,8}}){fraction}[eE]\\+?[12][0-9]{{2}}/",
+            r'BARE_KEY: /[^:{}\[\],<"\s]{1,64}/',
+            f"string: {self.quote} STRING_BODY {self.quote}",
             'any: string | NUMBER | "true" | "false" | "null" | any_list | any_map',
             'any_list: "[" (any ("," any)*)? "]"',
             'any_map: "{" (any_key ":" any ("," any_key ":" any)*)? "}"',
-            'any_key: BARE_KEY | string',
+            "any_key: BARE_KEY | string",
         ]
 
     def source(self, only: str | None, text_first: bool) -> str:
@@ -117,87 +127,151 @@ class _ToolCallLark:
         self.rules.append(f"{name}: {body}")
         return name
 
-    def _value(self, schema: Any) -> str:
-        if not isinstance(schema, dict) or not schema:
-            return "any"
-        if id(schema) in self._made:
-            return self._made[id(schema)]
-        name = f"r{len(self.rules)}"
-        self._made[id(schema)] = name  # before the body: a schema may refer to itself
-        self.rules.append("")
-        self.rules[int(name[1:])] = f"{name}: {self._body(schema)}"
-        return name
+    def _value(self, schema: Any, object_only: bool = False) -> str:
+        """The rule for a value of `schema` (`object_only`: the arguments, an object whatever
+        the schema says)."""
+        if schema is True or schema == {}:
+            return "any_map" if object_only else "any"
+        if schema is False:
+            raise GrammarError("a schema that no value satisfies (false) where a value is needed")
+        if not isinstance(schema, dict):
+            raise GrammarError(f"a schema is an object, not {type(schema).__name__}")
+        key = (id(schema), object_only)
+        if key not in self._made:
+            name = self._made[key] = f"r{len(self.rules)}"  # before the body: a schema may refer to itself
+            self.rules.append("")
+            self.rules[int(name[1:])] = f"{name}: {self._body(schema, object_only)}"
+        return self._made[key]
 
-    def _body(self, schema: dict) -> str:
+    def _body(self, schema: dict, object_only: bool) -> str:
         if "$ref" in schema:
-            return self._value(self._resolve(schema["$ref"]))
+            return self._value(self._resolve(schema["$ref"]), object_only)
+        if isinstance(schema.get("allOf"), list) and schema["allOf"]:
+            return self._value(self._merged(schema), object_only)
         if "const" in schema:
             return self._literal(schema["const"])
         if isinstance(schema.get("enum"), list) and schema["enum"]:
-            return " | ".join(self._literal(v) for v in schema["enum"])
+            return " | ".join(dict.fromkeys(self._literal(v) for v in schema["enum"]))
         for key in ("anyOf", "oneOf"):
             if isinstance(schema.get(key), list) and schema[key]:
-                return " | ".join(self._value(s) for s in schema[key])
-        if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) == 1:
-            return self._value(schema["allOf"][0])
+                rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
+                choices = [alt if not rest or not isinstance(alt, dict) else self._hold({**rest, **alt})
+                           for alt in schema[key] if alt is not False]
+                if not choices:
+                    raise GrammarError(f"no alternative of {key} can be satisfied")
+                return " | ".join(dict.fromkeys(self._value(c, object_only) for c in choices))
         kinds = schema.get("type")
         kinds = kinds if isinstance(kinds, list) else [kinds]
         if None in kinds or not all(isinstance(k, str) for k in kinds):
-            kinds = ["object"] if "properties" in schema else ["array"] if "items" in schema else []
+            kinds = ["object"] if "properties" in schema or object_only else ["array"] if "items" in schema else []
+        if object_only:
+            kinds = ["object"]
         return " | ".join(self._typed(kind, schema) for kind in kinds) or "any"
 
     def _typed(self, kind: str, schema: dict) -> str:
         if kind == "object":
             return self._object(schema)
         if kind == "array":
-            item = self._value(schema.get("items"))
+            if schema.get("items") is False:
+                return '"[" "]"'
+            item = self._value(schema.get("items", True))
             return f'"[" ({item} ("," {item})*)? "]"'
         return {"string": "string", "integer": "INTEGER", "number": "NUMBER", "boolean": '"true" | "false"',
                 "null": '"null"'}.get(kind, "any")
 
     def _object(self, schema: dict) -> str:
-        properties = schema.get("properties")
-        if not isinstance(properties, dict) or not properties:
-            return "any_map" if properties is None else '"{" "}"'
-        required = set(schema.get("required") or ()) & properties.keys()
-        keys = sorted(properties, key=lambda k: str(k).lower())  # chat.format_tool_value's order
+        properties, required = schema.get("properties"), schema.get("required", [])
+        if properties is not None and not isinstance(properties, dict):
+            raise GrammarError("'properties' must be an object")
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise GrammarError("'required' must be a list of property names")
+        if not properties:
+            extra = schema.get("additionalProperties", True)
+            if properties is not None or extra is False:
+                return '"{" "}"'
+            value = self._value(extra)  # a map: its values as additionalProperties says
+            return "any_map" if value == "any" else f'"{{" (any_key ":" {value} ("," any_key ":" {value})*)? "}}"'
+        missing = [r for r in required if r not in properties]
+        if missing:
+            raise GrammarError(f"required property {missing[0]!r} is not among the properties")
+        keys = [k for k in sorted(properties, key=lambda k: str(k).lower())  # chat.format_tool_value's order
+                if properties[k] is not False or k in required]
         items = [f"{self._key(k)} \":\" {self._value(properties[k])}" for k in keys]
-        made: dict[tuple[int, bool], str] = {}
-
-        def rest(i: int, comma: bool) -> str:
-            """A rule for the properties from i on (after a comma or not), "" for none: optional
-            ones may be left out, the required ones not."""
-            if i == len(keys):
-                return ""
-            if (i, comma) not in made:
-                after = rest(i + 1, True)
-                taken = " ".join(filter(None, ['","' if comma else "", items[i], after]))
-                skipped = None if keys[i] in required else rest(i + 1, comma)
-                made[i, comma] = self._add(taken if skipped is None else
-                                           f"{taken} | {skipped}" if skipped else f"({taken})?")
-            return made[i, comma]
-
-        return f'"{{" {rest(0, False)} "}}"'
+        # the properties from i on, after a comma or not: optional ones may be left out, the
+        # required ones not (made from the last one back: no recursion per property)
+        after = {(len(keys), True): "", (len(keys), False): ""}
+        for i in range(len(keys) - 1, -1, -1):
+            for comma in (True, False):
+                taken = " ".join(filter(None, ['","' if comma else "", items[i], after[i + 1, True]]))
+                skipped = None if keys[i] in required else after[i + 1, comma]
+                after[i, comma] = self._add(taken if skipped is None else
+                                            f"{taken} | {skipped}" if skipped else f"({taken})?")
+        return f'"{{" {after[0, False]} "}}"'
 
     def _key(self, key: str) -> str:
         from .chat import _KEY_RE  # the keys a reply's parser reads bare
 
         if _KEY_RE.fullmatch(key) and key.strip() == key and key[:1] != '"':
             return json.dumps(key)
-        return f"{self.quote} {json.dumps(key)} {self.quote}" if key else f"{self.quote} {self.quote}"
+        return self._string(key)
+
+    def _string(self, text: str) -> str:
+        marker = next((m for m in MARKERS if m in text), None)
+        if marker is not None:
+            raise GrammarError(f"the value {text[:40]!r} holds {marker}, which a tool call cannot write")
+        return f"{self.quote} {json.dumps(text)} {self.quote}" if text else f"{self.quote} {self.quote}"
 
     def _literal(self, value: Any) -> str:
-        from .chat import format_tool_value
-
+        """The rule for exactly `value` (an enum's or a const's), as format_tool_value writes it."""
         if isinstance(value, str):
-            return f"{self.quote} {json.dumps(value)} {self.quote}" if value else f"{self.quote} {self.quote}"
-        return json.dumps(format_tool_value(value))
+            return self._string(value)
+        if isinstance(value, dict):
+            pairs = [f'{self._key(str(k))} ":" {self._literal(value[k])}' for k in sorted(value, key=lambda k: str(k).lower())]
+            return '"{" ' + ' "," '.join(pairs) + ' "}"' if pairs else '"{" "}"'
+        if isinstance(value, list):
+            return '"[" ' + ' "," '.join(self._literal(v) for v in value) + ' "]"' if value else '"[" "]"'
+        if isinstance(value, float) and not math.isfinite(value):
+            raise GrammarError(f"{value} is no JSON number")
+        return json.dumps(json.dumps(value))  # numbers, true, false, null
 
     def _resolve(self, ref: Any) -> Any:
-        for prefix in ("#/$defs/", "#/definitions/"):
-            if isinstance(ref, str) and ref.startswith(prefix):
-                return (self._root.get(prefix[2:-1]) or {}).get(ref[len(prefix):])
-        return None  # (another document: any value)
+        """A local reference: a JSON pointer into the parameters ("#", "#/$defs/Item",
+        "#/properties/a"); another document's is refused."""
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise GrammarError(f"$ref {str(ref)[:60]!r} is not a reference inside the parameters")
+        node = self._root
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise GrammarError(f"$ref {ref[:60]!r} points at nothing")
+        return node
+
+    def _merged(self, schema: dict) -> dict:
+        """allOf's schemas as one: properties and required joined, other keys the first's."""
+        merged: dict = {k: v for k, v in schema.items() if k != "allOf"}
+        for part in schema["allOf"]:
+            while isinstance(part, dict) and "$ref" in part:
+                part = self._resolve(part["$ref"])
+            if not isinstance(part, dict):
+                raise GrammarError("allOf holds a schema that is not an object")
+            part = self._merged(part) if isinstance(part.get("allOf"), list) else part
+            for k, v in part.items():
+                if k == "properties" and isinstance(v, dict):
+                    merged["properties"] = {**merged.get("properties", {}), **v}
+                elif k == "required" and isinstance(v, list):
+                    merged["required"] = [*merged.get("required", []), *v]
+                else:
+                    merged.setdefault(k, v)
+        return self._hold(merged)
+
+    def _hold(self, schema: dict) -> dict:
+        """Keep a schema made here alive, so its id names no other while the rules are made."""
+        self._holding.append(schema)
+        return schema
 
 
 def _decimal_range(lo: int, hi: int) -> str:
@@ -506,7 +580,11 @@ class GrammarState:
     def answer_cut(self, by_stop: bool) -> bool:
         """Whether an answer that stopped here does not parse: left unfinished, or finished and then
         cut by a stop string (whose text is never kept, and the grammar's last text held it).
-        Such a "stop" is reported "length": a "stop" answer under a grammar always parses."""
+        Such a "stop" is reported "length": a "stop" answer under a grammar always parses. Tool
+        calls' text is free and their calls are not the answer's text: there, only an answer
+        left inside a call (or a forced answer before its call) is cut."""
+        if self.kind == "tool_calls":
+            return not (self.active and self.matcher.is_accepting())
         return by_stop or not self.finished
 
     @property

@@ -247,3 +247,18 @@ def test_a_forced_call_is_a_call_that_follows_the_parameters(tool_llm, choice, s
         if name == "get_weather":
             assert args["city"] in ("Paris", "Rome") and set(args) <= {"city", "days"}
             assert isinstance(args.get("days", 0), int)
+
+
+def test_strict_applies_function_by_function(tool_llm):
+    """A non-strict function beside a strict one is not constrained (as OpenAI applies strict), so
+    its schema's faults do not fail the request; forced, every function's schema counts."""
+    strict = {"name": "get_weather", "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris"]}}, "required": ["city"]}}
+    loose = {"name": "other", "parameters": {"type": "object", "properties": {"a": {}}, "required": ["zzz"]}}
+    tools = [{"type": "function", "function": strict}, {"type": "function", "function": loose}]
+    with running(create_app(tool_llm, ServerOptions(model_name="g4"))) as r:
+        kw = dict(model="g4", messages=[{"role": "user", "content": "Weather?"}], tools=tools, max_tokens=20, seed=1)
+        assert r.client().chat.completions.create(**kw).choices[0].finish_reason in ("stop", "length", "tool_calls")
+        with pytest.raises(openai.BadRequestError) as e:
+            r.client().chat.completions.create(tool_choice="required", **kw)
+        assert e.value.param == "tool_choice" and "tool 'other': required property 'zzz'" in str(e.value)

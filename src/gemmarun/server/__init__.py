@@ -47,9 +47,9 @@ never inside `content`. With `tools`, the model's tool-call syntax becomes OpenA
 (finish_reason "tool_calls"; when streaming, one tool_calls delta per complete call); send results
 back as `tool` messages. The reply ends where the model writes <|tool_response> to wait for them.
 Tool names are 1-64 letters, digits, '_', '.' or '-', each given once. tool_choice "required" or
-a named function makes the answer one call or more (of that function); a function's `strict: true`
-makes the calls follow the parameters (LLM.tool_grammar; bounds like lengths and patterns are not
-enforced). Special tokens never appear in the text. `usage` counts prompt tokens
+a named function makes the answer one call or more (of that function), every call's arguments
+following its parameters; a function's `strict: true` makes its own calls follow them
+(LLM.tool_grammar; bounds like lengths and patterns are not enforced). Special tokens never appear in the text. `usage` counts prompt tokens
 (image and audio soft tokens included) and completion tokens (thinking included, also reported as
 completion_tokens_details.reasoning_tokens).
 

@@ -523,11 +523,17 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
         return llm.output_control(state, opts.loop_guard)
 
     def tool_grammar(req) -> Grammar | None:
-        """The answer's grammar where tool_choice forces a call or a function is strict."""
+        """The answer's grammar where tool_choice forces a call (every call's arguments follow
+        its parameters) or a function is strict (its calls' arguments do, as OpenAI applies
+        `strict` function by function)."""
         if req.calls is None or not req.calls.constrained:
             return None
+        tools = req.tools if req.calls.required else [
+            tool if tool["function"].get("strict") is True else {"function": {"name": tool["function"]["name"],
+                                                                                  "parameters": {}}}
+            for tool in req.tools]
         try:
-            return llm.tool_grammar(req.tools, only=req.calls.only, text_first=not req.calls.required)
+            return llm.tool_grammar(tools, only=req.calls.only, text_first=not req.calls.required)
         except ValueError as e:  # a vocabulary without the tool markers; a schema llguidance refuses
             raise bad(str(e), "tool_choice" if req.calls.required else "tools") from None
 
