@@ -73,7 +73,7 @@ def test_bad_ids_and_params(llm):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.logits([2, 999])
     with pytest.raises(ValueError, match="top_p"):
-        llm.generate_ids([2, 5], top_p=0.0)
+        llm.generate_ids([2, 5], top_p=-0.5)
 
 
 def test_wrong_argument_types_are_named(llm):
