@@ -184,3 +184,21 @@ def test_seed_minus_one_asks_for_a_random_seed():
 def test_empty_stop_strings_are_ignored():
     """An empty string matches everywhere: stream_reply had returned an empty answer."""
     assert SamplingParams(stop=("", "x", "")).stop == ("x",) and SamplingParams(stop="").stop == ()
+
+
+def test_frequency_penalty_counts_and_logit_bias_adds():
+    """OpenAI's two: frequency_penalty subtracts once per time a token was generated (presence
+    once per token), logit_bias is added to the model's logits before anything else."""
+    logits = torch.zeros(6)
+    generated = torch.tensor([2, 2, 2, 4])
+    p = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, logit_bias={1: 3.0, 5: -100})
+    out = apply_penalties(logits, torch.tensor([0, 2, 2, 2, 4]), generated, p)
+    assert out.tolist() == [0.0, 3.0, -1.75, 0.0, -0.75, -100.0]
+    assert logits.tolist() == [0.0] * 6  # (pure)
+    assert Sampler(SamplingParams(logit_bias={3: 100}))(torch.zeros(6), torch.tensor([]), torch.tensor([])) == 3
+    for bad, error in [({"a": 1}, TypeError), ({1: "x"}, TypeError), ({1: 100.5}, ValueError), (5, TypeError),
+                       ({True: 1}, TypeError)]:
+        with pytest.raises(error, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+    with pytest.raises(ValueError, match="^frequency_penalty must be in"):
+        SamplingParams(frequency_penalty=3)

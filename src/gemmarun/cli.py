@@ -97,6 +97,8 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
                    help="divide the logits of tokens already seen, prompt included (default 1.0: off)")
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="subtract from the logits of tokens already generated (default 0.0: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this times the count of each token already generated (default 0.0: off)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampled tokens (-1: a random one, as unset)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -129,7 +131,8 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, seed=args.seed, stop=tuple(args.stop),
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
+        stop=tuple(args.stop),
         stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos,
     )
 

@@ -401,10 +401,13 @@ class LLM:
         return self.info.chat_template is not None or self.info.tool_template is not None
 
     def stop_ids(self, params: SamplingParams) -> frozenset[int]:
-        try:
-            check_token_ids(params.stop_token_ids, self.config.vocab_size)
-        except ValueError as e:
-            raise ValueError(f"stop_token_ids: {e}") from None
+        """The ids that end a generation; and the check that params' ids (stop_token_ids,
+        logit_bias) are inside the vocabulary, each error naming its field."""
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [i for i, _ in params.logit_bias])):
+            try:
+                check_token_ids(ids, self.config.vocab_size)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         if params.ignore_eos:
             return frozenset(params.stop_token_ids)
         return frozenset(self.config.eos_ids) | frozenset(self.tokenizer.eos_ids) | frozenset(params.stop_token_ids)

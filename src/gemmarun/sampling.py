@@ -16,7 +16,8 @@ import torch
 # and no draw at such a temperature differs from the argmax anyway.
 GREEDY_BELOW = 1e-5
 # Penalties past these would push logits beyond float32 (presence: OpenAI's own range).
-MAX_PRESENCE_PENALTY = 2.0
+MAX_PRESENCE_PENALTY = 2.0  # (frequency_penalty's too)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's: -100 bans a token, 100 all but forces it
 REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 
 
@@ -52,6 +53,8 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # >1 discourages tokens already seen (prompt and output)
     presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted once for each time a token was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); a dict too
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's end-of-turn ids
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before them
@@ -62,7 +65,7 @@ class SamplingParams:
             value = getattr(self, name)
             if not (value is None and name == "seed") and (isinstance(value, bool) or not isinstance(value, Integral)):
                 raise TypeError(f"{name} must be an integer, not {value!r:.40}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Real):
                 raise TypeError(f"{name} must be a number, not {value!r:.40}")
@@ -89,6 +92,7 @@ class SamplingParams:
             raise TypeError(f"stop must be a string or a list of strings, not {self.stop!r:.40}")
         # an empty stop string matches everywhere: ignored, as the server and OpenAI ignore it
         object.__setattr__(self, "stop", tuple(x for x in stop if x != ""))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         low, high = REPETITION_PENALTY_RANGE
         checks = [
             (self.max_tokens >= 0, "max_tokens must be >= 0"),
@@ -99,6 +103,8 @@ class SamplingParams:
             (low <= self.repetition_penalty <= high, f"repetition_penalty must be in [{low:g}, {high:g}]"),
             (abs(self.presence_penalty) <= MAX_PRESENCE_PENALTY,
              f"presence_penalty must be in [-{MAX_PRESENCE_PENALTY:g}, {MAX_PRESENCE_PENALTY:g}]"),
+            (abs(self.frequency_penalty) <= MAX_PRESENCE_PENALTY,
+             f"frequency_penalty must be in [-{MAX_PRESENCE_PENALTY:g}, {MAX_PRESENCE_PENALTY:g}]"),
             (self.seed is None or -(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),
         ]
         for ok, message in checks:
@@ -108,8 +114,29 @@ class SamplingParams:
             object.__setattr__(self, "temperature", 0.0)
 
 
+def _logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias as sorted (id, bias) pairs: a dict or pairs of an integer id and a
+    number in [-100, 100] (its range; ids are checked against the vocabulary by LLM.stop_ids)."""
+    pairs = bias.items() if isinstance(bias, Mapping) else bias if _collection(bias) else None
+    out = {}
+    for pair in pairs if pairs is not None else [None]:
+        token, value = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
+        if isinstance(token, bool) or not isinstance(token, Integral) or isinstance(value, bool) or not isinstance(
+                value, Real):
+            raise TypeError(f"logit_bias must map token ids to numbers, not {bias!r:.60}")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], not {value!r:.20}")
+        out[int(token)] = float(value)
+    return tuple(sorted(out.items()))
+
+
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor, p: SamplingParams):
-    """logits (V,) float32; seen/generated: 1-D id tensors. Returns penalised logits."""
+    """logits (V,) float32; seen/generated: 1-D id tensors. Returns the logits biased
+    (logit_bias, as OpenAI adds it to the model's logits) and penalised."""
+    if p.logit_bias:
+        logits = logits.clone()
+        ids, values = zip(*p.logit_bias)
+        logits[torch.tensor(ids)] += torch.tensor(values)
     if p.repetition_penalty != 1.0 and seen.numel():
         ids = torch.unique(seen)
         vals = logits[ids]
@@ -118,6 +145,10 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.T
     if p.presence_penalty and generated.numel():
         logits = logits.clone()
         logits[torch.unique(generated)] -= p.presence_penalty
+    if p.frequency_penalty and generated.numel():
+        ids, counts = torch.unique(generated, return_counts=True)
+        logits = logits.clone()
+        logits[ids] -= p.frequency_penalty * counts.float()
     return logits
 
 

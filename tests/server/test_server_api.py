@@ -447,3 +447,18 @@ def test_a_huge_max_tokens_is_named_not_echoed(server):
     with pytest.raises(openai.BadRequestError) as e:
         server.client().completions.create(model="tiny", prompt="hi", max_tokens=10**400)
     assert e.value.param == "max_tokens" and "a 401-digit number" in str(e.value) and "0000000000000" not in str(e.value)
+
+
+def test_logit_bias_and_frequency_penalty_reach_the_sampler(server, tiny_llm):
+    """(Both had been refused with a 400.) +100 makes a token the greedy choice every step, and a
+    frequency penalty then pushes it back down by its count."""
+    kw = dict(model="tiny", prompt="hello", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    forced = server.client().completions.create(logit_bias={"200": 100}, **kw)
+    assert forced.choices[0].text == tiny_llm.tokenizer.decode([200] * 6)
+    # 100 = the bias, less the count times 2 once 200 was written: it loses its lead at some point
+    fading = server.client().completions.create(logit_bias={"200": 8}, frequency_penalty=2.0, **kw)
+    text = fading.choices[0].text
+    assert text.startswith(tiny_llm.tokenizer.decode([200])) and text != forced.choices[0].text
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().completions.create(logit_bias={str(tiny_llm.config.vocab_size): 1}, **kw)
+    assert e.value.param == "logit_bias" and "outside the vocabulary" in str(e.value)

@@ -46,8 +46,9 @@ def test_thinking_switch(fields, thinking):
 @pytest.mark.parametrize("fields, param", [
     ({"n": 2}, "n"), ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": -0.5}, "top_p"),
-    ({"max_tokens": 0}, "max_tokens"), ({"stop": [1]}, "stop"), ({"logit_bias": {"1": 2}}, "logit_bias"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"max_tokens": 0}, "max_tokens"), ({"stop": [1]}, "stop"), ({"logit_bias": {"x": 2}}, "logit_bias"),
+    ({"logit_bias": {"1": 101}}, "logit_bias"), ({"logit_bias": {"1": "a"}}, "logit_bias"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"), ({"reasoning_effort": "max"}, "reasoning_effort"),
     ({"image_tokens": 100}, "image_tokens"), ({"tool_choice": "required", "tools": []}, "tool_choice"),
     ({"tools": [{"type": "function"}]}, "tools[0]"), ({"stream": "yes"}, "stream"),
@@ -64,6 +65,12 @@ def test_harmless_fields_and_tool_choice_none():
                 tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none")
     assert req.tools is None
     assert _chat(tools=[{"type": "function", "function": {"name": "f"}}]).tools[0]["function"]["name"] == "f"
+
+
+def test_frequency_penalty_and_logit_bias_are_taken():
+    """(Both had been refused with a 400.)"""
+    p = _chat(frequency_penalty=0.5, logit_bias={"7": -100, "3": 2.5}).params
+    assert p.frequency_penalty == 0.5 and p.logit_bias == ((3, 2.5), (7, -100.0))
 
 
 def test_tool_choice_and_strict():

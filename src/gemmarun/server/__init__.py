@@ -15,7 +15,8 @@ llama.cpp's server does. Content parts: `text`; `image_url` with a base64 data U
 fetched); `input_audio` `{data: base64, format}` with format wav, mp3, flac, ogg, opus, webm, mp4
 or m4a (WebM/MP4 - what browsers record - is decoded with PyAV). Sampling: temperature, top_p,
 seed, stop (string or list, cuts the answer), max_tokens / max_completion_tokens, presence_penalty,
-logprobs / top_logprobs (at most 20; completions: logprobs 0-5), stream_options.include_usage.
+frequency_penalty, logit_bias ({"token id": -100..100}), logprobs / top_logprobs (at most 20;
+completions: logprobs 0-5), stream_options.include_usage.
 Fields a request leaves out take temperature 1.0, top_p 0.95, top_k 64 (the Gemma cards'), and
 max_tokens from --max-tokens (4096; completions too, as vLLM and llama.cpp's server do, not
 OpenAI's 16), never past the context.
@@ -53,9 +54,9 @@ following its parameters; a function's `strict: true` makes its own calls follow
 (image and audio soft tokens included) and completion tokens (thinking included, also reported as
 completion_tokens_details.reasoning_tokens).
 
-Not supported (400): n > 1, best_of > 1, frequency_penalty != 0, logit_bias, response_format other
-than text/json_object/json_schema, response_format json with tools, parallel_tool_calls false, the
-deprecated functions/function_call, completions `suffix`, `echo` with `stream`.
+Not supported (400): n > 1, best_of > 1, response_format other than text/json_object/json_schema,
+response_format json with tools, parallel_tool_calls false, the deprecated
+functions/function_call, completions `suffix`, `echo` with `stream`.
 Other unknown fields are ignored.
 
 Concurrency: one model thread runs continuous batching (`BatchEngine`): up to --max-batch requests

@@ -453,9 +453,9 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
         if n >= scheduler.context:
             raise past_context(f"{n}", param)
         try:
-            llm.stop_ids(params)  # stop_token_ids inside the vocabulary
+            llm.stop_ids(params)  # stop_token_ids and logit_bias inside the vocabulary
         except ValueError as e:
-            raise bad(str(e), "stop_token_ids") from None
+            raise bad(str(e), str(e).split(":", 1)[0]) from None
         limit = scheduler.context if opts.max_tokens_limit is None else opts.max_tokens_limit
         if given and params.max_tokens > limit:
             shown = params.max_tokens if params.max_tokens < 10**12 else f"a {len(str(params.max_tokens))}-digit number"

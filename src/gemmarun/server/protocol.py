@@ -113,7 +113,16 @@ def _max_tokens(data: dict, default: int) -> tuple[int, bool]:
 # Used for fields a request leaves out: OpenAI's temperature 1.0 with the top-k / top-p of the
 # Gemma model cards (a full-vocabulary draw at temperature 1 wanders off).
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 0.95, "top_k": 64, "min_p": 0.0,
-                     "repetition_penalty": 1.0, "presence_penalty": 0.0}
+                     "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+def _logit_bias(data: dict) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias}, the ids JSON strings of integers."""
+    bias = _get(data, "logit_bias", dict, {})
+    try:
+        return {int(k): v for k, v in bias.items()}
+    except ValueError:
+        raise bad("logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
 
 
 def sampling_params(data: dict, default_max_tokens: int, defaults: dict | None = None) -> tuple[SamplingParams, bool]:
@@ -122,11 +131,6 @@ def sampling_params(data: dict, default_max_tokens: int, defaults: dict | None =
         raise bad("only n=1 is supported", "n")
     if _get(data, "best_of", int, 1) != 1:
         raise bad("only best_of=1 is supported", "best_of")
-    if _get(data, "frequency_penalty", float, 0.0) != 0.0:
-        raise bad("frequency_penalty is not supported; use presence_penalty or repetition_penalty",
-                  "frequency_penalty")
-    if _get(data, "logit_bias", dict):
-        raise bad("logit_bias is not supported", "logit_bias")
     max_tokens, given = _max_tokens(data, default_max_tokens)
     seed = _get(data, "seed", int)
     if seed is not None and not -(2**63) <= seed < 2**64:
@@ -140,6 +144,8 @@ def sampling_params(data: dict, default_max_tokens: int, defaults: dict | None =
         "min_p": _get(data, "min_p", float, d["min_p"]),
         "repetition_penalty": _get(data, "repetition_penalty", float, d["repetition_penalty"]),
         "presence_penalty": _get(data, "presence_penalty", float, d["presence_penalty"]),
+        "frequency_penalty": _get(data, "frequency_penalty", float, d["frequency_penalty"]),
+        "logit_bias": _logit_bias(data),
         "seed": _get(data, "seed", int),
         "stop": _stop(data),
         "stop_token_ids": _stop_token_ids(data),
@@ -147,7 +153,7 @@ def sampling_params(data: dict, default_max_tokens: int, defaults: dict | None =
     }
     try:
         return SamplingParams(**kwargs), given
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # (a logit_bias value that is no number: a TypeError)
         message = str(e)
         raise bad(message, message.split(" ", 1)[0]) from None
 
