@@ -210,7 +210,8 @@ def fewest_tokens(messages: Any, tools: Any, longest_piece: int) -> int:
         elif isinstance(content, list):
             chars += sum(len(p["text"]) for p in content
                          if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
-        chars += _strings_chars(m.get("tool_calls"))
+        calls = m.get("tool_calls")  # (their names and arguments: ids and types are not rendered)
+        chars += _strings_chars([c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else None)
     return -(-chars // longest_piece) + 2 * turns
 
 
