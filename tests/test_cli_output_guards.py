@@ -140,6 +140,7 @@ def test_loop_guard_on_a_model_that_truly_loops(tiny_models):
     recovered = llm.stream_prompt(Prompt(looping), params, loop_guard=LoopGuardConfig(policy="recover"))
     text = "".join(recovered)
     assert recovered.finish_reason == "length" and len(text) > len(stopped_text)  # it went on, unlike stop
+    assert recovered.loop_recoveries >= 1 and stopped.loop_recoveries == 0
     ids = llm.tokenizer.encode(text, add_bos=False)
     guard = LoopGuard(LoopGuardConfig(policy="stop"))
     assert all(guard.push(t, llm.tokenizer.decode([t])) is None for t in ids), "recovered output still loops"
@@ -161,3 +162,16 @@ def test_svg_files_that_cannot_be_read_are_named(tmp_path, capsys):
             assert main(command) == 1
             err = capsys.readouterr().err.strip()
             assert err.startswith("gemmarun: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_the_cli_says_when_the_loop_guard_resampled(tiny_models, monkeypatch, capsys):
+    """A recovered loop had left no word: the text just jumped where the guard cut it. A model
+    that writes one word whatever the guard bans: three recoveries, then the stop."""
+    from gemmarun import sampling
+
+    folder, _ = tiny_models("e2b")
+    monkeypatch.setattr(sampling.Sampler, "__call__", lambda self, logits, seen, generated: 250)
+    assert main(["run", str(folder), "hi", "--raw", "--temperature", "1", "--max-tokens", "200"]) == 0
+    err = capsys.readouterr().err
+    assert "the loop guard cut 3 repetitions and resampled past it" in err
+    assert "stopped: the output started repeating itself (loop guard)" in err

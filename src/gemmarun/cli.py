@@ -226,6 +226,10 @@ def _stream_to_stdout(llm, prompt, params: SamplingParams, args: argparse.Namesp
             sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if stream.loop_recoveries:  # the text jumped where a loop was cut: say so
+        n = stream.loop_recoveries
+        print(f"gemmarun: note: the loop guard cut {'a repetition' if n == 1 else f'{n} repetitions'} and "
+              "resampled past it (--loop-guard stop ends the answer there instead)", file=sys.stderr)
     if stream.finish_reason == "loop":
         print("gemmarun: stopped: the output started repeating itself (loop guard)", file=sys.stderr)
     elif stream.grammar_cut:

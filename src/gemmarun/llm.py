@@ -421,7 +421,8 @@ class LLM:
         """Text pieces of one generation; the returned iterator's `finish_reason` is set when it
         ends ("stop", "length" or "loop")."""
         _check_prompt_and_params(prompt, params)
-        return TextStream(self._stream_pieces(prompt, params, grammar, loop_guard, draft))
+        control = self.output_control(self._state_of(grammar, prompt, params), loop_guard)
+        return TextStream(self._stream_pieces(prompt, params, control, draft), control)
 
     def stream_reply(self, prompt: Prompt, params: SamplingParams, grammar=None,
                      loop_guard: LoopGuardConfig | str | bool | None = None, draft: Draft | None = None,
@@ -430,7 +431,8 @@ class LLM:
         tool calls apart, as the server sends them; the iterator's `finish_reason` as in
         `stream_prompt`."""
         _check_prompt_and_params(prompt, params)
-        return TextStream(self._reply_deltas(prompt, params, grammar, loop_guard, draft, tools))
+        control = self.output_control(self._state_of(grammar, prompt, params), loop_guard)
+        return TextStream(self._reply_deltas(prompt, params, control, draft, tools), control)
 
     def _state_of(self, grammar, prompt: Prompt, params: SamplingParams):
         """A Grammar made into its state as `stream` makes it (stream_prompt/stream_reply had
@@ -442,20 +444,20 @@ class LLM:
             raise _not_a_grammar(grammar)
         return grammar
 
-    def _prompt_tokens(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft):
+    def _prompt_tokens(self, prompt: Prompt, params: SamplingParams, control: OutputControl, draft):
         """The token ids of one generation from `prompt` (its media encoded, or their soft tokens
-        kept by the prompt cache), as `token_stream` yields them. `grammar`: a GrammarState."""
+        kept by the prompt cache), as `token_stream` yields them."""
         held = self.held(prompt)
         text_ids, embeds, blocks = self._inputs(prompt, held, self.prompt_cache)
         return self.token_stream(text_ids.tolist(), params, embeds=embeds, vision_blocks=blocks,
-                                 control=self.output_control(grammar, loop_guard), draft=draft, held=held)
+                                 control=control, draft=draft, held=held)
 
-    def _reply_deltas(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft, tools: bool):
+    def _reply_deltas(self, prompt: Prompt, params: SamplingParams, control: OutputControl, draft, tools: bool):
         from .reply import ReplyStream
 
         reply = ReplyStream(self.tokenizer, stop=params.stop, tools=tools)
-        grammar = self._state_of(grammar, prompt, params)
-        tokens = self._prompt_tokens(prompt, params, grammar, loop_guard, draft)
+        grammar = control.grammar
+        tokens = self._prompt_tokens(prompt, params, control, draft)
         while not reply.done:  # a stop string or the tool-response marker ends it early
             try:
                 yield reply.push(next(tokens))
@@ -468,12 +470,12 @@ class LLM:
         yield reply.finish()
         return _under_grammar(grammar, "stop", cut=True)
 
-    def _stream_pieces(self, prompt: Prompt, params: SamplingParams, grammar, loop_guard, draft):
+    def _stream_pieces(self, prompt: Prompt, params: SamplingParams, control: OutputControl, draft):
         decoder = IncrementalDecoder(self.tokenizer)
         pending = ""  # text held back because it may be the start of a stop string
         hold = max((len(s) for s in params.stop), default=0)
-        grammar = self._state_of(grammar, prompt, params)
-        tokens = self._prompt_tokens(prompt, params, grammar, loop_guard, draft)
+        grammar = control.grammar
+        tokens = self._prompt_tokens(prompt, params, control, draft)
         # Stop strings are matched on text, so token-level max_tokens still bounds the work.
         while True:
             try:
@@ -525,13 +527,20 @@ def _under_grammar(grammar, reason: str | None, cut: bool) -> str | None:
 
 
 class TextStream:
-    """An iterator of text pieces that remembers why its generation ended: `finish_reason`, and
-    `grammar_cut` where a stop string or stop token cut a constrained answer ("length")."""
+    """An iterator of text pieces that remembers why its generation ended: `finish_reason`,
+    `grammar_cut` where a stop string or stop token cut a constrained answer ("length"), and
+    `loop_recoveries`, the loops the guard cut and resampled past (the text went on after them)."""
 
-    def __init__(self, pieces):
+    def __init__(self, pieces, control: OutputControl | None = None):
         self._pieces = pieces
+        self._control = control
         self.finish_reason: str | None = None
         self.grammar_cut = False
+
+    @property
+    def loop_recoveries(self) -> int:
+        guard = self._control.guard if self._control is not None else None
+        return guard.recoveries if guard is not None else 0
 
     def __iter__(self) -> "TextStream":
         return self
