@@ -136,6 +136,10 @@ def test_loop_guard_on_a_model_that_truly_loops(tiny_models):
     # LLM.stream (and so generate) says so too: it had been a plain generator, without a reason
     text_stream = llm.stream("hello", max_tokens=3, ignore_eos=True, loop_guard="stop")
     assert "".join(text_stream) and text_stream.finish_reason == "length"
+    early = llm.stream("hello", max_tokens=50, ignore_eos=True)
+    next(early)
+    early.close()  # (as the generator it had been)
+    assert list(early) == []
 
     recovered = llm.stream_prompt(Prompt(looping), params, loop_guard=LoopGuardConfig(policy="recover"))
     text = "".join(recovered)

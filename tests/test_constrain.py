@@ -354,6 +354,7 @@ ORDER = {"name": "order", "parameters": {
     "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"}}}}}
 NO_ARGS = {"name": "ping", "parameters": {"type": "object", "properties": {}}}
 BARE = {"name": "bare"}  # no parameters given: it takes none (OpenAI's reading)
+NULL = {"name": "null", "parameters": None}  # nor with null ones
 
 
 def _call(name: str, body: str) -> str:
@@ -373,7 +374,7 @@ def _call(name: str, body: str) -> str:
     (_call("get_weather", f"{{city:{Q}a<|tool_call>b{Q}}}"), False),  # a marker inside a string
     (_call("get_weather", f"{{city:{Q}P{Q},tags:[1]}}"), False),
     (_call("ping", "{x:1}"), False),
-    (_call("bare", "{}"), True), (_call("bare", "{x:1}"), False),
+    (_call("bare", "{}"), True), (_call("bare", "{x:1}"), False), (_call("null", "{x:1}"), False),
     (_call("get_weather", f"{{Alpha:1e400,city:{Q}P{Q}}}"), False),  # past a float: parsed as a string
     (_call("fetch", "{}"), False),  # not a declared tool
     (_call("order", "{items:[{n:1},{n:2,tag:null},{extra:[1,{a:true}],n:3,tag:" + Q + "x" + Q + "}]}"), True),
@@ -383,7 +384,7 @@ def _call(name: str, body: str) -> str:
     ("", False),  # at least one call
 ])
 def test_the_tool_call_grammar_takes_calls_that_follow_the_parameters(tool_llm, text, ok):
-    grammar = tool_llm.tool_grammar([WEATHER, ORDER, NO_ARGS, BARE])
+    grammar = tool_llm.tool_grammar([WEATHER, ORDER, NO_ARGS, BARE, NULL])
     assert _accepts(tool_llm, grammar, text) is ok
 
 
@@ -455,7 +456,13 @@ SCHEMA_PARTS = {"name": "f", "parameters": {
         "typed": {"type": "string", "anyOf": [{"maxLength": 3}, {"pattern": "x"}]},
         "never": False,
         "shape": {"const": {"k:x": 1, "a": ["s", None]}},
-        "n": {"type": "number"}}}}
+        "n": {"type": "number"},
+        # (a review's finds: a map with "properties": {}, anyOf adding to shared properties, a
+        # free key with a space as format_tool_value writes it)
+        "ints": {"type": "object", "properties": {}, "additionalProperties": {"type": "integer"}},
+        "pick": {"type": "object", "properties": {"shared": {"type": "integer"}}, "anyOf": [
+            {"properties": {"kind": {"const": "a"}}, "required": ["kind"]}, {"properties": {"other": {"type": "boolean"}}}]},
+        "free": {"type": "object"}}}}
 
 
 @pytest.mark.parametrize("args, ok", [
@@ -468,6 +475,11 @@ SCHEMA_PARTS = {"name": "f", "parameters": {
     (f"{{shape:{{a:[{Q}s{Q},null],{Q}k:x{Q}:1}}}}", True), ("{shape:{a:[],k:1}}", False),
     ("{n:0.30000000000000004}", True), ("{n:1e-300}", True), ("{n:1.5e+100}", True),
     ("{n:1152921504606846976}", True), ("{n:1e400}", False), ("{n:9999999999e299}", False),
+    ("{n:9.9e307}", True), ("{n:1e305}", True), ("{n:1e308}", False),  # (up to 9.99e307)
+    ("{ints:{a:1,b c:2}}", True), (f"{{ints:{{a:{Q}x{Q}}}}}", False),
+    (f"{{pick:{{kind:{Q}a{Q},shared:1}}}}", True), ("{pick:{other:true,shared:1}}", True),
+    (f"{{pick:{{kind:{Q}b{Q}}}}}", False), ("{pick:{shared:1}}", True),
+    ("{free:{a b:1,c:[true]}}", True),
 ])
 def test_the_tool_grammar_follows_refs_maps_merges_and_literals(tool_llm, args, ok):
     from gemmarun.chat import parse_reply
@@ -478,6 +490,13 @@ def test_the_tool_grammar_follows_refs_maps_merges_and_literals(tool_llm, args, 
         assert [c.name for c in parse_reply(text).tool_calls] == ["f"]
 
 
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 @pytest.mark.parametrize("parameters, message", [
     ({"type": "object", "properties": {"a": {}}, "required": ["a", "zzz"]}, "required property 'zzz' is not"),
     ({"type": "object", "properties": {"a": {}}, "required": 5}, "'required' must be a list"),
@@ -485,9 +504,12 @@ def test_the_tool_grammar_follows_refs_maps_merges_and_literals(tool_llm, args, 
     ({"type": "object", "properties": {"a": {"$ref": "other.json#/A"}}}, "not a reference inside"),
     ({"type": "object", "properties": {"a": {"enum": ['x<|"|>y']}}}, "which a tool call cannot write"),
     ({"type": "object", "properties": {"a": {"const": float("nan")}}}, "nan is no JSON number"),
-    ({"type": "object", "properties": {f"p{i}": {"$ref": f"#/$defs/d{i}"} for i in range(1)},
-      "$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(600)} | {"d600": {"type": "integer"}}},
-     "nested too deep"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"$ref": "#/$defs/B"},
+                                                                           "B": {"$ref": "#/$defs/A"}}},
+     "refers to itself, through nothing but $refs"),
+    ({"type": "object", "properties": {"x": {"allOf": [{"$ref": "#/$defs/A"}]}}, "$defs": {"A": {"$ref": "#/$defs/A"}}},
+     "refers to itself"),  # (this one had hung the server)
+    (_nested(600), "nested too deep"),
 ])
 def test_a_schema_the_tool_grammar_cannot_follow_is_refused_in_one_line(tool_llm, parameters, message):
     with pytest.raises(GrammarError, match=re.escape(message)):
@@ -511,3 +533,10 @@ def test_free_text_cut_by_a_stop_string_is_a_clean_stop(tool_llm):
     for token in tool_llm.tokenizer.encode("<|tool_call>call:get_weather{city:", add_bos=False):
         state.advance(token)
     assert state.answer_cut(by_stop=True)
+
+
+def test_a_long_ref_chain_is_followed_without_recursion(tool_llm):
+    parameters = {"type": "object", "properties": {"a": {"$ref": "#/$defs/d0"}},
+                  "$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(600)} | {"d600": {"type": "integer"}}}
+    grammar = tool_llm.tool_grammar([{"name": "f", "parameters": parameters}])
+    assert _accepts(tool_llm, grammar, _call("f", "{a:7}")) and not _accepts(tool_llm, grammar, _call("f", "{a:true}"))

@@ -578,6 +578,11 @@ _G3_MEDIA = {"image": "<start_of_image>", "image_url": "<start_of_image>"}
 _CHANNEL_RE = re.compile(r"<\|channel>.*?(?:<channel\|>|\Z)", re.S)  # a reply cut mid-thought: to the end
 
 
+def without_thoughts(text: str) -> str:
+    """An earlier model turn's text without its thinking channels, as the renderers write it back."""
+    return _CHANNEL_RE.sub("", text)
+
+
 def _content(message: dict, media: dict[str, str], model: str) -> str:
     content = message.get("content")
     if not isinstance(content, list):
@@ -690,7 +695,7 @@ def render_gemma4(
         elif role in ("assistant", "model"):
             if not open_turn:
                 out.append("<|turn>model\n")
-            out.append(_CHANNEL_RE.sub("", _content(m, _G4_MEDIA, "Gemma 4")).strip())
+            out.append(without_thoughts(_content(m, _G4_MEDIA, "Gemma 4")).strip())
             calls = m.get("tool_calls") or []
             out.extend(map(_tool_call, calls))
             names, answered = [_call_name(c) for c in calls], 0

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .chat import CALL_CLOSE, CALL_OPEN, MARKERS, QUOTE, RESPONSE_OPEN
+from .chat import _KEY_RE, CALL_CLOSE, CALL_OPEN, MARKERS, QUOTE, RESPONSE_OPEN
 from .tokenizer import Tokenizer, byte_of_piece
 
 # Well-formed XML restricted to SVG-ish markup: nested elements with quoted attributes, text with
@@ -87,10 +87,10 @@ class _ToolCallLark:
         self.quote = self.marker[QUOTE]
         self.calls = {}
         for fn in functions:
-            self._root = fn.get("parameters") or {}
+            self._root = fn.get("parameters")
             head = json.dumps(f"call:{fn['name']}")
-            try:  # no parameters given: none taken, as OpenAI reads it ({} alone is any object)
-                args = self._value(self._root, object_only=True) if "parameters" in fn else '"{" "}"'
+            try:  # no parameters (or null): none taken, as OpenAI reads it ({} alone is any object)
+                args = self._value(self._root, object_only=True) if self._root is not None else '"{" "}"'
             except RecursionError:
                 raise GrammarError(f"tool {fn['name']!r}: its parameters are nested too deep") from None
             except GrammarError as e:
@@ -103,10 +103,11 @@ class _ToolCallLark:
             f"STRING_BODY: /(?s:.*)/ & {no_marker}",
             "INTEGER: /-?(0|[1-9][0-9]{0,299})/",
             # within a float's range (past it a reply's parser keeps the digits as a string): up
-            # to 300 digits, or e-999, or an exponent to 99 after 200 digits, to 299 after 9
+            # to 300 digits, or e-999, or an exponent to 99 after 200 digits, to 299 after 9, to
+            # 307 after one (9.99e307; the largest float is 1.8e308)
             f"NUMBER: /-?{digits}{fraction}([eE]-[0-9]{{1,3}})?/ | /-?(0|[1-9][0-9]{{0,199}}){fraction}[eE]\\+?[0-9]{{1,2}}/"
-            f" | /-?(0|[1-9][0-9]{{0,8}}){fraction}[eE]\\+?[12][0-9]{{2}}/",
-            r'BARE_KEY: /[^:{}\[\],<"\s]{1,64}/',
+            f" | /-?(0|[1-9][0-9]{{0,8}}){fraction}[eE]\\+?[12][0-9]{{2}}/ | /-?[0-9]{fraction}[eE]\\+?30[0-7]/",
+            r'BARE_KEY: /[^:{}\[\],<"\s]([^:{}\[\],<"\n]{0,62}[^:{}\[\],<"\s])?/',  # (inner spaces: "a b")
             f"string: {self.quote} STRING_BODY {self.quote}",
             'any: string | NUMBER | "true" | "false" | "null" | any_list | any_map',
             'any_list: "[" (any ("," any)*)? "]"',
@@ -145,9 +146,10 @@ class _ToolCallLark:
 
     def _body(self, schema: dict, object_only: bool) -> str:
         if "$ref" in schema:
-            return self._value(self._resolve(schema["$ref"]), object_only)
+            return self._value(self._follow(schema), object_only)
         if isinstance(schema.get("allOf"), list) and schema["allOf"]:
-            return self._value(self._merged(schema), object_only)
+            return self._value(self._merged([{k: v for k, v in schema.items() if k != "allOf"}, *schema["allOf"]]),
+                               object_only)
         if "const" in schema:
             return self._literal(schema["const"])
         if isinstance(schema.get("enum"), list) and schema["enum"]:
@@ -155,7 +157,7 @@ class _ToolCallLark:
         for key in ("anyOf", "oneOf"):
             if isinstance(schema.get(key), list) and schema[key]:
                 rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
-                choices = [alt if not rest or not isinstance(alt, dict) else self._hold({**rest, **alt})
+                choices = [alt if not rest or not isinstance(alt, dict) else self._merged([rest, alt])
                            for alt in schema[key] if alt is not False]
                 if not choices:
                     raise GrammarError(f"no alternative of {key} can be satisfied")
@@ -186,8 +188,8 @@ class _ToolCallLark:
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise GrammarError("'required' must be a list of property names")
         if not properties:
-            extra = schema.get("additionalProperties", True)
-            if properties is not None or extra is False:
+            extra = schema.get("additionalProperties", True if properties is None else False)
+            if extra is False:  # ("properties": {} alone: no arguments, as OpenAI writes it)
                 return '"{" "}"'
             value = self._value(extra)  # a map: its values as additionalProperties says
             return "any_map" if value == "any" else f'"{{" (any_key ":" {value} ("," any_key ":" {value})*)? "}}"'
@@ -209,9 +211,7 @@ class _ToolCallLark:
         return f'"{{" {after[0, False]} "}}"'
 
     def _key(self, key: str) -> str:
-        from .chat import _KEY_RE  # the keys a reply's parser reads bare
-
-        if _KEY_RE.fullmatch(key) and key.strip() == key and key[:1] != '"':
+        if _KEY_RE.fullmatch(key) and key.strip() == key and key[:1] != '"':  # (as a reply's parser reads keys)
             return json.dumps(key)
         return self._string(key)
 
@@ -234,6 +234,17 @@ class _ToolCallLark:
             raise GrammarError(f"{value} is no JSON number")
         return json.dumps(json.dumps(value))  # numbers, true, false, null
 
+    def _follow(self, schema: Any) -> Any:
+        """The schema a chain of $refs ends at (a ref to a ref to itself ends nowhere: refused)."""
+        followed = set()
+        while isinstance(schema, dict) and "$ref" in schema:
+            ref = schema["$ref"]
+            if isinstance(ref, str) and ref in followed:
+                raise GrammarError(f"$ref {str(ref)[:60]!r} refers to itself, through nothing but $refs")
+            followed.add(ref)
+            schema = self._resolve(ref)
+        return schema
+
     def _resolve(self, ref: Any) -> Any:
         """A local reference: a JSON pointer into the parameters ("#", "#/$defs/Item",
         "#/properties/a"); another document's is refused."""
@@ -250,15 +261,16 @@ class _ToolCallLark:
                 raise GrammarError(f"$ref {ref[:60]!r} points at nothing")
         return node
 
-    def _merged(self, schema: dict) -> dict:
-        """allOf's schemas as one: properties and required joined, other keys the first's."""
-        merged: dict = {k: v for k, v in schema.items() if k != "allOf"}
-        for part in schema["allOf"]:
-            while isinstance(part, dict) and "$ref" in part:
-                part = self._resolve(part["$ref"])
+    def _merged(self, parts: list) -> dict:
+        """Schemas as one (allOf's, or anyOf's shared keys and an alternative): properties and
+        required joined, other keys the first's."""
+        merged: dict = {}
+        for part in parts:
+            part = self._follow(part)
             if not isinstance(part, dict):
                 raise GrammarError("allOf holds a schema that is not an object")
-            part = self._merged(part) if isinstance(part.get("allOf"), list) else part
+            if isinstance(part.get("allOf"), list):
+                part = self._merged([{k: v for k, v in part.items() if k != "allOf"}, *part["allOf"]])
             for k, v in part.items():
                 if k == "properties" and isinstance(v, dict):
                     merged["properties"] = {**merged.get("properties", {}), **v}

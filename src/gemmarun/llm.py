@@ -356,8 +356,6 @@ class LLM:
         """`Grammar.tool_calls` in this vocabulary: the answer is one call or more of `only` (or of
         any of `tools`), or with `text_first` free text and then any calls; each call's
         arguments follow its function's parameters. For `stream_reply(..., tools=True)`."""
-        from .chat import CALL_CLOSE, CALL_OPEN, MARKERS, QUOTE, RESPONSE_OPEN
-
         self.check_tools(tools)
         functions = [t.get("function", t) if isinstance(t, dict) else None for t in tools or ()]
         for fn in functions:
@@ -369,8 +367,8 @@ class LLM:
             raise ValueError("no tools to call")
         if only is not None and only not in [fn["name"] for fn in functions]:
             raise ValueError(f"no tool is named {only!r}")
-        ids = {m: self.tokenizer.token_to_id(m) for m in MARKERS}
-        for marker in (CALL_OPEN, CALL_CLOSE, QUOTE, RESPONSE_OPEN):
+        ids = {m: self.tokenizer.token_to_id(m) for m in chat.MARKERS}
+        for marker in (chat.CALL_OPEN, chat.CALL_CLOSE, chat.QUOTE, chat.RESPONSE_OPEN):
             if ids[marker] is None:
                 raise ValueError(f"the vocabulary has no {marker} token: tool calls cannot be constrained")
         return Grammar.tool_calls(functions, {m: i for m, i in ids.items() if i is not None}, only, text_first)
@@ -536,6 +534,10 @@ class TextStream:
         self._control = control
         self.finish_reason: str | None = None
         self.grammar_cut = False
+
+    def close(self) -> None:
+        """End the generation early (as a generator's close: LLM.stream had been one)."""
+        self._pieces.close()
 
     @property
     def loop_recoveries(self) -> int:

@@ -16,7 +16,7 @@ import torch
 # and no draw at such a temperature differs from the argmax anyway.
 GREEDY_BELOW = 1e-5
 # Penalties past these would push logits beyond float32 (presence: OpenAI's own range).
-MAX_PRESENCE_PENALTY = 2.0  # (frequency_penalty's too)
+MAX_PENALTY = 2.0  # presence_penalty's and frequency_penalty's
 MAX_LOGIT_BIAS = 100.0  # OpenAI's: -100 bans a token, 100 all but forces it
 REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 
@@ -101,10 +101,10 @@ class SamplingParams:
             (0 <= self.top_p <= 1, "top_p must be in [0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (low <= self.repetition_penalty <= high, f"repetition_penalty must be in [{low:g}, {high:g}]"),
-            (abs(self.presence_penalty) <= MAX_PRESENCE_PENALTY,
-             f"presence_penalty must be in [-{MAX_PRESENCE_PENALTY:g}, {MAX_PRESENCE_PENALTY:g}]"),
-            (abs(self.frequency_penalty) <= MAX_PRESENCE_PENALTY,
-             f"frequency_penalty must be in [-{MAX_PRESENCE_PENALTY:g}, {MAX_PRESENCE_PENALTY:g}]"),
+            (abs(self.presence_penalty) <= MAX_PENALTY,
+             f"presence_penalty must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+            (abs(self.frequency_penalty) <= MAX_PENALTY,
+             f"frequency_penalty must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
             (self.seed is None or -(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),
         ]
         for ok, message in checks:

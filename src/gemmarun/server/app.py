@@ -522,18 +522,22 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
             raise bad(str(e), given_by) from None
         return llm.output_control(state, opts.loop_guard)
 
-    def tool_grammar(req) -> Grammar | None:
+    async def tool_grammar(req) -> Grammar | None:
         """The answer's grammar where tool_choice forces a call (every call's arguments follow
         its parameters) or a function is strict (its calls' arguments do, as OpenAI applies
         `strict` function by function)."""
         if req.calls is None or not req.calls.constrained:
             return None
-        tools = req.tools if req.calls.required else [
-            tool if tool["function"].get("strict") is True else {"function": {"name": tool["function"]["name"],
-                                                                                  "parameters": {}}}
-            for tool in req.tools]
-        try:
-            return llm.tool_grammar(tools, only=req.calls.only, text_first=not req.calls.required)
+        if req.calls.only is not None:  # the named function alone (another's schema does not matter)
+            tools = [tool for tool in req.tools if tool["function"]["name"] == req.calls.only]
+        elif req.calls.required:
+            tools = req.tools
+        else:
+            tools = [tool if tool["function"].get("strict") is True else
+                     {"function": {"name": tool["function"]["name"], "parameters": {}}} for tool in req.tools]
+        try:  # (a large schema takes a while to compile: off the loop)
+            return await anyio.to_thread.run_sync(
+                lambda: llm.tool_grammar(tools, only=req.calls.only, text_first=not req.calls.required))
         except ValueError as e:  # a vocabulary without the tool markers; a schema llguidance refuses
             raise bad(str(e), "tool_choice" if req.calls.required else "tools") from None
 
@@ -548,7 +552,7 @@ def create_app(llm: LLM, options: ServerOptions | None = None, *, engine=None, d
 
         prompt = await build_off_loop(build, inputs.has_media(req.messages))
         grammar, given_by = (req.grammar, "response_format.json_schema.schema") if req.grammar else (
-            tool_grammar(req), "tools")
+            await tool_grammar(req), "tools")
         gen = Generation.chat(llm, Envelope(new_id("chatcmpl"), name, "chat.completion.chunk"), prompt,
                               fit(prompt, req.params, req.max_tokens_given), req,
                               await output_control(grammar, req.params, req.thinking, given_by))

@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from .. import chat
 from ..llm import LLM, Prompt
 from ..processing.audio import SAMPLE_RATE, container_to_wav, is_container
 from ..processing.prompt import PreparedAudio
@@ -205,8 +206,10 @@ def fewest_tokens(messages: Any, tools: Any, longest_piece: int) -> int:
             continue
         turns += m.get("role") not in ("system", "developer")
         content = m.get("content")
+        if isinstance(content, str) and m.get("role") in ("assistant", "model"):
+            content = chat.without_thoughts(content)  # (the renderers drop an earlier turn's thinking)
         if isinstance(content, str):
-            chars += len(content)
+            chars += len(content.strip())
         elif isinstance(content, list):
             chars += sum(len(p["text"]) for p in content
                          if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
