@@ -220,6 +220,9 @@ def test_misused_encode_and_decode_say_what_is_wrong() -> None:
             tok.encode(text)
     with pytest.raises(ValueError, match=f"token id {2**40} is outside the vocabulary"):
         tok.decode([5, 2**40])
+    for odd, name in (("a", "str"), (1.5, "float"), (True, "bool")):
+        with pytest.raises(TypeError, match=f"token ids must be integers, not {name}"):
+            tok.decode([5, odd])
 
 
 # -- HF folder -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +282,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text for `ids`; with skip_special, control tokens (`control_ids`) are dropped."""
         ids = list(ids)
+        odd = next((i for i in ids if isinstance(i, bool) or not isinstance(i, Integral)), None)
+        if odd is not None:  # (True had decoded as id 1, "a" raised inside the Rust side)
+            raise TypeError(f"token ids must be integers, not {type(odd).__name__} ({odd!r:.40})")
         lowest, highest = min(ids, default=0), max(ids, default=0)
         if lowest < 0:  # (the Rust side raised OverflowError)
             raise ValueError(f"token id {lowest} is negative")
