@@ -323,18 +323,13 @@ def test_a_run_of_one_digit_is_cut_before_hundreds_pass(mode):
     assert event.period == 1 and index - len(prefix) < LoopGuardConfig().digit_run_tokens
 
 
-def test_a_loop_with_a_counter_is_caught():
-    """The lines differ only in a number counting up: no exact period, no identical lines."""
-    text = "Sorry:\n" + "".join(f"{n}. I am sorry.\n" for n in range(1, 200))
-    index, event = _fires(text)
-    assert event.kind == "counter" and event.repeats == LoopGuardConfig().data_line_repeats
-    assert event.start == len("Sorry:\n") and event.period == len("1. I am sorry.\n")  # one copy kept
-    assert text[:index].count("\n") <= 34
-    code = "".join(f"def f{n}():\n    x = {n}\n" for n in range(200))  # two lines alternate: no counter
-    # counting rows that are no list items (table cells, code indices, SQL, logs) are left alone
-    for row in ("| Week {n} |  |  |\n", "    regs[{n}] = 0;\n", "[ OK ] test case {n} passed\n", "Day {n}: rest\n"):
+def test_lines_that_count_up_are_left_alone():
+    """Answer sheets, forms, table rows, code and logs count from line to line: a rule for lines
+    alike but for a counting number ("52. I am sorry.") fired on them all (two reviews' finds), and
+    "recover" then dropped an item without a word. Such a loop runs to max_tokens instead."""
+    for row in ("{n}. I am sorry.\n", "{n}. A  B  C  D\n", "{n}) True / False\n", "| Week {n} |  |  |\n",
+                "    regs[{n}] = 0;\n", "[ OK ] test case {n} passed\n", "Day {n}: rest\n"):
         assert _fires("".join(row.format(n=n) for n in range(1, 60))) is None, row
-    assert _fires(code) is None or _fires(code)[1].kind != "counter"
 
 
 def test_a_block_longer_than_max_period_is_caught():

@@ -25,10 +25,6 @@ __all__ = ["LoopEvent", "LoopGuard", "LoopGuardConfig"]
 
 _NUMERIC_WORD = re.compile(r"\w*\d\w*")  # 0x00, 1e-5, v2: numbers, not words
 _WORD_TAIL = re.compile(r"\w*$")
-_DIGITS = re.compile(r"\d+")
-# A list item: its number first, then a sentence ("52. I am sorry."); not a table cell, an index
-# in code, a CSV field or a log's counter, which count up in legitimate output too.
-_LIST_ITEM = re.compile(r"\s*\d{1,18}[.)]\s+\S")
 _BLANK_ROW = re.compile(r"\s*\|(\s*\|)+\s*")  # an empty table row: "|   |   |"
 
 
@@ -52,8 +48,8 @@ class LoopGuardConfig:
     braces of nested code differ) `line_repeats` times in a row, blank lines in between ignored;
     lines with digits (matrix rows, zero-filled tables) need `data_line_repeats`, lines without
     words (rules, board rows, ASCII art) `lowinfo_line_repeats`, empty table rows (a sign-in
-    sheet) `blank_row_repeats`. List items with words that differ only in their number counting
-    up by one ("52. I am sorry.", "53. I am sorry.") are a counter loop after `data_line_repeats`.
+    sheet) `blank_row_repeats`. Lines alike but for a number counting up ("52. I am sorry.",
+    "53. I am sorry.") are left alone: answer sheets, forms, tables and code count so too.
     "block": a line or a group of lines (a unit past `max_period` tokens, which the token rules
     cannot see; at most `block_max_lines` non-blank lines) written `span_repeats` times in a row.
 
@@ -98,7 +94,7 @@ class LoopEvent:
     start: int
     period: int
     repeats: int
-    kind: str  # "token" | "ngram" | "span" | "line" | "counter" | "block"
+    kind: str  # "token" | "ngram" | "span" | "line" | "block"
     sample: str  # the repeated text (one copy, cut to 80 characters)
 
 
@@ -109,14 +105,6 @@ def _low_info_char(c: str) -> bool:
 
 def _wordy(text: str) -> bool:
     return any(not _low_info_char(c) for c in _NUMERIC_WORD.sub("", text))
-
-
-def _counts_up(before: list[str], after: list[str]) -> bool:
-    """The same numbers (as written) but one, which is one more (numbers past 18 digits, which
-    no list counts to, are not read: Python refuses int() past 4300 digits)."""
-    changed = [(a, b) for a, b in zip(before, after) if a != b]
-    return (len(before) == len(after) and len(changed) == 1 and max(map(len, changed[0])) <= 18
-            and int(changed[0][1]) == int(changed[0][0]) + 1)
 
 
 class LoopGuard:
@@ -168,7 +156,6 @@ class LoopGuard:
         self._last_line: str | None = None
         self._line_count = 0
         self._line_starts: list[int] = []  # token starts of the first two copies of the run
-        self._counter: tuple[str, list[str], int, list[int]] | None = None  # (shape, numbers, count, starts)
         self._lines_seen: list[str] = []  # the non-blank lines, for blocks
         self._line_tokens: list[int] = []  # where each of them starts
         self._blocks: dict[int, int] = {}  # lines per copy -> first line of the current matching run
@@ -244,7 +231,7 @@ class LoopGuard:
         key = line.rstrip()
         if not key.strip():
             return None  # blank lines neither count nor break a run
-        return self._same_line(key, start) or self._counting_line(key, start) or self._block(key, start)
+        return self._same_line(key, start) or self._block(key, start)
 
     def _same_line(self, key: str, start: int) -> LoopEvent | None:
         if key == self._last_line:
@@ -261,22 +248,6 @@ class LoopGuard:
             return None
         first, second = self._line_starts
         return LoopEvent(first, max(1, second - first), self._line_count, "line", key[:80])
-
-    def _counting_line(self, key: str, start: int) -> LoopEvent | None:
-        """List items alike but for their number, which counts up by one from line to line."""
-        if not _LIST_ITEM.match(key):
-            self._counter = None
-            return None
-        shape, numbers = _DIGITS.sub("0", key), _DIGITS.findall(key)
-        last = self._counter
-        if last is not None and last[0] == shape and _counts_up(last[1], numbers):
-            self._counter = (shape, numbers, last[2] + 1, last[3] if len(last[3]) == 2 else last[3] + [start])
-        else:
-            self._counter = (shape, numbers, 1, [start])
-        _, _, count, starts = self._counter
-        if count < self.config.data_line_repeats or not _wordy(key):
-            return None
-        return LoopEvent(starts[0], max(1, starts[1] - starts[0]), count, "counter", key[:80])
 
     def _block(self, key: str, start: int) -> LoopEvent | None:
         """A line or a group of lines repeated, one copy longer than the token rules' max_period."""
