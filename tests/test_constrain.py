@@ -540,3 +540,56 @@ def test_a_long_ref_chain_is_followed_without_recursion(tool_llm):
                   "$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(600)} | {"d600": {"type": "integer"}}}
     grammar = tool_llm.tool_grammar([{"name": "f", "parameters": parameters}])
     assert _accepts(tool_llm, grammar, _call("f", "{a:7}")) and not _accepts(tool_llm, grammar, _call("f", "{a:true}"))
+
+
+# (a second review's finds: each was accepted though it broke the schema, or crashed, or grew
+# without bound)
+MERGES = {"name": "f", "parameters": {"type": "object", "properties": {
+    "p": {"allOf": [{"type": "object", "properties": {"age": {"type": "integer"}, "name": {"type": "string"}}},
+                    {"properties": {"age": {"description": "in years"}}}]},
+    "n": {"allOf": [{"type": "number"}, {"type": "integer"}]},
+    "t": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}], "minItems": 2, "maxItems": 2},
+    "o": {"type": "object", "required": ["id"]}}}}
+
+
+@pytest.mark.parametrize("args, ok", [
+    (f"{{p:{{age:3,name:{Q}Ann{Q}}}}}", True), (f"{{p:{{age:{Q}old{Q}}}}}", False),
+    ("{n:2}", True), ("{n:1.5}", False),
+    (f"{{t:[{Q}a{Q},1]}}", True), ("{t:[true,null]}", False), (f"{{t:[{Q}a{Q}]}}", False),
+    ("{o:{id:1}}", True), ("{o:{}}", False),
+])
+def test_merged_properties_types_tuples_and_required_keys(tool_llm, args, ok):
+    assert _accepts(tool_llm, tool_llm.tool_grammar([MERGES]), _call("f", args)) is ok
+
+
+def test_the_arguments_root_is_an_object_whatever_its_alternatives():
+    from gemmarun.constrain import _ToolCallLark
+
+    lark = _ToolCallLark([{"name": "f", "parameters": {"anyOf": [
+        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}, {"type": "null"}]}}],
+        {m: i for i, m in enumerate(("<|tool_call>", "<tool_call|>", '<|"|>', "<|tool_response>"))})
+    assert "any_map" not in lark.source(None, False).split("STRING_BODY")[0]  # the null branch had been any object
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"type": "object", "properties": {"a": {"$ref": {"x": 1}}}}, "is not a reference inside the parameters"),
+    ({"type": "object", "properties": {"a": {"allOf": [{"properties": None}, {"properties": {"b": {}}}]}}},
+     "'properties' must be an object"),
+    ({"type": "object", "properties": {"a": {"allOf": [{"type": "string"}, {"type": "integer"}]}}}, "have none in common"),
+])
+def test_schemas_that_had_crashed_are_refused_in_one_line(tool_llm, parameters, message):
+    with pytest.raises(GrammarError, match=re.escape(message)):
+        tool_llm.tool_grammar([{"name": "f", "parameters": parameters}])
+
+
+def test_nested_merges_are_made_once_and_a_runaway_schema_is_refused(tool_llm):
+    chain: dict = {"type": "integer"}
+    for _ in range(30):  # each level merges the next twice: 2^30 merges had been made
+        chain = {"allOf": [chain, chain]}
+    assert tool_llm.tool_grammar([{"name": "f", "parameters": {"type": "object", "properties": {"a": chain}}}])
+    # shared keys merged into each alternative, level by level: the rules double a level
+    defs = {f"S{k}": {"description": f"level {k}", "anyOf": [{"$ref": f"#/$defs/S{k + 1}"}, {"$ref": f"#/$defs/S{k + 1}"}]}
+            for k in range(30)} | {"S30": {"type": "integer"}}
+    with pytest.raises(GrammarError, match="grammar rules: too large"):
+        tool_llm.tool_grammar([{"name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/$defs/S0"}},
+                                                              "$defs": defs}}])

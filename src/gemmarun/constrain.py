@@ -69,6 +69,25 @@ def _svg_lark() -> str:
     return "\n".join(rules)
 
 
+MAX_TOOL_RULES = 20_000  # a tool grammar's rules: real schemas make hundreds; nested merges could make millions
+
+
+def _types(schema: Any) -> set[str] | None:
+    """The JSON types a schema names (None: it names none)."""
+    kinds = schema.get("type") if isinstance(schema, dict) else None
+    return {kinds} if isinstance(kinds, str) else set(kinds) if isinstance(kinds, list) else None
+
+
+def _common_types(a: Any, b: Any) -> list[str]:
+    """The types both allow (an integer is a number too); none in common is refused."""
+    left, right = _types({"type": a}) or set(), _types({"type": b}) or set()
+    common = (left & right) | ({"integer"} if {"integer", "number"} <= left | right and
+                               (left & {"integer", "number"}) and (right & {"integer", "number"}) else set())
+    if not common:
+        raise GrammarError(f"allOf's types {sorted(left)} and {sorted(right)} have none in common")
+    return sorted(common)
+
+
 class _ToolCallLark:
     """Gemma 4's tool-call syntax (spec 9.2 rule 5, as chat.format_tool_value writes it) for the
     declared functions, each call's arguments following its parameters' JSON Schema: types, enums
@@ -83,6 +102,7 @@ class _ToolCallLark:
         self._made: dict[int, str] = {}
         self._root: Any = {}
         self._holding: list[Any] = []  # the schemas made here (merged allOfs): their ids stay theirs
+        self._merges: dict[tuple, dict] = {}
         self.marker = {m: f"<[{i}]>" for m, i in marker_ids.items()}
         self.quote = self.marker[QUOTE]
         self.calls = {}
@@ -124,6 +144,7 @@ class _ToolCallLark:
         return "\n".join([start, *self.rules])
 
     def _add(self, body: str) -> str:
+        self._check_size()
         name = f"r{len(self.rules)}"
         self.rules.append(f"{name}: {body}")
         return name
@@ -139,6 +160,7 @@ class _ToolCallLark:
             raise GrammarError(f"a schema is an object, not {type(schema).__name__}")
         key = (id(schema), object_only)
         if key not in self._made:
+            self._check_size()
             name = self._made[key] = f"r{len(self.rules)}"  # before the body: a schema may refer to itself
             self.rules.append("")
             self.rules[int(name[1:])] = f"{name}: {self._body(schema, object_only)}"
@@ -148,8 +170,7 @@ class _ToolCallLark:
         if "$ref" in schema:
             return self._value(self._follow(schema), object_only)
         if isinstance(schema.get("allOf"), list) and schema["allOf"]:
-            return self._value(self._merged([{k: v for k, v in schema.items() if k != "allOf"}, *schema["allOf"]]),
-                               object_only)
+            return self._value(self._all_of(schema), object_only)
         if "const" in schema:
             return self._literal(schema["const"])
         if isinstance(schema.get("enum"), list) and schema["enum"]:
@@ -157,8 +178,10 @@ class _ToolCallLark:
         for key in ("anyOf", "oneOf"):
             if isinstance(schema.get(key), list) and schema[key]:
                 rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
-                choices = [alt if not rest or not isinstance(alt, dict) else self._merged([rest, alt])
+                choices = [alt if not rest or not isinstance(alt, dict) else self._merged([rest, alt], (id(schema), id(alt)))
                            for alt in schema[key] if alt is not False]
+                if object_only:  # the arguments: an object, whatever else an alternative allows
+                    choices = [c for c in choices if "object" in (_types(self._follow(c)) or {"object"})]
                 if not choices:
                     raise GrammarError(f"no alternative of {key} can be satisfied")
                 return " | ".join(dict.fromkeys(self._value(c, object_only) for c in choices))
@@ -174,6 +197,13 @@ class _ToolCallLark:
         if kind == "object":
             return self._object(schema)
         if kind == "array":
+            prefix = schema.get("prefixItems")
+            if isinstance(prefix, list) and prefix:  # a tuple (pydantic's): each item its own, all given
+                first = ' "," '.join(self._value(item) for item in prefix)
+                if "items" not in schema or schema["items"] is False:
+                    return f'"[" {first} "]"'
+                item = self._value(schema["items"])
+                return f'"[" {first} ("," {item})* "]"'
             if schema.get("items") is False:
                 return '"[" "]"'
             item = self._value(schema.get("items", True))
@@ -187,6 +217,8 @@ class _ToolCallLark:
             raise GrammarError("'properties' must be an object")
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise GrammarError("'required' must be a list of property names")
+        if not properties and required:  # keys required, none described: those keys, any values
+            properties = dict.fromkeys(required, True)
         if not properties:
             extra = schema.get("additionalProperties", True if properties is None else False)
             if extra is False:  # ("properties": {} alone: no arguments, as OpenAI writes it)
@@ -239,10 +271,11 @@ class _ToolCallLark:
         followed = set()
         while isinstance(schema, dict) and "$ref" in schema:
             ref = schema["$ref"]
-            if isinstance(ref, str) and ref in followed:
-                raise GrammarError(f"$ref {str(ref)[:60]!r} refers to itself, through nothing but $refs")
+            target = self._resolve(ref)  # (refuses a ref that is no string)
+            if ref in followed:
+                raise GrammarError(f"$ref {ref[:60]!r} refers to itself, through nothing but $refs")
             followed.add(ref)
-            schema = self._resolve(ref)
+            schema = target
         return schema
 
     def _resolve(self, ref: Any) -> Any:
@@ -255,30 +288,50 @@ class _ToolCallLark:
             part = part.replace("~1", "/").replace("~0", "~")
             if isinstance(node, dict) and part in node:
                 node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            elif isinstance(node, list) and part.isascii() and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
             else:
                 raise GrammarError(f"$ref {ref[:60]!r} points at nothing")
         return node
 
-    def _merged(self, parts: list) -> dict:
-        """Schemas as one (allOf's, or anyOf's shared keys and an alternative): properties and
-        required joined, other keys the first's."""
+    def _all_of(self, schema: dict) -> dict:
+        """A schema with allOf as one schema (made once per schema)."""
+        return self._merged([{k: v for k, v in schema.items() if k != "allOf"}, *schema["allOf"]], (id(schema),))
+
+    def _merged(self, parts: list, key: tuple) -> dict:
+        """Schemas as one (allOf's, or anyOf's shared keys and an alternative; made once per
+        `key`): properties joined (one named twice must follow both), required joined, types
+        intersected, other keys the first's."""
+        if key in self._merges:
+            return self._merges[key]
         merged: dict = {}
         for part in parts:
             part = self._follow(part)
             if not isinstance(part, dict):
                 raise GrammarError("allOf holds a schema that is not an object")
             if isinstance(part.get("allOf"), list):
-                part = self._merged([{k: v for k, v in part.items() if k != "allOf"}, *part["allOf"]])
+                part = self._all_of(part)
             for k, v in part.items():
-                if k == "properties" and isinstance(v, dict):
-                    merged["properties"] = {**merged.get("properties", {}), **v}
-                elif k == "required" and isinstance(v, list):
+                if k == "properties":
+                    if not isinstance(v, dict):
+                        raise GrammarError("'properties' must be an object")
+                    both = merged.setdefault("properties", {})
+                    for name, sub in v.items():
+                        both[name] = {"allOf": [both[name], sub]} if name in both else sub
+                elif k == "required":
+                    if not isinstance(v, list):
+                        raise GrammarError("'required' must be a list of property names")
                     merged["required"] = [*merged.get("required", []), *v]
+                elif k == "type" and "type" in merged:
+                    merged["type"] = _common_types(merged["type"], v)
                 else:
                     merged.setdefault(k, v)
-        return self._hold(merged)
+        self._merges[key] = self._hold(merged)
+        return merged
+
+    def _check_size(self) -> None:
+        if len(self.rules) > MAX_TOOL_RULES:
+            raise GrammarError(f"the parameters' schemas make over {MAX_TOOL_RULES} grammar rules: too large")
 
     def _hold(self, schema: dict) -> dict:
         """Keep a schema made here alive, so its id names no other while the rules are made."""

@@ -467,7 +467,8 @@ def test_logit_bias_and_frequency_penalty_reach_the_sampler(server, tiny_llm):
 def test_an_earlier_turns_thinking_does_not_count_against_the_context(server):
     """The renderer drops it; the bound before tokenizing had counted it (a review's find)."""
     thought = "<|channel>thought\n" + "x" * 6000 + "<channel|>"  # (past 256 tokens / the longest piece)
-    r = server.client().chat.completions.create(model="tiny", max_tokens=2, messages=[
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": thought + "ok"},
-        {"role": "user", "content": "and?"}])
-    assert r.usage.prompt_tokens < 64
+    for content in (thought + "ok", [{"type": "text", "text": thought}, {"type": "text", "text": "ok"}]):
+        r = server.client().chat.completions.create(model="tiny", max_tokens=2, messages=[
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": content},
+            {"role": "user", "content": "and?"}])
+        assert r.usage.prompt_tokens < 64

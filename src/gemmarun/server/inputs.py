@@ -206,13 +206,13 @@ def fewest_tokens(messages: Any, tools: Any, longest_piece: int) -> int:
             continue
         turns += m.get("role") not in ("system", "developer")
         content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p["text"].strip() for p in content  # (each part trimmed, as rendered)
+                              if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
         if isinstance(content, str) and m.get("role") in ("assistant", "model"):
             content = chat.without_thoughts(content)  # (the renderers drop an earlier turn's thinking)
         if isinstance(content, str):
             chars += len(content.strip())
-        elif isinstance(content, list):
-            chars += sum(len(p["text"]) for p in content
-                         if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
         calls = m.get("tool_calls")  # (their names and arguments: ids and types are not rendered)
         chars += _strings_chars([c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else None)
     return -(-chars // longest_piece) + 2 * turns
