@@ -117,13 +117,15 @@ class SamplingParams:
 def _logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias as sorted (id, bias) pairs: a dict or pairs of an integer id and a
     number in [-100, 100] (its range; ids are checked against the vocabulary by LLM.stop_ids)."""
-    pairs = bias.items() if isinstance(bias, Mapping) else bias if _collection(bias) else None
+    refused = TypeError(f"logit_bias must map token ids to numbers, not {bias!r:.60}")
+    if not isinstance(bias, Mapping) and not _collection(bias):
+        raise refused
     out = {}
-    for pair in pairs if pairs is not None else [None]:
+    for pair in bias.items() if isinstance(bias, Mapping) else bias:
         token, value = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
         if isinstance(token, bool) or not isinstance(token, Integral) or isinstance(value, bool) or not isinstance(
                 value, Real):
-            raise TypeError(f"logit_bias must map token ids to numbers, not {bias!r:.60}")
+            raise refused
         if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
             raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], not {value!r:.20}")
         out[int(token)] = float(value)
