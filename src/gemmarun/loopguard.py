@@ -231,7 +231,8 @@ class LoopGuard:
         key = line.rstrip()
         if not key.strip():
             return None  # blank lines neither count nor break a run
-        return self._same_line(key, start) or self._block(key, start)
+        same, block = self._same_line(key, start), self._block(key, start)  # (both keep their state)
+        return same or block
 
     def _same_line(self, key: str, start: int) -> LoopEvent | None:
         if key == self._last_line:
