@@ -17,7 +17,7 @@ import math
 import re
 import string
 import time
-from collections.abc import ItemsView, KeysView, Mapping, ValuesView
+from collections.abc import Iterable, ItemsView, KeysView, Mapping, ValuesView
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -553,6 +553,12 @@ def render_template(
 # ------------------------------------------------------------------------------ our renderers
 
 
+def tool_key_order(keys: Iterable[Any]) -> list[Any]:
+    """The order of an object's keys in Gemma 4's tool syntax: Jinja's dictsort's, ignoring case,
+    ties as given (what the templates write, and so what tool-call grammars ask for)."""
+    return sorted(keys, key=lambda k: str(k).lower())
+
+
 def format_tool_value(v: Any) -> str:
     """Gemma 4 tool syntax (§9.2 rule 5): <|"|>str<|"|>, {k:v} with sorted keys, [a,b], JSON
     numbers, true/false/null."""
@@ -563,7 +569,7 @@ def format_tool_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return json.dumps(v)
     if isinstance(v, Mapping):  # sorted as Jinja's dictsort sorts: ignoring case, ties as given
-        return "{" + ",".join(f"{k}:{format_tool_value(v[k])}" for k in sorted(v, key=lambda k: str(k).lower())) + "}"
+        return "{" + ",".join(f"{k}:{format_tool_value(v[k])}" for k in tool_key_order(v)) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(map(format_tool_value, v)) + "]"
     python = _python_value(v)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .chat import _KEY_RE, CALL_CLOSE, CALL_OPEN, MARKERS, QUOTE, RESPONSE_OPEN
+from .chat import _KEY_RE, CALL_CLOSE, CALL_OPEN, MARKERS, QUOTE, RESPONSE_OPEN, tool_key_order
 from .tokenizer import Tokenizer, byte_of_piece
 
 # Well-formed XML restricted to SVG-ish markup: nested elements with quoted attributes, text with
@@ -81,8 +81,13 @@ def _types(schema: Any) -> set[str] | None:
 def _common_types(a: Any, b: Any) -> list[str]:
     """The types both allow (an integer is a number too); none in common is refused."""
     left, right = _types({"type": a}) or set(), _types({"type": b}) or set()
-    common = (left & right) | ({"integer"} if {"integer", "number"} <= left | right and
-                               (left & {"integer", "number"}) and (right & {"integer", "number"}) else set())
+
+    def widened(kinds: set[str]) -> set[str]:
+        return kinds | {"integer"} if "number" in kinds else kinds
+
+    common = widened(left) & widened(right)
+    if "number" in common:  # (then "integer" adds nothing)
+        common.discard("integer")
     if not common:
         raise GrammarError(f"allOf's types {sorted(left)} and {sorted(right)} have none in common")
     return sorted(common)
@@ -188,7 +193,7 @@ class _ToolCallLark:
         kinds = schema.get("type")
         kinds = kinds if isinstance(kinds, list) else [kinds]
         if None in kinds or not all(isinstance(k, str) for k in kinds):
-            kinds = ["object"] if "properties" in schema or object_only else ["array"] if "items" in schema else []
+            kinds = ["object"] if "properties" in schema else ["array"] if "items" in schema else []
         if object_only:
             kinds = ["object"]
         return " | ".join(self._typed(kind, schema) for kind in kinds) or "any"
@@ -228,8 +233,7 @@ class _ToolCallLark:
         missing = [r for r in required if r not in properties]
         if missing:
             raise GrammarError(f"required property {missing[0]!r} is not among the properties")
-        keys = [k for k in sorted(properties, key=lambda k: str(k).lower())  # chat.format_tool_value's order
-                if properties[k] is not False or k in required]
+        keys = [k for k in tool_key_order(properties) if properties[k] is not False or k in required]
         items = [f"{self._key(k)} \":\" {self._value(properties[k])}" for k in keys]
         # the properties from i on, after a comma or not: optional ones may be left out, the
         # required ones not (made from the last one back: no recursion per property)
@@ -258,7 +262,7 @@ class _ToolCallLark:
         if isinstance(value, str):
             return self._string(value)
         if isinstance(value, dict):
-            pairs = [f'{self._key(str(k))} ":" {self._literal(value[k])}' for k in sorted(value, key=lambda k: str(k).lower())]
+            pairs = [f'{self._key(str(k))} ":" {self._literal(value[k])}' for k in tool_key_order(value)]
             return '"{" ' + ' "," '.join(pairs) + ' "}"' if pairs else '"{" "}"'
         if isinstance(value, list):
             return '"[" ' + ' "," '.join(self._literal(v) for v in value) + ' "]"' if value else '"[" "]"'
@@ -433,9 +437,9 @@ class Grammar:
     def tool_calls(functions: list[dict], marker_ids: Mapping[str, int], only: str | None = None,
                    text_first: bool = False) -> "Grammar":
         """Gemma 4 tool calls ({name, parameters?} each) whose arguments follow each function's
-        parameters (_ToolCallLark):
-        calls of `only` or of any tool (OpenAI's tool_choice "required" or a named function), or,
-        `text_first`, free text then any calls (tool_choice "auto" with strict functions)."""
+        parameters (_ToolCallLark): calls of `only` or of any tool (OpenAI's tool_choice
+        "required" or a named function), or, `text_first`, free text then any calls (tool_choice
+        "auto" with strict functions)."""
         from llguidance import LLMatcher
 
         source = LLMatcher.grammar_from_lark(_ToolCallLark(functions, marker_ids).source(only, text_first))
